@@ -1,0 +1,170 @@
+#include "compiler/pipeline.hpp"
+
+#include <chrono>
+#include <cstdio>
+#include <ostream>
+#include <sstream>
+
+#include "passes/pass.hpp"
+
+namespace mmoc {
+
+static std::string gib(double b) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", b / GiB);
+  return buf;
+}
+
+void validate_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw) {
+  if (j.gpus < 1) throw InputError("--gpus must be >= 1 (got " + std::to_string(j.gpus) + ")");
+  if (j.gpus > hw.gpus)
+    throw InputError("--gpus " + std::to_string(j.gpus) + " but hardware '" + hw.name + "' has " + std::to_string(hw.gpus) + " GPU(s)");
+  if (j.dp != 1) throw InputError("dp=" + std::to_string(j.dp) + ": data parallelism is not supported by this version (use dp=1)");
+  if (j.micro_batch_size < 1) throw InputError("--micro-batch-size must be >= 1");
+  if (j.microbatches < 1) throw InputError("--microbatches must be >= 1");
+  if (j.seq_len < 2) throw InputError("--seq-len must be >= 2");
+  if (j.seq_len > m.max_seq)
+    throw InputError("--seq-len " + std::to_string(j.seq_len) + " exceeds " + m.name + "'s maximum " + std::to_string(m.max_seq));
+  if (j.budget_gib < 0) throw InputError("--budget must be positive");
+  if (j.budget_gib > hw.gpu_mem_gib + 1e-9)
+    throw InputError("--budget " + gib(j.budget_gib * GiB) + " exceeds the " + gib(hw.gpu_mem_gib * GiB) + " of a GPU of '" + hw.name + "'");
+  if (j.v != "auto") {
+    int v = 0;
+    try { size_t k; v = std::stoi(j.v, &k); if (k != j.v.size()) v = 0; } catch (...) { v = 0; }
+    if (v < 1) throw InputError("--v must be a positive integer or 'auto' (got '" + j.v + "')");
+  }
+  for (const char* knob : {"recompute", "offload", "cross_map"}) (void)knob;
+  if (j.recompute != "auto" && j.recompute != "on" && j.recompute != "off")
+    throw InputError("recompute must be auto, on or off (got '" + j.recompute + "')");
+  if (j.offload != "auto" && j.offload != "all" && j.offload != "none")
+    throw InputError("offload must be auto, all or none (got '" + j.offload + "')");
+  if (j.cross_map != "auto" && j.cross_map != "off") throw InputError("cross_map must be auto or off (got '" + j.cross_map + "')");
+  if (j.train.precision != "bf16" && j.train.precision != "fp32")
+    throw InputError("precision must be bf16 or fp32 (got '" + j.train.precision + "')");
+  if (j.train.lr_schedule != "constant" && j.train.lr_schedule != "linear" && j.train.lr_schedule != "cosine")
+    throw InputError("lr_schedule must be constant, linear or cosine (got '" + j.train.lr_schedule + "')");
+}
+
+ir::Plan initial_plan(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, int v, const std::string& schedule) {
+  ir::Plan p;
+  p.hardware = hw.name;
+  p.schedule = schedule;
+  p.gpus = j.gpus;
+  p.v = v;
+  p.dp = j.dp;
+  p.microbatches = j.microbatches;
+  p.micro_batch_size = j.micro_batch_size;
+  p.seq_len = j.seq_len;
+  double budget = j.budget_gib > 0 ? j.budget_gib : hw.gpu_mem_gib;
+  p.budget_bytes = (int64_t)(budget * GiB);
+  p.model = m.arch();
+  p.train = j.train;
+  return p;
+}
+
+CompileResult compile_one(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, int v, const std::string& schedule,
+                          const CompileOptions& o) {
+  auto t0 = std::chrono::steady_clock::now();
+  PassContext c(j, m, hw);
+  c.plan = initial_plan(j, m, hw, v, schedule);
+  PassManagerOptions pm;
+  pm.print_after = o.print_after;
+  pm.print_stream = o.print_stream;
+  run_passes(c, default_pipeline(), pm);
+  CompileResult r;
+  r.sim = simulate(c.plan, hw, m);
+  if (r.sim.deadlock) throw std::logic_error("internal error: simulated deadlock after verification:\n" + r.sim.deadlock_report);
+  MemoryBound mb = memory_bound(c.plan);
+  annotate_prediction(c.plan, r.sim);
+  if (c.plan.predicted) c.plan.predicted->bound_bytes = mb.bound;
+  r.bound = mb.bound;
+  r.plan = std::move(c.plan);
+  r.notes = std::move(c.notes);
+  r.compile_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, const CompileOptions& o) {
+  validate_job(j, m, hw);
+  auto t0 = std::chrono::steady_clock::now();
+  const int maxv = m.num_model_layers() / j.gpus;
+  std::vector<int> vs;
+  if (j.v == "auto") {
+    for (int v : {1, 2, 3, 4, 6, 8, 12, 16}) if (v <= maxv) vs.push_back(v);
+    if (maxv >= 1 && (vs.empty() || vs.back() != maxv)) vs.push_back(maxv);
+  } else {
+    vs.push_back(std::stoi(j.v));
+  }
+  std::vector<std::string> scheds;
+  if (j.schedule == "auto") scheds = schedule_names();
+  else scheds.push_back(j.schedule);
+  if (vs.size() == 1 && scheds.size() == 1) return compile_one(j, m, hw, vs[0], scheds[0], o);
+
+  CompileResult best;
+  bool have = false;
+  int tried = 0;
+  std::string last_error;
+  for (int v : vs)
+    for (const auto& s : scheds) {
+      try {
+        check_schedule(s, j.gpus, v, j.microbatches);
+        if (v * j.gpus > m.num_model_layers()) continue;
+      } catch (const InputError&) { continue; }
+      ++tried;
+      try {
+        CompileOptions quiet;  // no printing during search
+        CompileResult r = compile_one(j, m, hw, v, s, quiet);
+        if (o.progress)
+          *o.progress << "  candidate v=" << v << " schedule=" << s << ": " << r.sim.step_ms / 1000.0 << " s/step\n";
+        if (!have || r.sim.step_ms < best.sim.step_ms) { best = std::move(r); have = true; }
+      } catch (const InputError& e) {
+        last_error = e.what();
+        if (o.progress) *o.progress << "  candidate v=" << v << " schedule=" << s << ": infeasible\n";
+      }
+    }
+  if (!have)
+    throw InputError("no feasible plan among " + std::to_string(tried) + " candidates (v x schedule); last reason: " + last_error);
+  if (!o.print_after.empty()) {
+    // re-run the winner with printing on
+    best = compile_one(j, m, hw, best.plan.v, best.plan.schedule, o);
+  }
+  best.candidates = tried;
+  best.compile_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return best;
+}
+
+std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSpec& hw) {
+  const auto& p = r.plan;
+  std::ostringstream os;
+  char buf[512];
+  std::string order;
+  for (int x : p.gpu_order) order += (order.empty() ? "" : ",") + std::to_string(x);
+  std::snprintf(buf, sizeof buf, "plan: %s on %s, %d GPU(s) (physical order %s), schedule %s, v=%d, %d micro-batches of %dx%d tokens\n",
+                m.name.c_str(), hw.name.c_str(), p.gpus, order.c_str(), p.schedule.c_str(), p.v, p.microbatches,
+                p.micro_batch_size, p.seq_len);
+  os << buf;
+  os << "stages:\n";
+  for (const auto& s : p.stages) {
+    std::snprintf(buf, sizeof buf, "  S%-3d rank g%d (GPU %d)  layers %3d-%-3d %7.3fB params  %-8s %s  fwd %8.2f ms  bwd %8.2f ms\n",
+                  s.id, s.gpu, p.gpu_order.empty() ? s.gpu : p.gpu_order[s.gpu], s.layer_begin, s.layer_end - 1,
+                  s.params / 1e9, s.weights == ir::Residency::Resident ? "resident" : "offload",
+                  s.recompute ? "recompute" : "         ", s.fwd_ms, s.bwd_ms);
+    os << buf;
+  }
+  std::snprintf(buf, sizeof buf, "predicted: step %.3f s, %.0f tokens/s, bubble %.1f%%\n", r.sim.step_ms / 1000.0,
+                r.sim.tokens_per_s, 100.0 * r.sim.bubble);
+  os << buf;
+  os << "memory per GPU (budget " << gib((double)p.budget_bytes) << "):\n";
+  for (int g = 0; g < p.gpus; ++g) {
+    std::snprintf(buf, sizeof buf, "  g%d  simulated peak %s  bound %s  (%.0f%% of budget)\n", g,
+                  gib((double)(g < (int)r.sim.peak_bytes.size() ? r.sim.peak_bytes[g] : 0)).c_str(),
+                  gib((double)(g < (int)r.bound.size() ? r.bound[g] : 0)).c_str(),
+                  p.budget_bytes > 0 && g < (int)r.bound.size() ? 100.0 * r.bound[g] / p.budget_bytes : 0.0);
+    os << buf;
+  }
+  std::snprintf(buf, sizeof buf, "compile time: %.1f ms (%d candidate%s)\n", r.compile_ms, r.candidates, r.candidates == 1 ? "" : "s");
+  os << buf;
+  return os.str();
+}
+
+}  // namespace mmoc

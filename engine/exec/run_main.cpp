@@ -1,0 +1,287 @@
+// mmoc-run plan.json --data <file> --steps N [--init random|<hf dir>] [--save <dir>] [--resume <dir>] ...
+// Without RANK in the environment it starts one worker process per pipeline rank of the plan itself (on the CPU
+// when there is no GPU); under torchrun or Slurm it is one of those workers.
+#include <CLI/CLI.hpp>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "engine/comm/transport.hpp"
+#include "engine/comm/world.hpp"
+#include "engine/data/data.hpp"
+#include "engine/exec/worker.hpp"
+#include "engine/io/safetensors.hpp"
+#include "ir/plan.hpp"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace mmoc::engine {
+
+namespace {
+struct UsageError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+struct Args {
+  std::string plan, data, tokenizer, init = "random", save, resume, metrics, trace, device = "auto", fit = "pad", save_dtype = "fp32";
+  int steps = 1, save_every = 0, optim_threads = 0;
+  uint64_t seed = 0, data_seed = 0;
+  bool quiet = false;
+};
+
+std::string gib(double b) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", b / (1024.0 * 1024 * 1024));
+  return buf;
+}
+
+data::DataConfig data_config(const Args& a, const ir::Plan& p) {
+  data::DataConfig dc;
+  dc.path = a.data;
+  if (!a.tokenizer.empty()) dc.tokenizer = a.tokenizer;
+  dc.vocab_size = p.model.vocab;
+  dc.fit.mode = data::parse_fit_mode(a.fit);
+  dc.fit.seq_len = p.seq_len;
+  dc.seed = a.data_seed;
+  return dc;
+}
+
+// Checks done once, before any worker starts, so bad input fails fast with one message.
+ir::Plan validate(const Args& a) {
+  ir::Plan p = ir::load_plan_file(a.plan);
+  auto problems = ir::verify_structure(p);
+  if (!problems.empty()) throw UsageError(a.plan + ": not a valid plan: " + problems[0]);
+  if (a.steps < 0) throw UsageError("--steps must be >= 0");
+  if (a.data.empty()) throw UsageError("--data is required");
+  if (!fs::exists(a.data)) throw UsageError("--data " + a.data + ": no such file");
+  if (!a.tokenizer.empty() && !fs::exists(a.tokenizer)) throw UsageError("--tokenizer " + a.tokenizer + ": no such file");
+  if (a.init != "random" && !fs::is_directory(a.init)) throw UsageError("--init " + a.init + ": not 'random' and not a checkpoint folder");
+  if (!a.resume.empty() && !fs::exists(a.resume + "/mmoc_state/trainer_state.json"))
+    throw UsageError("--resume " + a.resume + ": no mmoc checkpoint there (mmoc_state/trainer_state.json missing)");
+  if (a.save_dtype != "fp32" && a.save_dtype != "bf16") throw UsageError("--save-dtype must be fp32 or bf16");
+  return p;
+}
+
+std::string resolve_device(const std::string& d, const ir::Plan& p) {
+  bool have_cuda = at::hasCUDA();
+  if (d == "auto") return "cpu";  // this build's worker runs on the CPU
+  if (d == "cuda" && !have_cuda) throw UsageError("--device cuda: no CUDA GPU is visible");
+  if (d != "cpu" && d != "cuda") throw UsageError("--device must be auto, cpu or cuda");
+  (void)p;
+  return d;
+}
+
+void write_trace(const std::string& path, const ir::Plan& plan, const std::vector<std::vector<TraceEvent>>& per_rank,
+                 double step_s, double tokens_per_s) {
+  json ev = json::array();
+  static const char* lanes[] = {"comp", "h2d", "d2h", "p2p", "cpu"};
+  double t0 = 1e300;
+  for (const auto& r : per_rank) for (const auto& e : r) t0 = std::min(t0, e.start_us);
+  for (int g = 0; g < (int)per_rank.size(); ++g) {
+    ev.push_back({{"ph", "M"}, {"name", "process_name"}, {"pid", g}, {"args", {{"name", "GPU " + std::to_string(g)}}}});
+    for (int l = 0; l < 5; ++l) ev.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", g}, {"tid", l}, {"args", {{"name", lanes[l]}}}});
+    for (const auto& e : per_rank[g]) {
+      const auto& in = plan.programs[g].instrs[e.instr];
+      std::string deps;
+      for (int a : in.after) deps += (deps.empty() ? "%" : ",%") + std::to_string(a);
+      ev.push_back({{"ph", "X"}, {"name", ir::print_instr(in, e.instr).substr(ir::print_instr(in, e.instr).find('=') + 2)},
+                    {"cat", ir::to_string(in.op)}, {"pid", g}, {"tid", e.lane}, {"ts", e.start_us - t0}, {"dur", e.dur_us},
+                    {"args", {{"op", ir::to_string(in.op)}, {"stage", in.stage}, {"mb", in.mb}, {"bytes", e.bytes}, {"instr", e.instr}, {"deps", deps}}}});
+    }
+  }
+  json out = {{"traceEvents", ev},
+              {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
+                            {"gpus", plan.gpus}}}};
+  ir::save_file_atomic(path, out.dump());
+}
+
+int worker_main(const Args& a) {
+  comm::WorldInfo w = comm::world_from_env();
+  ir::Plan plan = ir::load_plan_file(a.plan);
+  if (w.world_size != plan.gpus)
+    throw UsageError("WORLD_SIZE=" + std::to_string(w.world_size) + " but the plan has " + std::to_string(plan.gpus) + " ranks");
+  std::string device = resolve_device(std::getenv("MMOC_DEVICE") ? std::getenv("MMOC_DEVICE") : a.device, plan);
+  at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus)));
+  std::shared_ptr<comm::Rendezvous> rdzv;
+  std::unique_ptr<comm::Transport> tr;
+  if (w.world_size > 1) {
+    rdzv = comm::Rendezvous::connect(w);
+    tr = device == "cuda" ? comm::make_nccl_transport(rdzv) : comm::make_gloo_transport(rdzv);
+  }
+  WorkerOptions wo;
+  wo.device = device;
+  wo.optim_threads = a.optim_threads;
+  wo.trace = !a.trace.empty();
+  Worker worker(plan, w.rank, tr.get(), wo);
+  auto rows = data::load_rows(data_config(a, plan));
+  data::BatchIterator it(rows, a.data_seed);
+  int64_t start = 0;
+  if (!a.resume.empty()) {
+    std::ifstream f(a.resume + "/mmoc_state/trainer_state.json");
+    json st = json::parse(f);
+    start = st.at("step").get<int64_t>();
+    it.restore(data::iterator_state_from_json(st.at("data")));
+    worker.load_parts(a.resume + "/mmoc_state");
+  } else if (a.init == "random") {
+    worker.init_random(a.seed);
+  } else {
+    worker.load_hf(a.init);
+  }
+  std::ofstream metrics;
+  if (w.rank == 0 && !a.metrics.empty()) {
+    metrics.open(a.metrics, start > 0 ? std::ios::app : std::ios::trunc);
+    if (!metrics) throw UsageError("--metrics " + a.metrics + ": cannot write");
+  }
+  const int64_t tokens_per_step = (int64_t)plan.microbatches * plan.micro_batch_size * plan.seq_len;
+  auto save = [&](int64_t step_done) {
+    const std::string parts = a.save + ".parts";
+    if (w.rank == 0) { fs::remove_all(parts); fs::create_directories(parts); }
+    if (tr) tr->barrier();
+    worker.save_parts(parts);
+    if (tr) tr->barrier();
+    if (w.rank == 0) {
+      json st = {{"step", step_done}, {"data", data::to_json(it.state())}, {"seed", a.seed}, {"plan", fs::absolute(a.plan).string()}};
+      assemble_checkpoint(plan, parts, a.save, a.save_dtype, st.dump(1));
+      if (!a.quiet) std::cout << "saved checkpoint " << a.save << " (step " << step_done << ")\n" << std::flush;
+    }
+    if (tr) tr->barrier();
+  };
+  double total_s = 0;
+  StepResult last;
+  for (int64_t s = start; s < a.steps; ++s) {
+    data::StepBatch b = it.next_step(plan.microbatches, plan.micro_batch_size);
+    StepResult r = worker.step(b, s);
+    last = r;
+    total_s += r.seconds;
+    std::vector<double> peaks(plan.gpus, 0.0);
+    if (tr) {
+      at::Tensor t = at::zeros({plan.gpus}, at::kDouble);
+      t[w.rank] = (double)r.peak_bytes;
+      tr->allreduce_sum(t);
+      for (int g = 0; g < plan.gpus; ++g) peaks[g] = t[g].item<double>();
+    } else {
+      peaks[0] = (double)r.peak_bytes;
+    }
+    if (w.rank == 0) {
+      const double tps = tokens_per_step / std::max(r.seconds, 1e-9);
+      const double eta = (a.steps - s - 1) * (total_s / double(s - start + 1));
+      if (!a.quiet) {
+        std::ostringstream os;
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "step %lld/%d  loss %.6f  tokens/s %.0f  step %.3f s  lr %.3g", (long long)s + 1, a.steps, r.loss, tps,
+                      r.seconds, r.lr);
+        os << buf;
+        if (r.grad_norm >= 0) { std::snprintf(buf, sizeof buf, "  grad-norm %.4f", r.grad_norm); os << buf; }
+        os << "  peak GiB";
+        for (int g = 0; g < plan.gpus; ++g) os << (g ? "," : " ") << gib(peaks[g]);
+        std::snprintf(buf, sizeof buf, "  ETA %.0f s", eta);
+        os << buf;
+        std::cout << os.str() << "\n" << std::flush;
+      }
+      if (metrics) {
+        json m = {{"step", s + 1}, {"loss", r.loss}, {"tokens", r.tokens}, {"tokens_per_s", tps}, {"step_s", r.seconds},
+                  {"lr", r.lr}, {"peak_bytes", peaks}};
+        if (r.grad_norm >= 0) m["grad_norm"] = r.grad_norm;
+        metrics << m.dump() << "\n" << std::flush;
+      }
+    }
+    if (!a.save.empty() && a.save_every > 0 && (s + 1) % a.save_every == 0 && s + 1 < a.steps) save(s + 1);
+  }
+  if (!a.save.empty()) save(std::max<int64_t>(a.steps, start));
+  if (!a.trace.empty()) {
+    const std::string part = a.trace + ".rank" + std::to_string(w.rank) + ".json";
+    {
+      json j = json::array();
+      for (const auto& e : worker.trace()) j.push_back({e.instr, e.lane, e.start_us, e.dur_us, e.bytes});
+      ir::save_file_atomic(part, j.dump());
+    }
+    if (tr) tr->barrier();
+    if (w.rank == 0) {
+      // keep the last step only: that is the steady state
+      std::vector<std::vector<TraceEvent>> all(plan.gpus);
+      for (int g = 0; g < plan.gpus; ++g) {
+        std::ifstream f(a.trace + ".rank" + std::to_string(g) + ".json");
+        json j = json::parse(f);
+        const size_t n = plan.programs[g].instrs.size();
+        for (size_t k = j.size() >= n ? j.size() - n : 0; k < j.size(); ++k)
+          all[g].push_back({j[k][0].get<int>(), j[k][1].get<int>(), j[k][2].get<double>(), j[k][3].get<double>(), j[k][4].get<int64_t>()});
+      }
+      write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9));
+      for (int g = 0; g < plan.gpus; ++g) fs::remove(a.trace + ".rank" + std::to_string(g) + ".json");
+    }
+    if (tr) tr->barrier();
+  }
+  return 0;
+}
+}  // namespace
+
+int run_main(int argc, char** argv) {
+  CLI::App app{"mmoc-run: execute a Plan (train)"};
+  Args a;
+  app.add_option("plan", a.plan, "plan file (JSON or text) from mmoc-compile")->required();
+  app.add_option("--data", a.data, "training data: JSONL of {input_ids,labels}, {document,summary} or {text}")->required();
+  app.add_option("--tokenizer", a.tokenizer, "SentencePiece tokenizer.model for raw-text records");
+  app.add_option("--steps", a.steps, "training steps (total, counting resumed ones)");
+  app.add_option("--init", a.init, "random, or an HF checkpoint folder to start from");
+  app.add_option("--seed", a.seed, "seed of the random init");
+  app.add_option("--data-seed", a.data_seed, "seed of the data shuffle");
+  app.add_option("--fit", a.fit, "pad or pack examples to the plan's sequence length");
+  app.add_option("--save", a.save, "write the final checkpoint (HF safetensors + optimizer state) here");
+  app.add_option("--save-every", a.save_every, "also save every K steps");
+  app.add_option("--save-dtype", a.save_dtype, "fp32 (exact resume) or bf16 weights");
+  app.add_option("--resume", a.resume, "continue from an mmoc checkpoint folder");
+  app.add_option("--metrics", a.metrics, "write one JSON line of metrics per step");
+  app.add_option("--trace", a.trace, "write the measured timeline of the last step (Chrome/Perfetto JSON)");
+  app.add_option("--device", a.device, "auto, cpu or cuda");
+  app.add_option("--optim-threads", a.optim_threads, "CPU optimizer threads per rank (0: cores / ranks)");
+  app.add_flag("-q,--quiet", a.quiet, "no progress lines");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "mmoc-run: " << e.what() << "\n";
+    return 2;
+  }
+  const bool is_worker = std::getenv("RANK") != nullptr;
+  try {
+    if (is_worker) return worker_main(a);
+    ir::Plan p = validate(a);
+    std::string device = resolve_device(a.device, p);
+    // parse the data once up front: a malformed line is reported before any worker starts
+    data::load_rows(data_config(a, p));
+    if (!a.quiet)
+      std::cout << "mmoc-run: " << p.model.name << ", " << p.gpus << " rank(s) on " << device << ", schedule " << p.schedule
+                << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step\n"
+                << std::flush;
+    std::vector<std::string> argv_v(argv, argv + argc);
+    comm::LaunchReport rep;
+    int rc = comm::launch_local_workers(p.gpus, argv_v, {{"MMOC_DEVICE", device}}, &rep);
+    return rc == 0 ? 0 : 1;
+  } catch (const UsageError& e) {
+    std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const ir::ParseError& e) {
+    std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const data::DataError& e) {
+    std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const io::FormatError& e) {
+    std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK")) + ": " : std::string()) << "error: " << e.what() << "\n";
+    return is_worker ? 3 : 1;
+  }
+}
+
+}  // namespace mmoc::engine

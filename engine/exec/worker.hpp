@@ -1,0 +1,70 @@
+// The per-rank interpreter of a Plan: one handler per instruction kind, each asserting its preconditions
+// (weights resident before forward, no second recv of a present buffer, ...). It never decides a schedule:
+// it runs programs[rank] as written. On the CPU device every stream is the calling thread, so the program runs
+// in its (linearized, deadlock-checked) order; the host state is the same as on a GPU machine: fp32 master
+// weights, AdamW moments and gradient landing buffers per offloaded stage, a fused multithreaded AdamW.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ir/plan.hpp"
+
+namespace mmoc::comm { class Transport; }
+namespace mmoc::engine::data { struct StepBatch; }
+
+namespace mmoc::engine {
+
+struct WorkerOptions {
+  std::string device = "cpu";  // cpu | cuda
+  int optim_threads = 0;       // 0: hardware threads / local ranks
+  bool trace = false;          // record per-instruction timings (measured trace)
+};
+
+struct StepResult {
+  double loss = 0;             // mean token loss of the step (all ranks agree)
+  int64_t tokens = 0;          // tokens that count in the loss
+  double grad_norm = -1;       // global gradient norm when the plan clips, else -1
+  double seconds = 0;
+  int64_t peak_bytes = 0;      // this rank's peak device bytes (plan-accounted buffers on CPU; allocator on CUDA)
+  double lr = 0;
+};
+
+struct TraceEvent {  // one executed instruction (for the measured trace)
+  int instr = 0;
+  int lane = 0;
+  double start_us = 0, dur_us = 0;
+  int64_t bytes = 0;
+};
+
+class Worker {
+ public:
+  Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const WorkerOptions& opts);
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  void init_random(uint64_t seed);
+  void load_hf(const std::string& dir);
+  // One training step (0-based index: picks the learning rate). All ranks pass the same batch.
+  StepResult step(const data::StepBatch& batch, int64_t step_index);
+
+  // Checkpoints: every rank writes its stages' state into `parts_dir` (rank<r>.safetensors); rank 0 then
+  // assembles the HF checkpoint with assemble_checkpoint(). Collective.
+  void save_parts(const std::string& parts_dir);
+  void load_parts(const std::string& parts_dir);  // optimizer state + masters of the local stages
+  const std::vector<TraceEvent>& trace() const;
+  int rank() const;
+
+  struct Impl;
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Rank 0, after every rank's save_parts: writes the HF checkpoint (fp32 or bf16 weights) plus mmoc_state/
+// (optimizer state parts, trainer_state.json with `extra_json`) into `dir`, atomically replacing an existing one.
+void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
+                         const std::string& dtype, const std::string& extra_json);
+
+}  // namespace mmoc::engine

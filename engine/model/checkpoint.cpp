@@ -1,0 +1,247 @@
+#include "engine/model/checkpoint.hpp"
+
+#include <ATen/ATen.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <torch/csrc/autograd/grad_mode.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+namespace mmoc::engine {
+namespace fs = std::filesystem;
+
+io::DType to_io_dtype(c10::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return io::DType::F64;
+    case at::kFloat: return io::DType::F32;
+    case at::kHalf: return io::DType::F16;
+    case at::kBFloat16: return io::DType::BF16;
+    case at::kLong: return io::DType::I64;
+    case at::kInt: return io::DType::I32;
+    case at::kShort: return io::DType::I16;
+    case at::kChar: return io::DType::I8;
+    case at::kByte: return io::DType::U8;
+    case at::kBool: return io::DType::BOOL;
+    default: throw std::invalid_argument(std::string("no safetensors dtype for ") + c10::toString(t));
+  }
+}
+c10::ScalarType to_scalar_type(io::DType d) {
+  switch (d) {
+    case io::DType::F64: return at::kDouble;
+    case io::DType::F32: return at::kFloat;
+    case io::DType::F16: return at::kHalf;
+    case io::DType::BF16: return at::kBFloat16;
+    case io::DType::I64: return at::kLong;
+    case io::DType::I32: return at::kInt;
+    case io::DType::I16: return at::kShort;
+    case io::DType::I8: return at::kChar;
+    case io::DType::U8: return at::kByte;
+    case io::DType::BOOL: return at::kBool;
+  }
+  return at::kFloat;
+}
+
+namespace {
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? "," : "") << s[i];
+  o << "]";
+  return o.str();
+}
+at::Tensor copy_out(const io::TensorInfo& t, std::span<const std::byte> bytes) {
+  auto out = at::empty(t.shape, at::TensorOptions().dtype(to_scalar_type(t.dtype)));
+  if (!bytes.empty()) std::memcpy(out.data_ptr(), bytes.data(), bytes.size());  // data may be unaligned in the file
+  return out;
+}
+bool is_float(io::DType d) { return d == io::DType::F32 || d == io::DType::F16 || d == io::DType::BF16 || d == io::DType::F64; }
+bool ignorable(const std::string& n) {
+  const std::string suf = "rotary_emb.inv_freq";
+  return n.size() >= suf.size() && n.compare(n.size() - suf.size(), suf.size(), suf) == 0;
+}
+}  // namespace
+
+at::Tensor read_tensor(const io::SafetensorsFile& f, const std::string& name) {
+  const auto& t = f.at(name);
+  return copy_out(t, f.data(t));
+}
+at::Tensor read_tensor(const io::Checkpoint& c, const std::string& name) { return copy_out(c.info(name), c.data(name)); }
+
+void load_hf_weights(const std::string& dir, const ir::ModelArch& arch, const std::vector<StageLayout>& layouts,
+                     std::vector<at::Tensor>& flats) {
+  auto ck = io::Checkpoint::open(dir);
+  auto fail = [&](const std::string& what) -> void { throw io::FormatError(dir + ": " + what); };
+  // The checkpoint must be exactly this model (whatever subset of stages we fill).
+  const StageLayout full = full_layout(arch);
+  std::set<std::string> expected;
+  for (const auto& p : full.params) {
+    expected.insert(p.name);
+    if (!ck.contains(p.name)) fail("missing tensor '" + p.name + "' (expected shape " + shape_str(p.shape) + ")");
+    const auto& ti = ck.info(p.name);
+    if (ti.shape != p.shape)
+      fail("tensor '" + p.name + "' has shape " + shape_str(ti.shape) + ", expected " + shape_str(p.shape));
+    if (!is_float(ti.dtype)) fail("tensor '" + p.name + "' has dtype " + io::dtype_name(ti.dtype) + ", expected a float type");
+  }
+  std::vector<std::string> unexpected;
+  for (const auto& n : ck.names()) {
+    if (expected.count(n) || ignorable(n)) continue;
+    if (arch.tied_embeddings && n == "lm_head.weight") {
+      const auto& ti = ck.info(n);
+      if (ti.shape != std::vector<int64_t>{arch.vocab, arch.hidden})
+        fail("tensor 'lm_head.weight' has shape " + shape_str(ti.shape) + ", expected " +
+             shape_str({arch.vocab, arch.hidden}) + " (tied to the embedding; ignored)");
+      continue;
+    }
+    unexpected.push_back(n);
+  }
+  if (!unexpected.empty()) {
+    std::string list;
+    for (size_t i = 0; i < unexpected.size() && i < 5; ++i) list += (i ? ", '" : "'") + unexpected[i] + "'";
+    if (unexpected.size() > 5) list += ", ... (" + std::to_string(unexpected.size()) + " in all)";
+    fail("unexpected tensor(s) not part of the model: " + list);
+  }
+  if (flats.size() < layouts.size()) flats.resize(layouts.size());
+  at::NoGradGuard ng;
+  for (size_t s = 0; s < layouts.size(); ++s) {
+    const auto& L = layouts[s];
+    auto& flat = flats[s];
+    if (!flat.defined()) flat = at::zeros({L.numel}, at::kFloat);
+    if (flat.dim() != 1 || flat.numel() != L.numel || !flat.is_contiguous() || !at::isFloatingType(flat.scalar_type()))
+      throw std::invalid_argument("load_hf_weights: flat tensor " + std::to_string(s) + " must be a contiguous 1-D float tensor of " +
+                                  std::to_string(L.numel) + " elements");
+    flat.zero_();
+    for (const auto& p : L.params) {
+      at::Tensor t = read_tensor(ck, p.name);
+      flat.narrow(0, p.offset, p.numel).copy_(t.reshape({-1}));
+    }
+  }
+}
+
+std::vector<at::Tensor> load_hf_weights(const std::string& dir, const ir::ModelArch& arch, const std::vector<StageLayout>& layouts) {
+  std::vector<at::Tensor> flats(layouts.size());
+  load_hf_weights(dir, arch, layouts, flats);
+  return flats;
+}
+
+namespace {
+std::string shard_name(size_t i, size_t n) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", i + 1, n);
+  return buf;
+}
+
+void swap_in(const fs::path& tmp, const fs::path& target) {
+  std::error_code ec;
+  if (!fs::exists(target)) {
+    if (::rename(tmp.c_str(), target.c_str()) != 0)
+      throw std::runtime_error(target.string() + ": rename from " + tmp.string() + " failed: " + std::strerror(errno));
+    return;
+  }
+  if (!fs::is_directory(target)) throw std::runtime_error(target.string() + ": exists and is not a directory");
+  if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(tmp, ec);  // tmp now holds the old checkpoint
+    return;
+  }
+  // No atomic exchange on this file system: move the old one aside, then the new one in.
+  fs::path old = target.string() + ".old." + std::to_string(::getpid());
+  fs::remove_all(old, ec);
+  if (::rename(target.c_str(), old.c_str()) != 0)
+    throw std::runtime_error(target.string() + ": cannot move the old checkpoint aside: " + std::strerror(errno));
+  if (::rename(tmp.c_str(), target.c_str()) != 0) {
+    std::string e = std::strerror(errno);
+    (void)::rename(old.c_str(), target.c_str());
+    throw std::runtime_error(target.string() + ": rename from " + tmp.string() + " failed: " + e);
+  }
+  fs::remove_all(old, ec);
+}
+}  // namespace
+
+void save_hf_checkpoint(const std::string& dir, const ir::ModelArch& arch, const std::vector<StageLayout>& layouts,
+                        const std::vector<at::Tensor>& flats, c10::ScalarType dtype, const SaveOptions& opts) {
+  if (layouts.size() != flats.size()) throw std::invalid_argument("save_hf_checkpoint: one flat tensor per layout expected");
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf)
+    throw std::invalid_argument("save_hf_checkpoint: dtype must be float32, bfloat16 or float16");
+  // Locate every parameter of the model exactly once.
+  struct Src { const ParamInfo* p; const at::Tensor* flat; };
+  std::map<std::string, Src> src;
+  for (size_t s = 0; s < layouts.size(); ++s) {
+    if (!flats[s].defined() || flats[s].dim() != 1 || flats[s].numel() != layouts[s].numel)
+      throw std::invalid_argument("save_hf_checkpoint: flat tensor " + std::to_string(s) + " does not match its layout");
+    for (const auto& p : layouts[s].params)
+      if (!src.emplace(p.name, Src{&p, &flats[s]}).second)
+        throw std::invalid_argument("save_hf_checkpoint: parameter '" + p.name + "' appears in two stages");
+  }
+  const auto names = model_param_names(arch);
+  for (const auto& n : names)
+    if (!src.count(n)) throw std::invalid_argument("save_hf_checkpoint: no stage holds parameter '" + n + "'");
+  if (src.size() != names.size()) throw std::invalid_argument("save_hf_checkpoint: stages hold parameters not in the model");
+
+  // Shards: greedy in model order.
+  const int64_t esz = static_cast<int64_t>(c10::elementSize(dtype));
+  std::vector<std::vector<std::string>> shards(1);
+  int64_t cur = 0, total_bytes = 0, total_params = 0;
+  for (const auto& n : names) {
+    int64_t b = src[n].p->numel * esz;
+    if (cur > 0 && cur + b > opts.max_shard_bytes) {
+      shards.emplace_back();
+      cur = 0;
+    }
+    shards.back().push_back(n);
+    cur += b;
+    total_bytes += b;
+    total_params += src[n].p->numel;
+  }
+
+  fs::path target(dir);
+  if (target.filename().empty()) target = target.parent_path();  // trailing slash
+  if (target.empty()) throw std::invalid_argument("save_hf_checkpoint: empty directory name");
+  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  fs::path tmp = target.string() + ".tmp." + std::to_string(::getpid());
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  fs::create_directory(tmp);
+  try {
+    at::NoGradGuard ng;
+    nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+    std::map<std::string, std::string> wm;
+    for (size_t i = 0; i < shards.size(); ++i) {
+      const std::string fname = shards.size() == 1 ? std::string("model.safetensors") : shard_name(i, shards.size());
+      std::vector<at::Tensor> keep;
+      std::vector<io::TensorToWrite> tw;
+      for (const auto& n : shards[i]) {
+        const auto& s = src[n];
+        at::Tensor t = s.flat->detach().narrow(0, s.p->offset, s.p->numel).to(at::kCPU, dtype).contiguous();
+        keep.push_back(t);
+        tw.push_back({n, to_io_dtype(dtype), s.p->shape, t.data_ptr(), static_cast<size_t>(t.nbytes())});
+        wm[n] = fname;
+      }
+      io::write_safetensors((tmp / fname).string(), tw);
+    }
+    if (shards.size() > 1) {
+      for (auto& [n, f] : wm) weight_map[n] = f;
+      nlohmann::ordered_json idx;
+      idx["metadata"] = {{"total_parameters", total_params}, {"total_size", total_bytes}};
+      idx["weight_map"] = weight_map;
+      io::write_file_atomic((tmp / "model.safetensors.index.json").string(), idx.dump(2) + "\n");
+    }
+    io::HfConfig cfg = opts.config;
+    cfg.arch = arch;
+    cfg.dtype = dtype == at::kBFloat16 ? "bfloat16" : dtype == at::kHalf ? "float16" : "float32";
+    io::write_hf_config(tmp.string(), cfg, opts.generation_config);
+    io::fsync_dir(tmp.string());
+    swap_in(tmp, target);
+    io::fsync_dir(target.has_parent_path() ? target.parent_path().string() : std::string("."));
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+}  // namespace mmoc::engine

@@ -1,0 +1,189 @@
+// mmoc Plan IR: one instruction list per GPU, named buffers with sizes and tiers, streams,
+// explicit cross-stream dependencies, send/recv tags. The format (JSON and text) is specified in
+// docs/plan-format.md; this header is its in-memory form. Depends on nothing else of the project.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mmoc::ir {
+
+// ---- enums ---------------------------------------------------------------------------------
+enum class Op {
+  LoadBatch,  // load_batch m            : allocate batch(m) (input ids + labels of micro-batch m) on this GPU
+  Prefetch,   // prefetch B <- host      : allocate B on the GPU and copy it from its home tier
+  Forward,    // forward S m             : run stage S on micro-batch m (see docs for what it allocates)
+  Backward,   // backward S m            : backward of stage S on m; consumes stash/input/output-grad
+  Send,       // send B -> gK tag=T      : send B to GPU K (B stays allocated until a free)
+  Recv,       // recv B <- gK tag=T      : allocate B and receive it from GPU K
+  Evict,      // evict B [-> host]       : B leaves the GPU; with -> host it is first copied to its home
+  Free,       // free B                  : drop a transient buffer (activation, gradient, batch)
+  AllReduce,  // allreduce B group=G     : sum B over the data-parallel group G (reserved: dp>1)
+  GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
+  Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
+};
+enum class Stream { Comp, H2D, D2H, P2P, Cpu };
+enum class Tier { Gpu, Host, Nvme };
+enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt };
+// W      weights of stage S in compute precision (bf16 on GPU runs)
+// WGrad  weight gradient of stage S, accumulated over the step's micro-batches
+// Act    output activation of stage S for micro-batch m (= input of stage S+1)
+// Grad   gradient w.r.t. Act(S,m), produced by backward S+1, consumed by backward S
+// Stash  what forward S m saves for backward S m (activations; with recompute nothing beyond the input)
+// Batch  input ids and labels of micro-batch m (stage = -1)
+// Opt    fp32 master weights and AdamW moments of stage S
+
+const char* to_string(Op);
+const char* to_string(Stream);
+const char* to_string(Tier);
+const char* to_string(BufKind);
+Op parse_op(const std::string&);
+Stream parse_stream(const std::string&);
+Tier parse_tier(const std::string&);
+BufKind parse_buf_kind(const std::string&);
+
+// ---- buffers -------------------------------------------------------------------------------
+struct BufRef {
+  BufKind kind = BufKind::W;
+  int stage = -1;  // -1 for Batch
+  int mb = -1;     // -1 for per-stage buffers (W, WGrad, Opt)
+  bool operator==(const BufRef&) const = default;
+  auto operator<=>(const BufRef&) const = default;
+  std::string str() const;                   // "w(S3)", "act(S2,m5)", "batch(m0)"
+  static BufRef parse(const std::string&);   // inverse of str(); throws ParseError
+  bool per_microbatch() const { return kind == BufKind::Act || kind == BufKind::Grad || kind == BufKind::Stash || kind == BufKind::Batch; }
+};
+
+// Declares the size of one buffer kind of one stage (per micro-batch instance for per-mb kinds)
+// and its home tier: where the master copy lives (Gpu = resident for the whole step).
+struct BufferDecl {
+  BufKind kind = BufKind::W;
+  int stage = -1;
+  int64_t bytes = 0;
+  Tier home = Tier::Gpu;
+  bool operator==(const BufferDecl&) const = default;
+};
+
+// ---- stages --------------------------------------------------------------------------------
+enum class Residency { Offload, Resident };  // weights: prefetched/evicted, or kept on the GPU all step
+enum class OptimPlace { Cpu, Gpu };
+const char* to_string(Residency);   // offload | resident
+const char* to_string(OptimPlace);  // cpu | gpu
+Residency parse_residency(const std::string&);
+OptimPlace parse_optim_place(const std::string&);
+
+// A stage is a contiguous range of model "layers": layer 0 is the token embedding, layers 1..L the
+// decoder layers, layer L+1 the final norm + lm_head + loss.
+struct Stage {
+  int id = 0;
+  int gpu = 0;
+  int layer_begin = 0;  // inclusive
+  int layer_end = 0;    // exclusive
+  bool recompute = false;
+  Residency weights = Residency::Offload;
+  OptimPlace optim = OptimPlace::Cpu;
+  int64_t params = 0;        // parameter count
+  int64_t fwd_ws = 0;        // transient GPU workspace bytes while forward runs
+  int64_t bwd_ws = 0;        // transient GPU workspace bytes while backward runs
+  double fwd_ms = 0, bwd_ms = 0;  // modelled times per micro-batch (bwd includes recompute)
+  bool operator==(const Stage&) const = default;
+};
+
+// ---- instructions --------------------------------------------------------------------------
+struct Instr {
+  Op op = Op::Forward;
+  Stream stream = Stream::Comp;
+  int stage = -1;            // Forward, Backward, Optim
+  int mb = -1;               // Forward, Backward, LoadBatch
+  std::optional<BufRef> buf; // Prefetch, Send, Recv, Evict, Free, AllReduce
+  int peer = -1;             // Send (destination gpu), Recv (source gpu)
+  std::string tag;           // Send, Recv: the matching key ("F.S0.m0", "B.S1.m0")
+  bool to_host = false;      // Evict: copy to the home tier before dropping
+  std::string group;         // AllReduce: group name
+  std::vector<int> after;    // cross-stream dependencies: indices of earlier instructions, same program
+  bool operator==(const Instr&) const = default;
+};
+
+struct Program {
+  int gpu = 0;
+  std::vector<Instr> instrs;
+  bool operator==(const Program&) const = default;
+};
+
+// ---- the plan ------------------------------------------------------------------------------
+struct ModelArch {  // enough for the engine to build the model
+  std::string name;
+  int layers = 0, hidden = 0, ffn = 0, heads = 0, kv_heads = 0, vocab = 0;
+  double rope_theta = 10000.0, norm_eps = 1e-5;
+  bool tied_embeddings = false;
+  bool operator==(const ModelArch&) const = default;
+};
+
+struct TrainConfig {
+  std::string precision = "bf16";   // bf16 | fp32 (compute precision of weights on the device)
+  double lr = 1e-5, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  double max_grad_norm = 0.0;       // 0 = no clipping
+  std::string lr_schedule = "constant";  // constant | linear | cosine
+  int warmup_steps = 0, total_steps = 0;
+  int seed = 0;
+  bool operator==(const TrainConfig&) const = default;
+};
+
+struct Predicted {  // filled by the simulator; absent before
+  double step_s = 0, tokens_per_s = 0, bubble = 0;
+  std::vector<int64_t> peak_bytes;  // per GPU, simulated timeline
+  std::vector<int64_t> bound_bytes; // per GPU, timing-independent upper bound (verify-memory)
+  bool operator==(const Predicted&) const = default;
+};
+
+struct Plan {
+  int format_version = 1;
+  std::string hardware;
+  std::string schedule;      // gpipe | 1f1b | interleaved-1f1b | grouped
+  int gpus = 1, v = 1, dp = 1;
+  int microbatches = 1, micro_batch_size = 1, seq_len = 128;
+  int64_t budget_bytes = 0;  // per GPU
+  std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
+  ModelArch model;
+  TrainConfig train;
+  std::vector<Stage> stages;
+  std::vector<BufferDecl> buffers;
+  std::vector<Program> programs;  // one per GPU (pipeline rank), programs[g].gpu == g
+  std::optional<Predicted> predicted;
+  bool operator==(const Plan&) const = default;
+
+  const BufferDecl* find_buffer(BufKind k, int stage) const;
+  int64_t buffer_bytes(const BufRef& r) const;  // 0 if undeclared
+  int num_stages() const { return (int)stages.size(); }
+};
+
+struct ParseError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct VerifyError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+// JSON form (docs/plan-format.md). to_json_string is deterministic (fixed key order).
+std::string to_json_string(const Plan&, int indent = 1);
+Plan from_json_string(const std::string&);  // throws ParseError naming the bad field
+
+// Shortest of %.15g/%.16g/%.17g that reads back to the same double (as the text form prints numbers).
+std::string format_double(double);
+
+// Text form: one instruction per line, deterministic; parse_text(print_text(p)) == p.
+std::string print_text(const Plan&);
+std::string print_instr(const Instr&, int index);
+Plan parse_text(const std::string&);         // throws ParseError with line number
+
+// Reads/writes either form, chosen by content (JSON starts with '{').
+Plan load_plan_file(const std::string& path);
+// Writes atomically (temporary file, then rename): a failure leaves no partial file.
+void save_file_atomic(const std::string& path, const std::string& content);
+
+// Structural verifier: operands present for each op kind, stages and gpus in range, `after`
+// points to earlier instructions, every send has exactly one matching recv (same tag, peers
+// agree, same buffer), forward S m before backward S m. Returns list of problems (empty = ok).
+std::vector<std::string> verify_structure(const Plan&);
+void verify_structure_or_throw(const Plan&);
+
+}  // namespace mmoc::ir

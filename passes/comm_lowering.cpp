@@ -1,0 +1,166 @@
+// comm-lowering: matched send/recv pairs for every stage boundary that crosses GPUs.
+// Requires: programs hold only forward/backward on comp (schedule pass). Guarantees: for each (s, m) with
+// stage s and s+1 on different ranks: `send act(S,m)` after forward S m and `recv act(S,m)` before
+// forward S+1 m (tag F.S<s>.m<m>); `send grad(S,m)` after backward S+1 m and `recv grad(S,m)` before
+// backward S m (tag B.S<s>.m<m>); each send followed by `free` of the sent buffer on the p2p stream.
+// No send/recv between stages on one GPU (local hand-over). Every rank's p2p stream carries its messages in
+// one global order (by the time each message is ready in an estimate of the schedule with unbounded
+// buffering, then by tag), which makes the rendezvous order consistent across ranks: no deadlock.
+#include <algorithm>
+#include <map>
+#include <tuple>
+
+#include "passes/pass.hpp"
+
+namespace mmoc {
+
+namespace {
+struct Key {
+  ir::Op op; int s; int m;
+  bool operator<(const Key& o) const { return std::tie(op, s, m) < std::tie(o.op, o.s, o.m); }
+};
+}  // namespace
+
+// Estimated start/end of every compute op (ms) with transfers taking p2p time and no memory limits.
+// Throws InputError if the compute order itself cannot make progress.
+std::map<std::pair<int, int>, std::pair<double, double>> estimate_compute_times(const PassContext& c) {
+  const auto& p = c.plan;
+  const int P = p.num_stages();
+  std::map<Key, double> end;
+  std::map<std::pair<int, int>, std::pair<double, double>> times;  // (rank, index) -> (start, end)
+  std::vector<size_t> idx(p.gpus, 0);
+  std::vector<double> clock(p.gpus, 0.0);
+  auto xfer = [&](int from_stage, int to_stage, int64_t bytes) {
+    return p.stages[from_stage].gpu == p.stages[to_stage].gpu ? 0.0 : c.cost.p2p_ms(bytes);
+  };
+  const int64_t act_bytes = (int64_t)p.micro_batch_size * p.seq_len * c.model.hidden * c.act_bytes();
+  size_t remaining = 0;
+  for (const auto& prog : p.programs)
+    for (const auto& in : prog.instrs)
+      if (in.op == ir::Op::Forward || in.op == ir::Op::Backward) ++remaining;
+  while (remaining > 0) {
+    bool progress = false;
+    for (int r = 0; r < p.gpus; ++r) {
+      const auto& prog = p.programs[r].instrs;
+      while (idx[r] < prog.size()) {
+        const ir::Instr& in = prog[idx[r]];
+        if (in.op != ir::Op::Forward && in.op != ir::Op::Backward) { ++idx[r]; continue; }
+        double ready = clock[r];
+        bool ok = true;
+        auto need = [&](Key k, double extra) {
+          auto it = end.find(k);
+          if (it == end.end()) ok = false;
+          else ready = std::max(ready, it->second + extra);
+        };
+        if (in.op == ir::Op::Forward) {
+          if (in.stage > 0) need({ir::Op::Forward, in.stage - 1, in.mb}, xfer(in.stage - 1, in.stage, act_bytes));
+        } else {
+          need({ir::Op::Forward, in.stage, in.mb}, 0.0);
+          if (in.stage < P - 1) need({ir::Op::Backward, in.stage + 1, in.mb}, xfer(in.stage + 1, in.stage, act_bytes));
+        }
+        if (!ok) break;
+        const auto& st = p.stages[in.stage];
+        double dur = std::max(1e-6, in.op == ir::Op::Forward ? st.fwd_ms : st.bwd_ms);
+        times[{r, (int)idx[r]}] = {ready, ready + dur};
+        end[{in.op, in.stage, in.mb}] = ready + dur;
+        clock[r] = ready + dur;
+        ++idx[r];
+        --remaining;
+        progress = true;
+      }
+    }
+    if (!progress) {
+      std::string what;
+      for (int r = 0; r < p.gpus; ++r)
+        if (idx[r] < p.programs[r].instrs.size())
+          what += " g" + std::to_string(r) + ":" + print_instr(p.programs[r].instrs[idx[r]], (int)idx[r]);
+      throw InputError("schedule '" + p.schedule + "' cannot make progress with these knobs; stuck at" + what);
+    }
+  }
+  return times;
+}
+
+void comm_lowering_pass(PassContext& c) {
+  auto& p = c.plan;
+  const int P = p.num_stages();
+  auto times = estimate_compute_times(c);
+  std::map<Key, double> end_of;
+  for (int r = 0; r < p.gpus; ++r)
+    for (size_t i = 0; i < p.programs[r].instrs.size(); ++i) {
+      const auto& in = p.programs[r].instrs[i];
+      if (in.op == ir::Op::Forward || in.op == ir::Op::Backward) end_of[{in.op, in.stage, in.mb}] = times[{r, (int)i}].second;
+    }
+  struct Msg { double t; std::string tag; ir::BufRef buf; int from, to; Key producer, consumer; };
+  std::vector<Msg> msgs;
+  for (int s = 0; s + 1 < P; ++s) {
+    int a = p.stages[s].gpu, b = p.stages[s + 1].gpu;
+    if (a == b) continue;
+    for (int m = 0; m < p.microbatches; ++m) {
+      msgs.push_back({end_of[{ir::Op::Forward, s, m}], "F.S" + std::to_string(s) + ".m" + std::to_string(m),
+                      {ir::BufKind::Act, s, m}, a, b, {ir::Op::Forward, s, m}, {ir::Op::Forward, s + 1, m}});
+      msgs.push_back({end_of[{ir::Op::Backward, s + 1, m}], "B.S" + std::to_string(s) + ".m" + std::to_string(m),
+                      {ir::BufKind::Grad, s, m}, b, a, {ir::Op::Backward, s + 1, m}, {ir::Op::Backward, s, m}});
+    }
+  }
+  std::sort(msgs.begin(), msgs.end(), [](const Msg& x, const Msg& y) { return std::tie(x.t, x.tag) < std::tie(y.t, y.tag); });
+
+  for (int r = 0; r < p.gpus; ++r) {
+    const auto& old = p.programs[r].instrs;
+    // p2p ops of this rank in global message order
+    struct P2P { const Msg* msg; bool is_send; };
+    std::vector<P2P> q;
+    for (const auto& mg : msgs) {
+      if (mg.from == r) q.push_back({&mg, true});
+      if (mg.to == r) q.push_back({&mg, false});
+    }
+    std::vector<ir::Instr> out;
+    std::map<Key, int> pos;      // compute op -> new index
+    std::vector<std::pair<int, Key>> pending_after;  // (new index of consumer/send, key it depends on)
+    std::map<Key, std::vector<int>> recv_for;        // consumer -> recv indices
+    size_t qi = 0;
+    auto emit_p2p = [&](const P2P& e) {
+      ir::Instr in;
+      in.stream = ir::Stream::P2P;
+      in.buf = e.msg->buf;
+      in.tag = e.msg->tag;
+      if (e.is_send) {
+        in.op = ir::Op::Send;
+        in.peer = e.msg->to;
+        auto it = pos.find(e.msg->producer);
+        if (it == pos.end()) throw std::logic_error("comm-lowering: send before its producer " + e.msg->tag);
+        in.after = {it->second};
+        out.push_back(in);
+        ir::Instr fr = make_buf_op(ir::Op::Free, ir::Stream::P2P, e.msg->buf);
+        out.push_back(fr);
+      } else {
+        in.op = ir::Op::Recv;
+        in.peer = e.msg->from;
+        recv_for[e.msg->consumer].push_back((int)out.size());
+        out.push_back(in);
+      }
+    };
+    for (size_t i = 0; i < old.size(); ++i) {
+      const auto& in = old[i];
+      double start = times[{r, (int)i}].first;
+      while (qi < q.size() && q[qi].msg->t <= start) {
+        // a send can only go once its producer has been emitted
+        if (q[qi].is_send && !pos.count(q[qi].msg->producer)) break;
+        emit_p2p(q[qi++]);
+      }
+      ir::Instr ni = in;
+      Key k{in.op, in.stage, in.mb};
+      auto rf = recv_for.find(k);
+      if (rf != recv_for.end()) ni.after.insert(ni.after.end(), rf->second.begin(), rf->second.end());
+      pos[k] = (int)out.size();
+      out.push_back(ni);
+    }
+    while (qi < q.size()) emit_p2p(q[qi++]);
+    // a recv emitted after its consumer would be an error in the estimate
+    for (auto& [k, v] : recv_for)
+      for (int ri : v)
+        if (!pos.count(k) || ri > pos[k]) throw std::logic_error("comm-lowering: recv placed after its consumer");
+    p.programs[r].instrs = std::move(out);
+  }
+}
+
+}  // namespace mmoc

@@ -1,0 +1,300 @@
+// offload-insertion: where every stage's weights, gradients and optimizer state live, and the instructions
+// that move them. Requires: comm-lowering done. Guarantees (memory_complete from here on):
+//  - the buffer table (weights, gradients, optimizer state, activations, stashes, batches) with home tiers;
+//  - offloaded stages: `prefetch w(S) <- host` @h2d before each run of uses and `evict w(S)` @comp after it,
+//    a prefetch waiting (after) on the evict of the run that ended window+1 runs earlier, so at most window+1
+//    runs' weights are on the GPU; gradients `evict wgrad(S) -> host` @d2h after the stage's last backward,
+//    then `optim S` @cpu, so the CPU optimizer of a stage overlaps the backward of the stages after it;
+//  - resident stages: weights and AdamW state on the GPU all step, `optim S` @comp after its last backward;
+//  - with gradient clipping: `gradnorm` @cpu after every gradient is complete, and every optim after it;
+//  - `load_batch m` before the first use of micro-batch m's ids/labels, `free batch(m)` after the last.
+// Decisions (against the budget, with the timing-independent memory bound of verify-memory):
+//  recompute: job on/off, or auto = off when the all-offloaded plan fits without it and the result simulates
+//  faster, else on; residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first:
+//  their gradients complete last, so their CPU optimizer step would be the step's tail) that keeps the bound
+//  within the budget. offload=all keeps everything on the host; offload=none keeps everything on the GPU.
+//  Nothing fits: InputError naming the smallest budget that would.
+#include <algorithm>
+#include <cstdio>
+#include <map>
+
+#include "compiler/simulator.hpp"
+#include "passes/pass.hpp"
+
+namespace mmoc {
+
+using ir::BufKind;
+using ir::Op;
+using ir::Stream;
+
+namespace {
+struct NewOp {
+  ir::Instr in;
+  std::vector<int> after_old, after_new;
+};
+
+struct Builder {
+  const std::vector<ir::Instr>& old;
+  std::vector<NewOp> ops;
+  std::vector<std::vector<int>> before, behind;   // per old index: new op ids
+  std::vector<std::vector<int>> old_after_new;    // per old index: extra deps on new ops
+  std::vector<int> tail;                          // new ops at the end of the program
+  explicit Builder(const std::vector<ir::Instr>& o) : old(o), before(o.size()), behind(o.size()), old_after_new(o.size()) {}
+  int add(ir::Instr in, std::vector<int> ao = {}, std::vector<int> an = {}) {
+    ops.push_back({std::move(in), std::move(ao), std::move(an)});
+    return (int)ops.size() - 1;
+  }
+  std::vector<ir::Instr> build() {
+    std::vector<int> old_pos(old.size()), new_pos(ops.size(), -1);
+    std::vector<ir::Instr> out;
+    std::vector<std::pair<int, int>> fix;  // (out index, new op id) for new ops
+    auto put_new = [&](int id) { new_pos[id] = (int)out.size(); out.push_back(ops[id].in); fix.push_back({new_pos[id], id}); };
+    for (size_t i = 0; i < old.size(); ++i) {
+      for (int id : before[i]) put_new(id);
+      old_pos[i] = (int)out.size();
+      out.push_back(old[i]);
+      for (int id : behind[i]) put_new(id);
+    }
+    for (int id : tail) put_new(id);
+    // remap old instructions' after lists and add their new deps
+    for (size_t i = 0; i < old.size(); ++i) {
+      auto& in = out[old_pos[i]];
+      for (auto& a : in.after) a = old_pos[a];
+      for (int id : old_after_new[i]) in.after.push_back(new_pos[id]);
+      std::sort(in.after.begin(), in.after.end());
+      in.after.erase(std::unique(in.after.begin(), in.after.end()), in.after.end());
+    }
+    for (auto [pos, id] : fix) {
+      auto& in = out[pos];
+      in.after.clear();
+      for (int a : ops[id].after_old) in.after.push_back(old_pos[a]);
+      for (int a : ops[id].after_new) in.after.push_back(new_pos[a]);
+      std::sort(in.after.begin(), in.after.end());
+      in.after.erase(std::unique(in.after.begin(), in.after.end()), in.after.end());
+    }
+    return out;
+  }
+};
+
+std::string gib(int64_t b) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", double(b) / GiB);
+  return buf;
+}
+}  // namespace
+
+ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const OffloadConfig& cfg) {
+  ir::Plan p = base;
+  const int P = p.num_stages(), last = P - 1;
+  const int64_t wb = c.act_bytes();  // weight element bytes follow the compute precision
+  for (int s = 0; s < P; ++s) {
+    auto& st = p.stages[s];
+    st.recompute = cfg.recompute;
+    st.weights = cfg.resident[s] ? ir::Residency::Resident : ir::Residency::Offload;
+    st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
+    fill_stage_costs(c, st);
+  }
+  const int64_t tok = (int64_t)p.micro_batch_size * p.seq_len;
+  p.buffers.clear();
+  for (int s = 0; s < P; ++s) {
+    const auto& st = p.stages[s];
+    ir::Tier home = cfg.resident[s] ? ir::Tier::Gpu : ir::Tier::Host;
+    p.buffers.push_back({BufKind::W, s, st.params * wb, home});
+    p.buffers.push_back({BufKind::WGrad, s, st.params * wb, home});
+    p.buffers.push_back({BufKind::Opt, s, st.params * 12, home});
+    if (s < last) {
+      p.buffers.push_back({BufKind::Act, s, tok * c.model.hidden * c.act_bytes(), ir::Tier::Gpu});
+      p.buffers.push_back({BufKind::Grad, s, tok * c.model.hidden * c.act_bytes(), ir::Tier::Gpu});
+    }
+    p.buffers.push_back({BufKind::Stash, s, stage_stash_bytes(c, st), ir::Tier::Gpu});
+  }
+  p.buffers.push_back({BufKind::Batch, -1, tok * 8 * 2, ir::Tier::Gpu});
+  const bool clip = p.train.max_grad_norm > 0;
+
+  for (auto& prog : p.programs) {
+    const auto& old = prog.instrs;
+    Builder b(old);
+    // compute ops of this rank
+    std::vector<int> comp;
+    for (int i = 0; i < (int)old.size(); ++i)
+      if (old[i].op == Op::Forward || old[i].op == Op::Backward) comp.push_back(i);
+    // ---- weight runs of offloaded stages
+    struct Run { int stage, first, last; };
+    std::vector<Run> runs;
+    if (p.schedule == "grouped") {
+      for (int i : comp) {
+        int s = old[i].stage;
+        if (!runs.empty() && runs.back().stage == s) runs.back().last = i;
+        else runs.push_back({s, i, i});
+      }
+    } else {
+      std::map<int, size_t> at;
+      for (int i : comp) {
+        int s = old[i].stage;
+        auto it = at.find(s);
+        if (it == at.end()) { at[s] = runs.size(); runs.push_back({s, i, i}); }
+        else runs[it->second].last = i;
+      }
+    }
+    runs.erase(std::remove_if(runs.begin(), runs.end(), [&](const Run& r) { return cfg.resident[r.stage]; }), runs.end());
+    std::vector<int> evict_id(runs.size(), -1);
+    for (size_t k = 0; k < runs.size(); ++k)
+      evict_id[k] = b.add(make_buf_op(Op::Evict, Stream::Comp, {BufKind::W, runs[k].stage, -1}));
+    for (size_t k = 0; k < runs.size(); ++k) {
+      // memory dependency: the (window+1)-th most recently ended run before this one starts
+      std::vector<size_t> ended;
+      for (size_t j = 0; j < runs.size(); ++j)
+        if (runs[j].last < runs[k].first) ended.push_back(j);
+      std::sort(ended.begin(), ended.end(), [&](size_t x, size_t y) { return runs[x].last > runs[y].last; });
+      std::vector<int> an;
+      if ((int)ended.size() > cfg.window) an.push_back(evict_id[ended[cfg.window]]);
+      ir::Instr pf = make_buf_op(Op::Prefetch, Stream::H2D, {BufKind::W, runs[k].stage, -1});
+      int id = b.add(pf, {}, an);
+      b.before[runs[k].first].push_back(id);
+      b.old_after_new[runs[k].first].push_back(id);
+      b.behind[runs[k].last].push_back(evict_id[k]);
+    }
+    // ---- gradients and optimizer
+    std::map<int, int> last_bwd;
+    for (int i : comp) if (old[i].op == Op::Backward) last_bwd[old[i].stage] = i;
+    std::vector<int> grad_ready_new, grad_ready_old;
+    std::vector<std::pair<int, int>> cpu_optims;  // (stage, evict id)
+    std::vector<int> gpu_optim_stages;
+    for (auto [s, lb] : last_bwd) {
+      if (cfg.resident[s]) {
+        grad_ready_old.push_back(lb);
+        if (!clip) {
+          ir::Instr o; o.op = Op::Optim; o.stream = Stream::Comp; o.stage = s;
+          b.behind[lb].push_back(b.add(o));
+        } else gpu_optim_stages.push_back(s);
+      } else {
+        int ev = b.add(make_buf_op(Op::Evict, Stream::D2H, {BufKind::WGrad, s, -1}), {lb});
+        b.ops[ev].in.to_host = true;
+        b.behind[lb].push_back(ev);
+        grad_ready_new.push_back(ev);
+        if (!clip) {
+          ir::Instr o; o.op = Op::Optim; o.stream = Stream::Cpu; o.stage = s;
+          b.behind[lb].push_back(b.add(o, {}, {ev}));
+        } else cpu_optims.push_back({s, ev});
+      }
+    }
+    if (clip) {
+      ir::Instr gn; gn.op = Op::GradNorm; gn.stream = Stream::Cpu;
+      int gid = b.add(gn, grad_ready_old, grad_ready_new);
+      b.tail.push_back(gid);
+      for (auto [s, ev] : cpu_optims) {
+        ir::Instr o; o.op = Op::Optim; o.stream = Stream::Cpu; o.stage = s;
+        b.tail.push_back(b.add(o, {}, {}));
+      }
+      for (int s : gpu_optim_stages) {
+        ir::Instr o; o.op = Op::Optim; o.stream = Stream::Comp; o.stage = s;
+        b.tail.push_back(b.add(o, {}, {gid}));
+      }
+    }
+    // ---- batches
+    std::map<int, std::pair<int, int>> use;  // mb -> (first, last)
+    for (int i : comp) {
+      int s = old[i].stage;
+      if (s != 0 && s != last) continue;
+      auto it = use.find(old[i].mb);
+      if (it == use.end()) use[old[i].mb] = {i, i};
+      else it->second.second = i;
+    }
+    for (auto [m, fl] : use) {
+      ir::Instr lb; lb.op = Op::LoadBatch; lb.stream = Stream::Comp; lb.mb = m;
+      b.before[fl.first].push_back(b.add(lb));
+      b.behind[fl.second].push_back(b.add(make_buf_op(Op::Free, Stream::Comp, {BufKind::Batch, -1, m})));
+    }
+    prog.instrs = b.build();
+  }
+  return p;
+}
+
+void offload_insertion_pass(PassContext& c) {
+  const ir::Plan base = c.plan;
+  c.pre_offload = base;
+  const int P = base.num_stages(), N = base.gpus;
+  const int64_t budget = base.budget_bytes;
+  std::vector<bool> rc_options;
+  if (c.job.recompute == "on") rc_options = {true};
+  else if (c.job.recompute == "off") rc_options = {false};
+  else rc_options = {false, true};
+
+  struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; };
+  std::vector<Cand> cands;
+  int64_t smallest = -1;
+  std::string smallest_desc;
+  for (bool rc : rc_options) {
+    OffloadConfig cfg;
+    cfg.recompute = rc;
+    cfg.window = 1;
+    cfg.resident.assign(P, c.job.offload == "none" ? 1 : 0);
+    ir::Plan pl = lower_offload(c, base, cfg);
+    MemoryBound mb = memory_bound(pl);
+    int64_t worst = *std::max_element(mb.bound.begin(), mb.bound.end());
+    if (smallest < 0 || worst < smallest) {
+      smallest = worst;
+      smallest_desc = std::string("recompute ") + (rc ? "on" : "off") +
+                      (c.job.offload == "none" ? ", everything resident on the GPU" : ", all weights and optimizer state offloaded");
+    }
+    if (budget > 0 && worst > budget) continue;
+    if (c.job.offload == "auto") {
+      // per GPU: largest k such that its k lowest-id stages resident keeps its bound within budget
+      std::vector<std::vector<int>> local(N);
+      for (int s = 0; s < P; ++s) local[base.stages[s].gpu].push_back(s);
+      std::vector<int> lo(N, 0), hi(N);
+      for (int g = 0; g < N; ++g) hi[g] = (int)local[g].size();
+      auto apply = [&](const std::vector<int>& k) {
+        OffloadConfig t = cfg;
+        for (int g = 0; g < N; ++g)
+          for (int j = 0; j < (int)local[g].size(); ++j) t.resident[local[g][j]] = j < k[g];
+        return t;
+      };
+      bool any = true;
+      while (any) {
+        any = false;
+        std::vector<int> mid(N);
+        for (int g = 0; g < N; ++g) { mid[g] = lo[g] < hi[g] ? (lo[g] + hi[g] + 1) / 2 : lo[g]; any |= lo[g] < hi[g]; }
+        if (!any) break;
+        OffloadConfig t = apply(mid);
+        MemoryBound b2 = memory_bound(lower_offload(c, base, t));
+        for (int g = 0; g < N; ++g) {
+          if (lo[g] >= hi[g]) continue;
+          if (budget == 0 || b2.bound[g] <= budget) lo[g] = mid[g]; else hi[g] = mid[g] - 1;
+        }
+      }
+      cfg = apply(lo);
+      pl = lower_offload(c, base, cfg);
+      // the per-GPU searches interact only weakly; back off any GPU that ended over budget
+      for (int guard = 0; guard < 4 * P; ++guard) {
+        MemoryBound b3 = memory_bound(pl);
+        bool over = false;
+        for (int g = 0; g < N; ++g)
+          if (budget > 0 && b3.bound[g] > budget && lo[g] > 0) { lo[g]--; over = true; }
+        if (!over) break;
+        cfg = apply(lo);
+        pl = lower_offload(c, base, cfg);
+      }
+    }
+    double step = c.sim_available ? simulate(pl, c.hw, c.model).step_ms : 0.0;
+    cands.push_back({cfg, std::move(pl), step});
+  }
+  if (cands.empty()) {
+    throw InputError("budget " + gib(budget) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
+                     std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
+                     std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib(smallest) + " (" + smallest_desc +
+                     "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs");
+  }
+  size_t best = 0;
+  for (size_t i = 1; i < cands.size(); ++i) if (cands[i].step_ms < cands[best].step_ms) best = i;
+  c.plan = std::move(cands[best].plan);
+  c.resident = cands[best].cfg.resident;
+  c.prefetch_window = 1;
+  c.memory_complete = true;
+  int nres = 0;
+  for (char r : c.resident) nres += r;
+  c.notes.push_back(std::string("offload-insertion: recompute ") + (cands[best].cfg.recompute ? "on" : "off") + ", " +
+                    std::to_string(nres) + " of " + std::to_string(P) + " stages resident on their GPU");
+}
+
+}  // namespace mmoc

@@ -1,0 +1,103 @@
+// partition: model layers -> v*N contiguous stages, balanced by modelled compute time.
+// Requires: plan header fields (gpus, v, microbatches, mbs, seq, budget). Guarantees: plan.stages holds
+// v*N stages covering layers [0, L+2) in order, stage s on pipeline rank s % N, each with params,
+// modelled fwd/bwd times per micro-batch (bwd includes the recompute forward when recompute is on),
+// and transient workspaces. Minimises the slowest stage (exact dynamic programme over the
+// contiguous splits), then the largest stage's weight bytes among equally fast splits.
+// Recompute: job "on"/"off" as given; "auto" starts on (offload-insertion may turn it off where memory allows).
+#include <algorithm>
+#include <limits>
+
+#include "passes/pass.hpp"
+
+namespace mmoc {
+
+namespace {
+struct Cell { double cost = std::numeric_limits<double>::infinity(); int64_t bytes = 0; int split = -1; };
+bool better(double c1, int64_t b1, double c2, int64_t b2) {
+  const double tol = 1e-9 * std::max(1.0, std::max(c1, c2));
+  if (c1 < c2 - tol) return true;
+  if (c1 > c2 + tol) return false;
+  return b1 < b2;
+}
+}  // namespace
+
+void fill_stage_costs(const PassContext& c, ir::Stage& st) {
+  const auto& m = c.model;
+  const int mbs = c.plan.micro_batch_size, seq = c.plan.seq_len, ab = c.act_bytes();
+  st.params = 0; st.fwd_ms = 0; st.bwd_ms = 0; st.fwd_ws = 0; st.bwd_ws = 0;
+  int64_t stash_all = 0, bwd_ws_max = 0;
+  for (int l = st.layer_begin; l < st.layer_end; ++l) {
+    st.params += m.layer_params(l);
+    st.fwd_ms += c.cost.layer_fwd_ms(l, mbs, seq);
+    st.bwd_ms += c.cost.layer_bwd_ms(l, mbs, seq);
+    st.fwd_ws = std::max(st.fwd_ws, m.layer_fwd_workspace(l, mbs, seq, ab));
+    bwd_ws_max = std::max(bwd_ws_max, m.layer_bwd_workspace(l, mbs, seq, ab));
+    stash_all += m.layer_stash_bytes(l, mbs, seq, false, ab);
+  }
+  st.bwd_ws = bwd_ws_max;
+  if (st.recompute) {
+    st.bwd_ms += st.fwd_ms;       // the forward runs again inside backward
+    st.bwd_ws += stash_all;       // and materialises the whole stage's stash while it runs
+  }
+}
+
+int64_t stage_stash_bytes(const PassContext& c, const ir::Stage& st) {
+  if (st.recompute) return 0;
+  int64_t s = 0;
+  for (int l = st.layer_begin; l < st.layer_end; ++l)
+    s += c.model.layer_stash_bytes(l, c.plan.micro_batch_size, c.plan.seq_len, false, c.act_bytes());
+  return s;
+}
+
+void partition_pass(PassContext& c) {
+  auto& p = c.plan;
+  const int n = c.model.num_model_layers();
+  const int P = p.gpus * p.v;
+  if (P > n)
+    throw InputError("v x gpus = " + std::to_string(p.v) + " x " + std::to_string(p.gpus) + " = " + std::to_string(P) +
+                     " stages, but " + c.model.name + " has only " + std::to_string(n) +
+                     " partitionable layers (embedding, " + std::to_string(c.model.layers) +
+                     " decoder layers, head): lower --v or --gpus");
+  const bool rc = c.job.recompute != "off";
+  const int mbs = p.micro_batch_size, seq = p.seq_len;
+  std::vector<double> w(n);
+  std::vector<int64_t> bytes(n);
+  for (int l = 0; l < n; ++l) {
+    double f = c.cost.layer_fwd_ms(l, mbs, seq);
+    w[l] = f + c.cost.layer_bwd_ms(l, mbs, seq) + (rc ? f : 0.0);
+    bytes[l] = c.model.layer_params(l);
+  }
+  std::vector<double> pre(n + 1, 0);
+  std::vector<int64_t> preb(n + 1, 0);
+  for (int l = 0; l < n; ++l) { pre[l + 1] = pre[l] + w[l]; preb[l + 1] = preb[l] + bytes[l]; }
+  // dp[k][j]: best split of layers [0,j) into k stages.
+  std::vector<std::vector<Cell>> dp(P + 1, std::vector<Cell>(n + 1));
+  dp[0][0] = {0.0, 0, -1};
+  for (int k = 1; k <= P; ++k)
+    for (int j = k; j <= n - (P - k); ++j)
+      for (int i = k - 1; i < j; ++i) {
+        const Cell& prev = dp[k - 1][i];
+        if (prev.split == -1 && !(k - 1 == 0 && i == 0)) continue;
+        double cst = std::max(prev.cost, pre[j] - pre[i]);
+        int64_t b = std::max(prev.bytes, preb[j] - preb[i]);
+        if (dp[k][j].split == -1 || better(cst, b, dp[k][j].cost, dp[k][j].bytes)) dp[k][j] = {cst, b, i};
+      }
+  std::vector<int> cuts(P + 1);
+  cuts[P] = n;
+  for (int k = P; k >= 1; --k) cuts[k - 1] = dp[k][cuts[k]].split;
+  p.stages.clear();
+  for (int s = 0; s < P; ++s) {
+    ir::Stage st;
+    st.id = s;
+    st.gpu = s % p.gpus;
+    st.layer_begin = cuts[s];
+    st.layer_end = cuts[s + 1];
+    st.recompute = rc;
+    fill_stage_costs(c, st);
+    p.stages.push_back(st);
+  }
+  c.notes.push_back("partition: slowest stage " + std::to_string(dp[P][n].cost) + " ms per micro-batch (fwd+bwd)");
+}
+
+}  // namespace mmoc

@@ -1,0 +1,376 @@
+// engine/model against HF transformers' own outputs (fixtures/hf-tiny-llama): logits, loss, gradients,
+// stage splits, checkpoint load/save round trips and loader errors.
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include "engine/io/hf_config.hpp"
+#include "engine/model/checkpoint.hpp"
+#include "engine/model/model.hpp"
+
+// LibTorch's logging defines glog-style CHECK macros; doctest's must win in this file.
+#undef CHECK
+#undef CHECK_EQ
+#undef CHECK_NE
+#undef CHECK_LT
+#undef CHECK_LE
+#undef CHECK_GT
+#undef CHECK_GE
+#include <doctest/doctest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+
+using namespace mmoc;
+using namespace mmoc::engine;
+namespace fs = std::filesystem;
+
+namespace {
+const std::string kFix = std::string(MMOC_FIXTURES_DIR) + "/hf-tiny-llama/";
+const char* kFolders[] = {"llama-gqa-fp32", "llama-gqa-fp32-sharded", "llama-gqa-bf16", "llama-tied-mha-fp32"};
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
+
+double max_abs(const at::Tensor& t) { return t.abs().max().item<double>(); }
+double rel_diff(const at::Tensor& a, const at::Tensor& ref) {
+  return max_abs(a.to(at::kDouble) - ref.to(at::kDouble)) / std::max(max_abs(ref.to(at::kDouble)), 1e-12);
+}
+
+struct Ref {
+  at::Tensor ids, labels, logits;
+  double loss = 0;
+  io::SafetensorsFile file;
+};
+Ref read_ref(const std::string& folder) {
+  Ref r{{}, {}, {}, 0, io::SafetensorsFile::open(kFix + folder + "/hf_reference.safetensors")};
+  r.ids = read_tensor(r.file, "input_ids");
+  r.labels = read_tensor(r.file, "labels");
+  r.logits = read_tensor(r.file, "logits");
+  std::ifstream in(kFix + folder + "/hf_reference.json");
+  r.loss = nlohmann::json::parse(in)["loss"].get<double>();
+  return r;
+}
+
+struct TmpDir {
+  fs::path p;
+  TmpDir() {
+    p = fs::temp_directory_path() / ("mmoc_model_test." + std::to_string(::getpid()) + "." + std::to_string(rand()));
+    fs::create_directories(p);
+  }
+  ~TmpDir() { fs::remove_all(p); }
+};
+
+// Single-stage run: logits, loss mean, flat gradient.
+struct Run {
+  at::Tensor logits, grad;
+  double loss = 0;
+};
+Run run_single(const ir::ModelArch& a, const StageLayout& L, const at::Tensor& flat0, const Ref& r) {
+  auto flat = flat0.detach().clone().requires_grad_(true);
+  auto rope = make_rope(a, r.ids.size(1), flat.device());
+  auto logits = stage_forward(a, L, flat, r.ids, rope);
+  auto n = count_tokens(r.labels);
+  auto loss = lm_loss_sum(logits, r.labels) / static_cast<double>(n);
+  loss.backward();
+  return {logits.detach(), flat.grad(), loss.item<double>()};
+}
+
+// Three stages chained like the engine does: each stage gets a detached input, backward feeds input.grad back.
+// For a tied model the head stage gets its own copy of the embedding, whose gradient is added to stage 0's.
+std::vector<Run> run_split(const ir::ModelArch& a, const std::vector<StageLayout>& Ls, std::vector<at::Tensor> flats, const Ref& r) {
+  auto rope = make_rope(a, r.ids.size(1));
+  for (auto& f : flats) f = f.detach().clone().requires_grad_(true);
+  std::vector<at::Tensor> ins, outs;
+  at::Tensor x = r.ids;
+  at::Tensor tied;
+  for (size_t s = 0; s < Ls.size(); ++s) {
+    if (s > 0) x = x.detach().requires_grad_(true);
+    ins.push_back(x);
+    if (s + 1 == Ls.size() && head_needs_embedding(a) && !Ls[s].has_embedding()) {
+      auto* p = Ls[0].find("model.embed_tokens.weight");
+      tied = flats[0].detach().narrow(0, p->offset, p->numel).view(p->shape).clone().requires_grad_(true);
+    }
+    x = stage_forward(a, Ls[s], flats[s], x, rope, s + 1 == Ls.size() ? tied : at::Tensor());
+    outs.push_back(x);
+  }
+  auto loss = lm_loss_sum(outs.back(), r.labels) / static_cast<double>(count_tokens(r.labels));
+  loss.backward();
+  for (size_t s = Ls.size() - 1; s-- > 0;) outs[s].backward(ins[s + 1].grad());
+  std::vector<Run> res;
+  for (size_t s = 0; s < Ls.size(); ++s) res.push_back({outs[s].detach(), flats[s].grad().clone(), loss.item<double>()});
+  if (tied.defined()) {
+    auto* p = Ls[0].find("model.embed_tokens.weight");
+    res[0].grad.narrow(0, p->offset, p->numel).add_(tied.grad().reshape({-1}));
+  }
+  return res;
+}
+}  // namespace
+
+TEST_CASE("stage layout: names, shapes, offsets, splits") {
+  auto c = io::read_hf_config(kFix + "llama-gqa-fp32");
+  auto full = full_layout(c.arch);
+  CHECK(full.params.size() == 1 + 4 * 9 + 2);
+  CHECK(full.params.front().name == "model.embed_tokens.weight");
+  CHECK(full.params[1].name == "model.layers.0.input_layernorm.weight");
+  CHECK(full.params[1].layer == 1);
+  CHECK((full.find("model.layers.0.self_attn.k_proj.weight")->shape == std::vector<int64_t>{32, 64}));
+  CHECK((full.find("model.layers.3.mlp.down_proj.weight")->shape == std::vector<int64_t>{64, 176}));
+  CHECK(full.params.back().name == "lm_head.weight");
+  CHECK(full.param_count == 197824);  // the fixture index's total_parameters
+  for (auto& p : full.params) CHECK(p.offset % kParamAlign == 0);
+  auto split = stage_layouts(c.arch, {0, 2, 4, 6});
+  int64_t sum = 0;
+  for (auto& s : split) sum += s.param_count;
+  CHECK(sum == full.param_count);
+  CHECK(split[1].params.front().name == "model.layers.1.input_layernorm.weight");
+  CHECK(split[2].has_head(c.arch));
+  auto t = io::read_hf_config(kFix + "llama-tied-mha-fp32");
+  CHECK(head_needs_embedding(t.arch));
+  CHECK(full_layout(t.arch).find("lm_head.weight") == nullptr);
+  CHECK(has(error_of([&] { stage_layout(c.arch, 3, 3); }), "range"));
+  CHECK(has(error_of([&] { stage_layout(c.arch, 0, 7); }), "range"));
+}
+
+TEST_CASE("forward/loss/backward match HF for every fixture, single stage and 3 stages") {
+  for (const char* folder : kFolders) {
+    CAPTURE(folder);
+    auto c = io::read_hf_config(kFix + folder);
+    const auto& a = c.arch;
+    auto L = full_layout(a);
+    auto flat = load_hf_weights(kFix + folder, a, {L})[0];  // bf16 on disk -> fp32
+    CHECK((flat.scalar_type() == at::kFloat));
+    Ref r = read_ref(folder);
+
+    auto run = run_single(a, L, flat, r);
+    CHECK((run.logits.scalar_type() == at::kFloat));
+    CHECK((run.logits.sizes() == r.logits.sizes()));
+    CHECK(rel_diff(run.logits, r.logits) < 1e-5);
+    CHECK(max_abs(run.logits - r.logits) < 1e-4);
+    CHECK(std::abs(run.loss - r.loss) < 1e-5 * std::abs(r.loss));
+    int checked = 0;
+    for (auto& p : L.params) {
+      CAPTURE(p.name);
+      auto g = run.grad.narrow(0, p.offset, p.numel).view(p.shape);
+      auto ref = read_tensor(r.file, "grad." + p.name);
+      CHECK(rel_diff(g, ref) < 1e-4);
+      ++checked;
+    }
+    CHECK(checked == static_cast<int>(L.params.size()));
+    // padding gets zero gradient, and the whole gradient is one flat tensor
+    CHECK(run.grad.numel() == L.numel);
+
+    // 3 stages: [embed, dec0] [dec1, dec2] [dec3, norm+head]
+    auto Ls = stage_layouts(a, {0, 2, 4, 6});
+    auto flats = load_hf_weights(kFix + folder, a, Ls);
+    auto split = run_split(a, Ls, flats, r);
+    CHECK(max_abs(split.back().logits - run.logits) < 1e-6);
+    CHECK(std::abs(split.back().loss - run.loss) < 1e-7);
+    for (size_t s = 0; s < Ls.size(); ++s)
+      for (auto& p : Ls[s].params) {
+        CAPTURE(p.name);
+        auto g = split[s].grad.narrow(0, p.offset, p.numel);
+        auto* q = L.find(p.name);
+        CHECK(rel_diff(g, run.grad.narrow(0, q->offset, q->numel)) < 1e-5);
+      }
+  }
+}
+
+TEST_CASE("bf16 compute: bf16 flat weights run, stay close to HF, gradient is one bf16 flat tensor") {
+  auto c = io::read_hf_config(kFix + "llama-gqa-bf16");
+  auto L = full_layout(c.arch);
+  std::vector<at::Tensor> flats = {at::zeros({L.numel}, at::kBFloat16)};
+  load_hf_weights(kFix + "llama-gqa-bf16", c.arch, {L}, flats);
+  Ref r = read_ref("llama-gqa-bf16");
+  auto run = run_single(c.arch, L, flats[0], r);
+  CHECK((run.logits.scalar_type() == at::kFloat));
+  CHECK((run.grad.scalar_type() == at::kBFloat16));
+  CHECK(run.grad.numel() == L.numel);
+  CHECK(max_abs(run.logits - r.logits) < 0.05);
+  CHECK(std::abs(run.loss - r.loss) < 0.01);
+  auto* p = L.find("model.layers.0.mlp.up_proj.weight");
+  CHECK(rel_diff(run.grad.narrow(0, p->offset, p->numel).to(at::kFloat), read_tensor(r.file, "grad." + p->name)) < 0.1);
+}
+
+TEST_CASE("sharded checkpoint loads the same as the single file; bf16 checkpoint = fp32 weights rounded") {
+  auto c = io::read_hf_config(kFix + "llama-gqa-fp32");
+  auto Ls = stage_layouts(c.arch, {0, 3, 6});
+  auto a = load_hf_weights(kFix + "llama-gqa-fp32", c.arch, Ls);
+  auto b = load_hf_weights(kFix + "llama-gqa-fp32-sharded", c.arch, Ls);
+  for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(a[i], b[i]));
+  auto h = load_hf_weights(kFix + "llama-gqa-bf16", c.arch, Ls);
+  for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(h[i], a[i].to(at::kBFloat16).to(at::kFloat)));
+}
+
+TEST_CASE("save then load round-trips bit-exactly (fp32, bf16, sharded, replacing an existing folder)") {
+  TmpDir d;
+  for (const char* folder : {"llama-gqa-fp32", "llama-tied-mha-fp32"}) {
+    CAPTURE(folder);
+    auto c = io::read_hf_config(kFix + folder);
+    auto Ls = stage_layouts(c.arch, {0, 2, 4, 6});
+    auto flats = load_hf_weights(kFix + folder, c.arch, Ls);
+    auto out = (d.p / folder).string();
+    save_hf_checkpoint(out, c.arch, Ls, flats, at::kFloat);
+    CHECK(fs::exists(fs::path(out) / "model.safetensors"));
+    CHECK(fs::exists(fs::path(out) / "config.json"));
+    auto back_cfg = io::read_hf_config(out);
+    back_cfg.arch.name = c.arch.name;
+    CHECK(back_cfg.arch == c.arch);
+    // load with a different split: equal parameter by parameter
+    auto L = full_layout(c.arch);
+    auto whole = load_hf_weights(out, c.arch, {L})[0];
+    for (size_t s = 0; s < Ls.size(); ++s)
+      for (auto& p : Ls[s].params)
+        CHECK(at::equal(flats[s].narrow(0, p.offset, p.numel), whole.narrow(0, L.find(p.name)->offset, p.numel)));
+    // bytes identical to HF's file, tensor by tensor
+    auto mine = io::Checkpoint::open(out), hf = io::Checkpoint::open(kFix + folder);
+    CHECK(mine.names() == hf.names());
+    for (auto& n : hf.names()) {
+      auto x = mine.data(n), y = hf.data(n);
+      CHECK((x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size()) == 0));
+    }
+    // bf16, sharded, over the existing folder
+    SaveOptions so;
+    so.max_shard_bytes = 40000;
+    save_hf_checkpoint(out, c.arch, Ls, flats, at::kBFloat16, so);
+    CHECK(fs::exists(fs::path(out) / "model.safetensors.index.json"));
+    CHECK_FALSE(fs::exists(fs::path(out) / "model.safetensors"));  // the old folder was replaced, not merged
+    CHECK(io::read_hf_config(out).dtype == "bfloat16");
+    auto bf = load_hf_weights(out, c.arch, Ls);
+    for (size_t s = 0; s < Ls.size(); ++s) CHECK(at::equal(bf[s], flats[s].to(at::kBFloat16).to(at::kFloat)));
+    std::vector<at::Tensor> bf_native = {at::empty({L.numel}, at::kBFloat16)};
+    load_hf_weights(out, c.arch, {L}, bf_native);
+    CHECK(at::equal(bf_native[0], whole.to(at::kBFloat16)));
+  }
+  // nothing but the saved folders is left
+  for (auto& e : fs::directory_iterator(d.p)) CHECK_FALSE(has(e.path().filename().string(), ".tmp."));
+  CHECK(io::Checkpoint::open((d.p / "llama-gqa-fp32").string()).sharded());
+  // the sharded bf16 save equals the bf16 fixture byte for byte
+  auto c = io::read_hf_config(kFix + "llama-gqa-fp32");
+  auto mine = io::Checkpoint::open((d.p / "llama-gqa-fp32").string()), hf = io::Checkpoint::open(kFix + "llama-gqa-bf16");
+  for (auto& n : hf.names()) {
+    auto x = mine.data(n), y = hf.data(n);
+    CHECK((x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size()) == 0));
+  }
+  // saving needs every parameter exactly once
+  auto Ls = stage_layouts(c.arch, {0, 3, 6});
+  auto flats = load_hf_weights(kFix + "llama-gqa-fp32", c.arch, Ls);
+  CHECK(has(error_of([&] { save_hf_checkpoint((d.p / "x").string(), c.arch, {Ls[0]}, {flats[0]}, at::kFloat); }), "no stage holds"));
+  CHECK_FALSE(fs::exists(d.p / "x"));
+}
+
+TEST_CASE("loader errors name the tensor") {
+  TmpDir d;
+  auto c = io::read_hf_config(kFix + "llama-gqa-fp32");
+  auto ck = io::Checkpoint::open(kFix + "llama-gqa-fp32");
+  auto write_without = [&](const std::string& skip, const std::string& reshape, const std::string& extra) {
+    std::vector<io::TensorToWrite> tw;
+    std::vector<int64_t> odd = {64, 101};
+    for (auto& n : ck.names()) {
+      if (n == skip) continue;
+      auto& ti = ck.info(n);
+      auto bytes = ck.data(n);
+      tw.push_back({n, ti.dtype, n == reshape ? odd : ti.shape, bytes.data(), bytes.size()});
+    }
+    float one = 1;
+    if (!extra.empty()) tw.push_back({extra, io::DType::F32, {1}, &one, 4});
+    io::write_safetensors((d.p / "model.safetensors").string(), tw);
+  };
+  auto L = full_layout(c.arch);
+  write_without("model.layers.2.mlp.up_proj.weight", "", "");
+  auto e = error_of([&] { load_hf_weights(d.p.string(), c.arch, {L}); });
+  CHECK(has(e, "missing tensor 'model.layers.2.mlp.up_proj.weight'"));
+  CHECK(has(e, "[176,64]"));
+  write_without("", "lm_head.weight", "");
+  e = error_of([&] { load_hf_weights(d.p.string(), c.arch, {L}); });
+  CHECK(has(e, "'lm_head.weight' has shape [64,101], expected [101,64]"));
+  write_without("", "", "model.layers.9.mlp.up_proj.weight");
+  CHECK(has(error_of([&] { load_hf_weights(d.p.string(), c.arch, {L}); }), "unexpected tensor(s) not part of the model: 'model.layers.9"));
+  write_without("", "", "model.layers.0.self_attn.rotary_emb.inv_freq");
+  CHECK(error_of([&] { load_hf_weights(d.p.string(), c.arch, {L}); }).empty());
+  // a checkpoint for another architecture
+  auto other = c.arch;
+  other.layers = 5;
+  CHECK(has(error_of([&] { load_hf_weights(kFix + "llama-gqa-fp32", other, {full_layout(other)}); }), "model.layers.4."));
+  // flat of the wrong size
+  std::vector<at::Tensor> bad = {at::zeros({5})};
+  CHECK(has(error_of([&] { load_hf_weights(kFix + "llama-gqa-fp32", c.arch, {L}, bad); }), "elements"));
+}
+
+TEST_CASE("random init is deterministic per parameter name, whatever the split") {
+  auto c = io::read_hf_config(kFix + "llama-tied-mha-fp32");
+  auto L = full_layout(c.arch);
+  auto whole = new_flat(L, at::kFloat);
+  init_weights(c.arch, L, whole, 1234);
+  auto Ls = stage_layouts(c.arch, {0, 1, 3, 6});
+  for (auto& s : Ls) {
+    auto f = new_flat(s, at::kFloat);
+    init_weights(c.arch, s, f, 1234);
+    for (auto& p : s.params) {
+      CAPTURE(p.name);
+      CHECK(at::equal(f.narrow(0, p.offset, p.numel), whole.narrow(0, L.find(p.name)->offset, p.numel)));
+    }
+  }
+  auto* n = L.find("model.norm.weight");
+  CHECK(at::equal(whole.narrow(0, n->offset, n->numel), at::ones({n->numel})));
+  auto* q = L.find("model.layers.1.mlp.gate_proj.weight");
+  double sd = whole.narrow(0, q->offset, q->numel).std().item<double>();
+  CHECK(std::abs(sd - 0.02) < 0.002);
+  auto other = new_flat(L, at::kFloat);
+  init_weights(c.arch, L, other, 1235);
+  CHECK_FALSE(at::equal(other, whole));
+  auto bf = new_flat(L, at::kBFloat16);
+  init_weights(c.arch, L, bf, 1234);
+  CHECK(at::equal(bf, whole.to(at::kBFloat16)));
+}
+
+TEST_CASE("CUDA forward/backward matches HF (skipped without a GPU)") {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) {
+    MESSAGE("no CUDA device: skipped");
+    return;
+  }
+  for (const char* folder : {"llama-gqa-fp32", "llama-tied-mha-fp32"}) {
+    CAPTURE(folder);
+    auto c = io::read_hf_config(kFix + folder);
+    auto L = full_layout(c.arch);
+    std::vector<at::Tensor> flats = {at::zeros({L.numel}, at::TensorOptions().device(at::kCUDA))};
+    load_hf_weights(kFix + folder, c.arch, {L}, flats);
+    Ref r = read_ref(folder);
+    auto run = run_single(c.arch, L, flats[0], r);
+    CHECK(run.grad.is_cuda());
+    CHECK(max_abs(run.logits.cpu() - r.logits) < 1e-3);  // TF32 may be on for matmuls
+    CHECK(std::abs(run.loss - r.loss) < 1e-3);
+    auto* p = L.find("model.embed_tokens.weight");
+    CHECK(rel_diff(run.grad.narrow(0, p->offset, p->numel).cpu().view(p->shape), read_tensor(r.file, "grad." + p->name)) < 1e-2);
+    // bf16 on the GPU runs and keeps one flat bf16 gradient
+    std::vector<at::Tensor> bf = {at::zeros({L.numel}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16))};
+    load_hf_weights(kFix + folder, c.arch, {L}, bf);
+    auto rb = run_single(c.arch, L, bf[0], r);
+    CHECK((rb.grad.scalar_type() == at::kBFloat16));
+    CHECK(std::abs(rb.loss - r.loss) < 0.02);
+  }
+}
+
+// Used by the hf_check_load ctest: writes mmoc-saved checkpoints of the fixtures to $MMOC_HF_SAVE_DIR.
+TEST_CASE("save checkpoints for transformers to load (MMOC_HF_SAVE_DIR)") {
+  const char* dir = std::getenv("MMOC_HF_SAVE_DIR");
+  if (!dir) return;
+  for (const char* folder : {"llama-gqa-fp32", "llama-tied-mha-fp32"}) {
+    auto c = io::read_hf_config(kFix + folder);
+    auto Ls = stage_layouts(c.arch, {0, 2, 4, 6});
+    auto flats = load_hf_weights(kFix + folder, c.arch, Ls);
+    save_hf_checkpoint((fs::path(dir) / folder).string(), c.arch, Ls, flats, at::kFloat);
+    SaveOptions so;
+    so.max_shard_bytes = 100000;
+    save_hf_checkpoint((fs::path(dir) / (std::string(folder) + "-bf16-sharded")).string(), c.arch, Ls, flats, at::kBFloat16, so);
+  }
+}

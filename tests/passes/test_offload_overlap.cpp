@@ -1,0 +1,346 @@
+// offload-insertion, overlap and linearize on small inputs: weight runs, gradient eviction and optimizer
+// placement for offload=all/none, clipping (gradnorm before every optim), the "budget too small" message,
+// auto residency against the budget, stream assignment, deadlock-freedom and the memory bound of final plans.
+#include <cmath>
+#include <regex>
+
+#include "passes_common.hpp"
+
+using namespace mmoc;
+using namespace mmoc::test;
+
+namespace {
+JobConfig seed7b() { return load_job(std::string(MMOC_CONFIGS_DIR) + "/jobs/seed-llama2-7b-l20x4.json"); }
+
+// Number of maximal runs of consecutive uses of each stage (grouped) or 1 per stage (other schedules).
+std::map<int, int> expected_runs(const ir::Program& prog, bool grouped) {
+  std::map<int, int> runs;
+  int prev = -1;
+  for (const auto& in : prog.instrs) {
+    if (!is_compute(in)) continue;
+    if (grouped) { if (in.stage != prev) runs[in.stage]++; }
+    else runs[in.stage] = 1;
+    prev = in.stage;
+  }
+  return runs;
+}
+double smallest_named_gib(const std::string& msg) {
+  std::smatch m;
+  std::regex re("smallest budget that fits is ([0-9.]+) GiB");
+  REQUIRE(std::regex_search(msg, m, re));
+  return std::stod(m[1]);
+}
+}  // namespace
+
+TEST_CASE("offload-insertion, offload=all: prefetch before each weight run, evict after; wgrad -> host then optim @cpu") {
+  for (const char* sched : {"grouped", "gpipe", "1f1b", "interleaved-1f1b"})
+    for (int v : {1, 2, 3}) {
+      int M = 4;
+      try { check_schedule(sched, 2, v, M); } catch (const InputError&) { continue; }
+      CAPTURE(sched); CAPTURE(v);
+      JobConfig j = tiny_job(2, v, M, sched);
+      j.offload = "all";
+      auto f = fixture(j, v, sched);
+      // the program before offload-insertion, to count weight runs independently
+      f->run_until("comm-lowering");
+      ir::Plan before = f->plan();
+      std::vector<Pass> one{{"offload-insertion", offload_insertion_pass}};
+      run_passes(*f->c, one, {});
+      const auto& p = f->plan();
+      CHECK(f->c->memory_complete);
+      CHECK(check_weight_runs(p) == "");
+      CHECK_NOTHROW(memory_events(p));
+      for (const auto& s : p.stages) {
+        CHECK(s.weights == ir::Residency::Offload);
+        CHECK(s.optim == ir::OptimPlace::Cpu);
+        auto* d = p.find_buffer(ir::BufKind::W, s.id);
+        REQUIRE(d);
+        CHECK(d->home == ir::Tier::Host);
+      }
+      HappensBefore hb = happens_before(p);
+      for (const auto& prog : p.programs) {
+        auto runs = expected_runs(before.programs[prog.gpu], std::string(sched) == "grouped");
+        for (auto [s, n] : runs) {
+          int pf = 0, ev = 0;
+          for (const auto& in : prog.instrs) {
+            if (in.op == ir::Op::Prefetch && in.buf->stage == s) { pf++; CHECK(in.stream == ir::Stream::H2D); }
+            if (in.op == ir::Op::Evict && in.buf->kind == ir::BufKind::W && in.buf->stage == s) ev++;
+          }
+          CHECK(pf == n);
+          CHECK(ev == n);
+          // gradients: evict wgrad(S) -> host @d2h after the stage's last backward, then optim S @cpu
+          int last_b = -1;
+          for (int i = 0; i < (int)prog.instrs.size(); ++i)
+            if (prog.instrs[i].op == ir::Op::Backward && prog.instrs[i].stage == s) last_b = i;
+          int evg = find_op(prog, ir::Op::Evict, ir::BufRef{ir::BufKind::WGrad, s, -1});
+          int opt = find_op(prog, ir::Op::Optim, std::nullopt, s);
+          REQUIRE(evg >= 0);
+          REQUIRE(opt >= 0);
+          CHECK(prog.instrs[evg].to_host);
+          CHECK(prog.instrs[evg].stream == ir::Stream::D2H);
+          CHECK(prog.instrs[opt].stream == ir::Stream::Cpu);
+          CHECK(hb.hb(prog.gpu, last_b, prog.gpu, evg));
+          CHECK(hb.hb(prog.gpu, evg, prog.gpu, opt));
+        }
+        // load_batch before first use, free batch after the last
+        for (int m = 0; m < p.microbatches; ++m) {
+          bool uses = false;
+          for (const auto& in : prog.instrs) uses |= is_compute(in) && (in.stage == 0 || in.stage == p.num_stages() - 1) && in.mb == m;
+          CHECK((find_op(prog, ir::Op::LoadBatch) >= 0) == (count_op(p, ir::Op::LoadBatch) > 0));
+          if (!uses) continue;
+          int lb = -1;
+          for (int i = 0; i < (int)prog.instrs.size(); ++i) if (prog.instrs[i].op == ir::Op::LoadBatch && prog.instrs[i].mb == m) lb = i;
+          CHECK(lb >= 0);
+          CHECK(find_op(prog, ir::Op::Free, ir::BufRef{ir::BufKind::Batch, -1, m}) > lb);
+        }
+      }
+      CHECK(count_op(p, ir::Op::GradNorm) == 0);
+    }
+}
+
+TEST_CASE("offload-insertion, offload=none: everything resident, no prefetch, optim @comp after the last backward") {
+  for (const char* sched : {"grouped", "1f1b"}) {
+    JobConfig j = tiny_job(2, 1, 4, sched);
+    j.offload = "none";
+    auto f = fixture(j, 1, sched);
+    f->run_until("offload-insertion");
+    const auto& p = f->plan();
+    CHECK(count_op(p, ir::Op::Prefetch) == 0);
+    CHECK(count_op(p, ir::Op::Evict) == 0);
+    CHECK(count_op(p, ir::Op::Optim) == p.num_stages());
+    HappensBefore hb = happens_before(p);
+    for (const auto& s : p.stages) {
+      CHECK(s.weights == ir::Residency::Resident);
+      CHECK(s.optim == ir::OptimPlace::Gpu);
+      CHECK(p.find_buffer(ir::BufKind::W, s.id)->home == ir::Tier::Gpu);
+      CHECK(p.find_buffer(ir::BufKind::Opt, s.id)->home == ir::Tier::Gpu);
+      const auto& prog = p.programs[s.gpu];
+      int opt = find_op(prog, ir::Op::Optim, std::nullopt, s.id);
+      REQUIRE(opt >= 0);
+      CHECK(prog.instrs[opt].stream == ir::Stream::Comp);
+      for (int i = 0; i < (int)prog.instrs.size(); ++i)
+        if (prog.instrs[i].op == ir::Op::Backward && prog.instrs[i].stage == s.id) CHECK(hb.hb(s.gpu, i, s.gpu, opt));
+    }
+    auto ev = memory_events(p);
+    // w and opt of every stage are persistent on their GPU
+    int persistent = 0;
+    for (const auto& lt : ev.lifetimes) persistent += lt.alloc == -1;
+    CHECK(persistent == 2 * p.num_stages());
+  }
+}
+
+TEST_CASE("offload-insertion with clipping: a gradnorm after every gradient, before every optim") {
+  for (const char* off : {"all", "none", "auto"})
+    for (const char* sched : {"grouped", "gpipe"}) {
+      CAPTURE(off); CAPTURE(sched);
+      JobConfig j = tiny_job(2, 2, 4, sched);
+      j.offload = off;
+      j.train.max_grad_norm = 1.0;
+      auto f = fixture(j, 2, sched);
+      f->run_until("linearize");
+      const auto& p = f->plan();
+      CHECK(p.train.max_grad_norm == 1.0);
+      HappensBefore hb = happens_before(p);
+      for (const auto& prog : p.programs) {
+        int gn = find_op(prog, ir::Op::GradNorm);
+        REQUIRE(gn >= 0);
+        CHECK(std::count_if(prog.instrs.begin(), prog.instrs.end(), [](auto& in) { return in.op == ir::Op::GradNorm; }) == 1);
+        CHECK(prog.instrs[gn].stream == ir::Stream::Cpu);
+        int optims = 0;
+        for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+          const auto& in = prog.instrs[i];
+          if (in.op == ir::Op::Optim) { ++optims; CHECK(hb.hb(prog.gpu, gn, prog.gpu, i)); }
+          if (in.op == ir::Op::Backward) CHECK(hb.hb(prog.gpu, i, prog.gpu, gn));
+          if (in.op == ir::Op::Evict && in.buf->kind == ir::BufKind::WGrad) CHECK(hb.hb(prog.gpu, i, prog.gpu, gn));
+          // linearize: gradnorm (a collective) comes after every send/recv of its program
+          if (in.op == ir::Op::Send || in.op == ir::Op::Recv) CHECK(i < gn);
+        }
+        CHECK(optims == p.v);
+      }
+      CHECK(verify_deadlock(p, true) == "");
+      CHECK(verify_deadlock(p, false) == "");
+    }
+  // without clipping there is none
+  auto f = tiny(2, 2, 4, "grouped");
+  f->run_until("linearize");
+  CHECK(count_op(f->plan(), ir::Op::GradNorm) == 0);
+}
+
+TEST_CASE("offload-insertion: a budget too small names the smallest budget that fits, and that budget fits") {
+  for (int mbs : {8, 4}) {
+    JobConfig j = seed7b();
+    j.micro_batch_size = mbs;
+    j.budget_gib = 3;
+    auto f = fixture(j, 2, "grouped");
+    std::string msg;
+    try { f->run_until("linearize"); } catch (const InputError& e) { msg = e.what(); }
+    CAPTURE(msg);
+    REQUIRE(msg.find("too small") != std::string::npos);
+    double named = smallest_named_gib(msg);
+    CHECK(named > 3);
+    // the named budget (printed to 0.01 GiB) must be enough, and clearly less must not be
+    j.budget_gib = named + 0.005;
+    CHECK_NOTHROW(compile_one(j, f->m, f->hw, 2, "grouped", {}));
+    j.budget_gib = named - 0.01;
+    CHECK_THROWS_AS(compile_one(j, f->m, f->hw, 2, "grouped", {}), InputError);
+  }
+}
+
+// BUG (passes/offload_insertion.cpp, offload_insertion_pass, the InputError): the smallest budget is printed with
+// gib() = "%.2f GiB", so for small models it reads "the smallest budget that fits is 0.00 GiB" -- a useless (and,
+// as --budget 0 means "the whole GPU", misleading) hint. It should print enough digits (or MiB) and round up.
+TEST_CASE("offload-insertion: the smallest-budget hint is non-zero for a tiny model" * doctest::skip()) {
+  JobConfig j = tiny_job(2, 1, 2, "grouped");
+  j.budget_gib = 1e-6;
+  auto f = fixture(j, 1, "grouped");
+  std::string msg;
+  try { f->run_until("linearize"); } catch (const InputError& e) { msg = e.what(); }
+  CAPTURE(msg);
+  CHECK(smallest_named_gib(msg) > 0);
+}
+
+TEST_CASE("offload-insertion, offload=auto: the bound stays within every budget; more budget, more resident stages") {
+  JobConfig j = seed7b();
+  int prev_res = -1;
+  for (double b : {8.0, 10.0, 14.0, 20.0, 26.0, 32.0, 44.0}) {
+    CAPTURE(b);
+    j.budget_gib = b;
+    auto f = fixture(j, 2, "grouped");
+    f->run_until("linearize");
+    const auto& p = f->plan();
+    auto mb = memory_bound(p);
+    for (auto x : mb.bound) CHECK(x <= p.budget_bytes);
+    int res = 0;
+    for (char r : f->c->resident) res += r;
+    for (const auto& s : p.stages) CHECK((s.weights == ir::Residency::Resident) == (bool)f->c->resident[s.id]);
+    CHECK(res >= prev_res);
+    prev_res = res;
+    // per GPU the resident stages are its lowest-id ones
+    for (int g = 0; g < p.gpus; ++g) {
+      bool seen_offload = false;
+      for (const auto& s : p.stages) {
+        if (s.gpu != g) continue;
+        if (s.weights == ir::Residency::Offload) seen_offload = true;
+        else CHECK_FALSE(seen_offload);
+      }
+    }
+  }
+  CHECK(prev_res == 8);  // 44 GiB holds the whole 7B model on 4 GPUs
+}
+
+TEST_CASE("overlap and linearize: streams by kind, deadlock-free in both modes, bound within budget") {
+  for (const char* sched : {"grouped", "gpipe", "1f1b", "interleaved-1f1b"})
+    for (const char* off : {"all", "auto", "none"}) {
+      int v = std::string(sched) == "1f1b" ? 1 : 2;
+      CAPTURE(sched); CAPTURE(off);
+      JobConfig j = tiny_job(2, v, 4, sched);
+      j.offload = off;
+      auto f = fixture(j, v, sched);
+      f->run_until("overlap");
+      {
+        // overlap: each prefetch right after the evict it waits for, or after the previous prefetch / at the start
+        const auto& p = f->plan();
+        for (const auto& prog : p.programs) {
+          int prev_pf = -1;
+          for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+            const auto& in = prog.instrs[i];
+            if (in.op != ir::Op::Prefetch) continue;
+            int want = prev_pf + 1;
+            for (int a : in.after) want = std::max(want, a + 1);
+            CHECK(i == want);
+            prev_pf = i;
+          }
+        }
+      }
+      std::vector<Pass> lin{{"linearize", linearize_pass}};
+      run_passes(*f->c, lin, {});
+      const auto& p = f->plan();
+      CHECK(ir::verify_structure(p).empty());
+      for (const auto& prog : p.programs)
+        for (const auto& in : prog.instrs) {
+          switch (in.op) {
+            case ir::Op::Prefetch: CHECK(in.stream == ir::Stream::H2D); break;
+            case ir::Op::Evict: CHECK(in.stream == (in.to_host ? ir::Stream::D2H : ir::Stream::Comp)); break;
+            case ir::Op::Send: case ir::Op::Recv: CHECK(in.stream == ir::Stream::P2P); break;
+            case ir::Op::Forward: case ir::Op::Backward: case ir::Op::LoadBatch: CHECK(in.stream == ir::Stream::Comp); break;
+            case ir::Op::GradNorm: CHECK(in.stream == ir::Stream::Cpu); break;
+            case ir::Op::Optim:
+              CHECK(in.stream == (p.stages[in.stage].optim == ir::OptimPlace::Cpu ? ir::Stream::Cpu : ir::Stream::Comp));
+              break;
+            default: break;
+          }
+          for (int a : in.after) CHECK(a < (int)(&in - &prog.instrs[0]));
+        }
+      CHECK(verify_deadlock(p, true) == "");
+      CHECK(verify_deadlock(p, false) == "");
+      auto mb = memory_bound(p);
+      for (auto x : mb.bound) CHECK(x <= p.budget_bytes);
+      CHECK(check_weight_runs(p) == "");
+      CHECK(check_fwd_bwd(p) == "");
+      // linearize: program order follows simulated start times
+      SimResult sim = simulate(p, f->hw, f->m);
+      REQUIRE_FALSE(sim.deadlock);
+      std::vector<std::vector<double>> start(p.gpus);
+      for (int g = 0; g < p.gpus; ++g) start[g].assign(p.programs[g].instrs.size(), 0);
+      for (const auto& iv : sim.intervals) start[iv.gpu][iv.instr] = iv.start_ms;
+      for (int g = 0; g < p.gpus; ++g)
+        for (size_t i = 1; i < start[g].size(); ++i)
+          if (p.programs[g].instrs[i].op != ir::Op::GradNorm && p.programs[g].instrs[i - 1].op != ir::Op::GradNorm)
+            CHECK(start[g][i] >= start[g][i - 1] - 1e-9);
+    }
+}
+
+TEST_CASE("overlap: the seed 7B job's final plan (window, streams, bound)") {
+  JobConfig j = seed7b();
+  j.offload = "all";
+  auto f = fixture(j, 2, "grouped");
+  f->run_until("linearize");
+  const auto& p = f->plan();
+  CHECK(f->c->prefetch_window >= 1);
+  CHECK(f->c->prefetch_window <= 4);
+  CHECK(verify_deadlock(p, true) == "");
+  CHECK(verify_deadlock(p, false) == "");
+  for (auto x : memory_bound(p).bound) CHECK(x <= p.budget_bytes);
+  CHECK(check_weight_runs(p) == "");
+}
+
+// BUG (passes/offload_insertion.cpp, lower_offload, "memory dependency" loop; surfaced by passes/overlap.cpp's
+// hoist_prefetches): with window >= 2 a prefetch of w(S) waits only on the evict of the (window+1)-th most
+// recently ended run, not on the evict of the previous run of the SAME stage. Under `grouped` with v >= 2 a stage
+// has two runs (its forward block and its backward block), so the second prefetch of w(S) may start while w(S)
+// from the first run is still on the GPU (same buffer allocated twice). hoist_prefetches then moves that prefetch
+// before the evict in program order and verify-memory throws "w(S4) allocated while already present":
+//   mmoc-compile configs/jobs/seed-llama2-7b-l20x4.json --offload all --v 3   -> exit 3, internal error
+// Fix: also make each prefetch wait (after) on the evict of the latest earlier run of the same stage.
+TEST_CASE("offload-insertion: with window >= 2 a stage's second prefetch waits for its first evict" * doctest::skip()) {
+  for (int w : {1, 2, 3}) {
+    CAPTURE(w);
+    JobConfig j = tiny_job(2, 3, 4, "grouped");
+    j.offload = "all";
+    auto f = fixture(j, 3, "grouped");
+    f->run_until("offload-insertion");
+    OffloadConfig cfg{std::vector<char>(f->plan().num_stages(), 0), f->plan().stages[0].recompute, w};
+    ir::Plan p = lower_offload(*f->c, f->c->pre_offload, cfg);
+    HappensBefore hb = happens_before(p);
+    for (const auto& prog : p.programs) {
+      std::map<int, int> last_evict;  // stage -> index of its latest evict so far
+      for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+        const auto& in = prog.instrs[i];
+        if (in.op == ir::Op::Evict && in.buf->kind == ir::BufKind::W) last_evict[in.buf->stage] = i;
+        if (in.op == ir::Op::Prefetch) {
+          auto it = last_evict.find(in.buf->stage);
+          if (it != last_evict.end()) CHECK(hb.hb(prog.gpu, it->second, prog.gpu, i));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("compile: seed 7B with --offload all and v=3 compiles (grouped)" * doctest::skip()) {
+  // Same bug as above, end to end.
+  JobConfig j = seed7b();
+  j.offload = "all";
+  ModelSpec m = model(j.model);
+  HardwareSpec hw = hardware(j.hardware);
+  CHECK_NOTHROW(compile_one(j, m, hw, 3, "grouped", {}));
+}

@@ -1,0 +1,186 @@
+// partition and cross-map on small inputs: stage count and cover, optimal balance (brute force over all
+// contiguous splits), the v*N > L+2 error; Mobius cross mapping on l20x4 / h200x2 and the "off" switch.
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <numeric>
+
+#include "passes_common.hpp"
+
+using namespace mmoc;
+using namespace mmoc::test;
+
+namespace {
+// Smallest possible "slowest stage" over all splits of weights w into P contiguous non-empty parts.
+double brute_force_best(const std::vector<double>& w, int P) {
+  const int n = (int)w.size();
+  double best = std::numeric_limits<double>::infinity();
+  std::vector<int> cuts;
+  std::function<void(int, int, double)> rec = [&](int start, int left, double worst) {
+    if (left == 1) {
+      double s = 0;
+      for (int l = start; l < n; ++l) s += w[l];
+      best = std::min(best, std::max(worst, s));
+      return;
+    }
+    double s = 0;
+    for (int e = start + 1; e <= n - (left - 1); ++e) {
+      s += w[e - 1];
+      rec(e, left - 1, std::max(worst, s));
+    }
+  };
+  rec(0, P, 0.0);
+  return best;
+}
+std::vector<double> layer_weights(const Fixture& f, bool rc) {
+  const auto& c = *f.c;
+  std::vector<double> w;
+  for (int l = 0; l < f.m.num_model_layers(); ++l) {
+    double fw = c.cost.layer_fwd_ms(l, c.plan.micro_batch_size, c.plan.seq_len);
+    w.push_back(fw + c.cost.layer_bwd_ms(l, c.plan.micro_batch_size, c.plan.seq_len) + (rc ? fw : 0));
+  }
+  return w;
+}
+void check_cover(const ir::Plan& p, int L) {
+  REQUIRE(p.num_stages() == p.v * p.gpus);
+  int at = 0;
+  for (int s = 0; s < p.num_stages(); ++s) {
+    const auto& st = p.stages[s];
+    CHECK(st.id == s);
+    CHECK(st.gpu == s % p.gpus);
+    CHECK(st.layer_begin == at);
+    CHECK(st.layer_end > st.layer_begin);
+    at = st.layer_end;
+  }
+  CHECK(at == L + 2);
+}
+}  // namespace
+
+TEST_CASE("partition: v*N stages covering [0, L+2) contiguously, stage s on rank s % N") {
+  for (int gpus : {1, 2})
+    for (int v : {1, 2, 3, 5}) {
+      if (v * gpus > 10) continue;
+      CAPTURE(gpus); CAPTURE(v);
+      auto f = tiny(gpus, v, 2, "grouped");
+      f->run_until("partition");
+      check_cover(f->plan(), 8);
+      int64_t params = 0;
+      for (const auto& s : f->plan().stages) params += s.params;
+      CHECK(params == f->m.total_params());
+    }
+}
+
+TEST_CASE("partition: the slowest stage is the best any contiguous split can do (brute force)") {
+  for (const char* rc : {"on", "off"})
+    for (int gpus : {1, 2})
+      for (int v : {1, 2, 3, 4, 5}) {
+        if (v * gpus > 10) continue;
+        CAPTURE(rc); CAPTURE(gpus); CAPTURE(v);
+        JobConfig j = tiny_job(gpus, v, 2, "grouped");
+        j.recompute = rc;
+        j.seq_len = 64;
+        auto f = fixture(j, v, "grouped");
+        f->run_until("partition");
+        const auto& p = f->plan();
+        double worst = 0, total = 0;
+        for (const auto& s : p.stages) { worst = std::max(worst, s.fwd_ms + s.bwd_ms); total += s.fwd_ms + s.bwd_ms; }
+        auto w = layer_weights(*f, std::string(rc) == "on");
+        double ref = brute_force_best(w, v * gpus);
+        CHECK(worst == doctest::Approx(ref).epsilon(1e-9));
+        CHECK(total == doctest::Approx(std::accumulate(w.begin(), w.end(), 0.0)).epsilon(1e-9));
+        for (const auto& s : p.stages) CHECK(s.recompute == (std::string(rc) == "on"));
+      }
+}
+
+TEST_CASE("partition: uniform decoder layers balance to total/P (llama2-7b, 8 stages)") {
+  auto j = load_job(std::string(MMOC_CONFIGS_DIR) + "/jobs/seed-llama2-7b-l20x4.json");
+  auto f = fixture(j, 2, "grouped");
+  f->run_until("partition");
+  const auto& p = f->plan();
+  check_cover(p, 32);
+  auto w = layer_weights(*f, true);
+  double total = std::accumulate(w.begin(), w.end(), 0.0), maxw = *std::max_element(w.begin(), w.end());
+  double worst = 0;
+  for (const auto& s : p.stages) worst = std::max(worst, s.fwd_ms + s.bwd_ms);
+  CHECK(worst <= total / 8 + maxw);
+  CHECK(worst <= 1.2 * total / 8);
+  // decoder layers are identical: the middle stages differ by at most one layer
+  int lo = 1000, hi = 0;
+  for (int s = 1; s + 1 < p.num_stages(); ++s) {
+    lo = std::min(lo, p.stages[s].layer_end - p.stages[s].layer_begin);
+    hi = std::max(hi, p.stages[s].layer_end - p.stages[s].layer_begin);
+  }
+  CHECK(hi - lo <= 1);
+}
+
+TEST_CASE("partition: v*N = L+2 gives one layer per stage; v*N > L+2 is an InputError") {
+  {
+    auto f = tiny(2, 5, 2, "grouped");
+    f->run_until("partition");
+    for (const auto& s : f->plan().stages) CHECK(s.layer_end - s.layer_begin == 1);
+  }
+  auto f = tiny(2, 6, 2, "grouped");
+  CHECK_THROWS_WITH_AS(f->run_until("partition"), doctest::Contains("partitionable layers"), InputError);
+  auto g = tiny(1, 11, 2, "grouped", "h200x1");
+  CHECK_THROWS_AS(g->run_until("partition"), InputError);
+}
+
+TEST_CASE("cross-map: l20x4 puts consecutive ranks under different host links") {
+  HardwareSpec hw = hardware("l20x4");
+  CHECK(cross_map_order(hw, 4) == std::vector<int>{0, 2, 1, 3});
+  CHECK(cross_map_cost(hw, {0, 2, 1, 3}) < cross_map_cost(hw, {0, 1, 2, 3}));
+  // exhaustive: no order of the 4 GPUs costs less than the chosen one
+  std::vector<int> a{0, 1, 2, 3};
+  double chosen = cross_map_cost(hw, {0, 2, 1, 3});
+  do CHECK(cross_map_cost(hw, a) >= chosen - 1e-12); while (std::next_permutation(a.begin(), a.end()));
+  // by hand: sum_{i<j} shared/(j-i); shared = 2 within a link, 1 across
+  CHECK(cross_map_cost(hw, {0, 1, 2, 3}) == doctest::Approx(2 + 1 + 2 + 0.5 + 0.5 + 1.0 / 3));
+  CHECK(chosen == doctest::Approx(1 + 1 + 1 + 2.0 / 2 + 2.0 / 2 + 1.0 / 3));
+  auto two = cross_map_order(hw, 2);
+  REQUIRE(two.size() == 2);
+  CHECK(hw.group_of(two[0]) != hw.group_of(two[1]));
+  CHECK(two == std::vector<int>{0, 2});
+  auto three = cross_map_order(hw, 3);
+  CHECK(hw.group_of(three[0]) != hw.group_of(three[1]));
+  CHECK(hw.group_of(three[1]) != hw.group_of(three[2]));
+  CHECK_THROWS_AS(cross_map_order(hw, 5), InputError);
+}
+
+TEST_CASE("cross-map: 8 GPUs in four links alternate links; no shared link keeps identity") {
+  HardwareSpec hw = hw8();
+  auto o = cross_map_order(hw, 8);
+  std::set<int> distinct(o.begin(), o.end());
+  CHECK(distinct.size() == 8);
+  for (size_t i = 0; i + 1 < o.size(); ++i) CHECK(hw.group_of(o[i]) != hw.group_of(o[i + 1]));
+  std::vector<int> id(8);
+  std::iota(id.begin(), id.end(), 0);
+  CHECK(cross_map_cost(hw, o) < cross_map_cost(hw, id));
+  HardwareSpec h2 = hardware("h200x2");
+  CHECK(cross_map_order(h2, 2) == std::vector<int>{0, 1});
+  CHECK(cross_map_order(h2, 1) == std::vector<int>{0});
+}
+
+TEST_CASE("cross-map pass: gpu_order per job; cross_map=off keeps 0..N-1") {
+  auto j = load_job(std::string(MMOC_CONFIGS_DIR) + "/jobs/seed-llama2-7b-l20x4.json");
+  {
+    auto f = fixture(j, 2, "grouped");
+    f->run_until("cross-map");
+    CHECK(f->plan().gpu_order == std::vector<int>{0, 2, 1, 3});
+  }
+  j.cross_map = "off";
+  {
+    auto f = fixture(j, 2, "grouped");
+    f->run_until("cross-map");
+    CHECK(f->plan().gpu_order == std::vector<int>{0, 1, 2, 3});
+  }
+  j.cross_map = "auto";
+  j.gpus = 2;
+  {
+    auto f = fixture(j, 2, "grouped");
+    f->run_until("cross-map");
+    CHECK(f->plan().gpu_order == std::vector<int>{0, 2});
+  }
+  auto t = tiny(2, 1, 2, "gpipe");
+  t->run_until("cross-map");
+  CHECK(t->plan().gpu_order == std::vector<int>{0, 1});
+}

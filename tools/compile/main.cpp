@@ -1,0 +1,104 @@
+// mmoc-compile <job.json> [overrides] -o plan.json [--emit text|json] [--trace trace.json]
+// Compiles a training job into a Plan (docs/plan-format.md) and prints a summary. Bad input: exit 2 with one
+// message, and no output file is written.
+#include <CLI/CLI.hpp>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "compiler/pipeline.hpp"
+#include "passes/pass.hpp"
+
+using namespace mmoc;
+
+int main(int argc, char** argv) {
+  CLI::App app{"mmoc-compile: compile a full fine-tuning job into a per-GPU Plan"};
+  std::string job_path, out_path, emit = "json", trace_path, configs;
+  std::vector<std::string> print_after;
+  bool print_after_all = false, quiet = false, verbose = false;
+  std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision;
+  std::optional<int> gpus, mbs, microbatches, seq_len;
+  std::optional<double> budget;
+  app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
+  app.add_option("-o,--output", out_path, "write the plan here");
+  app.add_option("--emit", emit, "plan file form: json or text")->check(CLI::IsMember({"json", "text"}));
+  app.add_option("--trace", trace_path, "write the simulated timeline as a Chrome/Perfetto trace JSON");
+  app.add_option("--model", model, "model name (configs/models) or path to a model JSON");
+  app.add_option("--hardware", hardware, "hardware name (configs/hardware) or path");
+  app.add_option("--gpus", gpus, "number of GPUs (pipeline ranks)");
+  app.add_option("--v", v, "virtual stages per GPU, or auto");
+  app.add_option("--budget", budget, "memory budget per GPU in GiB");
+  app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
+  app.add_option("--microbatches", microbatches, "micro-batches per step");
+  app.add_option("--seq-len", seq_len, "sequence length");
+  app.add_option("--schedule", schedule, "gpipe, 1f1b, interleaved-1f1b, grouped or auto");
+  app.add_option("--recompute", recompute, "auto, on or off");
+  app.add_option("--offload", offload, "auto, all or none");
+  app.add_option("--cross-map", cross_map, "auto or off");
+  app.add_option("--precision", precision, "bf16 or fp32");
+  app.add_option("--print-after", print_after, "print the plan (text) after this pass (repeatable): " + [] {
+    std::string s; for (auto& n : pass_names()) s += (s.empty() ? "" : ", ") + n; return s; }());
+  app.add_flag("--print-after-all", print_after_all, "print the plan after every pass");
+  app.add_option("--configs", configs, "configs folder (default: the installed or source configs/)");
+  app.add_flag("-q,--quiet", quiet, "no summary");
+  app.add_flag("--verbose", verbose, "also print the passes' decisions");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "mmoc-compile: " << e.what() << "\n";
+    return 2;
+  }
+  try {
+    if (configs.empty()) configs = default_configs_dir();
+    for (const auto& pa : print_after) {
+      auto names = pass_names();
+      if (std::find(names.begin(), names.end(), pa) == names.end() && pa != "all")
+        throw InputError("--print-after: unknown pass '" + pa + "'");
+    }
+    JobConfig job;
+    if (!job_path.empty()) job = load_job(job_path);
+    else if (!model) throw InputError("give a job config (configs/jobs/*.json) or at least --model");
+    if (model) job.model = *model;
+    if (hardware) job.hardware = *hardware;
+    if (gpus) job.gpus = *gpus;
+    if (v) job.v = *v;
+    if (budget) job.budget_gib = *budget;
+    if (mbs) job.micro_batch_size = *mbs;
+    if (microbatches) job.microbatches = *microbatches;
+    if (seq_len) job.seq_len = *seq_len;
+    if (schedule) job.schedule = *schedule;
+    if (recompute) job.recompute = *recompute;
+    if (offload) job.offload = *offload;
+    if (cross_map) job.cross_map = *cross_map;
+    if (precision) job.train.precision = *precision;
+    ModelSpec m = load_model(job.model, configs);
+    HardwareSpec hw = load_hardware(job.hardware, configs);
+    CompileOptions o;
+    o.print_after = print_after;
+    if (print_after_all) o.print_after.push_back("all");
+    o.print_stream = &std::cout;
+    if (!quiet && (job.v == "auto" || job.schedule == "auto")) o.progress = &std::cerr;
+    CompileResult r = compile_job(job, m, hw, o);
+    // write outputs only once everything succeeded, each atomically
+    if (!out_path.empty()) ir::save_file_atomic(out_path, emit == "text" ? ir::print_text(r.plan) : ir::to_json_string(r.plan));
+    if (!trace_path.empty()) ir::save_file_atomic(trace_path, trace_json(r.plan, r.sim));
+    if (!quiet) {
+      std::cout << summary(r, m, hw);
+      if (verbose) for (const auto& n : r.notes) std::cout << "  note: " << n << "\n";
+      if (!out_path.empty()) std::cout << "wrote " << out_path << " (" << emit << ")\n";
+      if (!trace_path.empty()) std::cout << "wrote " << trace_path << "\n";
+    }
+    return 0;
+  } catch (const InputError& e) {
+    std::cerr << "mmoc-compile: error: " << e.what() << "\n";
+    return 2;
+  } catch (const ir::ParseError& e) {
+    std::cerr << "mmoc-compile: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "mmoc-compile: internal error: " << e.what() << "\n";
+    return 3;
+  }
+}

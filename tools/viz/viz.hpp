@@ -1,0 +1,89 @@
+// mmoc-viz: reads Chrome traces (docs/plan-format.md, "Simulator trace") and mmoc plan JSON, computes
+// per-GPU statistics and renders one self-contained HTML page (canvas timeline, memory curves, tables),
+// and optionally a merged Chrome/Perfetto trace. Reads JSON directly (no dependency on ir/plan.cpp).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace mmoc::viz {
+
+// Bad user input: the message names the file and the problem. main() maps it to exit code 2.
+struct InputError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+enum Lane { kComp = 0, kH2D = 1, kD2H = 2, kP2P = 3, kCpu0 = 4 };
+
+struct Box {
+  int gpu = 0, lane = 0;
+  double ts = 0, dur = 0;  // microseconds, ts relative to the trace start
+  std::string name, op;
+  int stage = -1, mb = -1, instr = -1;
+  int64_t bytes = 0;
+  std::string deps;
+};
+
+struct GpuStats {
+  int gpu = 0;
+  double span_us = 0;   // last end of any box of this GPU (relative to trace start)
+  double busy_us = 0;   // union of comp-lane intervals
+  double bubble = 0;    // 1 - busy / step
+  int64_t h2d_bytes = 0, d2h_bytes = 0, p2p_bytes = 0;
+  double h2d_util = -1, d2h_util = -1;  // fraction of link capacity; -1 when no rate is known
+  double h2d_gbps = 0, d2h_gbps = 0;    // bytes / step time, GB/s
+  int64_t peak_bytes = -1;              // -1 unknown
+  std::map<int, int> boxes_per_lane;
+};
+
+struct Trace {
+  std::string file, role;   // role: "predicted" | "measured" (the command-line slot)
+  std::string source;       // metadata.source as written in the file ("" if absent)
+  nlohmann::json metadata = nlohmann::json::object();
+  nlohmann::json raw_events = nlohmann::json::array();  // as read (for --perfetto)
+  double t0 = 0;            // absolute start (us) subtracted from every ts
+  double end_us = 0;        // last end relative to t0
+  std::vector<Box> boxes;   // sorted by (gpu, lane, ts)
+  std::map<int, std::vector<std::pair<double, double>>> mem;  // gpu -> (ts rel, bytes), sorted
+  std::map<std::pair<int, int>, std::string> lane_names;      // (gpu, tid) -> name from M events
+  std::vector<int> gpus;    // sorted
+  // derived
+  double step_us = 0;       // metadata.step_s if > 0, else end_us
+  double tokens_per_s = -1; // metadata, else derived from the plan, else -1
+  int64_t budget = -1;      // metadata.budget_bytes, else plan budget, else -1
+  double h2d_rate = 0, d2h_rate = 0;  // link bytes/s from metadata (0 = unknown)
+  std::vector<GpuStats> stats;        // per gpu (same order as gpus)
+  double bubble = 0;                  // mean over GPUs
+};
+
+struct PlanInfo {
+  std::string file;
+  nlohmann::json j;  // the whole plan document
+  int gpus = 0, microbatches = 0, mbs = 0, seq = 0, dp = 1;
+  int64_t budget = -1;
+  bool has_predicted = false;
+};
+
+// Loading. Throw InputError naming `path` on a missing/unreadable file, invalid JSON, or a document
+// of the wrong kind ("expected a trace, got a plan", ...). role is "predicted" or "measured".
+Trace load_trace(const std::string& path, const std::string& role);
+PlanInfo load_plan(const std::string& path);
+
+// Fills the derived fields of t (plan may be null).
+void compute_stats(Trace& t, const PlanInfo* plan);
+
+// Output documents.
+std::string render_html(const std::vector<Trace>& traces, const PlanInfo* plan);
+std::string perfetto_json(const std::vector<Trace>& traces);
+
+// Writes via a temporary file in the same directory and rename(). Throws std::runtime_error.
+void write_atomic(const std::string& path, const std::string& content);
+
+// Operation kind used for colours: forward backward prefetch evict send recv optim other.
+std::string kind_of(const std::string& op);
+
+}  // namespace mmoc::viz
