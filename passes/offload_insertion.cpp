@@ -7,6 +7,7 @@
 //    then `optim S` @cpu, so the CPU optimizer of a stage overlaps the backward of the stages after it;
 //  - resident stages: weights and AdamW state on the GPU all step, `optim S` @comp after its last backward;
 //  - with gradient clipping: `gradnorm` @cpu after every gradient is complete, and every optim after it;
+//  - grouped schedules: offloaded stages whose weights leave the GPU between forward and backward recompute;
 //  - `load_batch m` before the first use of micro-batch m's ids/labels, `free batch(m)` after the last.
 // Decisions (against the budget, with the timing-independent memory bound of verify-memory):
 //  recompute: job on/off, or auto = off when the all-offloaded plan fits without it and the result simulates
@@ -15,6 +16,7 @@
 //  within the budget. offload=all keeps everything on the host; offload=none keeps everything on the GPU.
 //  Nothing fits: InputError naming the smallest budget that would.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <map>
 
@@ -76,9 +78,12 @@ struct Builder {
   }
 };
 
+// Rounded up, so a budget named in a message is enough when passed back.
 std::string gib(int64_t b) {
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", double(b) / GiB);
+  const double g = double(b) / GiB;
+  if (g >= 1.0) std::snprintf(buf, sizeof buf, "%.2f GiB", std::ceil(g * 100.0) / 100.0);
+  else std::snprintf(buf, sizeof buf, "%.4f GiB", std::ceil(g * 10000.0) / 10000.0);
   return buf;
 }
 }  // namespace
@@ -90,6 +95,9 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
   for (int s = 0; s < P; ++s) {
     auto& st = p.stages[s];
     st.recompute = cfg.recompute;
+    // grouped: an offloaded stage's weights leave the GPU between its forward and backward runs (all but each
+    // rank's last stage), and a saved autograd graph would keep them alive: such stages recompute.
+    if (p.schedule == "grouped" && !cfg.resident[s] && s + p.gpus < P) st.recompute = true;
     st.weights = cfg.resident[s] ? ir::Residency::Resident : ir::Residency::Offload;
     st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
@@ -148,6 +156,12 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
       std::sort(ended.begin(), ended.end(), [&](size_t x, size_t y) { return runs[x].last > runs[y].last; });
       std::vector<int> an;
       if ((int)ended.size() > cfg.window) an.push_back(evict_id[ended[cfg.window]]);
+      // and the previous run of the same stage must have dropped its copy (a stage's weights are on the GPU once)
+      int prev_same = -1;
+      for (size_t j = 0; j < runs.size(); ++j)
+        if (runs[j].stage == runs[k].stage && runs[j].last < runs[k].first && (prev_same < 0 || runs[j].last > runs[prev_same].last))
+          prev_same = (int)j;
+      if (prev_same >= 0) an.push_back(evict_id[prev_same]);
       ir::Instr pf = make_buf_op(Op::Prefetch, Stream::H2D, {BufKind::W, runs[k].stage, -1});
       int id = b.add(pf, {}, an);
       b.before[runs[k].first].push_back(id);

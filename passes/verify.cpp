@@ -6,6 +6,7 @@
 // streams, the GPU never holds more, so a plan within the bound cannot exceed its budget at run time.
 // verify-deadlock: executes all programs untimed (in-order streams, `after` deps, send/recv rendezvous: both at
 // the heads of their queues); with `sequential` each program is one in-order queue, as the CPU engine runs it.
+#include <cmath>
 #include <cstdio>
 #include <map>
 
@@ -52,9 +53,9 @@ MemoryBound memory_bound(const ir::Plan& p) {
   return mb;
 }
 
-static std::string gib(int64_t b) {
+static std::string gib(int64_t b) {  // rounded up: a budget named in a message suffices when passed back
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", double(b) / GiB);
+  std::snprintf(buf, sizeof buf, "%.2f GiB", std::ceil(double(b) / GiB * 100.0) / 100.0);
   return buf;
 }
 

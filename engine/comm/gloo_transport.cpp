@@ -1,4 +1,18 @@
-// CPU Transport over c10d::ProcessGroupGloo.
+// CPU Transport over c10d::ProcessGroupGloo. Compiled only with MMOC_WITH_GLOO (gloo headers found).
+#include "engine/comm/transport.hpp"
+
+#ifndef MMOC_WITH_GLOO
+
+namespace mmoc::comm {
+bool gloo_available() { return false; }
+std::unique_ptr<Transport> make_gloo_transport(std::shared_ptr<Rendezvous>, const GlooOptions&) {
+  throw CommError("make_gloo_transport: this build has no gloo transport (gloo headers were not found at "
+                  "configure time: apt-get install libgloo-dev and reconfigure)");
+}
+}  // namespace mmoc::comm
+
+#else
+
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -108,6 +122,7 @@ class GlooTransport : public Transport {
       if (!is_send && !t.is_contiguous()) copy_back.emplace_back(t, staged);
       std::vector<at::Tensor> v{staged};
       try {
+        std::lock_guard<std::mutex> lk(issue_mu_);  // c10d's per-op bookkeeping is not thread-safe
         works.push_back(is_send ? pg->send(v, op.peer, itag) : pg->recv(v, op.peer, itag));
       } catch (const std::exception& e) {
         throw CommError(desc + " failed: " + e.what());
@@ -142,6 +157,7 @@ class GlooTransport : public Transport {
     ao.reduceOp = ::c10d::ReduceOp::SUM;
     c10::intrusive_ptr<::c10d::Work> w;
     try {
+      std::lock_guard<std::mutex> lk(issue_mu_);
       w = g.pg->allreduce(v, ao);
     } catch (const std::exception& e) {
       throw CommError(what + " failed: " + e.what());
@@ -160,7 +176,12 @@ class GlooTransport : public Transport {
     auto& g = member_group(group_name, "barrier");
     std::string what = "barrier over group '" + group_name + "' (" + who(rdzv_->world()) + ", gloo)";
     try {
-      g.pg->barrier()->wait();
+      c10::intrusive_ptr<::c10d::Work> w;
+      {
+        std::lock_guard<std::mutex> lk(issue_mu_);
+        w = g.pg->barrier();
+      }
+      w->wait();
     } catch (const std::exception& e) {
       throw CommError(what + " failed: " + e.what());
     }
@@ -213,18 +234,21 @@ class GlooTransport : public Transport {
     if (!inserted && it->second != tag)
       throw CommError("gloo: tags '" + it->second + "' and '" + tag + "' used with rank " + std::to_string(peer) +
                       " map to the same integer " + std::to_string(v) + "; rename one of them");
-    return 0;  // MUTATION
+    return static_cast<int>(v);
   }
 
   std::shared_ptr<Rendezvous> rdzv_;
   c10::intrusive_ptr<::c10d::ProcessGroupGloo::Options> opts_;
   std::string prefix_;
-  std::mutex mu_;
+  std::mutex mu_;        // groups_, tags_
+  std::mutex issue_mu_;  // serializes calls into the ProcessGroupGloo
   std::map<std::string, Group> groups_;
   std::map<int, std::map<uint32_t, std::string>> tags_;
 };
 
 }  // namespace
+
+bool gloo_available() { return true; }
 
 std::unique_ptr<Transport> make_gloo_transport(std::shared_ptr<Rendezvous> rdzv, const GlooOptions& options) {
   if (!rdzv) throw CommError("make_gloo_transport: null rendezvous");
@@ -232,3 +256,5 @@ std::unique_ptr<Transport> make_gloo_transport(std::shared_ptr<Rendezvous> rdzv,
 }
 
 }  // namespace mmoc::comm
+
+#endif  // MMOC_WITH_GLOO

@@ -293,6 +293,7 @@ class NcclTransport : public Transport {
     bool member = false;
     for (int r : ranks) member |= r == rank_;
     DeviceScope ds(st_->device);
+    std::lock_guard<std::mutex> coll_lk(coll_mu_);
     ncclComm_t c = nullptr;
 #if NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0)
     MMOC_NCCL_CHECK_COMM(ncclCommSplit(st_->coll, member ? 0 : NCCL_SPLIT_NOCOLOR, rank_, &c, nullptr), st_->coll);
@@ -309,6 +310,7 @@ class NcclTransport : public Transport {
     ncclComm_t c = comm_of(group, what);
     st_->check_alive(what);
     DeviceScope ds(st_->device);
+    std::lock_guard<std::mutex> lk(coll_mu_);  // one thread at a time into a communicator
     MMOC_NCCL_CHECK_COMM(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()),
                                        nccl_dtype(t.scalar_type()), ncclSum, c, coll_stream_),
                          c);
@@ -323,14 +325,14 @@ class NcclTransport : public Transport {
     ncclComm_t c = comm_of(group, what);
     st_->check_alive(what);
     DeviceScope ds(st_->device);
-    std::lock_guard<std::mutex> lk(scratch_mu_);
+    std::lock_guard<std::mutex> lk(coll_mu_);
     std::memcpy(h_scratch_, &v, sizeof(double));
     MMOC_CUDA_CHECK(cudaMemcpyAsync(d_scratch_, h_scratch_, sizeof(double), cudaMemcpyHostToDevice, coll_stream_));
     MMOC_NCCL_CHECK_COMM(ncclAllReduce(d_scratch_, d_scratch_, 1, ncclFloat64, ncclSum, c, coll_stream_), c);
     MMOC_CUDA_CHECK(cudaMemcpyAsync(h_scratch_, d_scratch_, sizeof(double), cudaMemcpyDeviceToHost, coll_stream_));
     cudaEvent_t ev = record(coll_stream_);
     NcclWork w(st_, c, ev, what, {}, {});
-    w.wait();
+    w.wait();  // under coll_mu_: the scratch buffers are reused by the next call
     double out;
     std::memcpy(&out, h_scratch_, sizeof(double));
     return out;
@@ -341,7 +343,7 @@ class NcclTransport : public Transport {
     ncclComm_t c = comm_of(group, what);
     st_->check_alive(what);
     DeviceScope ds(st_->device);
-    std::lock_guard<std::mutex> lk(scratch_mu_);
+    std::lock_guard<std::mutex> lk(coll_mu_);
     MMOC_NCCL_CHECK_COMM(ncclAllReduce(static_cast<char*>(d_scratch_) + 8, static_cast<char*>(d_scratch_) + 8, 1,
                                        ncclInt32, ncclSum, c, coll_stream_),
                          c);
@@ -414,7 +416,7 @@ class NcclTransport : public Transport {
   bool own_p2p_ = false, own_coll_ = false;
   void* d_scratch_ = nullptr;
   void* h_scratch_ = nullptr;
-  std::mutex scratch_mu_;
+  std::mutex coll_mu_;
   std::mutex issue_mu_;
   bool check_tags_ = false;
   std::map<int, long> send_seq_, recv_seq_;

@@ -48,7 +48,7 @@ class Work {
   // Non-blocking completion check (throws CommError when the operation failed).
   virtual bool is_completed() = 0;
   // GPU backends: make `stream` wait for completion without blocking the host. CPU backends: wait().
-  virtual void wait_on_stream(CUstream_st* stream) { wait(); }
+  virtual void wait_on_stream(CUstream_st* /*stream*/) { wait(); }
 };
 using WorkPtr = std::unique_ptr<Work>;
 
@@ -126,7 +126,9 @@ struct GlooOptions {
   std::string hostname;
   int threads = 2;  // gloo worker threads for collectives
 };
+// Throws CommError when built without gloo headers (see gloo_available()).
 std::unique_ptr<Transport> make_gloo_transport(std::shared_ptr<Rendezvous> rdzv, const GlooOptions& options = {});
+bool gloo_available();
 
 struct NcclOptions {
   int device = -1;                  // CUDA device; -1: the world's local_rank

@@ -4,12 +4,12 @@
 #include <CLI/CLI.hpp>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <cuda_runtime_api.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -19,10 +19,10 @@
 #include "engine/comm/world.hpp"
 #include "engine/data/data.hpp"
 #include "engine/exec/worker.hpp"
+#include "engine/io/fsutil.hpp"
 #include "engine/io/safetensors.hpp"
 #include "ir/plan.hpp"
 
-namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace mmoc::engine {
@@ -61,21 +61,32 @@ ir::Plan validate(const Args& a) {
   if (!problems.empty()) throw UsageError(a.plan + ": not a valid plan: " + problems[0]);
   if (a.steps < 0) throw UsageError("--steps must be >= 0");
   if (a.data.empty()) throw UsageError("--data is required");
-  if (!fs::exists(a.data)) throw UsageError("--data " + a.data + ": no such file");
-  if (!a.tokenizer.empty() && !fs::exists(a.tokenizer)) throw UsageError("--tokenizer " + a.tokenizer + ": no such file");
-  if (a.init != "random" && !fs::is_directory(a.init)) throw UsageError("--init " + a.init + ": not 'random' and not a checkpoint folder");
-  if (!a.resume.empty() && !fs::exists(a.resume + "/mmoc_state/trainer_state.json"))
+  if (!io::path_exists(a.data)) throw UsageError("--data " + a.data + ": no such file");
+  if (!a.tokenizer.empty() && !io::path_exists(a.tokenizer)) throw UsageError("--tokenizer " + a.tokenizer + ": no such file");
+  if (a.init != "random" && !io::is_directory(a.init)) throw UsageError("--init " + a.init + ": not 'random' and not a checkpoint folder");
+  if (!a.resume.empty() && !io::path_exists(a.resume + "/mmoc_state/trainer_state.json"))
     throw UsageError("--resume " + a.resume + ": no mmoc checkpoint there (mmoc_state/trainer_state.json missing)");
   if (a.save_dtype != "fp32" && a.save_dtype != "bf16") throw UsageError("--save-dtype must be fp32 or bf16");
   return p;
 }
 
-std::string resolve_device(const std::string& d, const ir::Plan& p) {
-  bool have_cuda = at::hasCUDA();
-  if (d == "auto") return "cpu";  // this build's worker runs on the CPU
-  if (d == "cuda" && !have_cuda) throw UsageError("--device cuda: no CUDA GPU is visible");
-  if (d != "cpu" && d != "cuda") throw UsageError("--device must be auto, cpu or cuda");
-  (void)p;
+int cuda_devices() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
+  return n;
+}
+
+// auto: the GPUs when there are enough for the plan's ranks on this node, else the CPU.
+std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker) {
+  if (d != "auto" && d != "cpu" && d != "cuda") throw UsageError("--device must be auto, cpu or cuda (got '" + d + "')");
+  const int n = cuda_devices();
+  if (d == "auto") return n > 0 && (worker || n >= p.gpus) ? "cuda" : "cpu";
+  if (d == "cuda") {
+    if (n == 0) throw UsageError("--device cuda: no CUDA GPU is visible");
+    if (!worker && n < p.gpus)
+      throw UsageError("the plan has " + std::to_string(p.gpus) + " GPU ranks but this machine has " + std::to_string(n) +
+                       " GPU(s); compile for --gpus " + std::to_string(n) + " or run across nodes with torchrun/Slurm");
+  }
   return d;
 }
 
@@ -108,19 +119,30 @@ int worker_main(const Args& a) {
   ir::Plan plan = ir::load_plan_file(a.plan);
   if (w.world_size != plan.gpus)
     throw UsageError("WORLD_SIZE=" + std::to_string(w.world_size) + " but the plan has " + std::to_string(plan.gpus) + " ranks");
-  std::string device = resolve_device(std::getenv("MMOC_DEVICE") ? std::getenv("MMOC_DEVICE") : a.device, plan);
+  std::string device = resolve_device(std::getenv("MMOC_DEVICE") ? std::getenv("MMOC_DEVICE") : a.device, plan, true);
   at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus)));
+  WorkerOptions wo;
+  wo.device = device;
+  wo.cuda_device = device == "cuda" ? w.local_rank % std::max(1, cuda_devices()) : -1;
+  wo.optim_threads = a.optim_threads;
+  wo.trace = !a.trace.empty();
+  Worker worker(plan, w.rank, nullptr, wo);
   std::shared_ptr<comm::Rendezvous> rdzv;
   std::unique_ptr<comm::Transport> tr;
   if (w.world_size > 1) {
     rdzv = comm::Rendezvous::connect(w);
-    tr = device == "cuda" ? comm::make_nccl_transport(rdzv) : comm::make_gloo_transport(rdzv);
+    if (device == "cuda") {
+      // NCCL: send/recv on the worker's p2p stream; host-side collectives (gradient norm, loss, barriers) on the
+      // transport's separate collective communicator
+      comm::NcclOptions no;
+      no.device = worker.device_index();
+      no.p2p_stream = static_cast<CUstream_st*>(worker.p2p_stream());
+      tr = comm::make_nccl_transport(rdzv, no);
+    } else {
+      tr = comm::make_gloo_transport(rdzv);
+    }
+    worker.set_transports(tr.get(), tr.get());
   }
-  WorkerOptions wo;
-  wo.device = device;
-  wo.optim_threads = a.optim_threads;
-  wo.trace = !a.trace.empty();
-  Worker worker(plan, w.rank, tr.get(), wo);
   auto rows = data::load_rows(data_config(a, plan));
   data::BatchIterator it(rows, a.data_seed);
   int64_t start = 0;
@@ -143,12 +165,12 @@ int worker_main(const Args& a) {
   const int64_t tokens_per_step = (int64_t)plan.microbatches * plan.micro_batch_size * plan.seq_len;
   auto save = [&](int64_t step_done) {
     const std::string parts = a.save + ".parts";
-    if (w.rank == 0) { fs::remove_all(parts); fs::create_directories(parts); }
+    if (w.rank == 0) { io::remove_tree(parts); io::make_dirs(parts); }
     if (tr) tr->barrier();
     worker.save_parts(parts);
     if (tr) tr->barrier();
     if (w.rank == 0) {
-      json st = {{"step", step_done}, {"data", data::to_json(it.state())}, {"seed", a.seed}, {"plan", fs::absolute(a.plan).string()}};
+      json st = {{"step", step_done}, {"data", data::to_json(it.state())}, {"seed", a.seed}, {"plan", io::real_path(a.plan)}};
       assemble_checkpoint(plan, parts, a.save, a.save_dtype, st.dump(1));
       if (!a.quiet) std::cout << "saved checkpoint " << a.save << " (step " << step_done << ")\n" << std::flush;
     }
@@ -163,10 +185,7 @@ int worker_main(const Args& a) {
     total_s += r.seconds;
     std::vector<double> peaks(plan.gpus, 0.0);
     if (tr) {
-      at::Tensor t = at::zeros({plan.gpus}, at::kDouble);
-      t[w.rank] = (double)r.peak_bytes;
-      tr->allreduce_sum(t);
-      for (int g = 0; g < plan.gpus; ++g) peaks[g] = t[g].item<double>();
+      for (int g = 0; g < plan.gpus; ++g) peaks[g] = tr->allreduce_sum_double(g == w.rank ? (double)r.peak_bytes : 0.0);
     } else {
       peaks[0] = (double)r.peak_bytes;
     }
@@ -215,7 +234,7 @@ int worker_main(const Args& a) {
           all[g].push_back({j[k][0].get<int>(), j[k][1].get<int>(), j[k][2].get<double>(), j[k][3].get<double>(), j[k][4].get<int64_t>()});
       }
       write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9));
-      for (int g = 0; g < plan.gpus; ++g) fs::remove(a.trace + ".rank" + std::to_string(g) + ".json");
+      for (int g = 0; g < plan.gpus; ++g) io::remove_tree(a.trace + ".rank" + std::to_string(g) + ".json");
     }
     if (tr) tr->barrier();
   }
@@ -255,7 +274,7 @@ int run_main(int argc, char** argv) {
   try {
     if (is_worker) return worker_main(a);
     ir::Plan p = validate(a);
-    std::string device = resolve_device(a.device, p);
+    std::string device = resolve_device(a.device, p, false);
     // parse the data once up front: a malformed line is reported before any worker starts
     data::load_rows(data_config(a, p));
     if (!a.quiet)

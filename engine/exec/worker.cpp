@@ -4,10 +4,22 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <condition_variable>
+#include <deque>
+#include <future>
+#include <optional>
+#include <set>
+#include <cerrno>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -15,6 +27,7 @@
 
 #include "engine/comm/transport.hpp"
 #include "engine/data/data.hpp"
+#include "engine/io/fsutil.hpp"
 #include "engine/io/safetensors.hpp"
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
@@ -23,16 +36,54 @@
 #include "engine/optim/lr_schedule.hpp"
 #include "engine/optim/thread_pool.hpp"
 
-namespace fs = std::filesystem;
 
 namespace mmoc::engine {
 
 using ir::BufKind;
 using ir::BufRef;
 using ir::Op;
+using namespace mmoc::engine::optim;
 
 namespace {
 struct ExecError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+// The host side of the `cpu` stream on GPU machines: one thread that runs the plan's cpu instructions in order
+// (each waits for its dependencies first); the optimizer's own parallelism is the thread pool it uses.
+class CpuStream {
+ public:
+  CpuStream() : th_([this] { loop(); }) {}
+  ~CpuStream() {
+    { std::lock_guard<std::mutex> g(mu_); stop_ = true; }
+    cv_.notify_all();
+    th_.join();
+  }
+  std::shared_future<void> submit(std::function<void()> fn) {
+    std::packaged_task<void()> task(std::move(fn));
+    std::shared_future<void> f = task.get_future().share();
+    { std::lock_guard<std::mutex> g(mu_); q_.push_back(std::move(task)); }
+    cv_.notify_one();
+    return f;
+  }
+ private:
+  void loop() {
+    for (;;) {
+      std::packaged_task<void()> t;
+      {
+        std::unique_lock<std::mutex> g(mu_);
+        cv_.wait(g, [&] { return stop_ || !q_.empty(); });
+        if (q_.empty()) return;
+        t = std::move(q_.front());
+        q_.pop_front();
+      }
+      t();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::packaged_task<void()>> q_;
+  bool stop_ = false;
+  std::thread th_;
+};
 
 double now_us() {
   return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -58,7 +109,22 @@ struct FwdRecord {
 struct Worker::Impl {
   ir::Plan plan;
   int rank = 0;
-  comm::Transport* tr = nullptr;
+  comm::Transport* tr = nullptr;   // send/recv
+  comm::Transport* htr = nullptr;  // host collectives
+  bool cuda = false;
+  int cuda_index = -1;
+  std::optional<c10::cuda::CUDAStream> streams[4];  // comp, h2d, d2h, p2p
+  std::unique_ptr<CpuStream> cpu;
+  std::vector<std::optional<at::cuda::CUDAEvent>> ev;  // per instruction (GPU streams)
+  std::vector<std::shared_future<void>> fut;           // per instruction (cpu stream)
+  std::vector<comm::WorkPtr> inflight;                 // NCCL works of this step
+  std::map<BufRef, std::set<int>> users;               // streams that touched a buffer (record_stream on drop)
+  int cur_stream = 0;
+  at::Tensor loss_acc;
+  at::Tensor pinned_ids, pinned_labels;                // the step's batch, pinned
+  std::optional<at::cuda::CUDAEvent> t0_event;
+  double t0_host_us = 0;
+  std::vector<std::pair<double, double>> cpu_times;
   WorkerOptions opts;
   at::Device dev{at::kCPU};
   at::ScalarType cdtype = at::kFloat;
@@ -71,6 +137,7 @@ struct Worker::Impl {
   std::map<BufRef, at::Tensor> bufs;       // what the plan says is on the GPU
   std::map<std::pair<int, int>, FwdRecord> rec;  // stash(s,m)
   std::map<BufRef, comm::WorkPtr> sends;   // in-flight sends (their buffer stays alive)
+  std::map<int, std::shared_future<void>> pending_optim;  // CUDA: stage -> its last CPU update
   std::map<int, at::Tensor> ids, labels;   // batch(m)
   const data::StepBatch* batch = nullptr;
   int64_t count = 0;
@@ -85,6 +152,7 @@ struct Worker::Impl {
   void put(BufRef b, at::Tensor t) {
     cur_bytes += bytes_of(t);
     peak_bytes = std::max(peak_bytes, cur_bytes);
+    if (cuda) users[b].insert(cur_stream);
     bufs[b] = std::move(t);
   }
   at::Tensor take(BufRef b) {
@@ -93,11 +161,21 @@ struct Worker::Impl {
     at::Tensor t = std::move(it->second);
     bufs.erase(it);
     cur_bytes -= bytes_of(t);
+    if (cuda) {
+      // the caching allocator only knows the allocating stream: tell it every stream that used the buffer, so its
+      // memory is not reused before their queued work has passed
+      auto u = users.find(b);
+      users[b].insert(cur_stream);
+      for (int sidx : users[b])
+        if (t.defined() && t.is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *streams[sidx]);
+      if (u != users.end() || true) users.erase(b);
+    }
     return t;
   }
-  const at::Tensor& need(BufRef b, const char* why) const {
+  const at::Tensor& need(BufRef b, const char* why) {
     auto it = bufs.find(b);
     if (it == bufs.end()) throw ExecError(std::string(why) + ": " + b.str() + " is not on the device");
+    if (cuda) users[b].insert(cur_stream);
     return it->second;
   }
 
@@ -111,9 +189,8 @@ struct Worker::Impl {
   void load_batch(int m) {
     if (ids.count(m)) throw ExecError("batch(m" + std::to_string(m) + ") loaded twice");
     const int64_t mbs = plan.micro_batch_size, T = plan.seq_len;
-    auto opt = at::TensorOptions().dtype(at::kLong);
-    ids[m] = at::from_blob(const_cast<int64_t*>(batch->input_ids[m].data()), {mbs, T}, opt).to(dev, /*non_blocking=*/false, /*copy=*/true);
-    labels[m] = at::from_blob(const_cast<int64_t*>(batch->labels[m].data()), {mbs, T}, opt).to(dev, false, true);
+    ids[m] = pinned_ids[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
+    labels[m] = pinned_labels[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
     cur_bytes += 2 * mbs * T * 8;
     peak_bytes = std::max(peak_bytes, cur_bytes);
   }
@@ -157,7 +234,7 @@ struct Worker::Impl {
     }
     if (s == last) {
       at::Tensor l = lm_loss_sum(out, batch_labels(m));
-      loss_sum += l.detach().item<double>();
+      loss_acc.add_(l.detach().to(at::kDouble));
       if (!plan.stages[s].recompute) r.loss = l;
     } else {
       put({BufKind::Act, s, m}, out.detach());
@@ -207,7 +284,11 @@ struct Worker::Impl {
     if (b.kind != BufKind::W) throw ExecError("prefetch of " + b.str() + ": only weights are prefetched");
     if (bufs.count(b)) throw ExecError("prefetch of " + b.str() + " that is already on the device");
     StageState& st = stages.at(b.stage);
-    put(b, st.host_lowp.to(dev, /*non_blocking=*/false, /*copy=*/true));
+    if (cuda) {
+      auto it = pending_optim.find(b.stage);  // the previous step's update of these weights must be done
+      if (it != pending_optim.end()) { it->second.get(); pending_optim.erase(it); }
+    }
+    put(b, st.host_lowp.to(dev, /*non_blocking=*/true, /*copy=*/true));
   }
 
   void evict(const ir::Instr& in) {
@@ -215,18 +296,22 @@ struct Worker::Impl {
     at::Tensor t = take(b);
     if (!in.to_host) return;
     if (b.kind != BufKind::WGrad) throw ExecError("evict " + b.str() + " -> host: only gradients are copied out");
-    stages.at(b.stage).host_grad.copy_(t);
+    stages.at(b.stage).host_grad.copy_(t, /*non_blocking=*/true);
   }
 
   void send(const ir::Instr& in) {
     const at::Tensor& t = need(*in.buf, "send");
     if (sends.count(*in.buf)) throw ExecError("second send of " + in.buf->str());
-    sends[*in.buf] = tr->isend(t, in.peer, in.tag);
+    if (!tr) throw ExecError("send in a plan run without a transport");
+    if (cuda) inflight.push_back(tr->isend(t, in.peer, in.tag));  // ordered on the p2p stream
+    else sends[*in.buf] = tr->isend(t, in.peer, in.tag);
   }
   void recv(const ir::Instr& in) {
     if (bufs.count(*in.buf)) throw ExecError("second recv of " + in.buf->str() + " (it is already on the device)");
     at::Tensor t = at::empty(act_shape(), at::TensorOptions().dtype(cdtype).device(dev));
-    tr->recv(t, in.peer, in.tag);
+    if (!tr) throw ExecError("recv in a plan run without a transport");
+    if (cuda) inflight.push_back(tr->irecv(t, in.peer, in.tag));
+    else tr->recv(t, in.peer, in.tag);
     put(*in.buf, t);
   }
   void free_buf(const BufRef& b) {
@@ -278,19 +363,28 @@ struct Worker::Impl {
     }
   }
 
-  void gradnorm() {
-    double local = 0;
-    for (auto& [s, st] : stages) {
+  std::vector<at::Tensor> resident_grads() {
+    std::vector<at::Tensor> g;
+    for (auto& [s, st] : stages)
       if (st.resident) {
         auto it = bufs.find({BufKind::WGrad, s, -1});
         if (it == bufs.end()) throw ExecError("gradnorm: gradient of resident S" + std::to_string(s) + " missing");
-        local += it->second.to(at::kDouble).pow(2).sum().item<double>();
+        g.push_back(it->second);
+      }
+    return g;
+  }
+  void gradnorm(const std::vector<at::Tensor>& rgrads) {
+    double local = 0;
+    for (const auto& g : rgrads) local += g.to(at::kDouble).pow(2).sum().item<double>();
+    for (auto& [s, st] : stages) {
+      if (st.resident) {
+        continue;
       } else {
         local += sum_of_squares(st.host_grad.data_ptr(), cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32,
                                 st.layout.numel, pool.get());
       }
     }
-    double total = tr ? tr->allreduce_sum_double(local) : local;
+    double total = htr ? htr->allreduce_sum_double(local) : local;
     grad_norm = std::sqrt(total);
     clip = clip_scale(grad_norm, plan.train.max_grad_norm);
   }
@@ -307,7 +401,7 @@ struct Worker::Impl {
       case Op::Evict: evict(in); break;
       case Op::Free: free_buf(*in.buf); break;
       case Op::Optim: optim(in); break;
-      case Op::GradNorm: gradnorm(); break;
+      case Op::GradNorm: gradnorm(resident_grads()); break;
       case Op::AllReduce: {
         at::Tensor& t = bufs.at(*in.buf);
         tr->allreduce_sum(t, in.group);
@@ -330,19 +424,46 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
   I.plan = plan;
   I.rank = rank;
   I.tr = transport;
+  I.htr = transport;
   I.opts = opts;
   if (rank < 0 || rank >= plan.gpus) throw std::runtime_error("rank " + std::to_string(rank) + " outside the plan's " + std::to_string(plan.gpus) + " GPUs");
   if (opts.device == "cuda") {
-    throw std::runtime_error("this build's worker runs the CPU device only; pass --device cpu");
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) throw std::runtime_error("--device cuda: no CUDA GPU is visible");
+    I.cuda = true;
+    I.cuda_index = opts.cuda_device >= 0 ? opts.cuda_device : rank % n;
+    if (I.cuda_index >= n)
+      throw std::runtime_error("rank " + std::to_string(rank) + " needs CUDA device " + std::to_string(I.cuda_index) + " but only " +
+                               std::to_string(n) + " are visible");
+    I.dev = at::Device(at::kCUDA, (c10::DeviceIndex)I.cuda_index);
+    c10::cuda::set_device((c10::DeviceIndex)I.cuda_index);
+    for (int k = 0; k < 4; ++k) I.streams[k] = c10::cuda::getStreamFromPool(/*isHighPriority=*/k == 3, (c10::DeviceIndex)I.cuda_index);
+    I.cpu = std::make_unique<CpuStream>();
+    // the plan's budget is the allocator's ceiling on this GPU
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    if (plan.budget_bytes > 0 && total_b > 0) {
+      double frac = std::min(1.0, double(plan.budget_bytes) / double(total_b));
+      c10::cuda::CUDACachingAllocator::setMemoryFraction(frac, (c10::DeviceIndex)I.cuda_index);
+    }
+  } else if (opts.device != "cpu") {
+    throw std::runtime_error("unknown device '" + opts.device + "' (cpu or cuda)");
   }
   I.cdtype = plan.train.precision == "bf16" ? at::kBFloat16 : at::kFloat;
   I.last = plan.num_stages() - 1;
   I.rope = make_rope(plan.model, plan.seq_len, I.dev);
   int threads = opts.optim_threads > 0 ? opts.optim_threads
                                        : std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus));
-  I.pool = std::make_unique<ThreadPool>(threads);
+  std::vector<int> pin;
+  if (I.cuda) {  // each rank's optimizer threads on their own cores
+    for (int k = 0; k < threads; ++k) pin.push_back(rank * threads + k);
+  }
+  I.pool = std::make_unique<ThreadPool>(threads, pin);
   if (plan.model.tied_embeddings && plan.num_stages() > 1)
     throw std::runtime_error("tied embeddings across pipeline stages are not supported (use one stage, or an untied model)");
+  auto host = [&](at::ScalarType t, int64_t n) {
+    return at::zeros({n}, at::TensorOptions().dtype(t).pinned_memory(I.cuda));
+  };
   for (const auto& s : plan.stages) {
     if (s.gpu != rank) continue;
     StageState st;
@@ -351,17 +472,30 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     st.resident = s.weights == ir::Residency::Resident;
     if (st.resident != (s.optim == ir::OptimPlace::Gpu))
       throw std::runtime_error("stage S" + std::to_string(s.id) + ": resident weights need the optimizer on the GPU (and offloaded on the CPU)");
-    auto f32 = at::TensorOptions().dtype(at::kFloat).device(st.resident ? I.dev : at::Device(at::kCPU));
-    st.master = at::zeros({st.layout.numel}, f32);
-    st.exp_avg = at::zeros({st.layout.numel}, f32);
-    st.exp_avg_sq = at::zeros({st.layout.numel}, f32);
-    if (!st.resident) {
-      st.host_lowp = I.cdtype == at::kFloat ? st.master : at::zeros({st.layout.numel}, at::TensorOptions().dtype(I.cdtype));
-      st.host_grad = at::zeros({st.layout.numel}, at::TensorOptions().dtype(I.cdtype));
+    if (st.resident) {
+      auto f32 = at::TensorOptions().dtype(at::kFloat).device(I.dev);
+      st.master = at::zeros({st.layout.numel}, f32);
+      st.exp_avg = at::zeros({st.layout.numel}, f32);
+      st.exp_avg_sq = at::zeros({st.layout.numel}, f32);
+    } else {
+      // fp32 master and moments in host memory; the low-precision copy and the gradient landing zone pinned
+      st.master = I.cdtype == at::kFloat ? host(at::kFloat, st.layout.numel) : at::zeros({st.layout.numel}, at::kFloat);
+      st.exp_avg = at::zeros({st.layout.numel}, at::kFloat);
+      st.exp_avg_sq = at::zeros({st.layout.numel}, at::kFloat);
+      st.host_lowp = I.cdtype == at::kFloat ? st.master : host(I.cdtype, st.layout.numel);
+      st.host_grad = host(I.cdtype, st.layout.numel);
     }
     I.stages[s.id] = std::move(st);
   }
+  I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
 }
+
+void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
+  impl_->tr = p2p;
+  impl_->htr = host ? host : p2p;
+}
+void* Worker::p2p_stream() const { return impl_->cuda ? (void*)impl_->streams[3]->stream() : nullptr; }
+int Worker::device_index() const { return impl_->cuda_index; }
 
 Worker::~Worker() = default;
 int Worker::rank() const { return impl_->rank; }
@@ -420,22 +554,124 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
                std::max<int64_t>(I.plan.train.total_steps, 1), step_index);
   I.peak_bytes = I.cur_bytes;
   const auto& prog = I.plan.programs[I.rank].instrs;
-  for (int i = 0; i < (int)prog.size(); ++i) {
-    double ts = I.opts.trace ? now_us() : 0;
-    try {
-      I.exec(i);
-    } catch (const std::exception& e) {
-      throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
-                               e.what() + "\n" + I.context(i));
-    }
-    if (I.opts.trace) {
-      const auto& in = prog[i];
-      int lane = (int)in.stream;
-      I.trace.push_back({i, lane, ts, now_us() - ts, in.buf ? I.plan.buffer_bytes(*in.buf) : 0});
+  {
+    const int64_t M = I.plan.microbatches, n = (int64_t)batch.micro_batch_size * batch.seq_len;
+    auto o = at::TensorOptions().dtype(at::kLong).pinned_memory(I.cuda);
+    I.pinned_ids = at::empty({M, n}, o);
+    I.pinned_labels = at::empty({M, n}, o);
+    for (int64_t m = 0; m < M; ++m) {
+      std::memcpy(I.pinned_ids[m].data_ptr<int64_t>(), batch.input_ids[m].data(), n * 8);
+      std::memcpy(I.pinned_labels[m].data_ptr<int64_t>(), batch.labels[m].data(), n * 8);
     }
   }
-  for (auto& [b, w] : I.sends) w->wait();
-  I.sends.clear();
+  if (I.cuda) {
+    c10::cuda::CUDAGuard dg((c10::DeviceIndex)I.cuda_index);
+    c10::cuda::CUDACachingAllocator::resetPeakStats((c10::DeviceIndex)I.cuda_index);
+    {
+      c10::cuda::CUDAStreamGuard g(*I.streams[0]);
+      I.loss_acc.zero_();
+    }
+    I.ev.clear();
+    I.ev.resize(prog.size());
+    I.fut.assign(prog.size(), {});
+    if (I.opts.trace) {
+      I.t0_event.emplace(cudaEventDefault);
+      I.t0_event->record(*I.streams[0]);
+      I.t0_event->synchronize();
+      I.t0_host_us = now_us();
+    }
+    std::vector<std::optional<at::cuda::CUDAEvent>> ev_start(I.opts.trace ? prog.size() : 0);
+    I.cpu_times.assign(prog.size(), {0, 0});
+    for (int i = 0; i < (int)prog.size(); ++i) {
+      const auto& in = prog[i];
+      try {
+        if (in.stream == ir::Stream::Cpu) {
+          std::vector<at::cuda::CUDAEvent*> evs;
+          std::vector<std::shared_future<void>> fs;
+          for (int a : in.after) {
+            if (prog[a].stream == ir::Stream::Cpu) fs.push_back(I.fut[a]);
+            else if (I.ev[a]) evs.push_back(&*I.ev[a]);
+          }
+          std::vector<at::Tensor> rg;
+          if (in.op == Op::GradNorm) rg = I.resident_grads();
+          Impl* ip = &I;
+          const bool tr = I.opts.trace;
+          I.fut[i] = I.cpu->submit([ip, i, evs, fs, rg, tr] {
+            c10::cuda::CUDAGuard dg((c10::DeviceIndex)ip->cuda_index);
+            for (auto* e : evs) e->synchronize();
+            for (const auto& f : fs) f.get();
+            double ts = tr ? now_us() : 0;
+            const auto& inn = ip->plan.programs[ip->rank].instrs[i];
+            if (inn.op == Op::GradNorm) ip->gradnorm(rg);
+            else ip->exec(i);
+            if (tr) ip->cpu_times[i] = {ts, now_us() - ts};
+          });
+          if (in.op == Op::Optim) I.pending_optim[in.stage] = I.fut[i];
+          continue;
+        }
+        const int sidx = (int)in.stream;
+        auto& stream = *I.streams[sidx];
+        for (int a : in.after) {
+          if (prog[a].stream == ir::Stream::Cpu) I.fut[a].get();
+          else if (prog[a].stream != in.stream && I.ev[a]) I.ev[a]->block(stream);
+        }
+        c10::cuda::CUDAStreamGuard g(stream);
+        if (I.opts.trace) { ev_start[i].emplace(cudaEventDefault); ev_start[i]->record(stream); }
+        I.cur_stream = sidx;
+        I.exec(i);
+        I.ev[i].emplace(I.opts.trace ? cudaEventDefault : cudaEventDisableTiming);
+        I.ev[i]->record(stream);
+      } catch (const std::exception& e) {
+        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
+                                 e.what() + "\n" + I.context(i));
+      }
+    }
+    // the step ends when every stream and the optimizer thread have finished
+    for (int i = 0; i < (int)prog.size(); ++i) {
+      if (prog[i].stream != ir::Stream::Cpu) continue;
+      try { I.fut[i].get(); } catch (const std::exception& e) {
+        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
+                                 e.what() + "\n" + I.context(i));
+      }
+    }
+    for (int k = 0; k < 4; ++k) I.streams[k]->synchronize();
+    for (auto& w : I.inflight) w->wait();
+    I.inflight.clear();
+    I.pending_optim.clear();
+    I.loss_sum = I.loss_acc.item<double>();
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)I.cuda_index);
+    I.peak_bytes = stats.reserved_bytes[0].peak;
+    if (I.opts.trace) {
+      for (int i = 0; i < (int)prog.size(); ++i) {
+        const auto& in = prog[i];
+        int64_t bytes = in.buf ? I.plan.buffer_bytes(*in.buf) : 0;
+        if (in.stream == ir::Stream::Cpu) {
+          I.trace.push_back({i, 4, I.cpu_times[i].first, I.cpu_times[i].second, bytes});
+        } else if (ev_start[i] && I.ev[i]) {
+          double s0 = I.t0_event->elapsed_time(*ev_start[i]) * 1000.0, s1 = I.t0_event->elapsed_time(*I.ev[i]) * 1000.0;
+          I.trace.push_back({i, (int)in.stream, I.t0_host_us + s0, s1 - s0, bytes});
+        }
+      }
+    }
+  } else {
+    I.loss_acc.zero_();
+    for (int i = 0; i < (int)prog.size(); ++i) {
+      double ts = I.opts.trace ? now_us() : 0;
+      try {
+        I.exec(i);
+      } catch (const std::exception& e) {
+        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
+                                 e.what() + "\n" + I.context(i));
+      }
+      if (I.opts.trace) {
+        const auto& in = prog[i];
+        I.trace.push_back({i, (int)in.stream, ts, now_us() - ts, in.buf ? I.plan.buffer_bytes(*in.buf) : 0});
+      }
+    }
+    for (auto& [b, w] : I.sends) w->wait();
+    I.sends.clear();
+    I.loss_sum = I.loss_acc.item<double>();
+  }
   // everything transient must be gone: a leak is a plan/engine disagreement
   for (const auto& [b, t] : I.bufs) {
     bool persistent = b.kind == BufKind::W && I.stages.count(b.stage) && I.stages.at(b.stage).resident;
@@ -443,7 +679,7 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
   }
   if (!I.rec.empty() || !I.ids.empty()) throw std::runtime_error("rank " + std::to_string(I.rank) + ": forward records or batches left at the end of the step");
   StepResult r;
-  double total = I.tr ? I.tr->allreduce_sum_double(I.loss_sum) : I.loss_sum;
+  double total = I.htr ? I.htr->allreduce_sum_double(I.loss_sum) : I.loss_sum;
   r.loss = total / double(I.count);
   r.tokens = I.count;
   r.grad_norm = I.grad_norm;
@@ -488,6 +724,11 @@ void Worker::load_parts(const std::string& parts_dir) {
   refresh_device_copies(I);
 }
 
+static void rename_or_throw(const std::string& from, const std::string& to) {
+  if (std::rename(from.c_str(), to.c_str()) != 0)
+    throw std::runtime_error("cannot rename " + from + " to " + to + ": " + std::strerror(errno));
+}
+
 void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
                          const std::string& dtype, const std::string& extra_json) {
   // Gather the stage masters of all ranks, write the HF checkpoint into a staging folder, add the optimizer state
@@ -496,10 +737,10 @@ void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, con
   std::vector<at::Tensor> flats;
   std::map<int, std::string> stage_file;
   const std::string staging = dir + ".staging";
-  fs::remove_all(staging);
-  fs::create_directories(staging);
+  io::remove_tree(staging);
+  io::make_dirs(staging);
   const std::string hf_dir = staging + "/hf";
-  fs::create_directories(staging + "/mmoc_state");
+  io::make_dirs(staging + "/mmoc_state");
   for (int r = 0; r < plan.gpus; ++r) {
     auto f = io::SafetensorsFile::open(parts_dir + "/rank" + std::to_string(r) + ".safetensors");
     for (const auto& s : plan.stages) {
@@ -521,18 +762,18 @@ void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, con
   }
   save_hf_checkpoint(hf_dir, plan.model, layouts, flats, dtype == "bf16" ? at::kBFloat16 : at::kFloat);
   // HF files at the top level of the checkpoint folder
-  for (const auto& e : fs::directory_iterator(hf_dir)) fs::rename(e.path(), staging + "/" + e.path().filename().string());
-  fs::remove_all(hf_dir);
+  for (const auto& name : io::list_dir(hf_dir)) rename_or_throw(hf_dir + "/" + name, staging + "/" + name);
+  io::remove_tree(hf_dir);
   io::write_file_atomic(staging + "/mmoc_state/trainer_state.json", extra_json);
   io::write_file_atomic(staging + "/mmoc_state/plan.json", ir::to_json_string(plan));
   io::fsync_dir(staging);
   // swap: the previous checkpoint survives until the new one is complete
   const std::string old = dir + ".old";
-  fs::remove_all(old);
-  if (fs::exists(dir)) fs::rename(dir, old);
-  fs::rename(staging, dir);
-  fs::remove_all(old);
-  fs::remove_all(parts_dir);
+  io::remove_tree(old);
+  if (io::path_exists(dir)) rename_or_throw(dir, old);
+  rename_or_throw(staging, dir);
+  io::remove_tree(old);
+  io::remove_tree(parts_dir);
 }
 
 }  // namespace mmoc::engine

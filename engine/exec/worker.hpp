@@ -18,6 +18,7 @@ namespace mmoc::engine {
 
 struct WorkerOptions {
   std::string device = "cpu";  // cpu | cuda
+  int cuda_device = -1;        // -1: LOCAL_RANK
   int optim_threads = 0;       // 0: hardware threads / local ranks
   bool trace = false;          // record per-instruction timings (measured trace)
 };
@@ -40,7 +41,13 @@ struct TraceEvent {  // one executed instruction (for the measured trace)
 
 class Worker {
  public:
+  // transport: send/recv (gloo on the CPU, NCCL on the GPU; may be null for one rank). host_transport: host-side
+  // collectives (gradient norm, loss, barriers); defaults to `transport`. On CUDA, create the NCCL transport on
+  // p2p_stream() after construction and pass it with set_transports().
   Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const WorkerOptions& opts);
+  void set_transports(comm::Transport* p2p, comm::Transport* host);
+  void* p2p_stream() const;  // cudaStream_t of the p2p stream (null on the CPU)
+  int device_index() const;  // CUDA device of this rank (-1 on the CPU)
   ~Worker();
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;

@@ -1,13 +1,13 @@
 #include "engine/io/hf_config.hpp"
 
+#include "engine/io/fsutil.hpp"
+
 #include <cmath>
-#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 namespace mmoc::io {
-namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
@@ -135,16 +135,15 @@ HfConfig parse_hf_config(const std::string& text, const std::string& src) {
 }
 
 HfConfig read_hf_config(const std::string& path) {
-  fs::path p(path);
-  fs::path file = fs::is_directory(p) ? p / "config.json" : p;
+  const bool dir_given = is_directory(path);
+  const std::string file = dir_given ? join_path(path, "config.json") : path;
   std::ifstream in(file);
-  if (!in) throw std::runtime_error(file.string() + ": cannot open");
+  if (!in) throw std::runtime_error(file + ": cannot open");
   std::stringstream ss;
   ss << in.rdbuf();
-  HfConfig c = parse_hf_config(ss.str(), file.string());
-  fs::path dir = fs::is_directory(p) ? p : p.parent_path();
-  std::string name = fs::weakly_canonical(dir).filename().string();
-  c.arch.name = name;
+  HfConfig c = parse_hf_config(ss.str(), file);
+  std::string dir = dir_given ? path : parent_dir(path);
+  c.arch.name = base_name(real_path(dir.empty() ? std::string(".") : dir));
   return c;
 }
 
@@ -196,8 +195,8 @@ std::string hf_generation_config_json(const HfConfig& c) {
 }
 
 void write_hf_config(const std::string& dir, const HfConfig& cfg, bool generation_config) {
-  write_file_atomic((fs::path(dir) / "config.json").string(), hf_config_json(cfg));
-  if (generation_config) write_file_atomic((fs::path(dir) / "generation_config.json").string(), hf_generation_config_json(cfg));
+  write_file_atomic(join_path(dir, "config.json"), hf_config_json(cfg));
+  if (generation_config) write_file_atomic(join_path(dir, "generation_config.json"), hf_generation_config_json(cfg));
 }
 
 }  // namespace mmoc::io

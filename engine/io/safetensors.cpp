@@ -1,5 +1,7 @@
 #include "engine/io/safetensors.hpp"
 
+#include "engine/io/fsutil.hpp"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -9,7 +11,6 @@
 #include <bit>
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -18,7 +19,6 @@
 static_assert(std::endian::native == std::endian::little, "safetensors I/O assumes a little-endian host");
 
 namespace mmoc::io {
-namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
@@ -322,8 +322,8 @@ void write_pieces_atomic(const std::string& path, const std::vector<std::pair<co
     ::unlink(tmp.c_str());
     throw std::runtime_error(path + ": rename from " + tmp + " failed: " + e);
   }
-  fs::path parent = fs::path(path).parent_path();
-  fsync_dir(parent.empty() ? std::string(".") : parent.string());
+  std::string parent = parent_dir(path);
+  fsync_dir(parent.empty() ? std::string(".") : parent);
 }
 }  // namespace
 
@@ -368,13 +368,12 @@ void fsync_dir(const std::string& dir) {
 Checkpoint Checkpoint::open(const std::string& dir) {
   Checkpoint c;
   c.dir_ = dir;
-  fs::path d(dir);
-  if (!fs::is_directory(d)) throw std::runtime_error(dir + ": not a directory");
-  fs::path index = d / "model.safetensors.index.json";
-  fs::path single = d / "model.safetensors";
-  if (fs::exists(index)) {
+  if (!is_directory(dir)) throw std::runtime_error(dir + ": not a directory");
+  const std::string index = join_path(dir, "model.safetensors.index.json");
+  const std::string single = join_path(dir, "model.safetensors");
+  if (path_exists(index)) {
     c.sharded_ = true;
-    std::string src = index.string();
+    std::string src = index;
     json j;
     try {
       std::ifstream in(index);
@@ -394,10 +393,10 @@ Checkpoint Checkpoint::open(const std::string& dir) {
         fail(src, "weight_map entry of '" + it.key() + "' names '" + shard + "', not a file in the checkpoint folder");
       wanted[it.key()] = shard;
       if (!shard_idx.count(shard)) {
-        fs::path sp = d / shard;
-        if (!fs::exists(sp)) fail(src, "shard '" + shard + "' (holding '" + it.key() + "') does not exist");
+        std::string sp = join_path(dir, shard);
+        if (!path_exists(sp)) fail(src, "shard '" + shard + "' (holding '" + it.key() + "') does not exist");
         shard_idx[shard] = c.files_.size();
-        c.files_.push_back(SafetensorsFile::open(sp.string()));
+        c.files_.push_back(SafetensorsFile::open(sp));
       }
     }
     for (auto& [name, shard] : wanted) {
@@ -410,12 +409,12 @@ Checkpoint Checkpoint::open(const std::string& dir) {
         auto it = wanted.find(t.name);
         if (it == wanted.end()) fail(f.path(), "tensor '" + t.name + "' is not listed in the index's weight_map");
       }
-  } else if (fs::exists(single)) {
-    c.files_.push_back(SafetensorsFile::open(single.string()));
+  } else if (path_exists(single)) {
+    c.files_.push_back(SafetensorsFile::open(single));
     for (auto& t : c.files_[0].tensors()) c.where_[t.name] = 0;
   } else {
     std::string hint;
-    if (fs::exists(d / "pytorch_model.bin") || fs::exists(d / "pytorch_model.bin.index.json"))
+    if (path_exists(join_path(dir, "pytorch_model.bin")) || path_exists(join_path(dir, "pytorch_model.bin.index.json")))
       hint = " (found pytorch_model.bin: only safetensors checkpoints are supported; convert with save_pretrained(safe_serialization=True))";
     throw FormatError(dir + ": no model.safetensors or model.safetensors.index.json" + hint);
   }

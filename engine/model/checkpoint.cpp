@@ -1,5 +1,7 @@
 #include "engine/model/checkpoint.hpp"
 
+#include "engine/io/fsutil.hpp"
+
 #include <ATen/ATen.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -8,14 +10,12 @@
 
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
 namespace mmoc::engine {
-namespace fs = std::filesystem;
 
 io::DType to_io_dtype(c10::ScalarType t) {
   switch (t) {
@@ -137,29 +137,28 @@ std::string shard_name(size_t i, size_t n) {
   return buf;
 }
 
-void swap_in(const fs::path& tmp, const fs::path& target) {
-  std::error_code ec;
-  if (!fs::exists(target)) {
+void swap_in(const std::string& tmp, const std::string& target) {
+  if (!io::path_exists(target)) {
     if (::rename(tmp.c_str(), target.c_str()) != 0)
-      throw std::runtime_error(target.string() + ": rename from " + tmp.string() + " failed: " + std::strerror(errno));
+      throw std::runtime_error(target + ": rename from " + tmp + " failed: " + std::strerror(errno));
     return;
   }
-  if (!fs::is_directory(target)) throw std::runtime_error(target.string() + ": exists and is not a directory");
+  if (!io::is_directory(target)) throw std::runtime_error(target + ": exists and is not a directory");
   if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
-    fs::remove_all(tmp, ec);  // tmp now holds the old checkpoint
+    io::remove_tree(tmp);  // tmp now holds the old checkpoint
     return;
   }
   // No atomic exchange on this file system: move the old one aside, then the new one in.
-  fs::path old = target.string() + ".old." + std::to_string(::getpid());
-  fs::remove_all(old, ec);
+  std::string old = target + ".old." + std::to_string(::getpid());
+  io::remove_tree(old);
   if (::rename(target.c_str(), old.c_str()) != 0)
-    throw std::runtime_error(target.string() + ": cannot move the old checkpoint aside: " + std::strerror(errno));
+    throw std::runtime_error(target + ": cannot move the old checkpoint aside: " + std::strerror(errno));
   if (::rename(tmp.c_str(), target.c_str()) != 0) {
     std::string e = std::strerror(errno);
     (void)::rename(old.c_str(), target.c_str());
-    throw std::runtime_error(target.string() + ": rename from " + tmp.string() + " failed: " + e);
+    throw std::runtime_error(target + ": rename from " + tmp + " failed: " + e);
   }
-  fs::remove_all(old, ec);
+  io::remove_tree(old);
 }
 }  // namespace
 
@@ -199,14 +198,13 @@ void save_hf_checkpoint(const std::string& dir, const ir::ModelArch& arch, const
     total_params += src[n].p->numel;
   }
 
-  fs::path target(dir);
-  if (target.filename().empty()) target = target.parent_path();  // trailing slash
-  if (target.empty()) throw std::invalid_argument("save_hf_checkpoint: empty directory name");
-  if (target.has_parent_path()) fs::create_directories(target.parent_path());
-  fs::path tmp = target.string() + ".tmp." + std::to_string(::getpid());
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
-  fs::create_directory(tmp);
+  const std::string target = io::strip_trailing_slashes(dir);
+  if (target.empty() || target == "/") throw std::invalid_argument("save_hf_checkpoint: bad directory name '" + dir + "'");
+  const std::string parent = io::parent_dir(target);
+  if (!parent.empty()) io::make_dirs(parent);
+  const std::string tmp = target + ".tmp." + std::to_string(::getpid());
+  io::remove_tree(tmp);
+  io::make_dirs(tmp);
   try {
     at::NoGradGuard ng;
     nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
@@ -222,24 +220,24 @@ void save_hf_checkpoint(const std::string& dir, const ir::ModelArch& arch, const
         tw.push_back({n, to_io_dtype(dtype), s.p->shape, t.data_ptr(), static_cast<size_t>(t.nbytes())});
         wm[n] = fname;
       }
-      io::write_safetensors((tmp / fname).string(), tw);
+      io::write_safetensors(io::join_path(tmp, fname), tw);
     }
     if (shards.size() > 1) {
       for (auto& [n, f] : wm) weight_map[n] = f;
       nlohmann::ordered_json idx;
       idx["metadata"] = {{"total_parameters", total_params}, {"total_size", total_bytes}};
       idx["weight_map"] = weight_map;
-      io::write_file_atomic((tmp / "model.safetensors.index.json").string(), idx.dump(2) + "\n");
+      io::write_file_atomic(io::join_path(tmp, "model.safetensors.index.json"), idx.dump(2) + "\n");
     }
     io::HfConfig cfg = opts.config;
     cfg.arch = arch;
     cfg.dtype = dtype == at::kBFloat16 ? "bfloat16" : dtype == at::kHalf ? "float16" : "float32";
-    io::write_hf_config(tmp.string(), cfg, opts.generation_config);
-    io::fsync_dir(tmp.string());
+    io::write_hf_config(tmp, cfg, opts.generation_config);
+    io::fsync_dir(tmp);
     swap_in(tmp, target);
-    io::fsync_dir(target.has_parent_path() ? target.parent_path().string() : std::string("."));
+    io::fsync_dir(parent.empty() ? std::string(".") : parent);
   } catch (...) {
-    fs::remove_all(tmp, ec);
+    io::remove_tree(tmp);
     throw;
   }
 }

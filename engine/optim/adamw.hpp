@@ -5,7 +5,11 @@
 // bf16 or fp32 into an output buffer. ≈28 bytes of memory traffic per parameter with bf16 in and out.
 //
 // The arithmetic is torch's own, operation by operation, in fp32 with the scalars rounded to fp32 as
-// torch's CPU kernels do (results are bit-identical to torch 2.11 on x86 CPUs with FMA):
+// torch's CPU kernels do, with one deliberate exception: sqrt is the correctly rounded IEEE sqrt, while
+// torch's CPU Tensor.sqrt() (measured; presumably MKL VML) is off by one ulp for some inputs (≈17% on an AMD
+// EPYC, far fewer on the H100 host's Xeon). So exp_avg / exp_avg_sq are bit-identical to torch 2.11
+// and params are bit-identical to torch's op sequence with an exact sqrt (tests/optim checks both),
+// within ~1 ulp(p) per step of torch itself. Same result for every ISA and thread count:
 //   g    = float(grad) * grad_scale
 //   p    = p * float(1 - lr*wd)                                   (param.mul_(1 - lr*wd))
 //   kLerp  (torch.optim.AdamW, Python):  m = m.lerp(g, 1-b1)      (fma form of torch's lerp kernel)

@@ -8,6 +8,7 @@
 #include "engine/model/layout.hpp"
 #include "engine/model/model.hpp"
 #include "engine/optim/lr_schedule.hpp"
+using namespace mmoc::engine::optim;
 
 namespace mmoc::test {
 

@@ -1,19 +1,30 @@
 // Engine equivalence: mmoc-run (N worker processes, every schedule, v in {1,2}, offload on and off) trains the
 // tiny GQA LLaMA to the same losses and final weights as a plain single-process LibTorch loop, fp32 on the CPU.
+#include <ATen/ATen.h>
+#include <sys/wait.h>
+#include <unistd.h>
+// LibTorch's logging defines glog-style CHECK macros; doctest's must win in this file.
+#undef CHECK
+#undef CHECK_EQ
+#undef CHECK_NE
+#undef CHECK_LT
+#undef CHECK_LE
+#undef CHECK_GT
+#undef CHECK_GE
 #include <doctest/doctest.h>
 
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "compiler/pipeline.hpp"
+#include "engine/io/fsutil.hpp"
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
+#include "engine/model/model.hpp"
 #include "tests/engine/reference.hpp"
 
-namespace fs = std::filesystem;
 using namespace mmoc;
 
 namespace {
@@ -21,10 +32,17 @@ const std::string kConfigs = MMOC_CONFIGS_DIR;
 const std::string kRun = MMOC_RUN_BIN;
 const std::string kData = MMOC_SOURCE_DIR "/data/sample/tiny_tokens.jsonl";
 
-fs::path scratch(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("mmoc-eq-" + std::to_string(::getpid())) / name;
-  fs::remove_all(p);
-  fs::create_directories(p);
+// Paths as strings: std::filesystem and LibTorch do not mix in one binary (engine/io/fsutil.hpp).
+struct Path {
+  std::string s;
+  Path operator/(const std::string& x) const { return {s + "/" + x}; }
+  std::string string() const { return s; }
+};
+Path scratch(const std::string& name) {
+  const char* t = std::getenv("TMPDIR");
+  Path p{std::string(t ? t : "/tmp") + "/mmoc-eq-" + std::to_string(::getpid()) + "/" + name};
+  io::remove_tree(p.s);
+  io::make_dirs(p.s);
   return p;
 }
 
@@ -54,18 +72,23 @@ ir::Plan make_plan(int gpus, int v, const std::string& sched, const std::string&
   return compile_job(j, m, hw, {}).plan;
 }
 
-std::vector<double> read_losses(const fs::path& metrics) {
-  std::ifstream f(metrics);
+std::vector<double> read_losses(const Path& metrics) {
+  std::ifstream f(metrics.s);
   std::vector<double> l;
   std::string line;
   while (std::getline(f, line)) l.push_back(nlohmann::json::parse(line).at("loss").get<double>());
   return l;
 }
 
+std::string scratch_log() {
+  const char* t = std::getenv("TMPDIR");
+  return std::string(t ? t : "/tmp") + "/mmoc-eq-" + std::to_string(::getpid()) + ".log";
+}
+
 int run(const std::string& cmd) {
-  int rc = std::system((cmd + " > " + (fs::temp_directory_path() / "mmoc-eq-last.log").string() + " 2>&1").c_str());
+  int rc = std::system((cmd + " > " + scratch_log() + " 2>&1").c_str());
   if (rc != 0) {
-    std::ifstream f(fs::temp_directory_path() / "mmoc-eq-last.log");
+    std::ifstream f(scratch_log());
     std::stringstream ss;
     ss << f.rdbuf();
     MESSAGE("command failed: " << cmd << "\n" << ss.str());
@@ -77,13 +100,13 @@ double rel_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a - b).abs().max().item<double>() / std::max(1e-12, b.abs().max().item<double>());
 }
 
-at::Tensor load_full(const ir::Plan& p, const fs::path& dir) {
+at::Tensor load_full(const ir::Plan& p, const Path& dir) {
   engine::StageLayout full = engine::full_layout(p.model);
   return engine::load_hf_weights(dir.string(), p.model, {full})[0];
 }
 
 void check_against_reference(const ir::Plan& plan, const std::string& label, int steps = 3) {
-  fs::path dir = scratch(label);
+  Path dir = scratch(label);
   ir::save_file_atomic((dir / "plan.json").string(), ir::to_json_string(plan));
   int rc = run(kRun + " " + (dir / "plan.json").string() + " --data " + kData + " --steps " + std::to_string(steps) +
                " --device cpu --seed 7 -q --optim-threads 1 --metrics " + (dir / "m.jsonl").string() + " --save " +
@@ -101,7 +124,7 @@ void check_against_reference(const ir::Plan& plan, const std::string& label, int
   at::Tensor init = engine::new_flat(full, at::TensorOptions().dtype(at::kFloat));
   engine::init_weights(plan.model, full, init, 7);
   CHECK(rel_diff(ref.weights, init) > 1e-4);
-  fs::remove_all(dir);
+  io::remove_tree(dir.s);
 }
 }  // namespace
 
@@ -129,7 +152,7 @@ TEST_CASE("clipping by the global norm and a warmup+cosine schedule across ranks
 
 TEST_CASE("resuming from a checkpoint gives the same losses and weights as an uninterrupted run") {
   ir::Plan plan = make_plan(2, 2, "grouped", "all", 0.05, "cosine");
-  fs::path dir = scratch("resume");
+  Path dir = scratch("resume");
   ir::save_file_atomic((dir / "plan.json").string(), ir::to_json_string(plan));
   std::string base = kRun + " " + (dir / "plan.json").string() + " --data " + kData + " --device cpu --seed 3 -q --optim-threads 1";
   REQUIRE(run(base + " --steps 4 --metrics " + (dir / "full.jsonl").string() + " --save " + (dir / "full").string()) == 0);
@@ -141,5 +164,5 @@ TEST_CASE("resuming from a checkpoint gives the same losses and weights as an un
   REQUIRE(part.size() == 4);
   for (int i = 0; i < 4; ++i) CHECK(part[i] == doctest::Approx(full[i]).epsilon(1e-12));
   CHECK(rel_diff(load_full(plan, dir / "resumed"), load_full(plan, dir / "full")) == 0.0);
-  fs::remove_all(dir);
+  io::remove_tree(dir.s);
 }

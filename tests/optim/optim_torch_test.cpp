@@ -133,7 +133,7 @@ std::string describe(const Case& c) {
 }
 
 // Correctly rounded fp32 sqrt (what the fused kernel computes). torch's CPU Tensor.sqrt() goes through
-// MKL VML, which on this machine is off by one ulp for ~17% of inputs and is CPU/MKL dependent; the
+// (presumably) MKL VML: measured off by one ulp for ~17% of inputs on an AMD EPYC, CPU dependent; the
 // bit-exact references below therefore replay torch's op sequence with this sqrt, and separate checks
 // bound the difference to torch's own sqrt.
 torch::Tensor ieee_sqrt(const torch::Tensor& t) {

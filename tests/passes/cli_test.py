@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""mmoc-compile's command line: bad input exits 2 with one clear line on stderr and writes no output file;
+--print-after prints the plan; --v auto and --schedule auto produce a plan; the seed jobs compile in < 1 s
+(the summary's `compile time:` line). Python stdlib only."""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+failures = []
+TINY = ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "2", "--seq-len", "32"]
+
+
+def check(cond, what):
+    print(("ok    " if cond else "FAIL  ") + what)
+    if not cond:
+        failures.append(what)
+
+
+def run(compiler, root, args):
+    return subprocess.run([compiler] + args, cwd=root, capture_output=True, text=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compiler", required=True)
+    ap.add_argument("--root", required=True)
+    a = ap.parse_args()
+    C, R = a.compiler, a.root
+    with tempfile.TemporaryDirectory() as tmp:
+        bad_json = os.path.join(tmp, "bad.json")
+        with open(bad_json, "w") as f:
+            f.write('{"model": "tiny-8l", "gpus": 2,')
+        unknown_field = os.path.join(tmp, "unknown.json")
+        with open(unknown_field, "w") as f:
+            json.dump({"model": "tiny-8l", "hardware": "h200x2", "gpus": 2, "seq_len": 32, "micro_batchsize": 4}, f)
+        seed7 = "configs/jobs/seed-llama2-7b-l20x4.json"
+        seed13 = "configs/jobs/seed-llama2-13b-l20x4.json"
+        # (name, args, regex the one stderr line must match)
+        bad = [
+            ("unknown model", ["--model", "llama9-1t", "--hardware", "h200x2"], r"unknown model 'llama9-1t'.*available: .*tiny-8l"),
+            ("unknown hardware", ["--model", "tiny-8l", "--hardware", "tpu-v9"], r"unknown hardware 'tpu-v9'.*available: .*l20x4"),
+            ("malformed job JSON", [bad_json], r"bad\.json: invalid JSON"),
+            ("unknown job field", [unknown_field], r"unknown key 'micro_batchsize'"),
+            ("v x N more than layers", TINY + ["--v", "6"], r"6 x 2 = 12 stages.*only 10 partitionable layers"),
+            ("interleaved-1f1b, microbatches % gpus != 0",
+             TINY + ["--v", "2", "--schedule", "interleaved-1f1b", "--microbatches", "3"], r"divisible by gpus"),
+            ("1f1b with v=2", TINY + ["--v", "2", "--schedule", "1f1b"], r"1f1b takes v=1"),
+            ("unknown schedule", TINY + ["--schedule", "zigzag"], r"unknown schedule 'zigzag'"),
+            ("budget too small", [seed7, "--budget", "4"], r"too small.*smallest budget that fits is [0-9]+\.[0-9]+ GiB"),
+            ("budget above the GPU", [seed7, "--budget", "80"], r"exceeds"),
+            ("more GPUs than the hardware", ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "3", "--seq-len", "32"],
+             r"--gpus 3 but hardware 'h200x2' has 2"),
+            ("seq-len above the model's maximum", ["--model", "tiny-8l", "--hardware", "h200x2", "--seq-len", "128"], r"exceeds tiny-8l's maximum 64"),
+            ("missing job file", [os.path.join(tmp, "nope.json")], r"cannot read job file"),
+            ("unknown --print-after pass", TINY + ["--print-after", "nosuchpass"], r"unknown pass 'nosuchpass'"),
+        ]
+        for name, args, pat in bad:
+            for emit in ("json", "text"):
+                out = os.path.join(tmp, "out-%d.%s" % (len(failures), emit))
+                p = run(C, R, args + ["--emit", emit, "-o", out])
+                lines = [l for l in p.stderr.splitlines() if l.strip()]
+                check(p.returncode == 2, "%s (--emit %s): exit 2 (got %d)" % (name, emit, p.returncode))
+                check(len(lines) == 1, "%s: one stderr line (got %d: %r)" % (name, len(lines), p.stderr[:300]))
+                check(bool(lines) and lines[0].startswith("mmoc-compile: error: ") and re.search(pat, lines[0]) is not None,
+                      "%s: message matches /%s/ (got %r)" % (name, pat, lines[0] if lines else ""))
+                check(not os.path.exists(out), "%s: no output file written" % name)
+                check(sorted(os.listdir(tmp)) == ["bad.json", "unknown.json"], "%s: no temporary left behind" % name)
+        # the smallest budget named in the message fits
+        p = run(C, R, [seed7, "--budget", "4", "-q"])
+        m = re.search(r"smallest budget that fits is ([0-9.]+) GiB", p.stderr)
+        if m:
+            q = run(C, R, [seed7, "--budget", m.group(1), "-q"])
+            check(q.returncode == 0, "the named smallest budget %s GiB compiles (got %d: %s)" % (m.group(1), q.returncode, q.stderr.strip()))
+
+        # --print-after=schedule prints the plan after that pass
+        p = run(C, R, TINY + ["--microbatches", "2", "--print-after=schedule", "-q"])
+        check(p.returncode == 0, "--print-after=schedule: exit 0")
+        check("; ---- plan after schedule ----" in p.stdout, "--print-after=schedule: header printed")
+        check(re.search(r"^plan hardware=h200x2 schedule=grouped gpus=2", p.stdout, re.M) is not None, "--print-after: plan header")
+        check("forward S0 m0 @comp" in p.stdout and "backward S1 m1 @comp" in p.stdout, "--print-after: programs printed")
+        check("send " not in p.stdout and "; ---- plan after comm-lowering" not in p.stdout,
+              "--print-after=schedule: only that pass (no send/recv yet)")
+        p = run(C, R, TINY + ["--microbatches", "2", "--print-after-all", "-q"])
+        check(p.returncode == 0 and p.stdout.count("; ---- plan after ") == 7, "--print-after-all: seven passes printed")
+
+        # --v auto and --schedule auto produce a plan
+        for name, extra in [("--v auto", ["--v", "auto", "--schedule", "grouped"]),
+                            ("--schedule auto", ["--v", "2", "--schedule", "auto"]),
+                            ("--v auto --schedule auto", ["--v", "auto", "--schedule", "auto"])]:
+            out = os.path.join(tmp, "auto.json")
+            p = run(C, R, TINY + ["--microbatches", "4"] + extra + ["-o", out])
+            check(p.returncode == 0, "%s: exit 0 (%s)" % (name, p.stderr.strip()[-200:]))
+            check(re.search(r"compile time: [0-9.]+ ms \(([0-9]+) candidates\)", p.stdout) is not None, "%s: several candidates" % name)
+            ok = False
+            if os.path.exists(out):
+                with open(out) as f:
+                    plan = json.load(f)
+                ok = plan.get("format") == "mmoc-plan" and len(plan.get("programs", [])) == 2
+                os.remove(out)
+            check(ok, "%s: a plan file with 2 programs" % name)
+        p = run(C, R, [seed7, "--v", "auto", "--schedule", "auto", "-q", "-o", os.path.join(tmp, "s.txt"), "--emit", "text"])
+        check(p.returncode == 0, "seed 7B with --v auto --schedule auto: exit 0 (%s)" % p.stderr.strip()[-300:])
+        if os.path.exists(os.path.join(tmp, "s.txt")):
+            os.remove(os.path.join(tmp, "s.txt"))
+
+        # compile time of the seed jobs < 1 s (the summary's line)
+        for job in (seed7, seed13):
+            p = run(C, R, [job])
+            m = re.search(r"^compile time: ([0-9.]+) ms", p.stdout, re.M)
+            check(p.returncode == 0 and m is not None, "%s: compiles and prints its compile time" % job)
+            if m:
+                ms = float(m.group(1))
+                print("      %s: compile time %.1f ms" % (job, ms))
+                check(ms < 1000, "%s: compile time %.1f ms < 1000 ms" % (job, ms))
+    if failures:
+        print("%d check(s) failed" % len(failures))
+        return 1
+    print("all CLI checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
