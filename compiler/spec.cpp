@@ -377,6 +377,8 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
   r.num("adam_bytes_per_param", hw.adam_bytes_per_param, 1e-6);
   r.int_("adam_saturating_threads", hw.adam_saturating_threads, 0);
   r.num("launch_overhead_ms", hw.launch_overhead_ms, 0);
+  r.num("reserve_gib", hw.reserve_gib, 0);
+  r.num("reserve_fraction", hw.reserve_fraction, 0);
   bool groups_given = false;
   if (auto* v = r.get("host_groups")) {
     groups_given = true;
@@ -495,6 +497,15 @@ std::string default_configs_dir() {
       if (fs::is_directory(cand / "models", ec)) return fs::weakly_canonical(cand, ec).string();
   }
   return MMOC_SOURCE_CONFIGS;
+}
+
+int64_t HardwareSpec::usable_bytes(int64_t budget) const {
+  if (budget <= 0) return budget;
+  return std::max<int64_t>(0, (int64_t)(double(budget) * (1.0 - reserve_fraction) - reserve_gib * GiB));
+}
+
+int64_t HardwareSpec::budget_for(int64_t bound) const {
+  return (int64_t)std::ceil((double(bound) + reserve_gib * GiB) / (1.0 - reserve_fraction));
 }
 
 }  // namespace mmoc

@@ -70,6 +70,11 @@ struct HardwareSpec {
   double host_mem_gbps = 80;     // host memcpy bandwidth (read+write)
   double adam_bytes_per_param = 28;
   double launch_overhead_ms = 0.02;
+  // GPU memory the plan must leave free inside the budget: the allocator's rounding and fragmentation, cuBLAS and
+  // NCCL workspaces. Planned memory <= budget * (1 - reserve_fraction) - reserve_gib.
+  double reserve_gib = 0.0, reserve_fraction = 0.0;
+  int64_t usable_bytes(int64_t budget) const;
+  int64_t budget_for(int64_t bound) const;  // the smallest budget whose usable part holds `bound`
   // Efficiency curve of compute (see CostModel::efficiency): mfu_small at <= mfu_small_tokens tokens per
   // micro-batch, 1.0 at >= mfu_full_tokens, linear in log2(tokens) between.
   double mfu_small_tokens = 256, mfu_full_tokens = 4096;

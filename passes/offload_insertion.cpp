@@ -98,6 +98,8 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     // grouped: an offloaded stage's weights leave the GPU between its forward and backward runs (all but each
     // rank's last stage), and a saved autograd graph would keep them alive: such stages recompute.
     if (p.schedule == "grouped" && !cfg.resident[s] && s + p.gpus < P) st.recompute = true;
+    // the head's saved logits (fp32, vocab-wide) for all micro-batches cost far more than its recompute
+    if (p.schedule == "grouped" && s == P - 1) st.recompute = true;
     st.weights = cfg.resident[s] ? ir::Residency::Resident : ir::Residency::Offload;
     st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
@@ -228,7 +230,7 @@ void offload_insertion_pass(PassContext& c) {
   const ir::Plan base = c.plan;
   c.pre_offload = base;
   const int P = base.num_stages(), N = base.gpus;
-  const int64_t budget = base.budget_bytes;
+  const int64_t budget = c.hw.usable_bytes(base.budget_bytes);  // what the plan may use of the budget
   std::vector<bool> rc_options;
   if (c.job.recompute == "on") rc_options = {true};
   else if (c.job.recompute == "off") rc_options = {false};
@@ -294,9 +296,9 @@ void offload_insertion_pass(PassContext& c) {
     cands.push_back({cfg, std::move(pl), step});
   }
   if (cands.empty()) {
-    throw InputError("budget " + gib(budget) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
+    throw InputError("budget " + gib(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
-                     std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib(smallest) + " (" + smallest_desc +
+                     std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib(c.hw.budget_for(smallest)) + " (" + smallest_desc +
                      "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs");
   }
   size_t best = 0;

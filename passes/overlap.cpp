@@ -51,7 +51,7 @@ void overlap_pass(PassContext& c) {
       OffloadConfig cfg{c.resident, c.plan.stages.empty() ? true : c.plan.stages[0].recompute, w};
       ir::Plan cand = lower_offload(c, c.pre_offload, cfg);
       MemoryBound mb = memory_bound(cand);
-      if (c.plan.budget_bytes > 0 && *std::max_element(mb.bound.begin(), mb.bound.end()) > c.plan.budget_bytes) break;
+      if (c.plan.budget_bytes > 0 && *std::max_element(mb.bound.begin(), mb.bound.end()) > c.hw.usable_bytes(c.plan.budget_bytes)) break;
       double ms = c.sim_available ? simulate(cand, c.hw, c.model).step_ms : 0;
       if (ms < best_ms * (1 - 1e-6)) { best_ms = ms; best_w = w; best = std::move(cand); }
     }

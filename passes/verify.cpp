@@ -62,10 +62,11 @@ static std::string gib(int64_t b) {  // rounded up: a budget named in a message 
 void verify_memory(const PassContext& c) {
   MemoryBound mb = memory_bound(c.plan);
   for (size_t g = 0; g < mb.bound.size(); ++g)
-    if (c.plan.budget_bytes > 0 && mb.bound[g] > c.plan.budget_bytes) {
+    if (c.plan.budget_bytes > 0 && mb.bound[g] > c.hw.usable_bytes(c.plan.budget_bytes)) {
       std::string at = mb.worst_instr[g] >= 0 ? " at " + print_instr(c.plan.programs[g].instrs[mb.worst_instr[g]], mb.worst_instr[g]) : "";
       throw InputError("verify-memory: GPU g" + std::to_string(g) + " may need " + gib(mb.bound[g]) + " but the budget is " +
-                       gib(c.plan.budget_bytes) + at + "; raise --budget to at least " + gib(mb.bound[g]) +
+                       gib(c.plan.budget_bytes) + " (of which " + gib(c.hw.usable_bytes(c.plan.budget_bytes)) + " for the plan)" + at +
+                       "; raise --budget to at least " + gib(c.hw.budget_for(mb.bound[g])) +
                        " or lower --micro-batch-size");
     }
 }

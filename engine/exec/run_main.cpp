@@ -20,7 +20,10 @@
 #include "engine/data/data.hpp"
 #include "engine/exec/worker.hpp"
 #include "engine/io/fsutil.hpp"
+#include "engine/io/hf_config.hpp"
 #include "engine/io/safetensors.hpp"
+#include "engine/model/checkpoint.hpp"
+#include "engine/model/layout.hpp"
 #include "ir/plan.hpp"
 
 using json = nlohmann::json;
@@ -67,7 +70,83 @@ ir::Plan validate(const Args& a) {
   if (!a.resume.empty() && !io::path_exists(a.resume + "/mmoc_state/trainer_state.json"))
     throw UsageError("--resume " + a.resume + ": no mmoc checkpoint there (mmoc_state/trainer_state.json missing)");
   if (a.save_dtype != "fp32" && a.save_dtype != "bf16") throw UsageError("--save-dtype must be fp32 or bf16");
+  // Checkpoints are checked here too (headers, names, shapes; no tensor data is read), so a corrupt or mismatched
+  // one fails with one message and exit code 2 instead of a worker failure.
+  if (a.resume.empty() && a.init != "random") {
+    // config.json, when present, must describe the plan's model: head counts, rope theta and norm eps do not show
+    // in the tensor shapes (heads 8 / kv_heads 4 has the shapes of heads 4 / kv_heads 2 at hidden 64).
+    if (io::path_exists(a.init + "/config.json")) {
+      const ir::ModelArch c = io::read_hf_config(a.init).arch, &m = p.model;
+      std::string diff;
+      auto cmp = [&](const char* key, double got, double want) {
+        if (std::abs(got - want) > 1e-9 * std::max(std::abs(got), std::abs(want))) {
+          char buf[160];
+          std::snprintf(buf, sizeof buf, "%s%s %.10g (plan: %.10g)", diff.empty() ? "" : ", ", key, got, want);
+          diff += buf;
+        }
+      };
+      cmp("num_hidden_layers", c.layers, m.layers);
+      cmp("hidden_size", c.hidden, m.hidden);
+      cmp("intermediate_size", c.ffn, m.ffn);
+      cmp("num_attention_heads", c.heads, m.heads);
+      cmp("num_key_value_heads", c.kv_heads, m.kv_heads);
+      cmp("vocab_size", c.vocab, m.vocab);
+      cmp("rope_theta", c.rope_theta, m.rope_theta);
+      cmp("rms_norm_eps", c.norm_eps, m.norm_eps);
+      cmp("tie_word_embeddings", c.tied_embeddings, m.tied_embeddings);
+      if (!diff.empty())
+        throw UsageError("--init " + a.init + ": config.json is not the plan's model " + m.name + ": " + diff);
+    }
+    std::vector<at::Tensor> none;
+    try {
+      load_hf_weights(a.init, p.model, {}, none);  // throws io::FormatError naming the file/tensor
+    } catch (const io::FormatError&) {
+      throw;
+    } catch (const std::exception& e) {  // I/O: no model.safetensors, unreadable, ...
+      throw UsageError("--init " + a.init + ": " + e.what());
+    }
+  }
+  if (!a.resume.empty()) {
+    for (const auto& s : p.stages) {
+      const std::string path = a.resume + "/mmoc_state/S" + std::to_string(s.id) + ".safetensors";
+      if (!io::path_exists(path))
+        throw UsageError("--resume " + a.resume + ": " + path + " missing (checkpoint from another plan?)");
+      io::SafetensorsFile f;
+      try {
+        f = io::SafetensorsFile::open(path);
+      } catch (const io::FormatError&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw UsageError("--resume " + a.resume + ": " + e.what());
+      }
+      const int64_t n = stage_layout(p.model, s.layer_begin, s.layer_end).numel;
+      for (const char* name : {"master", "exp_avg", "exp_avg_sq"}) {
+        const auto* t = f.find(name);
+        if (!t) throw UsageError(path + ": no tensor '" + name + "'");
+        if (t->numel() != n)
+          throw UsageError(path + ": " + name + " has " + std::to_string(t->numel()) + " elements, the plan's stage S" +
+                           std::to_string(s.id) + " has " + std::to_string(n) + " (checkpoint from another plan?)");
+      }
+    }
+  }
   return p;
+}
+
+// The data position of a --resume checkpoint, checked against the data (DataError when it belongs to other data).
+void check_resume_data(const Args& a, std::shared_ptr<const data::Rows> rows) {
+  if (a.resume.empty()) return;
+  json st;
+  try {
+    std::ifstream f(a.resume + "/mmoc_state/trainer_state.json");
+    st = json::parse(f);
+    (void)st.at("step").get<int64_t>();
+    data::BatchIterator it(rows, a.data_seed);
+    it.restore(data::iterator_state_from_json(st.at("data")));
+  } catch (const json::exception& e) {
+    throw UsageError("--resume " + a.resume + ": bad mmoc_state/trainer_state.json (" + e.what() + ")");
+  } catch (const data::DataError& e) {
+    throw UsageError("--resume " + a.resume + ": " + e.what());
+  }
 }
 
 int cuda_devices() {
@@ -276,7 +355,7 @@ int run_main(int argc, char** argv) {
     ir::Plan p = validate(a);
     std::string device = resolve_device(a.device, p, false);
     // parse the data once up front: a malformed line is reported before any worker starts
-    data::load_rows(data_config(a, p));
+    check_resume_data(a, data::load_rows(data_config(a, p)));
     if (!a.quiet)
       std::cout << "mmoc-run: " << p.model.name << ", " << p.gpus << " rank(s) on " << device << ", schedule " << p.schedule
                 << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step\n"
@@ -284,7 +363,7 @@ int run_main(int argc, char** argv) {
     std::vector<std::string> argv_v(argv, argv + argc);
     comm::LaunchReport rep;
     int rc = comm::launch_local_workers(p.gpus, argv_v, {{"MMOC_DEVICE", device}}, &rep);
-    return rc == 0 ? 0 : 1;
+    return rc == 0 ? 0 : rc == 2 ? 2 : 1;  // 2: a worker found bad input
   } catch (const UsageError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
     return 2;

@@ -440,6 +440,7 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     for (int k = 0; k < 4; ++k) I.streams[k] = c10::cuda::getStreamFromPool(/*isHighPriority=*/k == 3, (c10::DeviceIndex)I.cuda_index);
     I.cpu = std::make_unique<CpuStream>();
     // the plan's budget is the allocator's ceiling on this GPU
+    (void)at::empty({1}, at::TensorOptions().device(I.dev));  // initialises the caching allocator for this device
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
     if (plan.budget_bytes > 0 && total_b > 0) {

@@ -218,8 +218,14 @@ def main():
                 "buffers": [{"buf": f"w(S{s})", "bytes": W_BYTES, "home": "host"} for s in range(S)],
                 "predicted": {"step_s": end * 1e-6, "tokens_per_s": M * 8 * 128 / (end * 1e-6), "bubble": 0.3,
                               "peak": peaks, "bound": peaks},
-                "programs": [{"gpu": g, "instrs": [{"op": "forward", "stream": "comp", "stage": g, "mb": 0}]}
-                             for g in range(G)]}
+                "programs": []}
+        # one instruction per box, on the box's stream (all cpu threads are the one "cpu" stream of the plan)
+        streams = ["comp", "h2d", "d2h", "p2p"]
+        for g in range(G):
+            xs = sorted((e for e in events if e["ph"] == "X" and e["pid"] == g), key=lambda e: e["args"]["instr"])
+            assert [e["args"]["instr"] for e in xs] == list(range(len(xs)))
+            plan["programs"].append({"gpu": g, "instrs": [
+                {"op": e["args"]["op"], "stream": streams[e["tid"]] if e["tid"] < 4 else "cpu"} for e in xs]})
         with open(a.plan, "w") as f:
             json.dump(plan, f, indent=1)
 

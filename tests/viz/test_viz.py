@@ -4,12 +4,17 @@
 1. bad inputs: exit 2, a message naming the file and the problem, no output (no temp files left);
 2. a small 2-GPU plan + predicted + measured page and its --perfetto trace;
 3. a large 8-GPU, v=4, 64-micro-batch trace (~12k boxes): render time measured in the page < 2000 ms;
-4. a plan-only page.
+4. a plan-only page;
+5. REAL inputs (with --compile, and --run for the measured part): the seed job's plan (LLaMA-2-7B on l20x4, generated
+   here by mmoc-compile) alone and with its predicted trace, a large real plan (7B, 8 GPUs, v=4, 64 micro-batches,
+   interleaved-1f1b on l20x4 widened to 8 GPUs; render time < 2000 ms), and the tiny CPU job with its predicted and its
+   measured trace (mmoc-run --device cpu). Lanes and boxes per lane must equal the plan's instructions per GPU/stream.
 Pages are opened in headless Chromium: the dumped DOM must show the expected lanes / box counts (from the
 generator's independent expectations), the statistics, and no JS errors; screenshots must show drawn boxes.
 Exits 77 (ctest SKIP) after the browser-free checks when no Chromium is installed.
 
   test_viz.py --viz build-viz/tools_viz/mmoc-viz --work /tmp/viz_e2e [--chromium /usr/bin/chromium]
+              [--compile build/tools/compile/mmoc-compile [--run build/tools/run/mmoc-run] --repo .]
 """
 import argparse
 import glob
@@ -25,6 +30,7 @@ import time
 import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
 GEN = os.path.join(HERE, "gen_trace.py")
 FAILS = []
 RENDER_LIMIT_MS = 2000.0
@@ -316,15 +322,32 @@ HARNESS = """<script>
       res.range2 = rng();
       var tip = document.getElementById('tooltip');
       res.tip = '';
-      for (var x = 1; x < r.width && !res.tip; x += 2) {
-        c.dispatchEvent(new MouseEvent('mousemove', { clientX: r.left + x, clientY: r.top + 30, bubbles: true }));
-        if (tip.style.display === 'block') res.tip = tip.textContent;
-      }
+      document.querySelectorAll('canvas.timeline').forEach(function (cv) {  // the first comp lane of each timeline
+        var rr = cv.getBoundingClientRect();
+        for (var x = 1; x < rr.width && !res.tip; x += 2) {
+          cv.dispatchEvent(new MouseEvent('mousemove', { clientX: rr.left + x, clientY: rr.top + 30, bubbles: true }));
+          if (tip.style.display === 'block') res.tip = tip.textContent;
+        }
+      });
       document.getElementById('btn-fit').click();
       later(function () {
         res.range3 = rng();
-        res.errors = window.__vizErrors.slice();
-        out.setAttribute('data-result', JSON.stringify(res));
+        var al = document.getElementById('btn-align');
+        if (al.style.display === 'none') {
+          res.errors = window.__vizErrors.slice();
+          out.setAttribute('data-result', JSON.stringify(res));
+          return;
+        }
+        al.click();  // 'align steps' on: the shorter trace gets a stretch note; off again: none
+        later(function () {
+          res.aligned = document.querySelectorAll('.scale-note').length;
+          al.click();
+          later(function () {
+            res.unaligned = document.querySelectorAll('.scale-note').length;
+            res.errors = window.__vizErrors.slice();
+            out.setAttribute('data-result', JSON.stringify(res));
+          });
+        });
       });
     });
   });
@@ -332,7 +355,7 @@ HARNESS = """<script>
 </script>"""
 
 
-def check_interaction(chrome, page_path, work):
+def check_interaction(chrome, page_path, work, align=False):
     with open(page_path, encoding="utf-8") as f:
         page = f.read()
     path = os.path.join(work, "interact.html")
@@ -346,6 +369,177 @@ def check_interaction(chrome, page_path, work):
     check(res.get("range2") and res["range2"] != res["range1"], "interaction: drag pans the view")
     check("duration" in res.get("tip", "") and "instruction" in res.get("tip", ""), "interaction: hover shows a tooltip with duration / instruction")
     check(res.get("range3") == res.get("range0"), "interaction: fit restores the full view")
+    if align:
+        check(res.get("aligned", 0) >= 1 and res.get("unaligned") == 0,
+              f"interaction: 'align steps' stretches the shorter trace and back ({res.get('aligned')}, {res.get('unaligned')})")
+
+
+# ---- real inputs (mmoc-compile / mmoc-run) -------------------------------------------------------
+STREAM_TID = {"comp": 0, "h2d": 1, "d2h": 2, "p2p": 3, "cpu": 4}
+
+
+def plan_expect(plan_path):
+    """What a page of this plan + a complete trace of it must show: per GPU lanes comp/h2d/d2h/p2p, plus cpu where the
+    plan has instructions on the cpu stream (optim @cpu); boxes per lane = instructions per GPU/stream."""
+    with open(plan_path) as f:
+        plan = json.load(f)
+    lanes = {}
+    for pr in plan["programs"]:
+        g = pr["gpu"]
+        for l in range(4):
+            lanes.setdefault((g, l), 0)
+        for ins in pr["instrs"]:
+            k = (g, STREAM_TID[ins["stream"]])
+            lanes[k] = lanes.get(k, 0) + 1
+    return plan, lanes
+
+
+def check_real_lanes(d, name, role, lanes):
+    labels = [a for a in d.by_class.get("lane-label", []) if a.get("data-trace") == role]
+    got = {(int(a["data-gpu"]), int(a["data-tid"])): int(a["data-boxes"]) for a in labels}
+    ncpu = sum(1 for (g, l) in lanes if l >= 4)
+    gpus = len({g for g, _ in lanes})
+    check(set(got) == set(lanes), f"{name}/{role}: lanes = {gpus} GPUs x comp/h2d/d2h/p2p + {ncpu} cpu lane(s) "
+          f"({len(got)} == {len(lanes)}; extra {sorted(set(got) - set(lanes))[:4]}, missing {sorted(set(lanes) - set(got))[:4]})")
+    bad = [(k, n, got.get(k)) for k, n in sorted(lanes.items()) if got.get(k) != n]
+    check(not bad, f"{name}/{role}: boxes per lane == plan instructions per GPU/stream {bad[:4]}")
+    names = {(int(a["data-gpu"]), int(a["data-tid"])): a["data-lane"] for a in labels}
+    check(all(names[k] == ("comp", "h2d", "d2h", "p2p", "cpu")[min(k[1], 4)] for k in names),
+          f"{name}/{role}: lanes named comp/h2d/d2h/p2p/cpu")
+    total = sum(got.values())
+    check(total == sum(lanes.values()), f"{name}/{role}: {total} boxes == {sum(lanes.values())} plan instructions")
+
+
+def check_real_page(d, name, plan, warnings_expected=0):
+    st = check_page_basics(d, name)
+    w = d.by_id.get("viz-warnings", {}).get("data-count")
+    check(w == str(warnings_expected), f"{name}: {w} plan/trace consistency warnings (expected {warnings_expected})")
+    stages = [r for r in d.rows.get("stage-table", []) if "data-stage" in r]
+    check(len(stages) == len(plan["stages"]), f"{name}: stage table {len(stages)} rows == {len(plan['stages'])} stages")
+    prog = {int(r["data-gpu"]): r for r in d.rows.get("program-table", []) if "data-gpu" in r}
+    ok = len(prog) == len(plan["programs"]) and all(
+        int(prog[pr["gpu"]]["data-instrs"]) == len(pr["instrs"]) and
+        all(int(prog[pr["gpu"]]["data-" + sname]) == sum(1 for i in pr["instrs"] if i["stream"] == sname) for sname in STREAM_TID)
+        for pr in plan["programs"])
+    check(ok, f"{name}: program table = instructions per GPU and stream")
+    return st
+
+
+def real_inputs(a, viz, work):
+    """Generates the real plans/traces and pages (browser-free checks); returns the list of browser checks to run."""
+    comp = os.path.abspath(a.compile)
+    repo = os.path.abspath(a.repo)
+    rw = os.path.join(work, "real")
+    os.makedirs(rw)
+    todo = []
+
+    def compile_(what, args):
+        t = time.time()
+        rc, out, err = run([comp] + args + ["-q"], timeout=120)
+        check(rc == 0, f"{what}: mmoc-compile ok in {time.time() - t:.2f} s {err.strip()[-300:]}")
+        return rc == 0
+
+    def viz_(what, args, out):
+        rc, _, err = run([viz] + args + ["-o", out])
+        check(rc == 0 and os.path.exists(out), f"{what}: mmoc-viz ok")
+        check("warning" not in err, f"{what}: mmoc-viz printed no warning {err.strip()[:400]!r}")
+        return rc == 0
+
+    # the seed: LLaMA-2-7B on 4x L20, grouped v=2 (job file of the repository)
+    seed_plan, seed_pred = os.path.join(rw, "seed.plan.json"), os.path.join(rw, "seed.pred.json")
+    if compile_("seed", [os.path.join(repo, "configs/jobs/seed-llama2-7b-l20x4.json"), "-o", seed_plan, "--trace", seed_pred]):
+        plan, lanes = plan_expect(seed_plan)
+        check(len(plan["programs"]) == 4 and "predicted" in plan, "seed: 4 programs and a predicted section")
+        only = os.path.join(rw, "seed-plan.html")
+        if viz_("seed plan alone", ["--plan", seed_plan], only):
+            todo.append(("seed plan alone", only, None, plan, None, None))
+        page = os.path.join(rw, "seed.html")
+        if viz_("seed plan + predicted", ["--plan", seed_plan, "--predicted", seed_pred], page):
+            todo.append(("seed", page, os.path.join(rw, "seed.png"), plan, lanes, ["predicted"]))
+
+    # a large real plan: 7B on 8 GPUs, v=4, 64 micro-batches, interleaved-1f1b. The hardware is the seed's l20x4 with
+    # 8 GPUs in 4 host groups (made here from configs/hardware/l20x4.json, so that it follows that file's format)
+    with open(os.path.join(repo, "configs/hardware/l20x4.json")) as f:
+        hw = json.load(f)
+    hw.update(name="l20x8-test", gpus=8, host_groups=[[0, 1], [2, 3], [4, 5], [6, 7]])
+    hw8 = os.path.join(rw, "hw8.json")
+    with open(hw8, "w") as f:
+        json.dump(hw, f, indent=1)
+    big_plan, big_pred = os.path.join(rw, "big.plan.json"), os.path.join(rw, "big.pred.json")
+    if compile_("big", ["--model", "llama2-7b", "--hardware", hw8, "--gpus", "8", "--v", "4",
+                        "--microbatches", "64", "--schedule", "interleaved-1f1b", "-o", big_plan, "--trace", big_pred]):
+        plan, lanes = plan_expect(big_plan)
+        check(sum(lanes.values()) >= 10000, f"big: {sum(lanes.values())} instructions (>= 10k boxes)")
+        page = os.path.join(rw, "big.html")
+        if viz_("big plan + predicted", ["--plan", big_plan, "--predicted", big_pred], page):
+            todo.append(("big-real", page, os.path.join(rw, "big.png"), plan, lanes, ["predicted"]))
+
+    # the tiny CPU job: predicted (mmoc-compile --trace) and measured (mmoc-run --trace) traces of one plan
+    tiny_plan, tiny_pred, tiny_meas = (os.path.join(rw, n) for n in ("tiny.plan.json", "tiny.pred.json", "tiny.meas.json"))
+    if compile_("tiny", [os.path.join(repo, "configs/jobs/tiny-cpu.json"), "-o", tiny_plan, "--trace", tiny_pred]):
+        plan, lanes = plan_expect(tiny_plan)
+        check(any(l == 4 for _, l in lanes), "tiny: the plan has optimizer steps on the cpu stream")
+        roles = ["predicted"]
+        args = ["--plan", tiny_plan, "--predicted", tiny_pred]
+        if a.run:
+            t = time.time()
+            rc, out, err = run([os.path.abspath(a.run), tiny_plan, "--data", os.path.join(repo, "data/sample/tiny_tokens.jsonl"),
+                                "--steps", "2", "--trace", tiny_meas, "--device", "cpu", "-q"], timeout=180)
+            check(rc == 0 and os.path.exists(tiny_meas), f"tiny: mmoc-run --trace ok in {time.time() - t:.1f} s {err.strip()[-300:]}")
+            if os.path.exists(tiny_meas):
+                roles.append("measured")
+                args += ["--measured", tiny_meas]
+        else:
+            print("SKIP: no --run (engine not built): the measured part of the tiny job is not checked", flush=True)
+        page = os.path.join(rw, "tiny.html")
+        perf = os.path.join(rw, "tiny.perfetto.json")
+        if viz_("tiny plan + " + " + ".join(roles), args + ["--perfetto", perf], page):
+            todo.append(("tiny", page, os.path.join(rw, "tiny.png"), plan, lanes, roles))
+            n = sum(lanes.values())
+            with open(perf) as f:
+                xs = [e for e in json.load(f)["traceEvents"] if e["ph"] == "X"]
+            check(len(xs) == n * len(roles), f"tiny: perfetto trace has {len(xs)} X events == {len(roles)} x {n}")
+    return todo
+
+
+def real_browser_checks(chrome, todo, work):
+    times = {}
+    for name, page, png, plan, lanes, roles in todo:
+        d, _ = open_page(chrome, page, screenshot=png)
+        st = check_real_page(d, name, plan)
+        if roles is None:  # plan alone
+            check(st.get("data-boxes") == "0" and not d.by_class.get("timeline"), f"{name}: no timeline, tables only")
+            s = json.loads(d.scripts.get("viz-summary", "{}"))
+            check(s.get("plan_predicted", {}).get("step_s") == plan["predicted"]["step_s"], f"{name}: plan.predicted in the summary")
+            continue
+        for role in roles:
+            check_real_lanes(d, name, role, lanes)
+        s = json.loads(d.scripts.get("viz-summary", "{}"))
+        tr = {t["role"]: t for t in s.get("traces", [])}
+        pp = plan["predicted"]
+        if "predicted" in tr:
+            t = tr["predicted"]
+            check(close(t["step_us"], pp["step_s"] * 1e6), f"{name}/predicted: step {t['step_us']:.1f} us == plan {pp['step_s'] * 1e6:.1f} us")
+            check([g["peak_bytes"] for g in t["gpus"]] == pp["peak"], f"{name}/predicted: peak memory per GPU == plan.predicted.peak")
+            check(close(t["bubble"], pp["bubble"], rel=1e-3, abs_=1e-3), f"{name}/predicted: bubble {t['bubble']:.4f} == plan {pp['bubble']:.4f}")
+            mem = [a for a in d.by_class.get("mem-label", []) if a.get("data-trace") == "predicted"]
+            check(len(mem) == len(plan["programs"]) and all(int(a["data-points"]) > 0 for a in mem), f"{name}/predicted: a memory curve per GPU")
+        if "measured" in tr:
+            with open(tr["measured"]["file"]) as f:
+                meta = json.load(f)["metadata"]
+            check(close(tr["measured"]["step_us"], meta["step_s"] * 1e6), f"{name}/measured: step == metadata.step_s")
+            rows = [r for r in d.rows.get("diff-table", []) if "data-gpu" in r]
+            check(len(rows) == len(plan["programs"]), f"{name}: predicted-vs-measured table has a row per GPU ({len(rows)})")
+            check(len(d.by_class.get("timeline", [])) == 2, f"{name}: two timelines (predicted above measured)")
+        ms = float(st.get("data-render-ms", "nan"))
+        times[name] = ms
+        print(f"     {name}: render time in page {ms:.1f} ms ({st.get('data-boxes')} boxes, {st.get('data-lanes')} lanes, "
+              f"drawn rects {st.get('data-drawn')})", flush=True)
+        check(0 < ms < RENDER_LIMIT_MS, f"{name}: render time {ms:.1f} ms < {RENDER_LIMIT_MS:.0f} ms")
+        check_screenshot(png)
+        if name == "tiny":
+            check_interaction(chrome, page, work, align="measured" in roles)
+    return times
 
 
 def main():
@@ -353,6 +547,9 @@ def main():
     ap.add_argument("--viz", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--chromium", default=None)
+    ap.add_argument("--compile", help="mmoc-compile: also check real plans and predicted traces")
+    ap.add_argument("--run", help="mmoc-run: also check a measured trace (CPU engine)")
+    ap.add_argument("--repo", default=REPO, help="source tree (configs/, data/)")
     a = ap.parse_args()
     viz = os.path.abspath(a.viz)
     work = os.path.abspath(a.work)
@@ -395,6 +592,9 @@ def main():
     plan_html = os.path.join(work, "planonly.html")
     rc, _, err = run([viz, "--plan", os.path.join(work, "small.plan.json"), "-o", plan_html])
     check(rc == 0 and os.path.exists(plan_html), "plan-only: mmoc-viz ok")
+    real = real_inputs(a, viz, work) if a.compile else []
+    if not a.compile:
+        print("SKIP: no --compile: the real-input checks are not run", flush=True)
 
     chrome = a.chromium or shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chrome:
@@ -430,6 +630,11 @@ def main():
     st = check_page_basics(d, "plan-only")
     check(st.get("data-boxes") == "0" and len([r for r in d.rows.get("stage-table", []) if "data-stage" in r]) == 4,
           "plan-only: no boxes, stage table present")
+
+    # 6. real inputs
+    if real:
+        times = real_browser_checks(chrome, real, work)
+        print("     render times (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), flush=True)
 
     print(f"{len(FAILS)} failure(s)" if FAILS else "all checks passed", flush=True)
     return 1 if FAILS else 0

@@ -41,6 +41,8 @@ int main(int argc, char** argv) {
         std::cerr << "mmoc-viz: warning: " << t.role << " trace '" << t.file << "' says metadata.source=\""
                   << t.source << "\"\n";
       compute_stats(t, plan ? &*plan : nullptr);
+      if (plan)
+        for (const auto& w : compare_with_plan(t, *plan)) std::cerr << "mmoc-viz: warning: " << w << "\n";
     }
   } catch (const InputError& e) {
     std::cerr << "mmoc-viz: error: " << e.what() << "\n";

@@ -118,6 +118,7 @@ std::string lane_default_name(int tid) {
     case kH2D: return "h2d";
     case kD2H: return "d2h";
     case kP2P: return "p2p";
+    case kCpu0: return "cpu";
     default: return "cpu" + std::to_string(tid - kCpu0);
   }
 }
@@ -187,6 +188,7 @@ Trace load_trace(const std::string& path, const std::string& role) {
       b.mb = (int)inum(a, "mb", -1);
       b.instr = (int)inum(a, "instr", -1);
       b.bytes = inum(a, "bytes", 0);
+      b.buf = str(a, "buf");
       if (a.is_object() && a.contains("deps")) {
         const json& d = a["deps"];
         if (d.is_string()) b.deps = d.get<std::string>();
@@ -282,8 +284,63 @@ PlanInfo load_plan(const std::string& path) {
       if (!pr.is_object() || (pr.contains("instrs") && !pr["instrs"].is_array()))
         throw InputError("plan '" + path + "': programs[" + std::to_string(i) + "] is malformed");
     }
+  if (j.contains("programs"))
+    for (const auto& pr : j["programs"]) {
+      int g = (int)inum(pr, "gpu", 0);
+      auto& lanes = p.instr_lane[g];
+      if (!pr.contains("instrs")) continue;
+      for (const auto& in : pr["instrs"]) {
+        const std::string s = in.is_object() ? str(in, "stream") : "";
+        int l = s == "comp" ? kComp : s == "h2d" ? kH2D : s == "d2h" ? kD2H : s == "p2p" ? kP2P : s == "cpu" ? kCpu0 : -1;
+        lanes.push_back(l);
+        if (l >= 0) ++p.stream_counts[{g, l}];
+      }
+    }
   p.j = std::move(j);
   return p;
+}
+
+std::vector<std::string> compare_with_plan(const Trace& t, const PlanInfo& plan) {
+  std::vector<std::string> out;
+  const std::string who = t.role + " trace '" + t.file + "'";
+  std::map<std::pair<int, int>, int> got;
+  int bad_instr = 0, wrong_lane = 0;
+  std::string first_bad, first_wrong;
+  for (const auto& b : t.boxes) {
+    const int lane = std::min(b.lane, (int)kCpu0);  // every CPU thread lane is the plan's one cpu stream
+    ++got[{b.gpu, lane}];
+    if (b.instr < 0) continue;
+    auto it = plan.instr_lane.find(b.gpu);
+    if (it == plan.instr_lane.end() || b.instr >= (int)it->second.size()) {
+      if (!bad_instr++) first_bad = "g" + std::to_string(b.gpu) + " %" + std::to_string(b.instr);
+    } else if (it->second[b.instr] >= 0 && it->second[b.instr] != lane) {
+      if (!wrong_lane++)
+        first_wrong = "g" + std::to_string(b.gpu) + " %" + std::to_string(b.instr) + " on " + lane_default_name(lane) +
+                      " (plan: " + lane_default_name(it->second[b.instr]) + ")";
+    }
+  }
+  std::set<std::pair<int, int>> keys;
+  for (auto& [k, n] : got) keys.insert(k);
+  for (auto& [k, n] : plan.stream_counts) keys.insert(k);
+  int shown = 0, mism = 0;
+  std::string list;
+  for (auto& k : keys) {
+    int a = got.count(k) ? got[k] : 0, e = plan.stream_counts.count(k) ? plan.stream_counts.at(k) : 0;
+    if (a == e) continue;
+    ++mism;
+    if (shown++ < 6) list += (list.empty() ? "" : ", ") + ("g" + std::to_string(k.first) + "/" + lane_default_name(k.second)) +
+                             " " + std::to_string(a) + " boxes vs " + std::to_string(e) + " instructions";
+  }
+  if (mism) out.push_back(who + " does not match the plan's programs on " + std::to_string(mism) + " lane(s): " + list +
+                          (mism > 6 ? ", ..." : ""));
+  if (bad_instr) out.push_back(who + ": " + std::to_string(bad_instr) + " box(es) with args.instr not in the plan (first: " +
+                               first_bad + ")");
+  if (wrong_lane) out.push_back(who + ": " + std::to_string(wrong_lane) + " box(es) on another lane than their instruction's "
+                                "stream in the plan (first: " + first_wrong + ")");
+  int pg = plan.gpus, tg = (int)inum(t.metadata, "gpus", 0);
+  if (pg > 0 && tg > 0 && pg != tg)
+    out.push_back(who + ": metadata.gpus=" + std::to_string(tg) + " but the plan has " + std::to_string(pg));
+  return out;
 }
 
 // ---- statistics ------------------------------------------------------------------------------
@@ -381,20 +438,28 @@ json summary_json(const Trace& t) {
 }
 
 // Compact data for the page script.
-json page_data(const Trace& t) {
+// Lanes comp/h2d/d2h/p2p always; a CPU lane (tid 4+) only where it has boxes, or where the plan puts instructions
+// on the GPU's cpu stream, or (without a plan) where the trace names it and some GPU of the trace uses it. Both the
+// simulator and the engine name tid 4 "cpu" on every GPU, also on GPUs without CPU optimizer steps.
+json page_data(const Trace& t, const PlanInfo* plan) {
   json d = {{"role", t.role}, {"file", t.file}, {"step_us", t.step_us}, {"end_us", t.end_us},
             {"budget", t.budget}, {"gpus", json::array()}};
+  std::set<int> used_cpu_tids;
+  for (const auto& b : t.boxes)
+    if (b.lane >= kCpu0) used_cpu_tids.insert(b.lane);
   size_t bi = 0;
   for (int g : t.gpus) {
     std::map<int, json> lanes;
     for (int l = 0; l < kCpu0; ++l) lanes[l] = json::array();
     for (auto& [k, n] : t.lane_names)
-      if (k.first == g) lanes.try_emplace(k.second, json::array());
+      if (k.first == g && k.second >= kCpu0 && !plan && used_cpu_tids.count(k.second))
+        lanes.try_emplace(k.second, json::array());
+    if (plan && plan->stream_counts.count({g, kCpu0})) lanes.try_emplace(kCpu0, json::array());
     while (bi < t.boxes.size() && t.boxes[bi].gpu < g) ++bi;
     for (; bi < t.boxes.size() && t.boxes[bi].gpu == g; ++bi) {
       const Box& b = t.boxes[bi];
-      // [ts, dur, op, stage, mb, bytes, instr, deps, name]
-      lanes[b.lane].push_back(json::array({b.ts, b.dur, b.op, b.stage, b.mb, b.bytes, b.instr, b.deps, b.name}));
+      // [ts, dur, op, stage, mb, bytes, instr, deps, name, buf]
+      lanes[b.lane].push_back(json::array({b.ts, b.dur, b.op, b.stage, b.mb, b.bytes, b.instr, b.deps, b.name, b.buf}));
     }
     json jl = json::array();
     for (auto& [l, boxes] : lanes) {
@@ -411,7 +476,13 @@ json page_data(const Trace& t) {
         mem.push_back(by);
         peak = std::max(peak, by);
       }
-    d["gpus"].push_back({{"gpu", g}, {"lanes", std::move(jl)}, {"mem", std::move(mem)}, {"peak", peak}});
+    // no counters: the per-GPU peak from the metadata (drawn as a label only)
+    bool peak_from_meta = false;
+    if (mem.empty())
+      for (const auto& s : t.stats)
+        if (s.gpu == g && s.peak_bytes >= 0) { peak = (double)s.peak_bytes; peak_from_meta = true; }
+    d["gpus"].push_back({{"gpu", g}, {"lanes", std::move(jl)}, {"mem", std::move(mem)}, {"peak", peak},
+                         {"peak_meta", peak_from_meta}});
   }
   return d;
 }
@@ -541,9 +612,24 @@ void plan_tables(std::ostringstream& o, const PlanInfo& p) {
     }
   o << "</tbody></table>\n";
   if (!ninstr.empty()) {
-    o << "<p class=\"planhdr\">instructions per GPU: ";
-    for (auto& [g, n] : ninstr) o << "g" << g << "=" << n << " ";
-    o << "</p>\n";
+    // instructions per GPU and stream (= boxes per lane of a complete trace of this plan)
+    o << "<table class=\"tbl\" id=\"program-table\"><thead><tr><th>program</th><th>instructions</th>";
+    for (int l = 0; l <= kCpu0; ++l) o << "<th>@" << (l == kCpu0 ? std::string("cpu") : lane_default_name(l)) << "</th>";
+    o << "</tr></thead><tbody>\n";
+    for (auto& [g, n] : ninstr) {
+      o << "<tr data-gpu=\"" << g << "\" data-instrs=\"" << n << "\"";
+      for (int l = 0; l <= kCpu0; ++l) {
+        auto it = p.stream_counts.find({g, l});
+        o << " data-" << (l == kCpu0 ? std::string("cpu") : lane_default_name(l)) << "=\"" << (it == p.stream_counts.end() ? 0 : it->second) << "\"";
+      }
+      o << "><td>g" << g << "</td><td>" << n << "</td>";
+      for (int l = 0; l <= kCpu0; ++l) {
+        auto it = p.stream_counts.find({g, l});
+        o << "<td>" << (it == p.stream_counts.end() ? 0 : it->second) << "</td>";
+      }
+      o << "</tr>\n";
+    }
+    o << "</tbody></table>\n";
   }
 }
 
@@ -571,13 +657,22 @@ std::string render_html(const std::vector<Trace>& traces, const PlanInfo* plan) 
   for (const auto& t : traces) gpu_table(below, t);
   if (plan) plan_tables(below, *plan);
 
+  std::vector<std::string> warnings;
+  if (plan)
+    for (const auto& t : traces)
+      for (auto& w : compare_with_plan(t, *plan)) warnings.push_back(w);
+  tables << "<div id=\"viz-warnings\" data-count=\"" << warnings.size() << "\">";
+  for (auto& w : warnings) tables << "<div class=\"warn\">&#9888; " << html_escape(w) << "</div>";
+  tables << "</div>\n";
+
   json data = {{"traces", json::array()}};
   json summary = {{"traces", json::array()}};
   for (const auto& t : traces) {
-    data["traces"].push_back(page_data(t));
+    data["traces"].push_back(page_data(t, plan));
     summary["traces"].push_back(summary_json(t));
   }
   if (plan && plan->has_predicted) summary["plan_predicted"] = plan->j["predicted"];
+  summary["warnings"] = warnings;
 
   std::string page = kVizTemplate;
   replace_all(page, "@@TITLE@@", title.str());

@@ -25,7 +25,7 @@ struct Box {
   std::string name, op;
   int stage = -1, mb = -1, instr = -1;
   int64_t bytes = 0;
-  std::string deps;
+  std::string deps, buf;
 };
 
 struct GpuStats {
@@ -66,6 +66,10 @@ struct PlanInfo {
   int gpus = 0, microbatches = 0, mbs = 0, seq = 0, dp = 1;
   int64_t budget = -1;
   bool has_predicted = false;
+  // From "programs": per GPU, the trace lane of each instruction's stream (comp 0, h2d 1, d2h 2, p2p 3, cpu 4;
+  // -1 for an unknown stream), and the number of instructions per (gpu, lane).
+  std::map<int, std::vector<int>> instr_lane;
+  std::map<std::pair<int, int>, int> stream_counts;
 };
 
 // Loading. Throw InputError naming `path` on a missing/unreadable file, invalid JSON, or a document
@@ -75,6 +79,11 @@ PlanInfo load_plan(const std::string& path);
 
 // Fills the derived fields of t (plan may be null).
 void compute_stats(Trace& t, const PlanInfo* plan);
+
+// Where a trace disagrees with the plan it was given with: boxes per (gpu, lane) vs the plan's instructions per
+// (gpu, stream), and boxes whose args.instr is out of range or sits on another stream than in the plan.
+// One line per problem (at most a few per kind); empty when consistent. Shown as warnings, not errors.
+std::vector<std::string> compare_with_plan(const Trace& t, const PlanInfo& plan);
 
 // Output documents.
 std::string render_html(const std::vector<Trace>& traces, const PlanInfo* plan);

@@ -1,0 +1,721 @@
+// mmoc-profile: measures this machine into a hardware JSON that mmoc-compile reads (docs/profile.md).
+//
+//   mmoc-profile --base configs/hardware/h100x1.json --model llama2-7b --mbs 8 --seq 1024 -o hw.json
+//                [--recompute] [--device cuda|cpu] [--quick] [--name NAME]
+//
+// Starts from the base hardware file and overwrites the fields it measures:
+//   h2d_gbps, d2h_gbps, duplex_gbps   pinned copies of one large buffer (CUDA events; median after warm-up)
+//   group_link_gbps                   = max(h2d, d2h) when every host group holds one GPU (else kept)
+//   calibrated_ms                     embedding / decoder / head forward and backward at the job's shapes,
+//                                     keys from calibration_key() exactly as compiler/cost.cpp looks them up
+//   gpu_tflops                        decoder layer fwd+bwd FLOP rate / efficiency(tokens) (--tflops-from layer,
+//                                     the default: the README's "achievable for large layers") or the bf16 matmul
+//                                     rate (--tflops-from matmul) or kept (--tflops-from keep)
+//   gpu_mem_gbps                      device-to-device copy, read+write (CPU mode: host memcpy)
+//   gpu_mem_gib                       the device's total memory (CUDA only)
+//   host_mem_gbps                     chosen so that CostModel::adam_ms(P, threads) equals the measured fused
+//                                     CPU AdamW time (adam_bytes_per_param stays as in the base, 28)
+//   cpu_cores, host_mem_gib           of this host
+// Exit codes: 0 done, 2 bad input (message on stderr), 3 anything else (e.g. out of memory).
+//
+// Linked with LibTorch, so no std::filesystem here (engine/io/fsutil.hpp instead): the configs are resolved by
+// hand and read with mmoc::parse_model / parse_hardware (load_model / load_hardware use std::filesystem).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <sched.h>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include "compiler/spec.hpp"
+#include "engine/io/fsutil.hpp"
+#include "engine/model/layout.hpp"
+#include "engine/model/model.hpp"
+#include "engine/optim/adamw.hpp"
+#include "engine/optim/thread_pool.hpp"
+#include "ir/plan.hpp"
+
+#ifndef MMOC_PROFILE_SOURCE_CONFIGS
+#define MMOC_PROFILE_SOURCE_CONFIGS "configs"
+#endif
+
+namespace {
+
+using mmoc::InputError;
+using ojson = nlohmann::ordered_json;
+namespace eng = mmoc::engine;
+namespace opt = mmoc::engine::optim;
+
+constexpr double kMiB = 1024.0 * 1024.0;
+
+// ---- configs (POSIX only) ----------------------------------------------------------------
+std::string read_text(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(std::string("cannot read ") + what + " file '" + path + "'");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string exe_dir() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return "";
+  buf[n] = 0;
+  return mmoc::io::parent_dir(buf);
+}
+
+std::string configs_dir_default() {
+  if (const char* env = std::getenv("MMOC_CONFIGS"); env && *env) return env;
+  std::string d = exe_dir();
+  if (!d.empty())
+    for (const char* up : {"../configs", "../../configs", "../../../configs"}) {
+      std::string c = mmoc::io::join_path(d, up);
+      if (mmoc::io::is_directory(mmoc::io::join_path(c, "models"))) return mmoc::io::real_path(c);
+    }
+  return MMOC_PROFILE_SOURCE_CONFIGS;
+}
+
+bool looks_like_path(const std::string& s) {
+  return s.find('/') != std::string::npos || (s.size() > 5 && s.substr(s.size() - 5) == ".json");
+}
+
+std::string stem_of(const std::string& path) {
+  std::string b = mmoc::io::base_name(path);
+  if (b.size() > 5 && b.substr(b.size() - 5) == ".json") b.resize(b.size() - 5);
+  return b;
+}
+
+// Same rules as compiler/spec.cpp's resolve_config.
+std::string resolve(const std::string& name_or_path, const std::string& configs, const std::string& sub, const char* what) {
+  if (name_or_path.empty()) throw InputError(std::string("no ") + what + " given");
+  if (looks_like_path(name_or_path)) {
+    if (!mmoc::io::is_regular_file(name_or_path))
+      throw InputError(std::string(what) + " file '" + name_or_path + "' does not exist");
+    return name_or_path;
+  }
+  std::string dir = mmoc::io::join_path(configs, sub);
+  std::string p = mmoc::io::join_path(dir, name_or_path + ".json");
+  if (mmoc::io::is_regular_file(p)) return p;
+  std::string list;
+  if (mmoc::io::is_directory(dir))
+    for (const auto& n : mmoc::io::list_dir(dir))
+      if (n.size() > 5 && n.substr(n.size() - 5) == ".json") list += (list.empty() ? "" : ", ") + n.substr(0, n.size() - 5);
+  throw InputError(std::string("unknown ") + what + " '" + name_or_path + "' (looked in " + dir + "); available: " +
+                   (list.empty() ? "(none)" : list));
+}
+
+mmoc::ModelSpec load_model_posix(const std::string& name_or_path, const std::string& configs) {
+  std::string path = resolve(name_or_path, configs, "models", "model");
+  mmoc::ModelSpec m = mmoc::parse_model(read_text(path, "model"), path);
+  if (m.name.empty())
+    m.name = mmoc::io::base_name(path) == "config.json" ? mmoc::io::base_name(mmoc::io::parent_dir(path)) : stem_of(path);
+  return m;
+}
+
+// ---- host facts ----------------------------------------------------------------------------
+int host_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+double host_mem_gib() {
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? (double)pages * page / mmoc::GiB : 0;
+}
+
+// ---- timing -------------------------------------------------------------------------------
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double round_sig(double x, int digits = 5) {
+  if (x == 0 || !std::isfinite(x)) return x;
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*g", digits, x);
+  return std::strtod(buf, nullptr);
+}
+
+struct Ctx {
+  bool cuda = false;
+  bool quick = false;
+  int warmup = 2, repeats = 5;
+  c10::Device dev = c10::Device(c10::kCPU);
+  at::ScalarType dtype = at::kFloat;
+};
+
+// Wall time of fn on the host (CPU mode) or of the work fn queues on the current stream (CUDA).
+class Stopwatch {
+ public:
+  explicit Stopwatch(bool cuda) : cuda_(cuda) {
+    if (cuda_) { a_.emplace(cudaEventDefault); b_.emplace(cudaEventDefault); }
+  }
+  void start() {
+    if (cuda_) a_->record(c10::cuda::getCurrentCUDAStream());
+    else t0_ = std::chrono::steady_clock::now();
+  }
+  double stop_ms() {
+    if (cuda_) {
+      b_->record(c10::cuda::getCurrentCUDAStream());
+      b_->synchronize();
+      return a_->elapsed_time(*b_);
+    }
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count();
+  }
+
+ private:
+  bool cuda_;
+  std::optional<at::cuda::CUDAEvent> a_, b_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+double time_median(const Ctx& c, const std::function<void()>& fn, int warmup, int repeats) {
+  Stopwatch sw(c.cuda);
+  for (int i = 0; i < warmup; ++i) { fn(); }
+  if (c.cuda) c10::cuda::device_synchronize();
+  std::vector<double> ts;
+  for (int i = 0; i < repeats; ++i) {
+    sw.start();
+    fn();
+    ts.push_back(sw.stop_ms());
+  }
+  return median(ts);
+}
+
+// ---- (1) transfers ------------------------------------------------------------------------
+struct Transfers { double h2d = 0, d2h = 0, duplex = 0, dev_copy = 0; int64_t bytes = 0; };
+
+Transfers measure_transfers_cuda(const Ctx& c, int64_t n) {
+  Transfers r;
+  r.bytes = n;
+  auto pinned = at::TensorOptions().dtype(at::kByte).pinned_memory(true);
+  auto devo = at::TensorOptions().dtype(at::kByte).device(c.dev);
+  at::Tensor h1 = at::empty({n}, pinned), h2 = at::empty({n}, pinned);
+  at::Tensor d1 = at::empty({n}, devo), d2 = at::empty({n}, devo);
+  h1.fill_(1); h2.fill_(2); d1.fill_(3); d2.fill_(4);
+  c10::cuda::device_synchronize();
+  c10::cuda::CUDAStream s1 = c10::cuda::getStreamFromPool(), s2 = c10::cuda::getStreamFromPool();
+  auto on_stream = [&](c10::cuda::CUDAStream s, const std::function<void()>& fn) {
+    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    std::vector<double> ts;
+    for (int i = 0; i < c.warmup + c.repeats; ++i) {
+      c10::cuda::CUDAStreamGuard g(s);
+      a.record(s);
+      fn();
+      b.record(s);
+      b.synchronize();
+      if (i >= c.warmup) ts.push_back(a.elapsed_time(b));
+    }
+    return median(ts);
+  };
+  double t = on_stream(s1, [&] { d1.copy_(h1, /*non_blocking=*/true); });
+  r.h2d = n / (t * 1e6);
+  t = on_stream(s1, [&] { h1.copy_(d1, /*non_blocking=*/true); });
+  r.d2h = n / (t * 1e6);
+  {  // H2D on s1 and D2H on s2 at once; timed from an event both wait on to one that waits on both
+    c10::cuda::CUDAStream s0 = c10::cuda::getStreamFromPool();
+    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    std::vector<double> ts;
+    for (int i = 0; i < c.warmup + c.repeats; ++i) {
+      at::cuda::CUDAEvent e1, e2;
+      a.record(s0);
+      a.block(s1);
+      a.block(s2);
+      { c10::cuda::CUDAStreamGuard g(s1); d1.copy_(h1, true); e1.record(s1); }
+      { c10::cuda::CUDAStreamGuard g(s2); h2.copy_(d2, true); e2.record(s2); }
+      e1.block(s0);
+      e2.block(s0);
+      b.record(s0);
+      b.synchronize();
+      if (i >= c.warmup) ts.push_back(a.elapsed_time(b));
+    }
+    r.duplex = 2.0 * n / (median(ts) * 1e6);
+  }
+  t = on_stream(s1, [&] { d2.copy_(d1, /*non_blocking=*/true); });
+  r.dev_copy = 2.0 * n / (t * 1e6);  // read + write
+  c10::cuda::device_synchronize();
+  return r;
+}
+
+// CPU mode: one direction = one thread's memcpy (a DMA engine's stand-in), duplex = two threads at once.
+Transfers measure_transfers_cpu(const Ctx& c, int64_t n) {
+  Transfers r;
+  r.bytes = n;
+  std::vector<char> a(n, 1), b(n, 2), x(n, 3), y(n, 4);
+  auto one = [&](char* dst, const char* src) {
+    return time_median(c, [&] { std::memcpy(dst, src, n); }, c.warmup, c.repeats);
+  };
+  r.h2d = n / (one(b.data(), a.data()) * 1e6);
+  r.d2h = n / (one(a.data(), b.data()) * 1e6);
+  double t = time_median(c, [&] {
+    std::thread t2([&] { std::memcpy(y.data(), x.data(), n); });
+    std::memcpy(b.data(), a.data(), n);
+    t2.join();
+  }, c.warmup, c.repeats);
+  r.duplex = 2.0 * n / (t * 1e6);
+  return r;
+}
+
+// Multi-threaded host memcpy (mmoc's thread pool), GB/s of read+write traffic.
+double measure_host_memcpy(const Ctx& c, opt::ThreadPool& pool, int64_t n) {
+  std::unique_ptr<char[]> src(new char[n]), dst(new char[n]);
+  const int64_t chunk = 1 << 20;
+  pool.parallel_for(n, chunk, [&](int64_t b, int64_t e) {  // first touch by the threads that copy
+    std::memset(src.get() + b, 1, e - b);
+    std::memset(dst.get() + b, 0, e - b);
+  });
+  double t = time_median(Ctx{}, [&] {
+    pool.parallel_for(n, chunk, [&](int64_t b, int64_t e) { std::memcpy(dst.get() + b, src.get() + b, e - b); });
+  }, c.warmup, c.repeats);
+  return 2.0 * n / (t * 1e6);
+}
+
+// ---- (2) layers ---------------------------------------------------------------------------
+struct LayerTimes {
+  double fwd = 0, bwd = 0;           // bwd: without recompute (what calibrated_ms holds)
+  double fwd_nograd = -1, bwd_rc = -1;  // --recompute: forward under no_grad, and backward with recompute
+  double flops_fwd = 0, flops_bwd = 0;
+};
+
+void random_weights(const eng::StageLayout& lay, const at::Tensor& flat) {
+  at::NoGradGuard ng;
+  flat.zero_();
+  for (const auto& p : lay.params) {
+    auto seg = flat.narrow(0, p.offset, p.numel);
+    if (p.kind == eng::ParamKind::Norm) seg.fill_(1.0);
+    else seg.normal_(0.0, 0.02);
+  }
+}
+
+LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int mbs, int seq, bool recompute) {
+  const mmoc::ir::ModelArch arch = m.arch();
+  const int layer = kind == 0 ? 0 : kind == 1 ? 1 : m.layers + 1;
+  eng::StageLayout lay = eng::stage_layout(arch, layer, layer + 1);
+  auto o = at::TensorOptions().dtype(c.dtype).device(c.dev);
+  at::Tensor w = eng::new_flat(lay, o);
+  random_weights(lay, w);
+  w.requires_grad_(true);
+  eng::Rope rope = eng::make_rope(arch, seq, c.dev);
+  at::Tensor tied;
+  if (kind == 2 && eng::head_needs_embedding(arch)) {
+    tied = at::randn({(int64_t)m.vocab, (int64_t)m.hidden}, o).mul_(0.02);
+    tied.requires_grad_(true);
+  }
+  auto lo = at::TensorOptions().dtype(at::kLong).device(c.dev);
+  at::Tensor ids = at::randint(0, m.vocab, {mbs, seq}, lo);
+  at::Tensor labels = at::randint(0, m.vocab, {mbs, seq}, lo);
+  at::Tensor hidden = at::randn({mbs, seq, (int64_t)m.hidden}, o);
+  hidden.requires_grad_(true);
+  at::Tensor in = kind == 0 ? ids : hidden;
+  const double inv_count = 1.0 / std::max<int64_t>(1, (int64_t)mbs * (seq - 1));
+
+  torch::autograd::variable_list inputs{w};
+  if (kind > 0) inputs.push_back(hidden);
+  if (tied.defined()) inputs.push_back(tied);
+
+  auto fwd = [&]() -> at::Tensor {
+    at::Tensor out = eng::stage_forward(arch, lay, w, in, rope, tied);
+    return kind == 2 ? eng::lm_loss_sum(out, labels) : out;
+  };
+  at::Tensor gout;
+  auto bwd = [&](const at::Tensor& y) {
+    if (!gout.defined())
+      gout = kind == 2 ? at::full({}, inv_count, y.options()) : at::randn(y.sizes(), y.options()).mul_(1e-3);
+    auto g = torch::autograd::grad({y}, inputs, {gout}, /*retain_graph=*/false);
+    (void)g;
+  };
+
+  LayerTimes r;
+  r.flops_fwd = m.layer_fwd_flops(layer, mbs, seq);
+  r.flops_bwd = m.layer_bwd_flops(layer, mbs, seq);
+  Stopwatch s1(c.cuda), s2(c.cuda);
+  for (int i = 0; i < c.warmup; ++i) bwd(fwd());
+  if (c.cuda) c10::cuda::device_synchronize();
+  std::vector<double> tf, tb;
+  for (int i = 0; i < c.repeats; ++i) {
+    s1.start();
+    at::Tensor y = fwd();
+    tf.push_back(s1.stop_ms());
+    s2.start();
+    bwd(y);
+    y = at::Tensor();
+    tb.push_back(s2.stop_ms());
+  }
+  r.fwd = median(tf);
+  r.bwd = median(tb);
+  if (recompute) {
+    r.fwd_nograd = time_median(c, [&] { at::NoGradGuard ng; (void)fwd(); }, 1, c.repeats);
+    r.bwd_rc = time_median(c, [&] { bwd(fwd()); }, 1, c.repeats);
+  }
+  return r;
+}
+
+// ---- (3) CPU AdamW ------------------------------------------------------------------------
+struct AdamResult { double ms = 0; int64_t params = 0; int threads = 0; std::string isa; };
+
+AdamResult measure_adam(const Ctx& c, opt::ThreadPool& pool, int64_t n) {
+  AdamResult r;
+  r.params = n;
+  r.threads = pool.num_threads();
+  r.isa = opt::adamw_isa();
+  std::unique_ptr<float[]> p(new float[n]), mo(new float[n]), v(new float[n]);
+  std::unique_ptr<uint16_t[]> g(new uint16_t[n]), out(new uint16_t[n]);
+  pool.parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {  // first touch by the pool's threads
+    for (int64_t i = b; i < e; ++i) {
+      p[i] = 0.01f;
+      mo[i] = 0.f;
+      v[i] = 0.f;
+      g[i] = (uint16_t)(0x3A83 + (i & 7));  // bf16 ~1e-3
+      out[i] = 0;
+    }
+  });
+  opt::AdamWBuffers buf;
+  buf.param = p.get();
+  buf.exp_avg = mo.get();
+  buf.exp_avg_sq = v.get();
+  buf.grad = g.get();
+  buf.grad_type = opt::GradType::kBFloat16;
+  buf.out = out.get();
+  buf.out_type = opt::OutType::kBFloat16;
+  buf.n = n;
+  opt::AdamWHyper h;
+  h.lr = 1e-5;
+  h.weight_decay = 0.01;
+  int64_t step = 0;
+  r.ms = time_median(Ctx{}, [&] { opt::adamw_step(buf, h, ++step, 1.0f, &pool); }, c.warmup, c.repeats);
+  return r;
+}
+
+// ---- (4) matmul ---------------------------------------------------------------------------
+double measure_matmul_tflops(const Ctx& c, int64_t n) {
+  auto o = at::TensorOptions().dtype(c.dtype).device(c.dev);
+  at::Tensor a = at::randn({n, n}, o), b = at::randn({n, n}, o);
+  at::NoGradGuard ng;
+  double t = time_median(c, [&] { (void)at::mm(a, b); }, c.warmup, c.repeats);
+  return 2.0 * n * n * n / (t * 1e9);
+}
+
+// ---- output -------------------------------------------------------------------------------
+struct Row { std::string what, value, unit, note; };
+std::string fmt(double x, int prec = 3) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", prec, x);
+  return buf;
+}
+void print_table(const std::vector<Row>& rows) {
+  size_t w0 = 4, w1 = 5, w2 = 4;
+  for (auto& r : rows) { w0 = std::max(w0, r.what.size()); w1 = std::max(w1, r.value.size()); w2 = std::max(w2, r.unit.size()); }
+  auto line = [&](const std::string& a, const std::string& b, const std::string& u, const std::string& n) {
+    std::printf("  %-*s  %*s  %-*s  %s\n", (int)w0, a.c_str(), (int)w1, b.c_str(), (int)w2, u.c_str(), n.c_str());
+  };
+  line("what", "value", "unit", "");
+  line(std::string(w0, '-'), std::string(w1, '-'), std::string(w2, '-'), "");
+  for (auto& r : rows) line(r.what, r.value, r.unit, r.note);
+}
+
+// One top-level key per line; lists of strings and objects one entry per line, other values compact.
+std::string to_text(const ojson& j) {
+  std::string s = "{\n";
+  size_t i = 0;
+  for (auto it = j.begin(); it != j.end(); ++it, ++i) {
+    s += "  " + ojson(it.key()).dump() + ": ";
+    const ojson& v = it.value();
+    const bool lines = (v.is_object() && !v.empty()) || (v.is_array() && !v.empty() && v[0].is_string());
+    if (lines) {
+      s += v.is_object() ? "{\n" : "[\n";
+      size_t k = 0;
+      for (auto e = v.begin(); e != v.end(); ++e, ++k) {
+        s += "    " + (v.is_object() ? ojson(e.key()).dump() + ": " : std::string()) + e.value().dump();
+        s += k + 1 < v.size() ? ",\n" : "\n";
+      }
+      s += v.is_object() ? "  }" : "  ]";
+    } else {
+      s += v.dump();
+    }
+    s += i + 1 < j.size() ? ",\n" : "\n";
+  }
+  return s + "}\n";
+}
+
+std::string sig(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.4g", x);
+  return buf;
+}
+
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  char buf[64];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mmoc-profile: measure this machine into a hardware JSON for mmoc-compile (docs/profile.md)"};
+  std::string base, model_name, out_path, device = "cuda", name, configs, tflops_from = "layer";
+  std::vector<int> mbs_list{8}, seq_list{1024};
+  bool recompute = false, quick = false;
+  int repeats = 0, warmup = -1, threads = 0;
+  int64_t adam_params = 0, xfer_mib = 0;
+  app.add_option("--base", base, "hardware file (or configs/hardware name) to start from; unmeasured fields are kept")->required();
+  app.add_option("--model", model_name, "model name (configs/models) or path to a model JSON")->required();
+  app.add_option("--mbs", mbs_list, "micro-batch size(s), comma-separated")->delimiter(',');
+  app.add_option("--seq", seq_list, "sequence length(s), comma-separated (every mbs x seq pair is measured)")->delimiter(',');
+  app.add_flag("--recompute", recompute, "also measure forward without grad and backward with recompute (reported only)");
+  app.add_option("-o,--output", out_path, "hardware JSON to write")->required();
+  app.add_option("--device", device, "cuda (bf16 layers, CUDA events) or cpu (fp32, reduced, for tests)")
+      ->check(CLI::IsMember({"cuda", "cpu"}));
+  app.add_flag("--quick", quick, "smaller buffers and fewer repeats");
+  app.add_option("--name", name, "hardware name to write (default: base name + \"-calibrated\")");
+  app.add_option("--configs", configs, "configs folder (default: $MMOC_CONFIGS, the installed or the source configs/)");
+  app.add_option("--tflops-from", tflops_from, "gpu_tflops from: layer (decoder fwd+bwd / efficiency), matmul, keep")
+      ->check(CLI::IsMember({"layer", "matmul", "keep"}));
+  app.add_option("--repeats", repeats, "timed repeats per measurement (median; default 10, --quick 3)")->check(CLI::PositiveNumber);
+  app.add_option("--warmup", warmup, "untimed runs first (default 3, --quick 1)")->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", threads, "CPU threads for AdamW and memcpy (default: all cores of this process)")->check(CLI::NonNegativeNumber);
+  app.add_option("--adam-params", adam_params, "parameters in the AdamW measurement (default 200M, --quick 4M)")->check(CLI::PositiveNumber);
+  app.add_option("--transfer-mib", xfer_mib, "buffer size of the copy measurements in MiB (default 1024 CUDA / 256 CPU; --quick 64 / 16)")
+      ->check(CLI::PositiveNumber);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "mmoc-profile: error: " << e.what() << "\n";
+    return 2;
+  }
+
+  try {
+    // ---- inputs ----
+    if (configs.empty()) configs = configs_dir_default();
+    mmoc::ModelSpec m = load_model_posix(model_name, configs);
+    const std::string base_path = resolve(base, configs, "hardware", "hardware");
+    const std::string base_text = read_text(base_path, "hardware");
+    mmoc::HardwareSpec base_hw = mmoc::parse_hardware(base_text, base_path);
+    if (base_hw.name.empty()) base_hw.name = stem_of(base_path);
+    if (name.empty()) {
+      const std::string suffix = "-calibrated";
+      const bool has = base_hw.name.size() >= suffix.size() &&
+                       base_hw.name.compare(base_hw.name.size() - suffix.size(), suffix.size(), suffix) == 0;
+      name = has ? base_hw.name : base_hw.name + suffix;
+    }
+    for (int b : mbs_list) if (b < 1) throw InputError("--mbs must be >= 1");
+    for (int s : seq_list) {
+      if (s < 2) throw InputError("--seq must be >= 2 (the loss needs a next token)");
+      if (s > m.max_seq) throw InputError("--seq " + std::to_string(s) + " exceeds the model's max_seq " + std::to_string(m.max_seq));
+    }
+    if (out_path.empty()) throw InputError("-o: no output path");
+
+    Ctx c;
+    c.quick = quick;
+    c.cuda = device == "cuda";
+    c.warmup = warmup >= 0 ? warmup : (quick ? 1 : 3);
+    c.repeats = repeats > 0 ? repeats : (quick ? 3 : 10);
+    if (c.cuda) {
+      if (!at::hasCUDA() || c10::cuda::device_count() < 1)
+        throw InputError("--device cuda: no CUDA device here (use --device cpu for the reduced CPU mode)");
+      c.dev = c10::Device(c10::kCUDA, 0);
+      c.dtype = at::kBFloat16;
+    }
+    const int cores = host_cpus();
+    const int nthreads = threads > 0 ? threads : cores;
+    const int64_t xfer_bytes = (xfer_mib > 0 ? xfer_mib : (c.cuda ? (quick ? 64 : 1024) : (quick ? 16 : 256))) * (int64_t)kMiB;
+    const int64_t memcpy_bytes = (quick ? 64 : 1024) * (int64_t)kMiB;
+    const int64_t n_adam = adam_params > 0 ? adam_params : (quick ? 4'000'000 : 200'000'000);
+    const int64_t mm_n = c.cuda ? (quick ? 4096 : 8192) : (quick ? 256 : 1024);
+
+    std::string dev_desc = "CPU (" + std::to_string(cores) + " cores)";
+    double dev_mem_gib = 0;
+    if (c.cuda) {
+      cudaDeviceProp prop;
+      if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) dev_desc = prop.name;
+      size_t fr = 0, tot = 0;
+      if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) dev_mem_gib = (double)tot / mmoc::GiB;
+    }
+    std::cout << "mmoc-profile: " << dev_desc << ", model " << m.name << ", base " << base_path << " ("
+              << (c.cuda ? "bf16" : "fp32") << ", " << c.warmup << " warm-up + " << c.repeats << " timed, median)\n";
+    std::cout.flush();
+
+    opt::ThreadPool pool(nthreads);
+    std::vector<Row> rows;
+
+    // (1) transfers
+    std::cout << "  measuring copies (" << xfer_bytes / kMiB << " MiB)...\n" << std::flush;
+    Transfers tr = c.cuda ? measure_transfers_cuda(c, xfer_bytes) : measure_transfers_cpu(c, xfer_bytes);
+    if (c.cuda) c10::cuda::CUDACachingAllocator::emptyCache();
+    const char* pin = c.cuda ? "pinned, " : "CPU mode: 1-thread memcpy, ";
+    rows.push_back({"H2D", fmt(tr.h2d, 2), "GB/s", std::string(pin) + fmt(tr.bytes / kMiB, 0) + " MiB"});
+    rows.push_back({"D2H", fmt(tr.d2h, 2), "GB/s", std::string(pin) + fmt(tr.bytes / kMiB, 0) + " MiB"});
+    rows.push_back({"H2D+D2H at once", fmt(tr.duplex, 2), "GB/s", "total of both directions"});
+    std::cout << "  measuring host memcpy (" << memcpy_bytes / kMiB << " MiB, " << nthreads << " threads)...\n" << std::flush;
+    const double memcpy_gbps = measure_host_memcpy(c, pool, memcpy_bytes);
+    rows.push_back({"host memcpy", fmt(memcpy_gbps, 2), "GB/s", "read+write, " + std::to_string(nthreads) + " threads"});
+    if (c.cuda) rows.push_back({"device copy", fmt(tr.dev_copy, 1), "GB/s", "read+write"});
+
+    // (4) matmul
+    std::cout << "  measuring matmul " << mm_n << "^3...\n" << std::flush;
+    const double mm_tflops = measure_matmul_tflops(c, mm_n);
+    if (c.cuda) c10::cuda::CUDACachingAllocator::emptyCache();
+    rows.push_back({"matmul " + std::to_string(mm_n) + "^3", fmt(mm_tflops, c.cuda ? 1 : 4), "TFLOP/s", c.cuda ? "bf16" : "fp32"});
+
+    // (2) layers
+    struct Shape { int mbs, seq; };
+    std::vector<Shape> shapes;
+    for (int b : mbs_list) for (int s : seq_list) shapes.push_back({b, s});
+    std::map<std::string, double> calib;
+    double best_layer_tflops = 0, best_tokens = -1;
+    static const char* kinds[] = {"embedding", "decoder", "head+loss"};
+    for (const auto& sh : shapes) {
+      for (int kind = 0; kind < 3; ++kind) {
+        std::cout << "  measuring " << kinds[kind] << " at " << sh.mbs << "x" << sh.seq << "...\n" << std::flush;
+        LayerTimes lt = measure_layer(c, m, kind, sh.mbs, sh.seq, recompute);
+        if (c.cuda) c10::cuda::CUDACachingAllocator::emptyCache();
+        const double f = round_sig(lt.fwd), b = round_sig(lt.bwd);
+        calib[mmoc::calibration_key(m.name, kind, true, sh.mbs, sh.seq)] = f;
+        calib[mmoc::calibration_key(m.name, kind, false, sh.mbs, sh.seq)] = b;
+        std::string shape = " " + std::to_string(sh.mbs) + "x" + std::to_string(sh.seq);
+        auto rate = [](double flops, double ms) { return ms > 0 && flops > 0 ? fmt(flops / (ms * 1e9), 3) + " TFLOP/s" : std::string(); };
+        rows.push_back({std::string(kinds[kind]) + " fwd" + shape, fmt(f, 4), "ms", rate(lt.flops_fwd, f)});
+        rows.push_back({std::string(kinds[kind]) + " bwd" + shape, fmt(b, 4), "ms", rate(lt.flops_bwd, b)});
+        if (recompute) {
+          rows.push_back({std::string(kinds[kind]) + " fwd no-grad" + shape, fmt(lt.fwd_nograd, 4), "ms", "(reported only)"});
+          rows.push_back({std::string(kinds[kind]) + " bwd recompute" + shape, fmt(lt.bwd_rc, 4), "ms",
+                          "compiler assumes fwd+bwd = " + fmt(f + b, 4)});
+        }
+        if (kind == 1) {
+          const double tokens = (double)sh.mbs * sh.seq;
+          const double achieved = (lt.flops_fwd + lt.flops_bwd) / ((lt.fwd + lt.bwd) * 1e9);
+          if (tokens > best_tokens) { best_tokens = tokens; best_layer_tflops = achieved; }
+        }
+      }
+    }
+
+    // (3) CPU AdamW
+    std::cout << "  measuring CPU AdamW (" << n_adam / 1e6 << "M params, " << nthreads << " threads)...\n" << std::flush;
+    AdamResult ar = measure_adam(c, pool, n_adam);
+    rows.push_back({"CPU AdamW", fmt(ar.ms, 3), "ms", fmt(n_adam / 1e6, 1) + "M params, bf16 grad + bf16 out, " +
+                    std::to_string(ar.threads) + " threads, " + ar.isa});
+    rows.push_back({"CPU AdamW traffic", fmt(n_adam * base_hw.adam_bytes_per_param / (ar.ms * 1e6), 2), "GB/s",
+                    fmt(base_hw.adam_bytes_per_param, 0) + " bytes/param"});
+
+    // ---- the new hardware spec ----
+    mmoc::HardwareSpec hw = base_hw;
+    hw.name = name;
+    hw.h2d_gbps = round_sig(tr.h2d, 4);
+    hw.d2h_gbps = round_sig(tr.d2h, 4);
+    hw.duplex_gbps = round_sig(tr.duplex, 4);
+    bool singleton_groups = true;
+    for (auto& g : hw.host_groups) singleton_groups = singleton_groups && g.size() <= 1;
+    if (singleton_groups) hw.group_link_gbps = std::max(hw.h2d_gbps, hw.d2h_gbps);
+    hw.gpu_mem_gbps = round_sig(c.cuda ? tr.dev_copy : memcpy_gbps, 4);
+    if (c.cuda && dev_mem_gib > 0) hw.gpu_mem_gib = std::floor(dev_mem_gib * 10) / 10;
+    hw.cpu_cores = cores;
+    if (host_mem_gib() > 0) hw.host_mem_gib = std::floor(host_mem_gib() * 10) / 10;
+    std::string tflops_note = "kept from base";
+    if (tflops_from == "matmul") {
+      hw.gpu_tflops = std::max(1e-6, round_sig(mm_tflops, 4));
+      tflops_note = "matmul rate";
+    } else if (tflops_from == "layer" && best_layer_tflops > 0) {
+      mmoc::CostModel cm{m, hw};  // the base's efficiency curve
+      hw.gpu_tflops = std::max(1e-6, round_sig(best_layer_tflops / cm.efficiency(best_tokens), 4));  // parser's minimum
+      tflops_note = "decoder fwd+bwd " + fmt(best_layer_tflops, 3) + " TFLOP/s at " + fmt(best_tokens, 0) +
+                    " tokens / efficiency " + fmt(cm.efficiency(best_tokens), 3);
+    }
+    {  // host_mem_gbps such that CostModel::adam_ms(n_adam, threads) == measured
+      const double share = std::min(1.0, (double)std::max(ar.threads, 1) / hw.adam_threads_to_saturate());
+      hw.host_mem_gbps = round_sig((double)n_adam * hw.adam_bytes_per_param / (ar.ms * 1e6 * share), 5);
+    }
+    rows.push_back({"-> gpu_tflops", fmt(hw.gpu_tflops, 4), "TFLOP/s", tflops_note});
+    rows.push_back({"-> host_mem_gbps", fmt(hw.host_mem_gbps, 2), "GB/s", "reproduces the AdamW time in CostModel::adam_ms"});
+
+    // ---- JSON: the base file with the measured keys replaced ----
+    ojson j = ojson::parse(base_text);
+    ojson comment = ojson::array();
+    comment.push_back("Calibrated by mmoc-profile " + utc_now() + " on " + dev_desc + " from base '" + base_hw.name +
+                      "' (" + base_path + "), model " + m.name + (c.quick ? ", --quick" : "") +
+                      (c.cuda ? "" : ", --device cpu (reduced CPU mode: the layer times are fp32 on the CPU)") + ".");
+    comment.push_back("Measured: h2d/d2h/duplex_gbps, gpu_mem_gbps, gpu_tflops (" + tflops_from + "), host_mem_gbps (from " +
+                      fmt(n_adam / 1e6, 0) + "M-param CPU AdamW, " + fmt(ar.ms, 2) + " ms, " + std::to_string(ar.threads) +
+                      " threads), cpu_cores, host_mem_gib" + (c.cuda ? ", gpu_mem_gib" : "") +
+                      (singleton_groups ? ", group_link_gbps (= max(h2d, d2h))" : "") + ", calibrated_ms. Other keys: from the base.");
+    comment.push_back("Also measured (not in the cost model): host memcpy " + sig(memcpy_gbps) + " GB/s (read+write), matmul " +
+                      std::to_string(mm_n) + "^3 " + sig(mm_tflops) + " TFLOP/s" + (c.cuda ? " (bf16)" : " (fp32)") + ".");
+    ojson out;
+    out["comment"] = comment;
+    for (auto it = j.begin(); it != j.end(); ++it)
+      if (it.key() != "comment") out[it.key()] = it.value();
+    out["name"] = hw.name;
+    out["gpu_mem_gib"] = hw.gpu_mem_gib;
+    out["gpu_tflops"] = hw.gpu_tflops;
+    out["gpu_mem_gbps"] = hw.gpu_mem_gbps;
+    out["h2d_gbps"] = hw.h2d_gbps;
+    out["d2h_gbps"] = hw.d2h_gbps;
+    out["duplex_gbps"] = hw.duplex_gbps;
+    out["group_link_gbps"] = hw.group_link_gbps;
+    out["host_mem_gib"] = hw.host_mem_gib;
+    out["cpu_cores"] = hw.cpu_cores;
+    out["host_mem_gbps"] = hw.host_mem_gbps;
+    ojson cal = out.contains("calibrated_ms") && out["calibrated_ms"].is_object() ? out["calibrated_ms"] : ojson::object();
+    for (const auto& [k, v] : calib) cal[k] = v;
+    out["calibrated_ms"] = cal;
+    const std::string text = to_text(out);
+
+    // Self-check before writing: it parses, and the cost model returns exactly the measured times.
+    mmoc::HardwareSpec check = mmoc::parse_hardware(text, out_path);
+    mmoc::CostModel cm{m, check};
+    for (const auto& sh : shapes)
+      for (int layer : {0, 1, m.layers + 1}) {
+        const int kind = cm.layer_kind(layer);
+        if (cm.layer_fwd_ms(layer, sh.mbs, sh.seq) != calib.at(mmoc::calibration_key(m.name, kind, true, sh.mbs, sh.seq)) ||
+            cm.layer_bwd_ms(layer, sh.mbs, sh.seq) != calib.at(mmoc::calibration_key(m.name, kind, false, sh.mbs, sh.seq)))
+          throw std::runtime_error("self-check: the cost model does not return the calibrated layer times");
+      }
+    const double adam_model = cm.adam_ms(n_adam, ar.threads);
+    if (std::abs(adam_model - ar.ms) > 1e-3 * ar.ms)
+      throw std::runtime_error("self-check: CostModel::adam_ms " + fmt(adam_model) + " ms != measured " + fmt(ar.ms) + " ms");
+    mmoc::ir::save_file_atomic(out_path, text);
+
+    std::cout << "\n";
+    print_table(rows);
+    std::cout << "\nwrote " << out_path << " (hardware '" << hw.name << "', " << calib.size() << " calibrated_ms entries measured, "
+              << check.calibrated_ms.size() << " in all)\n";
+    return 0;
+  } catch (const InputError& e) {
+    std::cerr << "mmoc-profile: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "mmoc-profile: failed: " << e.what() << "\n";
+    return 3;
+  }
+}
