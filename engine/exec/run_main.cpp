@@ -170,7 +170,7 @@ std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker)
 }
 
 void write_trace(const std::string& path, const ir::Plan& plan, const std::vector<std::vector<TraceEvent>>& per_rank,
-                 double step_s, double tokens_per_s) {
+                 double step_s, double tokens_per_s, const std::vector<double>& peaks) {
   json ev = json::array();
   static const char* lanes[] = {"comp", "h2d", "d2h", "p2p", "cpu"};
   double t0 = 1e300;
@@ -182,14 +182,18 @@ void write_trace(const std::string& path, const ir::Plan& plan, const std::vecto
       const auto& in = plan.programs[g].instrs[e.instr];
       std::string deps;
       for (int a : in.after) deps += (deps.empty() ? "%" : ",%") + std::to_string(a);
-      ev.push_back({{"ph", "X"}, {"name", ir::print_instr(in, e.instr).substr(ir::print_instr(in, e.instr).find('=') + 2)},
+      std::string text = ir::print_instr(in, e.instr);  // "%3 = send act(S0,m0) -> g1 @p2p after(%2) tag=..."
+      text = text.substr(text.find('=') + 2);
+      text = text.substr(0, text.find(" @"));
+      ev.push_back({{"ph", "X"}, {"name", text},
                     {"cat", ir::to_string(in.op)}, {"pid", g}, {"tid", e.lane}, {"ts", e.start_us - t0}, {"dur", e.dur_us},
-                    {"args", {{"op", ir::to_string(in.op)}, {"stage", in.stage}, {"mb", in.mb}, {"bytes", e.bytes}, {"instr", e.instr}, {"deps", deps}}}});
+                    {"args", {{"op", ir::to_string(in.op)}, {"stage", in.stage}, {"mb", in.mb}, {"bytes", e.bytes}, {"instr", e.instr}, {"deps", deps},
+                              {"buf", in.buf ? in.buf->str() : std::string()}}}});
     }
   }
   json out = {{"traceEvents", ev},
               {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
-                            {"gpus", plan.gpus}}}};
+                            {"gpus", plan.gpus}, {"peak_bytes", peaks}}}};
   ir::save_file_atomic(path, out.dump());
 }
 
@@ -257,6 +261,7 @@ int worker_main(const Args& a) {
   };
   double total_s = 0;
   StepResult last;
+  std::vector<double> last_peaks(plan.gpus, 0.0);
   for (int64_t s = start; s < a.steps; ++s) {
     data::StepBatch b = it.next_step(plan.microbatches, plan.micro_batch_size);
     StepResult r = worker.step(b, s);
@@ -268,6 +273,7 @@ int worker_main(const Args& a) {
     } else {
       peaks[0] = (double)r.peak_bytes;
     }
+    last_peaks = peaks;
     if (w.rank == 0) {
       const double tps = tokens_per_step / std::max(r.seconds, 1e-9);
       const double eta = (a.steps - s - 1) * (total_s / double(s - start + 1));
@@ -312,7 +318,7 @@ int worker_main(const Args& a) {
         for (size_t k = j.size() >= n ? j.size() - n : 0; k < j.size(); ++k)
           all[g].push_back({j[k][0].get<int>(), j[k][1].get<int>(), j[k][2].get<double>(), j[k][3].get<double>(), j[k][4].get<int64_t>()});
       }
-      write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9));
+      write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks);
       for (int g = 0; g < plan.gpus; ++g) io::remove_tree(a.trace + ".rank" + std::to_string(g) + ".json");
     }
     if (tr) tr->barrier();

@@ -127,13 +127,19 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
     throw std::invalid_argument("stage_forward: sequence length " + std::to_string(T) + " exceeds the rope table (" +
                                 std::to_string(rope.max_seq) + ")");
   at::Tensor cos, sin;
+  // RMSNorm: HF's exact op sequence, except bf16/fp16 on a GPU, where ATen's fused kernel computes the same
+  // normalisation in fp32 internally (differences at the low-precision rounding level).
+  const bool fused_norm = flat.is_cuda() && dt != at::kFloat;
+  auto norm = [&](const at::Tensor& x, const at::Tensor& w) {
+    return fused_norm ? at::rms_norm(x, {x.size(-1)}, w, a.norm_eps) : rms_norm(x, w, a.norm_eps);
+  };
   for (int l = layout.layer_begin; l < layout.layer_end; ++l) {
     if (l == 0) {
       embed = views[k++];
       h = at::embedding(embed, input.to(flat.device()));
     } else if (l == a.layers + 1) {
       auto norm_w = views[k++];
-      h = rms_norm(h, norm_w, a.norm_eps);
+      h = norm(h, norm_w);
       at::Tensor head;
       if (!a.tied_embeddings) head = views[k++];
       else if (embed.defined()) head = embed;
@@ -161,10 +167,12 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
       auto& wd = views[k + 8];
       k += 9;
       auto residual = h;
-      auto x = rms_norm(h, w_in, a.norm_eps);
-      auto q = at::linear(x, wq).view({B, T, nh, hd}).transpose(1, 2);
-      auto kk = at::linear(x, wk).view({B, T, nkv, hd}).transpose(1, 2);
-      auto v = at::linear(x, wv).view({B, T, nkv, hd}).transpose(1, 2);
+      auto x = norm(h, w_in);
+      // one GEMM for q, k and v (and one for gate and up below): larger matrices run closer to peak
+      auto qkv = at::linear(x, at::cat({wq, wk, wv}, 0));
+      auto q = qkv.narrow(-1, 0, nh * hd).reshape({B, T, nh, hd}).transpose(1, 2);
+      auto kk = qkv.narrow(-1, nh * hd, nkv * hd).reshape({B, T, nkv, hd}).transpose(1, 2);
+      auto v = qkv.narrow(-1, (nh + nkv) * hd, nkv * hd).reshape({B, T, nkv, hd}).transpose(1, 2);
       q = q * cos + rotate_half(q) * sin;
       kk = kk * cos + rotate_half(kk) * sin;
       kk = repeat_kv(kk, nh / nkv);
@@ -173,8 +181,10 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
       att = att.transpose(1, 2).reshape({B, T, nh * hd});
       h = residual + at::linear(att, wo);
       residual = h;
-      x = rms_norm(h, w_post, a.norm_eps);
-      x = at::linear(at::silu(at::linear(x, wg)) * at::linear(x, wu), wd);
+      x = norm(h, w_post);
+      const int64_t F = wg.size(0);
+      auto gu = at::linear(x, at::cat({wg, wu}, 0));
+      x = at::linear(at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F), wd);
       h = residual + x;
     }
   }
