@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <future>
@@ -125,6 +126,34 @@ struct Worker::Impl {
   std::optional<at::cuda::CUDAEvent> t0_event;
   double t0_host_us = 0;
   std::vector<std::pair<double, double>> cpu_times;
+  // watchdog: the host thread's position, so a hang says where it is
+  std::atomic<int> at_instr{-1};
+  std::atomic<double> last_progress_us{0};
+  std::atomic<bool> stop_watch{false};
+  std::thread watchdog;
+  void start_watchdog() {
+    const char* e = std::getenv("MMOC_WATCHDOG_S");
+    const double limit_s = e ? std::atof(e) : 120.0;
+    if (limit_s <= 0) return;
+    last_progress_us = now_us();
+    watchdog = std::thread([this, limit_s] {
+      bool reported = false;
+      while (!stop_watch) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        const int i = at_instr.load();
+        if (i < 0) { last_progress_us = now_us(); reported = false; continue; }
+        if (!reported && now_us() - last_progress_us.load() > limit_s * 1e6) {
+          std::fprintf(stderr, "mmoc watchdog: rank %d made no progress for %.0f s; its host thread is at:\n%s", rank, limit_s,
+                       context(i).c_str());
+          reported = true;
+        }
+      }
+    });
+  }
+  ~Impl() {
+    stop_watch = true;
+    if (watchdog.joinable()) watchdog.join();
+  }
   WorkerOptions opts;
   at::Device dev{at::kCPU};
   at::ScalarType cdtype = at::kFloat;
@@ -489,6 +518,7 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     I.stages[s.id] = std::move(st);
   }
   I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
+  I.start_watchdog();
 }
 
 void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
@@ -619,6 +649,8 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
         c10::cuda::CUDAStreamGuard g(stream);
         if (I.opts.trace) { ev_start[i].emplace(cudaEventDefault); ev_start[i]->record(stream); }
         I.cur_stream = sidx;
+        I.at_instr = i;
+        I.last_progress_us = now_us();
         I.exec(i);
         I.ev[i].emplace(I.opts.trace ? cudaEventDefault : cudaEventDisableTiming);
         I.ev[i]->record(stream);
@@ -628,6 +660,8 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
       }
     }
     // the step ends when every stream and the optimizer thread have finished
+    I.at_instr = (int)prog.size() - 1;
+    I.last_progress_us = now_us();
     for (int i = 0; i < (int)prog.size(); ++i) {
       if (prog[i].stream != ir::Stream::Cpu) continue;
       try { I.fut[i].get(); } catch (const std::exception& e) {
@@ -658,6 +692,8 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
     I.loss_acc.zero_();
     for (int i = 0; i < (int)prog.size(); ++i) {
       double ts = I.opts.trace ? now_us() : 0;
+      I.at_instr = i;
+      I.last_progress_us = now_us();
       try {
         I.exec(i);
       } catch (const std::exception& e) {
@@ -673,6 +709,7 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
     I.sends.clear();
     I.loss_sum = I.loss_acc.item<double>();
   }
+  I.at_instr = -1;
   // everything transient must be gone: a leak is a plan/engine disagreement
   for (const auto& [b, t] : I.bufs) {
     bool persistent = b.kind == BufKind::W && I.stages.count(b.stage) && I.stages.at(b.stage).resident;
