@@ -3,15 +3,7 @@
 #include <ATen/ATen.h>
 #include <sys/wait.h>
 #include <unistd.h>
-// LibTorch's logging defines glog-style CHECK macros; doctest's must win in this file.
-#undef CHECK
-#undef CHECK_EQ
-#undef CHECK_NE
-#undef CHECK_LT
-#undef CHECK_LE
-#undef CHECK_GT
-#undef CHECK_GE
-#include <doctest/doctest.h>
+#include "tests/torch_doctest.hpp"
 
 #include <cstdlib>
 #include <fstream>
