@@ -501,7 +501,8 @@ std::string default_configs_dir() {
 
 int64_t HardwareSpec::usable_bytes(int64_t budget) const {
   if (budget <= 0) return budget;
-  return std::max<int64_t>(0, (int64_t)(double(budget) * (1.0 - reserve_fraction) - reserve_gib * GiB));
+  // at least 1 byte: 0 means "no budget" to the passes, and a budget below the reserve must fail, not lift the limit
+  return std::max<int64_t>(1, (int64_t)(double(budget) * (1.0 - reserve_fraction) - reserve_gib * GiB));
 }
 
 int64_t HardwareSpec::budget_for(int64_t bound) const {

@@ -186,9 +186,8 @@ TEST_CASE("offload-insertion: a budget too small names the smallest budget that 
   }
 }
 
-// BUG (passes/offload_insertion.cpp, offload_insertion_pass, the InputError): the smallest budget is printed with
-// gib() = "%.2f GiB", so for small models it reads "the smallest budget that fits is 0.00 GiB" -- a useless (and,
-// as --budget 0 means "the whole GPU", misleading) hint. It should print enough digits (or MiB) and round up.
+// Regression: the smallest budget used to print as "0.00 GiB" for small models (now rounded up, with more digits
+// below 1 GiB), and a budget below the hardware's reserve used to lift the limit instead of failing.
 TEST_CASE("offload-insertion: the smallest-budget hint is non-zero for a tiny model") {
   JobConfig j = tiny_job(2, 1, 2, "grouped");
   j.budget_gib = 1e-6;
@@ -202,7 +201,7 @@ TEST_CASE("offload-insertion: the smallest-budget hint is non-zero for a tiny mo
 TEST_CASE("offload-insertion, offload=auto: the bound stays within every budget; more budget, more resident stages") {
   JobConfig j = seed7b();
   int prev_res = -1;
-  for (double b : {8.0, 10.0, 14.0, 20.0, 26.0, 32.0, 44.0}) {
+  for (double b : {10.0, 14.0, 20.0, 26.0, 32.0, 44.0}) {  // 7B needs 9.2 GiB with the l20x4 reserve
     CAPTURE(b);
     j.budget_gib = b;
     auto f = fixture(j, 2, "grouped");
@@ -224,7 +223,7 @@ TEST_CASE("offload-insertion, offload=auto: the bound stays within every budget;
         else CHECK_FALSE(seen_offload);
       }
     }
-    // maximal: one more resident stage on any GPU would break that GPU's budget
+    // maximal: one more resident stage on any GPU would break the usable part of that GPU's budget
     for (int g = 0; g < p.gpus; ++g) {
       OffloadConfig cfg{f->c->resident, p.stages[0].recompute, 1};
       int next = -1;
@@ -234,7 +233,7 @@ TEST_CASE("offload-insertion, offload=auto: the bound stays within every budget;
       cfg.resident[next] = 1;
       MemoryBound more = memory_bound(lower_offload(*f->c, f->c->pre_offload, cfg));
       CAPTURE(g);
-      CHECK(more.bound[g] > p.budget_bytes);
+      CHECK(more.bound[g] > f->c->hw.usable_bytes(p.budget_bytes));  // the plan may use the budget less the reserve
     }
   }
   CHECK(prev_res == 8);  // 44 GiB holds the whole 7B model on 4 GPUs
