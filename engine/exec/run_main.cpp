@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cuda_runtime_api.h>
+#include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -284,8 +286,12 @@ int worker_main(const Args& a) {
                       r.seconds, r.lr);
         os << buf;
         if (r.grad_norm >= 0) { std::snprintf(buf, sizeof buf, "  grad-norm %.4f", r.grad_norm); os << buf; }
-        os << "  peak GiB";
-        for (int g = 0; g < plan.gpus; ++g) os << (g ? "," : " ") << gib(peaks[g]);
+        const bool small = *std::max_element(peaks.begin(), peaks.end()) < 1024.0 * 1024 * 1024;
+        os << (small ? "  peak MiB" : "  peak GiB");
+        for (int g = 0; g < plan.gpus; ++g) {
+          if (small) { std::snprintf(buf, sizeof buf, "%.1f", peaks[g] / (1024.0 * 1024)); os << (g ? "," : " ") << buf; }
+          else os << (g ? "," : " ") << gib(peaks[g]);
+        }
         std::snprintf(buf, sizeof buf, "  ETA %.0f s", eta);
         os << buf;
         std::cout << os.str() << "\n" << std::flush;
@@ -369,6 +375,9 @@ int run_main(int argc, char** argv) {
     std::vector<std::string> argv_v(argv, argv + argc);
     comm::LaunchReport rep;
     int rc = comm::launch_local_workers(p.gpus, argv_v, {{"MMOC_DEVICE", device}}, &rep);
+    struct rusage ru {};
+    if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
+      std::cout << "host memory: peak resident set of the largest worker " << gib(double(ru.ru_maxrss) * 1024.0) << " GiB\n";
     return rc == 0 ? 0 : rc == 2 ? 2 : 1;  // 2: a worker found bad input
   } catch (const UsageError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
