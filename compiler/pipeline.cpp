@@ -33,7 +33,6 @@ void validate_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw
     try { size_t k; v = std::stoi(j.v, &k); if (k != j.v.size()) v = 0; } catch (...) { v = 0; }
     if (v < 1) throw InputError("--v must be a positive integer or 'auto' (got '" + j.v + "')");
   }
-  for (const char* knob : {"recompute", "offload", "cross_map"}) (void)knob;
   if (j.recompute != "auto" && j.recompute != "on" && j.recompute != "off")
     throw InputError("recompute must be auto, on or off (got '" + j.recompute + "')");
   if (j.offload != "auto" && j.offload != "all" && j.offload != "none")

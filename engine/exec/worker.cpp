@@ -193,11 +193,11 @@ struct Worker::Impl {
     if (cuda) {
       // the caching allocator only knows the allocating stream: tell it every stream that used the buffer, so its
       // memory is not reused before their queued work has passed
-      auto u = users.find(b);
-      users[b].insert(cur_stream);
-      for (int sidx : users[b])
-        if (t.defined() && t.is_cuda()) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *streams[sidx]);
-      if (u != users.end() || true) users.erase(b);
+      auto& used_by = users[b];
+      used_by.insert(cur_stream);
+      if (t.defined() && t.is_cuda())
+        for (int sidx : used_by) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *streams[sidx]);
+      users.erase(b);
     }
     return t;
   }
@@ -405,14 +405,10 @@ struct Worker::Impl {
   void gradnorm(const std::vector<at::Tensor>& rgrads) {
     double local = 0;
     for (const auto& g : rgrads) local += g.to(at::kDouble).pow(2).sum().item<double>();
-    for (auto& [s, st] : stages) {
-      if (st.resident) {
-        continue;
-      } else {
+    for (auto& [s, st] : stages)  // offloaded stages: their gradients are on the host
+      if (!st.resident)
         local += sum_of_squares(st.host_grad.data_ptr(), cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32,
                                 st.layout.numel, pool.get());
-      }
-    }
     double total = htr ? htr->allreduce_sum_double(local) : local;
     grad_norm = std::sqrt(total);
     clip = clip_scale(grad_norm, plan.train.max_grad_norm);
