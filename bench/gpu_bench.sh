@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | h100-7b | h200x2-7b | h200x2-13b | seed-l20x4-2gpu
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x4
 # Needs the peer scripts in .carry/ (fsdp2_offload.py, limits.py from ../shared/peers). Logs go to $OUT.
 set -uo pipefail
 what="${1:-smoke}"
@@ -17,7 +17,7 @@ if [ ! -x "$build/tools/run/mmoc-run" ]; then
   cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$P" -DMMOC_WITH_TESTS=OFF \
         -DTORCH_CUDA_ARCH_LIST=9.0 > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
   t0=$(date +%s)
-  ninja -C "$build" mmoc-run mmoc-compile mmoc-profile > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -30; exit 1; }
+  ninja -C "$build" mmoc-run mmoc-compile mmoc-profile mmoc-eval > "$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -30; exit 1; }
   log "built in $(( $(date +%s) - t0 )) s"
 fi
 C="$build/tools/compile/mmoc-compile"; R="$build/tools/run/mmoc-run"
@@ -35,6 +35,66 @@ import json,sys; r=[json.loads(l) for l in open('$1')][1:]; t=sorted(x['tokens_p
 peak_gib() { python3 -c "
 import json; r=[json.loads(l) for l in open('$1')]; print(' '.join('%.1f'%(b/2**30) for b in r[-1]['peak_bytes']))"; }
 
+# mmoc_job NAME "COMPILE ARGS" DATA STEPS: compile (prediction printed), run with a measured trace, print the run's tail
+mmoc_job() {
+  local name=$1 cargs=$2 data=$3 steps=$4
+  log "mmoc $name: mmoc-compile $cargs"
+  $C $cargs --precision bf16 -o "$OUT/plan-$name.json" --trace "$OUT/predicted-$name.json" > "$OUT/compile-$name.log" 2>&1 \
+    || { cat "$OUT/compile-$name.log"; return 1; }
+  grep -v "^  S\|candidate" "$OUT/compile-$name.log"
+  MMOC_WATCHDOG_S=${WATCHDOG:-60} timeout ${RUN_TIMEOUT:-300} $R "$OUT/plan-$name.json" --data "$data" --steps $steps --device ${DEVICE:-cuda} \
+    --metrics "$OUT/mmoc-$name.jsonl" --trace "$OUT/measured-$name.json" > "$OUT/mmoc-$name.log" 2>&1
+  echo "mmoc-run $name exit $?"; grep -v "^     %" "$OUT/mmoc-$name.log" | tail -${TAIL:-14}
+  python3 - "$OUT/mmoc-$name.jsonl" "$OUT/compile-$name.log" "$name" <<'PY'
+import json, re, sys
+try:
+    r = [json.loads(l) for l in open(sys.argv[1])]
+except OSError:
+    sys.exit(0)
+if len(r) < 2: sys.exit(0)
+c = open(sys.argv[2]).read()
+pred = float(re.search(r"predicted: step ([0-9.]+) s", c).group(1))
+bound = [float(x) for x in re.findall(r"bound ([0-9.]+) GiB", c)]
+simpk = [float(x) for x in re.findall(r"simulated peak ([0-9.]+) GiB", c)]
+steady = sorted(x["step_s"] for x in r[1:])[len(r[1:]) // 2]
+G = 2**30
+print("SUMMARY %s: step %.3f s measured (median of steps 2..%d) vs %.3f s predicted (%+.1f%%)" % (sys.argv[3], steady, len(r), pred, 100 * (pred - steady) / steady))
+last = r[-1]
+for g, (res, al) in enumerate(zip(last["peak_bytes"], last.get("peak_allocated_bytes", last["peak_bytes"]))):
+    dev = last.get("device_peak_bytes", [0] * len(last["peak_bytes"]))[g]
+    print("SUMMARY %s g%d: allocated peak %.2f GiB, reserved peak %.2f GiB, device total %.2f GiB; compiler: simulated %.2f, bound %.2f GiB (allocated vs simulated %+.1f%%)"
+          % (sys.argv[3], g, al / G, res / G, dev / G, simpk[g], bound[g], 100 * (al / G - simpk[g]) / max(simpk[g], 1e-9)))
+PY
+}
+# peer NAME GPUS "ARGS": the FSDP2+CPU-offload peer
+peer() {
+  log "peer $1: torchrun --nproc_per_node=$2 fsdp2_offload.py $3"
+  timeout ${PEER_TIMEOUT:-300} torchrun --nproc_per_node=$2 .carry/fsdp2_offload.py $3 > "$OUT/$1.log" 2>&1
+  echo "peer $1 exit $?"; grep -E "RESULT|^step|Error|error" "$OUT/$1.log" | tail -6
+  log "host memory now: $(free -g | awk '/Mem/{print $3}') GiB used"
+}
+# ratio LABEL MMOC_NAME PEER_NAME
+ratio() {
+  local m f
+  m=$(median_tps "$OUT/mmoc-$2.jsonl" 2>/dev/null || echo 0); f=$(grep RESULT "$OUT/$3.log" 2>/dev/null | sed 's/.*tokens_per_s=\([0-9]*\).*/\1/')
+  python3 -c "print('RESULT $1: mmoc %.0f tokens/s, fsdp2 %s tokens/s, ratio %.2f' % (float('${m:-0}' or 0), '${f:-n/a}', float('${m:-0}' or 0)/max(1.0, float('${f:-0}' or 0))))"
+}
+# compute_limit NAME MODEL LAYERS MBS SEQ MICROBATCHES GPUS: one decoder layer's forward and backward measured now
+# (mmoc-profile) x layers x micro-batches, plus the recompute forward, over the GPUs; mmoc's fraction of it
+compute_limit() {
+  timeout 150 $build/tools/profile/mmoc-profile --base configs/hardware/h200x2.json --model $2 --mbs $4 --seq $5 \
+     --device cuda --quick -o "$OUT/calibrated-$1.json" > "$OUT/profile-$1.log" 2>&1; grep -E "decoder|head" "$OUT/profile-$1.log"
+  python3 - "$OUT/profile-$1.log" "$OUT/mmoc-$1.jsonl" $3 $4 $5 $6 $7 "$1" <<'PY'
+import json, re, sys
+L, mbs, seq, M, G = map(int, sys.argv[3:8])
+t = {m.group(1): float(m.group(2)) for m in re.finditer(r"decoder (fwd|bwd) %dx%d\s+([0-9.]+)" % (mbs, seq), open(sys.argv[1]).read())}
+r = [json.loads(l) for l in open(sys.argv[2])][1:]
+tps = sorted(x["tokens_per_s"] for x in r)[len(r) // 2]
+tokens = M * mbs * seq
+limit_s = L * M * (2 * t["fwd"] + t["bwd"]) / 1000 / G
+print("RESULT %s: mmoc %.0f tokens/s (%.2f s/step); compute-bound limit %.2f s/step -> %.0f%% of it" % (sys.argv[8], tps, tokens / tps, limit_s, 100 * limit_s / (tokens / tps)))
+PY
+}
 case "$what" in
 smoke)
   # the tiny model on the GPU against the same plan on the CPU (fp32: to rounding), and bf16 against fp32
@@ -68,40 +128,44 @@ h100-7b)
     python3 -c "print('RESULT h100-7b: mmoc %.0f tokens/s, fsdp2 %s tokens/s, ratio %.2f' % ($m, '$f', $m/max(1.0, float('${f:-0}' or 0))))"
   fi
   ;;
-h200x2-7b)
-  # LLaMA-2-7B shape on 2 GPUs, 48 GiB budget each, 65,536 tokens per step (FSDP2: 8 x 1024 x accum 4 per GPU)
+h200x2|h200x2-7b|h200x2-13b|h200x2-seed)
+  # issue 4 on nvidia-h200-x2, 48 GiB per GPU: 7B (65,536 tokens/step) vs FSDP2; 13B (FSDP2+offload exhausts host memory
+  # there) against the compute-bound limit; the seed's l20x4 setting run on 2 GPUs, predicted vs measured
   gen_data "$OUT/tok.jsonl" 256 1024
-  $C --model llama2-7b --hardware h200x2 --gpus 2 --v ${V:-auto} --schedule ${SCHED:-grouped} --budget 48 --micro-batch-size 8 \
-     --microbatches 8 --seq-len 1024 --precision bf16 -o "$OUT/plan7.json" --trace "$OUT/predicted7.json" | grep -v "^  S"
-  timeout ${RUN_TIMEOUT:-300} $R "$OUT/plan7.json" --data "$OUT/tok.jsonl" --steps ${STEPS:-4} --device cuda --metrics "$OUT/mmoc7.jsonl" \
-     --trace "$OUT/measured7.json" > "$OUT/mmoc7.log" 2>&1
-  echo "mmoc-run exit $?"; grep -v "^     %" "$OUT/mmoc7.log" | tail -${TAIL:-12}
-  if [ "${SKIP_PEER:-0}" != 1 ]; then
-    timeout 300 torchrun --nproc_per_node=2 .carry/fsdp2_offload.py --layers 32 --mbs 8 --seq 1024 --accum 4 --steps 3 > "$OUT/fsdp2-7.log" 2>&1
-    grep -E "RESULT|^step" "$OUT/fsdp2-7.log"
-    m=$(median_tps "$OUT/mmoc7.jsonl"); f=$(grep RESULT "$OUT/fsdp2-7.log" | sed 's/.*tokens_per_s=\([0-9]*\).*/\1/')
-    python3 -c "print('RESULT h200x2-7b: mmoc %.0f tokens/s, fsdp2 %s tokens/s, ratio %.2f' % ($m, '$f', $m/max(1.0, float('${f:-0}' or 0))))"
+  if [ "$what" = h200x2 ] || [ "$what" = h200x2-7b ]; then
+    mmoc_job 7b "--model llama2-7b --hardware h200x2 --gpus 2 --v ${V:-auto} --schedule ${SCHED:-grouped} --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-4}
+    peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps 3"
+    ratio h200x2-7b 7b fsdp2-7b
+  fi
+  if [ "$what" = h200x2 ] || [ "$what" = h200x2-13b ]; then
+    mmoc_job 13b "--model llama2-13b --hardware h200x2 --gpus 2 --v ${V13:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
+    compute_limit 13b llama2-13b 40 8 1024 8 2
+  fi
+  if [ "$what" = h200x2 ] || [ "$what" = h200x2-seed ]; then
+    # the seed's job (7B, v=2, batch 8 x 8 x 128, 44 GiB), compiled for its own l20x4 machine on 2 GPUs (prediction only)
+    # and for the machine it runs on here
+    $C configs/jobs/seed-llama2-7b-l20x4.json --gpus 2 -o "$OUT/plan-seed-l20.json" | grep -E "^predicted|g[0-9]  sim"
+    gen_data "$OUT/tok128.jsonl" 512 128
+    mmoc_job seed "configs/jobs/seed-llama2-7b-l20x4.json --gpus 2 --hardware h200x2" "$OUT/tok128.jsonl" ${STEPS:-6}
   fi
   ;;
-h200x2-13b)
-  # LLaMA-2-13B shape on 2 GPUs, 48 GiB budget each, 65,536 tokens per step; FSDP2+offload exhausts host memory here
-  [ -f "$OUT/tok.jsonl" ] || gen_data "$OUT/tok.jsonl" 256 1024
-  $C --model llama2-13b --hardware h200x2 --gpus 2 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 \
-     --microbatches 8 --seq-len 1024 --precision bf16 -o "$OUT/plan13.json" --trace "$OUT/predicted13.json" | grep -v "^  S"
-  timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan13.json" --data "$OUT/tok.jsonl" --steps ${STEPS:-3} --device cuda --metrics "$OUT/mmoc13.jsonl" \
-     --trace "$OUT/measured13.json" > "$OUT/mmoc13.log" 2>&1
-  echo "mmoc-run exit $?"; grep -v "^     %" "$OUT/mmoc13.log" | tail -${TAIL:-12}
-  # the compute-bound limit: one 13B decoder layer's forward and backward measured now, x layers x micro-batches,
-  # plus the recompute forward, over 2 GPUs
-  timeout 150 $build/tools/profile/mmoc-profile --base configs/hardware/h200x2.json --model llama2-13b --mbs 8 --seq 1024 \
-     --device cuda --quick -o "$OUT/h200x2-13b-calibrated.json" > "$OUT/profile13.log" 2>&1; grep -E "decoder|head" "$OUT/profile13.log"
-  python3 - "$OUT/profile13.log" "$OUT/mmoc13.jsonl" <<'PY'
-import json, re, sys
-t = {m.group(1): float(m.group(2)) for m in re.finditer(r"decoder (fwd|bwd) 8x1024\s+([0-9.]+)", open(sys.argv[1]).read())}
-r = [json.loads(l) for l in open(sys.argv[2])][1:]
-tps = sorted(x["tokens_per_s"] for x in r)[len(r) // 2]
-limit_s = 40 * 8 * (2 * t["fwd"] + t["bwd"]) / 1000 / 2
-print("RESULT h200x2-13b: mmoc %.0f tokens/s (%.2f s/step); compute-bound limit %.2f s/step -> %.0f%% of it" % (tps, 65536 / tps, limit_s, 100 * limit_s / (65536 / tps)))
-PY
+h200x4)
+  # issue 6 on nvidia-h200-x4: the seed's configuration (v=2, 8 x 8 x 128 tokens per step) on 4 GPUs, 48 GiB per GPU,
+  # 7B and 13B, against FSDP2+offload with the same tokens per step (4 GPUs x 8 x 128 x accum 2)
+  gen_data "$OUT/tok128.jsonl" 512 128
+  mmoc_job seed4-7b "configs/jobs/seed-llama2-7b-l20x4.json --hardware h200x4 --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
+  peer fsdp2-seed4-7b 4 "--layers 32 --mbs 8 --seq 128 --accum 2 --steps 3"
+  ratio h200x4-seed-7b seed4-7b fsdp2-seed4-7b
+  mmoc_job seed4-13b "configs/jobs/seed-llama2-13b-l20x4.json --hardware h200x4 --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
+  peer fsdp2-seed4-13b 4 "--layers 40 --hidden 5120 --ffn 13824 --heads 40 --mbs 8 --seq 128 --accum 2 --steps 3"
+  ratio h200x4-seed-13b seed4-13b fsdp2-seed4-13b
+  ;;
+hfcheck)
+  # mmoc's model on CUDA against HF transformers' LlamaForCausalLM on the same safetensors (fp32 and bf16), and the
+  # first bf16 training step's loss; needs the fixture in .carry/fixtures
+  python3 tests/gpu/hf_gpu_check.py "$build" .carry/fixtures/llama-gqa-fp32 "$OUT/hfcheck" 2>&1 | grep -v "it/s\]" | tee "$OUT/hfcheck.log"
+  rm -rf "$OUT/hfcheck"
   ;;
 esac
+# what comes back from the device is at most 8 files: pack everything but the logs' summary into one archive
+( cd "$OUT" && ls | grep -v '^results.tgz$' > .list && tar czf results.tgz -T .list && xargs rm -rf < .list; rm -f .list )

@@ -15,6 +15,8 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <iomanip>
+#include <set>
 #include <sstream>
 
 #include "engine/comm/transport.hpp"
@@ -172,7 +174,7 @@ std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker)
 }
 
 void write_trace(const std::string& path, const ir::Plan& plan, const std::vector<std::vector<TraceEvent>>& per_rank,
-                 double step_s, double tokens_per_s, const std::vector<double>& peaks) {
+                 double step_s, double tokens_per_s, const std::vector<double>& peaks, const std::vector<double>& allocs) {
   json ev = json::array();
   static const char* lanes[] = {"comp", "h2d", "d2h", "p2p", "cpu"};
   double t0 = 1e300;
@@ -195,16 +197,40 @@ void write_trace(const std::string& path, const ir::Plan& plan, const std::vecto
   }
   json out = {{"traceEvents", ev},
               {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
-                            {"gpus", plan.gpus}, {"peak_bytes", peaks}}}};
+                            {"gpus", plan.gpus}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}}}};
   ir::save_file_atomic(path, out.dump());
 }
 
+int worker_body(const Args& a, const std::string& device_hint);
+
+// A worker on CUDA that fails must not unwind: destroying its streams, NCCL communicators and optimizer thread would
+// wait for GPU work that waits for the peers, so it hangs instead of reporting. It prints the error and leaves at
+// once; the launcher (or torchrun) ends the other ranks.
 int worker_main(const Args& a) {
+  const std::string dev = std::getenv("MMOC_DEVICE") ? std::getenv("MMOC_DEVICE") : a.device;
+  return worker_body(a, dev);
+}
+
+[[noreturn]] void worker_die(const std::exception& e) {
+  int code = 3;
+  std::string prefix = "error: ";
+  if (dynamic_cast<const UsageError*>(&e) || dynamic_cast<const data::DataError*>(&e) || dynamic_cast<const io::FormatError*>(&e) ||
+      dynamic_cast<const ir::ParseError*>(&e))
+    code = 2;
+  const char* r = std::getenv("RANK");
+  std::fprintf(stderr, "mmoc-run: worker %s: %s%s\n", r ? r : "?", prefix.c_str(), e.what());
+  std::fflush(stderr);
+  std::fflush(stdout);
+  std::_Exit(code);
+}
+
+int worker_body(const Args& a, const std::string& device_hint) {
+  const auto t_start = std::chrono::steady_clock::now();
   comm::WorldInfo w = comm::world_from_env();
   ir::Plan plan = ir::load_plan_file(a.plan);
   if (w.world_size != plan.gpus)
     throw UsageError("WORLD_SIZE=" + std::to_string(w.world_size) + " but the plan has " + std::to_string(plan.gpus) + " ranks");
-  std::string device = resolve_device(std::getenv("MMOC_DEVICE") ? std::getenv("MMOC_DEVICE") : a.device, plan, true);
+  std::string device = resolve_device(device_hint, plan, true);
   at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus)));
   WorkerOptions wo;
   wo.device = device;
@@ -214,6 +240,7 @@ int worker_main(const Args& a) {
   Worker worker(plan, w.rank, nullptr, wo);
   std::shared_ptr<comm::Rendezvous> rdzv;
   std::unique_ptr<comm::Transport> tr;
+  try {
   if (w.world_size > 1) {
     rdzv = comm::Rendezvous::connect(w);
     if (device == "cuda") {
@@ -227,7 +254,35 @@ int worker_main(const Args& a) {
       tr = comm::make_gloo_transport(rdzv);
     }
     worker.set_transports(tr.get(), tr.get());
+    if (device == "cuda") {
+      // open every NCCL connection the plan uses now (one tiny exchange with each peer, all in one group), so that
+      // its buffers exist before the allocator's cap is set and no connection is made in the middle of a step
+      std::set<int> peers;
+      for (const auto& in : plan.programs[w.rank].instrs)
+        if (in.op == ir::Op::Send || in.op == ir::Op::Recv) peers.insert(in.peer);
+      if (!peers.empty()) {
+        auto o = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, worker.device_index());
+        std::vector<at::Tensor> out(peers.size()), in(peers.size());
+        std::vector<comm::P2POp> ops;
+        size_t k = 0;
+        for (int p : peers) {
+          out[k] = at::full({1}, float(w.rank), o);
+          in[k] = at::empty({1}, o);
+          ops.push_back({comm::P2POp::kSend, &out[k], p, "warmup"});
+          ops.push_back({comm::P2POp::kRecv, &in[k], p, "warmup"});
+          ++k;
+        }
+        tr->batch_isend_irecv(ops)->wait();
+        k = 0;
+        for (int p : peers)
+          if (in[k++].item<float>() != float(p)) throw std::runtime_error("NCCL warm-up exchange with rank " + std::to_string(p) + " returned wrong data");
+      }
+    }
   }
+  const int64_t outside = worker.apply_budget();
+  if (w.rank == 0 && !a.quiet && device == "cuda")
+    std::cout << "rank 0: " << (outside >> 20) << " MiB of GPU memory held outside the allocator (CUDA context, NCCL); allocator capped at "
+              << (plan.budget_bytes > 0 ? std::to_string((plan.budget_bytes - outside) >> 20) + " MiB" : std::string("no limit")) << "\n" << std::flush;
   auto rows = data::load_rows(data_config(a, plan));
   data::BatchIterator it(rows, a.data_seed);
   int64_t start = 0;
@@ -242,6 +297,10 @@ int worker_main(const Args& a) {
   } else {
     worker.load_hf(a.init);
   }
+  if (w.rank == 0 && !a.quiet)
+    std::cout << "rank 0: ready after " << std::fixed << std::setprecision(1)
+              << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() << " s (weights "
+              << (a.resume.empty() ? a.init : "from " + a.resume) << ")\n" << std::defaultfloat << std::setprecision(6) << std::flush;
   std::ofstream metrics;
   if (w.rank == 0 && !a.metrics.empty()) {
     metrics.open(a.metrics, start > 0 ? std::ios::app : std::ios::trunc);
@@ -263,19 +322,23 @@ int worker_main(const Args& a) {
   };
   double total_s = 0;
   StepResult last;
-  std::vector<double> last_peaks(plan.gpus, 0.0);
+  std::vector<double> last_peaks(plan.gpus, 0.0), last_allocs(plan.gpus, 0.0);
   for (int64_t s = start; s < a.steps; ++s) {
     data::StepBatch b = it.next_step(plan.microbatches, plan.micro_batch_size);
     StepResult r = worker.step(b, s);
     last = r;
     total_s += r.seconds;
-    std::vector<double> peaks(plan.gpus, 0.0);
-    if (tr) {
-      for (int g = 0; g < plan.gpus; ++g) peaks[g] = tr->allreduce_sum_double(g == w.rank ? (double)r.peak_bytes : 0.0);
-    } else {
-      peaks[0] = (double)r.peak_bytes;
-    }
+    auto per_rank = [&](double v) {  // one value of every rank, on every rank
+      std::vector<double> out(plan.gpus, 0.0);
+      if (!tr) { out[0] = v; return out; }
+      for (int g = 0; g < plan.gpus; ++g) out[g] = tr->allreduce_sum_double(g == w.rank ? v : 0.0);
+      return out;
+    };
+    const std::vector<double> peaks = per_rank((double)r.peak_bytes);
+    const std::vector<double> allocs = per_rank((double)r.peak_allocated);
+    const std::vector<double> outside = per_rank((double)r.outside_bytes);
     last_peaks = peaks;
+    last_allocs = allocs;
     if (w.rank == 0) {
       const double tps = tokens_per_step / std::max(r.seconds, 1e-9);
       const double eta = (a.steps - s - 1) * (total_s / double(s - start + 1));
@@ -292,13 +355,22 @@ int worker_main(const Args& a) {
           if (small) { std::snprintf(buf, sizeof buf, "%.1f", peaks[g] / (1024.0 * 1024)); os << (g ? "," : " ") << buf; }
           else os << (g ? "," : " ") << gib(peaks[g]);
         }
+        if (device == "cuda") {
+          os << "  allocated";
+          for (int g = 0; g < plan.gpus; ++g) os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : gib(allocs[g]));
+        }
         std::snprintf(buf, sizeof buf, "  ETA %.0f s", eta);
         os << buf;
         std::cout << os.str() << "\n" << std::flush;
       }
       if (metrics) {
         json m = {{"step", s + 1}, {"loss", r.loss}, {"tokens", r.tokens}, {"tokens_per_s", tps}, {"step_s", r.seconds},
-                  {"lr", r.lr}, {"peak_bytes", peaks}};
+                  {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}};
+        if (device == "cuda") {  // everything the process held on each GPU at its peak: allocator + context + NCCL
+          std::vector<double> dev(plan.gpus);
+          for (int g = 0; g < plan.gpus; ++g) dev[g] = peaks[g] + outside[g];
+          m["device_peak_bytes"] = dev;
+        }
         if (r.grad_norm >= 0) m["grad_norm"] = r.grad_norm;
         metrics << m.dump() << "\n" << std::flush;
       }
@@ -324,12 +396,16 @@ int worker_main(const Args& a) {
         for (size_t k = j.size() >= n ? j.size() - n : 0; k < j.size(); ++k)
           all[g].push_back({j[k][0].get<int>(), j[k][1].get<int>(), j[k][2].get<double>(), j[k][3].get<double>(), j[k][4].get<int64_t>()});
       }
-      write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks);
+      write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks, last_allocs);
       for (int g = 0; g < plan.gpus; ++g) io::remove_tree(a.trace + ".rank" + std::to_string(g) + ".json");
     }
     if (tr) tr->barrier();
   }
   return 0;
+  } catch (const std::exception& e) {
+    if (device == "cuda") worker_die(e);
+    throw;
+  }
 }
 }  // namespace
 

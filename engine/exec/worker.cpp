@@ -143,18 +143,40 @@ struct Worker::Impl {
         const int i = at_instr.load();
         if (i < 0) { last_progress_us = now_us(); reported = false; continue; }
         if (!reported && now_us() - last_progress_us.load() > limit_s * 1e6) {
-          std::fprintf(stderr, "mmoc watchdog: rank %d made no progress for %.0f s; its host thread is at:\n%s", rank, limit_s,
-                       context(i).c_str());
+          std::fprintf(stderr, "mmoc watchdog: rank %d made no progress for %.0f s; its host thread is at:\n%s%s", rank, limit_s,
+                       context(i).c_str(), gpu_progress(i).c_str());
           reported = true;
         }
       }
     });
+  }
+  // Per GPU stream: the last instruction up to `upto` whose completion event has fired, and the first that has not.
+  std::string gpu_progress(int upto) {
+    if (!cuda) return "";
+    std::lock_guard<std::mutex> g(ev_mu);
+    const auto& prog = plan.programs[rank].instrs;
+    static const char* names[] = {"comp", "h2d", "d2h", "p2p"};
+    std::string s;
+    for (int k = 0; k < 4; ++k) {
+      int done = -1, pending = -1;
+      for (int j = 0; j <= upto && j < (int)ev.size() && j < (int)prog.size(); ++j) {
+        if ((int)prog[j].stream != k || !ev[j]) continue;
+        if (ev[j]->query()) done = j;
+        else if (pending < 0) pending = j;
+      }
+      s += std::string("  gpu stream ") + names[k] + ": last done " + (done >= 0 ? ir::print_instr(prog[done], done) : std::string("none")) +
+           "; first pending " + (pending >= 0 ? ir::print_instr(prog[pending], pending) : std::string("none")) + "\n";
+    }
+    return s;
   }
   ~Impl() {
     stop_watch = true;
     if (watchdog.joinable()) watchdog.join();
   }
   WorkerOptions opts;
+  int max_ahead = 2;          // CUDA: compute instructions issued ahead of the GPU
+  int64_t outside_bytes = 0;  // CUDA: device bytes outside the caching allocator (context, NCCL)
+  std::mutex ev_mu;           // guards ev against the watchdog while a step (re)sizes it
   at::Device dev{at::kCPU};
   at::ScalarType cdtype = at::kFloat;
   std::map<int, StageState> stages;  // local stages
@@ -174,7 +196,7 @@ struct Worker::Impl {
   float clip = 1.0f;
   double grad_norm = -1;
   double lr = 0;
-  int64_t cur_bytes = 0, peak_bytes = 0;
+  int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
   std::vector<TraceEvent> trace;
 
   int64_t bytes_of(const at::Tensor& t) const { return t.defined() ? (int64_t)t.numel() * (int64_t)t.element_size() : 0; }
@@ -464,14 +486,11 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     c10::cuda::set_device((c10::DeviceIndex)I.cuda_index);
     for (int k = 0; k < 4; ++k) I.streams[k] = c10::cuda::getStreamFromPool(/*isHighPriority=*/k == 3, (c10::DeviceIndex)I.cuda_index);
     I.cpu = std::make_unique<CpuStream>();
-    // the plan's budget is the allocator's ceiling on this GPU
+    // the plan's budget is the ceiling of everything this process holds on the GPU (refined by apply_budget() once
+    // NCCL is up)
     (void)at::empty({1}, at::TensorOptions().device(I.dev));  // initialises the caching allocator for this device
-    size_t free_b = 0, total_b = 0;
-    cudaMemGetInfo(&free_b, &total_b);
-    if (plan.budget_bytes > 0 && total_b > 0) {
-      double frac = std::min(1.0, double(plan.budget_bytes) / double(total_b));
-      c10::cuda::CUDACachingAllocator::setMemoryFraction(frac, (c10::DeviceIndex)I.cuda_index);
-    }
+    const char* ma = std::getenv("MMOC_MAX_AHEAD");
+    I.max_ahead = opts.max_ahead >= 0 ? opts.max_ahead : ma ? std::max(0, std::atoi(ma)) : 2;
   } else if (opts.device != "cpu") {
     throw std::runtime_error("unknown device '" + opts.device + "' (cpu or cuda)");
   }
@@ -514,6 +533,7 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     I.stages[s.id] = std::move(st);
   }
   I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
+  apply_budget();
   I.start_watchdog();
 }
 
@@ -521,6 +541,27 @@ void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
   impl_->tr = p2p;
   impl_->htr = host ? host : p2p;
 }
+int64_t Worker::apply_budget() {
+  auto& I = *impl_;
+  if (!I.cuda) return 0;
+  c10::cuda::CUDAGuard dg((c10::DeviceIndex)I.cuda_index);
+  cudaDeviceSynchronize();
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess || total_b == 0) { cudaGetLastError(); return 0; }
+  const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)I.cuda_index);
+  // what the GPU has in use that the allocator does not own: the CUDA context, NCCL's buffers, library handles
+  // (this process is alone on its GPU, so the device's used memory is ours)
+  I.outside_bytes = std::max<int64_t>(0, (int64_t)(total_b - free_b) - st.reserved_bytes[0].current);
+  if (I.plan.budget_bytes > 0) {
+    const int64_t cap = I.plan.budget_bytes - I.outside_bytes;
+    if (cap <= 0)
+      throw std::runtime_error("rank " + std::to_string(I.rank) + ": the plan's budget of " + std::to_string(I.plan.budget_bytes >> 20) +
+                               " MiB is below what CUDA and NCCL already hold on the GPU (" + std::to_string(I.outside_bytes >> 20) + " MiB)");
+    c10::cuda::CUDACachingAllocator::setMemoryFraction(std::min(1.0, double(cap) / double(total_b)), (c10::DeviceIndex)I.cuda_index);
+  }
+  return I.outside_bytes;
+}
+
 void* Worker::p2p_stream() const { return impl_->cuda ? (void*)impl_->streams[3]->stream() : nullptr; }
 int Worker::device_index() const { return impl_->cuda_index; }
 
@@ -598,8 +639,12 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
       c10::cuda::CUDAStreamGuard g(*I.streams[0]);
       I.loss_acc.zero_();
     }
-    I.ev.clear();
-    I.ev.resize(prog.size());
+    {
+      std::lock_guard<std::mutex> g(I.ev_mu);
+      I.ev.clear();
+      I.ev.resize(prog.size());
+    }
+    std::deque<int> comp_ahead;  // compute instructions issued whose completion the host has not seen
     I.fut.assign(prog.size(), {});
     if (I.opts.trace) {
       I.t0_event.emplace(cudaEventDefault);
@@ -638,6 +683,14 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
         }
         const int sidx = (int)in.stream;
         auto& stream = *I.streams[sidx];
+        I.at_instr = i;
+        I.last_progress_us = now_us();
+        // bounded run-ahead: the host issues (and allocates for) at most max_ahead compute instructions ahead of the
+        // GPU, so the allocator's live set follows the plan's timeline instead of the whole step being queued at once
+        while (I.max_ahead > 0 && (int)comp_ahead.size() > I.max_ahead) {
+          I.ev[comp_ahead.front()]->synchronize();
+          comp_ahead.pop_front();
+        }
         for (int a : in.after) {
           if (prog[a].stream == ir::Stream::Cpu) I.fut[a].get();
           else if (prog[a].stream != in.stream && I.ev[a]) I.ev[a]->block(stream);
@@ -650,6 +703,7 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
         I.exec(i);
         I.ev[i].emplace(I.opts.trace ? cudaEventDefault : cudaEventDisableTiming);
         I.ev[i]->record(stream);
+        if (in.stream == ir::Stream::Comp) comp_ahead.push_back(i);
       } catch (const std::exception& e) {
         throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
                                  e.what() + "\n" + I.context(i));
@@ -672,6 +726,7 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
     I.loss_sum = I.loss_acc.item<double>();
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)I.cuda_index);
     I.peak_bytes = stats.reserved_bytes[0].peak;
+    I.peak_alloc = stats.allocated_bytes[0].peak;
     if (I.opts.trace) {
       for (int i = 0; i < (int)prog.size(); ++i) {
         const auto& in = prog[i];
@@ -718,6 +773,8 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
   r.tokens = I.count;
   r.grad_norm = I.grad_norm;
   r.peak_bytes = I.peak_bytes;
+  r.peak_allocated = I.cuda ? I.peak_alloc : I.peak_bytes;
+  r.outside_bytes = I.outside_bytes;
   r.lr = I.lr;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;

@@ -21,6 +21,7 @@ struct WorkerOptions {
   int cuda_device = -1;        // -1: LOCAL_RANK
   int optim_threads = 0;       // 0: hardware threads / local ranks
   bool trace = false;          // record per-instruction timings (measured trace)
+  int max_ahead = -1;          // CUDA: compute instructions the host may issue ahead of the GPU (-1: MMOC_MAX_AHEAD or 2; 0: unbounded)
 };
 
 struct StepResult {
@@ -28,7 +29,9 @@ struct StepResult {
   int64_t tokens = 0;          // tokens that count in the loss
   double grad_norm = -1;       // global gradient norm when the plan clips, else -1
   double seconds = 0;
-  int64_t peak_bytes = 0;      // this rank's peak device bytes (plan-accounted buffers on CPU; allocator on CUDA)
+  int64_t peak_bytes = 0;      // this rank's peak device bytes (plan-accounted buffers on CPU; allocator reserved on CUDA)
+  int64_t peak_allocated = 0;  // CUDA: the allocator's peak of allocated (live tensor) bytes; CPU: = peak_bytes
+  int64_t outside_bytes = 0;   // CUDA: device memory this process holds outside the allocator (context, NCCL)
   double lr = 0;
 };
 
@@ -47,6 +50,9 @@ class Worker {
   Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const WorkerOptions& opts);
   void set_transports(comm::Transport* p2p, comm::Transport* host);
   void* p2p_stream() const;  // cudaStream_t of the p2p stream (null on the CPU)
+  // CUDA: cap the caching allocator so that it plus what the process already holds outside it (context, NCCL
+  // buffers; measured now) stays within the plan's budget. Call after the transport is up. Returns the outside bytes.
+  int64_t apply_budget();
   int device_index() const;  // CUDA device of this rank (-1 on the CPU)
   ~Worker();
   Worker(const Worker&) = delete;
