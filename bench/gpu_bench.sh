@@ -168,4 +168,4 @@ hfcheck)
   ;;
 esac
 # what comes back from the device is at most 8 files: pack everything but the logs' summary into one archive
-( cd "$OUT" && ls | grep -v '^results.tgz$' > .list && tar czf results.tgz -T .list && xargs rm -rf < .list; rm -f .list )
+( cd "$OUT" && ls | grep -v '^results-.*\.tgz$\|^bench.*\.log$' > .list && tar czf "results-$what.tgz" -T .list && xargs rm -rf < .list; rm -f .list )

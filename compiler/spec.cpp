@@ -285,10 +285,13 @@ double ModelSpec::layer_fwd_flops(int layer, int mbs, int seq) const {
 // Backward: gradients w.r.t. inputs and weights, each a matmul of forward's size: 2x forward.
 double ModelSpec::layer_bwd_flops(int layer, int mbs, int seq) const { return 2.0 * layer_fwd_flops(layer, mbs, seq); }
 
-// Saved-for-backward bytes without recompute (SDPA/flash attention: no seq^2 score matrix is kept), per token:
-//  decoder: elements x, norm1(x), q, k, v (2*kv_dim), attention output, mid residual, norm2, and the MLP's gate, silu(gate), up,
-//           silu(gate)*up (4*ffn)  => (6*hidden + 2*kv_dim + 4*ffn) * act_bytes, plus fp32 small terms: attention
-//           log-sum-exp (heads*4) and two RMSNorm inverse-rms (2*4).  For LLaMA-2-7B that is ~18.75*hidden*act_bytes per token.
+// Saved-for-backward bytes without recompute (SDPA/flash attention: no seq^2 score matrix is kept), per token, as
+// engine/model/model.cpp's decoder keeps them (q/k/v and gate/up are views of the flat weights: no weight copy):
+//  decoder: x, norm1(x), attention output, mid residual, norm2 (5*hidden); the fused gate|up output, silu(gate) and
+//           silu(gate)*up (4*ffn); and what attention keeps: with MHA the fused qkv output (v is a view of it) plus the
+//           rotated q and k (hidden + 2*kv_dim + hidden + kv_dim); with GQA the rotated q and the repeated k and v
+//           (3*hidden) -- all times act_bytes; plus fp32 small terms: attention log-sum-exp (heads*4) and two RMSNorm
+//           inverse-rms (2*4). For LLaMA-2-7B that is 10*hidden + 4*ffn = ~20.75*hidden elements per token.
 //  head:    final-norm input and output (2*hidden*act_bytes + 4) plus the fp32 log-softmax that cross-entropy keeps (vocab*4).
 //  embedding: nothing (the token ids are batch(m)).
 // recompute=true: 0 (forward keeps only the stage input, counted as the previous layer's output / the batch).
@@ -296,7 +299,8 @@ int64_t ModelSpec::layer_stash_bytes(int layer, int mbs, int seq, bool recompute
   if (recompute) return 0;
   const int64_t T = (int64_t)mbs * seq, h = hidden, kvd = (int64_t)kv_heads * head_dim();
   if (layer == 0) return 0;
-  if (layer >= 1 && layer <= layers) return T * ((6 * h + 2 * kvd + 4 * (int64_t)ffn) * act_bytes + (int64_t)heads * 4 + 8);
+  const int64_t attn = kv_heads == heads ? 2 * h + 3 * kvd : 3 * h;
+  if (layer >= 1 && layer <= layers) return T * ((5 * h + attn + 4 * (int64_t)ffn) * act_bytes + (int64_t)heads * 4 + 8);
   if (layer == layers + 1) return T * (2 * h * act_bytes + 4 + (int64_t)vocab * 4);
   throw std::out_of_range("layer out of range");
 }

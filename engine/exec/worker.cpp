@@ -399,18 +399,27 @@ struct Worker::Impl {
       adamw_step(b, hyper(), st.step, clip, pool.get());
     } else {
       if (!st.resident) throw ExecError("optim S" + std::to_string(in.stage) + " on the GPU for an offloaded stage");
-      at::Tensor g = take({BufKind::WGrad, in.stage, -1}).to(at::kFloat);
-      if (clip != 1.0f) g.mul_(clip);
+      at::Tensor grad = take({BufKind::WGrad, in.stage, -1});
+      at::Tensor w = need({BufKind::W, in.stage, -1}, "optim");
       const auto h = hyper();
-      // torch.optim.AdamW's update, on the device
-      st.master.mul_(1.0 - h.lr * h.weight_decay);
-      st.exp_avg.lerp_(g, 1.0 - h.beta1);
-      st.exp_avg_sq.mul_(h.beta2).addcmul_(g, g, 1.0 - h.beta2);
       const double bc1 = 1.0 - std::pow(h.beta1, (double)st.step);
       const double bc2 = 1.0 - std::pow(h.beta2, (double)st.step);
-      at::Tensor denom = (st.exp_avg_sq.sqrt() / std::sqrt(bc2)).add_(h.eps);
-      st.master.addcdiv_(st.exp_avg, denom, -h.lr / bc1);
-      need({BufKind::W, in.stage, -1}, "optim").copy_(st.master);
+      // torch.optim.AdamW's update, on the device, in chunks: the fp32 gradient copy and the denominator are
+      // transient per chunk (at most 2 x 128 MiB), not per stage, so they fit in the plan's reserve
+      const int64_t n = st.master.numel(), chunk = int64_t(1) << 25;
+      for (int64_t off = 0; off < n; off += chunk) {
+        const int64_t len = std::min(chunk, n - off);
+        at::Tensor m = st.master.narrow(0, off, len), ea = st.exp_avg.narrow(0, off, len), eas = st.exp_avg_sq.narrow(0, off, len);
+        at::Tensor g = grad.narrow(0, off, len).to(at::kFloat);
+        if (clip != 1.0f) g.mul_(clip);
+        m.mul_(1.0 - h.lr * h.weight_decay);
+        ea.lerp_(g, 1.0 - h.beta1);
+        eas.mul_(h.beta2).addcmul_(g, g, 1.0 - h.beta2);
+        at::Tensor denom = eas.sqrt();
+        denom.div_(std::sqrt(bc2)).add_(h.eps);
+        m.addcdiv_(ea, denom, -h.lr / bc1);
+        w.narrow(0, off, len).copy_(m);
+      }
     }
   }
 

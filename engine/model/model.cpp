@@ -14,14 +14,21 @@ using torch::autograd::variable_list;
 
 namespace {
 
-// flat -> parameter views; backward gathers the parameter gradients into one flat gradient.
+// A piece of the flat tensor handed to the model as one view: one parameter, or several parameters that sit back to
+// back (q/k/v, gate/up) so that they are used as one matrix without a copy.
+struct Segment {
+  int64_t offset = 0, numel = 0;
+  std::vector<int64_t> shape;
+};
+
+// flat -> segment views; backward gathers the segments' gradients into one flat gradient.
 struct FlatSplit : torch::autograd::Function<FlatSplit> {
-  static variable_list forward(AutogradContext* ctx, at::Tensor flat, const StageLayout* layout) {
+  static variable_list forward(AutogradContext* ctx, at::Tensor flat, const std::vector<Segment>* segs) {
     ctx->set_materialize_grads(false);
     std::vector<int64_t> offs, numels;
     variable_list out;
-    out.reserve(layout->params.size());
-    for (const auto& p : layout->params) {
+    out.reserve(segs->size());
+    for (const auto& p : *segs) {
       offs.push_back(p.offset);
       numels.push_back(p.numel);
       out.push_back(flat.narrow(0, p.offset, p.numel).view(p.shape));
@@ -101,12 +108,51 @@ std::vector<at::Tensor> param_views(const StageLayout& layout, const at::Tensor&
   if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
     throw std::invalid_argument("param_views: flat must be a contiguous 1-D tensor of " + std::to_string(layout.numel) +
                                 " elements (got " + (flat.defined() ? std::to_string(flat.numel()) : std::string("undefined")) + ")");
-  return FlatSplit::apply(flat, &layout);
+  std::vector<Segment> segs;
+  for (const auto& p : layout.params) segs.push_back({p.offset, p.numel, p.shape});
+  return FlatSplit::apply(flat, &segs);
 }
 
 at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat, const at::Tensor& input,
                          const Rope& rope, const at::Tensor& tied_embedding) {
-  auto views = param_views(layout, flat);
+  if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
+    throw std::invalid_argument("stage_forward: flat must be a contiguous 1-D tensor of " + std::to_string(layout.numel) + " elements");
+  // Segments: every parameter, except that q/k/v and gate/up become one [rows, hidden] matrix each when they are
+  // adjacent in the flat tensor (the layout's order; true unless alignment padding separates them). A fused matrix
+  // is a view, so the forward saves no copy of the weights for backward.
+  std::vector<Segment> segs;
+  std::vector<char> fused_qkv, fused_gu;  // per decoder layer of the stage
+  for (size_t i = 0; i < layout.params.size();) {
+    const auto& p = layout.params[i];
+    auto adjacent = [&](size_t a, size_t n) {
+      for (size_t j = a; j + 1 < a + n; ++j)
+        if (layout.params[j].offset + layout.params[j].numel != layout.params[j + 1].offset) return false;
+      return true;
+    };
+    auto merge = [&](size_t a, size_t n) {
+      int64_t rows = 0, numel = 0;
+      for (size_t j = a; j < a + n; ++j) { rows += layout.params[j].shape[0]; numel += layout.params[j].numel; }
+      segs.push_back({layout.params[a].offset, numel, {rows, layout.params[a].shape[1]}});
+    };
+    const bool decoder = p.layer >= 1 && p.layer <= a.layers;
+    if (decoder && i + 3 <= layout.params.size() && p.name.find("self_attn.q_proj.weight") != std::string::npos) {
+      const bool f = adjacent(i, 3);
+      fused_qkv.push_back(f);
+      if (f) merge(i, 3);
+      else for (size_t j = i; j < i + 3; ++j) segs.push_back({layout.params[j].offset, layout.params[j].numel, layout.params[j].shape});
+      i += 3;
+    } else if (decoder && i + 2 <= layout.params.size() && p.name.find("mlp.gate_proj.weight") != std::string::npos) {
+      const bool f = adjacent(i, 2);
+      fused_gu.push_back(f);
+      if (f) merge(i, 2);
+      else for (size_t j = i; j < i + 2; ++j) segs.push_back({layout.params[j].offset, layout.params[j].numel, layout.params[j].shape});
+      i += 2;
+    } else {
+      segs.push_back({p.offset, p.numel, p.shape});
+      ++i;
+    }
+  }
+  auto views = FlatSplit::apply(flat, &segs);
   const auto dt = flat.scalar_type();
   const int64_t H = a.hidden, nh = a.heads, nkv = a.kv_heads, hd = a.hidden / a.heads;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
@@ -156,20 +202,19 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
         cos = rope.cos.narrow(0, 0, T).to(h.device(), dt);  // [T, hd]; broadcasts over [B, heads, T, hd]
         sin = rope.sin.narrow(0, 0, T).to(h.device(), dt);
       }
-      auto& w_in = views[k];
-      auto& wq = views[k + 1];
-      auto& wk = views[k + 2];
-      auto& wv = views[k + 3];
-      auto& wo = views[k + 4];
-      auto& w_post = views[k + 5];
-      auto& wg = views[k + 6];
-      auto& wu = views[k + 7];
-      auto& wd = views[k + 8];
-      k += 9;
+      const size_t li = (size_t)(l - std::max(layout.layer_begin, 1));  // decoder layer index within the stage
+      auto& w_in = views[k++];
+      // one GEMM for q, k and v (and one for gate and up below): larger matrices run closer to peak
+      at::Tensor w_qkv = fused_qkv[li] ? views[k] : at::cat({views[k], views[k + 1], views[k + 2]}, 0);
+      k += fused_qkv[li] ? 1 : 3;
+      auto& wo = views[k++];
+      auto& w_post = views[k++];
+      at::Tensor w_gu = fused_gu[li] ? views[k] : at::cat({views[k], views[k + 1]}, 0);
+      k += fused_gu[li] ? 1 : 2;
+      auto& wd = views[k++];
       auto residual = h;
       auto x = norm(h, w_in);
-      // one GEMM for q, k and v (and one for gate and up below): larger matrices run closer to peak
-      auto qkv = at::linear(x, at::cat({wq, wk, wv}, 0));
+      auto qkv = at::linear(x, w_qkv);
       auto q = qkv.narrow(-1, 0, nh * hd).reshape({B, T, nh, hd}).transpose(1, 2);
       auto kk = qkv.narrow(-1, nh * hd, nkv * hd).reshape({B, T, nkv, hd}).transpose(1, 2);
       auto v = qkv.narrow(-1, (nh + nkv) * hd, nkv * hd).reshape({B, T, nkv, hd}).transpose(1, 2);
@@ -182,8 +227,8 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
       h = residual + at::linear(att, wo);
       residual = h;
       x = norm(h, w_post);
-      const int64_t F = wg.size(0);
-      auto gu = at::linear(x, at::cat({wg, wu}, 0));
+      const int64_t F = a.ffn;
+      auto gu = at::linear(x, w_gu);
       x = at::linear(at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F), wd);
       h = residual + x;
     }
