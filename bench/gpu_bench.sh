@@ -134,7 +134,7 @@ h200x2|h200x2-7b|h200x2-13b|h200x2-seed)
   gen_data "$OUT/tok.jsonl" 256 1024
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-7b ]; then
     mmoc_job 7b "--model llama2-7b --hardware h200x2 --gpus 2 --v ${V:-auto} --schedule ${SCHED:-grouped} --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-4}
-    peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps 3"
+    peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
     ratio h200x2-7b 7b fsdp2-7b
   fi
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-13b ]; then

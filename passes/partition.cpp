@@ -35,7 +35,9 @@ void fill_stage_costs(const PassContext& c, ir::Stage& st) {
     bwd_ws_max = std::max(bwd_ws_max, m.layer_bwd_workspace(l, mbs, seq, ab));
     stash_all += m.layer_stash_bytes(l, mbs, seq, false, ab);
   }
-  st.bwd_ws = bwd_ws_max;
+  // The weight gradient: autograd holds the gradient of every parameter of the stage until they are gathered into one
+  // flat gradient (params x act_bytes each), which is then added into wgrad(S).
+  st.bwd_ws = bwd_ws_max + 2 * st.params * ab;
   if (st.recompute) {
     st.bwd_ms += st.fwd_ms;       // the forward runs again inside backward
     st.bwd_ws += stash_all;       // and materialises the whole stage's stash while it runs

@@ -275,7 +275,11 @@ class NcclTransport : public Transport {
       }
       MMOC_NCCL_CHECK_COMM(ncclGroupEnd(), st_->p2p);
     }
+    // The caching allocator now knows the p2p stream uses these tensors, so their memory is not handed out again
+    // before the transfer is done: the work need not hold them. (Holding them until wait() kept every activation a
+    // pipeline step sends or receives alive until the step's end.)
     for (auto& t : keep) record_stream(t, p2p_stream_);
+    keep.clear();
     cudaEvent_t ev = record(p2p_stream_);
     return std::make_unique<NcclWork>(st_, st_->p2p, ev, what, std::move(keep), std::move(checks));
   }

@@ -16,6 +16,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <iomanip>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -450,7 +451,11 @@ int run_main(int argc, char** argv) {
                 << std::flush;
     std::vector<std::string> argv_v(argv, argv + argc);
     comm::LaunchReport rep;
-    int rc = comm::launch_local_workers(p.gpus, argv_v, {{"MMOC_DEVICE", device}}, &rep);
+    std::vector<std::pair<std::string, std::string>> env{{"MMOC_DEVICE", device}};
+    // Near the budget, the caching allocator's fixed-size segments fragment (GiBs reserved but unusable); growable
+    // segments do not. The user's own PYTORCH_CUDA_ALLOC_CONF wins.
+    if (device == "cuda" && !std::getenv("PYTORCH_CUDA_ALLOC_CONF")) env.push_back({"PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"});
+    int rc = comm::launch_local_workers(p.gpus, argv_v, env, &rep);
     struct rusage ru {};
     if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
       std::cout << "host memory: peak resident set of the largest worker " << gib(double(ru.ru_maxrss) * 1024.0) << " GiB\n";

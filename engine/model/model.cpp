@@ -114,7 +114,7 @@ std::vector<at::Tensor> param_views(const StageLayout& layout, const at::Tensor&
 }
 
 at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat, const at::Tensor& input,
-                         const Rope& rope, const at::Tensor& tied_embedding) {
+                         const Rope& rope, const at::Tensor& tied_embedding, bool fused_norm_on_cpu) {
   if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
     throw std::invalid_argument("stage_forward: flat must be a contiguous 1-D tensor of " + std::to_string(layout.numel) + " elements");
   // Segments: every parameter, except that q/k/v and gate/up become one [rows, hidden] matrix each when they are
@@ -175,7 +175,7 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
   at::Tensor cos, sin;
   // RMSNorm: HF's exact op sequence, except bf16/fp16 on a GPU, where ATen's fused kernel computes the same
   // normalisation in fp32 internally (differences at the low-precision rounding level).
-  const bool fused_norm = flat.is_cuda() && dt != at::kFloat;
+  const bool fused_norm = (flat.is_cuda() || fused_norm_on_cpu) && dt != at::kFloat;
   auto norm = [&](const at::Tensor& x, const at::Tensor& w) {
     return fused_norm ? at::rms_norm(x, {x.size(-1)}, w, a.norm_eps) : rms_norm(x, w, a.norm_eps);
   };

@@ -35,8 +35,10 @@ std::vector<at::Tensor> param_views(const StageLayout& layout, const at::Tensor&
 // tied_embedding: the [V,H] embedding matrix, needed (only) when arch is tied and the stage has the head but not
 // the embedding (see head_needs_embedding); its gradient then flows into that tensor, which the caller must
 // add into the embedding's owner. With the whole model in one stage the stage's own embedding is used.
+// fused_norm_on_cpu: use ATen's fused rms_norm on the CPU too (what bf16 on a GPU runs; tests measure its memory).
 at::Tensor stage_forward(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
-                         const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding = at::Tensor());
+                         const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding = at::Tensor(),
+                         bool fused_norm_on_cpu = false);
 
 // Sum over tokens of next-token cross-entropy, in fp32, with HF's shift: logits[:, :-1] against labels[:, 1:],
 // labels == -100 ignored. Returns a 0-dim fp32 tensor on logits' device (differentiable).

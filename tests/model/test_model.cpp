@@ -374,3 +374,49 @@ TEST_CASE("save checkpoints for transformers to load (MMOC_HF_SAVE_DIR)") {
     save_hf_checkpoint(io::join_path(dir, std::string(folder) + "-bf16-sharded"), c.arch, Ls, flats, at::kBFloat16, so);
   }
 }
+
+// ---- memory: what a decoder layer's forward keeps for backward, against the compiler's model --------------------
+// glibc's heap statistics count every live CPU tensor (LibTorch allocates through malloc/posix_memalign), so the
+// bytes a forward leaves behind (its saved-for-backward tensors plus its output) are measured exactly.
+#include <malloc.h>
+#include <torch/csrc/autograd/autograd.h>
+#include "compiler/spec.hpp"
+static int64_t heap_in_use() {
+  struct mallinfo2 mi = mallinfo2();
+  return (int64_t)mi.uordblks + (int64_t)mi.hblkhd;
+}
+
+TEST_CASE("a decoder layer's forward keeps no weight copies: saved bytes are linear in the tokens, near the model") {
+  // The compiler's ModelSpec::layer_stash_bytes is the CUDA bf16 count (fused RMSNorm); the CPU runs the same layer with
+  // ATen's composite RMSNorm, which keeps fp32 copies too, so on the CPU the measurement is checked for shape: no
+  // constant term (a per-forward copy of the weights, e.g. concatenating q/k/v, would be one) and the model's size
+  // within +50%.
+  for (int kv : {8, 2}) {
+    mmoc::ModelSpec m;
+    m.name = "probe";
+    m.layers = 2; m.hidden = 512; m.ffn = 1376; m.heads = 8; m.kv_heads = kv; m.vocab = 1000; m.max_seq = 512;
+    const ir::ModelArch a = m.arch();
+    const StageLayout lay = stage_layout(a, 1, 2);  // one decoder layer
+    at::Tensor flat = at::zeros({lay.numel}, at::kFloat);
+    init_weights(a, lay, flat, 1);
+    flat = flat.to(at::kBFloat16);
+    at::Tensor w = flat.detach().requires_grad_(true);
+    auto kept = [&](int T) {
+      const Rope rope = make_rope(a, T);
+      at::Tensor x = at::randn({2, T, a.hidden}).to(at::kBFloat16).requires_grad_(true);
+      (void)stage_forward(a, lay, w, x, rope, {}, true);  // warm-up (one-time allocations)
+      const int64_t before = heap_in_use();
+      at::Tensor out = stage_forward(a, lay, w, x, rope, {}, true);
+      const int64_t k = heap_in_use() - before;
+      auto g = torch::autograd::grad({out}, {w, x}, {at::ones_like(out)});
+      CHECK(g[0].numel() == lay.numel);
+      return k;
+    };
+    const int64_t k1 = kept(128), k2 = kept(256);
+    const int64_t model = m.layer_stash_bytes(1, 2, 256, /*recompute=*/false, 2);
+    INFO("kv_heads " << kv << ": kept " << k1 << " bytes at 128 tokens/row, " << k2 << " at 256; model at 256: " << model);
+    CHECK(std::abs(double(k2 - 2 * k1)) < 0.02 * double(k2));                 // no constant term
+    CHECK(double(k2) >= 0.98 * double(model));
+    CHECK(double(k2) <= 1.5 * double(model));
+  }
+}
