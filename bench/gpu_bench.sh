@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x4
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4
+# SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # Needs the peer scripts in .carry/ (fsdp2_offload.py, limits.py from ../shared/peers). Logs go to $OUT.
 set -uo pipefail
 what="${1:-smoke}"
@@ -89,6 +90,9 @@ import json, re, sys
 L, mbs, seq, M, G = map(int, sys.argv[3:8])
 t = {m.group(1): float(m.group(2)) for m in re.finditer(r"decoder (fwd|bwd) %dx%d\s+([0-9.]+)" % (mbs, seq), open(sys.argv[1]).read())}
 r = [json.loads(l) for l in open(sys.argv[2])][1:]
+if not r or "fwd" not in t or "bwd" not in t:
+    print("RESULT %s: no compute-bound figure (mmoc steps: %d, layer times measured: %s)" % (sys.argv[8], len(r), sorted(t)))
+    sys.exit(0)
 tps = sorted(x["tokens_per_s"] for x in r)[len(r) // 2]
 tokens = M * mbs * seq
 limit_s = L * M * (2 * t["fwd"] + t["bwd"]) / 1000 / G
@@ -134,8 +138,10 @@ h200x2|h200x2-7b|h200x2-13b|h200x2-seed)
   gen_data "$OUT/tok.jsonl" 256 1024
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-7b ]; then
     mmoc_job 7b "--model llama2-7b --hardware h200x2 --gpus 2 --v ${V:-auto} --schedule ${SCHED:-grouped} --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-4}
-    peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
-    ratio h200x2-7b 7b fsdp2-7b
+    if [ "${SKIP_PEER:-0}" != 1 ]; then
+      peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
+      ratio h200x2-7b 7b fsdp2-7b
+    fi
   fi
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-13b ]; then
     mmoc_job 13b "--model llama2-13b --hardware h200x2 --gpus 2 --v ${V13:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
@@ -148,6 +154,11 @@ h200x2|h200x2-7b|h200x2-13b|h200x2-seed)
     gen_data "$OUT/tok128.jsonl" 512 128
     mmoc_job seed "configs/jobs/seed-llama2-7b-l20x4.json --gpus 2 --hardware h200x2" "$OUT/tok128.jsonl" ${STEPS:-6}
   fi
+  ;;
+h200x2-peer)
+  # the FSDP2 peer for h200x2-7b on its own (run after h200x2-7b with SKIP_PEER=1 NOTAR=1 into the same $OUT)
+  peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
+  ratio h200x2-7b 7b fsdp2-7b
   ;;
 h200x4)
   # issue 6 on nvidia-h200-x4: the seed's configuration (v=2, 8 x 8 x 128 tokens per step) on 4 GPUs, 48 GiB per GPU,
@@ -168,4 +179,5 @@ hfcheck)
   ;;
 esac
 # what comes back from the device is at most 8 files: pack everything but the logs' summary into one archive
+[ "${NOTAR:-0}" = 1 ] && exit 0
 ( cd "$OUT" && ls | grep -v '^results-.*\.tgz$\|^bench.*\.log$' > .list && tar czf "results-$what.tgz" -T .list && xargs rm -rf < .list; rm -f .list )
