@@ -2,6 +2,7 @@
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
 #   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
+# CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
 # Needs the peer scripts in .carry/ (fsdp2_offload.py, limits.py from ../shared/peers). Logs go to $OUT.
 set -uo pipefail
 what="${1:-smoke}"
@@ -67,6 +68,19 @@ for g, (res, al) in enumerate(zip(last["peak_bytes"], last.get("peak_allocated_b
           % (sys.argv[3], g, al / G, res / G, dev / G, simpk[g], bound[g], 100 * (al / G - simpk[g]) / max(simpk[g], 1e-9)))
 PY
 }
+# hw NAME MODEL MBS SEQ BASE: the hardware file a job compiles for: BASE, or with CALIBRATE=1 BASE calibrated here by
+# mmoc-profile at the job's shape (calibrated_ms for its layers), so the job's prediction is the calibrated one
+hw() {
+  if [ "${CALIBRATE:-0}" = 1 ]; then
+    log "calibrating $5 for $1: mmoc-profile --model $2 --mbs $3 --seq $4 --quick" >&2
+    if timeout 150 $build/tools/profile/mmoc-profile --base configs/hardware/$5.json --model $2 --mbs $3 --seq $4 \
+         --device cuda --quick -o "$OUT/calibrated-$1.json" > "$OUT/profile-$1.log" 2>&1; then
+      echo "$OUT/calibrated-$1.json"; return
+    fi
+    log "calibration for $1 failed (profile-$1.log); compiling for $5" >&2
+  fi
+  echo "$5"
+}
 # peer NAME GPUS "ARGS": the FSDP2+CPU-offload peer
 peer() {
   log "peer $1: torchrun --nproc_per_node=$2 fsdp2_offload.py $3"
@@ -83,7 +97,7 @@ ratio() {
 # compute_limit NAME MODEL LAYERS MBS SEQ MICROBATCHES GPUS: one decoder layer's forward and backward measured now
 # (mmoc-profile) x layers x micro-batches, plus the recompute forward, over the GPUs; mmoc's fraction of it
 compute_limit() {
-  timeout 150 $build/tools/profile/mmoc-profile --base configs/hardware/h200x2.json --model $2 --mbs $4 --seq $5 \
+  [ -s "$OUT/profile-$1.log" ] || timeout 150 $build/tools/profile/mmoc-profile --base configs/hardware/h200x2.json --model $2 --mbs $4 --seq $5 \
      --device cuda --quick -o "$OUT/calibrated-$1.json" > "$OUT/profile-$1.log" 2>&1; grep -E "decoder|head" "$OUT/profile-$1.log"
   python3 - "$OUT/profile-$1.log" "$OUT/mmoc-$1.jsonl" $3 $4 $5 $6 $7 "$1" <<'PY'
 import json, re, sys
@@ -137,14 +151,14 @@ h200x2|h200x2-7b|h200x2-13b|h200x2-seed)
   # there) against the compute-bound limit; the seed's l20x4 setting run on 2 GPUs, predicted vs measured
   gen_data "$OUT/tok.jsonl" 256 1024
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-7b ]; then
-    mmoc_job 7b "--model llama2-7b --hardware h200x2 --gpus 2 --v ${V:-auto} --schedule ${SCHED:-grouped} --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-4}
+    mmoc_job 7b "--model llama2-7b --hardware $(hw 7b llama2-7b 8 1024 h200x2) --gpus 2 --v ${V:-auto} --schedule ${SCHED:-grouped} --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-4}
     if [ "${SKIP_PEER:-0}" != 1 ]; then
       peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
       ratio h200x2-7b 7b fsdp2-7b
     fi
   fi
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-13b ]; then
-    mmoc_job 13b "--model llama2-13b --hardware h200x2 --gpus 2 --v ${V13:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
+    mmoc_job 13b "--model llama2-13b --hardware $(hw 13b llama2-13b 8 1024 h200x2) --gpus 2 --v ${V13:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
     compute_limit 13b llama2-13b 40 8 1024 8 2
   fi
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-seed ]; then
@@ -152,7 +166,7 @@ h200x2|h200x2-7b|h200x2-13b|h200x2-seed)
     # and for the machine it runs on here
     $C configs/jobs/seed-llama2-7b-l20x4.json --gpus 2 -o "$OUT/plan-seed-l20.json" | grep -E "^predicted|g[0-9]  sim"
     gen_data "$OUT/tok128.jsonl" 512 128
-    mmoc_job seed "configs/jobs/seed-llama2-7b-l20x4.json --gpus 2 --hardware h200x2" "$OUT/tok128.jsonl" ${STEPS:-6}
+    mmoc_job seed "configs/jobs/seed-llama2-7b-l20x4.json --gpus 2 --hardware $(hw seed llama2-7b 8 128 h200x2)" "$OUT/tok128.jsonl" ${STEPS:-6}
   fi
   ;;
 h200x2-peer)
@@ -164,10 +178,10 @@ h200x4)
   # issue 6 on nvidia-h200-x4: the seed's configuration (v=2, 8 x 8 x 128 tokens per step) on 4 GPUs, 48 GiB per GPU,
   # 7B and 13B, against FSDP2+offload with the same tokens per step (4 GPUs x 8 x 128 x accum 2)
   gen_data "$OUT/tok128.jsonl" 512 128
-  mmoc_job seed4-7b "configs/jobs/seed-llama2-7b-l20x4.json --hardware h200x4 --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
+  mmoc_job seed4-7b "configs/jobs/seed-llama2-7b-l20x4.json --hardware $(hw seed4-7b llama2-7b 8 128 h200x4) --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
   peer fsdp2-seed4-7b 4 "--layers 32 --mbs 8 --seq 128 --accum 2 --steps 3"
   ratio h200x4-seed-7b seed4-7b fsdp2-seed4-7b
-  mmoc_job seed4-13b "configs/jobs/seed-llama2-13b-l20x4.json --hardware h200x4 --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
+  mmoc_job seed4-13b "configs/jobs/seed-llama2-13b-l20x4.json --hardware $(hw seed4-13b llama2-13b 8 128 h200x4) --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
   peer fsdp2-seed4-13b 4 "--layers 40 --hidden 5120 --ffn 13824 --heads 40 --mbs 8 --seq 128 --accum 2 --steps 3"
   ratio h200x4-seed-13b seed4-13b fsdp2-seed4-13b
   ;;
