@@ -113,6 +113,11 @@ limit_s = L * M * (2 * t["fwd"] + t["bwd"]) / 1000 / G
 print("RESULT %s: mmoc %.0f tokens/s (%.2f s/step); compute-bound limit %.2f s/step -> %.0f%% of it" % (sys.argv[8], tps, tokens / tps, limit_s, 100 * limit_s / (tokens / tps)))
 PY
 }
+# the FSDP2 peer for the h200x2 7B job (same shape and tokens per step: 2 ranks x 8 x 1024 x accum 4) and the ratio
+peer_h200x2_7b() {
+  peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
+  ratio h200x2-7b 7b fsdp2-7b
+}
 case "$what" in
 smoke)
   # the tiny model on the GPU against the same plan on the CPU (fp32: to rounding), and bf16 against fp32
@@ -152,10 +157,7 @@ h200x2|h200x2-7b|h200x2-13b|h200x2-seed)
   gen_data "$OUT/tok.jsonl" 256 1024
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-7b ]; then
     mmoc_job 7b "--model llama2-7b --hardware $(hw 7b llama2-7b 8 1024 h200x2) --gpus 2 --v ${V:-auto} --schedule ${SCHED:-grouped} --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-4}
-    if [ "${SKIP_PEER:-0}" != 1 ]; then
-      peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
-      ratio h200x2-7b 7b fsdp2-7b
-    fi
+    [ "${SKIP_PEER:-0}" = 1 ] || peer_h200x2_7b
   fi
   if [ "$what" = h200x2 ] || [ "$what" = h200x2-13b ]; then
     mmoc_job 13b "--model llama2-13b --hardware $(hw 13b llama2-13b 8 1024 h200x2) --gpus 2 --v ${V13:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches 8 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
@@ -171,8 +173,7 @@ h200x2|h200x2-7b|h200x2-13b|h200x2-seed)
   ;;
 h200x2-peer)
   # the FSDP2 peer for h200x2-7b on its own (run after h200x2-7b with SKIP_PEER=1 NOTAR=1 into the same $OUT)
-  peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
-  ratio h200x2-7b 7b fsdp2-7b
+  peer_h200x2_7b
   ;;
 h200x4)
   # issue 6 on nvidia-h200-x4: the seed's configuration (v=2, 8 x 8 x 128 tokens per step) on 4 GPUs, 48 GiB per GPU,

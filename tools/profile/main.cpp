@@ -505,7 +505,7 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "untimed runs first (default 3, --quick 1)")->check(CLI::NonNegativeNumber);
   app.add_option("--threads", threads, "CPU threads for AdamW and memcpy (default: all cores of this process)")->check(CLI::NonNegativeNumber);
   app.add_option("--adam-params", adam_params, "parameters in the AdamW measurement (default 200M, --quick 48M: beyond the caches either way)")->check(CLI::PositiveNumber);
-  app.add_option("--transfer-mib", xfer_mib, "buffer size of the copy measurements in MiB (default 1024 CUDA / 256 CPU; --quick 64 / 16; host memcpy: 1024, --quick 512)")
+  app.add_option("--transfer-mib", xfer_mib, "buffer size of the copy measurements in MiB (default 1024 CUDA / 256 CPU; --quick 64 / 16); the host memcpy always uses 1024 MiB (--quick 512)")
       ->check(CLI::PositiveNumber);
   try {
     app.parse(argc, argv);
