@@ -6,6 +6,8 @@ venv="$(bash "$here/tools/setup.sh")"
 build="${MMOC_BUILD_DIR:-$here/build}"
 prefix="$("$venv/bin/python" -c 'import torch;print(torch.utils.cmake_prefix_path)')"
 export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/mmoc/ccache}"
+# Paths relative to the checkout's parent, so clones and worktrees side by side share cache hits.
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$(dirname "$here")}"
 if [ ! -f "$build/build.ninja" ]; then
   cmake -S "$here" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_PREFIX_PATH="$prefix" \
         -DPython3_EXECUTABLE="$venv/bin/python" -DMMOC_VENV="$venv" >&2
