@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/data/token_file.hpp"
 #include "engine/data/tokenizer.hpp"
 
 namespace mmoc::engine::data {
@@ -56,6 +57,16 @@ Example token_record(const json& j, int64_t vocab_size, const std::string& where
       if (e.labels[i] != kIgnoreIndex && (e.labels[i] < 0 || e.labels[i] >= vocab_size))
         throw DataError(where + ": labels[" + std::to_string(i) + "] = " + std::to_string(e.labels[i]) +
                         " is neither -100 nor in " + range_str(vocab_size));
+  }
+  auto tt = j.find("truncate");
+  if (tt != j.end() && !tt->is_null()) {
+    const std::vector<int64_t> r = int_array(*tt, "truncate", where);
+    const auto n = static_cast<int64_t>(e.input_ids.size());
+    if (r.size() != 2 || r[0] < 0 || r[0] > r[1] || r[1] > n)
+      throw DataError(where + ": \"truncate\" must be [begin, end] with 0 <= begin <= end <= " + std::to_string(n) +
+                      " (the number of input_ids), got " + tt->dump());
+    e.trunc_begin = r[0];
+    e.trunc_end = r[1];
   }
   return e;
 }
@@ -203,28 +214,51 @@ uint64_t Rows::fingerprint() const {
   return h;
 }
 
+KeptRanges truncation_ranges(int64_t n, int64_t trunc_begin, int64_t trunc_end, int64_t max_len) {
+  if (n <= max_len) return {n, n, n};
+  const int64_t tb = std::clamp<int64_t>(trunc_begin, 0, n), te = std::clamp<int64_t>(trunc_end, tb, n);
+  const int64_t drop = std::min(n - max_len, te - tb);
+  KeptRanges k{te - drop, te, n};
+  if (k.size() > max_len) {  // still too long: cut the tail
+    if (k.first_end >= max_len) {
+      k.first_end = max_len;
+      k.second_end = k.second_begin;
+    } else {
+      k.second_end = k.second_begin + (max_len - k.first_end);
+    }
+  }
+  return k;
+}
+
 Example truncate_example(const Example& e, int64_t max_len) {
   const int64_t n = static_cast<int64_t>(e.input_ids.size());
   if (n <= max_len) return e;
+  const KeptRanges k = truncation_ranges(n, e.trunc_begin, e.trunc_end, max_len);
   Example out;
+  out.input_ids.reserve(k.size());
+  out.labels.reserve(k.size());
+  auto copy = [&](int64_t a, int64_t b) {
+    out.input_ids.insert(out.input_ids.end(), e.input_ids.begin() + a, e.input_ids.begin() + b);
+    out.labels.insert(out.labels.end(), e.labels.begin() + a, e.labels.begin() + b);
+  };
+  copy(0, k.first_end);
+  copy(k.second_begin, k.second_end);
+  // the truncatable range of the result: what is left of it
   const int64_t tb = std::clamp<int64_t>(e.trunc_begin, 0, n), te = std::clamp<int64_t>(e.trunc_end, tb, n);
-  const int64_t drop = std::min(n - max_len, te - tb);
-  out.input_ids.reserve(n - drop);
-  out.labels.reserve(n - drop);
-  for (int64_t i = 0; i < n; ++i) {
-    if (i >= te - drop && i < te) continue;
-    out.input_ids.push_back(e.input_ids[i]);
-    out.labels.push_back(e.labels[i]);
-  }
   out.trunc_begin = tb;
-  out.trunc_end = te - drop;
-  if (static_cast<int64_t>(out.input_ids.size()) > max_len) {
-    out.input_ids.resize(max_len);
-    out.labels.resize(max_len);
+  out.trunc_end = te - (k.second_begin - k.first_end);
+  if (n - (k.second_begin - k.first_end) > max_len) {
     out.trunc_end = std::min(out.trunc_end, max_len);
     out.trunc_begin = std::min(out.trunc_begin, out.trunc_end);
   }
   return out;
+}
+
+void Rows::read_row(int64_t row, int64_t* ids, int64_t* lab) const {
+  if (row < 0 || row >= size()) throw DataError("data: row " + std::to_string(row) + " out of range");
+  const auto off = static_cast<size_t>(row * seq_len);
+  std::copy_n(input_ids.begin() + off, seq_len, ids);
+  std::copy_n(labels.begin() + off, seq_len, lab);
 }
 
 Rows fit(const std::vector<Example>& examples, const FitOptions& opt) {
@@ -324,25 +358,25 @@ IteratorState iterator_state_from_json(const json& j) {
   return s;
 }
 
-BatchIterator::BatchIterator(std::shared_ptr<const Rows> rows, uint64_t seed) : rows_(std::move(rows)), seed_(seed) {
-  if (!rows_ || rows_->size() == 0) throw DataError("data: no rows to iterate over");
-  fingerprint_ = rows_->fingerprint();
-  perm_ = epoch_permutation(rows_->size(), seed_, epoch_);
+BatchIterator::BatchIterator(std::shared_ptr<const RowSource> rows, uint64_t seed) : rows_(std::move(rows)), seed_(seed) {
+  if (!rows_ || rows_->num_rows() == 0) throw DataError("data: no rows to iterate over");
+  fingerprint_ = rows_->data_fingerprint();
+  perm_ = epoch_permutation(rows_->num_rows(), seed_, epoch_);
 }
 
 StepBatch BatchIterator::next_step(int64_t microbatches, int64_t micro_batch_size) {
   if (microbatches <= 0 || micro_batch_size <= 0)
     throw DataError("data: microbatches and micro_batch_size must be positive (got " + std::to_string(microbatches) +
                     ", " + std::to_string(micro_batch_size) + ")");
-  const int64_t n = rows_->size(), S = rows_->seq_len;
+  const int64_t n = rows_->num_rows(), S = rows_->row_length();
   StepBatch b;
   b.seq_len = S;
   b.micro_batch_size = micro_batch_size;
   b.input_ids.resize(microbatches);
   b.labels.resize(microbatches);
   for (int64_t m = 0; m < microbatches; ++m) {
-    b.input_ids[m].reserve(micro_batch_size * S);
-    b.labels[m].reserve(micro_batch_size * S);
+    b.input_ids[m].resize(micro_batch_size * S);
+    b.labels[m].resize(micro_batch_size * S);
     for (int64_t k = 0; k < micro_batch_size; ++k) {
       if (position_ >= n) {
         ++epoch_;
@@ -352,30 +386,28 @@ StepBatch BatchIterator::next_step(int64_t microbatches, int64_t micro_batch_siz
       if (m == 0 && k == 0) b.epoch = epoch_;
       const int64_t row = perm_[position_++];
       b.rows.push_back(row);
-      const auto off = static_cast<std::ptrdiff_t>(row * S);
-      b.input_ids[m].insert(b.input_ids[m].end(), rows_->input_ids.begin() + off, rows_->input_ids.begin() + off + S);
-      b.labels[m].insert(b.labels[m].end(), rows_->labels.begin() + off, rows_->labels.begin() + off + S);
+      rows_->read_row(row, b.input_ids[m].data() + k * S, b.labels[m].data() + k * S);
     }
   }
   return b;
 }
 
-IteratorState BatchIterator::state() const { return {seed_, epoch_, position_, rows_->size(), fingerprint_}; }
+IteratorState BatchIterator::state() const { return {seed_, epoch_, position_, rows_->num_rows(), fingerprint_}; }
 
 void BatchIterator::restore(const IteratorState& s) {
-  if (s.num_rows != rows_->size())
+  if (s.num_rows != rows_->num_rows())
     throw DataError("data iterator state is for " + std::to_string(s.num_rows) + " rows, the data has " +
-                    std::to_string(rows_->size()) + " (different data file, seq_len or fit mode?)");
+                    std::to_string(rows_->num_rows()) + " (different data file, seq_len or fit mode?)");
   if (s.fingerprint != fingerprint_)
     throw DataError("data iterator state was saved for different data (fingerprint mismatch)");
   if (s.seed != seed_)
     throw DataError("data iterator state has seed " + std::to_string(s.seed) + ", this run uses " +
                     std::to_string(seed_));
-  if (s.epoch < 0 || s.position < 0 || s.position > rows_->size())
+  if (s.epoch < 0 || s.position < 0 || s.position > rows_->num_rows())
     throw DataError("data iterator state: epoch/position out of range");
   epoch_ = s.epoch;
   position_ = s.position;
-  perm_ = epoch_permutation(rows_->size(), seed_, epoch_);
+  perm_ = epoch_permutation(rows_->num_rows(), seed_, epoch_);
 }
 
 void BatchIterator::save_state(const std::filesystem::path& file) const {
@@ -410,11 +442,26 @@ void BatchIterator::load_state(const std::filesystem::path& file) {
 }
 
 // ---- engine entry point -----------------------------------------------------------------------
-std::shared_ptr<const Rows> load_rows(const DataConfig& cfg) {
+bool is_token_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  char m[sizeof kTokenFileMagic] = {};
+  if (!in.read(m, sizeof m)) return false;
+  return std::equal(m, m + sizeof m, kTokenFileMagic);
+}
+
+std::shared_ptr<const RowSource> open_rows(const DataConfig& cfg) {
   FitOptions fo = cfg.fit;
   if (cfg.vocab_size <= 0) throw DataError("data: vocab_size must be positive");
   if (fo.pad_id < 0 || fo.pad_id >= cfg.vocab_size)
     throw DataError("data: pad id " + std::to_string(fo.pad_id) + " outside the vocabulary " + range_str(cfg.vocab_size));
+  if (is_token_file(cfg.path)) {
+    auto file = TokenFile::open(cfg.path);
+    if (!cfg.tokenizer.empty())
+      throw DataError(cfg.path.string() + ": a prepared token file is already tokenised (" + file->tokenizer_name() +
+                      "); --tokenizer is only for JSONL text records");
+    if (cfg.fit_from_file) fo.mode = file->header().fit;
+    return std::make_shared<const TokenFileRows>(std::move(file), cfg.vocab_size, fo);
+  }
   std::vector<Example> ex;
   if (!cfg.tokenizer.empty()) {
     const Tokenizer tok(cfg.tokenizer);
@@ -425,6 +472,19 @@ std::shared_ptr<const Rows> load_rows(const DataConfig& cfg) {
   }
   if (ex.empty()) throw DataError(cfg.path.string() + ": no examples");
   return std::make_shared<const Rows>(fit(ex, fo));
+}
+
+std::shared_ptr<const Rows> load_rows(const DataConfig& cfg) {
+  auto src = open_rows(cfg);
+  if (auto rows = std::dynamic_pointer_cast<const Rows>(src)) return rows;
+  auto r = std::make_shared<Rows>();
+  r->seq_len = src->row_length();
+  const auto total = static_cast<size_t>(src->num_rows() * r->seq_len);
+  r->input_ids.resize(total);
+  r->labels.resize(total);
+  for (int64_t i = 0; i < src->num_rows(); ++i)
+    src->read_row(i, r->input_ids.data() + i * r->seq_len, r->labels.data() + i * r->seq_len);
+  return r;
 }
 
 }  // namespace mmoc::engine::data

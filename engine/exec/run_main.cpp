@@ -39,7 +39,7 @@ namespace {
 struct UsageError : std::runtime_error { using std::runtime_error::runtime_error; };
 
 struct Args {
-  std::string plan, data, tokenizer, init = "random", save, resume, metrics, trace, device = "auto", fit = "pad", save_dtype = "fp32";
+  std::string plan, data, tokenizer, init = "random", save, resume, metrics, trace, device = "auto", fit, save_dtype = "fp32";
   int steps = 1, save_every = 0, optim_threads = 0;
   uint64_t seed = 0, data_seed = 0;
   bool quiet = false;
@@ -56,7 +56,8 @@ data::DataConfig data_config(const Args& a, const ir::Plan& p) {
   dc.path = a.data;
   if (!a.tokenizer.empty()) dc.tokenizer = a.tokenizer;
   dc.vocab_size = p.model.vocab;
-  dc.fit.mode = data::parse_fit_mode(a.fit);
+  dc.fit.mode = data::parse_fit_mode(a.fit.empty() ? "pad" : a.fit);
+  dc.fit_from_file = a.fit.empty();  // a prepared token file: its own fit mode unless --fit is given
   dc.fit.seq_len = p.seq_len;
   dc.seed = a.data_seed;
   return dc;
@@ -138,7 +139,7 @@ ir::Plan validate(const Args& a) {
 }
 
 // The data position of a --resume checkpoint, checked against the data (DataError when it belongs to other data).
-void check_resume_data(const Args& a, std::shared_ptr<const data::Rows> rows) {
+void check_resume_data(const Args& a, std::shared_ptr<const data::RowSource> rows) {
   if (a.resume.empty()) return;
   json st;
   try {
@@ -284,7 +285,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
   if (w.rank == 0 && !a.quiet && device == "cuda")
     std::cout << "rank 0: " << (outside >> 20) << " MiB of GPU memory held outside the allocator (CUDA context, NCCL); allocator capped at "
               << (plan.budget_bytes > 0 ? std::to_string((plan.budget_bytes - outside) >> 20) + " MiB" : std::string("no limit")) << "\n" << std::flush;
-  auto rows = data::load_rows(data_config(a, plan));
+  auto rows = data::open_rows(data_config(a, plan));
   data::BatchIterator it(rows, a.data_seed);
   int64_t start = 0;
   if (!a.resume.empty()) {
@@ -414,13 +415,14 @@ int run_main(int argc, char** argv) {
   CLI::App app{"mmoc-run: execute a Plan (train)"};
   Args a;
   app.add_option("plan", a.plan, "plan file (JSON or text) from mmoc-compile")->required();
-  app.add_option("--data", a.data, "training data: JSONL of {input_ids,labels}, {document,summary} or {text}")->required();
+  app.add_option("--data", a.data, "training data: JSONL of {input_ids,labels}, {document,summary} or {text}, or a token file "
+                                   "from tools/prepare/prepare_data.py (memory-mapped)")->required();
   app.add_option("--tokenizer", a.tokenizer, "SentencePiece tokenizer.model for raw-text records");
   app.add_option("--steps", a.steps, "training steps (total, counting resumed ones)");
   app.add_option("--init", a.init, "random, or an HF checkpoint folder to start from");
   app.add_option("--seed", a.seed, "seed of the random init");
   app.add_option("--data-seed", a.data_seed, "seed of the data shuffle");
-  app.add_option("--fit", a.fit, "pad or pack examples to the plan's sequence length");
+  app.add_option("--fit", a.fit, "pad or pack examples to the plan's sequence length (default: pad; a token file's own mode)");
   app.add_option("--save", a.save, "write the final checkpoint (HF safetensors + optimizer state) here");
   app.add_option("--save-every", a.save_every, "also save every K steps");
   app.add_option("--save-dtype", a.save_dtype, "fp32 (exact resume) or bf16 weights");
@@ -444,7 +446,7 @@ int run_main(int argc, char** argv) {
     ir::Plan p = validate(a);
     std::string device = resolve_device(a.device, p, false);
     // parse the data once up front: a malformed line is reported before any worker starts
-    check_resume_data(a, data::load_rows(data_config(a, p)));
+    check_resume_data(a, data::open_rows(data_config(a, p)));
     if (!a.quiet)
       std::cout << "mmoc-run: " << p.model.name << ", " << p.gpus << " rank(s) on " << device << ", schedule " << p.schedule
                 << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step\n"
