@@ -203,6 +203,10 @@ std::shared_ptr<const TokenFile> TokenFile::open(const std::filesystem::path& pa
                     std::to_string(h.file_bytes) + " its header describes");
   void* m = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
   if (m == MAP_FAILED) throw DataError(where + ": cannot map the file: " + errno_text());
+  // Rows are read in a shuffled order: no read-around on a fault (the kernel's default reads megabytes around
+  // each faulting page and maps them, which grows the resident set by that much a row); read_row asks for each
+  // row's pages itself (prefetch).
+  ::madvise(m, size, MADV_RANDOM);
   std::shared_ptr<TokenFile> f(new TokenFile());
   f->path_ = where;
   f->h_ = h;
@@ -221,6 +225,17 @@ std::shared_ptr<const TokenFile> TokenFile::open(const std::filesystem::path& pa
 
 TokenFile::~TokenFile() {
   if (base_) ::munmap(const_cast<uint8_t*>(base_), size_);
+}
+
+void TokenFile::prefetch(int64_t begin, int64_t end) const {
+  if (end <= begin) return;
+  static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  auto advise = [&](uint64_t a, uint64_t b) {  // byte offsets in the file
+    a = a / page * page;
+    ::madvise(const_cast<uint8_t*>(base_) + a, b - a, MADV_WILLNEED);
+  };
+  advise(h_.tokens_offset + static_cast<uint64_t>(begin) * h_.token_bytes, h_.tokens_offset + static_cast<uint64_t>(end) * h_.token_bytes);
+  advise(h_.mask_offset + static_cast<uint64_t>(begin) / 8, h_.mask_offset + (static_cast<uint64_t>(end) + 7) / 8);
 }
 
 TokenFile::Doc TokenFile::doc(int64_t d) const {
@@ -295,11 +310,14 @@ void TokenFileRows::read_row(int64_t row, int64_t* ids, int64_t* labels) const {
     }
   };
   if (fit_.mode == FitMode::Pack) {
-    const int64_t a = row * S;
-    copy(a, std::min(a + S, file_->header().num_tokens));
+    const int64_t a = row * S, b = std::min(a + S, file_->header().num_tokens);
+    file_->prefetch(a, b);
+    copy(a, b);
   } else {
     const TokenFile::Doc d = file_->doc(row);
     const KeptRanges kr = truncation_ranges(d.end - d.begin, d.trunc_begin, d.trunc_end, S);
+    file_->prefetch(d.begin, d.begin + kr.first_end);
+    file_->prefetch(d.begin + kr.second_begin, d.begin + kr.second_end);
     copy(d.begin, d.begin + kr.first_end);
     copy(d.begin + kr.second_begin, d.begin + kr.second_end);
   }

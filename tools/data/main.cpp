@@ -34,6 +34,16 @@ double max_rss_mib() {
   return double(ru.ru_maxrss) / 1024.0;
 }
 
+// The current resident set split as Linux reports it: RssAnon (the process's own memory) and RssFile (mapped file
+// pages: the page cache a mapped token file shares with every reader; reclaimable).
+double rss_mib(const char* key) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind(key, 0) == 0) return std::stod(line.substr(std::string(key).size())) / 1024.0;
+  return -1;
+}
+
 json header_json(const TokenFile& f) {
   const TokenFileHeader& h = f.header();
   json meta = json::parse(f.meta_json(), nullptr, false);
@@ -125,7 +135,9 @@ int cmd_bench(const BatchArgs& a) {
               {"steps_s", steps_s},
               {"labelled_tokens_read", labelled},
               {"max_rss_mib_before", rss0},
-              {"max_rss_mib", max_rss_mib()}};
+              {"max_rss_mib", max_rss_mib()},
+              {"rss_anon_mib", rss_mib("RssAnon:")},
+              {"rss_file_mib", rss_mib("RssFile:")}};
   if (is_token_file(a.data)) out["num_tokens"] = TokenFile::open(a.data)->header().num_tokens;
   std::cout << out.dump() << "\n";
   return 0;
