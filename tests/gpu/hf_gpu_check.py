@@ -1,6 +1,6 @@
 """On a GPU machine: mmoc's model on CUDA against HF transformers' LlamaForCausalLM loading the same safetensors.
 
-  python3 tests/gpu/hf_gpu_check.py <build dir> <fixture dir (hf-tiny-llama/llama-gqa-fp32)> <work dir>
+  python3 tests/gpu/hf_gpu_check.py <build dir> <fixture dir (hf-tiny/llama-gqa-fp32 of tools/scripts/make_hf_fixtures.py)> <work dir>
 
 For the fixture and for a larger random LLaMA that transformers writes here (GQA, vocab 32000):
   - fp32 on CUDA: mmoc-eval's logits equal HF's fp32 logits (to fp32 rounding);
