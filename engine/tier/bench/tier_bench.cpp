@@ -7,7 +7,7 @@
 // reads of one object of --size-mib with each backend (median of --repeats), and with several paths all of them at
 // once (striped by their measured bandwidth). Contention: two processes on the first path, each moving the same
 // amount as the single run, with the device token and without; their aggregate GB/s against one process alone.
-// --sweep: request size x queue depth on the first path. Lines starting with RESULT summarise.
+// --sweep: request size x queue depth on the first path (at most 1 GiB per point). Lines starting with RESULT summarise.
 #include <CLI/CLI.hpp>
 
 #include <fcntl.h>
@@ -268,6 +268,7 @@ int main(int argc, char** argv) {
           std::printf("  %5lld KiB", (long long)req_kib);
           for (int q : qds) {
             MeasureOptions s = mo;
+            s.bytes = std::min<int64_t>(mo.bytes, 1LL << 30);  // 60 points per backend
             s.backend = be;
             s.request_bytes = req_kib << 10;
             s.queue_depth = q;
