@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4 | tier
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
 # Needs the peer scripts in .carry/ (fsdp2_offload.py, limits.py from ../shared/peers). Logs go to $OUT.
@@ -185,6 +185,15 @@ h200x4)
   mmoc_job seed4-13b "configs/jobs/seed-llama2-13b-l20x4.json --hardware $(hw seed4-13b llama2-13b 8 128 h200x4) --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
   peer fsdp2-seed4-13b 4 "--layers 40 --hidden 5120 --ffn 13824 --heads 40 --mbs 8 --seq 128 --accum 2 --steps 3"
   ratio h200x4-seed-13b seed4-13b fsdp2-seed4-13b
+  ;;
+tier)
+  # issue 13: the NVMe tier's I/O layer on this machine's disk(s): dd with direct I/O vs TierStore (threads; uring where
+  # built with liburing and working), two processes with and without the device token, mmoc-profile --storage-only.
+  # NVME_PATHS=dir[,dir] (default /tmp/mmoc-tier), NVME_MIB (default 4096), SWEEP=1 adds request size x queue depth
+  paths="${NVME_PATHS:-/tmp/mmoc-tier}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
+  ninja -C "$build" mmoc_tier_bench mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
+  "$build/engine/tier/mmoc_tier_bench" --paths "$paths" --size-mib ${NVME_MIB:-4096} ${SWEEP:+--sweep} 2>&1 | tee "$OUT/bench-tier.log"
+  "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" -o "$OUT/hw-storage.json" 2>&1 | tail -12
   ;;
 hfcheck)
   # mmoc's model on CUDA against HF transformers' LlamaForCausalLM on the same safetensors (fp32 and bf16), and the

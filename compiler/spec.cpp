@@ -405,6 +405,27 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
       hw.calibrated_ms[it.key()] = it->get<double>();
     }
   }
+  if (auto* v = r.get("storage")) {
+    const char* want = "a list of {\"path\", \"read_gbps\", \"write_gbps\"[, \"device\", \"virtual\"]} objects";
+    if (!v->is_array()) r.bad("storage", want, *v);
+    for (size_t i = 0; i < v->size(); ++i) {
+      const std::string where = origin + ": storage[" + std::to_string(i) + "]";
+      ObjReader s((*v)[i], where);
+      StoragePath sp;
+      s.str("path", sp.path);
+      s.num("read_gbps", sp.read_gbps, 1e-6);
+      s.num("write_gbps", sp.write_gbps, 1e-6);
+      s.str("device", sp.device);
+      s.boolean("virtual", sp.virtual_tier);
+      s.finish();
+      for (const char* k : {"path", "read_gbps", "write_gbps"})
+        if (!s.has(k)) throw InputError(where + ": missing required key '" + k + "'");
+      if (sp.path.empty()) throw InputError(where + ": 'path' is empty");
+      for (const auto& o : hw.storage)
+        if (o.path == sp.path) throw InputError(where + ": path '" + sp.path + "' listed twice");
+      hw.storage.push_back(sp);
+    }
+  }
   r.finish();
   if (!r.has("gpus")) throw InputError(origin + ": missing required key 'gpus'");
   if (hw.mfu_small > 1) throw InputError(origin + ": mfu_small must be <= 1");

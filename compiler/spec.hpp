@@ -52,6 +52,15 @@ ModelSpec parse_model(const std::string& json_text, const std::string& origin);
 std::vector<std::string> list_configs(const std::string& configs_dir, const std::string& sub);
 
 // ---- hardware ------------------------------------------------------------------------------
+// One directory of the NVMe tier as mmoc-profile --nvme measured it (docs/nvme-tier.md). JSON: "storage":
+// [{"path": "/nvme0/mmoc", "read_gbps": 2.3, "write_gbps": 2.2, "device": "259:0", "virtual": false}, ...].
+struct StoragePath {
+  std::string path;
+  double read_gbps = 0, write_gbps = 0;  // direct I/O through engine/tier, this path alone (1e9 bytes/s)
+  std::string device;                    // "major:minor" of its disk: paths with the same device share it
+  bool virtual_tier = false;             // tmpfs/ramfs ("virtual": true): host memory, not a disk
+};
+
 struct HardwareSpec {
   std::string name;
   int gpus = 1;
@@ -83,6 +92,8 @@ struct HardwareSpec {
   int adam_threads_to_saturate() const { return adam_saturating_threads > 0 ? adam_saturating_threads : std::max(1, cpu_cores / 2); }
   // Calibrated per-layer times (written by mmoc-profile): key "layer=<kind>,mbs=<b>,seq=<s>" -> ms.
   std::map<std::string, double> calibrated_ms;
+  // NVMe tier paths with their measured bandwidth (empty: none measured).
+  std::vector<StoragePath> storage;
   // Which host group a GPU is in (-1 = none).
   int group_of(int gpu) const;
 };

@@ -10,7 +10,8 @@ mkdir -p "$cache"
 log() { echo "[setup] $*" >&2; }
 
 need_pkgs=(build-essential cmake ninja-build ccache pkg-config nlohmann-json3-dev libcli11-dev doctest-dev
-           libboost-graph-dev libsentencepiece-dev sentencepiece libgloo-dev python3-venv chromium)
+           libboost-graph-dev libsentencepiece-dev sentencepiece libgloo-dev python3-venv chromium
+           liburing-dev)
 missing=()
 for p in "${need_pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then

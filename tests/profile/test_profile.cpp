@@ -1,7 +1,9 @@
 // mmoc-profile --device cpu --quick on the tiny model: exit codes, the written file, the cost model's view of it.
+// --nvme / --storage-only: the "storage" entries of the NVMe tier's paths, and their parsing.
 #include <doctest/doctest.h>
 
 #include <dirent.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -51,8 +53,13 @@ const std::string kBase = kConfigs + "/hardware/cpu8.json";
 // One profile run shared by the test cases (it is the slow part).
 const Run& profiled(std::string* path_out = nullptr) {
   static std::string path = tmp_dir() + "/hw.json";
+  static std::string nvme = [] {
+    const std::string d = tmp_dir() + "/nvme";
+    ::mkdir(d.c_str(), 0755);
+    return d;
+  }();
   static Run r = run(kProfile + " --device cpu --quick --base " + kBase + " --model tiny-8l --mbs 2 --seq 32 --configs " +
-                     kConfigs + " -o " + path);
+                     kConfigs + " --nvme " + nvme + " --nvme-mib 8 -o " + path);
   if (path_out) *path_out = path;
   return r;
 }
@@ -142,4 +149,94 @@ TEST_CASE("bad arguments exit 2 with a message and write nothing") {
   r = run(kProfile + " --device tpu --base " + kBase + " --model tiny-8l -o " + out);
   CHECK(r.rc == 2);
   CHECK(slurp(out).empty());
+}
+
+TEST_CASE("--nvme adds each path's measured bandwidth as \"storage\"") {
+  std::string path;
+  const Run& r = profiled(&path);
+  REQUIRE(r.rc == 0);
+  CHECK(r.out.find("nvme write") != std::string::npos);
+  mmoc::HardwareSpec hw = mmoc::load_hardware(path, kConfigs);
+  REQUIRE(hw.storage.size() == 1);
+  CHECK(hw.storage[0].path == tmp_dir() + "/nvme");
+  CHECK(hw.storage[0].read_gbps > 0);
+  CHECK(hw.storage[0].write_gbps > 0);
+  CHECK(!hw.storage[0].device.empty());
+  CHECK(slurp(path).find("Measured by --nvme: storage (") != std::string::npos);
+}
+
+TEST_CASE("--storage-only measures the paths and keeps the rest of the base") {
+  const std::string d1 = tmp_dir() + "/s1", d2 = "/dev/shm/mmoc_profile_test_" + std::to_string(::getpid());
+  ::mkdir(d1.c_str(), 0755);
+  const bool shm = ::mkdir(d2.c_str(), 0755) == 0;
+  const std::string out = tmp_dir() + "/storage.json";
+  Run r = run(kProfile + " --storage-only --base " + kBase + " --configs " + kConfigs + " --nvme " + d1 +
+              (shm ? "," + d2 : std::string()) + " --nvme-mib 4 --nvme-request-kib 256 --nvme-qd 4 -o " + out);
+  INFO(r.out);
+  REQUIRE(r.rc == 0);
+  mmoc::HardwareSpec hw = mmoc::load_hardware(out, kConfigs);
+  mmoc::HardwareSpec base = mmoc::load_hardware(kBase, kConfigs);
+  REQUIRE(hw.storage.size() == (shm ? 2u : 1u));
+  CHECK(hw.storage[0].path == d1);
+  CHECK_FALSE(hw.storage[0].virtual_tier);
+  if (shm) {
+    CHECK(hw.storage[1].path == d2);
+    CHECK(hw.storage[1].virtual_tier);  // tmpfs
+    CHECK(r.out.find("all paths striped") != std::string::npos);
+    ::rmdir(d2.c_str());
+  }
+  for (const auto& s : hw.storage) {
+    CHECK(s.read_gbps > 0);
+    CHECK(s.write_gbps > 0);
+  }
+  CHECK(hw.name == base.name);  // nothing else measured, nothing else changed
+  CHECK(hw.gpu_tflops == base.gpu_tflops);
+  CHECK(hw.h2d_gbps == base.h2d_gbps);
+  CHECK(hw.calibrated_ms == base.calibrated_ms);
+
+  // Errors: a missing path names it (exit 2, nothing written); --storage-only without --nvme.
+  const std::string bad = tmp_dir() + "/bad-storage.json";
+  r = run(kProfile + " --storage-only --base " + kBase + " --configs " + kConfigs + " --nvme " + tmp_dir() + "/missing -o " + bad);
+  CHECK(r.rc == 2);
+  CHECK(r.out.find(tmp_dir() + "/missing") != std::string::npos);
+  CHECK(r.out.find("no such directory") != std::string::npos);
+  CHECK(slurp(bad).empty());
+  r = run(kProfile + " --storage-only --base " + kBase + " --configs " + kConfigs + " -o " + bad);
+  CHECK(r.rc == 2);
+  CHECK(r.out.find("--nvme") != std::string::npos);
+  r = run(kProfile + " --storage-only --base " + kBase + " --configs " + kConfigs + " --nvme " + d1 + " --nvme-request-kib 5 -o " + bad);
+  CHECK(r.rc == 2);
+  CHECK(r.out.find("multiple of 4096") != std::string::npos);
+  r = run(kProfile + " --base " + kBase + " --configs " + kConfigs + " -o " + bad);
+  CHECK(r.rc == 2);
+  CHECK(r.out.find("--model") != std::string::npos);
+}
+
+TEST_CASE("\"storage\" in a hardware file: parsed, and errors name the entry") {
+  auto hw = mmoc::parse_hardware(R"({"gpus":1,"storage":[{"path":"/a","read_gbps":2.3,"write_gbps":2.2,"device":"259:0"},
+                                     {"path":"/dev/shm/t","read_gbps":9,"write_gbps":8,"virtual":true}]})", "hw.json");
+  REQUIRE(hw.storage.size() == 2);
+  CHECK(hw.storage[0].path == "/a");
+  CHECK(hw.storage[0].read_gbps == 2.3);
+  CHECK(hw.storage[0].write_gbps == 2.2);
+  CHECK(hw.storage[0].device == "259:0");
+  CHECK_FALSE(hw.storage[0].virtual_tier);
+  CHECK(hw.storage[1].virtual_tier);
+  CHECK(mmoc::parse_hardware(R"({"gpus":1})", "hw.json").storage.empty());
+  auto err = [](const char* text) {
+    try {
+      mmoc::parse_hardware(text, "hw.json");
+    } catch (const mmoc::InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(err(R"({"gpus":1,"storage":{"path":"/a"}})").find("'storage'") != std::string::npos);
+  CHECK(err(R"({"gpus":1,"storage":[{"path":"/a","read_gbps":2}]})").find("storage[0]: missing required key 'write_gbps'") !=
+        std::string::npos);
+  CHECK(err(R"({"gpus":1,"storage":[{"path":"/a","read_gbps":2,"write_gbps":0}]})").find("write_gbps") != std::string::npos);
+  CHECK(err(R"({"gpus":1,"storage":[{"path":"/a","read_gbps":2,"write_gbps":1,"iops":5}]})").find("unknown key 'iops'") !=
+        std::string::npos);
+  CHECK(err(R"({"gpus":1,"storage":[{"path":"/a","read_gbps":2,"write_gbps":1},{"path":"/a","read_gbps":2,"write_gbps":1}]})")
+            .find("listed twice") != std::string::npos);
 }

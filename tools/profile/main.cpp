@@ -16,6 +16,8 @@
 //   host_mem_gbps                     chosen so that CostModel::adam_ms(P, threads) equals the measured fused
 //                                     CPU AdamW time (adam_bytes_per_param stays as in the base, 28)
 //   cpu_cores, host_mem_gib           of this host
+//   storage                           with --nvme PATH[,PATH...]: each path's direct-I/O write and read GB/s through
+//                                     engine/tier (docs/nvme-tier.md); --storage-only measures only that (no --model)
 // Exit codes: 0 done, 2 bad input (message on stderr), 3 anything else (e.g. out of memory).
 //
 // Linked with LibTorch, so no std::filesystem here (engine/io/fsutil.hpp instead): the configs are resolved by
@@ -58,6 +60,7 @@
 #include "engine/model/model.hpp"
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/thread_pool.hpp"
+#include "engine/tier/measure.hpp"
 #include "ir/plan.hpp"
 
 #ifndef MMOC_PROFILE_SOURCE_CONFIGS
@@ -449,7 +452,7 @@ std::string to_text(const ojson& j) {
   for (auto it = j.begin(); it != j.end(); ++it, ++i) {
     s += "  " + ojson(it.key()).dump() + ": ";
     const ojson& v = it.value();
-    const bool lines = (v.is_object() && !v.empty()) || (v.is_array() && !v.empty() && v[0].is_string());
+    const bool lines = (v.is_object() && !v.empty()) || (v.is_array() && !v.empty() && (v[0].is_string() || v[0].is_object()));
     if (lines) {
       s += v.is_object() ? "{\n" : "[\n";
       size_t k = 0;
@@ -479,6 +482,57 @@ std::string utc_now() {
   return buf;
 }
 
+// ---- (5) NVMe tier paths ------------------------------------------------------------------
+struct StorageOpts { std::vector<std::string> dirs; int64_t mib = 0, request_kib = 1024; int qd = 8, repeats = 3; };
+
+// Each path alone (what the hardware file keeps), then all at once striped by their weights (reported only).
+ojson measure_storage(const StorageOpts& so, std::vector<Row>& rows, std::string* note) {
+  namespace tier = mmoc::tier;
+  tier::MeasureOptions mo;
+  mo.bytes = so.mib << 20;
+  mo.request_bytes = so.request_kib << 10;
+  mo.queue_depth = so.qd;
+  mo.repeats = so.repeats;
+  ojson out = ojson::array();
+  std::vector<tier::PathSpec> all;
+  std::string backend;
+  for (const auto& d : so.dirs) {
+    std::cout << "  measuring NVMe tier path " << d << " (" << so.mib << " MiB, " << so.request_kib << " KiB requests, queue depth "
+              << so.qd << ")...\n" << std::flush;
+    tier::PathBandwidth b;
+    try {
+      b = tier::measure_path(d, mo);
+    } catch (const tier::SetupError& e) {
+      throw InputError(std::string("--nvme: ") + e.what());
+    }
+    backend = b.backend;
+    const std::string kind = b.virtual_tier ? "virtual tier (" + b.fs_type + ", buffered)" : b.fs_type + (b.direct ? ", O_DIRECT" : ", buffered");
+    rows.push_back({"nvme write " + d, fmt(b.write_gbps, 3), "GB/s", kind + ", device " + b.device + ", " + b.backend});
+    rows.push_back({"nvme read " + d, fmt(b.read_gbps, 3), "GB/s", ""});
+    ojson e;
+    e["path"] = d;
+    e["read_gbps"] = round_sig(b.read_gbps, 4);
+    e["write_gbps"] = round_sig(b.write_gbps, 4);
+    e["device"] = b.device;
+    e["virtual"] = b.virtual_tier;
+    out.push_back(e);
+    all.push_back({d, tier::path_weight(b.read_gbps, b.write_gbps)});
+  }
+  *note = std::to_string(so.dirs.size()) + " path(s), " + std::to_string(so.mib) + " MiB each, " +
+          std::to_string(so.request_kib) + " KiB requests, queue depth " + std::to_string(so.qd) + ", " + backend +
+          " backend, median of " + std::to_string(so.repeats);
+  if (so.dirs.size() > 1) {
+    std::cout << "  measuring all NVMe tier paths at once...\n" << std::flush;
+    tier::MeasureOptions m2 = mo;
+    m2.bytes = mo.bytes * (int64_t)so.dirs.size();
+    const tier::PathBandwidth a = tier::measure_striped(all, m2);
+    rows.push_back({"nvme write, all paths striped", fmt(a.write_gbps, 3), "GB/s", "(reported only)"});
+    rows.push_back({"nvme read, all paths striped", fmt(a.read_gbps, 3), "GB/s", "(reported only)"});
+    *note += "; all paths at once, striped: write " + sig(a.write_gbps) + " GB/s, read " + sig(a.read_gbps) + " GB/s";
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -489,7 +543,7 @@ int main(int argc, char** argv) {
   int repeats = 0, warmup = -1, threads = 0;
   int64_t adam_params = 0, xfer_mib = 0;
   app.add_option("--base", base, "hardware file (or configs/hardware name) to start from; unmeasured fields are kept")->required();
-  app.add_option("--model", model_name, "model name (configs/models) or path to a model JSON")->required();
+  app.add_option("--model", model_name, "model name (configs/models) or path to a model JSON (required unless --storage-only)");
   app.add_option("--mbs", mbs_list, "micro-batch size(s), comma-separated")->delimiter(',');
   app.add_option("--seq", seq_list, "sequence length(s), comma-separated (every mbs x seq pair is measured)")->delimiter(',');
   app.add_flag("--recompute", recompute, "also measure forward without grad and backward with recompute (reported only)");
@@ -507,6 +561,14 @@ int main(int argc, char** argv) {
   app.add_option("--adam-params", adam_params, "parameters in the AdamW measurement (default 200M, --quick 48M: beyond the caches either way)")->check(CLI::PositiveNumber);
   app.add_option("--transfer-mib", xfer_mib, "buffer size of the copy measurements in MiB (default 1024 CUDA / 256 CPU; --quick 64 / 16); the host memcpy always uses 1024 MiB (--quick 512)")
       ->check(CLI::PositiveNumber);
+  StorageOpts so;
+  bool storage_only = false;
+  app.add_option("--nvme", so.dirs, "NVMe tier directories, comma-separated: measure each one's direct-I/O bandwidth into \"storage\"")
+      ->delimiter(',');
+  app.add_flag("--storage-only", storage_only, "measure only --nvme (no GPU, model or CPU measurements); the rest of the base is kept");
+  app.add_option("--nvme-mib", so.mib, "bytes written and read per path and repeat, MiB (default 1024, --quick 256)")->check(CLI::PositiveNumber);
+  app.add_option("--nvme-request-kib", so.request_kib, "request size of the tier, KiB (multiple of 4; default 1024)")->check(CLI::PositiveNumber);
+  app.add_option("--nvme-qd", so.qd, "requests in flight per path (default 8)")->check(CLI::PositiveNumber);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -519,6 +581,41 @@ int main(int argc, char** argv) {
   try {
     // ---- inputs ----
     if (configs.empty()) configs = configs_dir_default();
+    if (storage_only && so.dirs.empty()) throw InputError("--storage-only needs --nvme PATH[,PATH...]");
+    if (so.mib == 0) so.mib = quick ? 256 : 1024;
+    so.repeats = quick ? 2 : 3;
+    if (storage_only) {
+      const std::string base_path = resolve(base, configs, "hardware", "hardware");
+      const std::string base_text = read_text(base_path, "hardware");
+      mmoc::HardwareSpec base_hw = mmoc::parse_hardware(base_text, base_path);
+      if (out_path.empty()) throw InputError("-o: no output path");
+      std::cout << "mmoc-profile: storage only, base " << base_path << "\n" << std::flush;
+      std::vector<Row> rows;
+      std::string note;
+      ojson storage = measure_storage(so, rows, &note);
+      ojson j = ojson::parse(base_text);
+      ojson comment = ojson::array();
+      if (j.contains("comment")) {
+        if (j["comment"].is_string()) comment.push_back(j["comment"]);
+        else if (j["comment"].is_array()) comment = j["comment"];
+      }
+      comment.push_back("Storage measured by mmoc-profile --storage-only " + utc_now() + ": " + note + ".");
+      ojson out;
+      out["comment"] = comment;
+      for (auto it = j.begin(); it != j.end(); ++it)
+        if (it.key() != "comment") out[it.key()] = it.value();
+      out["storage"] = storage;
+      const std::string text = to_text(out);
+      mmoc::HardwareSpec check = mmoc::parse_hardware(text, out_path);
+      if (check.storage.size() != so.dirs.size()) throw std::runtime_error("self-check: storage entries did not parse back");
+      mmoc::ir::save_file_atomic(out_path, text);
+      std::cout << "\n";
+      print_table(rows);
+      std::cout << "\nwrote " << out_path << " (hardware '" << (check.name.empty() ? stem_of(base_path) : check.name) << "', "
+                << check.storage.size() << " storage path(s))\n";
+      return 0;
+    }
+    if (model_name.empty()) throw InputError("--model is required (unless --storage-only)");
     mmoc::ModelSpec m = load_model_posix(model_name, configs);
     const std::string base_path = resolve(base, configs, "hardware", "hardware");
     const std::string base_text = read_text(base_path, "hardware");
@@ -662,6 +759,11 @@ int main(int argc, char** argv) {
     rows.push_back({"-> gpu_tflops", fmt(hw.gpu_tflops, 4), "TFLOP/s", tflops_note});
     rows.push_back({"-> host_mem_gbps", fmt(hw.host_mem_gbps, 2), "GB/s", "reproduces the AdamW time in CostModel::adam_ms"});
 
+    // (5) NVMe tier paths
+    ojson storage;
+    std::string storage_note;
+    if (!so.dirs.empty()) storage = measure_storage(so, rows, &storage_note);
+
     // ---- JSON: the base file with the measured keys replaced ----
     ojson j = ojson::parse(base_text);
     ojson comment = ojson::array();
@@ -689,6 +791,10 @@ int main(int argc, char** argv) {
     out["host_mem_gib"] = hw.host_mem_gib;
     out["cpu_cores"] = hw.cpu_cores;
     out["host_mem_gbps"] = hw.host_mem_gbps;
+    if (!storage.is_null()) {
+      out["storage"] = storage;
+      out["comment"].push_back("Measured by --nvme: storage (" + storage_note + ").");
+    }
     ojson cal = out.contains("calibrated_ms") && out["calibrated_ms"].is_object() ? out["calibrated_ms"] : ojson::object();
     for (const auto& [k, v] : calib) cal[k] = v;
     out["calibrated_ms"] = cal;
