@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "arch/arch.hpp"
 #include "compiler/spec.hpp"
 
 using namespace mmoc;
@@ -57,7 +58,7 @@ TEST_CASE("published parameter counts") {
   CHECK(m3.total_params() == 8030261248LL);
   CHECK(m7.layer_params(1) == 202383360LL);  // FACTS.md: 202.4M per decoder layer
   CHECK(m7.num_model_layers() == 34);
-  CHECK(m3.head_dim() == 128);
+  CHECK(arch::head_dim(m3) == 128);
 }
 
 TEST_CASE("tiny models match the HF fixtures") {
