@@ -166,6 +166,72 @@ TEST_CASE("config.json of every family: family, features, HF's defaults") {
   CHECK(io::read_hf_config(kFix + "qwen2-fp32").arch.head_dim == 0);   // = hidden/heads: canonical 0
 }
 
+TEST_CASE("the one config.json reader: HF's defaults per family, both spellings, refusals that name the key") {
+  auto parse = [](const std::string& body) { return io::parse_hf_config("{" + body + "}", "cfg.json").arch; };
+  auto err = [](const std::string& body) { return error_of([&] { io::parse_hf_config("{" + body + "}", "cfg.json"); }); };
+  const std::string shape = R"("hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,"num_attention_heads":8,"vocab_size":50)";
+  // norm eps left out: the family's HF default (LlamaConfig/MistralConfig/Qwen2Config/Qwen3Config 1e-6, GPT2Config 1e-5)
+  for (const char* mt : {"llama", "mistral", "qwen2", "qwen3"}) {
+    CAPTURE(std::string(mt));
+    auto a = parse(R"("model_type":")" + std::string(mt) + R"(",)" + shape + R"(,"num_key_value_heads":8)");
+    CHECK(a.family == mt);
+    CHECK(a.norm_eps == 1e-6);
+    CHECK(a.rope_theta == 10000.0);
+    CHECK_FALSE(a.tied_embeddings);
+  }
+  auto g = parse(R"("model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":4,"vocab_size":50)");
+  CHECK(g.norm_eps == 1e-5);
+  CHECK(g.tied_embeddings);
+  CHECK(g.ffn == 256);            // n_inner null: 4 * n_embd
+  CHECK(g.max_positions == 1024); // n_positions default
+  // family defaults for keys HF's classes fill in: Qwen3 head_dim 128, Qwen2 kv heads 32, Mistral window 4096
+  CHECK(arch::head_dim(parse(R"("model_type":"qwen3",)" + shape + R"(,"num_key_value_heads":8)")) == 128);
+  CHECK(parse(R"("model_type":"qwen2","hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,"num_attention_heads":32,"vocab_size":50)").kv_heads == 32);
+  CHECK(parse(R"("model_type":"mistral",)" + shape).sliding_window == 4096);
+  CHECK(parse(R"("model_type":"mistral",)" + shape + R"(,"sliding_window":null)").sliding_window == 0);
+  CHECK(parse(R"("model_type":"llama",)" + shape).kv_heads == 8);  // LlamaConfig: None -> heads
+  // family from architectures alone; neither: llama
+  CHECK(parse(R"("architectures":["Qwen3ForCausalLM"],)" + shape + R"(,"num_key_value_heads":8)").family == "qwen3");
+  CHECK(parse(shape).family == "llama");
+  // rope: transformers 4's rope_scaling (with top-level rope_theta) and 5's rope_parameters read the same
+  const std::string l3 = R"("factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192,"rope_type":"llama3")";
+  auto v4 = parse(shape + R"(,"rope_theta":500000.0,"rope_scaling":{)" + l3 + "}");
+  auto v5 = parse(shape + R"(,"rope_parameters":{"rope_theta":500000.0,)" + l3 + "}");
+  CHECK(v4 == v5);
+  CHECK(v4.rope_type == "llama3");
+  CHECK(v4.rope_original_max_positions == 8192);
+  CHECK(parse(shape + R"(,"max_position_embeddings":4096,"rope_scaling":{"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"type":"llama3"})")
+            .rope_original_max_positions == 4096);  // falls back to max_position_embeddings, as HF does
+  // Qwen2/3 sliding windows: all layers or none
+  CHECK(parse(R"("model_type":"qwen2",)" + shape + R"(,"num_key_value_heads":8,"use_sliding_window":true,"sliding_window":32,"max_window_layers":0)")
+            .sliding_window == 32);
+  CHECK(parse(R"("model_type":"qwen2",)" + shape + R"(,"num_key_value_heads":8,"use_sliding_window":false,"sliding_window":32)").sliding_window == 0);
+  CHECK(has(err(R"("model_type":"qwen2",)" + shape + R"(,"num_key_value_heads":8,"use_sliding_window":true,"sliding_window":32,"max_window_layers":1)"),
+            "1 of 2 layers use sliding-window attention"));
+  // refusals name the key
+  CHECK(has(err(R"("model_type":"qwen3",)" + shape + R"(,"num_key_value_heads":8,"attention_bias":true)"), "attention_bias"));
+  CHECK(has(err(R"("model_type":"llama",)" + shape + R"(,"mlp_bias":true)"), "mlp_bias"));
+  CHECK(has(err(R"("model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":4,"vocab_size":50,"activation_function":"relu")"), "activation_function"));
+  CHECK(has(err(R"("model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":4,"vocab_size":50,"scale_attn_by_inverse_layer_idx":true)"),
+            "scale_attn_by_inverse_layer_idx"));
+  CHECK(has(err(shape + R"(,"rope_scaling":{"rope_type":"llama3","factor":8.0})"), "lacks 'low_freq_factor'"));
+  CHECK(has(err(shape + R"(,"rope_parameters":{"rope_type":"dynamic","factor":2.0})"), "rope_type 'dynamic'"));
+  CHECK(has(err(R"("model_type":"mistral","architectures":["LlamaForCausalLM"],)" + shape), "does not match model_type 'mistral'"));
+  CHECK(has(err(R"("model_type":"gemma3",)" + shape), "model_type 'gemma3' is not supported (supported: llama, mistral, qwen2, qwen3, gpt2)"));
+  CHECK(has(err(R"("architectures":["MistralForSequenceClassification"],)" + shape), "architectures 'MistralForSequenceClassification'"));
+  // the writer: every feature survives a round trip
+  io::HfConfig c;
+  c.arch = parse(R"("model_type":"qwen3",)" + shape + R"(,"num_key_value_heads":2,"head_dim":24,"rms_norm_eps":1e-5,"tie_word_embeddings":true)");
+  CHECK(io::parse_hf_config(io::hf_config_json(c)).arch == c.arch);
+  c.arch = parse(R"("model_type":"qwen2",)" + shape + R"(,"num_key_value_heads":8,"use_sliding_window":true,"sliding_window":16,"max_window_layers":0)");
+  CHECK(io::parse_hf_config(io::hf_config_json(c)).arch == c.arch);
+  c.arch = v5;
+  CHECK(io::parse_hf_config(io::hf_config_json(c)).arch == c.arch);
+  c.arch = g;
+  c.max_position_embeddings = g.max_positions;
+  CHECK(io::parse_hf_config(io::hf_config_json(c)).arch == c.arch);
+}
+
 TEST_CASE("every family: logits, loss and gradients equal HF's, whole model and 2..6 stages") {
   for (const char* folder : kFixtures) {
     std::string folder_s = folder;
