@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mmoc-compile + mmoc-run against HF transformers for every model family, on the CPU in fp32 (venv python).
 
-    hf_families_test.py <mmoc-compile> <mmoc-run> <fixtures dir holding hf-tiny/> <configs dir>
+    hf_families_test.py <mmoc-compile> <mmoc-run> <mmoc-eval> <fixtures dir holding hf-tiny/> <configs dir>
 
 For each family fixture of tools/scripts/make_hf_fixtures.py (HF-written checkpoints with HF's loss and one
 torch.optim.AdamW step on one batch):
@@ -16,7 +16,8 @@ torch.optim.AdamW step on one batch):
      transformers computes for that config;
   3. transformers loads the checkpoint mmoc saved (AutoModelForCausalLM) and its logits equal mmoc's model's: a
      --steps 0 save of the fixture gives HF's reference logits exactly;
-  4. refusals: a tied model on several stages (mmoc-compile, and mmoc-run given such a plan), an unsupported
+  4. mmoc-eval (the fixture as it is, fp32): HF's logits and loss to 1e-5;
+  5. refusals: a tied model on several stages (mmoc-compile, and mmoc-run given such a plan), an unsupported
      model_type or architecture (named in the one-line error, exit code 2).
 Prints one line per check; exit 1 when any fails.
 """
@@ -30,7 +31,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file
 
-COMPILE, RUN, FIX, CONFIGS = sys.argv[1:5]
+COMPILE, RUN, EVAL, FIX, CONFIGS = sys.argv[1:6]
 FIX = os.path.join(FIX, "hf-tiny")
 FAMILIES = ["llama3-gqa-fp32", "llama3-tied-fp32", "qwen2-fp32", "qwen2-tied-fp32", "qwen3-fp32", "qwen3-tied-fp32",
             "mistral-fp32", "gpt2-fp32", "llama-gqa-fp32"]
@@ -206,6 +207,23 @@ def transformers_loads(name, work):
           f"{name}: transformers loads mmoc's checkpoint as {type(model).__name__}; logits max|diff| {diff:.1e} from HF's")
 
 
+def eval_checks(name, work):
+    d = os.path.join(FIX, name)
+    meta = json.load(open(os.path.join(d, "hf_reference.json")))
+    ref = load_file(os.path.join(d, "hf_reference.safetensors"))
+    rows = os.path.join(work, "rows.jsonl")
+    rows_file(ref, rows)
+    out = os.path.join(work, "logits.safetensors")
+    p = sh([EVAL, d, "--data", rows, "--seq-len", ref["input_ids"].shape[1], "--batch", 1, "--logits", out],
+           f"mmoc-eval {name}")
+    if not p:
+        return
+    logits = load_file(out)["logits"]
+    loss = float(p.stdout.split("loss ")[1].split(",")[0])
+    r, lr = rel(logits, ref["logits"]), abs(loss - meta["loss"]) / meta["loss"]
+    check(r <= 1e-5 and lr <= 1e-5, f"{name}: mmoc-eval's logits (rel {r:.1e}) and loss {loss:.7f} (rel {lr:.1e}) are HF's")
+
+
 def refusals(work):
     """Tied embeddings across stages: the compiler refuses the job, mmoc-run a hand-made plan (exit 2, one line);
     unsupported architectures are named."""
@@ -245,6 +263,7 @@ def main():
         for name in FAMILIES:
             one_step_checks(name, work)
             transformers_loads(name, work)
+            eval_checks(name, work)
         for name in ["llama3-gqa-fp32", "qwen2-fp32", "qwen3-fp32", "mistral-fp32", "gpt2-fp32"]:
             default_eps_checks(name, work)
     finally:
