@@ -207,14 +207,10 @@ h200x4)
 hfcheck)
   # mmoc's model on CUDA against HF transformers' AutoModelForCausalLM on the same safetensors (fp32 and bf16), and the
   # first bf16 training step's loss, for every family (llama, llama3, qwen2, qwen3, mistral, gpt2): random mid-size
-  # models that transformers writes here, plus the project's HF fixtures when they were carried (.carry/fixtures/hf-tiny,
-  # or made here by tools/scripts/make_hf_fixtures.py when that script exists)
-  fx=""
-  if [ -d .carry/fixtures/hf-tiny ]; then fx="--fixtures .carry/fixtures/hf-tiny"
-  elif [ -f tools/scripts/make_hf_fixtures.py ] && python3 tools/scripts/make_hf_fixtures.py "$OUT/fixtures" > "$OUT/fixtures.log" 2>&1; then
-    fx="--fixtures $OUT/fixtures/hf-tiny"
-  fi
-  python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/hfcheck" $fx 2>&1 | grep -v "it/s\]" | tee "$OUT/hfcheck.log"
+  # models that transformers writes here, plus the project's HF fixtures, made here by the project's script
+  # (transformers of the machine)
+  python3 tools/scripts/make_hf_fixtures.py "$OUT/fixtures" || exit 1
+  python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/hfcheck" --fixtures "$OUT/fixtures/hf-tiny" 2>&1 | grep -v "it/s\]" | tee "$OUT/hfcheck.log"
   rm -rf "$OUT/hfcheck" "$OUT/fixtures"
   ;;
 esac

@@ -65,7 +65,7 @@ TEST_CASE("tiny models match the HF fixtures") {
   for (auto [name, dir] : {std::pair{"tiny-gqa", "llama-gqa-fp32"}, std::pair{"tiny-tied", "llama-tied-mha-fp32"}}) {
     CAPTURE(name);
     auto m = load_model(name, kConfigs);
-    std::string fx = kFixtures + "/hf-tiny-llama/" + dir;
+    std::string fx = kFixtures + "/hf-tiny/" + dir;
     auto hf = load_model(fx + "/config.json", kConfigs);  // HF config.json is accepted too
     CHECK(m.layers == hf.layers);
     CHECK(m.hidden == hf.hidden);

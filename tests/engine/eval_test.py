@@ -1,4 +1,4 @@
-"""mmoc-eval against HF transformers' own logits and loss (../shared/fixtures/hf-tiny-llama, fp32 on the CPU), and
+"""mmoc-eval against HF transformers' own logits and loss (the fixtures of tools/scripts/make_hf_fixtures.py, fp32 on the CPU), and
 its bad-input handling. Usage: eval_test.py <mmoc-eval> <fixtures dir>. Needs torch and safetensors (the venv)."""
 import json, os, subprocess, sys, tempfile
 
@@ -27,7 +27,7 @@ def run(*args):
 
 with tempfile.TemporaryDirectory() as tmp:
     for name in ["llama-gqa-fp32", "llama-gqa-bf16", "llama-tied-mha-fp32", "llama-gqa-fp32-sharded"]:
-        d = os.path.join(FIX, "hf-tiny-llama", name)
+        d = os.path.join(FIX, "hf-tiny", name)
         ref = load_file(os.path.join(d, "hf_reference.safetensors"))
         want_loss = json.load(open(os.path.join(d, "hf_reference.json")))["loss"]
         rows = os.path.join(tmp, name + ".jsonl")
@@ -53,7 +53,7 @@ with tempfile.TemporaryDirectory() as tmp:
             check(r.returncode == 0 and " 1 rows" in r.stdout, "--max-rows 1 evaluates one row")
 
     # bad input: exit 2, one line on stderr naming the problem, no logits file written
-    d = os.path.join(FIX, "hf-tiny-llama", "llama-gqa-fp32")
+    d = os.path.join(FIX, "hf-tiny", "llama-gqa-fp32")
     rows = os.path.join(tmp, "llama-gqa-fp32.jsonl")
     out = os.path.join(tmp, "bad.safetensors")
     for args, needle in [((os.path.join(tmp, "nope"), "--data", rows, "--seq-len", "16"), "not a checkpoint folder"),
@@ -61,7 +61,7 @@ with tempfile.TemporaryDirectory() as tmp:
                          ((d, "--data", rows, "--seq-len", "16", "--precision", "fp8"), "--precision"),
                          ((d, "--data", rows, "--seq-len", "16", "--device", "tpu"), "--device"),
                          ((d, "--data", rows, "--seq-len", "1"), "--seq-len"),
-                         ((FIX + "/hf-tiny-llama", "--data", rows, "--seq-len", "16"), "config.json")]:
+                         ((FIX + "/hf-tiny", "--data", rows, "--seq-len", "16"), "config.json")]:
         r = run(*args, "--logits", out)
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         check(r.returncode == 2 and len(lines) == 1 and needle in lines[0] and not os.path.exists(out),

@@ -1,4 +1,4 @@
-// engine/model against HF transformers' own outputs (fixtures/hf-tiny-llama): logits, loss, gradients,
+// engine/model against HF transformers' own outputs (tools/scripts/make_hf_fixtures.py): logits, loss, gradients,
 // stage splits, checkpoint load/save round trips and loader errors.
 #include <ATen/ATen.h>
 #include <unistd.h>
@@ -19,7 +19,7 @@ using namespace mmoc;
 using namespace mmoc::engine;
 
 namespace {
-const std::string kFix = std::string(MMOC_FIXTURES_DIR) + "/hf-tiny-llama/";
+const std::string kFix = std::string(MMOC_FIXTURES_DIR) + "/hf-tiny/";
 const char* kFolders[] = {"llama-gqa-fp32", "llama-gqa-fp32-sharded", "llama-gqa-bf16", "llama-tied-mha-fp32"};
 
 std::string error_of(const std::function<void()>& f) {

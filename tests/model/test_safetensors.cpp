@@ -15,7 +15,7 @@ using namespace mmoc::io;
 namespace fs = std::filesystem;
 
 namespace {
-const std::string kFix = std::string(MMOC_FIXTURES_DIR) + "/hf-tiny-llama/";
+const std::string kFix = std::string(MMOC_FIXTURES_DIR) + "/hf-tiny/";
 
 std::string error_of(const std::function<void()>& f) {
   try {
