@@ -298,6 +298,24 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
   return h;
 }
 
+at::Tensor embedding_view(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat) {
+  const ParamInfo* p = layout.find(0, Role::Embed);
+  if (!p) throw std::invalid_argument("embedding_view: the stage does not hold the token embedding (layer 0)");
+  if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel)
+    throw std::invalid_argument("embedding_view: flat tensor does not match the layout");
+  (void)a;
+  return flat.narrow(0, p->offset, p->numel).view(p->shape);
+}
+
+void add_tied_embedding_grad(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat_grad,
+                             const at::Tensor& grad) {
+  at::Tensor v = embedding_view(a, layout, flat_grad);
+  if (!grad.defined() || grad.sizes() != v.sizes())
+    throw std::invalid_argument("add_tied_embedding_grad: gradient must be [vocab, hidden]");
+  at::NoGradGuard ng;
+  v.add_(grad.to(v.device(), v.scalar_type()));
+}
+
 at::Tensor lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels) {
   if (logits.dim() != 3 || labels.dim() != 2 || logits.size(0) != labels.size(0) || logits.size(1) != labels.size(1))
     throw std::invalid_argument("lm_loss_sum: logits [B,T,V] and labels [B,T] expected");

@@ -44,6 +44,14 @@ at::Tensor stage_forward(const ir::ModelArch& arch, const StageLayout& layout, c
                          const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding = at::Tensor(),
                          bool fused_norm_on_cpu = false);
 
+// Tied embeddings across stages (head_needs_embedding): the [V,H] token-embedding view of the flat tensor of the stage
+// holding layer 0 (what the head's stage needs as stage_forward's tied_embedding), and the head stage's gradient of it
+// added into that stage's flat weight gradient before the optimizer step (one master copy, one optimizer state).
+// Both throw std::invalid_argument when the layout has no embedding or the shapes disagree.
+at::Tensor embedding_view(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat);
+void add_tied_embedding_grad(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat_grad,
+                             const at::Tensor& grad);
+
 // Sum over tokens of next-token cross-entropy, in fp32, with HF's shift: logits[:, :-1] against labels[:, 1:],
 // labels == -100 ignored. Returns a 0-dim fp32 tensor on logits' device (differentiable).
 at::Tensor lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels);
