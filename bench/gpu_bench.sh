@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4 | tier
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4 | tier
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
 # Needs the peer scripts in .carry/ (fsdp2_offload.py, limits.py from ../shared/peers). Logs go to $OUT.
@@ -134,6 +134,24 @@ print("tiny fp32 cpu vs cuda losses:", ["%.6f/%.6f" % (x, y) for x, y in zip(a, 
 PY
   done
   ;;
+families)
+  # every family's preset on one H200 (48 GiB budget, 32,768 tokens per step: 8 x 1024 tokens per micro-batch x 4): the
+  # compiler's prediction (step time, memory) against the measured run. MODELS overrides the list. The tied 3B models
+  # run in one stage (tied embeddings do not cross stages yet), where 8 x 1024 does not fit 48 GiB: 2 x 1024 x 16 there.
+  # Unless SKIP_PEER=1, the FSDP2 peer runs the two 3B shapes in its LLaMA-2 layout (same layers, hidden, ffn
+  # and heads; MHA, vocab 32000: an approximation, the peer has no GQA or other vocabularies).
+  gen_data "$OUT/tok.jsonl" 160 1024
+  for m in ${MODELS:-llama3.2-3b qwen2.5-3b gpt2-xl qwen3-8b mistral-7b qwen2.5-7b llama3.1-8b}; do
+    case $m in llama3.2-3b|qwen2.5-3b) mb="2 --microbatches 16";; *) mb="8 --microbatches 4";; esac
+    mmoc_job $m "--model $m --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget 48 --micro-batch-size $mb --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-4}
+  done
+  if [ "${SKIP_PEER:-0}" != 1 ]; then
+    peer fsdp2-llama3.2-3b 1 "--layers 28 --hidden 3072 --ffn 8192 --heads 24 --mbs 8 --seq 1024 --accum 4 --steps 3"
+    ratio families-llama3.2-3b llama3.2-3b fsdp2-llama3.2-3b
+    peer fsdp2-qwen2.5-3b 1 "--layers 36 --hidden 2048 --ffn 11008 --heads 16 --mbs 8 --seq 1024 --accum 4 --steps 3"
+    ratio families-qwen2.5-3b qwen2.5-3b fsdp2-qwen2.5-3b
+  fi
+  ;;
 h100-7b)
   # LLaMA-2-7B shape, 1 GPU, 48 GiB budget, 8 x 1024 tokens per micro-batch, 4 micro-batches (32,768 tokens/step)
   if [ "${SKIP_PEER:-0}" != 1 ]; then python3 .carry/limits.py > "$OUT/limits.log" 2>&1 & lim=$!; fi
@@ -196,10 +214,12 @@ tier)
   "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" -o "$OUT/hw-storage.json" 2>&1 | tail -12
   ;;
 hfcheck)
-  # mmoc's model on CUDA against HF transformers' LlamaForCausalLM on the same safetensors (fp32 and bf16), and the
-  # first bf16 training step's loss; the fixture is made here by the project's script (transformers of the machine)
-  python3 tools/scripts/make_hf_fixtures.py "$OUT/fixtures" --only llama-gqa-fp32 || exit 1
-  python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/fixtures/hf-tiny/llama-gqa-fp32" "$OUT/hfcheck" 2>&1 | grep -v "it/s\]" | tee "$OUT/hfcheck.log"
+  # mmoc's model on CUDA against HF transformers' AutoModelForCausalLM on the same safetensors (fp32 and bf16), and the
+  # first bf16 training step's loss, for every family (llama, llama3, qwen2, qwen3, mistral, gpt2): random mid-size
+  # models that transformers writes here, plus the project's HF fixtures, made here by the project's script
+  # (transformers of the machine)
+  python3 tools/scripts/make_hf_fixtures.py "$OUT/fixtures" || exit 1
+  python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/hfcheck" --fixtures "$OUT/fixtures/hf-tiny" 2>&1 | grep -v "it/s\]" | tee "$OUT/hfcheck.log"
   rm -rf "$OUT/hfcheck" "$OUT/fixtures"
   ;;
 esac

@@ -2,6 +2,9 @@
 // Formulas are documented next to each function and in configs/README.md.
 #include "compiler/spec.hpp"
 
+#include "arch/hf_config.hpp"
+#include "arch/layout.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -159,80 +162,76 @@ std::vector<std::string> list_configs(const std::string& configs_dir, const std:
 // ---- model ---------------------------------------------------------------------------------
 namespace {
 void validate_model(const ModelSpec& m, const std::string& where) {
-  auto need = [&](bool ok, const std::string& msg) {
-    if (!ok) throw InputError(where + ": " + msg);
-  };
-  need(m.layers >= 1, "layers must be >= 1");
-  need(m.hidden >= 1 && m.ffn >= 1 && m.vocab >= 1, "hidden, ffn and vocab must be >= 1");
-  need(m.heads >= 1 && m.kv_heads >= 1, "heads and kv_heads must be >= 1");
-  need(m.hidden % m.heads == 0, "hidden (" + std::to_string(m.hidden) + ") must be divisible by heads (" + std::to_string(m.heads) + ")");
-  need(m.heads % m.kv_heads == 0, "heads (" + std::to_string(m.heads) + ") must be divisible by kv_heads (" + std::to_string(m.kv_heads) + ")");
-  need(m.max_seq >= 1, "max_seq must be >= 1");
-  need(m.norm_eps > 0, "norm_eps must be > 0");
-  need(m.rope_theta > 0, "rope_theta must be > 0");
+  try {
+    arch::validate(m, where);
+  } catch (const arch::ConfigError& e) {
+    throw InputError(e.what());
+  }
+  if (m.max_seq < 1) throw InputError(where + ": max_seq must be >= 1");
+  if (m.max_positions > 0 && m.max_seq > m.max_positions)
+    throw InputError(where + ": max_seq " + std::to_string(m.max_seq) + " exceeds the " + std::to_string(m.max_positions) +
+                     " learned positions (max_positions)");
 }
 
-// HuggingFace LlamaForCausalLM config.json: known keys mapped, the rest ignored (HF configs carry many).
-ModelSpec from_hf_config(const json& j, const std::string& origin) {
-  ModelSpec m;
-  auto geti = [&](const char* k, int& out, bool required) {
-    auto it = j.find(k);
-    if (it == j.end() || it->is_null()) {
-      if (required) throw InputError(origin + ": HF config lacks '" + k + "'");
-      return;
-    }
-    if (!it->is_number_integer()) throw InputError(origin + ": HF key '" + std::string(k) + "' must be an integer");
-    out = it->get<int>();
-  };
-  geti("num_hidden_layers", m.layers, true);
-  geti("hidden_size", m.hidden, true);
-  geti("intermediate_size", m.ffn, true);
-  geti("num_attention_heads", m.heads, true);
-  m.kv_heads = m.heads;
-  geti("num_key_value_heads", m.kv_heads, false);
-  geti("vocab_size", m.vocab, true);
-  geti("max_position_embeddings", m.max_seq, false);
-  if (j.contains("head_dim") && j["head_dim"].is_number_integer() && j["head_dim"].get<int>() * m.heads != m.hidden)
-    throw InputError(origin + ": head_dim * num_attention_heads != hidden_size is not supported");
-  if (j.contains("rms_norm_eps") && j["rms_norm_eps"].is_number()) m.norm_eps = j["rms_norm_eps"].get<double>();
-  if (j.contains("rope_theta") && j["rope_theta"].is_number()) m.rope_theta = j["rope_theta"].get<double>();
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-    auto& rp = j["rope_parameters"];
-    if (rp.contains("rope_theta") && rp["rope_theta"].is_number()) m.rope_theta = rp["rope_theta"].get<double>();
-  }
-  if (j.contains("tie_word_embeddings") && j["tie_word_embeddings"].is_boolean()) m.tied_embeddings = j["tie_word_embeddings"].get<bool>();
-  if (j.contains("model_type") && j["model_type"].is_string() && j["model_type"].get<std::string>() != "llama")
-    throw InputError(origin + ": model_type '" + j["model_type"].get<std::string>() + "' is not supported (llama only)");
-  if (j.contains("name_or_path") && j["name_or_path"].is_string()) m.name = j["name_or_path"].get<std::string>();
-  return m;
+bool looks_like_hf(const json& j) {
+  return j.is_object() && (j.contains("model_type") || j.contains("architectures") || j.contains("hidden_size") ||
+                           j.contains("n_embd"));
 }
 }  // namespace
 
 ModelSpec parse_model(const std::string& json_text, const std::string& origin) {
   json j = parse_json_text(json_text, origin);
-  if (j.is_object() && j.contains("hidden_size")) {
-    ModelSpec m = from_hf_config(j, origin);
+  if (looks_like_hf(j)) {  // HF config.json: the one reader, shared with the engine
+    arch::HfConfig c;
+    try {
+      c = arch::parse_hf_config(json_text, origin);
+    } catch (const arch::ConfigError& e) {
+      throw InputError(e.what());
+    }
+    ModelSpec m;
+    static_cast<ir::ModelArch&>(m) = c.arch;
+    m.max_seq = (int)c.max_position_embeddings;
+    if (j.contains("name_or_path") && j["name_or_path"].is_string()) m.name = j["name_or_path"].get<std::string>();
     validate_model(m, origin);
     return m;
   }
-  ModelSpec m;
   ObjReader r(j, origin);
   r.comment();
+  std::string fam = "llama";
+  r.str("family", fam, {"llama", "mistral", "qwen2", "qwen3", "gpt2"});
+  arch::Family f;
+  arch::parse_family(fam, f);
+  ModelSpec m;
+  static_cast<ir::ModelArch&>(m) = arch::make_arch(f);  // family features and HF's defaults (norm_eps, rope_theta, tie)
   r.str("name", m.name);
   r.int_("layers", m.layers, 1);
   r.int_("hidden", m.hidden, 1);
   r.int_("ffn", m.ffn, 1);
   r.int_("heads", m.heads, 1);
   r.int_("kv_heads", m.kv_heads, 1);
+  r.int_("head_dim", m.head_dim, 1);
   r.int_("vocab", m.vocab, 1);
   r.int_("max_seq", m.max_seq, 1);
+  r.int_("max_positions", m.max_positions, 1);
+  r.int_("sliding_window", m.sliding_window, 0);
   r.num("rope_theta", m.rope_theta);
   r.num("norm_eps", m.norm_eps);
   r.boolean("tied_embeddings", m.tied_embeddings);
+  if (auto* v = r.get("rope_scaling")) {
+    ObjReader rs(*v, origin + ": rope_scaling");
+    rs.str("rope_type", m.rope_type, {"default", "llama3"});
+    rs.num("factor", m.rope_factor, 0);
+    rs.num("low_freq_factor", m.rope_low_freq_factor, 0);
+    rs.num("high_freq_factor", m.rope_high_freq_factor, 0);
+    rs.int_("original_max_position_embeddings", m.rope_original_max_positions, 1);
+    rs.finish();
+  }
   for (const char* req : {"layers", "hidden", "ffn", "heads", "vocab"})
     if (!r.has(req)) throw InputError(origin + ": missing required key '" + req + "'");
   if (!r.has("kv_heads")) m.kv_heads = m.heads;
+  if (f == arch::Family::Gpt2 && !r.has("max_positions")) m.max_positions = m.max_seq;
   r.finish();
+  if (m.head_dim > 0 && m.hidden % m.heads == 0 && m.head_dim == m.hidden / m.heads) m.head_dim = 0;  // canonical
   validate_model(m, origin);
   return m;
 }
@@ -247,16 +246,16 @@ ModelSpec load_model(const std::string& name_or_path, const std::string& configs
   return m;
 }
 
-// Parameters per model layer.
-//  embedding: vocab*hidden (the tied lm_head weight is counted here);
-//  decoder:   q,o: hidden^2 each; k,v: hidden*kv_heads*head_dim each; gate,up,down: hidden*ffn each; 2 RMSNorm weights;
-//  head:      final RMSNorm (hidden) + lm_head vocab*hidden (0 when tied).
+// Parameters per model layer: those of the engine's flat layout (arch/layout.hpp lists every tensor), e.g.
+//  LLaMA-style decoder: q,o: hidden*q_dim each; k,v: hidden*kv_dim each; gate,up,down: hidden*ffn each; 2 RMSNorm
+//  weights; + q/k/v biases (qwen2: q_dim + 2*kv_dim) + q/k norms (qwen3: 2*head_dim);
+//  GPT-2 block: c_attn 3h^2+3h, c_proj h^2+h, c_fc h*ffn+ffn, mlp c_proj ffn*h+h, two LayerNorms 4h;
+//  embedding: vocab*hidden (+ max_positions*hidden for GPT-2; the tied lm_head weight is counted here);
+//  head: final norm (hidden; GPT-2 2*hidden) + lm_head vocab*hidden (0 when tied).
 int64_t ModelSpec::layer_params(int layer) const {
-  const int64_t h = hidden, kvd = (int64_t)kv_heads * head_dim();
-  if (layer == 0) return (int64_t)vocab * h;
-  if (layer >= 1 && layer <= layers) return 2 * h * h + 2 * h * kvd + 3 * h * ffn + 2 * h;
-  if (layer == layers + 1) return h + (tied_embeddings ? 0 : (int64_t)vocab * h);
-  throw std::out_of_range("layer " + std::to_string(layer) + " out of range 0.." + std::to_string(layers + 1));
+  if (layer < 0 || layer > layers + 1)
+    throw std::out_of_range("layer " + std::to_string(layer) + " out of range 0.." + std::to_string(layers + 1));
+  return arch::layer_param_count(*this, layer);
 }
 
 int64_t ModelSpec::total_params() const {
@@ -265,18 +264,25 @@ int64_t ModelSpec::total_params() const {
   return n;
 }
 
+namespace {
+// True when attention runs with an explicit sliding-window mask (the engine's SDPA call then processes the whole
+// seq x seq score matrix: no causal skipping) rather than is_causal.
+bool windowed(const ModelSpec& m, int seq) { return m.sliding_window > 0 && m.sliding_window < seq; }
+}  // namespace
+
 // Forward FLOPs for one micro-batch of T = mbs*seq tokens.
-//  decoder: 2 * (matmul params) * T  +  attention QK^T and AV: 2 matmuls of 2*mbs*seq^2*hidden each = 4*mbs*seq^2*hidden,
-//           halved for the causal mask (flash/SDPA kernels skip the masked upper triangle) -> 2*mbs*seq^2*hidden.
+//  decoder: 2 * (matmul params) * T  +  attention QK^T and AV: 2 matmuls of 2*mbs*seq^2*q_dim each = 4*mbs*seq^2*q_dim,
+//           halved for the causal mask (flash/SDPA kernels skip the masked upper triangle) -> 2*mbs*seq^2*q_dim; with
+//           a sliding window shorter than seq the engine passes an explicit mask and no block is skipped: 4*mbs*seq^2*q_dim.
+//           q_dim = heads*head_dim (= hidden unless head_dim is set).
 //  head:    2*vocab*hidden*T for lm_head (also when tied: the matmul still runs) + ~5 FLOPs per logit for softmax/CE.
 //  embedding: a gather, counted as 0 FLOPs (its time is launch overhead and memory traffic).
 double ModelSpec::layer_fwd_flops(int layer, int mbs, int seq) const {
-  const double T = (double)mbs * seq, h = hidden;
+  const double T = (double)mbs * seq, h = hidden, f = ffn, qd = (double)arch::q_dim(*this), kvd = (double)arch::kv_dim(*this);
   if (layer == 0) return 0.0;
   if (layer >= 1 && layer <= layers) {
-    const double kvd = (double)kv_heads * head_dim();
-    const double matmul_params = 2 * h * h + 2 * h * kvd + 3 * h * ffn;
-    return 2.0 * matmul_params * T + 2.0 * mbs * (double)seq * seq * h;
+    const double matmul_params = arch::is_gpt2(*this) ? 4 * h * h + 2 * h * f : 2 * h * qd + 2 * h * kvd + 3 * h * f;
+    return 2.0 * matmul_params * T + (windowed(*this, seq) ? 4.0 : 2.0) * mbs * (double)seq * seq * qd;
   }
   if (layer == layers + 1) return 2.0 * vocab * h * T + 5.0 * vocab * T;
   throw std::out_of_range("layer out of range");
@@ -286,22 +292,39 @@ double ModelSpec::layer_fwd_flops(int layer, int mbs, int seq) const {
 double ModelSpec::layer_bwd_flops(int layer, int mbs, int seq) const { return 2.0 * layer_fwd_flops(layer, mbs, seq); }
 
 // Saved-for-backward bytes without recompute (SDPA/flash attention: no seq^2 score matrix is kept), per token, as
-// engine/model/model.cpp's decoder keeps them (q/k/v and gate/up are views of the flat weights: no weight copy):
-//  decoder: x, norm1(x), attention output, mid residual, norm2 (5*hidden); the fused gate|up output, silu(gate) and
-//           silu(gate)*up (4*ffn); and what attention keeps: with MHA the fused qkv output (v is a view of it) plus the
-//           rotated q and k (hidden + 2*kv_dim + hidden + kv_dim); with GQA the rotated q and the repeated k and v
-//           (3*hidden) -- all times act_bytes; plus fp32 small terms: attention log-sum-exp (heads*4) and two RMSNorm
-//           inverse-rms (2*4). For LLaMA-2-7B that is 10*hidden + 4*ffn = ~20.75*hidden elements per token.
-//  head:    final-norm input and output (2*hidden*act_bytes + 4) plus the fp32 log-softmax that cross-entropy keeps (vocab*4).
+// engine/model/model.cpp's layers keep them (fused projections are views of the flat weights: no weight copy):
+//  LLaMA-style decoder: x, norm1(x), mid residual, norm2 (4*hidden) and the attention output (q_dim); the fused
+//           gate|up output, silu(gate) and silu(gate)*up (4*ffn); and what attention keeps: with MHA the fused qkv
+//           output (v is a view of it) plus the rotated q and k (q_dim + 2*kv_dim + q_dim + kv_dim); with GQA the rotated
+//           q and the repeated k and v (3*q_dim), and with qk_norm (qwen3) also the qkv output the norms read
+//           (q_dim + 2*kv_dim) -- all times act_bytes; plus fp32 small terms: attention log-sum-exp (heads*4), two
+//           RMSNorm inverse-rms (2*4) and with qk_norm one per head of q and k ((heads + kv_heads)*4). With a sliding
+//           window shorter than seq, the boolean mask (seq^2 bytes per micro-batch) too. For LLaMA-2-7B that is
+//           10*hidden + 4*ffn = ~20.75*hidden elements per token.
+//  GPT-2 block: x, ln_1(x), the qkv output (q, k, v are views of it), the attention output, mid residual, ln_2 (8*hidden),
+//           the c_fc output and its GELU (2*ffn), times act_bytes; plus log-sum-exp (heads*4) and two LayerNorms'
+//           mean and inverse std (16).
+//  head:    final-norm input and output and its fp32 statistics (2*hidden*act_bytes + 4; LayerNorm 8) plus the fp32 log-softmax that
+//           cross-entropy keeps (vocab*4).
 //  embedding: nothing (the token ids are batch(m)).
 // recompute=true: 0 (forward keeps only the stage input, counted as the previous layer's output / the batch).
 int64_t ModelSpec::layer_stash_bytes(int layer, int mbs, int seq, bool recompute, int act_bytes) const {
   if (recompute) return 0;
-  const int64_t T = (int64_t)mbs * seq, h = hidden, kvd = (int64_t)kv_heads * head_dim();
+  const int64_t T = (int64_t)mbs * seq, h = hidden, f = ffn, qd = arch::q_dim(*this), kvd = arch::kv_dim(*this);
+  const bool gpt2 = arch::is_gpt2(*this);
   if (layer == 0) return 0;
-  const int64_t attn = kv_heads == heads ? 2 * h + 3 * kvd : 3 * h;
-  if (layer >= 1 && layer <= layers) return T * ((5 * h + attn + 4 * (int64_t)ffn) * act_bytes + (int64_t)heads * 4 + 8);
-  if (layer == layers + 1) return T * (2 * h * act_bytes + 4 + (int64_t)vocab * 4);
+  if (layer >= 1 && layer <= layers) {
+    if (gpt2) return T * ((8 * h + 2 * f) * act_bytes + (int64_t)heads * 4 + 16);
+    int64_t attn = kv_heads == heads ? 2 * qd + 3 * kvd : 3 * qd;
+    int64_t small = (int64_t)heads * 4 + 8;
+    if (qk_norm) {
+      if (kv_heads != heads) attn += qd + 2 * kvd;
+      small += (int64_t)(heads + kv_heads) * 4;
+    }
+    const int64_t mask = windowed(*this, seq) ? (int64_t)seq * seq : 0;
+    return T * ((4 * h + qd + attn + 4 * f) * act_bytes + small) + mask;
+  }
+  if (layer == layers + 1) return T * (2 * h * act_bytes + (gpt2 ? 8 : 4) + (int64_t)vocab * 4);
   throw std::out_of_range("layer out of range");
 }
 
@@ -311,42 +334,28 @@ int64_t ModelSpec::layer_output_bytes(int layer, int mbs, int seq, int act_bytes
   return (int64_t)mbs * seq * hidden * act_bytes;
 }
 
-// Transient bytes while the layer runs (beyond its stash and output), per micro-batch of T tokens:
-//  decoder fwd: MLP intermediates being formed + attention temporaries: T*(2*ffn + 2*hidden)*act_bytes.
-//  decoder bwd: gradient temporaries of the MLP and attention: T*(3*ffn + 4*hidden)*act_bytes. With recompute the pass
+// Transient bytes while the layer runs (beyond its stash and output), per micro-batch of T tokens, a = max(hidden, q_dim):
+//  decoder fwd: MLP intermediates being formed + attention temporaries: T*(2*ffn + 2*a)*act_bytes.
+//  decoder bwd: gradient temporaries of the MLP and attention: T*(3*ffn + 4*a)*act_bytes. With recompute the pass
 //               must add the layer's layer_stash_bytes(recompute=false) (the recomputed forward is alive during backward).
 //  head fwd:    bf16 logits + fp32 logits: T*vocab*(act_bytes + 4).
 //  head bwd:    fp32 softmax and its gradient (2 x T*vocab*4) + bf16 logits gradient (T*vocab*act_bytes).
-//  embedding:   fwd 0; bwd T*hidden*4 (fp32 scatter-add of the incoming gradient).
+//  embedding:   fwd 0; bwd T*hidden*4 (fp32 scatter-add of the incoming gradient), and for GPT-2 the position
+//               table's gradient (max_positions*hidden*act_bytes).
 int64_t ModelSpec::layer_fwd_workspace(int layer, int mbs, int seq, int act_bytes) const {
-  const int64_t T = (int64_t)mbs * seq, h = hidden;
+  const int64_t T = (int64_t)mbs * seq, a = std::max<int64_t>(hidden, arch::q_dim(*this));
   if (layer == 0) return 0;
-  if (layer >= 1 && layer <= layers) return T * (2 * (int64_t)ffn + 2 * h) * act_bytes;
+  if (layer >= 1 && layer <= layers) return T * (2 * (int64_t)ffn + 2 * a) * act_bytes;
   if (layer == layers + 1) return T * (int64_t)vocab * (act_bytes + 4);
   throw std::out_of_range("layer out of range");
 }
 
 int64_t ModelSpec::layer_bwd_workspace(int layer, int mbs, int seq, int act_bytes) const {
-  const int64_t T = (int64_t)mbs * seq, h = hidden;
-  if (layer == 0) return T * h * 4;
-  if (layer >= 1 && layer <= layers) return T * (3 * (int64_t)ffn + 4 * h) * act_bytes;
+  const int64_t T = (int64_t)mbs * seq, h = hidden, a = std::max<int64_t>(hidden, arch::q_dim(*this));
+  if (layer == 0) return T * h * 4 + (int64_t)max_positions * h * act_bytes;
+  if (layer >= 1 && layer <= layers) return T * (3 * (int64_t)ffn + 4 * a) * act_bytes;
   if (layer == layers + 1) return T * (int64_t)vocab * (2 * 4 + act_bytes);
   throw std::out_of_range("layer out of range");
-}
-
-ir::ModelArch ModelSpec::arch() const {
-  ir::ModelArch a;
-  a.name = name;
-  a.layers = layers;
-  a.hidden = hidden;
-  a.ffn = ffn;
-  a.heads = heads;
-  a.kv_heads = kv_heads;
-  a.vocab = vocab;
-  a.rope_theta = rope_theta;
-  a.norm_eps = norm_eps;
-  a.tied_embeddings = tied_embeddings;
-  return a;
 }
 
 // ---- hardware ------------------------------------------------------------------------------

@@ -18,17 +18,14 @@ struct InputError : std::runtime_error { using std::runtime_error::runtime_error
 
 constexpr double GiB = 1024.0 * 1024.0 * 1024.0;
 
-// ---- model ---------------------------------------------------------------------------------
-struct ModelSpec {
-  std::string name;
-  int layers = 0, hidden = 0, ffn = 0, heads = 0, kv_heads = 0, vocab = 0, max_seq = 4096;
-  double rope_theta = 10000.0, norm_eps = 1e-5;
-  bool tied_embeddings = false;
+// ---- model ----------------------------------------------------------------------------------
+// The model: its architecture (ir::ModelArch: family, shapes, features; arch/arch.hpp) plus what only the compiler needs.
+struct ModelSpec : ir::ModelArch {
+  int max_seq = 4096;
 
-  int head_dim() const { return hidden / heads; }
   int num_model_layers() const { return layers + 2; }  // embedding, decoder layers, head
-  // Per model layer (0 = embedding, 1..L decoder, L+1 = final norm + lm_head):
-  int64_t layer_params(int layer) const;
+  // Per model layer (0 = embedding, 1..L decoder, L+1 = final norm + lm_head), for the family's layer kind:
+  int64_t layer_params(int layer) const;  // = arch::layer_param_count (the engine's flat layout)
   // FLOPs of forward for one micro-batch (mbs x seq tokens); matmuls plus attention's seq^2 term.
   double layer_fwd_flops(int layer, int mbs, int seq) const;
   // FLOPs of backward (without recompute): ~2x forward.
@@ -42,11 +39,12 @@ struct ModelSpec {
   int64_t layer_fwd_workspace(int layer, int mbs, int seq, int act_bytes) const;
   int64_t layer_bwd_workspace(int layer, int mbs, int seq, int act_bytes) const;
   int64_t total_params() const;
-  ir::ModelArch arch() const;
+  ir::ModelArch arch() const { return static_cast<const ir::ModelArch&>(*this); }
 };
 ModelSpec load_model(const std::string& name_or_path, const std::string& configs_dir);
-// Parses a model description: mmoc's format (configs/README.md) or a HuggingFace LLaMA config.json
-// (recognised by "hidden_size"). `origin` names the source in error messages. Throws InputError.
+// Parses a model description: mmoc's format (configs/README.md) or a HuggingFace config.json of a supported family
+// (recognised by "model_type", "architectures", "hidden_size" or "n_embd"; read by arch/hf_config.hpp, the engine's
+// reader too). `origin` names the source in error messages. Throws InputError.
 ModelSpec parse_model(const std::string& json_text, const std::string& origin);
 // Names (file stems) of configs_dir/<sub>/*.json, sorted ("models" or "hardware").
 std::vector<std::string> list_configs(const std::string& configs_dir, const std::string& sub);

@@ -2,6 +2,8 @@
 // The format is specified in docs/plan-format.md.
 #include "ir/plan.hpp"
 
+#include <type_traits>
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -198,6 +200,28 @@ int64_t Plan::buffer_bytes(const BufRef& r) const {
   return d ? d->bytes : 0;
 }
 
+// ModelArch's family and features: one list for the JSON and text forms, each written only where it differs from
+// the default (so a LLaMA plan prints as before).
+namespace {
+template <class M, class F>
+void arch_features(M& m, F&& f) {
+  static const ModelArch d;
+  f("family", m.family, d.family);
+  f("head_dim", m.head_dim, d.head_dim);
+  f("max_positions", m.max_positions, d.max_positions);
+  f("sliding_window", m.sliding_window, d.sliding_window);
+  f("qkv_bias", m.qkv_bias, d.qkv_bias);
+  f("qk_norm", m.qk_norm, d.qk_norm);
+  f("rope_type", m.rope_type, d.rope_type);
+  f("rope_factor", m.rope_factor, d.rope_factor);
+  f("rope_low_freq_factor", m.rope_low_freq_factor, d.rope_low_freq_factor);
+  f("rope_high_freq_factor", m.rope_high_freq_factor, d.rope_high_freq_factor);
+  f("rope_original_max_positions", m.rope_original_max_positions, d.rope_original_max_positions);
+}
+template <class T, class U>
+constexpr bool is = std::is_same_v<std::decay_t<T>, U>;
+}  // namespace
+
 // ============================================================================================
 // JSON form
 // ============================================================================================
@@ -251,6 +275,11 @@ ojson plan_to_json(const Plan& p) {
   m["rope_theta"] = jdouble(p.model.rope_theta);
   m["norm_eps"] = jdouble(p.model.norm_eps);
   m["tied"] = p.model.tied_embeddings;
+  arch_features(p.model, [&](const char* k, const auto& v, const auto& dv) {
+    if (v == dv) return;
+    if constexpr (is<decltype(v), double>) m[k] = jdouble(v);
+    else m[k] = v;
+  });
   ojson& t = j["train"];
   t["precision"] = p.train.precision;
   t["lr"] = jdouble(p.train.lr);
@@ -453,6 +482,14 @@ Plan plan_from_json(const ojson& root) {
     p.model.rope_theta = jdbl(o.req("rope_theta"), o.sub("rope_theta"));
     p.model.norm_eps = jdbl(o.req("norm_eps"), o.sub("norm_eps"));
     p.model.tied_embeddings = jbool(o.req("tied"), o.sub("tied"));
+    arch_features(p.model, [&](const char* k, auto& v, const auto&) {
+      const ojson* x = o.opt(k);
+      if (!x) return;
+      if constexpr (is<decltype(v), std::string>) v = jstr(*x, o.sub(k));
+      else if constexpr (is<decltype(v), bool>) v = jbool(*x, o.sub(k));
+      else if constexpr (is<decltype(v), int>) v = jint32(*x, o.sub(k));
+      else v = jdbl(*x, o.sub(k));
+    });
     o.done();
   }
   {
@@ -617,7 +654,15 @@ std::string print_text(const Plan& p) {
   o += "model name=" + text_str(m.name) + " layers=" + std::to_string(m.layers) + " hidden=" + std::to_string(m.hidden) +
        " ffn=" + std::to_string(m.ffn) + " heads=" + std::to_string(m.heads) + " kv_heads=" + std::to_string(m.kv_heads) +
        " vocab=" + std::to_string(m.vocab) + " rope_theta=" + format_double(m.rope_theta) +
-       " norm_eps=" + format_double(m.norm_eps) + " tied=" + b01(m.tied_embeddings) + "\n";
+       " norm_eps=" + format_double(m.norm_eps) + " tied=" + b01(m.tied_embeddings);
+  arch_features(m, [&](const char* k, const auto& v, const auto& dv) {
+    if (v == dv) return;
+    if constexpr (is<decltype(v), std::string>) o += std::string(" ") + k + "=" + text_str(v);
+    else if constexpr (is<decltype(v), bool>) o += std::string(" ") + k + "=" + b01(v);
+    else if constexpr (is<decltype(v), int>) o += std::string(" ") + k + "=" + std::to_string(v);
+    else o += std::string(" ") + k + "=" + format_double(v);
+  });
+  o += "\n";
   const auto& t = p.train;
   o += "train precision=" + text_str(t.precision) + " lr=" + format_double(t.lr) + " beta1=" + format_double(t.beta1) +
        " beta2=" + format_double(t.beta2) + " eps=" + format_double(t.eps) + " wd=" + format_double(t.weight_decay) +
@@ -751,8 +796,10 @@ int prefixed_int(const std::string& tok, const char* prefix, const char* what) {
 // key=value fields of a header line: all of `keys` required, no others, no repeats.
 class KV {
  public:
-  KV(const std::vector<std::string>& toks, size_t first, std::initializer_list<const char*> keys, const char* line_kind) {
+  KV(const std::vector<std::string>& toks, size_t first, std::initializer_list<const char*> keys, const char* line_kind,
+     const std::vector<std::string>& optional = {}) {
     std::set<std::string> allowed(keys.begin(), keys.end());
+    allowed.insert(optional.begin(), optional.end());
     for (size_t i = first; i < toks.size(); ++i) {
       auto eq = toks[i].find('=');
       if (eq == std::string::npos || eq == 0) throw LineError("expected key=value, got '" + toks[i] + "'");
@@ -763,6 +810,7 @@ class KV {
     for (const char* k : keys)
       if (!map_.count(k)) throw LineError(std::string("missing key '") + k + "' in " + line_kind + " line");
   }
+  bool has(const char* k) const { return map_.count(k) > 0; }
   const std::string& raw(const char* k) const { return map_.at(k); }
   std::string str(const char* k) const { return decode_str(raw(k), k); }
   int i32(const char* k) const { return to_int(raw(k), k); }
@@ -950,8 +998,10 @@ Plan parse_text(const std::string& text) {
         have_plan = true;
       } else if (head == "model") {
         if (have_model) throw LineError("second 'model' line");
+        std::vector<std::string> features;
+        arch_features(p.model, [&](const char* k, const auto&, const auto&) { features.push_back(k); });
         KV kv(t, 1, {"name", "layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "rope_theta", "norm_eps", "tied"},
-              "model");
+              "model", features);
         auto& m = p.model;
         m.name = kv.str("name");
         m.layers = kv.i32("layers");
@@ -963,6 +1013,13 @@ Plan parse_text(const std::string& text) {
         m.rope_theta = kv.dbl("rope_theta");
         m.norm_eps = kv.dbl("norm_eps");
         m.tied_embeddings = kv.b("tied");
+        arch_features(m, [&](const char* k, auto& v, const auto&) {
+          if (!kv.has(k)) return;
+          if constexpr (is<decltype(v), std::string>) v = kv.str(k);
+          else if constexpr (is<decltype(v), bool>) v = kv.b(k);
+          else if constexpr (is<decltype(v), int>) v = kv.i32(k);
+          else v = kv.dbl(k);
+        });
         have_model = true;
       } else if (head == "train") {
         if (have_train) throw LineError("second 'train' line");

@@ -114,11 +114,21 @@ struct Program {
 };
 
 // ---- the plan ------------------------------------------------------------------------------
-struct ModelArch {  // enough for the engine to build the model
+struct ModelArch {  // enough for the engine to build the model; arch/arch.hpp says what the family and features mean
   std::string name;
   int layers = 0, hidden = 0, ffn = 0, heads = 0, kv_heads = 0, vocab = 0;
   double rope_theta = 10000.0, norm_eps = 1e-5;
   bool tied_embeddings = false;
+  // Family and features. The text and JSON forms write them only where they differ from these defaults.
+  std::string family = "llama";  // llama | mistral | qwen2 | qwen3 | gpt2: the layer kind and the HF tensor names
+  int head_dim = 0;              // 0: hidden / heads
+  int max_positions = 0;         // gpt2: rows of the learned position embedding; 0 for rotary families
+  int sliding_window = 0;        // attention sees only the last `sliding_window` positions; 0: all (mistral)
+  bool qkv_bias = false;         // bias on the q/k/v projections (qwen2)
+  bool qk_norm = false;          // per-head RMSNorm of q and k before the rotation (qwen3)
+  std::string rope_type = "default";  // default | llama3 (Llama-3.1 frequency scaling with the three values below)
+  double rope_factor = 0, rope_low_freq_factor = 0, rope_high_freq_factor = 0;
+  int rope_original_max_positions = 0;
   bool operator==(const ModelArch&) const = default;
 };
 

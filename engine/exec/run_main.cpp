@@ -68,6 +68,14 @@ ir::Plan validate(const Args& a) {
   ir::Plan p = ir::load_plan_file(a.plan);
   auto problems = ir::verify_structure(p);
   if (!problems.empty()) throw UsageError(a.plan + ": not a valid plan: " + problems[0]);
+  try {
+    arch::validate(p.model, a.plan + ": model");
+  } catch (const arch::ConfigError& e) {
+    throw UsageError(e.what());
+  }
+  if (p.model.tied_embeddings && p.num_stages() > 1)
+    throw UsageError(a.plan + ": " + p.model.name + " has tied embeddings in " + std::to_string(p.num_stages()) +
+                     " stages; tied embeddings across pipeline stages are not supported yet (compile it for one stage)");
   if (a.steps < 0) throw UsageError("--steps must be >= 0");
   if (a.data.empty()) throw UsageError("--data is required");
   if (!io::path_exists(a.data)) throw UsageError("--data " + a.data + ": no such file");
@@ -83,23 +91,7 @@ ir::Plan validate(const Args& a) {
     // in the tensor shapes (heads 8 / kv_heads 4 has the shapes of heads 4 / kv_heads 2 at hidden 64).
     if (io::path_exists(a.init + "/config.json")) {
       const ir::ModelArch c = io::read_hf_config(a.init).arch, &m = p.model;
-      std::string diff;
-      auto cmp = [&](const char* key, double got, double want) {
-        if (std::abs(got - want) > 1e-9 * std::max(std::abs(got), std::abs(want))) {
-          char buf[160];
-          std::snprintf(buf, sizeof buf, "%s%s %.10g (plan: %.10g)", diff.empty() ? "" : ", ", key, got, want);
-          diff += buf;
-        }
-      };
-      cmp("num_hidden_layers", c.layers, m.layers);
-      cmp("hidden_size", c.hidden, m.hidden);
-      cmp("intermediate_size", c.ffn, m.ffn);
-      cmp("num_attention_heads", c.heads, m.heads);
-      cmp("num_key_value_heads", c.kv_heads, m.kv_heads);
-      cmp("vocab_size", c.vocab, m.vocab);
-      cmp("rope_theta", c.rope_theta, m.rope_theta);
-      cmp("rms_norm_eps", c.norm_eps, m.norm_eps);
-      cmp("tie_word_embeddings", c.tied_embeddings, m.tied_embeddings);
+      const std::string diff = arch::differences(c, m);
       if (!diff.empty())
         throw UsageError("--init " + a.init + ": config.json is not the plan's model " + m.name + ": " + diff);
     }

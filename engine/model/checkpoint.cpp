@@ -62,10 +62,6 @@ at::Tensor copy_out(const io::TensorInfo& t, std::span<const std::byte> bytes) {
   return out;
 }
 bool is_float(io::DType d) { return d == io::DType::F32 || d == io::DType::F16 || d == io::DType::BF16 || d == io::DType::F64; }
-bool ignorable(const std::string& n) {
-  const std::string suf = "rotary_emb.inv_freq";
-  return n.size() >= suf.size() && n.compare(n.size() - suf.size(), suf.size(), suf) == 0;
-}
 }  // namespace
 
 at::Tensor read_tensor(const io::SafetensorsFile& f, const std::string& name) {
@@ -80,18 +76,24 @@ void load_hf_weights(const std::string& dir, const ir::ModelArch& arch, const st
   auto fail = [&](const std::string& what) -> void { throw io::FormatError(dir + ": " + what); };
   // The checkpoint must be exactly this model (whatever subset of stages we fill).
   const StageLayout full = full_layout(arch);
+  // Older GPT-2 files (written from GPT2Model) name the tensors without "transformer.": use that spelling if the
+  // checkpoint does.
+  const std::string first = full.params.front().name, legacy_first = arch::legacy_hf_name(arch, first);
+  const bool legacy = !ck.contains(first) && !legacy_first.empty() && ck.contains(legacy_first);
+  auto disk_name = [&](const std::string& n) { return legacy ? arch::legacy_hf_name(arch, n) : n; };
   std::set<std::string> expected;
   for (const auto& p : full.params) {
-    expected.insert(p.name);
-    if (!ck.contains(p.name)) fail("missing tensor '" + p.name + "' (expected shape " + shape_str(p.shape) + ")");
-    const auto& ti = ck.info(p.name);
-    if (ti.shape != p.shape)
-      fail("tensor '" + p.name + "' has shape " + shape_str(ti.shape) + ", expected " + shape_str(p.shape));
-    if (!is_float(ti.dtype)) fail("tensor '" + p.name + "' has dtype " + io::dtype_name(ti.dtype) + ", expected a float type");
+    const std::string n = disk_name(p.name);
+    expected.insert(n);
+    if (!ck.contains(n)) fail("missing tensor '" + n + "' (expected shape " + shape_str(p.hf_shape()) + ")");
+    const auto& ti = ck.info(n);
+    if (ti.shape != p.hf_shape())
+      fail("tensor '" + n + "' has shape " + shape_str(ti.shape) + ", expected " + shape_str(p.hf_shape()));
+    if (!is_float(ti.dtype)) fail("tensor '" + n + "' has dtype " + io::dtype_name(ti.dtype) + ", expected a float type");
   }
   std::vector<std::string> unexpected;
   for (const auto& n : ck.names()) {
-    if (expected.count(n) || ignorable(n)) continue;
+    if (expected.count(n) || arch::ignorable_hf_tensor(arch, n)) continue;
     if (arch.tied_embeddings && n == "lm_head.weight") {
       const auto& ti = ck.info(n);
       if (ti.shape != std::vector<int64_t>{arch.vocab, arch.hidden})
@@ -118,8 +120,9 @@ void load_hf_weights(const std::string& dir, const ir::ModelArch& arch, const st
                                   std::to_string(L.numel) + " elements");
     flat.zero_();
     for (const auto& p : L.params) {
-      at::Tensor t = read_tensor(ck, p.name);
-      flat.narrow(0, p.offset, p.numel).copy_(t.reshape({-1}));
+      at::Tensor t = read_tensor(ck, disk_name(p.name));
+      if (p.transposed) t = t.t();  // GPT-2 Conv1D [in, out] -> [out, in]
+      flat.narrow(0, p.offset, p.numel).view(p.shape).copy_(t);
     }
   }
 }
@@ -215,9 +218,11 @@ void save_hf_checkpoint(const std::string& dir, const ir::ModelArch& arch, const
       std::vector<io::TensorToWrite> tw;
       for (const auto& n : shards[i]) {
         const auto& s = src[n];
-        at::Tensor t = s.flat->detach().narrow(0, s.p->offset, s.p->numel).to(at::kCPU, dtype).contiguous();
+        at::Tensor t = s.flat->detach().narrow(0, s.p->offset, s.p->numel).view(s.p->shape);
+        if (s.p->transposed) t = t.t();  // back to GPT-2's Conv1D [in, out]
+        t = t.to(at::kCPU, dtype).contiguous();
         keep.push_back(t);
-        tw.push_back({n, to_io_dtype(dtype), s.p->shape, t.data_ptr(), static_cast<size_t>(t.nbytes())});
+        tw.push_back({n, to_io_dtype(dtype), s.p->hf_shape(), t.data_ptr(), static_cast<size_t>(t.nbytes())});
         wm[n] = fname;
       }
       io::write_safetensors(io::join_path(tmp, fname), tw);

@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include <array>
 #include <cmath>
 #include <stdexcept>
 
@@ -89,18 +90,33 @@ at::Tensor repeat_kv(const at::Tensor& x, int64_t rep) {
 
 Rope make_rope(const ir::ModelArch& a, int64_t max_seq, c10::Device device) {
   if (max_seq <= 0) throw std::invalid_argument("make_rope: max_seq must be positive");
-  const int64_t hd = a.hidden / a.heads;
+  Rope r;
+  r.max_seq = max_seq;
+  if (arch::is_gpt2(a)) return r;  // learned positions: no tables
+  const int64_t hd = arch::head_dim(a);
   at::NoGradGuard ng;
-  // Same ops as HF: inv_freq on the CPU in fp32, then positions x inv_freq, cos/sin on the device.
-  auto inv_freq = 1.0 / at::pow(a.rope_theta, at::arange(0, hd, 2, at::kLong).to(at::kFloat) / static_cast<double>(hd));
+  // Same ops as HF (modeling_rope_utils): inv_freq on the CPU in fp32 (Python's `s / t` is t.reciprocal() * s), then
+  // positions x inv_freq, cos/sin on the device.
+  auto inv_freq = at::reciprocal(at::pow(a.rope_theta, at::arange(0, hd, 2, at::kLong).to(at::kFloat) / static_cast<double>(hd)));
+  if (a.rope_type == "llama3") {  // _compute_llama3_parameters
+    const double factor = a.rope_factor, low = a.rope_low_freq_factor, high = a.rope_high_freq_factor;
+    const double old_ctx = a.rope_original_max_positions;
+    const double low_freq_wavelen = old_ctx / low, high_freq_wavelen = old_ctx / high;
+    auto wavelen = at::reciprocal(inv_freq) * (2 * M_PI);
+    auto inv_llama = at::where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq);
+    auto smooth = (at::reciprocal(wavelen) * old_ctx - low) / (high - low);
+    auto smoothed = at::rsub(smooth, 1.0) * inv_llama / factor + smooth * inv_llama;
+    auto medium = at::logical_not(wavelen < high_freq_wavelen) * at::logical_not(wavelen > low_freq_wavelen);
+    inv_freq = at::where(medium, smoothed, inv_llama);
+  } else if (a.rope_type != "default") {
+    throw std::invalid_argument("make_rope: rope_type '" + a.rope_type + "' is not supported");
+  }
   inv_freq = inv_freq.to(device);
   auto pos = at::arange(max_seq, at::TensorOptions().dtype(at::kLong).device(device)).to(at::kFloat);
   auto freqs = at::matmul(inv_freq.unsqueeze(1), pos.unsqueeze(0)).transpose(0, 1);  // [T, hd/2]
   auto emb = at::cat({freqs, freqs}, -1);
-  Rope r;
   r.cos = emb.cos().contiguous();
   r.sin = emb.sin().contiguous();
-  r.max_seq = max_seq;
   return r;
 }
 
@@ -113,52 +129,71 @@ std::vector<at::Tensor> param_views(const StageLayout& layout, const at::Tensor&
   return FlatSplit::apply(flat, &segs);
 }
 
+namespace {
+constexpr int kRoles = static_cast<int>(Role::Head) + 1;
+// Where each role's tensor of one model layer is among the views; -1 when absent. Q/K/V (their biases; gate/up) that
+// sit back to back in the flat tensor are one view, at the slot of QKV (QKVBias; Gate, with `gate_up` set).
+struct Slots {
+  std::array<int, kRoles> at;
+  bool gate_up = false;
+  Slots() { at.fill(-1); }
+  int operator[](Role r) const { return at[static_cast<int>(r)]; }
+};
+
+// Segments of the flat tensor: every parameter, except that q/k/v, their biases, and gate/up become one matrix each
+// when adjacent in the flat tensor (the layout's order; true unless alignment padding separates them). A fused matrix
+// is a view, so the forward saves no copy of the weights for backward.
+std::vector<Segment> segments(const ir::ModelArch& a, const StageLayout& layout, std::vector<Slots>& slots) {
+  std::vector<Segment> segs;
+  slots.assign(layout.layer_end - layout.layer_begin, Slots());
+  const auto& P = layout.params;
+  auto adjacent = [&](size_t i, size_t n) {
+    for (size_t j = i; j + 1 < i + n; ++j)
+      if (P[j].offset + P[j].numel != P[j + 1].offset) return false;
+    return true;
+  };
+  for (size_t i = 0; i < P.size();) {
+    Slots& s = slots[P[i].layer - layout.layer_begin];
+    const Role r = P[i].role;
+    const bool triple = (r == Role::Q || r == Role::QBias) && i + 3 <= P.size();
+    const bool pair = r == Role::Gate && i + 2 <= P.size() && P[i + 1].role == Role::Up;
+    const size_t n = triple ? 3 : pair ? 2 : 1;
+    if (n > 1 && adjacent(i, n)) {
+      int64_t rows = 0, numel = 0;
+      for (size_t j = i; j < i + n; ++j) {
+        rows += P[j].shape[0];
+        numel += P[j].numel;
+      }
+      std::vector<int64_t> shape = {rows};
+      if (P[i].shape.size() == 2) shape.push_back(P[i].shape[1]);
+      s.at[static_cast<int>(r == Role::Q ? Role::QKV : r == Role::QBias ? Role::QKVBias : Role::Gate)] = (int)segs.size();
+      s.gate_up = s.gate_up || pair;
+      segs.push_back({P[i].offset, numel, shape});
+    } else {
+      for (size_t j = i; j < i + n; ++j) {
+        s.at[static_cast<int>(P[j].role)] = (int)segs.size();
+        segs.push_back({P[j].offset, P[j].numel, P[j].shape});
+      }
+    }
+    i += n;
+  }
+  (void)a;
+  return segs;
+}
+}  // namespace
+
 at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat, const at::Tensor& input,
                          const Rope& rope, const at::Tensor& tied_embedding, bool fused_norm_on_cpu) {
   if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
     throw std::invalid_argument("stage_forward: flat must be a contiguous 1-D tensor of " + std::to_string(layout.numel) + " elements");
-  // Segments: every parameter, except that q/k/v and gate/up become one [rows, hidden] matrix each when they are
-  // adjacent in the flat tensor (the layout's order; true unless alignment padding separates them). A fused matrix
-  // is a view, so the forward saves no copy of the weights for backward.
-  std::vector<Segment> segs;
-  std::vector<char> fused_qkv, fused_gu;  // per decoder layer of the stage
-  for (size_t i = 0; i < layout.params.size();) {
-    const auto& p = layout.params[i];
-    auto adjacent = [&](size_t a, size_t n) {
-      for (size_t j = a; j + 1 < a + n; ++j)
-        if (layout.params[j].offset + layout.params[j].numel != layout.params[j + 1].offset) return false;
-      return true;
-    };
-    auto merge = [&](size_t a, size_t n) {
-      int64_t rows = 0, numel = 0;
-      for (size_t j = a; j < a + n; ++j) { rows += layout.params[j].shape[0]; numel += layout.params[j].numel; }
-      segs.push_back({layout.params[a].offset, numel, {rows, layout.params[a].shape[1]}});
-    };
-    const bool decoder = p.layer >= 1 && p.layer <= a.layers;
-    if (decoder && i + 3 <= layout.params.size() && p.name.find("self_attn.q_proj.weight") != std::string::npos) {
-      const bool f = adjacent(i, 3);
-      fused_qkv.push_back(f);
-      if (f) merge(i, 3);
-      else for (size_t j = i; j < i + 3; ++j) segs.push_back({layout.params[j].offset, layout.params[j].numel, layout.params[j].shape});
-      i += 3;
-    } else if (decoder && i + 2 <= layout.params.size() && p.name.find("mlp.gate_proj.weight") != std::string::npos) {
-      const bool f = adjacent(i, 2);
-      fused_gu.push_back(f);
-      if (f) merge(i, 2);
-      else for (size_t j = i; j < i + 2; ++j) segs.push_back({layout.params[j].offset, layout.params[j].numel, layout.params[j].shape});
-      i += 2;
-    } else {
-      segs.push_back({p.offset, p.numel, p.shape});
-      ++i;
-    }
-  }
+  std::vector<Slots> slots;
+  const std::vector<Segment> segs = segments(a, layout, slots);
   auto views = FlatSplit::apply(flat, &segs);
   const auto dt = flat.scalar_type();
-  const int64_t H = a.hidden, nh = a.heads, nkv = a.kv_heads, hd = a.hidden / a.heads;
+  const bool gpt2 = arch::is_gpt2(a);
+  const int64_t H = a.hidden, nh = a.heads, nkv = a.kv_heads, hd = arch::head_dim(a), qd = nh * hd, kvd = nkv * hd;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  size_t k = 0;  // next view
   at::Tensor h;
-  at::Tensor embed;  // this stage's embedding view, if any
   if (layout.has_embedding()) {
     if (input.scalar_type() != at::kLong || input.dim() != 2)
       throw std::invalid_argument("stage_forward: a stage starting at layer 0 takes int64 token ids [B,T]");
@@ -172,22 +207,29 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
   if (T > rope.max_seq)
     throw std::invalid_argument("stage_forward: sequence length " + std::to_string(T) + " exceeds the rope table (" +
                                 std::to_string(rope.max_seq) + ")");
-  at::Tensor cos, sin;
+  if (gpt2 && T > a.max_positions)
+    throw std::invalid_argument("stage_forward: sequence length " + std::to_string(T) + " exceeds the model's " +
+                                std::to_string(a.max_positions) + " learned positions");
+  at::Tensor cos, sin, window_mask;
   // RMSNorm: HF's exact op sequence, except bf16/fp16 on a GPU, where ATen's fused kernel computes the same
-  // normalisation in fp32 internally (differences at the low-precision rounding level).
+  // normalisation in fp32 internally (differences at the low-precision rounding level). LayerNorm (GPT-2): ATen's, as HF.
   const bool fused_norm = (flat.is_cuda() || fused_norm_on_cpu) && dt != at::kFloat;
-  auto norm = [&](const at::Tensor& x, const at::Tensor& w) {
+  auto norm = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+    if (gpt2) return at::layer_norm(x, {x.size(-1)}, w, b, a.norm_eps);
     return fused_norm ? at::rms_norm(x, {x.size(-1)}, w, a.norm_eps) : rms_norm(x, w, a.norm_eps);
   };
+  auto view = [&](const Slots& s, Role r) { return s[r] >= 0 ? views[s[r]] : at::Tensor(); };
+  at::Tensor embed;  // this stage's token embedding view, if any
   for (int l = layout.layer_begin; l < layout.layer_end; ++l) {
+    const Slots& s = slots[l - layout.layer_begin];
     if (l == 0) {
-      embed = views[k++];
+      embed = view(s, Role::Embed);
       h = at::embedding(embed, input.to(flat.device()));
+      if (gpt2) h = h + view(s, Role::PosEmbed).narrow(0, 0, T);  // HF: wte(ids) + wpe(arange(T))
     } else if (l == a.layers + 1) {
-      auto norm_w = views[k++];
-      h = norm(h, norm_w);
+      h = norm(h, view(s, Role::FinalNorm), view(s, Role::FinalNormBias));
       at::Tensor head;
-      if (!a.tied_embeddings) head = views[k++];
+      if (!a.tied_embeddings) head = view(s, Role::Head);
       else if (embed.defined()) head = embed;
       else if (tied_embedding.defined()) {
         if (tied_embedding.dim() != 2 || tied_embedding.size(0) != a.vocab || tied_embedding.size(1) != H)
@@ -198,42 +240,80 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
       }
       h = at::linear(h, head).to(at::kFloat);
     } else {
-      if (!cos.defined()) {
-        cos = rope.cos.narrow(0, 0, T).to(h.device(), dt);  // [T, hd]; broadcasts over [B, heads, T, hd]
-        sin = rope.sin.narrow(0, 0, T).to(h.device(), dt);
-      }
-      const size_t li = (size_t)(l - std::max(layout.layer_begin, 1));  // decoder layer index within the stage
-      auto& w_in = views[k++];
-      // one GEMM for q, k and v (and one for gate and up below): larger matrices run closer to peak
-      at::Tensor w_qkv = fused_qkv[li] ? views[k] : at::cat({views[k], views[k + 1], views[k + 2]}, 0);
-      k += fused_qkv[li] ? 1 : 3;
-      auto& wo = views[k++];
-      auto& w_post = views[k++];
-      at::Tensor w_gu = fused_gu[li] ? views[k] : at::cat({views[k], views[k + 1]}, 0);
-      k += fused_gu[li] ? 1 : 2;
-      auto& wd = views[k++];
+      // q/k/v: one GEMM (and one for gate and up below): larger matrices run closer to peak
+      at::Tensor w_qkv = s[Role::QKV] >= 0 ? views[s[Role::QKV]]
+                                           : at::cat({view(s, Role::Q), view(s, Role::K), view(s, Role::V)}, 0);
+      at::Tensor b_qkv = s[Role::QKVBias] >= 0 ? views[s[Role::QKVBias]]
+                         : s[Role::QBias] >= 0 ? at::cat({view(s, Role::QBias), view(s, Role::KBias), view(s, Role::VBias)}, 0)
+                                               : at::Tensor();
       auto residual = h;
-      auto x = norm(h, w_in);
-      auto qkv = at::linear(x, w_qkv);
-      auto q = qkv.narrow(-1, 0, nh * hd).reshape({B, T, nh, hd}).transpose(1, 2);
-      auto kk = qkv.narrow(-1, nh * hd, nkv * hd).reshape({B, T, nkv, hd}).transpose(1, 2);
-      auto v = qkv.narrow(-1, (nh + nkv) * hd, nkv * hd).reshape({B, T, nkv, hd}).transpose(1, 2);
-      q = q * cos + rotate_half(q) * sin;
-      kk = kk * cos + rotate_half(kk) * sin;
+      auto x = norm(h, view(s, Role::AttnNorm), view(s, Role::AttnNormBias));
+      auto qkv = at::linear(x, w_qkv, b_qkv);
+      auto q = qkv.narrow(-1, 0, qd).reshape({B, T, nh, hd});
+      auto kk = qkv.narrow(-1, qd, kvd).reshape({B, T, nkv, hd});
+      auto v = qkv.narrow(-1, qd + kvd, kvd).reshape({B, T, nkv, hd}).transpose(1, 2);
+      if (a.qk_norm) {  // Qwen3: RMSNorm over each head's vector, before the rotation
+        q = norm(q, view(s, Role::QNorm), {});
+        kk = norm(kk, view(s, Role::KNorm), {});
+      }
+      q = q.transpose(1, 2);
+      kk = kk.transpose(1, 2);
+      if (!gpt2) {
+        if (!cos.defined()) {
+          cos = rope.cos.narrow(0, 0, T).to(h.device(), dt);  // [T, hd]; broadcasts over [B, heads, T, hd]
+          sin = rope.sin.narrow(0, 0, T).to(h.device(), dt);
+        }
+        q = q * cos + rotate_half(q) * sin;
+        kk = kk * cos + rotate_half(kk) * sin;
+      }
       kk = repeat_kv(kk, nh / nkv);
       v = repeat_kv(v, nh / nkv);
-      auto att = at::scaled_dot_product_attention(q, kk, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale);
-      att = att.transpose(1, 2).reshape({B, T, nh * hd});
-      h = residual + at::linear(att, wo);
+      at::Tensor att;
+      if (a.sliding_window > 0 && a.sliding_window < T) {
+        if (!window_mask.defined()) {  // HF: key j visible from query i when i - window < j <= i
+          auto i = at::arange(T, at::TensorOptions().dtype(at::kLong).device(h.device())).unsqueeze(1);
+          auto j = i.transpose(0, 1);
+          window_mask = at::logical_and(j <= i, j > i - a.sliding_window);
+        }
+        att = at::scaled_dot_product_attention(q, kk, v, window_mask, /*dropout_p=*/0.0, /*is_causal=*/false, scale);
+      } else {
+        att = at::scaled_dot_product_attention(q, kk, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale);
+      }
+      att = att.transpose(1, 2).reshape({B, T, qd});
+      h = residual + at::linear(att, view(s, Role::O), view(s, Role::OBias));
       residual = h;
-      x = norm(h, w_post);
+      x = norm(h, view(s, Role::MlpNorm), view(s, Role::MlpNormBias));
       const int64_t F = a.ffn;
-      auto gu = at::linear(x, w_gu);
-      x = at::linear(at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F), wd);
+      if (gpt2) {  // GELU (tanh approximation: HF's gelu_new)
+        x = at::linear(at::gelu(at::linear(x, view(s, Role::Up), view(s, Role::UpBias)), "tanh"), view(s, Role::Down),
+                       view(s, Role::DownBias));
+      } else {
+        at::Tensor w_gu = s.gate_up ? view(s, Role::Gate) : at::cat({view(s, Role::Gate), view(s, Role::Up)}, 0);
+        auto gu = at::linear(x, w_gu);
+        x = at::linear(at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F), view(s, Role::Down));
+      }
       h = residual + x;
     }
   }
   return h;
+}
+
+at::Tensor embedding_view(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat) {
+  const ParamInfo* p = layout.find(0, Role::Embed);
+  if (!p) throw std::invalid_argument("embedding_view: the stage does not hold the token embedding (layer 0)");
+  if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel)
+    throw std::invalid_argument("embedding_view: flat tensor does not match the layout");
+  (void)a;
+  return flat.narrow(0, p->offset, p->numel).view(p->shape);
+}
+
+void add_tied_embedding_grad(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat_grad,
+                             const at::Tensor& grad) {
+  at::Tensor v = embedding_view(a, layout, flat_grad);
+  if (!grad.defined() || grad.sizes() != v.sizes())
+    throw std::invalid_argument("add_tied_embedding_grad: gradient must be [vocab, hidden]");
+  at::NoGradGuard ng;
+  v.add_(grad.to(v.device(), v.scalar_type()));
 }
 
 at::Tensor lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels) {
@@ -277,6 +357,8 @@ void init_weights(const ir::ModelArch& a, const StageLayout& layout, const at::T
     auto seg = flat.narrow(0, p.offset, p.numel);
     if (p.kind == ParamKind::Norm) {
       seg.fill_(1.0);
+    } else if (p.kind == ParamKind::Bias) {
+      // zero (flat.zero_() above)
     } else {
       auto gen = at::make_generator<at::CPUGeneratorImpl>(name_seed(seed, p.name));
       auto t = at::empty({p.numel}, at::kFloat);

@@ -1,7 +1,10 @@
-// Functional LLaMA forward over a stage's flat weight tensor (LibTorch), matching HF transformers'
-// LlamaForCausalLM numerics (RMSNorm in fp32 cast back before the weight multiply, rotate_half RoPE,
-// repeat-kv GQA through scaled_dot_product_attention, SwiGLU MLP, fp32 logits and loss).
-// Layout of the flat tensor: engine/model/layout.hpp.
+// Functional forward of every model family (arch/arch.hpp) over a stage's flat weight tensor (LibTorch), matching HF
+// transformers' numerics: LLaMA-style layers as LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
+// Qwen3ForCausalLM (RMSNorm in fp32 cast back before the weight multiply, rotate_half RoPE with default or llama3
+// frequencies, repeat-kv GQA through scaled_dot_product_attention, q/k/v biases, per-head q/k RMSNorm, sliding-window
+// masks, SwiGLU MLP), GPT-2 blocks as GPT2LMHeadModel (LayerNorm, learned positions, GELU-tanh MLP, biases); fp32
+// logits and loss. The model's tensors are picked by their role in the layout, not by name.
+// Layout of the flat tensor: arch/layout.hpp.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -13,9 +16,10 @@
 
 namespace mmoc::engine {
 
-// Rotary tables like HF's LlamaRotaryEmbedding (default rope type): cos/sin of pos * inv_freq, with
-// inv_freq = 1 / theta^(arange(0, hd, 2)/hd), both halves concatenated. fp32 [max_seq, head_dim] on `device`;
-// cast to the compute dtype at use (as HF does).
+// Rotary tables like HF's rotary embeddings: cos/sin of pos * inv_freq, with inv_freq = 1 / theta^(arange(0, hd, 2)/hd)
+// (rope_type default) or that rescaled as Llama-3.1 does (rope_type llama3), both halves concatenated. fp32
+// [max_seq, head_dim] on `device`; cast to the compute dtype at use (as HF does). GPT-2 (learned positions): no tables,
+// only max_seq.
 struct Rope {
   at::Tensor cos, sin;
   int64_t max_seq = 0;
@@ -40,6 +44,14 @@ at::Tensor stage_forward(const ir::ModelArch& arch, const StageLayout& layout, c
                          const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding = at::Tensor(),
                          bool fused_norm_on_cpu = false);
 
+// Tied embeddings across stages (head_needs_embedding): the [V,H] token-embedding view of the flat tensor of the stage
+// holding layer 0 (what the head's stage needs as stage_forward's tied_embedding), and the head stage's gradient of it
+// added into that stage's flat weight gradient before the optimizer step (one master copy, one optimizer state).
+// Both throw std::invalid_argument when the layout has no embedding or the shapes disagree.
+at::Tensor embedding_view(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat);
+void add_tied_embedding_grad(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat_grad,
+                             const at::Tensor& grad);
+
 // Sum over tokens of next-token cross-entropy, in fp32, with HF's shift: logits[:, :-1] against labels[:, 1:],
 // labels == -100 ignored. Returns a 0-dim fp32 tensor on logits' device (differentiable).
 at::Tensor lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels);
@@ -49,7 +61,8 @@ int64_t count_tokens(const at::Tensor& labels);
 // A zero flat tensor for `layout`.
 at::Tensor new_flat(const StageLayout& layout, at::TensorOptions options);
 // HF-style random init, deterministic per (seed, parameter name) and so independent of the stage split, the
-// dtype and the device: Linear/Embedding ~ normal(0, std), norms = 1, padding = 0. Writes into `flat` (no grad).
+// dtype and the device: Linear/Embedding/PosEmbedding/Head ~ normal(0, std), norms = 1, biases = 0, padding = 0
+// (by ParamKind). Writes into `flat` (no grad).
 void init_weights(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat, uint64_t seed,
                   double std = 0.02);
 

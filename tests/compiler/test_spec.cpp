@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "arch/arch.hpp"
 #include "compiler/spec.hpp"
 
 using namespace mmoc;
@@ -57,7 +58,7 @@ TEST_CASE("published parameter counts") {
   CHECK(m3.total_params() == 8030261248LL);
   CHECK(m7.layer_params(1) == 202383360LL);  // FACTS.md: 202.4M per decoder layer
   CHECK(m7.num_model_layers() == 34);
-  CHECK(m3.head_dim() == 128);
+  CHECK(arch::head_dim(m3) == 128);
 }
 
 TEST_CASE("tiny models match the HF fixtures") {
@@ -199,4 +200,79 @@ TEST_CASE("default_configs_dir honours MMOC_CONFIGS") {
   auto d = default_configs_dir();
   CHECK(std::filesystem::is_directory(std::filesystem::path(d) / "models"));
   if (old) setenv("MMOC_CONFIGS", saved.c_str(), 1);
+}
+
+TEST_CASE("model families: published parameter counts, mmoc's format, cost per layer kind") {
+  // HF num_parameters() of the published checkpoints (configs/models/*.json name the config.json each comes from).
+  const std::pair<const char*, int64_t> published[] = {
+      {"llama3.1-8b", 8030261248LL}, {"llama3.2-3b", 3212749824LL}, {"qwen2.5-7b", 7615616512LL},
+      {"qwen2.5-3b", 3085938688LL},  {"qwen3-8b", 8190735360LL},    {"mistral-7b", 7241732096LL},
+      {"gpt2-xl", 1557611200LL}};
+  for (auto [name, n] : published) {
+    CAPTURE(std::string(name));
+    auto m = load_model(name, kConfigs);
+    CHECK(m.total_params() == n);
+    // forward + backward ~ 6 N T (the embedding gather is no matmul; attention adds a little at seq 1024)
+    double total = 0;
+    for (int l = 0; l < m.num_model_layers(); ++l) total += m.layer_fwd_flops(l, 1, 1024) + m.layer_bwd_flops(l, 1, 1024);
+    const double emb = (double)m.layer_params(0);
+    CHECK(total / (6.0 * (m.total_params() - (m.tied_embeddings ? 0 : emb)) * 1024) > 0.97);
+    CHECK(total / (6.0 * m.total_params() * 1024) < 1.25);
+  }
+  auto q = load_model("qwen2.5-7b", kConfigs);
+  CHECK(q.family == "qwen2");
+  CHECK(q.qkv_bias);
+  CHECK(q.layer_params(1) == 233057792LL);  // 3584*(3584+2*512+3584) + 3*3584*18944 + (3584+2*512) biases + 2*3584
+  auto q3 = load_model("qwen3-8b", kConfigs);
+  CHECK(q3.qk_norm);
+  CHECK(q3.layer_params(1) - (2LL * 4096 * 4096 + 2LL * 4096 * 1024 + 3LL * 4096 * 12288 + 2 * 4096) == 2 * 128);
+  auto l3 = load_model("llama3.2-3b", kConfigs);
+  CHECK(l3.tied_embeddings);
+  CHECK(l3.rope_type == "llama3");
+  CHECK(l3.rope_factor == 32.0);
+  CHECK(l3.layer_params(l3.layers + 1) == 3072);  // tied: only the final norm
+  auto g = load_model("gpt2-xl", kConfigs);
+  CHECK(arch::is_gpt2(g));
+  CHECK(g.layer_params(0) == (50257LL + 1024) * 1600);          // wte + wpe
+  CHECK(g.layer_params(1) == 12LL * 1600 * 1600 + 13 * 1600);    // c_attn, c_proj, c_fc, mlp.c_proj + biases + 2 LayerNorms
+  CHECK(g.layer_params(g.layers + 1) == 2 * 1600);              // ln_f weight and bias; lm_head tied
+
+  // Mistral: a sliding window shorter than the sequence runs attention with an explicit mask (no causal skipping)
+  auto mi = load_model("mistral-7b", kConfigs);
+  CHECK(mi.sliding_window == 4096);
+  auto no_window = mi;
+  no_window.sliding_window = 0;
+  CHECK(mi.layer_fwd_flops(1, 1, 4096) == no_window.layer_fwd_flops(1, 1, 4096));  // window = seq: causal path
+  CHECK(mi.layer_fwd_flops(1, 1, 8192) - no_window.layer_fwd_flops(1, 1, 8192) == doctest::Approx(2.0 * 8192.0 * 8192 * 4096));
+  CHECK(mi.layer_stash_bytes(1, 1, 8192, false, 2) - no_window.layer_stash_bytes(1, 1, 8192, false, 2) == 8192LL * 8192);
+  // Qwen3's attention width is heads * head_dim, not hidden
+  ModelSpec w = q3;
+  w.head_dim = 256;  // q_dim 8192 = 2 x hidden
+  CHECK(w.layer_fwd_flops(1, 1, 1024) > q3.layer_fwd_flops(1, 1, 1024));
+  CHECK(w.layer_stash_bytes(1, 1, 1024, false, 2) > q3.layer_stash_bytes(1, 1, 1024, false, 2));
+
+  // mmoc's own format: family keys, defaults of the family, errors naming the key
+  auto t = parse_model(R"({"family":"qwen3","layers":2,"hidden":64,"ffn":128,"heads":4,"kv_heads":2,"head_dim":24,"vocab":99})", "m.json");
+  CHECK(t.qk_norm);
+  CHECK(t.head_dim == 24);
+  CHECK(t.norm_eps == 1e-6);  // Qwen3Config's rms_norm_eps
+  auto gp = parse_model(R"({"family":"gpt2","layers":2,"hidden":64,"ffn":256,"heads":4,"vocab":99,"max_seq":128})", "m.json");
+  CHECK(gp.max_positions == 128);
+  CHECK(gp.tied_embeddings);  // GPT2Config ties by default
+  CHECK(gp.norm_eps == 1e-5);
+  CHECK(error_of([] { parse_model(R"({"family":"falcon","layers":2,"hidden":64,"ffn":8,"heads":4,"vocab":9})", "m.json"); })
+            .find("falcon") != std::string::npos);
+  CHECK(error_of([] { parse_model(R"({"layers":2,"hidden":64,"ffn":8,"heads":4,"vocab":9,"max_positions":64})", "m.json"); })
+            .find("max_positions") != std::string::npos);
+  CHECK(error_of([] { parse_model(R"({"layers":2,"hidden":64,"ffn":8,"heads":4,"vocab":9,"rope_scaling":{"rope_type":"llama3"}})", "m.json"); })
+            .find("llama3 needs factor") != std::string::npos);
+  CHECK(error_of([] { parse_model(R"({"layers":2,"hidden":64,"ffn":8,"heads":4,"vocab":9,"rope_scaling":{"rope_type":"yarn"}})", "m.json"); })
+            .find("yarn") != std::string::npos);
+  // an HF config.json through the same reader as the engine's: a missing rms_norm_eps is the family's default
+  auto hf = parse_model(R"({"model_type":"mistral","hidden_size":128,"intermediate_size":128,"num_hidden_layers":2,
+                            "num_attention_heads":16,"vocab_size":99})", "config.json");
+  CHECK(hf.norm_eps == 1e-6);
+  CHECK(hf.kv_heads == 8);             // MistralConfig's num_key_value_heads default
+  CHECK(hf.sliding_window == 4096);    // and its sliding_window when the key is absent
+  CHECK(hf.max_seq == 4096 * 32);
 }

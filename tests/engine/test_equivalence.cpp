@@ -1,4 +1,4 @@
-// Engine equivalence: mmoc-run (N worker processes, every schedule, v in {1,2}, offload on and off) trains the
+// Engine equivalence: mmoc-run (N worker processes, every schedule, v in {1,2}, offload on and off; every model family) trains the
 // tiny GQA LLaMA to the same losses and final weights as a plain single-process LibTorch loop, fp32 on the CPU.
 #include <ATen/ATen.h>
 #include <sys/wait.h>
@@ -39,9 +39,9 @@ Path scratch(const std::string& name) {
 }
 
 ir::Plan make_plan(int gpus, int v, const std::string& sched, const std::string& offload, double clip = 0,
-                   const std::string& lr_sched = "constant") {
+                   const std::string& lr_sched = "constant", const std::string& model = "tiny-8l") {
   JobConfig j;
-  j.model = "tiny-8l";
+  j.model = model;
   j.hardware = "cpu8";
   j.gpus = gpus;
   j.v = std::to_string(v);
@@ -135,6 +135,31 @@ TEST_CASE("pipelined and offloaded training equals plain training (every schedul
           ++runs;
         }
   CHECK(runs >= 20);
+}
+
+TEST_CASE("every model family: pipelined and offloaded training equals plain training") {
+  // Llama-3.1 rope, Qwen2 q/k/v biases, Qwen3 q/k norms with head_dim != hidden/heads, Mistral's sliding window (8,
+  // shorter than seq 32), GPT-2 blocks; tied GPT-2 in one stage (a tied head across stages is refused).
+  struct Cfg {
+    int gpus, v;
+    const char* sched;
+    const char* off;
+  };
+  int runs = 0;
+  for (const char* model : {"tiny-llama3", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gpt2"})
+    for (Cfg c : {Cfg{2, 2, "grouped", "all"}, Cfg{4, 1, "1f1b", "none"}, Cfg{2, 2, "interleaved-1f1b", "none"}}) {
+      std::string label = std::string(model) + "-N" + std::to_string(c.gpus) + "-v" + std::to_string(c.v) + "-" + c.sched +
+                          "-offload-" + c.off;
+      CAPTURE(label);
+      check_against_reference(make_plan(c.gpus, c.v, c.sched, c.off, 0.05, "cosine", model), label);
+      ++runs;
+    }
+  for (const char* off : {"all", "none"}) {
+    check_against_reference(make_plan(1, 1, "gpipe", off, 0, "constant", "tiny-gpt2-tied"),
+                            std::string("tiny-gpt2-tied-N1-v1-offload-") + off);
+    ++runs;
+  }
+  CHECK(runs == 17);
 }
 
 TEST_CASE("clipping by the global norm and a warmup+cosine schedule across ranks equal plain training") {

@@ -242,8 +242,8 @@ TEST_CASE("hf config: parse fixtures, both rope spellings, round trip, rejects u
   CHECK(has(err(R"(,"rope_scaling":{"rope_type":"llama3","factor":8.0})"), "llama3"));
   CHECK(has(err(R"(,"rope_parameters":{"rope_type":"yarn","rope_theta":1.0})"), "yarn"));
   CHECK(has(err(R"(,"num_key_value_heads":3)"), "num_key_value_heads"));
-  CHECK(has(err(R"(,"head_dim":8)"), "head_dim"));
-  CHECK(has(err(R"(,"model_type":"mistral")"), "mistral"));
+  CHECK(has(err(R"(,"head_dim":7)"), "head_dim"));                 // odd: no rotary halves
+  CHECK(has(err(R"(,"model_type":"gemma")"), "model_type 'gemma'"));  // families: arch/hf_config.hpp, tests/model/test_families.cpp
   CHECK(has(err(R"(,"hidden_act":"gelu")"), "gelu"));
   CHECK(has(err(R"(,"attention_bias":true)"), "attention_bias"));
   CHECK(has(err(R"(,"vocab_size":"x")"), "vocab_size"));

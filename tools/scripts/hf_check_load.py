@@ -3,7 +3,7 @@
 
     hf_check_load.py CKPT_DIR --reference hf_reference.safetensors [--atol 1e-4] [--device cpu|cuda]
 
-Loads CKPT_DIR with transformers' LlamaForCausalLM (weights upcast to fp32), runs the reference file's
+Loads CKPT_DIR with transformers' AutoModelForCausalLM (any family mmoc writes; weights upcast to fp32), runs the reference file's
 `input_ids` (and `labels`, when present, for the loss), and compares the logits with the reference's `logits`
 (and the loss with --loss if given). Exit status: 0 match, 1 mismatch, 2 bad input / transformers missing.
 """
@@ -26,7 +26,7 @@ def main() -> int:
     try:
         import torch
         from safetensors.torch import load_file
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
     except ImportError as e:
         print(f"hf_check_load: needs torch, safetensors and transformers: {e}", file=sys.stderr)
         return 2
@@ -44,7 +44,7 @@ def main() -> int:
             return 2
 
     # Load as stored, then upcast (the fixtures' references are computed that way).
-    model = LlamaForCausalLM.from_pretrained(args.ckpt, dtype="auto").float().to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype="auto").float().to(args.device).eval()
     with open(os.path.join(args.ckpt, "config.json")) as f:
         cfg = json.load(f)
     ids = ref["input_ids"].to(args.device)
