@@ -108,8 +108,9 @@ ds_setup() {
   if python3 -c "import deepspeed, sys; sys.exit(deepspeed.__version__ != '$DS_VERSION')" 2> /dev/null; then return 0; fi
   [ -f "$W/deepspeed-$DS_VERSION.tar.gz" ] || { log "no $W/deepspeed-$DS_VERSION.tar.gz: run bench/peers/fetch_wheels.sh on the dev machine, carry .carry"; return 1; }
   local t0=$(date +%s) tools="$build/ds-build-tools"
-  # the sdist is built against this machine's torch (--no-build-isolation): setuptools from .carry when there is none
-  python3 -c "import setuptools" 2> /dev/null || python3 -m pip install -q --no-index --target "$tools" "$W"/setuptools-*.whl || return 1
+  # the sdist is built against this machine's torch (--no-build-isolation) with the carried setuptools (an older one
+  # may lack bdist_wheel without the `wheel` package); it is on the path for the build only
+  [ -d "$tools/setuptools" ] || python3 -m pip install -q --no-index --target "$tools" "$W"/setuptools-*.whl || return 1
   PYTHONPATH="$tools:$PYTHONPATH" python3 -m pip install -q --no-index --find-links "$W" --target "$site" --no-deps \
     --no-build-isolation $(ls "$W"/*.whl | grep -v /setuptools-) "$W/deepspeed-$DS_VERSION.tar.gz" > "$OUT/ds-install.log" 2>&1 \
     || { tail -20 "$OUT/ds-install.log"; return 1; }

@@ -5,7 +5,8 @@ parameters and optimizer offloaded to the CPU, or with --nvme PATH to NVMe), ful
     torchrun --nproc_per_node=G bench/peers/ds_offload.py --stage 2 --model llama2-7b --mbs 8 --seq 1024 --microbatches 4 --steps 3
     torchrun --nproc_per_node=G bench/peers/ds_offload.py --stage 3 [--nvme /path/on/nvme] ...
 
-Random init (stage 3: inside deepspeed.zero.Init, so each rank only ever holds its partition; stage 2: built on the
+Random init, HF's (stage 3: transformers' ZeRO-3 path, inside deepspeed.zero.Init, so each rank only holds its
+partition, then HF's init module by module on the gathered parameters; stage 2: built on the
 GPU, DeepSpeed keeps the bf16 copy there and the fp32 master on the CPU), bf16, activation checkpointing of every
 decoder layer (HF gradient checkpointing), DeepSpeed's CPU AdamW (DeepSpeedCPUAdam, adamw mode). Each step runs
 --microbatches micro-batches per GPU (gradient_accumulation_steps) of random tokens (labels = inputs). Step 0 is a
@@ -33,6 +34,8 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_job_args(ap)
     ap.add_argument("--stage", type=int, default=2, choices=[2, 3], help="ZeRO stage (default 2)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a smoke run with DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) and gloo")
     ap.add_argument("--nvme", default="", metavar="PATH",
                     help="stage 3 only: offload parameters and optimizer state to NVMe swap files in PATH (a folder)")
     ap.add_argument("--no-ckpt", dest="ckpt", action="store_false", help="no activation checkpointing")
@@ -58,8 +61,9 @@ def parse(argv=None):
 def ds_config(a, largest_param):
     """The DeepSpeed configuration of the job. largest_param: the largest parameter's element count (NVMe buffers
     must hold it)."""
-    dev = {"device": "nvme", "nvme_path": os.path.abspath(a.nvme), "pin_memory": True} if a.nvme else \
-          {"device": "cpu", "pin_memory": True}
+    pin = a.device == "cuda"
+    dev = {"device": "nvme", "nvme_path": os.path.abspath(a.nvme), "pin_memory": pin} if a.nvme else \
+          {"device": "cpu", "pin_memory": pin}
     zero = {"stage": a.stage, "offload_optimizer": dict(dev), "overlap_comm": True, "contiguous_gradients": True,
             "reduce_bucket_size": 5e8}
     if a.stage == 2:
@@ -112,16 +116,31 @@ def main(argv=None):
 
     t_start = common.now()
     host = common.HostMemSampler()
-    if not torch.cuda.is_available():
-        common.die(PROG, "needs a CUDA device (DeepSpeed's offload paths here are the GPU ones)")
-    deepspeed.init_distributed()
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        common.die(PROG, "--device cuda but no CUDA device here")
+    if cuda:
+        deepspeed.init_distributed()
+    else:
+        deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    dev = torch.device("cuda", torch.cuda.current_device())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     common.seed_all(a.seed)
     if a.stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=dsc):
+        # what transformers does under ZeRO-3 (its HfDeepSpeedConfig path needs `accelerate`): built inside
+        # deepspeed.zero.Init without init, then HF's init module by module on the gathered parameters (a bare
+        # zero.Init context would leave torch's default init, N(0, 1) embeddings: a loss near 60 for a tied head)
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.deepspeed import initialize_weights_zero3
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=dsc):
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=a.attn, dtype=torch.float32)
+        initialize_weights_zero3(model)
+        model.tie_weights()
     else:
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(cfg, attn_implementation=a.attn, dtype=torch.float32)
@@ -135,7 +154,7 @@ def main(argv=None):
 
     times, losses = [], []
     for step in range(a.steps + 1):
-        torch.cuda.synchronize()
+        sync()
         t0 = common.now()
         tot = torch.zeros((), dtype=torch.float64, device=dev)
         for i in range(a.microbatches):
@@ -144,7 +163,7 @@ def main(argv=None):
             engine.backward(loss)
             engine.step()  # an optimizer step at the accumulation boundary only
             tot += loss.detach().double() / a.microbatches
-        torch.cuda.synchronize()
+        sync()
         times.append(common.now() - t0)
         dist.all_reduce(tot)
         losses.append(tot.item() / world)
@@ -161,11 +180,11 @@ def main(argv=None):
     if rank == 0:
         G = common.GiB
         print(common.result_line(
-            "deepspeed", stage=a.stage, offload="nvme" if a.nvme else "cpu", model=name, model_type=cfg.model_type,
+            "deepspeed", stage=a.stage, offload="nvme" if a.nvme else "cpu", device=a.device, model=name, model_type=cfg.model_type,
             params=nparams, gpus=world, mbs=a.mbs, seq=a.seq, microbatches=a.microbatches, ckpt=int(a.ckpt),
             step_s=st, tokens_per_s=tokens / st, tflops_per_gpu=6 * nparams * tokens / st / world / 1e12,
-            peak_gpu_alloc_gib=torch.cuda.max_memory_allocated() / G,
-            peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / G,
+            peak_gpu_alloc_gib=torch.cuda.max_memory_allocated() / G if cuda else 0.0,
+            peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / G if cuda else 0.0,
             host_rss_gib=rss.item() / G, host_rss_max_rank_gib=rss_max.item() / G,
             host_used_peak_gib=host_peak / G, host_used_start_gib=host.base / G, init_s=init_s), flush=True)
         print("LOSSES " + json.dumps(losses), flush=True)

@@ -7,7 +7,8 @@
 #
 #   DEST/wheels/  deepspeed-0.19.8.tar.gz (PyPI has no wheel of it: the sdist is built there, against the machine's
 #                 torch) and wheels of its requirements (its requirements/requirements.txt, without torch and numpy,
-#                 which the GPU machine has) plus nvidia-ml-py (setup.py adds it where torch sees CUDA) and setuptools,
+#                 which the GPU machine has) plus nvidia-ml-py (setup.py adds it where torch sees CUDA) and setuptools
+#                 (to build the sdist there: >= 70.1, which needs no `wheel` package, and < 82, torch 2.11's bound),
 #                 for CPython $PY_VERSION (3.12, the GPU machine's) on manylinux x86_64 (glibc <= $GLIBC, 2.39 = Ubuntu 24.04)
 #   DEST/debs/    libaio's runtime and -dev packages (ZeRO-Infinity's NVMe path JIT-builds DeepSpeed's async_io op
 #                 against libaio.h / libaio.so): this machine's apt's (`apt-get download`, signature-checked by apt);
@@ -34,7 +35,8 @@ sdist="$W/deepspeed-$DS.tar.gz"
 # its install requirements, read from the sdist itself
 mapfile -t reqs < <(tar -xzOf "$sdist" "deepspeed-$DS/requirements/requirements.txt" \
   | sed 's/#.*//; s/[[:space:]]//g' | grep -v '^$' | grep -viE '^(torch|numpy)([<>=!~;[]|$)')
-reqs+=(nvidia-ml-py setuptools)
+# setuptools: >= 70.1 builds wheels without the `wheel` package; torch 2.11 requires < 82
+reqs+=(nvidia-ml-py "setuptools>=70.1,<82")
 log "requirements for CPython $PYV, manylinux x86_64 (glibc <= $GLIBC): ${reqs[*]}"
 "${pip[@]}" download -q --only-binary=:all: --python-version "$PYV" --implementation cp \
   --platform "manylinux_${GLIBC/./_}_x86_64" --platform manylinux2014_x86_64 --platform any \
