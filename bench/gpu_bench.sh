@@ -103,6 +103,8 @@ ds_setup() {
     for d in "$root"/.carry/debs/*.deb; do dpkg -x "$d" "$aio" || return 1; done
   fi
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" TORCH_EXTENSIONS_DIR="$build/torch_extensions"
+  # a JIT build killed by a timeout leaves its lock file, and the next build would wait on it for ever
+  find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2> /dev/null
   export CPATH="$aio/usr/include${CPATH:+:$CPATH}" LIBRARY_PATH="$L${LIBRARY_PATH:+:$LIBRARY_PATH}"
   export LD_LIBRARY_PATH="$L${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" CFLAGS="-I$aio/usr/include" LDFLAGS="-L$L"
   if python3 -c "import deepspeed, sys; sys.exit(deepspeed.__version__ != '$DS_VERSION')" 2> /dev/null; then return 0; fi
