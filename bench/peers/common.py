@@ -187,14 +187,40 @@ def count_params(model):
 
 
 def init_meta_materialised(model):
-    """After to_empty(): HF's own init of every parameter and buffer (rotary inv_freq included), shard by shard."""
+    """After to_empty(): HF's own init of every parameter and buffer (rotary inv_freq included), shard by shard.
+    Where HF's init fails on sharded parameters, a plain one: normal(0, initializer_range) for matrices, 1 for norm
+    weights, 0 for biases, and the rotary frequencies recomputed."""
+    import torch
     for m in model.modules():
         if hasattr(m, "_is_hf_initialized"):
             m._is_hf_initialized = False
     for t in list(model.parameters()) + list(model.buffers()):
         if hasattr(t, "_is_hf_initialized"):
             t._is_hf_initialized = False
-    model.initialize_weights()
+    try:
+        model.initialize_weights()
+        return
+    except Exception as e:  # noqa: BLE001 (any failure of HF's init on DTensors: fall back, say so)
+        print(f"peer: HF's init failed on the sharded model ({type(e).__name__}: {e}); plain init instead",
+              file=sys.stderr, flush=True)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        for m in model.modules():
+            if "RotaryEmbedding" in type(m).__name__ and hasattr(m, "inv_freq"):
+                rt = getattr(m, "rope_type", "default")
+                fn = m.compute_default_rope_parameters if rt == "default" else ROPE_INIT_FUNCTIONS[rt]
+                inv, _ = fn(m.config, m.inv_freq.device)
+                m.inv_freq.copy_(inv)
+                if hasattr(m, "original_inv_freq"):
+                    m.original_inv_freq.copy_(inv)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
