@@ -244,7 +244,7 @@ j["layers"] = L; j["name"] = f"{j.get('name', 'model')}-{L}l"; j.pop("comment", 
 json.dump(j, open(out, "w"))
 PY
   gen_data "$OUT/tok.jsonl" 256 ${SEQ:-1024}
-  mmoc_job peers "--model $OUT/model.json --hardware ${HW:-h200x1} --gpus ${GPUS:-$ngpu} --budget ${BUDGET:-48} --micro-batch-size ${MBS:-8} --microbatches ${MB:-4} --seq-len ${SEQ:-1024}" "$OUT/tok.jsonl" ${STEPS:-4}
+  mmoc_job peers "--model $OUT/model.json --hardware ${HW:-h200x1} --gpus ${GPUS:-$ngpu} --v ${V:-auto} --schedule ${SCHED:-auto} --budget ${BUDGET:-48} --micro-batch-size ${MBS:-8} --microbatches ${MB:-4} --seq-len ${SEQ:-1024}" "$OUT/tok.jsonl" ${STEPS:-4}
   peer fsdp2-peers ${GPUS:-$ngpu} "$(peer_args)"
   ratio peers peers fsdp2-peers
   ;;
