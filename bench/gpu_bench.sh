@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4 | tier
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | tier | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4
+#                                   | peers | fsdp2 | ds-zero2 | ds-zero3 | ds-nvme | limits  (bench/README.md)
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
-# Needs the peer scripts in .carry/ (fsdp2_offload.py, limits.py from ../shared/peers). Logs go to $OUT.
+# The peers are the project's own scripts in bench/peers/. The DeepSpeed cases install DeepSpeed offline from .carry/
+# (made on the dev machine by bench/peers/fetch_wheels.sh; the device call carries it: carry [".carry"]). Logs go to $OUT.
 set -uo pipefail
 what="${1:-smoke}"
 OUT="${OUT:-/tmp/mmoc-bench}"; mkdir -p "$OUT"
@@ -81,12 +83,48 @@ hw() {
   fi
   echo "$5"
 }
-# peer NAME GPUS "ARGS": the FSDP2+CPU-offload peer
+# peer NAME GPUS "ARGS" [SCRIPT]: a peer from bench/peers (default the FSDP2+CPU-offload one)
 peer() {
-  log "peer $1: torchrun --nproc_per_node=$2 fsdp2_offload.py $3"
-  timeout ${PEER_TIMEOUT:-300} torchrun --nproc_per_node=$2 .carry/fsdp2_offload.py $3 > "$OUT/$1.log" 2>&1
-  echo "peer $1 exit $?"; grep -E "RESULT|^step|Error|error" "$OUT/$1.log" | tail -6
+  local script=${4:-fsdp2_offload.py}
+  log "peer $1: torchrun --nproc_per_node=$2 bench/peers/$script $3"
+  timeout ${PEER_TIMEOUT:-300} torchrun --standalone --nproc_per_node=$2 "$root/bench/peers/$script" $3 > "$OUT/$1.log" 2>&1
+  echo "peer $1 exit $?"; grep -E "RESULT|^step|Error|error|Killed" "$OUT/$1.log" | tail -6
   log "host memory now: $(free -g | awk '/Mem/{print $3}') GiB used"
+}
+# ds_setup: DeepSpeed $DS_VERSION installed offline from .carry/ (bench/peers/fetch_wheels.sh) into build-gpu/ds-site
+# (kept while the machine stays warm), libaio extracted from its .deb files for ZeRO-Infinity's NVMe path; sets
+# PYTHONPATH, PATH and the compiler's paths for DeepSpeed's JIT-built ops (cached in build-gpu/torch_extensions)
+DS_VERSION=${DS_VERSION:-0.19.8}
+ds_setup() {
+  local site="$build/ds-site" W="$root/.carry/wheels" aio="$build/libaio"
+  local L="$aio/usr/lib/x86_64-linux-gnu"
+  if [ ! -f "$aio/usr/include/libaio.h" ]; then
+    ls "$root"/.carry/debs/*.deb > /dev/null 2>&1 || { log "no .carry/debs: run bench/peers/fetch_wheels.sh on the dev machine, carry .carry"; return 1; }
+    for d in "$root"/.carry/debs/*.deb; do dpkg -x "$d" "$aio" || return 1; done
+  fi
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH" TORCH_EXTENSIONS_DIR="$build/torch_extensions"
+  # a JIT build killed by a timeout leaves its lock file, and the next build would wait on it for ever
+  find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2> /dev/null
+  export CPATH="$aio/usr/include${CPATH:+:$CPATH}" LIBRARY_PATH="$L${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  export LD_LIBRARY_PATH="$L${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" CFLAGS="-I$aio/usr/include" LDFLAGS="-L$L"
+  if python3 -c "import deepspeed, sys; sys.exit(deepspeed.__version__ != '$DS_VERSION')" 2> /dev/null; then return 0; fi
+  [ -f "$W/deepspeed-$DS_VERSION.tar.gz" ] || { log "no $W/deepspeed-$DS_VERSION.tar.gz: run bench/peers/fetch_wheels.sh on the dev machine, carry .carry"; return 1; }
+  local t0=$(date +%s) tools="$build/ds-build-tools"
+  # the sdist is built against this machine's torch (--no-build-isolation) with the carried setuptools (an older one
+  # may lack bdist_wheel without the `wheel` package); it is on the path for the build only
+  [ -d "$tools/setuptools" ] || python3 -m pip install -q --no-index --target "$tools" "$W"/setuptools-*.whl || return 1
+  PYTHONPATH="$tools:$PYTHONPATH" python3 -m pip install -q --no-index --find-links "$W" --target "$site" --no-deps \
+    --no-build-isolation $(ls "$W"/*.whl | grep -v /setuptools-) "$W/deepspeed-$DS_VERSION.tar.gz" > "$OUT/ds-install.log" 2>&1 \
+    || { tail -20 "$OUT/ds-install.log"; return 1; }
+  log "DeepSpeed $(python3 -c 'import deepspeed; print(deepspeed.__version__)') installed offline in $(( $(date +%s) - t0 )) s"
+}
+# the job of the peer cases: MODEL (preset or HF config.json), LAYERS (override; default: the preset's), MBS, SEQ, MB
+# (micro-batches per step and GPU), PSTEPS (timed steps), GPUS (default: all)
+peer_args() { echo "--model ${MODEL:-llama2-7b} ${LAYERS:+--layers $LAYERS} --mbs ${MBS:-8} --seq ${SEQ:-1024} --microbatches ${MB:-4} --steps ${PSTEPS:-3}"; }
+# ds NAME "EXTRA ARGS": the DeepSpeed peer (installed first)
+ds() {
+  ds_setup || { echo "RESULT $1: DeepSpeed could not be installed"; return 1; }
+  PEER_TIMEOUT=${PEER_TIMEOUT:-540} peer "$1" ${GPUS:-$ngpu} "$(peer_args) $2" ds_offload.py
 }
 # ratio LABEL MMOC_NAME PEER_NAME
 ratio() {
@@ -115,7 +153,7 @@ PY
 }
 # the FSDP2 peer for the h200x2 7B job (same shape and tokens per step: 2 ranks x 8 x 1024 x accum 4) and the ratio
 peer_h200x2_7b() {
-  peer fsdp2-7b 2 "--layers 32 --mbs 8 --seq 1024 --accum 4 --steps ${PEER_STEPS:-3}"
+  peer fsdp2-7b 2 "--model llama2-7b --mbs 8 --seq 1024 --microbatches 4 --steps ${PEER_STEPS:-3}"
   ratio h200x2-7b 7b fsdp2-7b
 }
 case "$what" in
@@ -138,23 +176,23 @@ families)
   # every family's preset on one H200 (48 GiB budget, 32,768 tokens per step: 8 x 1024 tokens per micro-batch x 4): the
   # compiler's prediction (step time, memory) against the measured run. MODELS overrides the list. The tied 3B models
   # run in one stage (tied embeddings do not cross stages yet), where 8 x 1024 does not fit 48 GiB: 2 x 1024 x 16 there.
-  # Unless SKIP_PEER=1, the FSDP2 peer runs the two 3B shapes in its LLaMA-2 layout (same layers, hidden, ffn
-  # and heads; MHA, vocab 32000: an approximation, the peer has no GQA or other vocabularies).
+  # Unless SKIP_PEER=1, the FSDP2 peer (bench/peers, the real HF shapes of the presets) runs the two 3B models at the
+  # same tokens per step.
   gen_data "$OUT/tok.jsonl" 160 1024
   for m in ${MODELS:-llama3.2-3b qwen2.5-3b gpt2-xl qwen3-8b mistral-7b qwen2.5-7b llama3.1-8b}; do
     case $m in llama3.2-3b|qwen2.5-3b) mb="2 --microbatches 16";; *) mb="8 --microbatches 4";; esac
     mmoc_job $m "--model $m --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget 48 --micro-batch-size $mb --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-4}
   done
   if [ "${SKIP_PEER:-0}" != 1 ]; then
-    peer fsdp2-llama3.2-3b 1 "--layers 28 --hidden 3072 --ffn 8192 --heads 24 --mbs 8 --seq 1024 --accum 4 --steps 3"
+    peer fsdp2-llama3.2-3b 1 "--model llama3.2-3b --mbs 8 --seq 1024 --microbatches 4 --steps 3"
     ratio families-llama3.2-3b llama3.2-3b fsdp2-llama3.2-3b
-    peer fsdp2-qwen2.5-3b 1 "--layers 36 --hidden 2048 --ffn 11008 --heads 16 --mbs 8 --seq 1024 --accum 4 --steps 3"
+    peer fsdp2-qwen2.5-3b 1 "--model qwen2.5-3b --mbs 8 --seq 1024 --microbatches 4 --steps 3"
     ratio families-qwen2.5-3b qwen2.5-3b fsdp2-qwen2.5-3b
   fi
   ;;
 h100-7b)
   # LLaMA-2-7B shape, 1 GPU, 48 GiB budget, 8 x 1024 tokens per micro-batch, 4 micro-batches (32,768 tokens/step)
-  if [ "${SKIP_PEER:-0}" != 1 ]; then python3 .carry/limits.py > "$OUT/limits.log" 2>&1 & lim=$!; fi
+  if [ "${SKIP_PEER:-0}" != 1 ]; then python3 bench/peers/limits.py --model llama2-7b --mbs 8 --seq 1024 > "$OUT/limits.log" 2>&1 & lim=$!; fi
   gen_data "$OUT/tok.jsonl" 160 1024
   $C --model llama2-7b --hardware h100x1 --gpus 1 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 \
      --microbatches 4 --seq-len 1024 --precision bf16 -o "$OUT/plan.json" --trace "$OUT/predicted.json" | grep -v "^  S"
@@ -163,7 +201,7 @@ h100-7b)
      --trace "$OUT/measured.json" > "$OUT/mmoc.log" 2>&1
   echo "mmoc-run exit $?"; grep -v "^     %" "$OUT/mmoc.log" | tail -${TAIL:-20}
   if [ "${SKIP_PEER:-0}" != 1 ]; then
-    timeout 300 torchrun --nproc_per_node=1 .carry/fsdp2_offload.py --layers 32 --mbs 8 --seq 1024 --accum 4 --steps 3 > "$OUT/fsdp2.log" 2>&1
+    timeout 300 torchrun --standalone --nproc_per_node=1 bench/peers/fsdp2_offload.py --model llama2-7b --mbs 8 --seq 1024 --microbatches 4 --steps 3 > "$OUT/fsdp2.log" 2>&1
     grep -E "RESULT|^step" "$OUT/fsdp2.log"
     m=$(median_tps "$OUT/mmoc.jsonl"); f=$(grep RESULT "$OUT/fsdp2.log" | sed 's/.*tokens_per_s=\([0-9]*\).*/\1/')
     python3 -c "print('RESULT h100-7b: mmoc %.0f tokens/s, fsdp2 %s tokens/s, ratio %.2f' % ($m, '$f', $m/max(1.0, float('${f:-0}' or 0))))"
@@ -198,10 +236,10 @@ h200x4)
   # 7B and 13B, against FSDP2+offload with the same tokens per step (4 GPUs x 8 x 128 x accum 2)
   gen_data "$OUT/tok128.jsonl" 512 128
   mmoc_job seed4-7b "configs/jobs/seed-llama2-7b-l20x4.json --hardware $(hw seed4-7b llama2-7b 8 128 h200x4) --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
-  peer fsdp2-seed4-7b 4 "--layers 32 --mbs 8 --seq 128 --accum 2 --steps 3"
+  peer fsdp2-seed4-7b 4 "--model llama2-7b --mbs 8 --seq 128 --microbatches 2 --steps 3"
   ratio h200x4-seed-7b seed4-7b fsdp2-seed4-7b
   mmoc_job seed4-13b "configs/jobs/seed-llama2-13b-l20x4.json --hardware $(hw seed4-13b llama2-13b 8 128 h200x4) --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
-  peer fsdp2-seed4-13b 4 "--layers 40 --hidden 5120 --ffn 13824 --heads 40 --mbs 8 --seq 128 --accum 2 --steps 3"
+  peer fsdp2-seed4-13b 4 "--model llama2-13b --mbs 8 --seq 128 --microbatches 2 --steps 3"
   ratio h200x4-seed-13b seed4-13b fsdp2-seed4-13b
   ;;
 tier)
@@ -221,6 +259,48 @@ hfcheck)
   python3 tools/scripts/make_hf_fixtures.py "$OUT/fixtures" || exit 1
   python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/hfcheck" --fixtures "$OUT/fixtures/hf-tiny" 2>&1 | grep -v "it/s\]" | tee "$OUT/hfcheck.log"
   rm -rf "$OUT/hfcheck" "$OUT/fixtures"
+  ;;
+peers)
+  # issue 10's comparison in one call: mmoc (48 GiB budget) and FSDP2 at MODEL with LAYERS decoder layers (default the
+  # 16-layer 7B-wide model, 3.5B, where DeepSpeed fits the 125 GiB host), 8 x 1024 x 4 tokens per step and GPU; the
+  # DeepSpeed stages are separate calls (ds-zero2, ds-zero3: their install and JIT builds take minutes)
+  MODEL=${MODEL:-llama2-7b}; LAYERS=${LAYERS:-16}
+  python3 - "$MODEL" "$LAYERS" "$OUT/model.json" <<'PY'
+import json, os, sys
+m, L, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+j = json.load(open(m if m.endswith(".json") else os.path.join("configs/models", m + ".json")))
+j["layers"] = L; j["name"] = f"{j.get('name', 'model')}-{L}l"; j.pop("comment", None)
+json.dump(j, open(out, "w"))
+PY
+  gen_data "$OUT/tok.jsonl" 256 ${SEQ:-1024}
+  mmoc_job peers "--model $OUT/model.json --hardware ${HW:-h200x1} --gpus ${GPUS:-$ngpu} --v ${V:-auto} --schedule ${SCHED:-auto} --budget ${BUDGET:-48} --micro-batch-size ${MBS:-8} --microbatches ${MB:-4} --seq-len ${SEQ:-1024}" "$OUT/tok.jsonl" ${STEPS:-4}
+  peer fsdp2-peers ${GPUS:-$ngpu} "$(peer_args)"
+  ratio peers peers fsdp2-peers
+  ;;
+fsdp2)
+  # the FSDP2 peer alone at MODEL / LAYERS / MBS / SEQ / MB (e.g. MODEL=qwen2.5-3b for issue 11)
+  peer fsdp2 ${GPUS:-$ngpu} "$(peer_args)"
+  ;;
+ds-zero2)
+  # DeepSpeed ZeRO-Offload: stage 2, optimizer state and step on the CPU
+  ds ds-zero2 "--stage 2"
+  ;;
+ds-zero3)
+  # DeepSpeed ZeRO-Infinity with CPU offload: stage 3, parameters and optimizer state on the CPU
+  ds ds-zero3 "--stage 3"
+  ;;
+ds-nvme)
+  # ZeRO-Infinity to NVMe: NVME=<folder on the NVMe disk> (default $OUT/nvme)
+  mkdir -p "${NVME:-$OUT/nvme}"
+  ds ds-nvme "--stage 3 --nvme ${NVME:-$OUT/nvme}"
+  rm -rf "${NVME:-$OUT/nvme}"
+  ;;
+limits)
+  # the machine's limits at the job's shape (pinned H2D/D2H, bf16 matmul, one decoder layer, CPU AdamW, host memcpy)
+  python3 bench/peers/limits.py --model ${MODEL:-llama2-7b} ${LAYERS:+--layers $LAYERS} --mbs ${MBS:-8} --seq ${SEQ:-1024} 2>&1 | tee "$OUT/limits.log"
+  ;;
+*)
+  echo "gpu_bench.sh: unknown case '$what'"; exit 2
   ;;
 esac
 # what comes back from the device is at most 8 files: pack everything but the logs' summary into one archive

@@ -1,4 +1,4 @@
-// Cost model against the numbers measured on the H100 machine (../shared/design/FACTS.md).
+// Cost model against the numbers measured on the lent H100 machine (2026-11-22).
 #include <doctest/doctest.h>
 
 #include "compiler/spec.hpp"

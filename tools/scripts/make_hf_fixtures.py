@@ -130,6 +130,14 @@ def stamp_ok(out):
     return all(os.path.isfile(os.path.join(out, ROOT_SUB, n, "hf_reference.json")) for n in st.get("fixtures", []))
 
 
+def covers(out, names):
+    """OUT_DIR is complete for this script and holds every fixture in names."""
+    if not stamp_ok(out):
+        return False
+    with open(os.path.join(out, ".complete")) as f:
+        return set(names) <= set(json.load(f)["fixtures"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", nargs="?", help="output folder (gets hf-tiny/<name>/ and .complete)")
@@ -154,7 +162,7 @@ def main():
                 want.add(n)
                 n = FIXTURES[n].get("base")
         names = [n for n in FIXTURES if n in want]
-    if not a.force and stamp_ok(out) and set(names) <= set(json.load(open(os.path.join(out, ".complete")))["fixtures"]):
+    if not a.force and covers(out, names):
         return 0
 
     try:
@@ -179,16 +187,19 @@ def main():
         with open(os.path.join(tmp, ".complete"), "w") as f:
             json.dump({"script_sha256": SCRIPT_HASH, "fixtures": names, "transformers": transformers.__version__,
                        "torch": torch.__version__}, f, indent=1)
-        if os.path.exists(out):
-            # --force, an older or partial set: replace it (rename the old one away first, then remove it)
-            old = f"{out}.old-{os.getpid()}"
-            os.rename(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not stamp_ok(out):  # another run finished first with the same result: keep its folder
-                raise
+        if os.path.exists(out) and not a.force and covers(out, names):
+            pass  # another run finished first with the same result: keep its folder (it may be in use)
+        else:
+            if os.path.exists(out):
+                # --force, an older or partial set: replace it (rename the old one away first, then remove it)
+                old = f"{out}.old-{os.getpid()}"
+                os.rename(out, old)
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not covers(out, names):  # lost a race to another run: fine when it made the same set
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"make_hf_fixtures: {len(names)} fixtures in {out}/{ROOT_SUB} ({time.time() - t0:.1f} s)", file=sys.stderr)
