@@ -469,6 +469,30 @@ TEST_CASE("bf16 shards run: the loss is close to fp32's, gradients bf16, replica
   CHECK(div[0] == 0.0);
 }
 
+TEST_CASE("collectives per step: two all-reduces per layer each way, plus embedding, head, loss and q/k norms") {
+  for (const char* folder : {"llama-gqa-fp32", "qwen3-fp32", "gpt2-fp32"}) {
+    CAPTURE(std::string(folder));
+    auto a = io::read_hf_config(kFix + folder).arch;
+    Ref r = read_ref(folder);
+    test::ThreadGroup g(2);
+    int fwd = 0, bwd = 0;
+    g.run([&](TpComm& comm) {
+      auto L = full_layout(a, comm.rank(), 2);
+      auto flats = load_hf_weights(kFix + folder, a, {L});
+      at::Tensor flat = flats[0].requires_grad_(true);
+      auto loss = tp_lm_loss_sum(tp_stage_forward(a, L, flat, r.ids, make_rope(a, r.ids.size(1)), comm), r.labels,
+                                 a.vocab, comm);
+      if (comm.rank() == 0) fwd = g.collectives();  // only rank 0 counts: no race
+      loss.backward();
+      if (comm.rank() == 0) bwd = g.collectives() - fwd;
+    });
+    // forward: g at the embedding and after o and down of every layer; the loss's max and [sum-exp, target]
+    CHECK(fwd == 1 + 2 * a.layers + 2);
+    // backward: f before q/k/v and gate/up of every layer (and q_norm, k_norm), and before the head
+    CHECK(bwd == 2 * a.layers + (a.qk_norm ? 2 * a.layers : 0) + 1);
+  }
+}
+
 TEST_CASE("bad tensor-parallel layouts and misuse: one clear message") {
   auto gqa = io::read_hf_config(kFix + "llama3-gqa-fp32").arch;  // 4 heads, 2 kv heads
   auto e = error_of([&] { full_layout(gqa, 0, 4); });
