@@ -1,5 +1,6 @@
 #include "arch/layout.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace mmoc::arch {
@@ -54,24 +55,119 @@ std::string embedding_name(const ir::ModelArch& a) {
   return is_gpt2(a) ? "transformer.wte.weight" : "model.embed_tokens.weight";
 }
 
-StageLayout stage_layout(const ir::ModelArch& a, int b, int e) {
+const char* to_string(TpSplit t) {
+  switch (t) {
+    case TpSplit::Replicated: return "replicated";
+    case TpSplit::Column: return "column";
+    case TpSplit::Row: return "row";
+    case TpSplit::Vocab: return "vocab";
+  }
+  return "?";
+}
+
+int64_t Shard::rows() const {
+  int64_t n = 0;
+  for (const auto& p : pieces) n += p.length;
+  return n;
+}
+
+std::vector<int64_t> ParamInfo::full_hf_shape() const {
+  const auto& f = shard.full_shape.empty() ? shape : shard.full_shape;
+  return transposed ? std::vector<int64_t>{f[1], f[0]} : f;
+}
+
+void check_tp(const ir::ModelArch& a, int tp, const std::string& where) {
+  auto need = [&](bool ok, const std::string& msg) {
+    if (!ok) throw ConfigError(where + ": " + msg);
+  };
+  need(tp >= 1, "tp (tensor-parallel degree) must be >= 1, got " + std::to_string(tp));
+  if (tp == 1) return;
+  const std::string t = "tp " + std::to_string(tp);
+  need(a.heads % tp == 0, t + " does not divide the attention heads (num_attention_heads " + std::to_string(a.heads) +
+                              "): every tensor-parallel rank needs whole heads");
+  need(a.kv_heads % tp == 0, t + " does not divide the key/value heads (num_key_value_heads " +
+                                 std::to_string(a.kv_heads) + "): every tensor-parallel rank needs whole kv heads");
+  need(a.ffn % tp == 0, t + " does not divide the MLP size (intermediate_size " + std::to_string(a.ffn) + ")");
+}
+
+TpVocab tp_vocab(int64_t vocab, int rank, int size) {
+  if (size < 1 || rank < 0 || rank >= size || vocab < 1)
+    throw std::invalid_argument("tp_vocab: rank " + std::to_string(rank) + " of " + std::to_string(size) +
+                                " with vocabulary " + std::to_string(vocab));
+  TpVocab v;
+  v.rows = (vocab + size - 1) / size;
+  v.padded = v.rows * size;
+  v.begin = v.rows * rank;
+  v.valid = std::max<int64_t>(0, std::min(v.rows, vocab - v.begin));
+  return v;
+}
+
+namespace {
+TpSplit split_of(Role r) {
+  switch (r) {
+    case Role::Embed: case Role::Head: return TpSplit::Vocab;
+    case Role::Q: case Role::K: case Role::V: case Role::QKV:
+    case Role::QBias: case Role::KBias: case Role::VBias: case Role::QKVBias:
+    case Role::Gate: case Role::Up: case Role::UpBias: return TpSplit::Column;
+    case Role::O: case Role::Down: return TpSplit::Row;
+    default: return TpSplit::Replicated;
+  }
+}
+}  // namespace
+
+StageLayout stage_layout(const ir::ModelArch& a, int b, int e, int tp_rank, int tp_size) {
   try {
     validate(a, "stage_layout");
+    check_tp(a, tp_size, "stage_layout");
   } catch (const ConfigError& err) {
     throw std::invalid_argument(err.what());
   }
+  if (tp_rank < 0 || tp_rank >= tp_size)
+    throw std::invalid_argument("stage_layout: tp rank " + std::to_string(tp_rank) + " is not in [0," +
+                                std::to_string(tp_size) + ")");
   if (b < 0 || e > a.layers + 2 || b >= e)
     throw std::invalid_argument("stage_layout: layer range [" + std::to_string(b) + "," + std::to_string(e) +
                                 ") is not a non-empty range inside [0," + std::to_string(a.layers + 2) + ")");
   const int64_t H = a.hidden, F = a.ffn, V = a.vocab, hd = head_dim(a), qd = q_dim(a), kvd = kv_dim(a);
+  const int64_t tp = tp_size, r = tp_rank;
+  const TpVocab voc = tp_vocab(V, tp_rank, tp_size);
   StageLayout s;
   s.layer_begin = b;
   s.layer_end = e;
+  s.tp_rank = tp_rank;
+  s.tp_size = tp_size;
   int64_t off = 0;
+  // The rank's shard of a parameter of whole shape `shape` with role `role` (tp 1: the whole tensor).
+  auto shard_of = [&](Role role, std::vector<int64_t>& shape, Shard& sh) {
+    sh.full_shape = shape;
+    const TpSplit split = split_of(role);
+    if (tp == 1 || split == TpSplit::Replicated) return;
+    auto rows = [&](int64_t n) { return ShardPiece{r * n / tp, n / tp}; };  // rank r's 1/tp of n rows
+    switch (role) {
+      case Role::Embed: case Role::Head:
+        sh.dim = 0;
+        if (voc.valid > 0) sh.pieces = {{voc.begin, voc.valid}};
+        shape[0] = voc.rows;  // padding rows after the valid ones
+        return;
+      case Role::Q: case Role::QBias: sh.dim = 0; sh.pieces = {rows(qd)}; break;
+      case Role::K: case Role::V: case Role::KBias: case Role::VBias: sh.dim = 0; sh.pieces = {rows(kvd)}; break;
+      case Role::QKV: case Role::QKVBias:  // GPT-2's c_attn: the rank's heads of q, of k and of v
+        sh.dim = 0;
+        for (int64_t part = 0; part < 3; ++part) sh.pieces.push_back({part * H + r * H / tp, H / tp});
+        break;
+      case Role::Gate: case Role::Up: case Role::UpBias: sh.dim = 0; sh.pieces = {rows(F)}; break;
+      case Role::O: sh.dim = 1; sh.pieces = {rows(qd)}; break;
+      case Role::Down: sh.dim = 1; sh.pieces = {rows(F)}; break;
+      default: return;
+    }
+    shape[sh.dim] = sh.rows();
+  };
   auto add = [&](std::string name, std::vector<int64_t> shape, int layer, ParamKind kind, Role role,
                  bool transposed = false) {
     ParamInfo p;
     p.name = std::move(name);
+    p.split = split_of(role);
+    shard_of(role, shape, p.shard);
     p.numel = 1;
     for (auto d : shape) p.numel *= d;
     p.shape = std::move(shape);
@@ -144,15 +240,29 @@ StageLayout stage_layout(const ir::ModelArch& a, int b, int e) {
   return s;
 }
 
-std::vector<StageLayout> stage_layouts(const ir::ModelArch& a, const std::vector<int>& bounds) {
+std::vector<StageLayout> stage_layouts(const ir::ModelArch& a, const std::vector<int>& bounds, int tp_rank,
+                                       int tp_size) {
   if (bounds.size() < 2 || bounds.front() != 0 || bounds.back() != a.layers + 2)
     throw std::invalid_argument("stage_layouts: bounds must start at 0 and end at layers+2");
   std::vector<StageLayout> v;
-  for (std::size_t i = 0; i + 1 < bounds.size(); ++i) v.push_back(stage_layout(a, bounds[i], bounds[i + 1]));
+  for (std::size_t i = 0; i + 1 < bounds.size(); ++i)
+    v.push_back(stage_layout(a, bounds[i], bounds[i + 1], tp_rank, tp_size));
   return v;
 }
 
-int64_t layer_param_count(const ir::ModelArch& a, int layer) { return stage_layout(a, layer, layer + 1).param_count; }
+int64_t layer_param_count(const ir::ModelArch& a, int layer, int tp_size) {
+  return stage_layout(a, layer, layer + 1, 0, tp_size).param_count;
+}
+
+std::vector<std::pair<int64_t, int64_t>> grad_norm_ranges(const StageLayout& s) {
+  std::vector<std::pair<int64_t, int64_t>> v;
+  for (const auto& p : s.params) {
+    if (s.replicated(p) && s.tp_rank != 0) continue;
+    if (!v.empty() && v.back().second == p.offset) v.back().second = p.offset + p.numel;
+    else v.push_back({p.offset, p.offset + p.numel});
+  }
+  return v;
+}
 
 std::vector<std::string> model_param_names(const ir::ModelArch& a) {
   std::vector<std::string> v;

@@ -70,6 +70,43 @@ at::Tensor read_tensor(const io::SafetensorsFile& f, const std::string& name) {
 }
 at::Tensor read_tensor(const io::Checkpoint& c, const std::string& name) { return copy_out(c.info(name), c.data(name)); }
 
+at::Tensor read_tensor_slice(const io::Checkpoint& c, const std::string& name, int dim, int64_t start, int64_t length) {
+  const auto& t = c.info(name);
+  const int nd = static_cast<int>(t.shape.size());
+  if (dim < 0 || dim >= nd || start < 0 || length < 0 || start + length > t.shape[dim])
+    throw std::invalid_argument("read_tensor_slice: rows [" + std::to_string(start) + "," + std::to_string(start + length) +
+                                ") of dimension " + std::to_string(dim) + " are not inside tensor '" + name + "' " +
+                                shape_str(t.shape));
+  int64_t outer = 1, inner = static_cast<int64_t>(io::dtype_size(t.dtype));
+  for (int d = 0; d < dim; ++d) outer *= t.shape[d];
+  for (int d = dim + 1; d < nd; ++d) inner *= t.shape[d];
+  std::vector<int64_t> shape = t.shape;
+  shape[dim] = length;
+  auto out = at::empty(shape, at::TensorOptions().dtype(to_scalar_type(t.dtype)));
+  const auto bytes = c.data(name);
+  auto* dst = static_cast<std::byte*>(out.data_ptr());
+  const int64_t run = length * inner;  // bytes of one contiguous run in the file
+  for (int64_t o = 0; o < outer && run > 0; ++o)
+    std::memcpy(dst + o * run, bytes.data() + (o * t.shape[dim] + start) * inner, static_cast<size_t>(run));
+  return out;
+}
+
+void read_shard(const io::Checkpoint& c, const std::string& name, const ParamInfo& p, const at::Tensor& dst) {
+  at::NoGradGuard ng;
+  if (!p.shard.sharded()) {
+    at::Tensor t = read_tensor(c, name);
+    dst.copy_(p.transposed ? t.t() : t);
+    return;
+  }
+  int64_t pos = 0;
+  for (const auto& pc : p.shard.pieces) {
+    at::Tensor t = read_tensor_slice(c, name, p.hf_dim(), pc.start, pc.length);
+    dst.narrow(p.shard.dim, pos, pc.length).copy_(p.transposed ? t.t() : t);
+    pos += pc.length;
+  }
+  if (pos < dst.size(p.shard.dim)) dst.narrow(p.shard.dim, pos, dst.size(p.shard.dim) - pos).zero_();  // vocab padding
+}
+
 void load_hf_weights(const std::string& dir, const ir::ModelArch& arch, const std::vector<StageLayout>& layouts,
                      std::vector<at::Tensor>& flats) {
   auto ck = io::Checkpoint::open(dir);
@@ -120,6 +157,10 @@ void load_hf_weights(const std::string& dir, const ir::ModelArch& arch, const st
                                   std::to_string(L.numel) + " elements");
     flat.zero_();
     for (const auto& p : L.params) {
+      if (p.shard.sharded()) {  // a tensor-parallel shard: only its slices of the file's tensor
+        read_shard(ck, disk_name(p.name), p, flat.narrow(0, p.offset, p.numel).view(p.shape));
+        continue;
+      }
       at::Tensor t = read_tensor(ck, disk_name(p.name));
       if (p.transposed) t = t.t();  // GPT-2 Conv1D [in, out] -> [out, in]
       flat.narrow(0, p.offset, p.numel).view(p.shape).copy_(t);
@@ -174,6 +215,9 @@ void save_hf_checkpoint(const std::string& dir, const ir::ModelArch& arch, const
   struct Src { const ParamInfo* p; const at::Tensor* flat; };
   std::map<std::string, Src> src;
   for (size_t s = 0; s < layouts.size(); ++s) {
+    if (layouts[s].tp_size != 1)
+      throw std::invalid_argument("save_hf_checkpoint: layout " + std::to_string(s) +
+                                  " is a tensor-parallel shard: gather the stage first (tp_gather_flat)");
     if (!flats[s].defined() || flats[s].dim() != 1 || flats[s].numel() != layouts[s].numel)
       throw std::invalid_argument("save_hf_checkpoint: flat tensor " + std::to_string(s) + " does not match its layout");
     for (const auto& p : layouts[s].params)

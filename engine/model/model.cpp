@@ -1,4 +1,5 @@
 #include "engine/model/model.hpp"
+#include "engine/model/tp_detail.hpp"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -184,6 +185,15 @@ std::vector<Segment> segments(const ir::ModelArch& a, const StageLayout& layout,
 
 at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat, const at::Tensor& input,
                          const Rope& rope, const at::Tensor& tied_embedding, bool fused_norm_on_cpu) {
+  if (layout.tp_size != 1)
+    throw std::invalid_argument("stage_forward: the layout is tensor-parallel shard " + std::to_string(layout.tp_rank) +
+                                " of " + std::to_string(layout.tp_size) + " (use tp_stage_forward)");
+  return detail::forward_stage(a, layout, flat, input, rope, tied_embedding, fused_norm_on_cpu, nullptr);
+}
+
+at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat,
+                                 const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding,
+                                 bool fused_norm_on_cpu, TpComm* comm) {
   if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
     throw std::invalid_argument("stage_forward: flat must be a contiguous 1-D tensor of " + std::to_string(layout.numel) + " elements");
   std::vector<Slots> slots;
@@ -191,7 +201,13 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
   auto views = FlatSplit::apply(flat, &segs);
   const auto dt = flat.scalar_type();
   const bool gpt2 = arch::is_gpt2(a);
-  const int64_t H = a.hidden, nh = a.heads, nkv = a.kv_heads, hd = arch::head_dim(a), qd = nh * hd, kvd = nkv * hd;
+  // Tensor parallelism (comm set): this rank's heads, kv heads, MLP rows and vocabulary rows; f/g around the
+  // column- and row-parallel projections (tp.hpp). Without comm every branch below is the unsharded model's.
+  const int tp = comm ? comm->size() : 1;
+  const arch::TpVocab voc = arch::tp_vocab(a.vocab, comm ? comm->rank() : 0, tp);
+  auto to_tp = [&](const at::Tensor& x) { return comm ? detail::copy_to_tp(x, *comm) : x; };
+  const int64_t H = a.hidden, nh = a.heads / tp, nkv = a.kv_heads / tp, hd = arch::head_dim(a), qd = nh * hd,
+                kvd = nkv * hd;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   at::Tensor h;
   if (layout.has_embedding()) {
@@ -224,7 +240,8 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
     const Slots& s = slots[l - layout.layer_begin];
     if (l == 0) {
       embed = view(s, Role::Embed);
-      h = at::embedding(embed, input.to(flat.device()));
+      if (comm) h = detail::vocab_parallel_embedding(embed, input.to(flat.device()), voc.begin, voc.valid, *comm);
+      else h = at::embedding(embed, input.to(flat.device()));
       if (gpt2) h = h + view(s, Role::PosEmbed).narrow(0, 0, T);  // HF: wte(ids) + wpe(arange(T))
     } else if (l == a.layers + 1) {
       h = norm(h, view(s, Role::FinalNorm), view(s, Role::FinalNormBias));
@@ -232,13 +249,15 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
       if (!a.tied_embeddings) head = view(s, Role::Head);
       else if (embed.defined()) head = embed;
       else if (tied_embedding.defined()) {
-        if (tied_embedding.dim() != 2 || tied_embedding.size(0) != a.vocab || tied_embedding.size(1) != H)
-          throw std::invalid_argument("stage_forward: tied_embedding must be [vocab, hidden]");
+        if (tied_embedding.dim() != 2 || tied_embedding.size(0) != voc.rows || tied_embedding.size(1) != H)
+          throw std::invalid_argument(comm ? "stage_forward: tied_embedding must be the rank's embedding shard [" +
+                                                 std::to_string(voc.rows) + ", hidden]"
+                                           : std::string("stage_forward: tied_embedding must be [vocab, hidden]"));
         head = tied_embedding.to(dt);
       } else {
         throw std::invalid_argument("stage_forward: tied lm_head needs the embedding matrix (pass tied_embedding)");
       }
-      h = at::linear(h, head).to(at::kFloat);
+      h = at::linear(to_tp(h), head).to(at::kFloat);
     } else {
       // q/k/v: one GEMM (and one for gate and up below): larger matrices run closer to peak
       at::Tensor w_qkv = s[Role::QKV] >= 0 ? views[s[Role::QKV]]
@@ -247,14 +266,14 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
                          : s[Role::QBias] >= 0 ? at::cat({view(s, Role::QBias), view(s, Role::KBias), view(s, Role::VBias)}, 0)
                                                : at::Tensor();
       auto residual = h;
-      auto x = norm(h, view(s, Role::AttnNorm), view(s, Role::AttnNormBias));
+      auto x = to_tp(norm(h, view(s, Role::AttnNorm), view(s, Role::AttnNormBias)));
       auto qkv = at::linear(x, w_qkv, b_qkv);
       auto q = qkv.narrow(-1, 0, qd).reshape({B, T, nh, hd});
       auto kk = qkv.narrow(-1, qd, kvd).reshape({B, T, nkv, hd});
       auto v = qkv.narrow(-1, qd + kvd, kvd).reshape({B, T, nkv, hd}).transpose(1, 2);
       if (a.qk_norm) {  // Qwen3: RMSNorm over each head's vector, before the rotation
-        q = norm(q, view(s, Role::QNorm), {});
-        kk = norm(kk, view(s, Role::KNorm), {});
+        q = norm(q, to_tp(view(s, Role::QNorm)), {});  // TP: the weight's partial gradients summed (tp.hpp)
+        kk = norm(kk, to_tp(view(s, Role::KNorm)), {});
       }
       q = q.transpose(1, 2);
       kk = kk.transpose(1, 2);
@@ -280,17 +299,28 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
         att = at::scaled_dot_product_attention(q, kk, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true, scale);
       }
       att = att.transpose(1, 2).reshape({B, T, qd});
-      h = residual + at::linear(att, view(s, Role::O), view(s, Role::OBias));
+      if (comm) {  // row-parallel: the sum over ranks, then the bias once
+        auto o = detail::reduce_from_tp(at::linear(att, view(s, Role::O)), *comm);
+        h = residual + (s[Role::OBias] >= 0 ? o + view(s, Role::OBias) : o);
+      } else {
+        h = residual + at::linear(att, view(s, Role::O), view(s, Role::OBias));
+      }
       residual = h;
-      x = norm(h, view(s, Role::MlpNorm), view(s, Role::MlpNormBias));
-      const int64_t F = a.ffn;
+      x = to_tp(norm(h, view(s, Role::MlpNorm), view(s, Role::MlpNormBias)));
+      const int64_t F = a.ffn / tp;
+      at::Tensor act;
       if (gpt2) {  // GELU (tanh approximation: HF's gelu_new)
-        x = at::linear(at::gelu(at::linear(x, view(s, Role::Up), view(s, Role::UpBias)), "tanh"), view(s, Role::Down),
-                       view(s, Role::DownBias));
+        act = at::gelu(at::linear(x, view(s, Role::Up), view(s, Role::UpBias)), "tanh");
       } else {
         at::Tensor w_gu = s.gate_up ? view(s, Role::Gate) : at::cat({view(s, Role::Gate), view(s, Role::Up)}, 0);
         auto gu = at::linear(x, w_gu);
-        x = at::linear(at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F), view(s, Role::Down));
+        act = at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);
+      }
+      if (comm) {  // row-parallel: the sum over ranks, then the bias once
+        x = detail::reduce_from_tp(at::linear(act, view(s, Role::Down)), *comm);
+        if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
+      } else {
+        x = at::linear(act, view(s, Role::Down), view(s, Role::DownBias));
       }
       h = residual + x;
     }
