@@ -64,7 +64,7 @@ class Worker {
   StepResult step(const data::StepBatch& batch, int64_t step_index);
 
   // Checkpoints: every rank writes its stages' state into `parts_dir` (rank<r>.safetensors); rank 0 then
-  // assembles the HF checkpoint with assemble_checkpoint(). Collective.
+  // assembles the HF checkpoint with assemble_checkpoint() (engine/model/train_checkpoint.hpp). Collective.
   void save_parts(const std::string& parts_dir);
   void load_parts(const std::string& parts_dir);  // optimizer state + masters of the local stages
   const std::vector<TraceEvent>& trace() const;
@@ -74,10 +74,5 @@ class Worker {
  private:
   std::unique_ptr<Impl> impl_;
 };
-
-// Rank 0, after every rank's save_parts: writes the HF checkpoint (fp32 or bf16 weights) plus mmoc_state/
-// (optimizer state parts, trainer_state.json with `extra_json`) into `dir`, atomically replacing an existing one.
-void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
-                         const std::string& dtype, const std::string& extra_json);
 
 }  // namespace mmoc::engine

@@ -29,6 +29,7 @@
 #include "engine/io/safetensors.hpp"
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
+#include "engine/model/train_checkpoint.hpp"
 #include "ir/plan.hpp"
 
 using json = nlohmann::json;
