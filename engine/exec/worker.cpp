@@ -42,7 +42,50 @@ using namespace mmoc::engine::optim;
 
 namespace {
 struct ExecError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+// MMOC_TEST_FAULT (tests only): nonfinite:<rank>:<step>[-<last step>] poisons that rank's gradients at those steps
+// (1-based); crash-in-save:<rank> ends that rank's process in the middle of writing a checkpoint.
+struct TestFault {
+  std::string kind;
+  int rank = -1;
+  int64_t first = 0, last = 0;
+  static TestFault from_env() {
+    TestFault f;
+    const char* e = std::getenv("MMOC_TEST_FAULT");
+    if (!e || !*e) return f;
+    std::string s = e;
+    auto c1 = s.find(':');
+    f.kind = s.substr(0, c1);
+    if (c1 == std::string::npos) throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": expected <kind>:<rank>[:<step>[-<last>]]");
+    auto c2 = s.find(':', c1 + 1);
+    f.rank = std::stoi(s.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1));
+    if (c2 != std::string::npos) {
+      std::string r = s.substr(c2 + 1);
+      auto d = r.find('-');
+      f.first = std::stoll(r.substr(0, d));
+      f.last = d == std::string::npos ? f.first : std::stoll(r.substr(d + 1));
+    }
+    if (f.kind != "nonfinite" && f.kind != "crash-in-save") throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": unknown fault '" + f.kind + "'");
+    return f;
+  }
+};
 }  // namespace
+
+bool updates_wait_for_gradnorm(const ir::Plan& plan) {
+  for (const auto& prog : plan.programs) {
+    int g = -1;
+    for (int i = 0; i < (int)prog.instrs.size(); ++i)
+      if (prog.instrs[i].op == Op::GradNorm) g = i;
+    for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+      const auto& in = prog.instrs[i];
+      if (in.op != Op::Optim) continue;
+      if (g < 0) return false;
+      const bool ordered = in.stream == ir::Stream::Cpu ? i > g : std::find(in.after.begin(), in.after.end(), g) != in.after.end();
+      if (!ordered) return false;
+    }
+  }
+  return true;
+}
 
 struct StageState {
   int id = 0;
@@ -122,6 +165,13 @@ struct Worker::Impl {
   float clip = 1.0f;
   double grad_norm = -1;
   double lr = 0;
+  int64_t step_index = 0;
+  // non-finite steps
+  bool has_gradnorm = false;   // this rank's optimizer steps wait for gradnorm: the global norm is known before any update
+  bool skip_updates = false;   // this step's global norm (or loss) is non-finite: no optimizer step updates anything
+  double gsq_host = 0;         // no gradnorm: sum of squares of the gradients updated on the host (cpu stream)
+  at::Tensor gsq_dev;          // ... and of those updated on the device (0-dim fp64)
+  TestFault fault;
   int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
   std::vector<TraceEvent> trace;
 
@@ -309,25 +359,41 @@ struct Worker::Impl {
     return h;
   }
 
+  // Test-only fault injection (MMOC_TEST_FAULT=nonfinite:<rank>:<step>[-<last step>], steps 1-based): poisons this
+  // rank's gradients of `stage` (all local stages for -1) with a NaN, as a diverged backward would.
+  void maybe_poison(int stage, const std::vector<at::Tensor>& resident) {
+    if (fault.kind != "nonfinite" || fault.rank != rank || step_index + 1 < fault.first || step_index + 1 > fault.last) return;
+    for (auto& [s, st] : stages)
+      if ((stage < 0 || s == stage) && !st.resident) st.host_grad.narrow(0, 0, 1).fill_(std::nan(""));
+    for (const auto& g : resident) g.narrow(0, 0, 1).fill_(std::nan(""));
+  }
+  GradType grad_type() const { return cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32; }
+
   void optim(const ir::Instr& in) {
     StageState& st = stages.at(in.stage);
+    const bool on_cpu = in.stream == ir::Stream::Cpu;
+    if (on_cpu == st.resident)
+      throw ExecError("optim S" + std::to_string(in.stage) + (on_cpu ? " on the cpu for a GPU-resident stage" : " on the GPU for an offloaded stage"));
+    at::Tensor grad = on_cpu ? st.host_grad : take({BufKind::WGrad, in.stage, -1});
+    if (!has_gradnorm) maybe_poison(in.stage, on_cpu ? std::vector<at::Tensor>{} : std::vector<at::Tensor>{grad});
+    if (skip_updates) return;  // the global norm is non-finite: no update, the step count stays
     st.step += 1;
-    if (in.stream == ir::Stream::Cpu) {
-      if (st.resident) throw ExecError("optim S" + std::to_string(in.stage) + " on the cpu for a GPU-resident stage");
+    if (on_cpu) {
+      // without a gradnorm instruction the norm is summed here, per stage, before the update (checked at step end)
+      if (!has_gradnorm) gsq_host += sum_of_squares(grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
       AdamWBuffers b;
       b.param = st.master.data_ptr<float>();
       b.exp_avg = st.exp_avg.data_ptr<float>();
       b.exp_avg_sq = st.exp_avg_sq.data_ptr<float>();
-      b.grad = st.host_grad.data_ptr();
-      b.grad_type = cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32;
+      b.grad = grad.data_ptr();
+      b.grad_type = grad_type();
       if (cdtype == at::kBFloat16) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kBFloat16; }
       b.n = st.layout.numel;
       adamw_step(b, hyper(), st.step, clip, pool.get());
     } else {
-      if (!st.resident) throw ExecError("optim S" + std::to_string(in.stage) + " on the GPU for an offloaded stage");
-      at::Tensor grad = take({BufKind::WGrad, in.stage, -1});
       at::Tensor w = need({BufKind::W, in.stage, -1}, "optim");
-      adamw_step_tensors(st.master, st.exp_avg, st.exp_avg_sq, grad, w, hyper(), st.step, clip);
+      adamw_step_tensors(st.master, st.exp_avg, st.exp_avg_sq, grad, w, hyper(), st.step, clip, DeviceAdamWKernel::kAuto,
+                         has_gradnorm ? nullptr : &gsq_dev);
     }
   }
 
@@ -341,16 +407,20 @@ struct Worker::Impl {
       }
     return g;
   }
+  // The global gradient norm, before any optimizer step of the step. A non-finite norm (or loss) on any rank makes
+  // every rank skip its updates: the sum over ranks is then non-finite everywhere.
   void gradnorm(const std::vector<at::Tensor>& rgrads) {
+    maybe_poison(-1, rgrads);
     double local = 0;
     for (const auto& g : rgrads) local += sum_of_squares_tensor(g).item<double>();
     for (auto& [s, st] : stages)  // offloaded stages: their gradients are on the host
-      if (!st.resident)
-        local += sum_of_squares(st.host_grad.data_ptr(), cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32,
-                                st.layout.numel, pool.get());
+      if (!st.resident) local += sum_of_squares(st.host_grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
+    // the last stage's loss is complete here: its forwards precede the backwards whose gradients this waited for
+    if (stages.count(last) && !std::isfinite(loss_acc.item<double>())) local = std::nan("");
     double total = htr ? htr->allreduce_sum_double(local) : local;
     grad_norm = std::sqrt(total);
-    clip = clip_scale(grad_norm, plan.train.max_grad_norm);
+    skip_updates = !std::isfinite(total);
+    clip = !skip_updates && plan.train.max_grad_norm > 0 ? clip_scale(grad_norm, plan.train.max_grad_norm) : 1.0f;
   }
 
   void exec(int i) {
@@ -461,6 +531,12 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     I.stages[s.id] = std::move(st);
   }
   I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
+  I.gsq_dev = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
+  ir::Plan mine = plan;  // does this rank's every update wait for the global norm?
+  for (int g = 0; g < plan.gpus; ++g)
+    if (g != rank) mine.programs[g].instrs.clear();
+  I.has_gradnorm = updates_wait_for_gradnorm(mine);
+  I.fault = TestFault::from_env();
   apply_budget();
   I.watchdog = std::make_unique<Watchdog>(Watchdog::limit_from_env(), "rank " + std::to_string(rank),
                                           [ip = &I](int i) { return ip->context(i) + ip->gpu_progress(i); });
@@ -559,6 +635,9 @@ void Worker::Impl::begin_step(const data::StepBatch& b, int64_t step_index) {
   loss_sum = 0;
   clip = 1.0f;
   grad_norm = -1;
+  this->step_index = step_index;
+  skip_updates = false;
+  gsq_host = 0;
   auto sched = parse_lr_schedule(plan.train.lr_schedule);
   lr = lr_at(plan.train.lr, sched ? *sched : LrSchedule::kConstant, plan.train.warmup_steps, std::max<int64_t>(plan.train.total_steps, 1),
              step_index);
@@ -576,12 +655,14 @@ void Worker::Impl::begin_step(const data::StepBatch& b, int64_t step_index) {
   }
   if (!cuda) {
     loss_acc.zero_();
+    gsq_dev.zero_();
     return;
   }
   c10::cuda::CUDACachingAllocator::resetPeakStats((c10::DeviceIndex)cuda_index);
   {
     c10::cuda::CUDAStreamGuard g(*streams[0]);
     loss_acc.zero_();
+    gsq_dev.zero_();
   }
   {
     std::lock_guard<std::mutex> g(ev_mu);
@@ -716,6 +797,13 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
   I.check_no_leak();
   StepResult r;
   double total = I.htr ? I.htr->allreduce_sum_double(I.loss_sum) : I.loss_sum;
+  if (!I.has_gradnorm) {  // the norm of the gradients the optimizer steps used, summed over stages and ranks
+    const double local = I.gsq_host + I.gsq_dev.item<double>();
+    I.grad_norm = std::sqrt(I.htr ? I.htr->allreduce_sum_double(local) : local);
+  }
+  // both sums are over all ranks, so every rank reaches the same verdict
+  r.finite = std::isfinite(total) && std::isfinite(I.grad_norm);
+  r.skipped = I.skip_updates;
   r.loss = total / double(I.count);
   r.tokens = I.count;
   r.grad_norm = I.grad_norm;
