@@ -8,9 +8,16 @@
 #include <cmath>
 #include <stdexcept>
 #include <thread>
+#include <cstring>
+#include <vector>
+
+#include <ATen/Parallel.h>
 
 #include "engine/exec/cpu_stream.hpp"
 #include "engine/exec/device_adamw.hpp"
+#include "engine/model/layout.hpp"
+#include "engine/model/model.hpp"
+#include "engine/model/normal_fill.hpp"
 
 using namespace mmoc;
 using namespace mmoc::engine;
@@ -113,4 +120,86 @@ TEST_CASE("cpu stream runs tasks in order and carries exceptions; the watchdog r
     std::this_thread::sleep_for(std::chrono::milliseconds(1200));
     CHECK(described.load() == 0);
   }
+}
+
+TEST_CASE("Philox4x32-10 gives the published known-answer vectors") {
+  // Random123's kat_vectors for philox4x32_10
+  struct Kat { uint32_t ctr[4], key[2], out[4]; };
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff}, {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0}, {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}}};
+  for (const auto& k : kats) {
+    uint32_t out[4];
+    philox4x32_10(k.ctr, k.key, out);
+    for (int i = 0; i < 4; ++i) CHECK(out[i] == k.out[i]);
+  }
+}
+
+TEST_CASE("normal fill: a function of (key, index) only, the same on every ISA, normally distributed") {
+  const int64_t n = (1 << 20) + 77;
+  std::vector<float> whole(n), parts(n), other(n);
+  fill_normal(whole.data(), n, 0x5eedULL, 3, 0.0, 1.0);
+  int64_t pos = 0;
+  for (int k = 1; pos < n; ++k) {  // pieces of odd lengths at odd offsets
+    const int64_t len = std::min<int64_t>(n - pos, 997 * k % 5003 + 1);
+    fill_normal(parts.data() + pos, len, 0x5eedULL, 3 + pos, 0.0, 1.0);
+    pos += len;
+  }
+  CHECK(whole == parts);
+  int isas = 0;
+  for (const char* isa : {"baseline", "avx2", "avx512"}) {
+    std::vector<float> v(n);
+    if (!fill_normal_with_isa(isa, v.data(), n, 0x5eedULL, 3, 0.0, 1.0)) continue;
+    ++isas;
+    CAPTURE(isa);
+    CHECK(std::memcmp(v.data(), whole.data(), n * sizeof(float)) == 0);
+  }
+  CHECK(isas >= 1);
+  MESSAGE("normal fill: " << isas << " ISA(s) compared, running on " << normal_fill_isa());
+  fill_normal(other.data(), n, 0x5eeeULL, 3, 0.0, 1.0);
+  CHECK(other != whole);
+  double m = 0, m2 = 0, m4 = 0, tail = 0;
+  for (float x : whole) {
+    m += x;
+    m2 += (double)x * x;
+    m4 += (double)x * x * x * x;
+    tail += std::fabs(x) > 3.0;
+  }
+  m /= n, m2 /= n, m4 /= n, tail /= n;
+  CHECK(std::fabs(m) < 0.005);
+  CHECK(std::fabs(m2 - 1.0) < 0.005);
+  CHECK(std::fabs(m4 / (m2 * m2) - 3.0) < 0.03);  // kurtosis of a normal
+  CHECK(std::fabs(tail - 0.0027) < 0.0004);       // P(|z| > 3)
+}
+
+TEST_CASE("random init: the same values for any thread count, through a bf16 flat and in stage pieces") {
+  ir::ModelArch a;
+  a.name = "t";
+  a.layers = 2;
+  a.hidden = 72;  // sizes that are not multiples of the 64-element alignment: the flat has padding
+  a.ffn = 100;
+  a.heads = 4;
+  a.kv_heads = 2;
+  a.vocab = 101;
+  const StageLayout L = full_layout(a);
+  at::Tensor one = new_flat(L, at::kFloat), four = new_flat(L, at::kFloat), bf = new_flat(L, at::kBFloat16);
+  const int saved = at::get_num_threads();
+  at::set_num_threads(1);
+  init_weights(a, L, one, 42);
+  at::set_num_threads(4);
+  init_weights(a, L, four, 42);
+  init_weights(a, L, bf, 42);
+  at::set_num_threads(saved);
+  CHECK(at::equal(one, four));
+  CHECK(at::equal(bf, one.to(at::kBFloat16)));
+  // padding is zero, norms are one, the rest has std 0.02
+  at::Tensor mask = at::ones({L.numel}, at::kBool);
+  for (const auto& p : L.params) mask.narrow(0, p.offset, p.numel).fill_(false);
+  CHECK(mask.sum().item<int64_t>() > 0);
+  CHECK(one.masked_select(mask).abs().sum().item<double>() == 0.0);
+  const auto* q = L.find("model.layers.1.mlp.up_proj.weight");
+  CHECK(std::fabs(one.narrow(0, q->offset, q->numel).std().item<double>() - 0.02) < 0.001);
+  const auto* nw = L.find("model.norm.weight");
+  CHECK(at::equal(one.narrow(0, nw->offset, nw->numel), at::ones({nw->numel})));
 }
