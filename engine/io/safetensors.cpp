@@ -353,6 +353,35 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   write_pieces_atomic(path, pieces);
 }
 
+std::string safetensors_prefix(const std::vector<TensorEntry>& tensors, const std::map<std::string, std::string>& metadata,
+                               std::size_t data_align) {
+  if (data_align == 0 || data_align % 8 != 0) throw std::invalid_argument("safetensors_prefix: data_align must be a multiple of 8");
+  std::vector<TensorToWrite> tw;
+  static const std::byte dummy{};
+  for (const auto& t : tensors) {
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) numel *= d < 0 ? 0 : static_cast<uint64_t>(d);
+    tw.push_back({t.name, t.dtype, t.shape, &dummy, static_cast<std::size_t>(numel * dtype_size(t.dtype))});
+  }
+  std::string h = make_header(tw, metadata);  // padded to 8
+  const std::size_t total = (8 + h.size() + data_align - 1) / data_align * data_align;
+  h.append(total - 8 - h.size(), ' ');
+  std::string out(8, '\0');
+  const uint64_t n = h.size();
+  std::memcpy(out.data(), &n, 8);
+  return out + h;
+}
+
+uint64_t safetensors_data_bytes(const std::vector<TensorEntry>& tensors) {
+  uint64_t total = 0;
+  for (const auto& t : tensors) {
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) numel *= static_cast<uint64_t>(d);
+    total += numel * dtype_size(t.dtype);
+  }
+  return total;
+}
+
 void write_file_atomic(const std::string& path, const std::string& content) {
   write_pieces_atomic(path, {{content.data(), content.size()}});
 }
