@@ -18,6 +18,9 @@
 #include <sstream>
 #include <nlohmann/json.hpp>
 
+#include "common/fs.hpp"
+#include "common/json.hpp"
+
 namespace mmoc::ir {
 
 // ============================================================================================
@@ -311,108 +314,44 @@ ojson plan_to_json(const Plan& p) {
   return j;
 }
 
-// ---- reading ----
-std::string jtype(const ojson& v) {
-  if (v.is_number_integer()) return "integer " + v.dump();
-  if (v.is_number_float()) return "number " + v.dump();
-  if (v.is_string()) return "string " + v.dump();
-  return v.type_name();
-}
-
-[[noreturn]] void jfail(const std::string& path, const std::string& msg) {
-  throw ParseError((path.empty() ? std::string("(top level)") : path) + ": " + msg);
-}
-
-int64_t jint(const ojson& v, const std::string& path, int64_t lo, int64_t hi) {
-  if (!v.is_number_integer()) jfail(path, "expected integer, got " + jtype(v));
-  if (v.is_number_unsigned() && v.get<uint64_t>() > (uint64_t)std::numeric_limits<int64_t>::max())
-    jfail(path, "integer " + v.dump() + " out of range");
-  int64_t x = v.get<int64_t>();
-  if (x < lo || x > hi) jfail(path, "integer " + v.dump() + " out of range");
-  return x;
-}
-int jint32(const ojson& v, const std::string& path) { return (int)jint(v, path, INT_MIN, INT_MAX); }
-int64_t jint64(const ojson& v, const std::string& path) {
-  return jint(v, path, std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max());
-}
+// ---- reading (common/json.hpp: path-named errors) ----
+using mmoc::JsonObject;
+using JObj = JsonObject<ojson>;
+int jint32(const ojson& v, const std::string& path) { return mmoc::json_int32(v, path); }
+int64_t jint64(const ojson& v, const std::string& path) { return mmoc::json_int(v, path); }
 double jdbl(const ojson& v, const std::string& path) {
-  if (v.is_number()) return v.get<double>();
-  if (v.is_string()) {
-    const auto& s = v.get_ref<const std::string&>();
-    if (s == "inf") return std::numeric_limits<double>::infinity();
-    if (s == "-inf") return -std::numeric_limits<double>::infinity();
-    if (s == "nan") return std::numeric_limits<double>::quiet_NaN();
-  }
-  jfail(path, "expected number, got " + jtype(v));
+  return mmoc::json_number(v, path, mmoc::JsonNumberRule{.nonfinite_strings = true});
 }
-bool jbool(const ojson& v, const std::string& path) {
-  if (!v.is_boolean()) jfail(path, "expected true/false, got " + jtype(v));
-  return v.get<bool>();
-}
-std::string jstr(const ojson& v, const std::string& path) {
-  if (!v.is_string()) jfail(path, "expected string, got " + jtype(v));
-  return v.get<std::string>();
-}
+bool jbool(const ojson& v, const std::string& path) { return mmoc::json_bool(v, path); }
+std::string jstr(const ojson& v, const std::string& path) { return mmoc::json_string(v, path); }
 template <class F>
 auto jenum(const ojson& v, const std::string& path, F parse) {
   std::string s = jstr(v, path);
   try {
     return parse(s);
   } catch (const ParseError& e) {
-    jfail(path, e.what());
+    mmoc::json_fail(path, e.what());
   }
 }
 template <class T, class F>
 std::vector<T> jarray(const ojson& v, const std::string& path, F elem) {
-  if (!v.is_array()) jfail(path, "expected array, got " + jtype(v));
-  std::vector<T> out;
-  out.reserve(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out.push_back(elem(v[i], path + "[" + std::to_string(i) + "]"));
-  return out;
+  return mmoc::json_array<T>(v, path, elem);
 }
-
-// An object being read: records which keys were consumed; done() rejects the rest.
-class JObj {
- public:
-  JObj(const ojson& j, std::string path) : j_(j), path_(std::move(path)) {
-    if (!j.is_object()) jfail(path_, "expected object, got " + jtype(j));
-  }
-  std::string sub(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
-  const ojson& req(const char* key) {
-    used_.insert(key);
-    auto it = j_.find(key);
-    if (it == j_.end()) jfail(path_, std::string("missing key '") + key + "'");
-    return *it;
-  }
-  const ojson* opt(const char* key) {
-    used_.insert(key);
-    auto it = j_.find(key);
-    return it == j_.end() ? nullptr : &*it;
-  }
-  void done() const {
-    for (auto it = j_.begin(); it != j_.end(); ++it)
-      if (!used_.count(it.key())) jfail(sub(it.key()), "unknown key");
-  }
-
- private:
-  const ojson& j_;
-  std::string path_;
-  std::set<std::string> used_;
-};
+[[noreturn]] void jfail(const std::string& path, const std::string& msg) { mmoc::json_fail(path, msg); }
 
 Instr instr_from_json(const ojson& j, const std::string& path) {
   JObj o(j, path);
   Instr in;
-  in.op = jenum(o.req("op"), o.sub("op"), parse_op);
-  in.stream = jenum(o.req("stream"), o.sub("stream"), parse_stream);
-  if (auto* v = o.opt("stage")) in.stage = jint32(*v, o.sub("stage"));
-  if (auto* v = o.opt("mb")) in.mb = jint32(*v, o.sub("mb"));
-  if (auto* v = o.opt("buf")) in.buf = jenum(*v, o.sub("buf"), BufRef::parse);
-  if (auto* v = o.opt("peer")) in.peer = jint32(*v, o.sub("peer"));
-  if (auto* v = o.opt("tag")) in.tag = jstr(*v, o.sub("tag"));
-  if (auto* v = o.opt("group")) in.group = jstr(*v, o.sub("group"));
-  if (auto* v = o.opt("to_host")) in.to_host = jbool(*v, o.sub("to_host"));
-  if (auto* v = o.opt("after")) in.after = jarray<int>(*v, o.sub("after"), jint32);
+  in.op = jenum(o.req("op"), o.at("op"), parse_op);
+  in.stream = jenum(o.req("stream"), o.at("stream"), parse_stream);
+  if (auto* v = o.get("stage")) in.stage = jint32(*v, o.at("stage"));
+  if (auto* v = o.get("mb")) in.mb = jint32(*v, o.at("mb"));
+  if (auto* v = o.get("buf")) in.buf = jenum(*v, o.at("buf"), BufRef::parse);
+  if (auto* v = o.get("peer")) in.peer = jint32(*v, o.at("peer"));
+  if (auto* v = o.get("tag")) in.tag = jstr(*v, o.at("tag"));
+  if (auto* v = o.get("group")) in.group = jstr(*v, o.at("group"));
+  if (auto* v = o.get("to_host")) in.to_host = jbool(*v, o.at("to_host"));
+  if (auto* v = o.get("after")) in.after = jarray<int>(*v, o.at("after"), jint32);
   o.done();
   return in;
 }
@@ -429,97 +368,97 @@ Plan plan_from_json(const ojson& root) {
   }
   {
     JObj o(r.req("plan"), "plan");
-    p.hardware = jstr(o.req("hardware"), o.sub("hardware"));
-    p.schedule = jstr(o.req("schedule"), o.sub("schedule"));
-    p.gpus = jint32(o.req("gpus"), o.sub("gpus"));
-    p.v = jint32(o.req("v"), o.sub("v"));
-    p.dp = jint32(o.req("dp"), o.sub("dp"));
-    p.microbatches = jint32(o.req("microbatches"), o.sub("microbatches"));
-    p.micro_batch_size = jint32(o.req("mbs"), o.sub("mbs"));
-    p.seq_len = jint32(o.req("seq"), o.sub("seq"));
-    p.budget_bytes = jint64(o.req("budget"), o.sub("budget"));
-    p.gpu_order = jarray<int>(o.req("order"), o.sub("order"), jint32);
+    p.hardware = jstr(o.req("hardware"), o.at("hardware"));
+    p.schedule = jstr(o.req("schedule"), o.at("schedule"));
+    p.gpus = jint32(o.req("gpus"), o.at("gpus"));
+    p.v = jint32(o.req("v"), o.at("v"));
+    p.dp = jint32(o.req("dp"), o.at("dp"));
+    p.microbatches = jint32(o.req("microbatches"), o.at("microbatches"));
+    p.micro_batch_size = jint32(o.req("mbs"), o.at("mbs"));
+    p.seq_len = jint32(o.req("seq"), o.at("seq"));
+    p.budget_bytes = jint64(o.req("budget"), o.at("budget"));
+    p.gpu_order = jarray<int>(o.req("order"), o.at("order"), jint32);
     o.done();
   }
   {
     JObj o(r.req("model"), "model");
-    p.model.name = jstr(o.req("name"), o.sub("name"));
-    p.model.layers = jint32(o.req("layers"), o.sub("layers"));
-    p.model.hidden = jint32(o.req("hidden"), o.sub("hidden"));
-    p.model.ffn = jint32(o.req("ffn"), o.sub("ffn"));
-    p.model.heads = jint32(o.req("heads"), o.sub("heads"));
-    p.model.kv_heads = jint32(o.req("kv_heads"), o.sub("kv_heads"));
-    p.model.vocab = jint32(o.req("vocab"), o.sub("vocab"));
-    p.model.rope_theta = jdbl(o.req("rope_theta"), o.sub("rope_theta"));
-    p.model.norm_eps = jdbl(o.req("norm_eps"), o.sub("norm_eps"));
-    p.model.tied_embeddings = jbool(o.req("tied"), o.sub("tied"));
+    p.model.name = jstr(o.req("name"), o.at("name"));
+    p.model.layers = jint32(o.req("layers"), o.at("layers"));
+    p.model.hidden = jint32(o.req("hidden"), o.at("hidden"));
+    p.model.ffn = jint32(o.req("ffn"), o.at("ffn"));
+    p.model.heads = jint32(o.req("heads"), o.at("heads"));
+    p.model.kv_heads = jint32(o.req("kv_heads"), o.at("kv_heads"));
+    p.model.vocab = jint32(o.req("vocab"), o.at("vocab"));
+    p.model.rope_theta = jdbl(o.req("rope_theta"), o.at("rope_theta"));
+    p.model.norm_eps = jdbl(o.req("norm_eps"), o.at("norm_eps"));
+    p.model.tied_embeddings = jbool(o.req("tied"), o.at("tied"));
     o.done();
   }
   {
     JObj o(r.req("train"), "train");
-    p.train.precision = jstr(o.req("precision"), o.sub("precision"));
-    p.train.lr = jdbl(o.req("lr"), o.sub("lr"));
-    p.train.beta1 = jdbl(o.req("beta1"), o.sub("beta1"));
-    p.train.beta2 = jdbl(o.req("beta2"), o.sub("beta2"));
-    p.train.eps = jdbl(o.req("eps"), o.sub("eps"));
-    p.train.weight_decay = jdbl(o.req("wd"), o.sub("wd"));
-    p.train.max_grad_norm = jdbl(o.req("clip"), o.sub("clip"));
-    p.train.lr_schedule = jstr(o.req("lr_schedule"), o.sub("lr_schedule"));
-    p.train.warmup_steps = jint32(o.req("warmup"), o.sub("warmup"));
-    p.train.total_steps = jint32(o.req("total"), o.sub("total"));
-    p.train.seed = jint32(o.req("seed"), o.sub("seed"));
+    p.train.precision = jstr(o.req("precision"), o.at("precision"));
+    p.train.lr = jdbl(o.req("lr"), o.at("lr"));
+    p.train.beta1 = jdbl(o.req("beta1"), o.at("beta1"));
+    p.train.beta2 = jdbl(o.req("beta2"), o.at("beta2"));
+    p.train.eps = jdbl(o.req("eps"), o.at("eps"));
+    p.train.weight_decay = jdbl(o.req("wd"), o.at("wd"));
+    p.train.max_grad_norm = jdbl(o.req("clip"), o.at("clip"));
+    p.train.lr_schedule = jstr(o.req("lr_schedule"), o.at("lr_schedule"));
+    p.train.warmup_steps = jint32(o.req("warmup"), o.at("warmup"));
+    p.train.total_steps = jint32(o.req("total"), o.at("total"));
+    p.train.seed = jint32(o.req("seed"), o.at("seed"));
     o.done();
   }
   p.stages = jarray<Stage>(r.req("stages"), "stages", [](const ojson& v, const std::string& path) {
     JObj o(v, path);
     Stage s;
-    s.id = jint32(o.req("id"), o.sub("id"));
-    s.gpu = jint32(o.req("gpu"), o.sub("gpu"));
-    auto layers = jarray<int>(o.req("layers"), o.sub("layers"), jint32);
-    if (layers.size() != 2) jfail(o.sub("layers"), "expected [begin, end], got " + std::to_string(layers.size()) + " values");
+    s.id = jint32(o.req("id"), o.at("id"));
+    s.gpu = jint32(o.req("gpu"), o.at("gpu"));
+    auto layers = jarray<int>(o.req("layers"), o.at("layers"), jint32);
+    if (layers.size() != 2) jfail(o.at("layers"), "expected [begin, end], got " + std::to_string(layers.size()) + " values");
     s.layer_begin = layers[0];
     s.layer_end = layers[1];
-    s.recompute = jbool(o.req("recompute"), o.sub("recompute"));
-    s.weights = jenum(o.req("weights"), o.sub("weights"), parse_residency);
-    s.optim = jenum(o.req("optim"), o.sub("optim"), parse_optim_place);
-    s.params = jint64(o.req("params"), o.sub("params"));
-    s.fwd_ws = jint64(o.req("fwd_ws"), o.sub("fwd_ws"));
-    s.bwd_ws = jint64(o.req("bwd_ws"), o.sub("bwd_ws"));
-    s.fwd_ms = jdbl(o.req("fwd_ms"), o.sub("fwd_ms"));
-    s.bwd_ms = jdbl(o.req("bwd_ms"), o.sub("bwd_ms"));
+    s.recompute = jbool(o.req("recompute"), o.at("recompute"));
+    s.weights = jenum(o.req("weights"), o.at("weights"), parse_residency);
+    s.optim = jenum(o.req("optim"), o.at("optim"), parse_optim_place);
+    s.params = jint64(o.req("params"), o.at("params"));
+    s.fwd_ws = jint64(o.req("fwd_ws"), o.at("fwd_ws"));
+    s.bwd_ws = jint64(o.req("bwd_ws"), o.at("bwd_ws"));
+    s.fwd_ms = jdbl(o.req("fwd_ms"), o.at("fwd_ms"));
+    s.bwd_ms = jdbl(o.req("bwd_ms"), o.at("bwd_ms"));
     o.done();
     return s;
   });
   p.buffers = jarray<BufferDecl>(r.req("buffers"), "buffers", [](const ojson& v, const std::string& path) {
     JObj o(v, path);
     BufferDecl d;
-    std::string name = jstr(o.req("buf"), o.sub("buf"));
+    std::string name = jstr(o.req("buf"), o.at("buf"));
     try {
       parse_decl_name(name, d);
     } catch (const ParseError& e) {
-      jfail(o.sub("buf"), e.what());
+      jfail(o.at("buf"), e.what());
     }
-    d.bytes = jint64(o.req("bytes"), o.sub("bytes"));
-    d.home = jenum(o.req("home"), o.sub("home"), parse_tier);
+    d.bytes = jint64(o.req("bytes"), o.at("bytes"));
+    d.home = jenum(o.req("home"), o.at("home"), parse_tier);
     o.done();
     return d;
   });
-  if (auto* v = r.opt("predicted")) {
+  if (auto* v = r.get("predicted")) {
     JObj o(*v, "predicted");
     Predicted pr;
-    pr.step_s = jdbl(o.req("step_s"), o.sub("step_s"));
-    pr.tokens_per_s = jdbl(o.req("tokens_per_s"), o.sub("tokens_per_s"));
-    pr.bubble = jdbl(o.req("bubble"), o.sub("bubble"));
-    pr.peak_bytes = jarray<int64_t>(o.req("peak"), o.sub("peak"), jint64);
-    pr.bound_bytes = jarray<int64_t>(o.req("bound"), o.sub("bound"), jint64);
+    pr.step_s = jdbl(o.req("step_s"), o.at("step_s"));
+    pr.tokens_per_s = jdbl(o.req("tokens_per_s"), o.at("tokens_per_s"));
+    pr.bubble = jdbl(o.req("bubble"), o.at("bubble"));
+    pr.peak_bytes = jarray<int64_t>(o.req("peak"), o.at("peak"), jint64);
+    pr.bound_bytes = jarray<int64_t>(o.req("bound"), o.at("bound"), jint64);
     o.done();
     p.predicted = std::move(pr);
   }
   p.programs = jarray<Program>(r.req("programs"), "programs", [](const ojson& v, const std::string& path) {
     JObj o(v, path);
     Program pr;
-    pr.gpu = jint32(o.req("gpu"), o.sub("gpu"));
-    pr.instrs = jarray<Instr>(o.req("instrs"), o.sub("instrs"), instr_from_json);
+    pr.gpu = jint32(o.req("gpu"), o.at("gpu"));
+    pr.instrs = jarray<Instr>(o.req("instrs"), o.at("instrs"), instr_from_json);
     o.done();
     return pr;
   });
@@ -531,13 +470,11 @@ Plan plan_from_json(const ojson& root) {
 std::string to_json_string(const Plan& p, int indent) { return plan_to_json(p).dump(indent); }
 
 Plan from_json_string(const std::string& s) {
-  ojson j;
   try {
-    j = ojson::parse(s);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw ParseError(std::string("JSON syntax error: ") + e.what());
+    return plan_from_json(mmoc::json_parse<ojson>(s, "", "JSON syntax error: "));
+  } catch (const mmoc::JsonError& e) {
+    throw ParseError(e.what());
   }
-  return plan_from_json(j);
 }
 
 // ============================================================================================
@@ -1060,15 +997,12 @@ Plan parse_text(const std::string& text) {
 // files
 // ============================================================================================
 Plan load_plan_file(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) throw ParseError("cannot read plan file '" + path + "': " + std::strerror(errno));
-  if (S_ISDIR(st.st_mode)) throw ParseError("cannot read plan file '" + path + "': is a directory");
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw ParseError("cannot read plan file '" + path + "': " + std::strerror(errno));
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  if (f.bad()) throw ParseError("cannot read plan file '" + path + "': read error");
-  std::string s = ss.str();
+  std::string s;
+  try {
+    s = mmoc::read_file(path, "plan");
+  } catch (const std::runtime_error& e) {
+    throw ParseError(e.what());
+  }
   auto first = s.find_first_not_of(" \t\r\n");
   try {
     if (first != std::string::npos && s[first] == '{') return from_json_string(s);
@@ -1078,46 +1012,7 @@ Plan load_plan_file(const std::string& path) {
   }
 }
 
-void save_file_atomic(const std::string& path, const std::string& content) {
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  auto fail = [&](const std::string& what, int err) {
-    ::unlink(tmp.c_str());
-    throw std::runtime_error("cannot write '" + path + "': " + what + ": " + std::strerror(err));
-  };
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    int err = errno;
-    throw std::runtime_error("cannot write '" + path + "': create " + tmp + ": " + std::strerror(err));
-  }
-  const char* p = content.data();
-  size_t left = content.size();
-  while (left > 0) {
-    ssize_t n = ::write(fd, p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      fail("write", err);
-    }
-    p += n;
-    left -= (size_t)n;
-  }
-  if (::fsync(fd) != 0) {
-    int err = errno;
-    ::close(fd);
-    fail("fsync", err);
-  }
-  if (::close(fd) != 0) fail("close", errno);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) fail("rename", errno);
-  // Best effort: make the rename durable.
-  auto slash = path.rfind('/');
-  std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
-}
+void save_file_atomic(const std::string& path, const std::string& content) { mmoc::write_file_atomic(path, content); }
 
 // ============================================================================================
 // structural verifier
