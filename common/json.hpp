@@ -2,7 +2,7 @@
 // range, and an error names where the value is, in one of two styles:
 //   JsonNaming::Path  "stages[1].gpu: expected integer, got string \"2\""          (documents of fixed layout: plans)
 //   JsonNaming::Key   "job.json: train: key 'lr': expected number, got string \"fast\""   (config files)
-// Errors are JsonError; callers turn them into their own error type. Also the lenient getters for documents written
+// Errors are JsonError, an InputError. Also the lenient getters for documents written
 // by other tools (Chrome traces): a value of the wrong type counts as absent. Torch-free.
 #pragma once
 #include <climits>
@@ -17,10 +17,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/error.hpp"
+
 namespace mmoc {
 
-struct JsonError : std::runtime_error {
-  using std::runtime_error::runtime_error;
+// A document that is not what it should be is bad user input (callers reading mmoc's own formats turn it into
+// their parse error).
+struct JsonError : InputError {
+  using InputError::InputError;
 };
 
 enum class JsonNaming { Path, Key };

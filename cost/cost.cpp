@@ -15,7 +15,7 @@
 //  GPU AdamW   = params * 28 / gpu_mem_gbps + launch overhead (same traffic, device memory).
 #include <cmath>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 
 namespace mmoc {
 

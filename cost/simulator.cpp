@@ -17,7 +17,7 @@
 //    start and free at end; fwd_ws/bwd_ws are alive only while the op runs. At equal times frees come before allocations.
 //  - Deadlock: when nothing runs and instructions remain, the result says so and lists per GPU and stream the first
 //    blocked instruction and what it waits for.
-#include "compiler/simulator.hpp"
+#include "cost/simulator.hpp"
 
 #include <nlohmann/json.hpp>
 

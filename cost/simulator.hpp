@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 #include "ir/plan.hpp"
 
 namespace mmoc {

@@ -9,14 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "common/error.hpp"   // InputError
+#include "common/format.hpp"  // GiB
 #include "ir/plan.hpp"
 
 namespace mmoc {
-
-// A user-facing input error: the CLI prints the message and exits with code 2.
-struct InputError : std::runtime_error { using std::runtime_error::runtime_error; };
-
-constexpr double GiB = 1024.0 * 1024.0 * 1024.0;
 
 // ---- model ---------------------------------------------------------------------------------
 struct ModelSpec {
@@ -48,6 +45,9 @@ ModelSpec load_model(const std::string& name_or_path, const std::string& configs
 // Parses a model description: mmoc's format (configs/README.md) or a HuggingFace LLaMA config.json
 // (recognised by "hidden_size"). `origin` names the source in error messages. Throws InputError.
 ModelSpec parse_model(const std::string& json_text, const std::string& origin);
+// The file a model or hardware name stands for: a path (holding '/' or ending in .json) as given, else
+// configs_dir/<sub>/<name>.json ("models" or "hardware"). Throws InputError listing the available names.
+std::string resolve_config(const std::string& name_or_path, const std::string& configs_dir, const std::string& sub);
 // Names (file stems) of configs_dir/<sub>/*.json, sorted ("models" or "hardware").
 std::vector<std::string> list_configs(const std::string& configs_dir, const std::string& sub);
 

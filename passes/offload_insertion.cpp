@@ -20,7 +20,8 @@
 #include <cstdio>
 #include <map>
 
-#include "compiler/simulator.hpp"
+#include "common/format.hpp"
+#include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
@@ -78,14 +79,6 @@ struct Builder {
   }
 };
 
-// Rounded up, so a budget named in a message is enough when passed back.
-std::string gib(int64_t b) {
-  char buf[64];
-  const double g = double(b) / GiB;
-  if (g >= 1.0) std::snprintf(buf, sizeof buf, "%.2f GiB", std::ceil(g * 100.0) / 100.0);
-  else std::snprintf(buf, sizeof buf, "%.4f GiB", std::ceil(g * 10000.0) / 10000.0);
-  return buf;
-}
 }  // namespace
 
 ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const OffloadConfig& cfg) {
@@ -296,9 +289,9 @@ void offload_insertion_pass(PassContext& c) {
     cands.push_back({cfg, std::move(pl), step});
   }
   if (cands.empty()) {
-    throw InputError("budget " + gib(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
+    throw InputError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
-                     std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib(c.hw.budget_for(smallest)) + " (" + smallest_desc +
+                     std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib_at_least(c.hw.budget_for(smallest)) + " (" + smallest_desc +
                      "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs");
   }
   size_t best = 0;

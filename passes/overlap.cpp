@@ -7,7 +7,7 @@
 // start), so the engine issues it as early as memory allows.
 #include <algorithm>
 
-#include "compiler/simulator.hpp"
+#include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {

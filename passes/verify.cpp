@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <map>
 
+#include "common/format.hpp"
 #include "passes/analysis.hpp"
 #include "passes/pass.hpp"
 
@@ -53,20 +54,14 @@ MemoryBound memory_bound(const ir::Plan& p) {
   return mb;
 }
 
-static std::string gib(int64_t b) {  // rounded up: a budget named in a message suffices when passed back
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", std::ceil(double(b) / GiB * 100.0) / 100.0);
-  return buf;
-}
-
 void verify_memory(const PassContext& c) {
   MemoryBound mb = memory_bound(c.plan);
   for (size_t g = 0; g < mb.bound.size(); ++g)
     if (c.plan.budget_bytes > 0 && mb.bound[g] > c.hw.usable_bytes(c.plan.budget_bytes)) {
       std::string at = mb.worst_instr[g] >= 0 ? " at " + print_instr(c.plan.programs[g].instrs[mb.worst_instr[g]], mb.worst_instr[g]) : "";
-      throw InputError("verify-memory: GPU g" + std::to_string(g) + " may need " + gib(mb.bound[g]) + " but the budget is " +
-                       gib(c.plan.budget_bytes) + " (of which " + gib(c.hw.usable_bytes(c.plan.budget_bytes)) + " for the plan)" + at +
-                       "; raise --budget to at least " + gib(c.hw.budget_for(mb.bound[g])) +
+      throw InputError("verify-memory: GPU g" + std::to_string(g) + " may need " + gib_at_least(mb.bound[g]) + " but the budget is " +
+                       gib_at_least(c.plan.budget_bytes) + " (of which " + gib_at_least(c.hw.usable_bytes(c.plan.budget_bytes)) + " for the plan)" + at +
+                       "; raise --budget to at least " + gib_at_least(c.hw.budget_for(mb.bound[g])) +
                        " or lower --micro-batch-size");
     }
 }
