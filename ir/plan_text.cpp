@@ -1,0 +1,522 @@
+// The text form of a Plan (docs/plan-format.md, "Text form").
+#include <cstring>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "ir/plan.hpp"
+#include "ir/plan_detail.hpp"
+
+namespace mmoc::ir {
+using namespace detail;
+using ojson = nlohmann::ordered_json;
+
+// ============================================================================================
+// text form
+// ============================================================================================
+namespace {
+// Strings print bare when they consist of printable ASCII without '"' and '\\'; otherwise (spaces,
+// quotes, control or non-ASCII bytes) as a JSON string literal.
+std::string text_str(const std::string& s) {
+  bool bare = true;
+  for (unsigned char c : s)
+    if (c <= 0x20 || c >= 0x7f || c == '"' || c == '\\') bare = false;
+  return bare ? s : ojson(s).dump();
+}
+
+template <class T>
+std::string join_ints(const std::vector<T>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s;
+}
+
+const char* b01(bool b) { return b ? "1" : "0"; }
+
+}  // namespace
+
+std::string print_instr(const Instr& in, int index) {
+  std::string s = "%" + std::to_string(index) + " = " + to_string(in.op);
+  auto buf = [&] { return in.buf ? in.buf->str() : std::string("?"); };
+  switch (in.op) {
+    case Op::LoadBatch: s += " m" + std::to_string(in.mb); break;
+    case Op::Prefetch: s += " " + buf() + " <- host"; break;
+    case Op::Forward:
+    case Op::Backward: s += " S" + std::to_string(in.stage) + " m" + std::to_string(in.mb); break;
+    case Op::Send: s += " " + buf() + " -> g" + std::to_string(in.peer); break;
+    case Op::Recv: s += " " + buf() + " <- g" + std::to_string(in.peer); break;
+    case Op::Evict: s += " " + buf() + (in.to_host ? " -> host" : ""); break;
+    case Op::Free:
+    case Op::AllReduce: s += " " + buf(); break;
+    case Op::GradNorm: break;
+    case Op::Optim: s += " S" + std::to_string(in.stage); break;
+  }
+  s += " @";
+  s += to_string(in.stream);
+  if (!in.after.empty()) {
+    s += " after(";
+    for (size_t i = 0; i < in.after.size(); ++i) s += (i ? ",%" : "%") + std::to_string(in.after[i]);
+    s += ")";
+  }
+  if (!in.tag.empty()) s += " tag=" + text_str(in.tag);
+  if (!in.group.empty()) s += " group=" + text_str(in.group);
+  // Fields that this op's syntax does not carry (normally unset; kept so the text form is lossless).
+  if (!op_has_stage(in.op) && in.stage != -1) s += " stage=" + std::to_string(in.stage);
+  if (!op_has_mb(in.op) && in.mb != -1) s += " mb=" + std::to_string(in.mb);
+  if (!op_has_buf(in.op) && in.buf) s += " buf=" + in.buf->str();
+  if (!op_has_peer(in.op) && in.peer != -1) s += " peer=" + std::to_string(in.peer);
+  if (in.op != Op::Evict && in.to_host) s += " to_host=1";
+  return s;
+}
+
+std::string print_text(const Plan& p) {
+  std::string o;
+  o += "plan hardware=" + text_str(p.hardware) + " schedule=" + text_str(p.schedule) + " gpus=" + std::to_string(p.gpus) +
+       " v=" + std::to_string(p.v) + " dp=" + std::to_string(p.dp) + " microbatches=" + std::to_string(p.microbatches) +
+       " mbs=" + std::to_string(p.micro_batch_size) + " seq=" + std::to_string(p.seq_len) +
+       " budget=" + std::to_string(p.budget_bytes) + " order=" + join_ints(p.gpu_order) + "\n";
+  const auto& m = p.model;
+  o += "model name=" + text_str(m.name) + " layers=" + std::to_string(m.layers) + " hidden=" + std::to_string(m.hidden) +
+       " ffn=" + std::to_string(m.ffn) + " heads=" + std::to_string(m.heads) + " kv_heads=" + std::to_string(m.kv_heads) +
+       " vocab=" + std::to_string(m.vocab) + " rope_theta=" + format_double(m.rope_theta) +
+       " norm_eps=" + format_double(m.norm_eps) + " tied=" + b01(m.tied_embeddings) + "\n";
+  const auto& t = p.train;
+  o += "train precision=" + text_str(t.precision) + " lr=" + format_double(t.lr) + " beta1=" + format_double(t.beta1) +
+       " beta2=" + format_double(t.beta2) + " eps=" + format_double(t.eps) + " wd=" + format_double(t.weight_decay) +
+       " clip=" + format_double(t.max_grad_norm) + " lr_schedule=" + text_str(t.lr_schedule) +
+       " warmup=" + std::to_string(t.warmup_steps) + " total=" + std::to_string(t.total_steps) +
+       " seed=" + std::to_string(t.seed) + "\n";
+  for (const auto& s : p.stages)
+    o += "stage S" + std::to_string(s.id) + " gpu=" + std::to_string(s.gpu) + " layers=" + std::to_string(s.layer_begin) +
+         "-" + std::to_string(s.layer_end) + " recompute=" + b01(s.recompute) + " weights=" + to_string(s.weights) +
+         " optim=" + to_string(s.optim) + " params=" + std::to_string(s.params) + " fwd_ws=" + std::to_string(s.fwd_ws) +
+         " bwd_ws=" + std::to_string(s.bwd_ws) + " fwd_ms=" + format_double(s.fwd_ms) +
+         " bwd_ms=" + format_double(s.bwd_ms) + "\n";
+  for (const auto& b : p.buffers)
+    o += "buffer " + decl_str(b) + " bytes=" + std::to_string(b.bytes) + " home=" + to_string(b.home) + "\n";
+  if (p.predicted) {
+    const auto& pr = *p.predicted;
+    o += "predicted step_s=" + format_double(pr.step_s) + " tokens_per_s=" + format_double(pr.tokens_per_s) +
+         " bubble=" + format_double(pr.bubble) + " peak=" + join_ints(pr.peak_bytes) +
+         " bound=" + join_ints(pr.bound_bytes) + "\n";
+  }
+  for (const auto& pg : p.programs) {
+    o += "gpu g" + std::to_string(pg.gpu) + " {\n";
+    for (size_t i = 0; i < pg.instrs.size(); ++i) o += "  " + print_instr(pg.instrs[i], (int)i) + "\n";
+    o += "}\n";
+  }
+  return o;
+}
+
+namespace {
+// Error inside one line; the caller adds the line number and the line text.
+struct LineError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Splits on blanks; a '"' starts a JSON string literal that runs to the matching unescaped '"'.
+std::vector<std::string> tokenize(const std::string& line) {
+  std::vector<std::string> toks;
+  size_t i = 0, n = line.size();
+  while (i < n) {
+    while (i < n && (line[i] == ' ' || line[i] == '\t')) ++i;
+    if (i >= n) break;
+    std::string tok;
+    while (i < n && line[i] != ' ' && line[i] != '\t') {
+      if (line[i] == '"') {
+        tok += line[i++];
+        bool closed = false;
+        while (i < n) {
+          char c = line[i++];
+          tok += c;
+          if (c == '\\' && i < n) {
+            tok += line[i++];
+          } else if (c == '"') {
+            closed = true;
+            break;
+          }
+        }
+        if (!closed) throw LineError("unterminated string");
+      } else {
+        tok += line[i++];
+      }
+    }
+    toks.push_back(std::move(tok));
+  }
+  return toks;
+}
+
+std::string decode_str(const std::string& v, const std::string& key) {
+  if (v.empty() || v[0] != '"') return v;
+  try {
+    auto j = ojson::parse(v);
+    if (j.is_string()) return j.get<std::string>();
+  } catch (const nlohmann::json::exception&) {
+  }
+  throw LineError("bad quoted string for '" + key + "': " + v);
+}
+
+int to_int(const std::string& v, const std::string& key) {
+  int x = 0;
+  if (!parse_int_exact(v, x)) throw LineError("'" + key + "': expected integer, got '" + v + "'");
+  return x;
+}
+int64_t to_int64(const std::string& v, const std::string& key) {
+  int64_t x = 0;
+  if (!parse_int_exact(v, x)) throw LineError("'" + key + "': expected integer, got '" + v + "'");
+  return x;
+}
+double to_dbl(const std::string& v, const std::string& key) {
+  double x = 0;
+  if (!parse_double_exact(v, x)) throw LineError("'" + key + "': expected number, got '" + v + "'");
+  return x;
+}
+bool to_bool(const std::string& v, const std::string& key) {
+  if (v == "1") return true;
+  if (v == "0") return false;
+  throw LineError("'" + key + "': expected 0 or 1, got '" + v + "'");
+}
+template <class T>
+std::vector<T> to_ints(const std::string& v, const std::string& key) {
+  std::vector<T> out;
+  if (v.empty()) return out;
+  size_t b = 0;
+  for (;;) {
+    auto c = v.find(',', b);
+    std::string part = v.substr(b, c == std::string::npos ? std::string::npos : c - b);
+    T x{};
+    if (!parse_int_exact(part, x)) throw LineError("'" + key + "': expected comma-separated integers, got '" + v + "'");
+    out.push_back(x);
+    if (c == std::string::npos) break;
+    b = c + 1;
+  }
+  return out;
+}
+template <class F>
+auto to_enum(const std::string& v, const std::string& key, F parse) {
+  try {
+    return parse(v);
+  } catch (const ParseError& e) {
+    throw LineError("'" + key + "': " + e.what());
+  }
+}
+
+// Parses "<prefix><int>" (the int may be negative).
+int prefixed_int(const std::string& tok, const char* prefix, const char* what) {
+  size_t n = std::strlen(prefix);
+  int x = 0;
+  if (tok.compare(0, n, prefix) != 0 || !parse_int_exact(std::string_view(tok).substr(n), x))
+    throw LineError(std::string("expected ") + what + " (" + prefix + "<n>), got '" + tok + "'");
+  return x;
+}
+
+// key=value fields of a header line: all of `keys` required, no others, no repeats.
+class KV {
+ public:
+  KV(const std::vector<std::string>& toks, size_t first, std::initializer_list<const char*> keys, const char* line_kind) {
+    std::set<std::string> allowed(keys.begin(), keys.end());
+    for (size_t i = first; i < toks.size(); ++i) {
+      auto eq = toks[i].find('=');
+      if (eq == std::string::npos || eq == 0) throw LineError("expected key=value, got '" + toks[i] + "'");
+      std::string k = toks[i].substr(0, eq);
+      if (!allowed.count(k)) throw LineError(std::string("unknown key '") + k + "' in " + line_kind + " line");
+      if (!map_.emplace(k, toks[i].substr(eq + 1)).second) throw LineError("key '" + k + "' given twice");
+    }
+    for (const char* k : keys)
+      if (!map_.count(k)) throw LineError(std::string("missing key '") + k + "' in " + line_kind + " line");
+  }
+  const std::string& raw(const char* k) const { return map_.at(k); }
+  std::string str(const char* k) const { return decode_str(raw(k), k); }
+  int i32(const char* k) const { return to_int(raw(k), k); }
+  int64_t i64(const char* k) const { return to_int64(raw(k), k); }
+  double dbl(const char* k) const { return to_dbl(raw(k), k); }
+  bool b(const char* k) const { return to_bool(raw(k), k); }
+
+ private:
+  std::map<std::string, std::string> map_;
+};
+
+BufRef to_buf(const std::string& tok) {
+  try {
+    return BufRef::parse(tok);
+  } catch (const ParseError& e) {
+    throw LineError(e.what());
+  }
+}
+
+Instr parse_instr_tokens(const std::vector<std::string>& t, int expect_index) {
+  if (t.size() < 3 || t[1] != "=") throw LineError("expected '%<i> = <op> ...'");
+  int idx = prefixed_int(t[0], "%", "instruction index");
+  if (idx != expect_index)
+    throw LineError("instruction index %" + std::to_string(idx) + " out of sequence (expected %" +
+                    std::to_string(expect_index) + ")");
+  Instr in;
+  try {
+    in.op = parse_op(t[2]);
+  } catch (const ParseError& e) {
+    throw LineError(e.what());
+  }
+  size_t k = 3;
+  auto next = [&](const char* what) -> const std::string& {
+    if (k >= t.size()) throw LineError(std::string("missing ") + what + " for " + to_string(in.op));
+    return t[k++];
+  };
+  auto expect = [&](const char* word) {
+    const std::string& w = next(word);
+    if (w != word) throw LineError(std::string("expected '") + word + "', got '" + w + "'");
+  };
+  auto buf = [&] {
+    const std::string& b = next("buffer");
+    if (b == "?") return;
+    in.buf = to_buf(b);
+  };
+  switch (in.op) {
+    case Op::LoadBatch: in.mb = prefixed_int(next("micro-batch"), "m", "micro-batch"); break;
+    case Op::Prefetch:
+      buf();
+      expect("<-");
+      to_enum(next("source tier"), "prefetch source", parse_tier);  // informational: the buffer table's home decides
+      break;
+    case Op::Forward:
+    case Op::Backward:
+      in.stage = prefixed_int(next("stage"), "S", "stage");
+      in.mb = prefixed_int(next("micro-batch"), "m", "micro-batch");
+      break;
+    case Op::Send:
+      buf();
+      expect("->");
+      in.peer = prefixed_int(next("peer"), "g", "peer gpu");
+      break;
+    case Op::Recv:
+      buf();
+      expect("<-");
+      in.peer = prefixed_int(next("peer"), "g", "peer gpu");
+      break;
+    case Op::Evict:
+      buf();
+      if (k < t.size() && t[k] == "->") {
+        ++k;
+        expect("host");
+        in.to_host = true;
+      }
+      break;
+    case Op::Free:
+    case Op::AllReduce: buf(); break;
+    case Op::GradNorm: break;
+    case Op::Optim: in.stage = prefixed_int(next("stage"), "S", "stage"); break;
+  }
+  bool have_stream = false, have_after = false;
+  std::set<std::string> seen;
+  for (; k < t.size(); ++k) {
+    const std::string& w = t[k];
+    if (w.size() > 1 && w[0] == '@') {
+      if (have_stream) throw LineError("stream given twice");
+      in.stream = to_enum(w.substr(1), "stream", parse_stream);
+      have_stream = true;
+    } else if (w.rfind("after(", 0) == 0) {
+      if (have_after) throw LineError("after(...) given twice");
+      if (w.back() != ')') throw LineError("bad dependency list '" + w + "'");
+      std::string inner = w.substr(6, w.size() - 7);
+      size_t b = 0;
+      while (b <= inner.size() && !inner.empty()) {
+        auto c = inner.find(',', b);
+        std::string part = inner.substr(b, c == std::string::npos ? std::string::npos : c - b);
+        in.after.push_back(prefixed_int(part, "%", "instruction reference"));
+        if (c == std::string::npos) break;
+        b = c + 1;
+      }
+      have_after = true;
+    } else if (auto eq = w.find('='); eq != std::string::npos && eq > 0) {
+      std::string key = w.substr(0, eq), val = w.substr(eq + 1);
+      if (!seen.insert(key).second) throw LineError("'" + key + "' given twice");
+      if (key == "tag") {
+        in.tag = decode_str(val, key);
+      } else if (key == "group") {
+        in.group = decode_str(val, key);
+      } else if (key == "stage" && !op_has_stage(in.op)) {
+        in.stage = to_int(val, key);
+      } else if (key == "mb" && !op_has_mb(in.op)) {
+        in.mb = to_int(val, key);
+      } else if (key == "buf" && !op_has_buf(in.op)) {
+        in.buf = to_buf(val);
+      } else if (key == "peer" && !op_has_peer(in.op)) {
+        in.peer = to_int(val, key);
+      } else if (key == "to_host" && in.op != Op::Evict) {
+        in.to_host = to_bool(val, key);
+      } else {
+        throw LineError("unexpected '" + w + "' for " + to_string(in.op));
+      }
+    } else {
+      throw LineError("unexpected '" + w + "'");
+    }
+  }
+  if (!have_stream) throw LineError("missing @<stream>");
+  return in;
+}
+
+std::string trim(const std::string& s) {
+  size_t b = s.find_first_not_of(" \t\r");
+  if (b == std::string::npos) return "";
+  size_t e = s.find_last_not_of(" \t\r");
+  return s.substr(b, e - b + 1);
+}
+}  // namespace
+
+Plan parse_text(const std::string& text) {
+  Plan p;
+  bool have_plan = false, have_model = false, have_train = false;
+  Program* cur = nullptr;
+  int cur_open_line = 0;
+  int lineno = 0;
+  size_t pos = 0;
+  std::string line;
+  auto fail = [&](const std::string& msg) -> ParseError {
+    std::string hint;
+    if (pos >= text.size() && !text.empty() && text.back() != '\n') hint = " (the text ends inside this line: truncated?)";
+    return ParseError("line " + std::to_string(lineno) + ": " + msg + " (in: `" + line + "`)" + hint);
+  };
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    std::string raw = text.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos);
+    pos = nl == std::string::npos ? text.size() : nl + 1;
+    ++lineno;
+    line = trim(raw);
+    if (line.empty() || line[0] == ';') continue;
+    try {
+      auto t = tokenize(line);
+      const std::string& head = t[0];
+      if (cur) {
+        if (t.size() == 1 && head == "}") {
+          cur = nullptr;
+          continue;
+        }
+        if (head.empty() || head[0] != '%')
+          throw LineError("expected an instruction or '}' closing gpu g" + std::to_string(cur->gpu) + " (opened on line " +
+                          std::to_string(cur_open_line) + ")");
+        cur->instrs.push_back(parse_instr_tokens(t, (int)cur->instrs.size()));
+        continue;
+      }
+      if (head == "plan") {
+        if (have_plan) throw LineError("second 'plan' line");
+        KV kv(t, 1, {"hardware", "schedule", "gpus", "v", "dp", "microbatches", "mbs", "seq", "budget", "order"}, "plan");
+        p.hardware = kv.str("hardware");
+        p.schedule = kv.str("schedule");
+        p.gpus = kv.i32("gpus");
+        p.v = kv.i32("v");
+        p.dp = kv.i32("dp");
+        p.microbatches = kv.i32("microbatches");
+        p.micro_batch_size = kv.i32("mbs");
+        p.seq_len = kv.i32("seq");
+        p.budget_bytes = kv.i64("budget");
+        p.gpu_order = to_ints<int>(kv.raw("order"), "order");
+        have_plan = true;
+      } else if (head == "model") {
+        if (have_model) throw LineError("second 'model' line");
+        KV kv(t, 1, {"name", "layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "rope_theta", "norm_eps", "tied"},
+              "model");
+        auto& m = p.model;
+        m.name = kv.str("name");
+        m.layers = kv.i32("layers");
+        m.hidden = kv.i32("hidden");
+        m.ffn = kv.i32("ffn");
+        m.heads = kv.i32("heads");
+        m.kv_heads = kv.i32("kv_heads");
+        m.vocab = kv.i32("vocab");
+        m.rope_theta = kv.dbl("rope_theta");
+        m.norm_eps = kv.dbl("norm_eps");
+        m.tied_embeddings = kv.b("tied");
+        have_model = true;
+      } else if (head == "train") {
+        if (have_train) throw LineError("second 'train' line");
+        KV kv(t, 1,
+              {"precision", "lr", "beta1", "beta2", "eps", "wd", "clip", "lr_schedule", "warmup", "total", "seed"},
+              "train");
+        auto& tr = p.train;
+        tr.precision = kv.str("precision");
+        tr.lr = kv.dbl("lr");
+        tr.beta1 = kv.dbl("beta1");
+        tr.beta2 = kv.dbl("beta2");
+        tr.eps = kv.dbl("eps");
+        tr.weight_decay = kv.dbl("wd");
+        tr.max_grad_norm = kv.dbl("clip");
+        tr.lr_schedule = kv.str("lr_schedule");
+        tr.warmup_steps = kv.i32("warmup");
+        tr.total_steps = kv.i32("total");
+        tr.seed = kv.i32("seed");
+        have_train = true;
+      } else if (head == "stage") {
+        if (t.size() < 2) throw LineError("expected 'stage S<i> ...'");
+        Stage s;
+        s.id = prefixed_int(t[1], "S", "stage id");
+        KV kv(t, 2,
+              {"gpu", "layers", "recompute", "weights", "optim", "params", "fwd_ws", "bwd_ws", "fwd_ms", "bwd_ms"},
+              "stage");
+        s.gpu = kv.i32("gpu");
+        const std::string& lr = kv.raw("layers");
+        auto dash = lr.find('-', 1);
+        if (dash == std::string::npos) throw LineError("'layers': expected <begin>-<end>, got '" + lr + "'");
+        s.layer_begin = to_int(lr.substr(0, dash), "layers");
+        s.layer_end = to_int(lr.substr(dash + 1), "layers");
+        s.recompute = kv.b("recompute");
+        s.weights = to_enum(kv.raw("weights"), "weights", parse_residency);
+        s.optim = to_enum(kv.raw("optim"), "optim", parse_optim_place);
+        s.params = kv.i64("params");
+        s.fwd_ws = kv.i64("fwd_ws");
+        s.bwd_ws = kv.i64("bwd_ws");
+        s.fwd_ms = kv.dbl("fwd_ms");
+        s.bwd_ms = kv.dbl("bwd_ms");
+        p.stages.push_back(s);
+      } else if (head == "buffer") {
+        if (t.size() < 2) throw LineError("expected 'buffer <name> bytes=... home=...'");
+        BufferDecl d;
+        try {
+          parse_decl_name(t[1], d);
+        } catch (const ParseError& e) {
+          throw LineError(e.what());
+        }
+        KV kv(t, 2, {"bytes", "home"}, "buffer");
+        d.bytes = kv.i64("bytes");
+        d.home = to_enum(kv.raw("home"), "home", parse_tier);
+        p.buffers.push_back(d);
+      } else if (head == "predicted") {
+        if (p.predicted) throw LineError("second 'predicted' line");
+        KV kv(t, 1, {"step_s", "tokens_per_s", "bubble", "peak", "bound"}, "predicted");
+        Predicted pr;
+        pr.step_s = kv.dbl("step_s");
+        pr.tokens_per_s = kv.dbl("tokens_per_s");
+        pr.bubble = kv.dbl("bubble");
+        pr.peak_bytes = to_ints<int64_t>(kv.raw("peak"), "peak");
+        pr.bound_bytes = to_ints<int64_t>(kv.raw("bound"), "bound");
+        p.predicted = std::move(pr);
+      } else if (head == "gpu") {
+        if (t.size() != 3 || t[2] != "{") throw LineError("expected 'gpu g<k> {'");
+        Program pg;
+        pg.gpu = prefixed_int(t[1], "g", "gpu");
+        p.programs.push_back(std::move(pg));
+        cur = &p.programs.back();
+        cur_open_line = lineno;
+      } else {
+        throw LineError("unknown line kind '" + head + "'");
+      }
+    } catch (const LineError& e) {
+      throw fail(e.what());
+    } catch (const ParseError& e) {
+      throw fail(e.what());
+    }
+  }
+  line.clear();
+  if (cur)
+    throw ParseError("line " + std::to_string(lineno) + ": unexpected end of text: gpu g" + std::to_string(cur->gpu) +
+                     " opened on line " + std::to_string(cur_open_line) + " is not closed with '}' (truncated?)");
+  if (!have_plan) throw ParseError("missing 'plan' line");
+  if (!have_model) throw ParseError("missing 'model' line");
+  if (!have_train) throw ParseError("missing 'train' line");
+  if ((int)p.programs.size() != p.gpus)
+    throw ParseError("line " + std::to_string(lineno) + ": expected " + std::to_string(p.gpus) +
+                     " 'gpu' blocks (gpus=" + std::to_string(p.gpus) + "), found " + std::to_string(p.programs.size()) +
+                     " (truncated?)");
+  return p;
+}
+
+
+}  // namespace mmoc::ir
