@@ -7,6 +7,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mmoc::ir {
@@ -169,6 +170,9 @@ Plan from_json_string(const std::string&);  // throws ParseError naming the bad 
 
 // Shortest of %.15g/%.16g/%.17g that reads back to the same double (as the text form prints numbers).
 std::string format_double(double);
+
+// The `plan` header line's fields as the text form writes them (key, value), in order.
+std::vector<std::pair<std::string, std::string>> header_fields(const Plan&);
 
 // Text form: one instruction per line, deterministic; parse_text(print_text(p)) == p.
 std::string print_text(const Plan&);

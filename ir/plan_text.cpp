@@ -6,34 +6,14 @@
 
 #include "ir/plan.hpp"
 #include "ir/plan_detail.hpp"
+#include "ir/plan_fields.hpp"
 
 namespace mmoc::ir {
 using namespace detail;
-using ojson = nlohmann::ordered_json;
 
 // ============================================================================================
 // text form
 // ============================================================================================
-namespace {
-// Strings print bare when they consist of printable ASCII without '"' and '\\'; otherwise (spaces,
-// quotes, control or non-ASCII bytes) as a JSON string literal.
-std::string text_str(const std::string& s) {
-  bool bare = true;
-  for (unsigned char c : s)
-    if (c <= 0x20 || c >= 0x7f || c == '"' || c == '\\') bare = false;
-  return bare ? s : ojson(s).dump();
-}
-
-template <class T>
-std::string join_ints(const std::vector<T>& v) {
-  std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
-  return s;
-}
-
-const char* b01(bool b) { return b ? "1" : "0"; }
-
-}  // namespace
 
 std::string print_instr(const Instr& in, int index) {
   std::string s = "%" + std::to_string(index) + " = " + to_string(in.op);
@@ -69,37 +49,24 @@ std::string print_instr(const Instr& in, int index) {
   return s;
 }
 
+namespace {
+// " key=value" for each field of the table.
+template <class S>
+std::string print_fields(const S& s, const std::vector<Field<S>>& fields) {
+  std::string o;
+  for (const auto& f : fields) o += std::string(" ") + f.key + "=" + f.print(s);
+  return o;
+}
+}  // namespace
+
 std::string print_text(const Plan& p) {
   std::string o;
-  o += "plan hardware=" + text_str(p.hardware) + " schedule=" + text_str(p.schedule) + " gpus=" + std::to_string(p.gpus) +
-       " v=" + std::to_string(p.v) + " dp=" + std::to_string(p.dp) + " microbatches=" + std::to_string(p.microbatches) +
-       " mbs=" + std::to_string(p.micro_batch_size) + " seq=" + std::to_string(p.seq_len) +
-       " budget=" + std::to_string(p.budget_bytes) + " order=" + join_ints(p.gpu_order) + "\n";
-  const auto& m = p.model;
-  o += "model name=" + text_str(m.name) + " layers=" + std::to_string(m.layers) + " hidden=" + std::to_string(m.hidden) +
-       " ffn=" + std::to_string(m.ffn) + " heads=" + std::to_string(m.heads) + " kv_heads=" + std::to_string(m.kv_heads) +
-       " vocab=" + std::to_string(m.vocab) + " rope_theta=" + format_double(m.rope_theta) +
-       " norm_eps=" + format_double(m.norm_eps) + " tied=" + b01(m.tied_embeddings) + "\n";
-  const auto& t = p.train;
-  o += "train precision=" + text_str(t.precision) + " lr=" + format_double(t.lr) + " beta1=" + format_double(t.beta1) +
-       " beta2=" + format_double(t.beta2) + " eps=" + format_double(t.eps) + " wd=" + format_double(t.weight_decay) +
-       " clip=" + format_double(t.max_grad_norm) + " lr_schedule=" + text_str(t.lr_schedule) +
-       " warmup=" + std::to_string(t.warmup_steps) + " total=" + std::to_string(t.total_steps) +
-       " seed=" + std::to_string(t.seed) + "\n";
-  for (const auto& s : p.stages)
-    o += "stage S" + std::to_string(s.id) + " gpu=" + std::to_string(s.gpu) + " layers=" + std::to_string(s.layer_begin) +
-         "-" + std::to_string(s.layer_end) + " recompute=" + b01(s.recompute) + " weights=" + to_string(s.weights) +
-         " optim=" + to_string(s.optim) + " params=" + std::to_string(s.params) + " fwd_ws=" + std::to_string(s.fwd_ws) +
-         " bwd_ws=" + std::to_string(s.bwd_ws) + " fwd_ms=" + format_double(s.fwd_ms) +
-         " bwd_ms=" + format_double(s.bwd_ms) + "\n";
-  for (const auto& b : p.buffers)
-    o += "buffer " + decl_str(b) + " bytes=" + std::to_string(b.bytes) + " home=" + to_string(b.home) + "\n";
-  if (p.predicted) {
-    const auto& pr = *p.predicted;
-    o += "predicted step_s=" + format_double(pr.step_s) + " tokens_per_s=" + format_double(pr.tokens_per_s) +
-         " bubble=" + format_double(pr.bubble) + " peak=" + join_ints(pr.peak_bytes) +
-         " bound=" + join_ints(pr.bound_bytes) + "\n";
-  }
+  o += "plan" + print_fields(p, plan_fields()) + "\n";
+  o += "model" + print_fields(p.model, model_fields()) + "\n";
+  o += "train" + print_fields(p.train, train_fields()) + "\n";
+  for (const auto& s : p.stages) o += "stage S" + std::to_string(s.id) + print_fields(s, stage_fields()) + "\n";
+  for (const auto& b : p.buffers) o += "buffer " + decl_str(b) + print_fields(b, buffer_fields()) + "\n";
+  if (p.predicted) o += "predicted" + print_fields(*p.predicted, predicted_fields()) + "\n";
   for (const auto& pg : p.programs) {
     o += "gpu g" + std::to_string(pg.gpu) + " {\n";
     for (size_t i = 0; i < pg.instrs.size(); ++i) o += "  " + print_instr(pg.instrs[i], (int)i) + "\n";
@@ -146,52 +113,6 @@ std::vector<std::string> tokenize(const std::string& line) {
   return toks;
 }
 
-std::string decode_str(const std::string& v, const std::string& key) {
-  if (v.empty() || v[0] != '"') return v;
-  try {
-    auto j = ojson::parse(v);
-    if (j.is_string()) return j.get<std::string>();
-  } catch (const nlohmann::json::exception&) {
-  }
-  throw LineError("bad quoted string for '" + key + "': " + v);
-}
-
-int to_int(const std::string& v, const std::string& key) {
-  int x = 0;
-  if (!parse_int_exact(v, x)) throw LineError("'" + key + "': expected integer, got '" + v + "'");
-  return x;
-}
-int64_t to_int64(const std::string& v, const std::string& key) {
-  int64_t x = 0;
-  if (!parse_int_exact(v, x)) throw LineError("'" + key + "': expected integer, got '" + v + "'");
-  return x;
-}
-double to_dbl(const std::string& v, const std::string& key) {
-  double x = 0;
-  if (!parse_double_exact(v, x)) throw LineError("'" + key + "': expected number, got '" + v + "'");
-  return x;
-}
-bool to_bool(const std::string& v, const std::string& key) {
-  if (v == "1") return true;
-  if (v == "0") return false;
-  throw LineError("'" + key + "': expected 0 or 1, got '" + v + "'");
-}
-template <class T>
-std::vector<T> to_ints(const std::string& v, const std::string& key) {
-  std::vector<T> out;
-  if (v.empty()) return out;
-  size_t b = 0;
-  for (;;) {
-    auto c = v.find(',', b);
-    std::string part = v.substr(b, c == std::string::npos ? std::string::npos : c - b);
-    T x{};
-    if (!parse_int_exact(part, x)) throw LineError("'" + key + "': expected comma-separated integers, got '" + v + "'");
-    out.push_back(x);
-    if (c == std::string::npos) break;
-    b = c + 1;
-  }
-  return out;
-}
 template <class F>
 auto to_enum(const std::string& v, const std::string& key, F parse) {
   try {
@@ -213,7 +134,7 @@ int prefixed_int(const std::string& tok, const char* prefix, const char* what) {
 // key=value fields of a header line: all of `keys` required, no others, no repeats.
 class KV {
  public:
-  KV(const std::vector<std::string>& toks, size_t first, std::initializer_list<const char*> keys, const char* line_kind) {
+  KV(const std::vector<std::string>& toks, size_t first, const std::vector<const char*>& keys, const char* line_kind) {
     std::set<std::string> allowed(keys.begin(), keys.end());
     for (size_t i = first; i < toks.size(); ++i) {
       auto eq = toks[i].find('=');
@@ -226,15 +147,18 @@ class KV {
       if (!map_.count(k)) throw LineError(std::string("missing key '") + k + "' in " + line_kind + " line");
   }
   const std::string& raw(const char* k) const { return map_.at(k); }
-  std::string str(const char* k) const { return decode_str(raw(k), k); }
-  int i32(const char* k) const { return to_int(raw(k), k); }
-  int64_t i64(const char* k) const { return to_int64(raw(k), k); }
-  double dbl(const char* k) const { return to_dbl(raw(k), k); }
-  bool b(const char* k) const { return to_bool(raw(k), k); }
 
  private:
   std::map<std::string, std::string> map_;
 };
+
+// The key=value tokens from `first` on: every key of the table once, no other (KV), each parsed by its field.
+template <class S>
+void parse_fields(const std::vector<std::string>& toks, size_t first, S& s, const std::vector<Field<S>>& fields,
+                  const char* line_kind) {
+  KV kv(toks, first, field_keys(fields), line_kind);
+  for (const auto& f : fields) f.parse(s, kv.raw(f.key), f.key);
+}
 
 BufRef to_buf(const std::string& tok) {
   try {
@@ -330,19 +254,19 @@ Instr parse_instr_tokens(const std::vector<std::string>& t, int expect_index) {
       std::string key = w.substr(0, eq), val = w.substr(eq + 1);
       if (!seen.insert(key).second) throw LineError("'" + key + "' given twice");
       if (key == "tag") {
-        in.tag = decode_str(val, key);
+        in.tag = decode_text_str(val, key);
       } else if (key == "group") {
-        in.group = decode_str(val, key);
+        in.group = decode_text_str(val, key);
       } else if (key == "stage" && !op_has_stage(in.op)) {
-        in.stage = to_int(val, key);
+        in.stage = text_int(val, key);
       } else if (key == "mb" && !op_has_mb(in.op)) {
-        in.mb = to_int(val, key);
+        in.mb = text_int(val, key);
       } else if (key == "buf" && !op_has_buf(in.op)) {
         in.buf = to_buf(val);
       } else if (key == "peer" && !op_has_peer(in.op)) {
-        in.peer = to_int(val, key);
+        in.peer = text_int(val, key);
       } else if (key == "to_host" && in.op != Op::Evict) {
-        in.to_host = to_bool(val, key);
+        in.to_host = text_bool(val, key);
       } else {
         throw LineError("unexpected '" + w + "' for " + to_string(in.op));
       }
@@ -398,73 +322,21 @@ Plan parse_text(const std::string& text) {
       }
       if (head == "plan") {
         if (have_plan) throw LineError("second 'plan' line");
-        KV kv(t, 1, {"hardware", "schedule", "gpus", "v", "dp", "microbatches", "mbs", "seq", "budget", "order"}, "plan");
-        p.hardware = kv.str("hardware");
-        p.schedule = kv.str("schedule");
-        p.gpus = kv.i32("gpus");
-        p.v = kv.i32("v");
-        p.dp = kv.i32("dp");
-        p.microbatches = kv.i32("microbatches");
-        p.micro_batch_size = kv.i32("mbs");
-        p.seq_len = kv.i32("seq");
-        p.budget_bytes = kv.i64("budget");
-        p.gpu_order = to_ints<int>(kv.raw("order"), "order");
+        parse_fields(t, 1, p, plan_fields(), "plan");
         have_plan = true;
       } else if (head == "model") {
         if (have_model) throw LineError("second 'model' line");
-        KV kv(t, 1, {"name", "layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "rope_theta", "norm_eps", "tied"},
-              "model");
-        auto& m = p.model;
-        m.name = kv.str("name");
-        m.layers = kv.i32("layers");
-        m.hidden = kv.i32("hidden");
-        m.ffn = kv.i32("ffn");
-        m.heads = kv.i32("heads");
-        m.kv_heads = kv.i32("kv_heads");
-        m.vocab = kv.i32("vocab");
-        m.rope_theta = kv.dbl("rope_theta");
-        m.norm_eps = kv.dbl("norm_eps");
-        m.tied_embeddings = kv.b("tied");
+        parse_fields(t, 1, p.model, model_fields(), "model");
         have_model = true;
       } else if (head == "train") {
         if (have_train) throw LineError("second 'train' line");
-        KV kv(t, 1,
-              {"precision", "lr", "beta1", "beta2", "eps", "wd", "clip", "lr_schedule", "warmup", "total", "seed"},
-              "train");
-        auto& tr = p.train;
-        tr.precision = kv.str("precision");
-        tr.lr = kv.dbl("lr");
-        tr.beta1 = kv.dbl("beta1");
-        tr.beta2 = kv.dbl("beta2");
-        tr.eps = kv.dbl("eps");
-        tr.weight_decay = kv.dbl("wd");
-        tr.max_grad_norm = kv.dbl("clip");
-        tr.lr_schedule = kv.str("lr_schedule");
-        tr.warmup_steps = kv.i32("warmup");
-        tr.total_steps = kv.i32("total");
-        tr.seed = kv.i32("seed");
+        parse_fields(t, 1, p.train, train_fields(), "train");
         have_train = true;
       } else if (head == "stage") {
         if (t.size() < 2) throw LineError("expected 'stage S<i> ...'");
         Stage s;
         s.id = prefixed_int(t[1], "S", "stage id");
-        KV kv(t, 2,
-              {"gpu", "layers", "recompute", "weights", "optim", "params", "fwd_ws", "bwd_ws", "fwd_ms", "bwd_ms"},
-              "stage");
-        s.gpu = kv.i32("gpu");
-        const std::string& lr = kv.raw("layers");
-        auto dash = lr.find('-', 1);
-        if (dash == std::string::npos) throw LineError("'layers': expected <begin>-<end>, got '" + lr + "'");
-        s.layer_begin = to_int(lr.substr(0, dash), "layers");
-        s.layer_end = to_int(lr.substr(dash + 1), "layers");
-        s.recompute = kv.b("recompute");
-        s.weights = to_enum(kv.raw("weights"), "weights", parse_residency);
-        s.optim = to_enum(kv.raw("optim"), "optim", parse_optim_place);
-        s.params = kv.i64("params");
-        s.fwd_ws = kv.i64("fwd_ws");
-        s.bwd_ws = kv.i64("bwd_ws");
-        s.fwd_ms = kv.dbl("fwd_ms");
-        s.bwd_ms = kv.dbl("bwd_ms");
+        parse_fields(t, 2, s, stage_fields(), "stage");
         p.stages.push_back(s);
       } else if (head == "buffer") {
         if (t.size() < 2) throw LineError("expected 'buffer <name> bytes=... home=...'");
@@ -474,19 +346,12 @@ Plan parse_text(const std::string& text) {
         } catch (const ParseError& e) {
           throw LineError(e.what());
         }
-        KV kv(t, 2, {"bytes", "home"}, "buffer");
-        d.bytes = kv.i64("bytes");
-        d.home = to_enum(kv.raw("home"), "home", parse_tier);
+        parse_fields(t, 2, d, buffer_fields(), "buffer");
         p.buffers.push_back(d);
       } else if (head == "predicted") {
         if (p.predicted) throw LineError("second 'predicted' line");
-        KV kv(t, 1, {"step_s", "tokens_per_s", "bubble", "peak", "bound"}, "predicted");
         Predicted pr;
-        pr.step_s = kv.dbl("step_s");
-        pr.tokens_per_s = kv.dbl("tokens_per_s");
-        pr.bubble = kv.dbl("bubble");
-        pr.peak_bytes = to_ints<int64_t>(kv.raw("peak"), "peak");
-        pr.bound_bytes = to_ints<int64_t>(kv.raw("bound"), "bound");
+        parse_fields(t, 1, pr, predicted_fields(), "predicted");
         p.predicted = std::move(pr);
       } else if (head == "gpu") {
         if (t.size() != 3 || t[2] != "{") throw LineError("expected 'gpu g<k> {'");
