@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "ir/ops.hpp"
 #include "ir/plan_detail.hpp"
 
 namespace mmoc::ir {
@@ -16,11 +17,8 @@ using namespace detail;
 // enums
 // ============================================================================================
 namespace {
-constexpr const char* kOpNames[] = {"load_batch", "prefetch", "forward", "backward", "send",  "recv",
-                                    "evict",      "free",     "allreduce", "gradnorm", "optim"};
 constexpr const char* kStreamNames[] = {"comp", "h2d", "d2h", "p2p", "cpu"};
 constexpr const char* kTierNames[] = {"gpu", "host", "nvme"};
-constexpr const char* kKindNames[] = {"w", "wgrad", "act", "grad", "stash", "batch", "opt"};
 constexpr const char* kResidencyNames[] = {"offload", "resident"};
 constexpr const char* kOptimPlaceNames[] = {"cpu", "gpu"};
 
@@ -35,18 +33,32 @@ E enum_parse(const std::string& s, const char* const (&names)[N], const char* wh
     if (s == names[i]) return static_cast<E>(i);
   throw ParseError(std::string("unknown ") + what + " '" + s + "'");
 }
+// Ops and buffer kinds are named by their tables (ops.hpp).
+template <class E, class Table>
+const char* table_name(E e, const Table& t) {
+  auto i = static_cast<size_t>(e);
+  return i < t.size() ? t[i].name : "?";
+}
 }  // namespace
 
-const char* to_string(Op e) { return enum_name(e, kOpNames); }
+const char* to_string(Op e) { return table_name(e, op_table()); }
 const char* to_string(Stream e) { return enum_name(e, kStreamNames); }
 const char* to_string(Tier e) { return enum_name(e, kTierNames); }
-const char* to_string(BufKind e) { return enum_name(e, kKindNames); }
+const char* to_string(BufKind e) { return table_name(e, buf_kind_table()); }
 const char* to_string(Residency e) { return enum_name(e, kResidencyNames); }
 const char* to_string(OptimPlace e) { return enum_name(e, kOptimPlaceNames); }
-Op parse_op(const std::string& s) { return enum_parse<Op>(s, kOpNames, "op"); }
+Op parse_op(const std::string& s) {
+  for (const auto& o : op_table())
+    if (s == o.name) return o.op;
+  throw ParseError("unknown op '" + s + "'");
+}
 Stream parse_stream(const std::string& s) { return enum_parse<Stream>(s, kStreamNames, "stream"); }
 Tier parse_tier(const std::string& s) { return enum_parse<Tier>(s, kTierNames, "tier"); }
-BufKind parse_buf_kind(const std::string& s) { return enum_parse<BufKind>(s, kKindNames, "buffer kind"); }
+BufKind parse_buf_kind(const std::string& s) {
+  for (const auto& k : buf_kind_table())
+    if (s == k.name) return k.kind;
+  throw ParseError("unknown buffer kind '" + s + "'");
+}
 Residency parse_residency(const std::string& s) { return enum_parse<Residency>(s, kResidencyNames, "weights residency"); }
 OptimPlace parse_optim_place(const std::string& s) { return enum_parse<OptimPlace>(s, kOptimPlaceNames, "optim place"); }
 
@@ -82,9 +94,12 @@ std::string format_double(double d) {
 // ============================================================================================
 // buffers
 // ============================================================================================
+bool BufRef::per_microbatch() const { return buf_kind_info(kind).per_mb; }
+bool BufRef::per_stage() const { return buf_kind_info(kind).per_stage; }
+
 std::string BufRef::str() const {
   std::string s = to_string(kind);
-  if (kind == BufKind::Batch) return s + "(m" + std::to_string(mb) + ")";
+  if (!per_stage()) return s + "(m" + std::to_string(mb) + ")";
   s += "(S" + std::to_string(stage);
   if (per_microbatch()) s += ",m" + std::to_string(mb);
   return s + ")";
@@ -136,8 +151,8 @@ BufRef parse_buf_impl(const std::string& s, bool allow_star, bool* star) {
     if (!parse_prefixed_nonneg(t, 'm', v)) throw fail("expected micro-batch m<k>, got '" + t + "'");
     return v;
   };
-  if (r.kind == BufKind::Batch) {
-    if (parts.size() != 1) throw fail("batch takes only a micro-batch");
+  if (!r.per_stage()) {
+    if (parts.size() != 1) throw fail(std::string(to_string(r.kind)) + " takes only a micro-batch");
     r.stage = -1;
     r.mb = parse_mb(parts[0]);
     return r;
@@ -157,7 +172,7 @@ BufRef parse_buf_impl(const std::string& s, bool allow_star, bool* star) {
 
 std::string detail::decl_str(const BufferDecl& d) {
   std::string s = to_string(d.kind);
-  if (d.kind == BufKind::Batch) return s + "(*)";
+  if (!buf_kind_info(d.kind).per_stage) return s + "(*)";
   s += "(S" + std::to_string(d.stage);
   if (BufRef{d.kind, d.stage, -1}.per_microbatch()) s += ",*";
   return s + ")";
@@ -173,7 +188,7 @@ void detail::parse_decl_name(const std::string& s, BufferDecl& d) {
 BufRef BufRef::parse(const std::string& s) { return parse_buf_impl(s, false, nullptr); }
 
 const BufferDecl* Plan::find_buffer(BufKind k, int stage) const {
-  if (k == BufKind::Batch) stage = -1;
+  if (!buf_kind_info(k).per_stage) stage = -1;
   for (const auto& b : buffers)
     if (b.kind == k && b.stage == stage) return &b;
   return nullptr;
@@ -188,15 +203,10 @@ int64_t Plan::buffer_bytes(const BufRef& r) const {
 // operands per op
 // ============================================================================================
 namespace detail {
-bool op_has_buf(Op op) {
-  switch (op) {
-    case Op::Prefetch: case Op::Send: case Op::Recv: case Op::Evict: case Op::Free: case Op::AllReduce: return true;
-    default: return false;
-  }
-}
-bool op_has_stage(Op op) { return op == Op::Forward || op == Op::Backward || op == Op::Optim; }
-bool op_has_mb(Op op) { return op == Op::Forward || op == Op::Backward || op == Op::LoadBatch; }
-bool op_has_peer(Op op) { return op == Op::Send || op == Op::Recv; }
+bool op_has_buf(Op op) { return op_info(op).operands & kOpBuf; }
+bool op_has_stage(Op op) { return op_info(op).operands & kOpStage; }
+bool op_has_mb(Op op) { return op_info(op).operands & kOpMb; }
+bool op_has_peer(Op op) { return op_info(op).operands & kOpPeer; }
 }  // namespace detail
 
 }  // namespace mmoc::ir

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "ir/plan.hpp"
+#include "ir/ops.hpp"
 #include "ir/plan_detail.hpp"
 #include "ir/plan_fields.hpp"
 
@@ -15,22 +16,24 @@ using namespace detail;
 // text form
 // ============================================================================================
 
-std::string print_instr(const Instr& in, int index) {
-  std::string s = "%" + std::to_string(index) + " = " + to_string(in.op);
-  auto buf = [&] { return in.buf ? in.buf->str() : std::string("?"); };
-  switch (in.op) {
-    case Op::LoadBatch: s += " m" + std::to_string(in.mb); break;
-    case Op::Prefetch: s += " " + buf() + " <- host"; break;
-    case Op::Forward:
-    case Op::Backward: s += " S" + std::to_string(in.stage) + " m" + std::to_string(in.mb); break;
-    case Op::Send: s += " " + buf() + " -> g" + std::to_string(in.peer); break;
-    case Op::Recv: s += " " + buf() + " <- g" + std::to_string(in.peer); break;
-    case Op::Evict: s += " " + buf() + (in.to_host ? " -> host" : ""); break;
-    case Op::Free:
-    case Op::AllReduce: s += " " + buf(); break;
-    case Op::GradNorm: break;
-    case Op::Optim: s += " S" + std::to_string(in.stage); break;
+std::string print_op(const Instr& in) {
+  std::string s = to_string(in.op);
+  for (const SyntaxToken& tok : syntax_tokens(in.op)) {
+    switch (tok.part) {
+      case SyntaxPart::Stage: s += " S" + std::to_string(in.stage); break;
+      case SyntaxPart::Mb: s += " m" + std::to_string(in.mb); break;
+      case SyntaxPart::Buf: s += " " + (in.buf ? in.buf->str() : std::string("?")); break;
+      case SyntaxPart::Peer: s += " g" + std::to_string(in.peer); break;
+      case SyntaxPart::SourceTier: s += " host"; break;
+      case SyntaxPart::Word: s += " " + tok.word; break;
+      case SyntaxPart::ToHost: if (in.to_host) s += " -> host"; break;
+    }
   }
+  return s;
+}
+
+std::string print_instr(const Instr& in, int index) {
+  std::string s = "%" + std::to_string(index) + " = " + print_op(in);
   s += " @";
   s += to_string(in.stream);
   if (!in.after.empty()) {
@@ -45,7 +48,7 @@ std::string print_instr(const Instr& in, int index) {
   if (!op_has_mb(in.op) && in.mb != -1) s += " mb=" + std::to_string(in.mb);
   if (!op_has_buf(in.op) && in.buf) s += " buf=" + in.buf->str();
   if (!op_has_peer(in.op) && in.peer != -1) s += " peer=" + std::to_string(in.peer);
-  if (in.op != Op::Evict && in.to_host) s += " to_host=1";
+  if (!(op_info(in.op).operands & kOpToHost) && in.to_host) s += " to_host=1";
   return s;
 }
 
@@ -189,45 +192,28 @@ Instr parse_instr_tokens(const std::vector<std::string>& t, int expect_index) {
     const std::string& w = next(word);
     if (w != word) throw LineError(std::string("expected '") + word + "', got '" + w + "'");
   };
-  auto buf = [&] {
-    const std::string& b = next("buffer");
-    if (b == "?") return;
-    in.buf = to_buf(b);
-  };
-  switch (in.op) {
-    case Op::LoadBatch: in.mb = prefixed_int(next("micro-batch"), "m", "micro-batch"); break;
-    case Op::Prefetch:
-      buf();
-      expect("<-");
-      to_enum(next("source tier"), "prefetch source", parse_tier);  // informational: the buffer table's home decides
-      break;
-    case Op::Forward:
-    case Op::Backward:
-      in.stage = prefixed_int(next("stage"), "S", "stage");
-      in.mb = prefixed_int(next("micro-batch"), "m", "micro-batch");
-      break;
-    case Op::Send:
-      buf();
-      expect("->");
-      in.peer = prefixed_int(next("peer"), "g", "peer gpu");
-      break;
-    case Op::Recv:
-      buf();
-      expect("<-");
-      in.peer = prefixed_int(next("peer"), "g", "peer gpu");
-      break;
-    case Op::Evict:
-      buf();
-      if (k < t.size() && t[k] == "->") {
-        ++k;
-        expect("host");
-        in.to_host = true;
+  for (const SyntaxToken& tok : syntax_tokens(in.op)) {
+    switch (tok.part) {
+      case SyntaxPart::Stage: in.stage = prefixed_int(next("stage"), "S", "stage"); break;
+      case SyntaxPart::Mb: in.mb = prefixed_int(next("micro-batch"), "m", "micro-batch"); break;
+      case SyntaxPart::Buf: {
+        const std::string& b = next("buffer");
+        if (b != "?") in.buf = to_buf(b);
+        break;
       }
-      break;
-    case Op::Free:
-    case Op::AllReduce: buf(); break;
-    case Op::GradNorm: break;
-    case Op::Optim: in.stage = prefixed_int(next("stage"), "S", "stage"); break;
+      case SyntaxPart::Peer: in.peer = prefixed_int(next("peer"), "g", "peer gpu"); break;
+      case SyntaxPart::SourceTier:  // informational: the buffer table's home decides
+        to_enum(next("source tier"), std::string(to_string(in.op)) + " source", parse_tier);
+        break;
+      case SyntaxPart::Word: expect(tok.word.c_str()); break;
+      case SyntaxPart::ToHost:
+        if (k < t.size() && t[k] == "->") {
+          ++k;
+          expect("host");
+          in.to_host = true;
+        }
+        break;
+    }
   }
   bool have_stream = false, have_after = false;
   std::set<std::string> seen;
@@ -265,7 +251,7 @@ Instr parse_instr_tokens(const std::vector<std::string>& t, int expect_index) {
         in.buf = to_buf(val);
       } else if (key == "peer" && !op_has_peer(in.op)) {
         in.peer = text_int(val, key);
-      } else if (key == "to_host" && in.op != Op::Evict) {
+      } else if (key == "to_host" && !(op_info(in.op).operands & kOpToHost)) {
         in.to_host = text_bool(val, key);
       } else {
         throw LineError("unexpected '" + w + "' for " + to_string(in.op));

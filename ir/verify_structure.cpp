@@ -4,6 +4,7 @@
 #include <set>
 
 #include "ir/plan.hpp"
+#include "ir/ops.hpp"
 #include "ir/plan_detail.hpp"
 
 namespace mmoc::ir {
@@ -52,7 +53,7 @@ std::vector<std::string> verify_structure(const Plan& p) {
     std::set<std::pair<int, int>> seen;
     for (const auto& b : p.buffers) {
       std::string name = decl_str(b);
-      if (b.kind == BufKind::Batch ? b.stage != -1 : (b.stage < 0 || b.stage >= S))
+      if (!buf_kind_info(b.kind).per_stage ? b.stage != -1 : (b.stage < 0 || b.stage >= S))
         add("buffer " + name + ": stage out of range");
       if (b.bytes < 0) add("buffer " + name + ": negative bytes");
       if (!seen.insert({(int)b.kind, b.stage}).second) add("buffer " + name + ": declared twice");
@@ -79,7 +80,7 @@ std::vector<std::string> verify_structure(const Plan& p) {
 
   auto check_buf = [&](const std::string& pre, const BufRef& b) {
     bool ok = true;
-    if (b.kind == BufKind::Batch) {
+    if (!b.per_stage()) {
       if (b.stage != -1) ok = false;
     } else if (b.stage < 0 || b.stage >= S) {
       add(pre + "buffer " + b.str() + ": stage out of range 0.." + std::to_string(S - 1));
@@ -106,7 +107,14 @@ std::vector<std::string> verify_structure(const Plan& p) {
       for (int a : in.after)
         if (a < 0 || a >= i)
           add(pre + "after(%" + std::to_string(a) + ") does not point to an earlier instruction");
-      const bool need_stage = op_has_stage(in.op), need_mb = op_has_mb(in.op), need_buf = op_has_buf(in.op);
+      const OpInfo& op = op_info(in.op);
+      const bool need_stage = op.operands & kOpStage, need_mb = op.operands & kOpMb, need_buf = op.operands & kOpBuf;
+      if (!(op.streams & stream_bit(in.stream))) {
+        std::string allowed;
+        for (int k = 0; k <= (int)Stream::Cpu; ++k)
+          if (op.streams & stream_bit((Stream)k)) allowed += std::string(allowed.empty() ? "@" : " or @") + to_string((Stream)k);
+        add(pre + "runs on @" + to_string(in.stream) + ", not on " + allowed);
+      }
       if (need_stage && (in.stage < 0 || in.stage >= S))
         add(pre + "stage " + std::to_string(in.stage) + " out of range 0.." + std::to_string(S - 1));
       if (need_mb && (in.mb < 0 || in.mb >= M))
@@ -117,27 +125,27 @@ std::vector<std::string> verify_structure(const Plan& p) {
         else
           check_buf(pre, *in.buf);
       }
-      if (in.op == Op::AllReduce && in.group.empty()) add(pre + "missing group");
-      if (op_has_peer(in.op)) {
+      if ((op.operands & kOpGroup) && in.group.empty()) add(pre + "missing group");
+      if (op.operands & kOpPeer) {
         if (in.peer < 0 || in.peer >= G)
           add(pre + "peer g" + std::to_string(in.peer) + " out of range 0.." + std::to_string(G - 1));
         else if (in.peer == g)
           add(pre + "peer is its own gpu");
+      }
+      if (op.operands & kOpTag) {
         if (in.tag.empty())
           add(pre + "missing tag");
-        else
-          (in.op == Op::Send ? sends : recvs)[in.tag].push_back({g, i, &in});
+        else if (op.sync != Sync::None)
+          (op.sync == Sync::PairSource ? sends : recvs)[in.tag].push_back({g, i, &in});
       }
-      if ((in.op == Op::Forward || in.op == Op::Backward) && in.stage >= 0 && in.stage < S && in.mb >= 0 && in.mb < M) {
+      // an op of a stage runs on the stage's GPU
+      if (need_stage && in.stage >= 0 && in.stage < S && (!need_mb || (in.mb >= 0 && in.mb < M))) {
         const int owner = p.stages[in.stage].gpu;
         if (owner != g)
           add(pre + "S" + std::to_string(in.stage) + " belongs to g" + std::to_string(owner) + ", not g" +
               std::to_string(g));
-        (in.op == Op::Forward ? fwd : bwd)[{in.stage, in.mb}].push_back({g, i});
+        if (in.op == Op::Forward || in.op == Op::Backward) (in.op == Op::Forward ? fwd : bwd)[{in.stage, in.mb}].push_back({g, i});
       }
-      if (in.op == Op::Optim && in.stage >= 0 && in.stage < S && p.stages[in.stage].gpu != g)
-        add(pre + "S" + std::to_string(in.stage) + " belongs to g" + std::to_string(p.stages[in.stage].gpu) +
-            ", not g" + std::to_string(g));
     }
   }
 

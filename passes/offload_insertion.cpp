@@ -21,6 +21,7 @@
 #include <map>
 
 #include "common/format.hpp"
+#include "ir/ops.hpp"
 #include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
@@ -97,7 +98,6 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
   }
-  const int64_t tok = (int64_t)p.micro_batch_size * p.seq_len;
   p.buffers.clear();
   for (int s = 0; s < P; ++s) {
     const auto& st = p.stages[s];
@@ -106,12 +106,12 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     p.buffers.push_back({BufKind::WGrad, s, st.params * wb, home});
     p.buffers.push_back({BufKind::Opt, s, st.params * 12, home});
     if (s < last) {
-      p.buffers.push_back({BufKind::Act, s, tok * c.model.hidden * c.act_bytes(), ir::Tier::Gpu});
-      p.buffers.push_back({BufKind::Grad, s, tok * c.model.hidden * c.act_bytes(), ir::Tier::Gpu});
+      p.buffers.push_back({BufKind::Act, s, boundary_bytes(c), ir::Tier::Gpu});
+      p.buffers.push_back({BufKind::Grad, s, boundary_bytes(c), ir::Tier::Gpu});
     }
     p.buffers.push_back({BufKind::Stash, s, stage_stash_bytes(c, st), ir::Tier::Gpu});
   }
-  p.buffers.push_back({BufKind::Batch, -1, tok * 8 * 2, ir::Tier::Gpu});
+  p.buffers.push_back({BufKind::Batch, -1, ir::batch_buffer_bytes(p.micro_batch_size, p.seq_len), ir::Tier::Gpu});
   const bool clip = p.train.max_grad_norm > 0;
 
   for (auto& prog : p.programs) {
