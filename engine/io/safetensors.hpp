@@ -6,6 +6,7 @@
 // The reader memory-maps the file and validates everything before any tensor is handed out; a corrupt or
 // truncated file throws io::FormatError naming the file and the problem. Nothing reads outside the mapping.
 #pragma once
+#include "common/fs.hpp"
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -115,8 +116,8 @@ std::string safetensors_prefix(const std::vector<TensorEntry>& tensors, const st
                                std::size_t data_align = 8);
 uint64_t safetensors_data_bytes(const std::vector<TensorEntry>& tensors);
 
-// Small helpers shared with other writers: atomic text file write (tmp + fsync + rename), fsync of a directory.
-void write_file_atomic(const std::string& path, const std::string& content);
-void fsync_dir(const std::string& dir);
+// The atomic file write (tmp + fsync + rename) and the folder fsync are common/fs.hpp's.
+using mmoc::fsync_dir;
+using mmoc::write_file_atomic;
 
 }  // namespace mmoc::io
