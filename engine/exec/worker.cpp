@@ -32,6 +32,7 @@
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/lr_schedule.hpp"
 #include "engine/optim/thread_pool.hpp"
+#include "ir/ops.hpp"
 
 
 namespace mmoc::engine {
@@ -234,14 +235,14 @@ struct Worker::Impl {
     const int64_t mbs = plan.micro_batch_size, T = plan.seq_len;
     ids[m] = pinned_ids[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
     labels[m] = pinned_labels[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
-    cur_bytes += 2 * mbs * T * 8;
+    cur_bytes += ir::batch_buffer_bytes(mbs, T);
     peak_bytes = std::max(peak_bytes, cur_bytes);
   }
   void free_batch(int m) {
     if (!ids.count(m)) throw ExecError("free of batch(m" + std::to_string(m) + ") that is not loaded");
     ids.erase(m);
     labels.erase(m);
-    cur_bytes -= 2 * (int64_t)plan.micro_batch_size * plan.seq_len * 8;
+    cur_bytes -= ir::batch_buffer_bytes(plan.micro_batch_size, plan.seq_len);
   }
   const at::Tensor& batch_ids(int m, const char* why) {
     auto it = ids.find(m);
@@ -466,6 +467,42 @@ struct Worker::Impl {
   }
 
   std::vector<StageTensors> stage_tensors();
+
+  // Is `b` on the device as the engine keeps its books? (batch(m) and stash(S,m) are kept apart from the tensors.)
+  bool present(const BufRef& b) const {
+    switch (b.kind) {
+      case BufKind::Batch: return ids.count(b.mb) != 0;
+      case BufKind::Stash: return rec.count({b.stage, b.mb}) != 0;
+      default: return bufs.count(b) != 0;
+    }
+  }
+  // Instruction i's memory effects from the op table (ir::effects, the table the compiler's memory analyses use)
+  // against the engine's books: before it runs, what it requires is there and what it allocates is not; after it,
+  // what it allocated is there and what it freed is gone. A cpu-stream op on CUDA runs later on the cpu thread;
+  // the table gives those no effects on the GPU.
+  void check_effects(int i, bool after) const {
+    const ir::Instr& in = plan.programs[rank].instrs[i];
+    if (cuda && in.stream == ir::Stream::Cpu) return;
+    for (const auto& e : ir::effects(plan, in)) {
+      const bool here = present(e.buf);
+      const char* wrong = nullptr;
+      switch (e.access) {
+        case ir::Access::Require: if (!after && !here) wrong = "requires %s, which is not on the device"; break;
+        case ir::Access::Alloc:
+          if (!after && here) wrong = "allocates %s, which is already on the device";
+          else if (after && !here) wrong = "allocates %s, but the engine has not";
+          break;
+        case ir::Access::AllocIfAbsent: if (after && !here) wrong = "allocates %s, but the engine has not"; break;
+        case ir::Access::Free:
+        case ir::Access::FreeIfPresent: if (after && here) wrong = "frees %s, but it is still on the device"; break;
+      }
+      if (wrong) {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, wrong, e.buf.str().c_str());
+        throw ExecError(std::string("the op table says ") + ir::to_string(in.op) + " " + buf);
+      }
+    }
+  }
 
   // the step (below)
   std::deque<int> comp_ahead;  // CUDA: compute instructions issued whose completion the host has not seen
@@ -731,7 +768,9 @@ void Worker::Impl::issue(int i) {
   if (!cuda) {  // every stream is this thread
     watchdog->at(i);
     const double ts = opts.trace ? now_us() : 0;
+    check_effects(i, false);
     exec(i);
+    check_effects(i, true);
     if (opts.trace) trace.push_back({i, (int)in.stream, ts, now_us() - ts, in.buf ? plan.buffer_bytes(*in.buf) : 0});
     return;
   }
@@ -778,7 +817,9 @@ void Worker::Impl::issue(int i) {
   }
   cur_stream = sidx;
   watchdog->at(i);
+  check_effects(i, false);
   exec(i);
+  check_effects(i, true);
   ev[i].emplace(opts.trace ? cudaEventDefault : cudaEventDisableTiming);
   ev[i]->record(stream);
   if (in.stream == ir::Stream::Comp) comp_ahead.push_back(i);
@@ -818,10 +859,11 @@ void Worker::Impl::finish_step() {
   }
 }
 
-// Everything transient must be gone at the end of a step: a leak is a plan/engine disagreement.
+// Everything transient must be gone at the end of a step: a leak is a plan/engine disagreement. What may stay is
+// what the op table's buffer kinds call persistent on this GPU (resident weights).
 void Worker::Impl::check_no_leak() const {
   for (const auto& [b, t] : bufs) {
-    bool persistent = b.kind == BufKind::W && stages.count(b.stage) && stages.at(b.stage).resident;
+    const bool persistent = ir::is_persistent(plan, b) && b.stage >= 0 && b.stage < plan.num_stages() && plan.stages[b.stage].gpu == rank;
     if (!persistent) throw std::runtime_error("rank " + std::to_string(rank) + ": " + b.str() + " still on the device at the end of the step");
   }
   if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(rank) + ": forward records or batches left at the end of the step");

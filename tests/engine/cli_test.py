@@ -239,6 +239,34 @@ def run_all(tmp):
         f.write("\n".join(good_lines[:5]) + "\n")
     bad("--resume with other data", ["--data", few, "--resume", ck, "--steps", 25], "--resume", "rows", plan=plan2)
     bad("--steps negative", ["--data", TOKENS, "--steps", -1], "--steps")
+    # a plan whose memory order contradicts the op table where no handler would notice: batch(m0) freed before the last
+    # stage's backward (gpipe, no recompute: that backward does not read the labels again, so an engine without the
+    # table ran this plan to the end), while ir::effects says backward of the first or last stage requires batch(m);
+    # the engine checks every instruction against the table and fails naming it
+    tp = compile_plan(j("t12.plan.json"), "--gpus", "1", "--v", "2", "--recompute", "off", "--schedule", "gpipe")
+    with open(tp) as f:
+        pj = json.load(f)
+    ins = pj["programs"][0]["instrs"]
+    src = next(i for i, x in enumerate(ins) if x["op"] == "free" and x.get("buf") == "batch(m0)")
+    dst = next(i for i, x in enumerate(ins) if x["op"] == "backward" and x.get("stage") == 1 and x.get("mb") == 0)
+    order = list(range(len(ins)))
+    order.insert(dst, order.pop(src))
+    new_of = {old: new for new, old in enumerate(order)}
+    moved = []
+    for old in order:
+        x = dict(ins[old])
+        if "after" in x:
+            x["after"] = sorted(new_of[a] for a in x["after"] if new_of[a] < new_of[old])
+            if not x["after"]:
+                del x["after"]
+        moved.append(x)
+    pj["programs"][0]["instrs"] = moved
+    bad_order = j("bad-order.plan.json")
+    with open(bad_order, "w") as f:
+        json.dump(pj, f)
+    p = sh([RUN, bad_order, "--data", TOKENS, "--steps", 1, "-q"])
+    check(p.returncode != 0 and f"failed at instruction %{new_of[dst]}: the op table says backward requires batch(m0), which is not on the device" in p.stderr,
+          f"batch freed too early: the engine stops at the backward that needs it (rc {p.returncode}): {p.stderr.strip()[:300]!r}")
     print(f"good run and bad input: {time.time() - T0:.1f} s", flush=True)
 
     # ---- TASK 2: the seed's XSum path on the CPU --------------------------------------------------------

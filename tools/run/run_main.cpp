@@ -21,6 +21,8 @@
 #include <set>
 #include <sstream>
 
+#include "common/format.hpp"
+#include "common/fs.hpp"
 #include "engine/comm/transport.hpp"
 #include "engine/comm/world.hpp"
 #include "engine/data/data.hpp"
@@ -64,12 +66,6 @@ double since_launch() {
 std::string fmt1(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f", v);
-  return buf;
-}
-
-std::string gib(double b) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f", b / (1024.0 * 1024 * 1024));
   return buf;
 }
 
@@ -246,7 +242,7 @@ void write_trace(const std::string& path, const ir::Plan& plan, const std::vecto
   json out = {{"traceEvents", ev},
               {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
                             {"gpus", plan.gpus}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}}}};
-  ir::save_file_atomic(path, out.dump());
+  mmoc::write_file_atomic(path, out.dump());
 }
 
 int worker_body(const Args& a, const std::string& device_hint);
@@ -490,11 +486,14 @@ int worker_body(const Args& a, const std::string& device_hint) {
         os << (small ? "  peak MiB" : "  peak GiB");
         for (int g = 0; g < plan.gpus; ++g) {
           if (small) { std::snprintf(buf, sizeof buf, "%.1f", peaks[g] / (1024.0 * 1024)); os << (g ? "," : " ") << buf; }
-          else os << (g ? "," : " ") << gib(peaks[g]);
+          else { std::snprintf(buf, sizeof buf, "%.2f", peaks[g] / mmoc::GiB); os << (g ? "," : " ") << buf; }
         }
         if (device == "cuda") {
           os << "  allocated";
-          for (int g = 0; g < plan.gpus; ++g) os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : gib(allocs[g]));
+          for (int g = 0; g < plan.gpus; ++g) {
+            std::snprintf(buf, sizeof buf, "%.2f", allocs[g] / mmoc::GiB);
+            os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : std::string(buf));
+          }
         }
         std::snprintf(buf, sizeof buf, "  ETA %.0f s", eta);
         os << buf;
@@ -532,7 +531,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
     {
       json j = json::array();
       for (const auto& e : worker.trace()) j.push_back({e.instr, e.lane, e.start_us, e.dur_us, e.bytes});
-      ir::save_file_atomic(part, j.dump());
+      mmoc::write_file_atomic(part, j.dump());
     }
     if (tr) tr->barrier();
     if (w.rank == 0) {
@@ -624,7 +623,7 @@ int run_main(int argc, char** argv) {
     if (rc != 0 && rc != kExitDiverged && !rep.message.empty()) std::cerr << "mmoc: " << rep.message << "\n";
     struct rusage ru {};
     if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
-      std::cout << "host memory: peak resident set of the largest worker " << gib(double(ru.ru_maxrss) * 1024.0) << " GiB\n";
+      std::cout << "host memory: peak resident set of the largest worker " << mmoc::gib(double(ru.ru_maxrss) * 1024.0) << "\n";
     return rc == 0 ? 0 : rc == 2 ? 2 : rc == kExitDiverged ? kExitDiverged : 1;  // 2: a worker found bad input
   } catch (const UsageError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
