@@ -24,6 +24,7 @@
 #include "engine/exec/cpu_stream.hpp"
 #include "engine/exec/device_adamw.hpp"
 #include "engine/exec/host_memory.hpp"
+#include "engine/io/test_fault.hpp"
 #include "engine/data/data.hpp"
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
@@ -45,43 +46,6 @@ using namespace mmoc::engine::optim;
 namespace {
 struct ExecError : std::runtime_error { using std::runtime_error::runtime_error; };
 
-// MMOC_TEST_FAULT (tests only): nonfinite:<rank>:<step>[-<last step>] poisons that rank's gradients at those steps
-// (1-based); crash-in-save:<rank> and slow-save:<rank>:<ms> act in the checkpoint writer (train_checkpoint.cpp).
-struct TestFault {
-  std::string kind;
-  int rank = -1;
-  int64_t first = 0, last = 0;
-  static TestFault from_env() {  // a comma-separated list; the nonfinite entry is this one's
-    TestFault f;
-    const char* e = std::getenv("MMOC_TEST_FAULT");
-    if (!e || !*e) return f;
-    const std::string all = e;
-    for (size_t p = 0; p <= all.size();) {
-      size_t q = all.find(',', p);
-      if (q == std::string::npos) q = all.size();
-      TestFault g = parse(all.substr(p, q - p));
-      if (g.kind == "nonfinite") f = g;
-      p = q + 1;
-    }
-    return f;
-  }
-  static TestFault parse(const std::string& s) {
-    TestFault f;
-    auto c1 = s.find(':');
-    f.kind = s.substr(0, c1);
-    if (c1 == std::string::npos) throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": expected <kind>:<rank>[:<step>[-<last>]]");
-    auto c2 = s.find(':', c1 + 1);
-    f.rank = std::stoi(s.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1));
-    if (c2 != std::string::npos) {
-      std::string r = s.substr(c2 + 1);
-      auto d = r.find('-');
-      f.first = std::stoll(r.substr(0, d));
-      f.last = d == std::string::npos ? f.first : std::stoll(r.substr(d + 1));
-    }
-    if (f.kind != "nonfinite" && f.kind != "crash-in-save" && f.kind != "slow-save") throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": unknown fault '" + f.kind + "'");
-    return f;
-  }
-};
 }  // namespace
 
 bool updates_wait_for_gradnorm(const ir::Plan& plan) {
@@ -184,7 +148,7 @@ struct Worker::Impl {
   bool skip_updates = false;   // this step's global norm (or loss) is non-finite: no optimizer step updates anything
   double gsq_host = 0;         // no gradnorm: sum of squares of the gradients updated on the host (cpu stream)
   at::Tensor gsq_dev;          // ... and of those updated on the device (0-dim fp64)
-  TestFault fault;
+  const io::TestFault* fault = nullptr;  // MMOC_TEST_FAULT=nonfinite:<this rank>:...
   // checkpoints
   IoOptions io;
   std::unique_ptr<CheckpointWriter> writer;
@@ -376,10 +340,10 @@ struct Worker::Impl {
     return h;
   }
 
-  // Test-only fault injection (MMOC_TEST_FAULT=nonfinite:<rank>:<step>[-<last step>], steps 1-based): poisons this
-  // rank's gradients of `stage` (all local stages for -1) with a NaN, as a diverged backward would.
+  // Test-only fault injection (engine/io/test_fault.hpp: nonfinite): poisons this rank's gradients of `stage` (all
+  // local stages for -1) with a NaN at the fault's steps, as a diverged backward would.
   void maybe_poison(int stage, const std::vector<at::Tensor>& resident) {
-    if (fault.kind != "nonfinite" || fault.rank != rank || step_index + 1 < fault.first || step_index + 1 > fault.last) return;
+    if (!fault || step_index + 1 < fault->first || step_index + 1 > fault->last) return;
     for (auto& [s, st] : stages)
       if ((stage < 0 || s == stage) && !st.resident) st.host_grad.narrow(0, 0, 1).fill_(std::nan(""));
     for (const auto& g : resident) g.narrow(0, 0, 1).fill_(std::nan(""));
@@ -573,11 +537,15 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     st.resident = s.weights == ir::Residency::Resident;
     if (st.resident != (s.optim == ir::OptimPlace::Gpu))
       throw std::runtime_error("stage S" + std::to_string(s.id) + ": resident weights need the optimizer on the GPU (and offloaded on the CPU)");
-    if (st.resident) {
+    if (st.resident && I.cuda) {
       auto f32 = at::TensorOptions().dtype(at::kFloat).device(I.dev);
       st.master = at::zeros({st.layout.numel}, f32);
       st.exp_avg = at::zeros({st.layout.numel}, f32);
       st.exp_avg_sq = at::zeros({st.layout.numel}, f32);
+    } else if (st.resident) {  // the CPU device: "device" memory is host memory
+      st.master = host(at::kFloat, st.layout.numel, false);
+      st.exp_avg = host(at::kFloat, st.layout.numel, false);
+      st.exp_avg_sq = host(at::kFloat, st.layout.numel, false);
     } else {
       // fp32 master and moments in host memory; the low-precision copy and the gradient landing zone pinned
       st.master = host(at::kFloat, st.layout.numel, /*pinned=*/I.cdtype == at::kFloat);
@@ -594,7 +562,7 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
   for (int g = 0; g < plan.gpus; ++g)
     if (g != rank) mine.programs[g].instrs.clear();
   I.has_gradnorm = updates_wait_for_gradnorm(mine);
-  I.fault = TestFault::from_env();
+  I.fault = io::test_fault("nonfinite", rank);
   I.io.cuda_device = I.cuda ? I.cuda_index : -1;
   I.io.rank = rank;
   I.writer = std::make_unique<CheckpointWriter>(plan, I.io);
