@@ -190,6 +190,8 @@ void save_file_atomic(const std::string& path, const std::string& content);
 // points to earlier instructions, every send has exactly one matching recv (same tag, peers
 // agree, same buffer), forward S m before backward S m. Returns list of problems (empty = ok).
 std::vector<std::string> verify_structure(const Plan&);
+// with_programs=false: the header, stage table and buffer table only (a plan before its programs are made).
+std::vector<std::string> verify_structure(const Plan&, bool with_programs);
 void verify_structure_or_throw(const Plan&);
 
 }  // namespace mmoc::ir
