@@ -131,6 +131,16 @@ CompileResult compile_from(const JobConfig& j, const ModelSpec& m, const Hardwar
   c.plan = std::move(plan);
   c.plan.predicted.reset();
   recover_context(c, start_after);
+  // the plan must hold what the passes up to start_after guarantee: the checkers that apply to it pass
+  for (const auto& chk : default_invariant_checkers())
+    if (chk.applies(c)) {
+      try {
+        chk.check(c, start_after);
+      } catch (const std::exception& e) {
+        throw InputError("the plan is not one that --start-after=" + start_after + " can continue (" + chk.name +
+                         " check): " + e.what());
+      }
+    }
   return run_pipeline(c, start_after, o, t0);
 }
 

@@ -35,7 +35,8 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   naming the smallest budget that would. The choice (residency, recompute, window 1) is the context's `offload`.
 - **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute from a stage the schedule
   does not force, the window from the prefetches' dependencies) and the plan as comm-lowering left it (the lowered
-  plan without the instructions this pass adds: its inverse, `strip_offload`).
+  plan without the instructions this pass adds: its inverse, `strip_offload`; from a linearized plan, in
+  linearize's order).
 )md";
 
 using ir::BufKind;

@@ -98,19 +98,26 @@ std::vector<InvariantChecker> default_invariant_checkers() {
          std::string msg = "internal error: plan after pass '" + after + "' is malformed:";
          for (size_t i = 0; i < problems.size() && i < 10; ++i) msg += "\n  " + problems[i];
          throw std::logic_error(msg);
-       }},
+       },
+       "ir::verify_structure (operands and streams of every op, send/recv matching, one forward and one backward per "
+       "(stage, micro-batch), forward first), once the plan has programs"},
       {"deadlock (streams)", has_programs,
        [](const PassContext& c, const std::string& after) {
          std::string dl = verify_deadlock(c.plan, false);
          if (!dl.empty()) throw std::logic_error("internal error: after pass '" + after + "': " + dl);
-       }},
+       },
+       "the untimed executor runs every program to the end, each stream in order (`verify_deadlock`), once the plan "
+       "has programs"},
       {"deadlock (sequential)", [](const PassContext& c) { return c.linearized && !c.plan.programs.empty(); },
        [](const PassContext& c, const std::string& after) {
          std::string dl = verify_deadlock(c.plan, true);
          if (!dl.empty()) throw std::logic_error("internal error: after pass '" + after + "': " + dl);
-       }},
+       },
+       "the same with each program one in-order queue (how the CPU engine runs it), once the programs are linearized"},
       {"memory", [](const PassContext& c) { return c.memory_complete; },
-       [](const PassContext& c, const std::string&) { verify_memory(c); }},
+       [](const PassContext& c, const std::string&) { verify_memory(c); },
+       "verify-memory: every GPU's timing-independent memory bound within the usable budget (an InputError naming "
+       "the budget that would do), once the plan's memory is explicit"},
   };
 }
 
@@ -143,7 +150,7 @@ std::string passes_markdown() {
       "`build/tools/compile/mmoc-compile --passes-doc > docs/passes.md`. -->\n\n"
       "`mmoc-compile` runs these passes in order (compiler/pipeline.cpp). After each pass the pass manager runs the\n"
       "invariant checkers registered with it:\n\n";
-  for (const auto& chk : default_invariant_checkers()) s += "- " + chk.name + "\n";
+  for (const auto& chk : default_invariant_checkers()) s += "- **" + chk.name + "**: " + chk.doc + ".\n";
   s += "\n`--print-after=<pass>` prints the plan after a pass, `--stop-after=<pass>` writes it and stops, and\n"
        "`--start-after=<pass> --input <plan>` reads a plan written after that pass and runs the rest (as llc does):\n"
        "the state a later pass needs is rebuilt from the plan (each pass's *recovers from the plan* line).\n";

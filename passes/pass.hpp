@@ -62,6 +62,7 @@ struct InvariantChecker {
   std::string name;
   std::function<bool(const PassContext&)> applies;
   std::function<void(const PassContext&, const std::string& after_pass)> check;
+  std::string doc;  // what it checks and when (docs/passes.md)
 };
 
 // The passes (one per file in passes/), their contracts and recover hooks.
