@@ -89,7 +89,7 @@ const std::vector<OpInfo>& op_table() {
        "global gradient norm over all stages and ranks (clipping)"},
       {Op::Optim, "optim", kOpStage, "{stage}",  //
        stream_bit(Stream::Cpu) | stream_bit(Stream::Comp), Stream::Comp, stream_bit(Stream::Cpu), false, Sync::None,
-       Timing::Optimizer, {{A::FreeIfPresent, R::WGrad, W::OffCpu}}, Workspace::None,
+       Timing::Optimizer, {{A::Free, R::WGrad, W::OffCpu}}, Workspace::None,
        "AdamW step of stage S (on cpu: host master; on comp: GPU state)"},
   };
   return t;

@@ -5,6 +5,7 @@
 #include <queue>
 
 #include "cost/simulator.hpp"
+#include "ir/ops.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
@@ -32,7 +33,7 @@ void linearize_pass(PassContext& c) {
     const int n = (int)prog.size();
     double last_p2p = 0;
     for (int i = 0; i < n; ++i)
-      if (prog[i].op == ir::Op::Send || prog[i].op == ir::Op::Recv) last_p2p = std::max(last_p2p, start[g][i]);
+      if (ir::op_info(prog[i].op).sync != ir::Sync::None) last_p2p = std::max(last_p2p, start[g][i]);  // paired (p2p) ops
     std::vector<double> key(n);
     for (int i = 0; i < n; ++i) key[i] = prog[i].op == ir::Op::GradNorm ? std::max(start[g][i], last_p2p + 1e-9) : start[g][i];
     std::vector<std::vector<int>> succ(n);
