@@ -177,8 +177,7 @@ Effects effects(const Plan& p, const Instr& in) {
       case Ref::Stash: b = {BufKind::Stash, S, m}; break;
       case Ref::Batch: b = {BufKind::Batch, -1, m}; break;
     }
-    if (e.count == (int)e.list.size()) throw std::logic_error(std::string("op table: too many effects for ") + o.name);
-    e.list[e.count++] = {r.access, b};
+    e.list.push_back({r.access, b});
   }
   if (o.workspace != Workspace::None && S >= 0 && S <= last) {
     const Stage& st = p.stages[S];
