@@ -7,6 +7,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mmoc::ir {
@@ -25,9 +26,13 @@ enum class Op {
   GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
   Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
 };
+// Adding an op: append it above, count it here, and give it its entry in ir/ops.cpp's op table (the syntax, streams,
+// timing class and memory effects), then its handler in the engine. The table's test checks the count.
+constexpr int kNumOps = (int)Op::Optim + 1;
 enum class Stream { Comp, H2D, D2H, P2P, Cpu };
 enum class Tier { Gpu, Host, Nvme };
 enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt };
+constexpr int kNumBufKinds = (int)BufKind::Opt + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
 // W      weights of stage S in compute precision (bf16 on GPU runs)
 // WGrad  weight gradient of stage S, accumulated over the step's micro-batches
 // Act    output activation of stage S for micro-batch m (= input of stage S+1)
@@ -54,7 +59,8 @@ struct BufRef {
   auto operator<=>(const BufRef&) const = default;
   std::string str() const;                   // "w(S3)", "act(S2,m5)", "batch(m0)"
   static BufRef parse(const std::string&);   // inverse of str(); throws ParseError
-  bool per_microbatch() const { return kind == BufKind::Act || kind == BufKind::Grad || kind == BufKind::Stash || kind == BufKind::Batch; }
+  bool per_microbatch() const;  // one instance per micro-batch (act, grad, stash, batch): ops.hpp's kind table
+  bool per_stage() const;       // named with a stage (all but batch)
 };
 
 // Declares the size of one buffer kind of one stage (per micro-batch instance for per-mb kinds)
@@ -139,6 +145,10 @@ struct TrainConfig {
   std::string lr_schedule = "constant";  // constant | linear | cosine
   int warmup_steps = 0, total_steps = 0;
   int seed = 0;
+  // stop | skip: what a step with a non-finite loss or gradient norm does (mmoc-run --on-nonfinite overrides it).
+  // "skip" needs the global gradient norm before any optimizer step, so offload-insertion then adds gradnorm even
+  // without clipping. Printed only when not "stop".
+  std::string on_nonfinite = "stop";
   bool operator==(const TrainConfig&) const = default;
 };
 
@@ -180,9 +190,13 @@ Plan from_json_string(const std::string&);  // throws ParseError naming the bad 
 // Shortest of %.15g/%.16g/%.17g that reads back to the same double (as the text form prints numbers).
 std::string format_double(double);
 
+// The `plan` header line's fields as the text form writes them (key, value), in order.
+std::vector<std::pair<std::string, std::string>> header_fields(const Plan&);
+
 // Text form: one instruction per line, deterministic; parse_text(print_text(p)) == p.
 std::string print_text(const Plan&);
 std::string print_instr(const Instr&, int index);
+std::string print_op(const Instr&);  // "<op> <operands>" as print_instr writes them ("forward S0 m1", "gradnorm")
 Plan parse_text(const std::string&);         // throws ParseError with line number
 
 // Reads/writes either form, chosen by content (JSON starts with '{').
@@ -194,6 +208,8 @@ void save_file_atomic(const std::string& path, const std::string& content);
 // points to earlier instructions, every send has exactly one matching recv (same tag, peers
 // agree, same buffer), forward S m before backward S m. Returns list of problems (empty = ok).
 std::vector<std::string> verify_structure(const Plan&);
+// with_programs=false: the header, stage table and buffer table only (a plan before its programs are made).
+std::vector<std::string> verify_structure(const Plan&, bool with_programs);
 void verify_structure_or_throw(const Plan&);
 
 }  // namespace mmoc::ir

@@ -1,479 +1,22 @@
-#include "engine/exec/worker.hpp"
-
-#include <ATen/ATen.h>
-#include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/grad_mode.h>
-
-#include <ATen/cuda/CUDAEvent.h>
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-
-#include <chrono>
-#include <cmath>
-#include <cstring>
-#include <atomic>
-#include <condition_variable>
-#include <deque>
-#include <future>
-#include <optional>
-#include <set>
-#include <cerrno>
-#include <cstdio>
-#include <fstream>
-#include <map>
-#include <sstream>
-#include <thread>
-
-#include "engine/comm/transport.hpp"
-#include "engine/data/data.hpp"
-#include "engine/io/fsutil.hpp"
-#include "engine/io/safetensors.hpp"
-#include "engine/model/checkpoint.hpp"
-#include "engine/model/layout.hpp"
-#include "engine/model/model.hpp"
-#include "engine/optim/adamw.hpp"
-#include "engine/optim/lr_schedule.hpp"
-#include "engine/optim/thread_pool.hpp"
-
+#include "engine/exec/worker_impl.hpp"
 
 namespace mmoc::engine {
 
-using ir::BufKind;
-using ir::BufRef;
-using ir::Op;
-using namespace mmoc::engine::optim;
-
-namespace {
-struct ExecError : std::runtime_error { using std::runtime_error::runtime_error; };
-
-// The host side of the `cpu` stream on GPU machines: one thread that runs the plan's cpu instructions in order
-// (each waits for its dependencies first); the optimizer's own parallelism is the thread pool it uses.
-class CpuStream {
- public:
-  CpuStream() : th_([this] { loop(); }) {}
-  ~CpuStream() {
-    { std::lock_guard<std::mutex> g(mu_); stop_ = true; }
-    cv_.notify_all();
-    th_.join();
-  }
-  std::shared_future<void> submit(std::function<void()> fn) {
-    std::packaged_task<void()> task(std::move(fn));
-    std::shared_future<void> f = task.get_future().share();
-    { std::lock_guard<std::mutex> g(mu_); q_.push_back(std::move(task)); }
-    cv_.notify_one();
-    return f;
-  }
- private:
-  void loop() {
-    for (;;) {
-      std::packaged_task<void()> t;
-      {
-        std::unique_lock<std::mutex> g(mu_);
-        cv_.wait(g, [&] { return stop_ || !q_.empty(); });
-        if (q_.empty()) return;
-        t = std::move(q_.front());
-        q_.pop_front();
-      }
-      t();
+bool updates_wait_for_gradnorm(const ir::Plan& plan) {
+  for (const auto& prog : plan.programs) {
+    int g = -1;
+    for (int i = 0; i < (int)prog.instrs.size(); ++i)
+      if (prog.instrs[i].op == Op::GradNorm) g = i;
+    for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+      const auto& in = prog.instrs[i];
+      if (in.op != Op::Optim) continue;
+      if (g < 0) return false;
+      const bool ordered = in.stream == ir::Stream::Cpu ? i > g : std::find(in.after.begin(), in.after.end(), g) != in.after.end();
+      if (!ordered) return false;
     }
   }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::packaged_task<void()>> q_;
-  bool stop_ = false;
-  std::thread th_;
-};
-
-double now_us() {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return true;
 }
-}  // namespace
-
-struct StageState {
-  int id = 0;
-  StageLayout layout;
-  bool resident = false;
-  at::Tensor master, exp_avg, exp_avg_sq;  // fp32: host (offloaded) or device (resident)
-  at::Tensor host_lowp;                    // compute-dtype host copy that prefetches read (== master for fp32)
-  at::Tensor host_grad;                    // compute-dtype host buffer that gradients land in
-  int64_t step = 0;
-};
-
-struct FwdRecord {
-  at::Tensor input;                  // stage input (ids for stage 0)
-  at::Tensor w_leaf, in_leaf, out;   // autograd graph when not recomputing
-  at::Tensor loss;                   // last stage: loss sum (graph)
-};
-
-struct Worker::Impl {
-  ir::Plan plan;
-  int rank = 0;
-  comm::Transport* tr = nullptr;   // send/recv
-  comm::Transport* htr = nullptr;  // host collectives
-  bool cuda = false;
-  int cuda_index = -1;
-  std::optional<c10::cuda::CUDAStream> streams[4];  // comp, h2d, d2h, p2p
-  std::unique_ptr<CpuStream> cpu;
-  std::vector<std::optional<at::cuda::CUDAEvent>> ev;  // per instruction (GPU streams)
-  std::vector<std::shared_future<void>> fut;           // per instruction (cpu stream)
-  std::vector<comm::WorkPtr> inflight;                 // NCCL works of this step
-  std::map<BufRef, std::set<int>> users;               // streams that touched a buffer (record_stream on drop)
-  int cur_stream = 0;
-  at::Tensor loss_acc;
-  at::Tensor pinned_ids, pinned_labels;                // the step's batch, pinned
-  std::optional<at::cuda::CUDAEvent> t0_event;
-  double t0_host_us = 0;
-  std::vector<std::pair<double, double>> cpu_times;
-  // watchdog: the host thread's position, so a hang says where it is
-  std::atomic<int> at_instr{-1};
-  std::atomic<double> last_progress_us{0};
-  std::atomic<bool> stop_watch{false};
-  std::thread watchdog;
-  void start_watchdog() {
-    const char* e = std::getenv("MMOC_WATCHDOG_S");
-    const double limit_s = e ? std::atof(e) : 120.0;
-    if (limit_s <= 0) return;
-    last_progress_us = now_us();
-    watchdog = std::thread([this, limit_s] {
-      bool reported = false;
-      while (!stop_watch) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(500));
-        const int i = at_instr.load();
-        if (i < 0) { last_progress_us = now_us(); reported = false; continue; }
-        if (!reported && now_us() - last_progress_us.load() > limit_s * 1e6) {
-          std::fprintf(stderr, "mmoc watchdog: rank %d made no progress for %.0f s; its host thread is at:\n%s%s", rank, limit_s,
-                       context(i).c_str(), gpu_progress(i).c_str());
-          reported = true;
-        }
-      }
-    });
-  }
-  // Per GPU stream: the last instruction up to `upto` whose completion event has fired, and the first that has not.
-  std::string gpu_progress(int upto) {
-    if (!cuda) return "";
-    std::lock_guard<std::mutex> g(ev_mu);
-    const auto& prog = plan.programs[rank].instrs;
-    static const char* names[] = {"comp", "h2d", "d2h", "p2p"};
-    std::string s;
-    for (int k = 0; k < 4; ++k) {
-      int done = -1, pending = -1;
-      for (int j = 0; j <= upto && j < (int)ev.size() && j < (int)prog.size(); ++j) {
-        if ((int)prog[j].stream != k || !ev[j]) continue;
-        if (ev[j]->query()) done = j;
-        else if (pending < 0) pending = j;
-      }
-      s += std::string("  gpu stream ") + names[k] + ": last done " + (done >= 0 ? ir::print_instr(prog[done], done) : std::string("none")) +
-           "; first pending " + (pending >= 0 ? ir::print_instr(prog[pending], pending) : std::string("none")) + "\n";
-    }
-    return s;
-  }
-  ~Impl() {
-    stop_watch = true;
-    if (watchdog.joinable()) watchdog.join();
-  }
-  WorkerOptions opts;
-  int max_ahead = 2;          // CUDA: compute instructions issued ahead of the GPU
-  int64_t outside_bytes = 0;  // CUDA: device bytes outside the caching allocator (context, NCCL)
-  std::mutex ev_mu;           // guards ev against the watchdog while a step (re)sizes it
-  at::Device dev{at::kCPU};
-  at::ScalarType cdtype = at::kFloat;
-  std::map<int, StageState> stages;  // local stages
-  Rope rope;
-  std::unique_ptr<ThreadPool> pool;
-  int last = 0;
-
-  // step state
-  std::map<BufRef, at::Tensor> bufs;       // what the plan says is on the GPU
-  std::map<std::pair<int, int>, FwdRecord> rec;  // stash(s,m)
-  std::map<BufRef, comm::WorkPtr> sends;   // in-flight sends (their buffer stays alive)
-  std::map<int, std::shared_future<void>> pending_optim;  // CUDA: stage -> its last CPU update
-  std::map<int, at::Tensor> ids, labels;   // batch(m)
-  const data::StepBatch* batch = nullptr;
-  int64_t count = 0;
-  double loss_sum = 0;
-  float clip = 1.0f;
-  double grad_norm = -1;
-  double lr = 0;
-  int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
-  std::vector<TraceEvent> trace;
-
-  int64_t bytes_of(const at::Tensor& t) const { return t.defined() ? (int64_t)t.numel() * (int64_t)t.element_size() : 0; }
-  void put(BufRef b, at::Tensor t) {
-    cur_bytes += bytes_of(t);
-    peak_bytes = std::max(peak_bytes, cur_bytes);
-    if (cuda) users[b].insert(cur_stream);
-    bufs[b] = std::move(t);
-  }
-  at::Tensor take(BufRef b) {
-    auto it = bufs.find(b);
-    if (it == bufs.end()) throw ExecError(b.str() + " is not on the device");
-    at::Tensor t = std::move(it->second);
-    bufs.erase(it);
-    cur_bytes -= bytes_of(t);
-    if (cuda) {
-      // the caching allocator only knows the allocating stream: tell it every stream that used the buffer, so its
-      // memory is not reused before their queued work has passed
-      auto& used_by = users[b];
-      used_by.insert(cur_stream);
-      if (t.defined() && t.is_cuda())
-        for (int sidx : used_by) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *streams[sidx]);
-      users.erase(b);
-    }
-    return t;
-  }
-  const at::Tensor& need(BufRef b, const char* why) {
-    auto it = bufs.find(b);
-    if (it == bufs.end()) throw ExecError(std::string(why) + ": " + b.str() + " is not on the device");
-    if (cuda) users[b].insert(cur_stream);
-    return it->second;
-  }
-
-  std::vector<int64_t> act_shape() const {
-    return {plan.micro_batch_size, plan.seq_len, plan.model.hidden};
-  }
-
-  at::Tensor stage_weights(int s) { return need({BufKind::W, s, -1}, "weights not resident"); }
-
-  // ---- handlers -------------------------------------------------------------------------------
-  void load_batch(int m) {
-    if (ids.count(m)) throw ExecError("batch(m" + std::to_string(m) + ") loaded twice");
-    const int64_t mbs = plan.micro_batch_size, T = plan.seq_len;
-    ids[m] = pinned_ids[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
-    labels[m] = pinned_labels[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
-    cur_bytes += 2 * mbs * T * 8;
-    peak_bytes = std::max(peak_bytes, cur_bytes);
-  }
-  void free_batch(int m) {
-    if (!ids.count(m)) throw ExecError("free of batch(m" + std::to_string(m) + ") that is not loaded");
-    ids.erase(m);
-    labels.erase(m);
-    cur_bytes -= 2 * (int64_t)plan.micro_batch_size * plan.seq_len * 8;
-  }
-  const at::Tensor& batch_ids(int m, const char* why) {
-    auto it = ids.find(m);
-    if (it == ids.end()) throw ExecError(std::string(why) + ": batch(m" + std::to_string(m) + ") not loaded");
-    return it->second;
-  }
-  const at::Tensor& batch_labels(int m) {
-    auto it = labels.find(m);
-    if (it == labels.end()) throw ExecError("labels of batch(m" + std::to_string(m) + ") not loaded");
-    return it->second;
-  }
-
-  at::Tensor run_stage(const StageState& st, const at::Tensor& w, const at::Tensor& in) {
-    return stage_forward(plan.model, st.layout, w, in, rope);
-  }
-
-  void forward(int s, int m) {
-    StageState& st = stages.at(s);
-    if (rec.count({s, m})) throw ExecError("forward S" + std::to_string(s) + " m" + std::to_string(m) + " ran twice");
-    at::Tensor w = stage_weights(s);
-    at::Tensor input = s == 0 ? batch_ids(m, "forward of the first stage") : need({BufKind::Act, s - 1, m}, "stage input missing");
-    FwdRecord r;
-    r.input = input;
-    at::Tensor out;
-    if (plan.stages[s].recompute) {
-      at::NoGradGuard ng;
-      out = run_stage(st, w, input);
-    } else {
-      r.w_leaf = w.detach().requires_grad_(true);
-      r.in_leaf = s > 0 ? input.detach().requires_grad_(true) : input;
-      out = run_stage(st, r.w_leaf, r.in_leaf);
-      r.out = out;
-    }
-    if (s == last) {
-      at::Tensor l = lm_loss_sum(out, batch_labels(m));
-      loss_acc.add_(l.detach().to(at::kDouble));
-      if (!plan.stages[s].recompute) r.loss = l;
-    } else {
-      put({BufKind::Act, s, m}, out.detach());
-    }
-    rec[{s, m}] = std::move(r);
-  }
-
-  void backward(int s, int m) {
-    StageState& st = stages.at(s);
-    auto it = rec.find({s, m});
-    if (it == rec.end()) throw ExecError("backward S" + std::to_string(s) + " m" + std::to_string(m) + " before its forward");
-    FwdRecord r = std::move(it->second);
-    rec.erase(it);
-    at::Tensor w = stage_weights(s);
-    at::Tensor out, loss;
-    if (plan.stages[s].recompute) {
-      r.w_leaf = w.detach().requires_grad_(true);
-      r.in_leaf = s > 0 ? r.input.detach().requires_grad_(true) : r.input;
-      out = run_stage(st, r.w_leaf, r.in_leaf);
-      if (s == last) loss = lm_loss_sum(out, batch_labels(m));
-    } else {
-      out = r.out;
-      loss = r.loss;
-    }
-    torch::autograd::variable_list outputs, grad_outputs, inputs{r.w_leaf};
-    if (s == last) {
-      if (s == 0) batch_ids(m, "backward");
-      outputs.push_back(loss);
-      grad_outputs.push_back(at::full({}, 1.0 / double(count), loss.options()));
-    } else {
-      outputs.push_back(out);
-      grad_outputs.push_back(take({BufKind::Grad, s, m}));
-    }
-    if (s > 0) inputs.push_back(r.in_leaf);
-    auto grads = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false);
-    BufRef wg{BufKind::WGrad, s, -1};
-    auto wit = bufs.find(wg);
-    if (wit == bufs.end()) put(wg, grads[0]);
-    else wit->second.add_(grads[0]);
-    if (s > 0) {
-      take({BufKind::Act, s - 1, m});  // the input is consumed
-      put({BufKind::Grad, s - 1, m}, grads[1]);
-    }
-  }
-
-  void prefetch(const BufRef& b) {
-    if (b.kind != BufKind::W) throw ExecError("prefetch of " + b.str() + ": only weights are prefetched");
-    if (bufs.count(b)) throw ExecError("prefetch of " + b.str() + " that is already on the device");
-    StageState& st = stages.at(b.stage);
-    if (cuda) {
-      auto it = pending_optim.find(b.stage);  // the previous step's update of these weights must be done
-      if (it != pending_optim.end()) { it->second.get(); pending_optim.erase(it); }
-    }
-    put(b, st.host_lowp.to(dev, /*non_blocking=*/true, /*copy=*/true));
-  }
-
-  void evict(const ir::Instr& in) {
-    const BufRef& b = *in.buf;
-    at::Tensor t = take(b);
-    if (!in.to_host) return;
-    if (b.kind != BufKind::WGrad) throw ExecError("evict " + b.str() + " -> host: only gradients are copied out");
-    stages.at(b.stage).host_grad.copy_(t, /*non_blocking=*/true);
-  }
-
-  void send(const ir::Instr& in) {
-    const at::Tensor& t = need(*in.buf, "send");
-    if (sends.count(*in.buf)) throw ExecError("second send of " + in.buf->str());
-    if (!tr) throw ExecError("send in a plan run without a transport");
-    if (cuda) inflight.push_back(tr->isend(t, in.peer, in.tag));  // ordered on the p2p stream
-    else sends[*in.buf] = tr->isend(t, in.peer, in.tag);
-  }
-  void recv(const ir::Instr& in) {
-    if (bufs.count(*in.buf)) throw ExecError("second recv of " + in.buf->str() + " (it is already on the device)");
-    at::Tensor t = at::empty(act_shape(), at::TensorOptions().dtype(cdtype).device(dev));
-    if (!tr) throw ExecError("recv in a plan run without a transport");
-    if (cuda) inflight.push_back(tr->irecv(t, in.peer, in.tag));
-    else tr->recv(t, in.peer, in.tag);
-    put(*in.buf, t);
-  }
-  void free_buf(const BufRef& b) {
-    if (b.kind == BufKind::Batch) { free_batch(b.mb); return; }
-    auto s = sends.find(b);
-    if (s != sends.end()) { s->second->wait(); sends.erase(s); }
-    take(b);
-  }
-
-  AdamWHyper hyper() const {
-    AdamWHyper h;
-    h.lr = lr;
-    h.beta1 = plan.train.beta1;
-    h.beta2 = plan.train.beta2;
-    h.eps = plan.train.eps;
-    h.weight_decay = plan.train.weight_decay;
-    h.moment_form = MomentForm::kLerp;
-    return h;
-  }
-
-  void optim(const ir::Instr& in) {
-    StageState& st = stages.at(in.stage);
-    st.step += 1;
-    if (in.stream == ir::Stream::Cpu) {
-      if (st.resident) throw ExecError("optim S" + std::to_string(in.stage) + " on the cpu for a GPU-resident stage");
-      AdamWBuffers b;
-      b.param = st.master.data_ptr<float>();
-      b.exp_avg = st.exp_avg.data_ptr<float>();
-      b.exp_avg_sq = st.exp_avg_sq.data_ptr<float>();
-      b.grad = st.host_grad.data_ptr();
-      b.grad_type = cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32;
-      if (cdtype == at::kBFloat16) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kBFloat16; }
-      b.n = st.layout.numel;
-      adamw_step(b, hyper(), st.step, clip, pool.get());
-    } else {
-      if (!st.resident) throw ExecError("optim S" + std::to_string(in.stage) + " on the GPU for an offloaded stage");
-      at::Tensor grad = take({BufKind::WGrad, in.stage, -1});
-      at::Tensor w = need({BufKind::W, in.stage, -1}, "optim");
-      const auto h = hyper();
-      const double bc1 = 1.0 - std::pow(h.beta1, (double)st.step);
-      const double bc2 = 1.0 - std::pow(h.beta2, (double)st.step);
-      // torch.optim.AdamW's update, on the device, in chunks: the fp32 gradient copy and the denominator are
-      // transient per chunk (at most 2 x 128 MiB), not per stage, so they fit in the plan's reserve
-      const int64_t n = st.master.numel(), chunk = int64_t(1) << 25;
-      for (int64_t off = 0; off < n; off += chunk) {
-        const int64_t len = std::min(chunk, n - off);
-        at::Tensor m = st.master.narrow(0, off, len), ea = st.exp_avg.narrow(0, off, len), eas = st.exp_avg_sq.narrow(0, off, len);
-        at::Tensor g = grad.narrow(0, off, len).to(at::kFloat);
-        if (clip != 1.0f) g.mul_(clip);
-        m.mul_(1.0 - h.lr * h.weight_decay);
-        ea.lerp_(g, 1.0 - h.beta1);
-        eas.mul_(h.beta2).addcmul_(g, g, 1.0 - h.beta2);
-        at::Tensor denom = eas.sqrt();
-        denom.div_(std::sqrt(bc2)).add_(h.eps);
-        m.addcdiv_(ea, denom, -h.lr / bc1);
-        w.narrow(0, off, len).copy_(m);
-      }
-    }
-  }
-
-  std::vector<at::Tensor> resident_grads() {
-    std::vector<at::Tensor> g;
-    for (auto& [s, st] : stages)
-      if (st.resident) {
-        auto it = bufs.find({BufKind::WGrad, s, -1});
-        if (it == bufs.end()) throw ExecError("gradnorm: gradient of resident S" + std::to_string(s) + " missing");
-        g.push_back(it->second);
-      }
-    return g;
-  }
-  void gradnorm(const std::vector<at::Tensor>& rgrads) {
-    double local = 0;
-    for (const auto& g : rgrads) local += g.to(at::kDouble).pow(2).sum().item<double>();
-    for (auto& [s, st] : stages)  // offloaded stages: their gradients are on the host
-      if (!st.resident)
-        local += sum_of_squares(st.host_grad.data_ptr(), cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32,
-                                st.layout.numel, pool.get());
-    double total = htr ? htr->allreduce_sum_double(local) : local;
-    grad_norm = std::sqrt(total);
-    clip = clip_scale(grad_norm, plan.train.max_grad_norm);
-  }
-
-  void exec(int i) {
-    const ir::Instr& in = plan.programs[rank].instrs[i];
-    switch (in.op) {
-      case Op::LoadBatch: load_batch(in.mb); break;
-      case Op::Prefetch: prefetch(*in.buf); break;
-      case Op::Forward: forward(in.stage, in.mb); break;
-      case Op::Backward: backward(in.stage, in.mb); break;
-      case Op::Send: send(in); break;
-      case Op::Recv: recv(in); break;
-      case Op::Evict: evict(in); break;
-      case Op::Free: free_buf(*in.buf); break;
-      case Op::Optim: optim(in); break;
-      case Op::GradNorm: gradnorm(resident_grads()); break;
-      case Op::AllReduce: {
-        at::Tensor& t = bufs.at(*in.buf);
-        tr->allreduce_sum(t, in.group);
-        break;
-      }
-    }
-  }
-
-  std::string context(int i) const {
-    const auto& prog = plan.programs[rank].instrs;
-    std::string s;
-    for (int j = std::max(0, i - 3); j <= std::min((int)prog.size() - 1, i + 3); ++j)
-      s += std::string(j == i ? "  >> " : "     ") + ir::print_instr(prog[j], j) + "\n";
-    return s;
-  }
-};
 
 Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const WorkerOptions& opts) : impl_(new Impl) {
   auto& I = *impl_;
@@ -515,9 +58,9 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
   I.pool = std::make_unique<ThreadPool>(threads, pin);
   if (plan.model.tied_embeddings && plan.num_stages() > 1)
     throw std::runtime_error("tied embeddings across pipeline stages are not supported (use one stage, or an untied model)");
-  auto host = [&](at::ScalarType t, int64_t n) {
-    return at::zeros({n}, at::TensorOptions().dtype(t).pinned_memory(I.cuda));
-  };
+  // host state: exactly sized, faulted in by all of this rank's cores, page-locked on CUDA where copies need it
+  const int fault_threads = std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus));
+  auto host = [&](at::ScalarType t, int64_t n, bool pinned) { return host_tensor(n, t, pinned && I.cuda, I.cuda_index, fault_threads); };
   for (const auto& s : plan.stages) {
     if (s.gpu != rank) continue;
     StageState st;
@@ -526,24 +69,38 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     st.resident = s.weights == ir::Residency::Resident;
     if (st.resident != (s.optim == ir::OptimPlace::Gpu))
       throw std::runtime_error("stage S" + std::to_string(s.id) + ": resident weights need the optimizer on the GPU (and offloaded on the CPU)");
-    if (st.resident) {
+    if (st.resident && I.cuda) {
       auto f32 = at::TensorOptions().dtype(at::kFloat).device(I.dev);
       st.master = at::zeros({st.layout.numel}, f32);
       st.exp_avg = at::zeros({st.layout.numel}, f32);
       st.exp_avg_sq = at::zeros({st.layout.numel}, f32);
+    } else if (st.resident) {  // the CPU device: "device" memory is host memory
+      st.master = host(at::kFloat, st.layout.numel, false);
+      st.exp_avg = host(at::kFloat, st.layout.numel, false);
+      st.exp_avg_sq = host(at::kFloat, st.layout.numel, false);
     } else {
       // fp32 master and moments in host memory; the low-precision copy and the gradient landing zone pinned
-      st.master = I.cdtype == at::kFloat ? host(at::kFloat, st.layout.numel) : at::zeros({st.layout.numel}, at::kFloat);
-      st.exp_avg = at::zeros({st.layout.numel}, at::kFloat);
-      st.exp_avg_sq = at::zeros({st.layout.numel}, at::kFloat);
-      st.host_lowp = I.cdtype == at::kFloat ? st.master : host(I.cdtype, st.layout.numel);
-      st.host_grad = host(I.cdtype, st.layout.numel);
+      st.master = host(at::kFloat, st.layout.numel, /*pinned=*/I.cdtype == at::kFloat);
+      st.exp_avg = host(at::kFloat, st.layout.numel, false);
+      st.exp_avg_sq = host(at::kFloat, st.layout.numel, false);
+      st.host_lowp = I.cdtype == at::kFloat ? st.master : host(I.cdtype, st.layout.numel, true);
+      st.host_grad = host(I.cdtype, st.layout.numel, true);
     }
     I.stages[s.id] = std::move(st);
   }
   I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
+  I.gsq_dev = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
+  ir::Plan mine = plan;  // does this rank's every update wait for the global norm?
+  for (int g = 0; g < plan.gpus; ++g)
+    if (g != rank) mine.programs[g].instrs.clear();
+  I.has_gradnorm = updates_wait_for_gradnorm(mine);
+  I.fault = io::test_fault("nonfinite", rank);
+  I.io.cuda_device = I.cuda ? I.cuda_index : -1;
+  I.io.rank = rank;
+  I.writer = std::make_unique<CheckpointWriter>(plan, I.io);
   apply_budget();
-  I.start_watchdog();
+  I.watchdog = std::make_unique<Watchdog>(Watchdog::limit_from_env(), "rank " + std::to_string(rank),
+                                          [ip = &I](int i) { return ip->context(i) + ip->gpu_progress(i); });
 }
 
 void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
@@ -589,291 +146,79 @@ static void refresh_device_copies(Worker::Impl& I) {
   }
 }
 
-void Worker::init_random(uint64_t seed) {
-  auto& I = *impl_;
-  for (auto& [s, st] : I.stages) init_weights(I.plan.model, st.layout, st.master, seed);
-  refresh_device_copies(I);
-}
-
-void Worker::load_hf(const std::string& dir) {
-  auto& I = *impl_;
-  std::vector<StageLayout> layouts;
-  std::vector<at::Tensor> flats;
-  for (auto& [s, st] : I.stages) { layouts.push_back(st.layout); flats.push_back(st.master); }
-  load_hf_weights(dir, I.plan.model, layouts, flats);
-  size_t k = 0;
-  for (auto& [s, st] : I.stages) {
-    if (flats[k].data_ptr() != st.master.data_ptr()) st.master.copy_(flats[k]);
-    ++k;
-  }
-  refresh_device_copies(I);
-}
-
-StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
+LoadReport Worker::init_random(uint64_t seed) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
-  if ((int)batch.input_ids.size() != I.plan.microbatches || batch.micro_batch_size != I.plan.micro_batch_size ||
-      batch.seq_len != I.plan.seq_len)
-    throw std::runtime_error("batch shape does not match the plan (microbatches, micro-batch size, sequence length)");
-  I.batch = &batch;
-  I.count = 0;
-  for (const auto& lab : batch.labels) {
-    const int64_t T = batch.seq_len;
-    for (size_t r = 0; r < lab.size() / T; ++r)
-      for (int64_t t = 1; t < T; ++t) I.count += lab[r * T + t] != data::kIgnoreIndex;
-  }
-  if (I.count == 0) throw std::runtime_error("step " + std::to_string(step_index) + ": no token in the batch counts towards the loss (all labels are -100)");
-  I.loss_sum = 0;
-  I.clip = 1.0f;
-  I.grad_norm = -1;
-  auto sched = parse_lr_schedule(I.plan.train.lr_schedule);
-  I.lr = lr_at(I.plan.train.lr, sched ? *sched : LrSchedule::kConstant, I.plan.train.warmup_steps,
-               std::max<int64_t>(I.plan.train.total_steps, 1), step_index);
-  I.peak_bytes = I.cur_bytes;
-  const auto& prog = I.plan.programs[I.rank].instrs;
-  {
-    const int64_t M = I.plan.microbatches, n = (int64_t)batch.micro_batch_size * batch.seq_len;
-    auto o = at::TensorOptions().dtype(at::kLong).pinned_memory(I.cuda);
-    I.pinned_ids = at::empty({M, n}, o);
-    I.pinned_labels = at::empty({M, n}, o);
-    for (int64_t m = 0; m < M; ++m) {
-      std::memcpy(I.pinned_ids[m].data_ptr<int64_t>(), batch.input_ids[m].data(), n * 8);
-      std::memcpy(I.pinned_labels[m].data_ptr<int64_t>(), batch.labels[m].data(), n * 8);
-    }
-  }
-  if (I.cuda) {
-    c10::cuda::CUDAGuard dg((c10::DeviceIndex)I.cuda_index);
-    c10::cuda::CUDACachingAllocator::resetPeakStats((c10::DeviceIndex)I.cuda_index);
-    {
-      c10::cuda::CUDAStreamGuard g(*I.streams[0]);
-      I.loss_acc.zero_();
-    }
-    {
-      std::lock_guard<std::mutex> g(I.ev_mu);
-      I.ev.clear();
-      I.ev.resize(prog.size());
-    }
-    std::deque<int> comp_ahead;  // compute instructions issued whose completion the host has not seen
-    I.fut.assign(prog.size(), {});
-    if (I.opts.trace) {
-      I.t0_event.emplace(cudaEventDefault);
-      I.t0_event->record(*I.streams[0]);
-      I.t0_event->synchronize();
-      I.t0_host_us = now_us();
-    }
-    std::vector<std::optional<at::cuda::CUDAEvent>> ev_start(I.opts.trace ? prog.size() : 0);
-    I.cpu_times.assign(prog.size(), {0, 0});
-    for (int i = 0; i < (int)prog.size(); ++i) {
-      const auto& in = prog[i];
-      try {
-        if (in.stream == ir::Stream::Cpu) {
-          std::vector<at::cuda::CUDAEvent*> evs;
-          std::vector<std::shared_future<void>> fs;
-          for (int a : in.after) {
-            if (prog[a].stream == ir::Stream::Cpu) fs.push_back(I.fut[a]);
-            else if (I.ev[a]) evs.push_back(&*I.ev[a]);
-          }
-          std::vector<at::Tensor> rg;
-          if (in.op == Op::GradNorm) rg = I.resident_grads();
-          Impl* ip = &I;
-          const bool tr = I.opts.trace;
-          I.fut[i] = I.cpu->submit([ip, i, evs, fs, rg, tr] {
-            c10::cuda::CUDAGuard dg((c10::DeviceIndex)ip->cuda_index);
-            for (auto* e : evs) e->synchronize();
-            for (const auto& f : fs) f.get();
-            double ts = tr ? now_us() : 0;
-            const auto& inn = ip->plan.programs[ip->rank].instrs[i];
-            if (inn.op == Op::GradNorm) ip->gradnorm(rg);
-            else ip->exec(i);
-            if (tr) ip->cpu_times[i] = {ts, now_us() - ts};
-          });
-          if (in.op == Op::Optim) I.pending_optim[in.stage] = I.fut[i];
-          continue;
-        }
-        const int sidx = (int)in.stream;
-        auto& stream = *I.streams[sidx];
-        I.at_instr = i;
-        I.last_progress_us = now_us();
-        // bounded run-ahead: the host issues (and allocates for) at most max_ahead compute instructions ahead of the
-        // GPU, so the allocator's live set follows the plan's timeline instead of the whole step being queued at once
-        while (I.max_ahead > 0 && (int)comp_ahead.size() > I.max_ahead) {
-          I.ev[comp_ahead.front()]->synchronize();
-          comp_ahead.pop_front();
-        }
-        for (int a : in.after) {
-          if (prog[a].stream == ir::Stream::Cpu) I.fut[a].get();
-          else if (prog[a].stream != in.stream && I.ev[a]) I.ev[a]->block(stream);
-        }
-        c10::cuda::CUDAStreamGuard g(stream);
-        if (I.opts.trace) { ev_start[i].emplace(cudaEventDefault); ev_start[i]->record(stream); }
-        I.cur_stream = sidx;
-        I.at_instr = i;
-        I.last_progress_us = now_us();
-        I.exec(i);
-        I.ev[i].emplace(I.opts.trace ? cudaEventDefault : cudaEventDisableTiming);
-        I.ev[i]->record(stream);
-        if (in.stream == ir::Stream::Comp) comp_ahead.push_back(i);
-      } catch (const std::exception& e) {
-        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
-                                 e.what() + "\n" + I.context(i));
-      }
-    }
-    // the step ends when every stream and the optimizer thread have finished
-    I.at_instr = (int)prog.size() - 1;
-    I.last_progress_us = now_us();
-    for (int i = 0; i < (int)prog.size(); ++i) {
-      if (prog[i].stream != ir::Stream::Cpu) continue;
-      try { I.fut[i].get(); } catch (const std::exception& e) {
-        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
-                                 e.what() + "\n" + I.context(i));
-      }
-    }
-    for (int k = 0; k < 4; ++k) I.streams[k]->synchronize();
-    for (auto& w : I.inflight) w->wait();
-    I.inflight.clear();
-    I.pending_optim.clear();
-    I.loss_sum = I.loss_acc.item<double>();
-    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)I.cuda_index);
-    I.peak_bytes = stats.reserved_bytes[0].peak;
-    I.peak_alloc = stats.allocated_bytes[0].peak;
-    if (I.opts.trace) {
-      for (int i = 0; i < (int)prog.size(); ++i) {
-        const auto& in = prog[i];
-        int64_t bytes = in.buf ? I.plan.buffer_bytes(*in.buf) : 0;
-        if (in.stream == ir::Stream::Cpu) {
-          I.trace.push_back({i, 4, I.cpu_times[i].first, I.cpu_times[i].second, bytes});
-        } else if (ev_start[i] && I.ev[i]) {
-          double s0 = I.t0_event->elapsed_time(*ev_start[i]) * 1000.0, s1 = I.t0_event->elapsed_time(*I.ev[i]) * 1000.0;
-          I.trace.push_back({i, (int)in.stream, I.t0_host_us + s0, s1 - s0, bytes});
-        }
-      }
-    }
-  } else {
-    I.loss_acc.zero_();
-    for (int i = 0; i < (int)prog.size(); ++i) {
-      double ts = I.opts.trace ? now_us() : 0;
-      I.at_instr = i;
-      I.last_progress_us = now_us();
-      try {
-        I.exec(i);
-      } catch (const std::exception& e) {
-        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
-                                 e.what() + "\n" + I.context(i));
-      }
-      if (I.opts.trace) {
-        const auto& in = prog[i];
-        I.trace.push_back({i, (int)in.stream, ts, now_us() - ts, in.buf ? I.plan.buffer_bytes(*in.buf) : 0});
-      }
-    }
-    for (auto& [b, w] : I.sends) w->wait();
-    I.sends.clear();
-    I.loss_sum = I.loss_acc.item<double>();
-  }
-  I.at_instr = -1;
-  // everything transient must be gone: a leak is a plan/engine disagreement
-  for (const auto& [b, t] : I.bufs) {
-    bool persistent = b.kind == BufKind::W && I.stages.count(b.stage) && I.stages.at(b.stage).resident;
-    if (!persistent) throw std::runtime_error("rank " + std::to_string(I.rank) + ": " + b.str() + " still on the device at the end of the step");
-  }
-  if (!I.rec.empty() || !I.ids.empty()) throw std::runtime_error("rank " + std::to_string(I.rank) + ": forward records or batches left at the end of the step");
-  StepResult r;
-  double total = I.htr ? I.htr->allreduce_sum_double(I.loss_sum) : I.loss_sum;
-  r.loss = total / double(I.count);
-  r.tokens = I.count;
-  r.grad_norm = I.grad_norm;
-  r.peak_bytes = I.peak_bytes;
-  r.peak_allocated = I.cuda ? I.peak_alloc : I.peak_bytes;
-  r.outside_bytes = I.outside_bytes;
-  r.lr = I.lr;
+  for (auto& [s, st] : I.stages) init_weights(I.plan.model, st.layout, st.master, seed);
+  refresh_device_copies(I);
+  LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }
 
-// ---- checkpoints -------------------------------------------------------------------------------
-void Worker::save_parts(const std::string& parts_dir) {
+LoadReport Worker::load_hf(const std::string& dir) {
   auto& I = *impl_;
-  std::vector<io::TensorToWrite> ts;
-  std::vector<at::Tensor> keep;
-  std::map<std::string, std::string> meta{{"format", "mmoc-parts"}, {"rank", std::to_string(I.rank)}};
-  for (auto& [s, st] : I.stages) {
-    for (auto [name, t] : {std::pair<const char*, at::Tensor>{"master", st.master}, {"exp_avg", st.exp_avg}, {"exp_avg_sq", st.exp_avg_sq}}) {
-      at::Tensor c = t.to(at::kCPU).contiguous();
-      keep.push_back(c);
-      ts.push_back({"S" + std::to_string(s) + "." + name, io::DType::F32, {c.numel()}, c.data_ptr(), (size_t)c.numel() * 4});
-    }
-    meta["S" + std::to_string(s) + ".step"] = std::to_string(st.step);
-  }
-  io::write_safetensors(parts_dir + "/rank" + std::to_string(I.rank) + ".safetensors", ts, meta);
-}
-
-void Worker::load_parts(const std::string& parts_dir) {
-  auto& I = *impl_;
-  for (auto& [s, st] : I.stages) {
-    std::string path = parts_dir + "/S" + std::to_string(s) + ".safetensors";
-    auto f = io::SafetensorsFile::open(path);
-    for (auto [name, t] : {std::pair<const char*, at::Tensor*>{"master", &st.master}, {"exp_avg", &st.exp_avg}, {"exp_avg_sq", &st.exp_avg_sq}}) {
-      at::Tensor src = read_tensor(f, name);
-      if (src.numel() != t->numel())
-        throw std::runtime_error(path + ": " + name + " has " + std::to_string(src.numel()) + " elements, the plan's stage S" +
-                                 std::to_string(s) + " has " + std::to_string(t->numel()) + " (checkpoint from another plan?)");
-      t->copy_(src.view_as(*t));
-    }
-    auto it = f.metadata().find("step");
-    st.step = it == f.metadata().end() ? 0 : std::stoll(it->second);
-  }
-  refresh_device_copies(I);
-}
-
-static void rename_or_throw(const std::string& from, const std::string& to) {
-  if (std::rename(from.c_str(), to.c_str()) != 0)
-    throw std::runtime_error("cannot rename " + from + " to " + to + ": " + std::strerror(errno));
-}
-
-void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
-                         const std::string& dtype, const std::string& extra_json) {
-  // Gather the stage masters of all ranks, write the HF checkpoint into a staging folder, add the optimizer state
-  // (one file per stage, so a resume under another rank count still finds them), then swap it in.
+  const auto t0 = std::chrono::steady_clock::now();
   std::vector<StageLayout> layouts;
   std::vector<at::Tensor> flats;
-  std::map<int, std::string> stage_file;
-  const std::string staging = dir + ".staging";
-  io::remove_tree(staging);
-  io::make_dirs(staging);
-  const std::string hf_dir = staging + "/hf";
-  io::make_dirs(staging + "/mmoc_state");
-  for (int r = 0; r < plan.gpus; ++r) {
-    auto f = io::SafetensorsFile::open(parts_dir + "/rank" + std::to_string(r) + ".safetensors");
-    for (const auto& s : plan.stages) {
-      if (s.gpu != r) continue;
-      std::string p = "S" + std::to_string(s.id) + ".";
-      layouts.push_back(stage_layout(plan.model, s.layer_begin, s.layer_end));
-      flats.push_back(read_tensor(f, p + "master"));
-      at::Tensor m = read_tensor(f, p + "exp_avg"), v = read_tensor(f, p + "exp_avg_sq");
-      auto it = f.metadata().find(p + "step");
-      std::map<std::string, std::string> meta{{"format", "mmoc-optim"}, {"step", it == f.metadata().end() ? "0" : it->second},
-                                              {"layers", std::to_string(s.layer_begin) + "-" + std::to_string(s.layer_end)}};
-      at::Tensor mm = flats.back();
-      io::write_safetensors(staging + "/mmoc_state/S" + std::to_string(s.id) + ".safetensors",
-                            {{"master", io::DType::F32, {mm.numel()}, mm.data_ptr(), (size_t)mm.numel() * 4},
-                             {"exp_avg", io::DType::F32, {m.numel()}, m.data_ptr(), (size_t)m.numel() * 4},
-                             {"exp_avg_sq", io::DType::F32, {v.numel()}, v.data_ptr(), (size_t)v.numel() * 4}},
-                            meta);
-    }
-  }
-  save_hf_checkpoint(hf_dir, plan.model, layouts, flats, dtype == "bf16" ? at::kBFloat16 : at::kFloat);
-  // HF files at the top level of the checkpoint folder
-  for (const auto& name : io::list_dir(hf_dir)) rename_or_throw(hf_dir + "/" + name, staging + "/" + name);
-  io::remove_tree(hf_dir);
-  io::write_file_atomic(staging + "/mmoc_state/trainer_state.json", extra_json);
-  io::write_file_atomic(staging + "/mmoc_state/plan.json", ir::to_json_string(plan));
-  io::fsync_dir(staging);
-  // swap: the previous checkpoint survives until the new one is complete
-  const std::string old = dir + ".old";
-  io::remove_tree(old);
-  if (io::path_exists(dir)) rename_or_throw(dir, old);
-  rename_or_throw(staging, dir);
-  io::remove_tree(old);
-  io::remove_tree(parts_dir);
+  for (auto& [s, st] : I.stages) { layouts.push_back(st.layout); flats.push_back(st.master); }
+  const IoStats io = load_hf_parallel(dir, I.plan.model, layouts, flats, I.io);
+  refresh_device_copies(I);
+  LoadReport r;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.read_seconds = io.seconds;
+  r.bytes = io.bytes;
+  return r;
 }
+
+LoadReport Worker::load_checkpoint(const std::string& dir) {
+  auto& I = *impl_;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto v = I.stage_tensors();
+  const IoStats io = load_training_state(dir, I.plan, v, I.io);
+  for (const auto& t : v) I.stages.at(t.id).step = t.step;
+  refresh_device_copies(I);
+  LoadReport r;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.read_seconds = io.seconds;
+  r.bytes = io.bytes;
+  return r;
+}
+
+// ---- checkpoints -------------------------------------------------------------------------------
+std::vector<StageTensors> Worker::Impl::stage_tensors() {
+  std::vector<StageTensors> v;
+  for (auto& [s, st] : stages) v.push_back({s, st.layout, st.master, st.exp_avg, st.exp_avg_sq, st.step});
+  return v;
+}
+
+void Worker::begin_save(const std::string& dir, bool bf16_weights, bool background) {
+  auto& I = *impl_;
+  // in the order this rank's optimizer steps come in its program: the first update waits the least
+  std::vector<StageTensors> v = I.stage_tensors();
+  const auto& prog = I.plan.programs[I.rank].instrs;
+  auto first_optim = [&](int stage) {
+    for (int i = 0; i < (int)prog.size(); ++i)
+      if (prog[i].op == Op::Optim && prog[i].stage == stage) return i;
+    return (int)prog.size();
+  };
+  std::stable_sort(v.begin(), v.end(), [&](const StageTensors& a, const StageTensors& b) { return first_optim(a.id) < first_optim(b.id); });
+  I.save_wait_s = 0;
+  I.writer->start(dir, std::move(v), bf16_weights ? at::kBFloat16 : at::kFloat, background);
+}
+
+bool Worker::save_active() const { return impl_->writer->active(); }
+
+SaveReport Worker::finish_save() {
+  auto& I = *impl_;
+  SaveReport r;
+  const IoStats io = I.writer->wait();
+  r.bytes = io.bytes;
+  r.seconds = io.seconds;
+  r.optimizer_wait_s = I.save_wait_s;
+  return r;
+}
+
+int64_t Worker::save_host_bytes() const { return save_staging_bytes(impl_->io); }
 
 }  // namespace mmoc::engine

@@ -27,12 +27,27 @@ struct WorkerOptions {
 struct StepResult {
   double loss = 0;             // mean token loss of the step (all ranks agree)
   int64_t tokens = 0;          // tokens that count in the loss
-  double grad_norm = -1;       // global gradient norm when the plan clips, else -1
+  double grad_norm = -1;       // global gradient norm (before clipping; over the gradients of this step)
+  bool finite = true;          // loss and gradient norm are finite (all ranks agree)
+  bool skipped = false;        // non-finite and known before any update (the plan's gradnorm): no weight or optimizer
+                               // state changed in this step
   double seconds = 0;
   int64_t peak_bytes = 0;      // this rank's peak device bytes (plan-accounted buffers on CPU; allocator reserved on CUDA)
   int64_t peak_allocated = 0;  // CUDA: the allocator's peak of allocated (live tensor) bytes; CPU: = peak_bytes
   int64_t outside_bytes = 0;   // CUDA: device memory this process holds outside the allocator (context, NCCL)
   double lr = 0;
+};
+
+struct LoadReport {  // setting up the weights (and optimizer state)
+  double seconds = 0;       // in all: reads, conversions, copies to the device
+  double read_seconds = 0;  // the parallel reads alone
+  int64_t bytes = 0;        // read from disk by this rank
+};
+
+struct SaveReport {  // this rank's part of a checkpoint
+  int64_t bytes = 0;
+  double seconds = 0;           // writing it (wall time, background or not)
+  double optimizer_wait_s = 0;  // background: how long optimizer steps waited for it
 };
 
 struct TraceEvent {  // one executed instruction (for the measured trace)
@@ -41,6 +56,10 @@ struct TraceEvent {  // one executed instruction (for the measured trace)
   double start_us = 0, dur_us = 0;
   int64_t bytes = 0;
 };
+
+// True when on every rank each optimizer step waits for the global gradient norm (gradnorm), so a non-finite step
+// can be skipped before any update. Plans compiled with clipping or train.on_nonfinite = "skip" have this.
+bool updates_wait_for_gradnorm(const ir::Plan& plan);
 
 class Worker {
  public:
@@ -58,15 +77,20 @@ class Worker {
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
 
-  void init_random(uint64_t seed);
-  void load_hf(const std::string& dir);
+  LoadReport init_random(uint64_t seed);          // multithreaded, deterministic per (seed, parameter, element)
+  LoadReport load_hf(const std::string& dir);     // an HF checkpoint, read in parallel
+  LoadReport load_checkpoint(const std::string& dir);  // an mmoc checkpoint: weights, AdamW state and steps (--resume)
   // One training step (0-based index: picks the learning rate). All ranks pass the same batch.
   StepResult step(const data::StepBatch& batch, int64_t step_index);
 
-  // Checkpoints: every rank writes its stages' state into `parts_dir` (rank<r>.safetensors); rank 0 then
-  // assembles the HF checkpoint with assemble_checkpoint(). Collective.
-  void save_parts(const std::string& parts_dir);
-  void load_parts(const std::string& parts_dir);  // optimizer state + masters of the local stages
+  // Checkpoints (engine/model/train_checkpoint.hpp): this rank writes its stages into `dir` (a staging folder that
+  // exists, with mmoc_state/), each byte once. background: on a thread while steps go on; each stage's next
+  // optimizer update then waits until that stage's files are written (extra host memory: save_host_bytes()).
+  // finish_save() waits for this rank's part (rethrowing its error); rank 0 then calls finalize_checkpoint().
+  void begin_save(const std::string& dir, bool bf16_weights, bool background);
+  bool save_active() const;
+  SaveReport finish_save();
+  int64_t save_host_bytes() const;
   const std::vector<TraceEvent>& trace() const;
   int rank() const;
 
@@ -74,10 +98,5 @@ class Worker {
  private:
   std::unique_ptr<Impl> impl_;
 };
-
-// Rank 0, after every rank's save_parts: writes the HF checkpoint (fp32 or bf16 weights) plus mmoc_state/
-// (optimizer state parts, trainer_state.json with `extra_json`) into `dir`, atomically replacing an existing one.
-void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
-                         const std::string& dtype, const std::string& extra_json);
 
 }  // namespace mmoc::engine

@@ -13,7 +13,7 @@
 #include <sstream>
 #include <string>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 
 namespace {
 

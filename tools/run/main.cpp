@@ -1,3 +1,3 @@
-// mmoc-run: executes a Plan (engine/exec/run_main.cpp).
+// mmoc-run: executes a Plan (tools/run/run_main.cpp).
 namespace mmoc::engine { int run_main(int argc, char** argv); }
 int main(int argc, char** argv) { return mmoc::engine::run_main(argc, argv); }

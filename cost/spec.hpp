@@ -1,0 +1,154 @@
+// Model, hardware and job descriptions, and the cost model built from them. No LibTorch.
+// Files: configs/models/<name>.json, configs/hardware/<name>.json, configs/jobs/*.json.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/error.hpp"   // InputError
+#include "common/format.hpp"  // GiB
+#include "ir/plan.hpp"
+
+namespace mmoc {
+
+// ---- model ----------------------------------------------------------------------------------
+// The model: its architecture (ir::ModelArch: family, shapes, features; arch/arch.hpp) plus what only the compiler needs.
+struct ModelSpec : ir::ModelArch {
+  int max_seq = 4096;
+
+  int num_model_layers() const { return layers + 2; }  // embedding, decoder layers, head
+  // Per model layer (0 = embedding, 1..L decoder, L+1 = final norm + lm_head), for the family's layer kind:
+  int64_t layer_params(int layer) const;  // = arch::layer_param_count (the engine's flat layout)
+  // FLOPs of forward for one micro-batch (mbs x seq tokens); matmuls plus attention's seq^2 term.
+  double layer_fwd_flops(int layer, int mbs, int seq) const;
+  // FLOPs of backward (without recompute): ~2x forward.
+  double layer_bwd_flops(int layer, int mbs, int seq) const;
+  // Bytes saved by forward for backward of one micro-batch at `act_bytes` per element (2 for bf16).
+  // recompute=true: nothing beyond the layer's input (counted separately as the stage input).
+  int64_t layer_stash_bytes(int layer, int mbs, int seq, bool recompute, int act_bytes) const;
+  // Output activation of a layer (hidden state) for one micro-batch; the head's is 0.
+  int64_t layer_output_bytes(int layer, int mbs, int seq, int act_bytes) const;
+  // Peak transient bytes while the layer runs forward / backward (logits for the head, MLP intermediates, ...).
+  int64_t layer_fwd_workspace(int layer, int mbs, int seq, int act_bytes) const;
+  int64_t layer_bwd_workspace(int layer, int mbs, int seq, int act_bytes) const;
+  int64_t total_params() const;
+  ir::ModelArch arch() const { return static_cast<const ir::ModelArch&>(*this); }
+};
+ModelSpec load_model(const std::string& name_or_path, const std::string& configs_dir);
+// Parses a model description: mmoc's format (configs/README.md) or a HuggingFace config.json of a supported family
+// (recognised by "model_type", "architectures", "hidden_size" or "n_embd"; read by arch/hf_config.hpp, the engine's
+// reader too). `origin` names the source in error messages. Throws InputError.
+ModelSpec parse_model(const std::string& json_text, const std::string& origin);
+// The file a model or hardware name stands for: a path (holding '/' or ending in .json) as given, else
+// configs_dir/<sub>/<name>.json ("models" or "hardware"). Throws InputError listing the available names.
+std::string resolve_config(const std::string& name_or_path, const std::string& configs_dir, const std::string& sub);
+// Names (file stems) of configs_dir/<sub>/*.json, sorted ("models" or "hardware").
+std::vector<std::string> list_configs(const std::string& configs_dir, const std::string& sub);
+
+// ---- hardware ------------------------------------------------------------------------------
+// One directory of the NVMe tier as mmoc-profile --nvme measured it (docs/nvme-tier.md). JSON: "storage":
+// [{"path": "/nvme0/mmoc", "read_gbps": 2.3, "write_gbps": 2.2, "device": "259:0", "virtual": false}, ...].
+struct StoragePath {
+  std::string path;
+  double read_gbps = 0, write_gbps = 0;  // direct I/O through engine/tier, this path alone (1e9 bytes/s)
+  std::string device;                    // "major:minor" of its disk: paths with the same device share it
+  bool virtual_tier = false;             // tmpfs/ramfs ("virtual": true): host memory, not a disk
+};
+
+struct HardwareSpec {
+  std::string name;
+  int gpus = 1;
+  double gpu_mem_gib = 80;
+  double gpu_tflops = 100;       // achievable dense bf16 TFLOP/s for large matmuls
+  double gpu_mem_gbps = 2000;    // device memory bandwidth, GB/s
+  double mfu_small = 0.5;        // efficiency at small micro-batches (see cost model)
+  double h2d_gbps = 25, d2h_gbps = 25;   // pinned host<->device per GPU, one direction alone
+  double duplex_gbps = 40;       // H2D + D2H at once, one GPU, total
+  // GPUs sharing one host link (PCIe switch / root complex), and that link's capacity per direction.
+  std::vector<std::vector<int>> host_groups;
+  double group_link_gbps = 25;   // per direction, shared by the group's GPUs
+  double p2p_gbps = 20;          // GPU<->GPU
+  double host_mem_gib = 256;
+  int cpu_cores = 16;
+  double host_mem_gbps = 80;     // host memcpy bandwidth (read+write)
+  double adam_bytes_per_param = 28;
+  double launch_overhead_ms = 0.02;
+  // GPU memory the plan must leave free inside the budget: the allocator's rounding and fragmentation, cuBLAS and
+  // NCCL workspaces. Planned memory <= budget * (1 - reserve_fraction) - reserve_gib.
+  double reserve_gib = 0.0, reserve_fraction = 0.0;
+  int64_t usable_bytes(int64_t budget) const;
+  int64_t budget_for(int64_t bound) const;  // the smallest budget whose usable part holds `bound`
+  // Efficiency curve of compute (see CostModel::efficiency): mfu_small at <= mfu_small_tokens tokens per
+  // micro-batch, 1.0 at >= mfu_full_tokens, linear in log2(tokens) between.
+  double mfu_small_tokens = 256, mfu_full_tokens = 4096;
+  // Host threads that saturate host memory bandwidth in the CPU optimizer (0 = cpu_cores / 2).
+  int adam_saturating_threads = 0;
+  int adam_threads_to_saturate() const { return adam_saturating_threads > 0 ? adam_saturating_threads : std::max(1, cpu_cores / 2); }
+  // Calibrated per-layer times (written by mmoc-profile): key "layer=<kind>,mbs=<b>,seq=<s>" -> ms.
+  std::map<std::string, double> calibrated_ms;
+  // NVMe tier paths with their measured bandwidth (empty: none measured).
+  std::vector<StoragePath> storage;
+  // Which host group a GPU is in (-1 = none).
+  int group_of(int gpu) const;
+};
+HardwareSpec load_hardware(const std::string& name_or_path, const std::string& configs_dir);
+HardwareSpec parse_hardware(const std::string& json_text, const std::string& origin);
+// Key of hw.calibrated_ms: "model=<model name>,layer=<embed|decoder|head>.<fwd|bwd>,mbs=<b>,seq=<s>" (ms per
+// micro-batch of one such layer; bwd without recompute). mmoc-profile writes these.
+std::string calibration_key(const std::string& model, int layer_kind /*0 embed,1 decoder,2 head*/, bool fwd, int mbs, int seq);
+
+// ---- job -----------------------------------------------------------------------------------
+struct JobConfig {
+  std::string model = "tiny-gqa", hardware = "h100x1";
+  int gpus = 1;
+  std::string v = "1";             // integer or "auto"
+  double budget_gib = 0;           // 0 = the GPU's memory
+  int micro_batch_size = 1, microbatches = 1, seq_len = 128;
+  std::string schedule = "grouped";  // gpipe | 1f1b | interleaved-1f1b | grouped | auto
+  std::string recompute = "auto";    // auto | on | off
+  std::string offload = "auto";      // auto | all | none
+  std::string cross_map = "auto";    // auto | off
+  int dp = 1;
+  ir::TrainConfig train;
+};
+// Parses a job JSON; unknown keys and wrong types throw InputError naming the key.
+JobConfig parse_job(const std::string& json_text, const std::string& origin);
+JobConfig load_job(const std::string& path);
+
+// ---- cost model ----------------------------------------------------------------------------
+struct CostModel {
+  const ModelSpec& m;
+  const HardwareSpec& hw;
+  int act_bytes = 2;  // bf16
+  double layer_fwd_ms(int layer, int mbs, int seq) const;
+  double layer_bwd_ms(int layer, int mbs, int seq) const;  // without recompute
+  double h2d_ms(int64_t bytes) const;
+  double d2h_ms(int64_t bytes) const;
+  double p2p_ms(int64_t bytes) const;
+  double adam_ms(int64_t params, int threads) const;  // CPU AdamW over params
+  double gpu_adam_ms(int64_t params) const;
+  double allreduce_ms(int64_t bytes) const;  // a collective over the buffer (2x its p2p time)
+  double gradnorm_ms() const;                // the global gradient norm
+  // Rates of the simulator's shared resources, bytes per ms (cost/simulator.cpp shares them max-min fairly).
+  double h2d_rate() const;          // one GPU's host-to-device copies
+  double d2h_rate() const;          // one GPU's device-to-host copies
+  double duplex_rate() const;       // one GPU's copies in both directions together
+  double group_link_rate() const;   // a host group's link, per direction
+  double host_mem_rate() const;     // host memory, shared by every CPU optimizer
+  double adam_pool_rate(int threads) const;      // one GPU's CPU optimizer thread pool of `threads`
+  double adam_traffic_bytes(int64_t params) const;  // host memory traffic of a CPU AdamW step over params
+  int optim_threads_per_gpu(int gpus) const;        // the host's cores split among the GPUs' CPU optimizers
+  // Fraction of gpu_tflops reached at `tokens` tokens per micro-batch (continuous, in [mfu_small, 1]).
+  double efficiency(double tokens) const;
+  // 0 embedding, 1 decoder, 2 head, for a model layer index.
+  int layer_kind(int layer) const;
+};
+
+// Where the configs folder is: $MMOC_CONFIGS, else <exe dir>/../configs, else the source tree's.
+std::string default_configs_dir();
+
+}  // namespace mmoc

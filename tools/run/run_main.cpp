@@ -1,0 +1,648 @@
+// mmoc-run plan.json --data <file> --steps N [--init random|<hf dir>] [--save <dir>] [--resume <dir>] ...
+// Without RANK in the environment it starts one worker process per pipeline rank of the plan itself (on the CPU
+// when there is no GPU); under torchrun or Slurm it is one of those workers.
+#include <CLI/CLI.hpp>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <cuda_runtime_api.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <iomanip>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+
+#include "common/format.hpp"
+#include "common/fs.hpp"
+#include "engine/comm/transport.hpp"
+#include "engine/comm/world.hpp"
+#include "engine/data/data.hpp"
+#include "engine/exec/worker.hpp"
+#include "engine/io/fsutil.hpp"
+#include "engine/io/hf_config.hpp"
+#include "engine/io/safetensors.hpp"
+#include "engine/model/checkpoint.hpp"
+#include "engine/model/layout.hpp"
+#include "engine/model/train_checkpoint.hpp"
+#include "ir/plan.hpp"
+
+using json = nlohmann::json;
+
+namespace mmoc::engine {
+
+namespace {
+struct UsageError : std::runtime_error { using std::runtime_error::runtime_error; };
+// Training diverged (a non-finite loss or gradient norm): every rank throws it at the same step; rank 0 prints it.
+struct Diverged : std::runtime_error { using std::runtime_error::runtime_error; };
+constexpr int kExitDiverged = 4;
+
+struct Args {
+  std::string plan, data, tokenizer, init = "random", save, resume, metrics, trace, device = "auto", fit, save_dtype = "fp32";
+  std::string on_nonfinite;  // stop | skip; empty: the plan's train.on_nonfinite
+  int steps = 1, save_every = 0, optim_threads = 0, max_skips = 10;
+  uint64_t seed = 0, data_seed = 0;
+  bool quiet = false;
+};
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+int64_t wall_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+// Seconds since mmoc-run was started (MMOC_LAUNCH_T0_US, set by the launcher), or -1 under another launcher.
+double since_launch() {
+  const char* e = std::getenv("MMOC_LAUNCH_T0_US");
+  return e && *e ? (double)(wall_us() - std::atoll(e)) * 1e-6 : -1.0;
+}
+std::string fmt1(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", v);
+  return buf;
+}
+
+data::DataConfig data_config(const Args& a, const ir::Plan& p) {
+  data::DataConfig dc;
+  dc.path = a.data;
+  if (!a.tokenizer.empty()) dc.tokenizer = a.tokenizer;
+  dc.vocab_size = p.model.vocab;
+  dc.fit.mode = data::parse_fit_mode(a.fit.empty() ? "pad" : a.fit);
+  dc.fit_from_file = a.fit.empty();  // a prepared token file: its own fit mode unless --fit is given
+  dc.fit.seq_len = p.seq_len;
+  dc.seed = a.data_seed;
+  return dc;
+}
+
+std::string nonfinite_mode(const Args& a, const ir::Plan& p) { return a.on_nonfinite.empty() ? p.train.on_nonfinite : a.on_nonfinite; }
+
+// Checks done once, before any worker starts, so bad input fails fast with one message.
+ir::Plan validate(const Args& a) {
+  ir::Plan p = ir::load_plan_file(a.plan);
+  auto problems = ir::verify_structure(p);
+  if (!problems.empty()) throw UsageError(a.plan + ": not a valid plan: " + problems[0]);
+  try {
+    arch::validate(p.model, a.plan + ": model");
+  } catch (const arch::ConfigError& e) {
+    throw UsageError(e.what());
+  }
+  if (p.model.tied_embeddings && p.num_stages() > 1)
+    throw UsageError(a.plan + ": " + p.model.name + " has tied embeddings in " + std::to_string(p.num_stages()) +
+                     " stages; tied embeddings across pipeline stages are not supported yet (compile it for one stage)");
+  if (a.steps < 0) throw UsageError("--steps must be >= 0");
+  if (a.data.empty()) throw UsageError("--data is required");
+  if (!io::path_exists(a.data)) throw UsageError("--data " + a.data + ": no such file");
+  if (!a.tokenizer.empty() && !io::path_exists(a.tokenizer)) throw UsageError("--tokenizer " + a.tokenizer + ": no such file");
+  if (a.init != "random" && !io::is_directory(a.init)) throw UsageError("--init " + a.init + ": not 'random' and not a checkpoint folder");
+  if (!a.resume.empty() && !io::path_exists(a.resume + "/mmoc_state/trainer_state.json"))
+    throw UsageError("--resume " + a.resume + ": no mmoc checkpoint there (mmoc_state/trainer_state.json missing)");
+  if (a.save_dtype != "fp32" && a.save_dtype != "bf16") throw UsageError("--save-dtype must be fp32 or bf16");
+  if (!a.on_nonfinite.empty() && a.on_nonfinite != "stop" && a.on_nonfinite != "skip")
+    throw UsageError("--on-nonfinite must be stop or skip (got '" + a.on_nonfinite + "')");
+  if (a.max_skips < 1) throw UsageError("--max-skips must be >= 1");
+  if (nonfinite_mode(a, p) == "skip" && !updates_wait_for_gradnorm(p))
+    throw UsageError("--on-nonfinite skip: in " + a.plan + " the optimizer steps do not wait for the gradient norm, so a " +
+                     "non-finite step cannot be skipped before it updates; compile it with --on-nonfinite skip (or clipping)");
+  // Checkpoints are checked here too (headers, names, shapes; no tensor data is read), so a corrupt or mismatched
+  // one fails with one message and exit code 2 instead of a worker failure.
+  if (a.resume.empty() && a.init != "random") {
+    // config.json, when present, must describe the plan's model: head counts, rope theta and norm eps do not show
+    // in the tensor shapes (heads 8 / kv_heads 4 has the shapes of heads 4 / kv_heads 2 at hidden 64).
+    if (io::path_exists(a.init + "/config.json")) {
+      const ir::ModelArch c = io::read_hf_config(a.init).arch, &m = p.model;
+      const std::string diff = arch::differences(c, m);
+      if (!diff.empty())
+        throw UsageError("--init " + a.init + ": config.json is not the plan's model " + m.name + ": " + diff);
+    }
+    std::vector<at::Tensor> none;
+    try {
+      load_hf_weights(a.init, p.model, {}, none);  // throws io::FormatError naming the file/tensor
+    } catch (const io::FormatError&) {
+      throw;
+    } catch (const std::exception& e) {  // I/O: no model.safetensors, unreadable, ...
+      throw UsageError("--init " + a.init + ": " + e.what());
+    }
+  }
+  if (!a.resume.empty()) {
+    std::optional<io::Checkpoint> hf;  // the weights, for stages whose master is the fp32 HF shard
+    for (const auto& s : p.stages) {
+      const std::string path = a.resume + "/" + state_file(s.id);
+      if (!io::path_exists(path))
+        throw UsageError("--resume " + a.resume + ": " + path + " missing (checkpoint from another plan?)");
+      io::SafetensorsFile f;
+      try {
+        f = io::SafetensorsFile::open(path);
+      } catch (const io::FormatError&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw UsageError("--resume " + a.resume + ": " + e.what());
+      }
+      const StageLayout L = stage_layout(p.model, s.layer_begin, s.layer_end);
+      for (const char* name : {"master", "exp_avg", "exp_avg_sq"}) {
+        const auto* t = f.find(name);
+        if (!t && std::string(name) == "master") continue;  // fp32 weights: the master is the HF shard (checked below)
+        if (!t) throw UsageError(path + ": no tensor '" + name + "'");
+        if (t->numel() != L.numel || t->dtype != io::DType::F32)
+          throw UsageError(path + ": " + name + " has " + std::to_string(t->numel()) + " " + io::dtype_name(t->dtype) +
+                           " elements, the plan's stage S" + std::to_string(s.id) + " has " + std::to_string(L.numel) +
+                           " F32 (checkpoint from another plan?)");
+      }
+      if (f.find("master")) continue;
+      try {
+        if (!hf) hf = io::Checkpoint::open(a.resume);
+      } catch (const io::FormatError&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw UsageError("--resume " + a.resume + ": " + e.what());
+      }
+      for (const auto& prm : L.params) {
+        const io::TensorInfo* t = hf->contains(prm.name) ? &hf->info(prm.name) : nullptr;
+        if (!t || t->dtype != io::DType::F32 || t->shape != prm.shape)
+          throw UsageError("--resume " + a.resume + ": stage S" + std::to_string(s.id) + " has no fp32 master (" + prm.name +
+                           (t ? " is not an fp32 tensor of the plan's shape" : " is missing") + "; checkpoint from another plan?)");
+      }
+    }
+  }
+  return p;
+}
+
+// The data position of a --resume checkpoint, checked against the data (DataError when it belongs to other data).
+void check_resume_data(const Args& a, std::shared_ptr<const data::RowSource> rows) {
+  if (a.resume.empty()) return;
+  json st;
+  try {
+    std::ifstream f(a.resume + "/mmoc_state/trainer_state.json");
+    st = json::parse(f);
+    (void)st.at("step").get<int64_t>();
+    data::BatchIterator it(rows, a.data_seed);
+    it.restore(data::iterator_state_from_json(st.at("data")));
+  } catch (const json::exception& e) {
+    throw UsageError("--resume " + a.resume + ": bad mmoc_state/trainer_state.json (" + e.what() + ")");
+  } catch (const data::DataError& e) {
+    throw UsageError("--resume " + a.resume + ": " + e.what());
+  }
+}
+
+int cuda_devices() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
+  return n;
+}
+
+// auto: the GPUs when there are enough for the plan's ranks on this node, else the CPU.
+std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker) {
+  if (d != "auto" && d != "cpu" && d != "cuda") throw UsageError("--device must be auto, cpu or cuda (got '" + d + "')");
+  const int n = cuda_devices();
+  if (d == "auto") return n > 0 && (worker || n >= p.gpus) ? "cuda" : "cpu";
+  if (d == "cuda") {
+    if (n == 0) throw UsageError("--device cuda: no CUDA GPU is visible");
+    if (!worker && n < p.gpus)
+      throw UsageError("the plan has " + std::to_string(p.gpus) + " GPU ranks but this machine has " + std::to_string(n) +
+                       " GPU(s); compile for --gpus " + std::to_string(n) + " or run across nodes with torchrun/Slurm");
+  }
+  return d;
+}
+
+void write_trace(const std::string& path, const ir::Plan& plan, const std::vector<std::vector<TraceEvent>>& per_rank,
+                 double step_s, double tokens_per_s, const std::vector<double>& peaks, const std::vector<double>& allocs) {
+  json ev = json::array();
+  static const char* lanes[] = {"comp", "h2d", "d2h", "p2p", "cpu"};
+  double t0 = 1e300;
+  for (const auto& r : per_rank) for (const auto& e : r) t0 = std::min(t0, e.start_us);
+  for (int g = 0; g < (int)per_rank.size(); ++g) {
+    ev.push_back({{"ph", "M"}, {"name", "process_name"}, {"pid", g}, {"args", {{"name", "GPU " + std::to_string(g)}}}});
+    for (int l = 0; l < 5; ++l) ev.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", g}, {"tid", l}, {"args", {{"name", lanes[l]}}}});
+    for (const auto& e : per_rank[g]) {
+      const auto& in = plan.programs[g].instrs[e.instr];
+      std::string deps;
+      for (int a : in.after) deps += (deps.empty() ? "%" : ",%") + std::to_string(a);
+      std::string text = ir::print_instr(in, e.instr);  // "%3 = send act(S0,m0) -> g1 @p2p after(%2) tag=..."
+      text = text.substr(text.find('=') + 2);
+      text = text.substr(0, text.find(" @"));
+      ev.push_back({{"ph", "X"}, {"name", text},
+                    {"cat", ir::to_string(in.op)}, {"pid", g}, {"tid", e.lane}, {"ts", e.start_us - t0}, {"dur", e.dur_us},
+                    {"args", {{"op", ir::to_string(in.op)}, {"stage", in.stage}, {"mb", in.mb}, {"bytes", e.bytes}, {"instr", e.instr}, {"deps", deps},
+                              {"buf", in.buf ? in.buf->str() : std::string()}}}});
+    }
+  }
+  json out = {{"traceEvents", ev},
+              {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
+                            {"gpus", plan.gpus}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}}}};
+  mmoc::write_file_atomic(path, out.dump());
+}
+
+int worker_body(const Args& a, const std::string& device_hint);
+
+// A worker on CUDA that fails must not unwind: destroying its streams, NCCL communicators and optimizer thread would
+// wait for GPU work that waits for the peers, so it hangs instead of reporting. It prints the error and leaves at
+// once; the launcher (or torchrun) ends the other ranks.
+int worker_main(const Args& a) {
+  const std::string dev = std::getenv("MMOC_DEVICE") ? std::getenv("MMOC_DEVICE") : a.device;
+  return worker_body(a, dev);
+}
+
+[[noreturn]] void worker_die(const std::exception& e) {
+  int code = 3;
+  std::string prefix = "error: ";
+  if (dynamic_cast<const UsageError*>(&e) || dynamic_cast<const data::DataError*>(&e) || dynamic_cast<const io::FormatError*>(&e) ||
+      dynamic_cast<const ir::ParseError*>(&e))
+    code = 2;
+  const char* r = std::getenv("RANK");
+  std::fprintf(stderr, "mmoc-run: worker %s: %s%s\n", r ? r : "?", prefix.c_str(), e.what());
+  std::fflush(stderr);
+  std::fflush(stdout);
+  std::_Exit(code);
+}
+
+int worker_body(const Args& a, const std::string& device_hint) {
+  const auto t_start = Clock::now();
+  comm::WorldInfo w = comm::world_from_env();
+  ir::Plan plan = ir::load_plan_file(a.plan);
+  if (w.world_size != plan.gpus)
+    throw UsageError("WORLD_SIZE=" + std::to_string(w.world_size) + " but the plan has " + std::to_string(plan.gpus) + " ranks");
+  std::string device = resolve_device(device_hint, plan, true);
+  at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus)));
+  WorkerOptions wo;
+  wo.device = device;
+  wo.cuda_device = device == "cuda" ? w.local_rank % std::max(1, cuda_devices()) : -1;
+  wo.optim_threads = a.optim_threads;
+  wo.trace = !a.trace.empty();
+  const double start_s = since(t_start);  // process start: libraries, plan
+  Worker worker(plan, w.rank, nullptr, wo);  // CUDA context, streams, host memory of the training state
+  const double worker_s = since(t_start) - start_s;
+  std::shared_ptr<comm::Rendezvous> rdzv;
+  std::unique_ptr<comm::Transport> tr;
+  try {
+  if (w.world_size > 1) {
+    rdzv = comm::Rendezvous::connect(w);
+    if (device == "cuda") {
+      // NCCL: send/recv on the worker's p2p stream; host-side collectives (gradient norm, loss, barriers) on the
+      // transport's separate collective communicator
+      comm::NcclOptions no;
+      no.device = worker.device_index();
+      no.p2p_stream = static_cast<CUstream_st*>(worker.p2p_stream());
+      tr = comm::make_nccl_transport(rdzv, no);
+    } else {
+      tr = comm::make_gloo_transport(rdzv);
+    }
+    worker.set_transports(tr.get(), tr.get());
+    if (device == "cuda") {
+      // open every NCCL connection the plan uses now (one tiny exchange with each peer, all in one group), so that
+      // its buffers exist before the allocator's cap is set and no connection is made in the middle of a step
+      std::set<int> peers;
+      for (const auto& in : plan.programs[w.rank].instrs)
+        if (in.op == ir::Op::Send || in.op == ir::Op::Recv) peers.insert(in.peer);
+      if (!peers.empty()) {
+        auto o = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, worker.device_index());
+        std::vector<at::Tensor> out(peers.size()), in(peers.size());
+        std::vector<comm::P2POp> ops;
+        size_t k = 0;
+        for (int p : peers) {
+          out[k] = at::full({1}, float(w.rank), o);
+          in[k] = at::empty({1}, o);
+          ops.push_back({comm::P2POp::kSend, &out[k], p, "warmup"});
+          ops.push_back({comm::P2POp::kRecv, &in[k], p, "warmup"});
+          ++k;
+        }
+        tr->batch_isend_irecv(ops)->wait();
+        k = 0;
+        for (int p : peers)
+          if (in[k++].item<float>() != float(p)) throw std::runtime_error("NCCL warm-up exchange with rank " + std::to_string(p) + " returned wrong data");
+      }
+    }
+  }
+  const int64_t outside = worker.apply_budget();
+  if (w.rank == 0 && !a.quiet && device == "cuda")
+    std::cout << "rank 0: " << (outside >> 20) << " MiB of GPU memory held outside the allocator (CUDA context, NCCL); allocator capped at "
+              << (plan.budget_bytes > 0 ? std::to_string((plan.budget_bytes - outside) >> 20) + " MiB" : std::string("no limit")) << "\n" << std::flush;
+  const double comm_s = since(t_start) - start_s - worker_s;  // rendezvous, transports, NCCL warm-up, budget
+  auto rows = data::open_rows(data_config(a, plan));
+  data::BatchIterator it(rows, a.data_seed);
+  // one value of every rank, on every rank; and reductions of it
+  auto per_rank = [&](double v) {
+    std::vector<double> out(plan.gpus, 0.0);
+    if (!tr) { out[0] = v; return out; }
+    for (int g = 0; g < plan.gpus; ++g) out[g] = tr->allreduce_sum_double(g == w.rank ? v : 0.0);
+    return out;
+  };
+  auto max_over_ranks = [&](double v) { auto a = per_rank(v); return *std::max_element(a.begin(), a.end()); };
+  auto sum_over_ranks = [&](double v) { return tr ? tr->allreduce_sum_double(v) : v; };
+  const double setup_s = max_over_ranks(since(t_start));  // process start to here: CUDA, transports, host memory, data
+  // ---- weights: random, an HF checkpoint, or an mmoc checkpoint to resume --------------------------------------
+  int64_t start = 0;
+  const auto t_weights = Clock::now();
+  LoadReport load;
+  std::string source = a.init;
+  if (!a.resume.empty()) {
+    std::ifstream f(a.resume + "/mmoc_state/trainer_state.json");
+    json st = json::parse(f);
+    start = st.at("step").get<int64_t>();
+    it.restore(data::iterator_state_from_json(st.at("data")));
+    load = worker.load_checkpoint(a.resume);
+    source = "from " + a.resume;
+  } else if (a.init == "random") {
+    load = worker.init_random(a.seed);
+  } else {
+    load = worker.load_hf(a.init);
+  }
+  // every rank's figures: the slowest rank decides, bytes add up
+  const double weights_s = max_over_ranks(since(t_weights)), read_s = max_over_ranks(load.read_seconds);
+  const double load_bytes = sum_over_ranks((double)load.bytes);
+  const double ready_s = max_over_ranks(since(t_start)), launch_ready_s = max_over_ranks(since_launch());
+  // the parts of the set-up (the slowest rank's)
+  const double start_max = max_over_ranks(start_s), worker_max = max_over_ranks(worker_s), comm_max = max_over_ranks(comm_s);
+  json ready_fields = {{"ready_s", ready_s}, {"setup_s", setup_s}, {"setup_start_s", start_max}, {"setup_state_s", worker_max},
+                       {"setup_comm_s", comm_max}};
+  if (launch_ready_s >= 0) ready_fields["launch_ready_s"] = launch_ready_s;
+  ready_fields[a.resume.empty() && a.init == "random" ? "init_s" : "load_s"] = weights_s;
+  if (load_bytes > 0) {
+    ready_fields["load_bytes"] = load_bytes;
+    ready_fields["load_read_s"] = read_s;
+  }
+  if (w.rank == 0 && !a.quiet) {
+    char buf[512];
+    std::string detail;
+    if (load_bytes > 0) {
+      std::snprintf(buf, sizeof buf, "; read %.2f GB in %.1f s, %.2f GB/s", load_bytes / 1e9, read_s, load_bytes / 1e9 / std::max(read_s, 1e-9));
+      detail = buf;
+    }
+    std::snprintf(buf, sizeof buf, "rank 0: ready after %.1f s%s (set-up %.1f s: start %.1f, device and host state %.1f, transports %.1f; weights %s: %.1f s%s)\n",
+                  ready_s, launch_ready_s >= 0 ? (", " + fmt1(launch_ready_s) + " s after launch").c_str() : "", setup_s, start_max, worker_max,
+                  comm_max, source.c_str(), weights_s, detail.c_str());
+    std::cout << buf << std::flush;
+  }
+  std::ofstream metrics;
+  if (w.rank == 0 && !a.metrics.empty()) {
+    metrics.open(a.metrics, start > 0 ? std::ios::app : std::ios::trunc);
+    if (!metrics) throw UsageError("--metrics " + a.metrics + ": cannot write");
+  }
+  const int64_t tokens_per_step = (int64_t)plan.microbatches * plan.micro_batch_size * plan.seq_len;
+
+  // ---- checkpoints: every rank writes its stages into <save>.staging, rank 0 completes and swaps it in ----------
+  const bool bf16_weights = a.save_dtype == "bf16";
+  struct PendingSave {
+    int64_t step = 0;
+    std::string trainer_state;
+    Clock::time_point t0;
+    bool background = false;
+  };
+  std::optional<PendingSave> pending;
+  auto begin_save = [&](int64_t step_done, bool background) {
+    const std::string staging = staging_dir(a.save);
+    if (w.rank == 0) {
+      io::remove_tree(staging);  // what a crashed save left
+      io::make_dirs(staging + "/mmoc_state");
+    }
+    if (tr) tr->barrier();
+    json st = {{"step", step_done}, {"data", data::to_json(it.state())}, {"seed", a.seed}, {"plan", io::real_path(a.plan)},
+               {"weights_dtype", a.save_dtype}};
+    pending = PendingSave{step_done, st.dump(1), Clock::now(), background};
+    worker.begin_save(staging, bf16_weights, background);
+  };
+  // waits for every rank's part, then rank 0 swaps the checkpoint in; returns the save's metrics
+  auto finish_save = [&]() {
+    const SaveReport r = worker.finish_save();  // this rank's files are written and fsynced (or it throws)
+    const double bytes = sum_over_ranks((double)r.bytes), write_s = max_over_ranks(r.seconds), wait_s = max_over_ranks(r.optimizer_wait_s);
+    if (w.rank == 0) finalize_checkpoint(plan, staging_dir(a.save), a.save, bf16_weights ? at::kBFloat16 : at::kFloat, pending->trainer_state);
+    if (tr) tr->barrier();
+    const double total_s = since(pending->t0);
+    json m = {{"save_step", pending->step}, {"save_s", total_s}, {"save_write_s", write_s}, {"save_bytes", bytes},
+              {"save_background", pending->background}};
+    if (pending->background) m["save_optimizer_wait_s"] = wait_s;
+    if (w.rank == 0 && !a.quiet) {
+      char buf[512];
+      std::snprintf(buf, sizeof buf, "saved checkpoint %s (step %lld) in %.1f s: %.2f GB written at %.2f GB/s%s\n", a.save.c_str(),
+                    (long long)pending->step, total_s, bytes / 1e9, bytes / 1e9 / std::max(write_s, 1e-9),
+                    pending->background ? (" in the background; optimizer steps waited " + fmt1(wait_s) + " s for it").c_str() : "");
+      std::cout << buf << std::flush;
+    }
+    pending.reset();
+    return m;
+  };
+
+  // ---- non-finite steps ------------------------------------------------------------------------------------------
+  const std::string on_nonfinite = nonfinite_mode(a, plan);
+  int64_t skipped_total = 0, skipped_run = 0;  // skipped steps: in all, and in a row up to now
+  // what a non-finite step means: nothing (finite), a skip (skip mode; nothing was updated), or the end of the run
+  auto verdict = [&](const StepResult& r, int64_t s) -> std::string {
+    if (r.finite) {
+      skipped_run = 0;
+      return "";
+    }
+    auto num = [](double v) { return std::isnan(v) ? std::string("nan") : std::to_string(v); };
+    std::string what = "step " + std::to_string(s + 1) + ": non-finite ";
+    if (!std::isfinite(r.loss)) what += "loss (" + num(r.loss) + ")";
+    if (!std::isfinite(r.grad_norm)) what += std::string(std::isfinite(r.loss) ? "" : " and ") + "gradient norm (" + num(r.grad_norm) + ")";
+    if (on_nonfinite == "skip" && r.skipped) {
+      ++skipped_total;
+      if (++skipped_run < a.max_skips) return "";
+      return what + "; " + std::to_string(skipped_run) + " steps in a row skipped (--max-skips " + std::to_string(a.max_skips) +
+             "): stopping, no checkpoint of these steps written";
+    }
+    return what + ": stopping, no checkpoint of it written (--on-nonfinite skip skips such steps)";
+  };
+
+  double total_s = 0;
+  StepResult last;
+  std::vector<double> last_peaks(plan.gpus, 0.0), last_allocs(plan.gpus, 0.0);
+  for (int64_t s = start; s < a.steps; ++s) {
+    data::StepBatch b = it.next_step(plan.microbatches, plan.micro_batch_size);
+    StepResult r = worker.step(b, s);
+    last = r;
+    total_s += r.seconds;
+    const std::vector<double> peaks = per_rank((double)r.peak_bytes);
+    const std::vector<double> allocs = per_rank((double)r.peak_allocated);
+    const std::vector<double> outside = per_rank((double)r.outside_bytes);
+    last_peaks = peaks;
+    last_allocs = allocs;
+    const bool skipped = !r.finite && r.skipped && on_nonfinite == "skip";
+    const std::string stop = verdict(r, s);
+    // a background save of an earlier step is complete once every stage's update waited for it: finish it here
+    // (also before a stop: it holds a finite step)
+    json save_fields;
+    if (pending && pending->background) save_fields = finish_save();
+    const bool final_save = !a.save.empty() && s + 1 == a.steps && stop.empty();
+    json m;
+    if (w.rank == 0) {
+      const double tps = tokens_per_step / std::max(r.seconds, 1e-9);
+      const double eta = (a.steps - s - 1) * (total_s / double(s - start + 1));
+      if (!a.quiet) {
+        std::ostringstream os;
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "step %lld/%d  loss %.6f  tokens/s %.0f  step %.3f s  lr %.3g  grad-norm %.4f", (long long)s + 1, a.steps,
+                      r.loss, tps, r.seconds, r.lr, std::fabs(r.grad_norm));  // fabs: "nan", not "-nan"
+        os << buf;
+        if (skipped) os << "  SKIPPED (non-finite)";
+        if (skipped_total > 0) os << "  skipped " << skipped_total;
+        const bool small = *std::max_element(peaks.begin(), peaks.end()) < 1024.0 * 1024 * 1024;
+        os << (small ? "  peak MiB" : "  peak GiB");
+        for (int g = 0; g < plan.gpus; ++g) {
+          if (small) { std::snprintf(buf, sizeof buf, "%.1f", peaks[g] / (1024.0 * 1024)); os << (g ? "," : " ") << buf; }
+          else { std::snprintf(buf, sizeof buf, "%.2f", peaks[g] / mmoc::GiB); os << (g ? "," : " ") << buf; }
+        }
+        if (device == "cuda") {
+          os << "  allocated";
+          for (int g = 0; g < plan.gpus; ++g) {
+            std::snprintf(buf, sizeof buf, "%.2f", allocs[g] / mmoc::GiB);
+            os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : std::string(buf));
+          }
+        }
+        std::snprintf(buf, sizeof buf, "  ETA %.0f s", eta);
+        os << buf;
+        std::cout << os.str() << "\n" << std::flush;
+      }
+      m = {{"step", s + 1}, {"loss", r.loss}, {"tokens", r.tokens}, {"tokens_per_s", tps}, {"step_s", r.seconds},
+           {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}};
+      if (device == "cuda") {  // everything the process held on each GPU at its peak: allocator + context + NCCL
+        std::vector<double> dev(plan.gpus);
+        for (int g = 0; g < plan.gpus; ++g) dev[g] = peaks[g] + outside[g];
+        m["device_peak_bytes"] = dev;
+      }
+      m["grad_norm"] = r.grad_norm;  // NaN and inf are written as null
+      if (!r.finite) m["nonfinite"] = true;
+      if (skipped) m["skipped"] = true;
+      if (skipped_total > 0) m["skipped_steps"] = skipped_total;
+      if (s == start) m.update(ready_fields);
+      if (!save_fields.is_null()) m.update(save_fields);
+    }
+    if (!final_save && metrics) metrics << m.dump() << "\n" << std::flush;  // the last line waits for the final save
+    if (!stop.empty()) throw Diverged(stop);
+    if (final_save) {
+      begin_save(a.steps, /*background=*/false);
+      if (w.rank == 0) m.update(finish_save());
+      else finish_save();
+      if (metrics) metrics << m.dump() << "\n" << std::flush;
+    } else if (!a.save.empty() && a.save_every > 0 && (s + 1) % a.save_every == 0) {
+      begin_save(s + 1, /*background=*/true);
+    }
+  }
+  if (pending) finish_save();                                                  // none after the last step, but be sure
+  if (!a.save.empty() && start >= a.steps) { begin_save(start, false); finish_save(); }  // nothing to run: save as is
+  if (!a.trace.empty()) {
+    const std::string part = a.trace + ".rank" + std::to_string(w.rank) + ".json";
+    {
+      json j = json::array();
+      for (const auto& e : worker.trace()) j.push_back({e.instr, e.lane, e.start_us, e.dur_us, e.bytes});
+      mmoc::write_file_atomic(part, j.dump());
+    }
+    if (tr) tr->barrier();
+    if (w.rank == 0) {
+      // keep the last step only: that is the steady state
+      std::vector<std::vector<TraceEvent>> all(plan.gpus);
+      for (int g = 0; g < plan.gpus; ++g) {
+        std::ifstream f(a.trace + ".rank" + std::to_string(g) + ".json");
+        json j = json::parse(f);
+        const size_t n = plan.programs[g].instrs.size();
+        for (size_t k = j.size() >= n ? j.size() - n : 0; k < j.size(); ++k)
+          all[g].push_back({j[k][0].get<int>(), j[k][1].get<int>(), j[k][2].get<double>(), j[k][3].get<double>(), j[k][4].get<int64_t>()});
+      }
+      write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks, last_allocs);
+      for (int g = 0; g < plan.gpus; ++g) io::remove_tree(a.trace + ".rank" + std::to_string(g) + ".json");
+    }
+    if (tr) tr->barrier();
+  }
+  return 0;
+  } catch (const Diverged& e) {
+    // every rank is here at the same step: rank 0 says it once, the others leave after it has
+    if (w.rank == 0) {
+      std::fprintf(stderr, "mmoc-run: error: %s\n", e.what());
+      std::fflush(stderr);
+    }
+    std::fflush(stdout);
+    if (tr) tr->barrier();
+    if (device == "cuda") std::_Exit(kExitDiverged);
+    throw;
+  } catch (const std::exception& e) {
+    if (device == "cuda") worker_die(e);
+    throw;
+  }
+}
+}  // namespace
+
+int run_main(int argc, char** argv) {
+  const int64_t launch_us = wall_us();
+  CLI::App app{"mmoc-run: execute a Plan (train)"};
+  Args a;
+  app.add_option("plan", a.plan, "plan file (JSON or text) from mmoc-compile")->required();
+  app.add_option("--data", a.data, "training data: JSONL of {input_ids,labels}, {document,summary} or {text}, or a token file "
+                                   "from tools/prepare/prepare_data.py (memory-mapped)")->required();
+  app.add_option("--tokenizer", a.tokenizer, "SentencePiece tokenizer.model for raw-text records");
+  app.add_option("--steps", a.steps, "training steps (total, counting resumed ones)");
+  app.add_option("--init", a.init, "random, or an HF checkpoint folder to start from");
+  app.add_option("--seed", a.seed, "seed of the random init");
+  app.add_option("--data-seed", a.data_seed, "seed of the data shuffle");
+  app.add_option("--fit", a.fit, "pad or pack examples to the plan's sequence length (default: pad; a token file's own mode)");
+  app.add_option("--save", a.save, "write the final checkpoint (HF safetensors + optimizer state) here");
+  app.add_option("--save-every", a.save_every, "also save every K steps");
+  app.add_option("--save-dtype", a.save_dtype, "fp32 (exact resume) or bf16 weights");
+  app.add_option("--resume", a.resume, "continue from an mmoc checkpoint folder");
+  app.add_option("--metrics", a.metrics, "write one JSON line of metrics per step");
+  app.add_option("--trace", a.trace, "write the measured timeline of the last step (Chrome/Perfetto JSON)");
+  app.add_option("--device", a.device, "auto, cpu or cuda");
+  app.add_option("--optim-threads", a.optim_threads, "CPU optimizer threads per rank (0: cores / ranks)");
+  app.add_option("--on-nonfinite", a.on_nonfinite,
+                 "stop (exit 4, no checkpoint of the step) or skip (no update; needs a plan compiled with --on-nonfinite skip "
+                 "or clipping) when a step's loss or gradient norm is not finite; default: the plan's train.on_nonfinite");
+  app.add_option("--max-skips", a.max_skips, "with --on-nonfinite skip: stop (exit 4) after this many skipped steps in a row");
+  app.add_flag("-q,--quiet", a.quiet, "no progress lines");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "mmoc-run: " << e.what() << "\n";
+    return 2;
+  }
+  const bool is_worker = std::getenv("RANK") != nullptr;
+  try {
+    if (is_worker) return worker_main(a);
+    ir::Plan p = validate(a);
+    std::string device = resolve_device(a.device, p, false);
+    // parse the data once up front: a malformed line is reported before any worker starts
+    check_resume_data(a, data::open_rows(data_config(a, p)));
+    if (!a.quiet)
+      std::cout << "mmoc-run: " << p.model.name << ", " << p.gpus << " rank(s) on " << device << ", schedule " << p.schedule
+                << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step\n"
+                << std::flush;
+    std::vector<std::string> argv_v(argv, argv + argc);
+    comm::LaunchReport rep;
+    std::vector<std::pair<std::string, std::string>> env{{"MMOC_DEVICE", device}, {"MMOC_LAUNCH_T0_US", std::to_string(launch_us)}};
+    // Near the budget, the caching allocator's fixed-size segments fragment (GiBs reserved but unusable); growable
+    // segments do not. The user's own PYTORCH_CUDA_ALLOC_CONF wins.
+    if (device == "cuda" && !std::getenv("PYTORCH_CUDA_ALLOC_CONF")) env.push_back({"PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"});
+    comm::LaunchOptions lo;
+    lo.print_failure = false;  // printed below, except for a divergence (the worker said it in one line)
+    int rc = comm::launch_local_workers(p.gpus, argv_v, env, &rep, lo);
+    if (rc != 0 && rc != kExitDiverged && !rep.message.empty()) std::cerr << "mmoc: " << rep.message << "\n";
+    struct rusage ru {};
+    if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
+      std::cout << "host memory: peak resident set of the largest worker " << mmoc::gib(double(ru.ru_maxrss) * 1024.0) << "\n";
+    return rc == 0 ? 0 : rc == 2 ? 2 : rc == kExitDiverged ? kExitDiverged : 1;  // 2: a worker found bad input
+  } catch (const UsageError& e) {
+    std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const Diverged&) {
+    return kExitDiverged;  // rank 0 printed it
+  } catch (const ir::ParseError& e) {
+    std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const data::DataError& e) {
+    std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const io::FormatError& e) {
+    std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK")) + ": " : std::string()) << "error: " << e.what() << "\n";
+    return is_worker ? 3 : 1;
+  }
+}
+
+}  // namespace mmoc::engine
