@@ -136,6 +136,16 @@ void check_flat(const at::Tensor& t, int64_t n, const std::string& what) {
     throw std::invalid_argument(what + ": expected a contiguous 1-D fp32 tensor of " + std::to_string(n) + " elements");
 }
 
+// GPT-2's Conv1D weights: HF's files hold the transpose of the flat orientation. After a raw read into a flat, turn
+// each transposed parameter's bytes (read as hf_shape) into the flat's [out, in].
+void untranspose_read(at::Tensor& flat, const StageLayout& L) {
+  for (const auto& p : L.params) {
+    if (!p.transposed) continue;
+    auto v = flat.narrow(0, p.offset, p.numel);
+    v.copy_(v.view(p.hf_shape()).t().contiguous().view({-1}));
+  }
+}
+
 void rename_or_throw(const std::string& from, const std::string& to) {
   if (::rename(from.c_str(), to.c_str()) != 0)
     throw std::runtime_error("cannot rename " + from + " to " + to + ": " + std::strerror(errno));
@@ -412,8 +422,11 @@ void CheckpointWriter::start(const std::string& dir, std::vector<StageTensors> s
       std::vector<OutFile::Piece> pieces;
       std::vector<std::vector<int64_t>> shapes;
       for (const auto& p : st.layout.params) {
-        pieces.push_back({st.master, p.offset, p.numel, 0, p.name});
-        shapes.push_back(p.shape);
+        if (p.transposed)  // GPT-2 Conv1D: HF's [in, out], a snapshot taken now
+          pieces.push_back({st.master.narrow(0, p.offset, p.numel).view(p.shape).t().contiguous().view({-1}), 0, p.numel, 0, p.name});
+        else
+          pieces.push_back({st.master, p.offset, p.numel, 0, p.name});
+        shapes.push_back(p.hf_shape());
       }
       j->files.push_back(make_file(io::join_path(dir, hf_weights_file(I.plan, st.id)), sid + " weights", wdt, std::move(pieces),
                                    shapes, {{"format", "pt"}}));
@@ -495,6 +508,7 @@ IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::v
   };
   std::optional<io::Checkpoint> hf;  // opened when a master comes from the HF weights
   std::vector<ReadItem> items;
+  std::vector<bool> master_from_hf;
   for (auto& st : stages) {
     const int64_t n = st.layout.numel;
     const std::string path = io::join_path(dir, state_file(st.id));
@@ -507,6 +521,7 @@ IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::v
       check_flat(dst, n, path + ": " + name);
       items.push_back({bulk(path), f.data_begin() + t.begin, t.nbytes(), t.dtype, dst, 0});
     };
+    master_from_hf.push_back(!f.find("master"));
     if (f.find("master")) {
       tensor("master", st.master);
     } else {  // fp32 weights: the master is the stage's HF shard (padding zero)
@@ -517,7 +532,7 @@ IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::v
         if (p.offset > pos) st.master.narrow(0, pos, p.offset - pos).zero_();
         pos = p.offset + p.numel;
         const auto& ti = hf->info(p.name);
-        if (ti.dtype != io::DType::F32 || ti.shape != p.shape)
+        if (ti.dtype != io::DType::F32 || ti.shape != p.hf_shape())
           throw io::FormatError(dir + ": " + p.name + " is not the fp32 master of stage S" + std::to_string(st.id) +
                                 " (and mmoc_state has no master): checkpoint from another plan or saved with bf16 weights?");
         const auto& file = hf->file_of(p.name);
@@ -531,7 +546,10 @@ IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::v
     st.step = it == f.metadata().end() ? 0 : std::stoll(it->second);
   }
   (void)plan;
-  return read_items(items, o);
+  IoStats stats = read_items(items, o);
+  for (std::size_t k = 0; k < stages.size(); ++k)
+    if (master_from_hf[k]) untranspose_read(stages[k].master, stages[k].layout);
+  return stats;
 }
 
 IoStats load_hf_parallel(const std::string& dir, const ir::ModelArch& arch, const std::vector<StageLayout>& layouts,
@@ -559,7 +577,9 @@ IoStats load_hf_parallel(const std::string& dir, const ir::ModelArch& arch, cons
     }
     if (L.numel > pos) flats[s].narrow(0, pos, L.numel - pos).zero_();
   }
-  return read_items(items, o);
+  IoStats stats = read_items(items, o);
+  for (std::size_t s = 0; s < layouts.size(); ++s) untranspose_read(flats[s], layouts[s]);
+  return stats;
 }
 
 }  // namespace mmoc::engine

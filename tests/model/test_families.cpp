@@ -10,7 +10,7 @@
 #include <unistd.h>
 
 #include "arch/arch.hpp"
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 #include "engine/io/fsutil.hpp"
 #include "engine/io/hf_config.hpp"
 #include "engine/model/checkpoint.hpp"
