@@ -20,6 +20,7 @@
 #include <set>
 #include <sstream>
 
+#include "engine/comm/job.hpp"
 #include "engine/comm/transport.hpp"
 #include "engine/comm/world.hpp"
 #include "engine/data/data.hpp"
@@ -43,6 +44,7 @@ struct Args {
   int steps = 1, save_every = 0, optim_threads = 0;
   uint64_t seed = 0, data_seed = 0;
   bool quiet = false;
+  comm::LauncherRequest launch;  // --nnodes, --node-rank, --nproc-per-node, --master-addr/port, timeouts
 };
 
 std::string gib(double b) {
@@ -161,15 +163,16 @@ int cuda_devices() {
 }
 
 // auto: the GPUs when there are enough for the plan's ranks on this node, else the CPU.
-std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker) {
+// local_ranks: the ranks this node runs (0: all the plan's).
+std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker, int local_ranks = 0) {
   if (d != "auto" && d != "cpu" && d != "cuda") throw UsageError("--device must be auto, cpu or cuda (got '" + d + "')");
-  const int n = cuda_devices();
-  if (d == "auto") return n > 0 && (worker || n >= p.gpus) ? "cuda" : "cpu";
+  const int n = cuda_devices(), need = local_ranks > 0 ? local_ranks : p.gpus;
+  if (d == "auto") return n > 0 && (worker || n >= need) ? "cuda" : "cpu";
   if (d == "cuda") {
     if (n == 0) throw UsageError("--device cuda: no CUDA GPU is visible");
-    if (!worker && n < p.gpus)
-      throw UsageError("the plan has " + std::to_string(p.gpus) + " GPU ranks but this machine has " + std::to_string(n) +
-                       " GPU(s); compile for --gpus " + std::to_string(n) + " or run across nodes with torchrun/Slurm");
+    if (!worker && n < need)
+      throw UsageError((need == p.gpus ? "the plan has " : "this node runs ") + std::to_string(need) + " GPU ranks but this machine has " +
+                       std::to_string(n) + " GPU(s); compile for --gpus " + std::to_string(n) + " or run across nodes (--nnodes, torchrun, Slurm)");
   }
   return d;
 }
@@ -214,15 +217,10 @@ int worker_main(const Args& a) {
 
 [[noreturn]] void worker_die(const std::exception& e) {
   int code = 3;
-  std::string prefix = "error: ";
   if (dynamic_cast<const UsageError*>(&e) || dynamic_cast<const data::DataError*>(&e) || dynamic_cast<const io::FormatError*>(&e) ||
-      dynamic_cast<const ir::ParseError*>(&e))
+      dynamic_cast<const ir::ParseError*>(&e) || dynamic_cast<const comm::ConfigError*>(&e))
     code = 2;
-  const char* r = std::getenv("RANK");
-  std::fprintf(stderr, "mmoc-run: worker %s: %s%s\n", r ? r : "?", prefix.c_str(), e.what());
-  std::fflush(stderr);
-  std::fflush(stdout);
-  std::_Exit(code);
+  comm::exit_rank("mmoc-run", code, e.what());  // publishes the failure to the other ranks, one stderr line, _Exit
 }
 
 int worker_body(const Args& a, const std::string& device_hint) {
@@ -235,15 +233,19 @@ int worker_body(const Args& a, const std::string& device_hint) {
   at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus)));
   WorkerOptions wo;
   wo.device = device;
-  wo.cuda_device = device == "cuda" ? w.local_rank % std::max(1, cuda_devices()) : -1;
+  wo.cuda_device = device == "cuda" ? comm::cuda_device_for(w, cuda_devices()) : -1;
+  if (a.launch.rdzv_timeout_s > 0) w.rdzv_timeout_s = a.launch.rdzv_timeout_s;
+  if (a.launch.fail_timeout_s > 0) w.fail_timeout_s = a.launch.fail_timeout_s;
   wo.optim_threads = a.optim_threads;
   wo.trace = !a.trace.empty();
   Worker worker(plan, w.rank, nullptr, wo);
   std::shared_ptr<comm::Rendezvous> rdzv;
+  std::unique_ptr<comm::JobMonitor> monitor;  // ends this process when another rank or node fails
   std::unique_ptr<comm::Transport> tr;
   try {
   if (w.world_size > 1) {
-    rdzv = comm::Rendezvous::connect(w);
+    rdzv = comm::Rendezvous::connect(w, std::chrono::milliseconds((int64_t)(w.rdzv_timeout_s * 1000)));
+    monitor = comm::JobMonitor::start(rdzv);
     if (device == "cuda") {
       // NCCL: send/recv on the worker's p2p stream; host-side collectives (gradient norm, loss, barriers) on the
       // transport's separate collective communicator
@@ -402,9 +404,10 @@ int worker_body(const Args& a, const std::string& device_hint) {
     }
     if (tr) tr->barrier();
   }
+  if (monitor) monitor->finish();
   return 0;
   } catch (const std::exception& e) {
-    if (device == "cuda") worker_die(e);
+    if (device == "cuda" || w.world_size > 1) worker_die(e);
     throw;
   }
 }
@@ -430,6 +433,14 @@ int run_main(int argc, char** argv) {
   app.add_option("--device", a.device, "auto, cpu or cuda");
   app.add_option("--optim-threads", a.optim_threads, "CPU optimizer threads per rank (0: cores / ranks)");
   app.add_flag("-q,--quiet", a.quiet, "no progress lines");
+  // several nodes without torchrun: the same command on every node, with its --node-rank (README "Multi-node")
+  app.add_option("--nnodes", a.launch.nnodes, "nodes of the job (this node runs its share of the plan's ranks)");
+  app.add_option("--node-rank", a.launch.node_rank, "this node's index in [0, nnodes); node 0 hosts the rendezvous");
+  app.add_option("--nproc-per-node", a.launch.nproc_per_node, "ranks per node (default: the plan's ranks / nnodes)");
+  app.add_option("--master-addr", a.launch.master_addr, "address of node 0, the same on every node");
+  app.add_option("--master-port", a.launch.master_port, "TCP port of the rendezvous on node 0 (default 29500)");
+  app.add_option("--rdzv-timeout", a.launch.rdzv_timeout_s, "seconds the ranks wait for each other at the start (default 300)");
+  app.add_option("--fail-timeout", a.launch.fail_timeout_s, "seconds a silent rank or lost rendezvous is tolerated (default 30)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -438,24 +449,29 @@ int run_main(int argc, char** argv) {
     std::cerr << "mmoc-run: " << e.what() << "\n";
     return 2;
   }
-  const bool is_worker = std::getenv("RANK") != nullptr;
+  const bool is_worker = comm::is_rank_process(comm::comm_env());
   try {
     if (is_worker) return worker_main(a);
     ir::Plan p = validate(a);
-    std::string device = resolve_device(a.device, p, false);
+    const comm::NodeLaunch node = comm::resolve_node_launch(a.launch, p.gpus, comm::comm_env());
+    std::string device = resolve_device(a.device, p, false, node.nproc_per_node);
     // parse the data once up front: a malformed line is reported before any worker starts
     check_resume_data(a, data::load_rows(data_config(a, p)));
     if (!a.quiet)
       std::cout << "mmoc-run: " << p.model.name << ", " << p.gpus << " rank(s) on " << device << ", schedule " << p.schedule
-                << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step\n"
-                << std::flush;
+                << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step"
+                << (node.nnodes > 1 ? "; node " + std::to_string(node.node_rank) + " of " + std::to_string(node.nnodes) + " runs ranks " +
+                                          std::to_string(node.first_rank()) + "-" + std::to_string(node.first_rank() + node.nproc_per_node - 1) +
+                                          " (rendezvous " + node.master_addr + ":" + std::to_string(node.master_port) + ")"
+                                    : std::string())
+                << "\n" << std::flush;
     std::vector<std::string> argv_v(argv, argv + argc);
     comm::LaunchReport rep;
     std::vector<std::pair<std::string, std::string>> env{{"MMOC_DEVICE", device}};
     // Near the budget, the caching allocator's fixed-size segments fragment (GiBs reserved but unusable); growable
     // segments do not. The user's own PYTORCH_CUDA_ALLOC_CONF wins.
     if (device == "cuda" && !std::getenv("PYTORCH_CUDA_ALLOC_CONF")) env.push_back({"PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"});
-    int rc = comm::launch_local_workers(p.gpus, argv_v, env, &rep);
+    int rc = comm::launch_node(node, argv_v, env, &rep);
     struct rusage ru {};
     if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
       std::cout << "host memory: peak resident set of the largest worker " << gib(double(ru.ru_maxrss) * 1024.0) << " GiB\n";
@@ -472,8 +488,13 @@ int run_main(int argc, char** argv) {
   } catch (const io::FormatError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
     return 2;
+  } catch (const comm::ConfigError& e) {
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
+              << "error: " << e.what() << "\n";
+    return 2;
   } catch (const std::exception& e) {
-    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK")) + ": " : std::string()) << "error: " << e.what() << "\n";
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
+              << "error: " << e.what() << "\n";
     return is_worker ? 3 : 1;
   }
 }
