@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -108,15 +109,23 @@ JobFailure decode_failure(const std::string& s) {
 JobFailure post_failure(Rendezvous& r, const JobFailure& f) { return post(*r.impl().store, f); }
 std::optional<JobFailure> job_failure(Rendezvous& r) { return peek(*r.impl().store); }
 
-// A rank of this host and pid namespace whose process is gone: its failure (the first such rank), if any.
-std::optional<JobFailure> gone_rank(const Rendezvous& r, const Rendezvous::Impl& I) {
-  for (int q = 0; q < static_cast<int>(I.ranks.size()); ++q) {
-    const RankInfo& k = I.ranks[q];
-    if (q == r.world().rank || k.host != I.host || k.pidns.empty() || k.pidns != I.pidns || !process_gone(k.pid)) continue;
-    return JobFailure{1, q, r.describe_rank(q) + " (pid " + std::to_string(k.pid) + ") ended without reporting an error (killed, or crashed)"};
+// Ranks of this host and pid namespace whose process is gone. A rank counts once it has been seen gone for
+// 500 ms: its launcher (mmoc-run's) reports how it ended within milliseconds, and that says more.
+struct GoneRanks {
+  std::map<int, Clock::time_point> first_seen;
+  std::optional<JobFailure> check(Rendezvous& r) {
+    const Rendezvous::Impl& I = r.impl();
+    const auto now = Clock::now();
+    for (int q = 0; q < static_cast<int>(I.ranks.size()); ++q) {
+      const RankInfo& k = I.ranks[q];
+      if (q == r.world().rank || k.host != I.host || k.pidns.empty() || k.pidns != I.pidns || !process_gone(k.pid)) continue;
+      auto [it, fresh] = first_seen.emplace(q, now);
+      if (now - it->second >= ms(500))
+        return JobFailure{1, q, r.describe_rank(q) + " (pid " + std::to_string(k.pid) + ") ended without reporting an error (killed, or crashed)"};
+    }
+    return std::nullopt;
   }
-  return std::nullopt;
-}
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // JobMonitor
@@ -160,6 +169,7 @@ struct JobMonitor::Impl {
     for (int q = 0; q < n; ++q) keys.push_back("hb/" + std::to_string(q));
     std::vector<std::string> last(n);
     std::vector<Clock::time_point> moved(n, Clock::now());
+    GoneRanks gone;
     auto store_ok = Clock::now();
     std::string store_error;
     for (;;) {
@@ -190,7 +200,7 @@ struct JobMonitor::Impl {
           if (f && !all_done && st->add("done", 0) < n) return job_failed(post(*st, *f));
         }
         // a rank of this host (same pid namespace) that is gone is known at once, without its launcher's word
-        if (auto f = gone_rank(*rdzv, rdzv->impl()); f && !all_done && st->add("done", 0) < n) return job_failed(post(*st, *f));
+        if (auto f = gone.check(*rdzv); f && !all_done && st->add("done", 0) < n) return job_failed(post(*st, *f));
         store_ok = now;
       } catch (const std::exception& e) {
         if (all_done) return;  // after the end barrier the store's host may leave first
@@ -286,8 +296,9 @@ void exit_rank(const std::string& program, int code, const std::string& what) {
     // A failure elsewhere may have caused this one (a killed peer closes its sockets at once; its launcher
     // reports it within milliseconds): give it a moment to be the one reported.
     const auto until = Clock::now() + std::clamp<ms>(2 * interval_for(fail_timeout), ms(500), ms(2000));
+    GoneRanks gone;
     while (!(first = peek(st)) && Clock::now() < until) {
-      if (auto g = gone_rank(*job, job->impl())) first = post(st, *g);  // a dead peer of this host
+      if (auto g = gone.check(*job)) first = post(st, *g);  // a dead peer of this host
       else std::this_thread::sleep_for(ms(50));
     }
     if (!first) first = post(st, mine);

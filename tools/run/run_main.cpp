@@ -439,8 +439,10 @@ int run_main(int argc, char** argv) {
   app.add_option("--nproc-per-node", a.launch.nproc_per_node, "ranks per node (default: the plan's ranks / nnodes)");
   app.add_option("--master-addr", a.launch.master_addr, "address of node 0, the same on every node");
   app.add_option("--master-port", a.launch.master_port, "TCP port of the rendezvous on node 0 (default 29500)");
-  app.add_option("--rdzv-timeout", a.launch.rdzv_timeout_s, "seconds the ranks wait for each other at the start (default 300)");
-  app.add_option("--fail-timeout", a.launch.fail_timeout_s, "seconds a silent rank or lost rendezvous is tolerated (default 30)");
+  app.add_option("--rdzv-timeout", a.launch.rdzv_timeout_s, "seconds the ranks wait for each other at the start (default 300)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--fail-timeout", a.launch.fail_timeout_s, "seconds a silent rank or lost rendezvous is tolerated (default 30)")
+      ->check(CLI::PositiveNumber);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
