@@ -481,6 +481,7 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
     tr.int_("warmup_steps", T.warmup_steps, 0);
     tr.int_("total_steps", T.total_steps, 0);
     tr.int_("seed", T.seed);
+    tr.str("on_nonfinite", T.on_nonfinite, {"stop", "skip"});
     tr.finish();
     if (T.beta1 >= 1 || T.beta2 >= 1) throw InputError(origin + ": train: beta1 and beta2 must be < 1");
   }

@@ -263,6 +263,7 @@ ojson plan_to_json(const Plan& p) {
   t["warmup"] = p.train.warmup_steps;
   t["total"] = p.train.total_steps;
   t["seed"] = p.train.seed;
+  if (p.train.on_nonfinite != "stop") t["on_nonfinite"] = p.train.on_nonfinite;
   ojson stages = ojson::array();
   for (const auto& s : p.stages) {
     ojson o;
@@ -468,6 +469,7 @@ Plan plan_from_json(const ojson& root) {
     p.train.warmup_steps = jint32(o.req("warmup"), o.sub("warmup"));
     p.train.total_steps = jint32(o.req("total"), o.sub("total"));
     p.train.seed = jint32(o.req("seed"), o.sub("seed"));
+    if (auto* v = o.opt("on_nonfinite")) p.train.on_nonfinite = jstr(*v, o.sub("on_nonfinite"));
     o.done();
   }
   p.stages = jarray<Stage>(r.req("stages"), "stages", [](const ojson& v, const std::string& path) {
@@ -623,7 +625,7 @@ std::string print_text(const Plan& p) {
        " beta2=" + format_double(t.beta2) + " eps=" + format_double(t.eps) + " wd=" + format_double(t.weight_decay) +
        " clip=" + format_double(t.max_grad_norm) + " lr_schedule=" + text_str(t.lr_schedule) +
        " warmup=" + std::to_string(t.warmup_steps) + " total=" + std::to_string(t.total_steps) +
-       " seed=" + std::to_string(t.seed) + "\n";
+       " seed=" + std::to_string(t.seed) + (t.on_nonfinite != "stop" ? " on_nonfinite=" + text_str(t.on_nonfinite) : std::string()) + "\n";
   for (const auto& s : p.stages)
     o += "stage S" + std::to_string(s.id) + " gpu=" + std::to_string(s.gpu) + " layers=" + std::to_string(s.layer_begin) +
          "-" + std::to_string(s.layer_end) + " recompute=" + b01(s.recompute) + " weights=" + to_string(s.weights) +
@@ -751,8 +753,11 @@ int prefixed_int(const std::string& tok, const char* prefix, const char* what) {
 // key=value fields of a header line: all of `keys` required, no others, no repeats.
 class KV {
  public:
-  KV(const std::vector<std::string>& toks, size_t first, std::initializer_list<const char*> keys, const char* line_kind) {
+  // keys: required; optional: may be absent (has() tells)
+  KV(const std::vector<std::string>& toks, size_t first, std::initializer_list<const char*> keys, const char* line_kind,
+     std::initializer_list<const char*> optional = {}) {
     std::set<std::string> allowed(keys.begin(), keys.end());
+    allowed.insert(optional.begin(), optional.end());
     for (size_t i = first; i < toks.size(); ++i) {
       auto eq = toks[i].find('=');
       if (eq == std::string::npos || eq == 0) throw LineError("expected key=value, got '" + toks[i] + "'");
@@ -763,6 +768,7 @@ class KV {
     for (const char* k : keys)
       if (!map_.count(k)) throw LineError(std::string("missing key '") + k + "' in " + line_kind + " line");
   }
+  bool has(const char* k) const { return map_.count(k) != 0; }
   const std::string& raw(const char* k) const { return map_.at(k); }
   std::string str(const char* k) const { return decode_str(raw(k), k); }
   int i32(const char* k) const { return to_int(raw(k), k); }
@@ -968,7 +974,7 @@ Plan parse_text(const std::string& text) {
         if (have_train) throw LineError("second 'train' line");
         KV kv(t, 1,
               {"precision", "lr", "beta1", "beta2", "eps", "wd", "clip", "lr_schedule", "warmup", "total", "seed"},
-              "train");
+              "train", {"on_nonfinite"});
         auto& tr = p.train;
         tr.precision = kv.str("precision");
         tr.lr = kv.dbl("lr");
@@ -981,6 +987,7 @@ Plan parse_text(const std::string& text) {
         tr.warmup_steps = kv.i32("warmup");
         tr.total_steps = kv.i32("total");
         tr.seed = kv.i32("seed");
+        if (kv.has("on_nonfinite")) tr.on_nonfinite = kv.str("on_nonfinite");
         have_train = true;
       } else if (head == "stage") {
         if (t.size() < 2) throw LineError("expected 'stage S<i> ...'");

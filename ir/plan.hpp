@@ -129,6 +129,10 @@ struct TrainConfig {
   std::string lr_schedule = "constant";  // constant | linear | cosine
   int warmup_steps = 0, total_steps = 0;
   int seed = 0;
+  // stop | skip: what a step with a non-finite loss or gradient norm does (mmoc-run --on-nonfinite overrides it).
+  // "skip" needs the global gradient norm before any optimizer step, so offload-insertion then adds gradnorm even
+  // without clipping. Printed only when not "stop".
+  std::string on_nonfinite = "stop";
   bool operator==(const TrainConfig&) const = default;
 };
 

@@ -119,7 +119,8 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     p.buffers.push_back({BufKind::Stash, s, stage_stash_bytes(c, st), ir::Tier::Gpu});
   }
   p.buffers.push_back({BufKind::Batch, -1, tok * 8 * 2, ir::Tier::Gpu});
-  const bool clip = p.train.max_grad_norm > 0;
+  // the global gradient norm before any optimizer step: for clipping, and to skip a non-finite step
+  const bool clip = p.train.max_grad_norm > 0 || p.train.on_nonfinite == "skip";
 
   for (auto& prog : p.programs) {
     const auto& old = prog.instrs;

@@ -290,7 +290,7 @@ void exit_rank(const std::string& program, int code, const std::string& what) {
   const WorldInfo& w = job->world();
   auto& st = *job->impl().store;
   const ms fail_timeout(static_cast<int64_t>(w.fail_timeout_s * 1000));
-  JobFailure mine{code == 2 ? 2 : 1, w.rank, job->describe_rank(w.rank) + ": " + line};
+  JobFailure mine{code, w.rank, job->describe_rank(w.rank) + ": " + line};
   std::optional<JobFailure> first;
   try {
     // A failure elsewhere may have caused this one (a killed peer closes its sockets at once; its launcher
@@ -323,7 +323,7 @@ void exit_rank(const std::string& program, int code, const std::string& what) {
 
 int launch_node(const NodeLaunch& nl, const std::vector<std::string>& argv,
                 std::vector<std::pair<std::string, std::string>> extra_env, LaunchReport* report,
-                const std::string& program) {
+                const LaunchOptions& options, const std::string& program) {
   quiet_c10_logging();
   const std::string prefix = "mmoc";
   const ms fail_timeout(static_cast<int64_t>(nl.fail_timeout_s * 1000));
@@ -372,7 +372,7 @@ int launch_node(const NodeLaunch& nl, const std::vector<std::string>& argv,
     return "rank " + std::to_string(r) + " (" + node + ", host " + host + ")";
   };
   std::optional<JobFailure> first;
-  LaunchOptions lo;
+  LaunchOptions lo = options;
   lo.first_rank = nl.first_rank();
   lo.world_size = nl.world_size();
   lo.node_rank = nl.node_rank;
@@ -386,7 +386,7 @@ int launch_node(const NodeLaunch& nl, const std::vector<std::string>& argv,
                                     std::to_string(r.forwarded_signal) + " (" + (name ? name : "?") +
                                     ") and stopped its workers"};
     } else if (!(r.signal == 0 && r.exit_code == kExitJobFailed)) {
-      local = JobFailure{r.exit_code == 2 ? 2 : 1, r.failed_rank,
+      local = JobFailure{r.signal == 0 && r.exit_code > 0 ? r.exit_code : 1, r.failed_rank,
                          rank_name(r.failed_rank) + " (pid " + std::to_string(r.failed_pid) + ") " + r.how};
     }
     bool reachable = true;

@@ -24,11 +24,13 @@
 
 namespace mmoc::comm {
 
-// Exit code of a rank that stops because another rank (or node) failed.
-constexpr int kExitJobFailed = 4;
+// Exit code of a rank that stops because another rank (or node) failed (mmoc-run: 2 bad input, 3 a worker's
+// error, 4 a diverged step).
+constexpr int kExitJobFailed = 5;
 
 // The job's first failure: the rank it is about (-1: none, e.g. an interrupted launcher), the exit code the job
-// ends with (2: bad input, else 1), and one line naming the rank and its node and what happened.
+// ends with (the failing worker's: 2 bad input, ...; 1 when it was killed or unknown), and one line naming the rank
+// and its node and what happened.
 struct JobFailure {
   int code = 1;
   int rank = -1;
@@ -89,9 +91,10 @@ class JobMonitor {
 // already failed, and prints one summary line "<program>: node N: the job failed: <first failure>; stopped the
 // K other workers still running on this node". Node 0 keeps the store up until the other nodes have read the
 // failure (at most a few seconds) or, after success, until every rank passed the end barrier.
-// Returns 0, or the job failure's code (2: bad input) / the worker's exit code.
+// `options` supplies print_failure / kill_grace_ms (its placement and hook fields are set here).
+// Returns 0, or the job failure's code (the failing worker's exit code, 1 when it was killed) / the worker's code.
 int launch_node(const NodeLaunch& nl, const std::vector<std::string>& argv,
                 std::vector<std::pair<std::string, std::string>> extra_env = {}, LaunchReport* report = nullptr,
-                const std::string& program = "mmoc-run");
+                const LaunchOptions& options = {}, const std::string& program = "mmoc-run");
 
 }  // namespace mmoc::comm

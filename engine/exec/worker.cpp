@@ -13,26 +13,21 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <atomic>
-#include <condition_variable>
 #include <deque>
 #include <future>
+#include <map>
 #include <optional>
 #include <set>
-#include <cerrno>
-#include <cstdio>
-#include <fstream>
-#include <map>
-#include <sstream>
 #include <thread>
 
 #include "engine/comm/transport.hpp"
+#include "engine/exec/cpu_stream.hpp"
+#include "engine/exec/device_adamw.hpp"
 #include "engine/data/data.hpp"
-#include "engine/io/fsutil.hpp"
-#include "engine/io/safetensors.hpp"
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
 #include "engine/model/model.hpp"
+#include "engine/model/train_checkpoint.hpp"
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/lr_schedule.hpp"
 #include "engine/optim/thread_pool.hpp"
@@ -48,48 +43,49 @@ using namespace mmoc::engine::optim;
 namespace {
 struct ExecError : std::runtime_error { using std::runtime_error::runtime_error; };
 
-// The host side of the `cpu` stream on GPU machines: one thread that runs the plan's cpu instructions in order
-// (each waits for its dependencies first); the optimizer's own parallelism is the thread pool it uses.
-class CpuStream {
- public:
-  CpuStream() : th_([this] { loop(); }) {}
-  ~CpuStream() {
-    { std::lock_guard<std::mutex> g(mu_); stop_ = true; }
-    cv_.notify_all();
-    th_.join();
-  }
-  std::shared_future<void> submit(std::function<void()> fn) {
-    std::packaged_task<void()> task(std::move(fn));
-    std::shared_future<void> f = task.get_future().share();
-    { std::lock_guard<std::mutex> g(mu_); q_.push_back(std::move(task)); }
-    cv_.notify_one();
+// MMOC_TEST_FAULT (tests only): nonfinite:<rank>:<step>[-<last step>] poisons that rank's gradients at those steps
+// (1-based); crash-in-save:<rank> ends that rank's process in the middle of writing a checkpoint.
+struct TestFault {
+  std::string kind;
+  int rank = -1;
+  int64_t first = 0, last = 0;
+  static TestFault from_env() {
+    TestFault f;
+    const char* e = std::getenv("MMOC_TEST_FAULT");
+    if (!e || !*e) return f;
+    std::string s = e;
+    auto c1 = s.find(':');
+    f.kind = s.substr(0, c1);
+    if (c1 == std::string::npos) throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": expected <kind>:<rank>[:<step>[-<last>]]");
+    auto c2 = s.find(':', c1 + 1);
+    f.rank = std::stoi(s.substr(c1 + 1, c2 == std::string::npos ? std::string::npos : c2 - c1 - 1));
+    if (c2 != std::string::npos) {
+      std::string r = s.substr(c2 + 1);
+      auto d = r.find('-');
+      f.first = std::stoll(r.substr(0, d));
+      f.last = d == std::string::npos ? f.first : std::stoll(r.substr(d + 1));
+    }
+    if (f.kind != "nonfinite" && f.kind != "crash-in-save") throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": unknown fault '" + f.kind + "'");
     return f;
   }
- private:
-  void loop() {
-    for (;;) {
-      std::packaged_task<void()> t;
-      {
-        std::unique_lock<std::mutex> g(mu_);
-        cv_.wait(g, [&] { return stop_ || !q_.empty(); });
-        if (q_.empty()) return;
-        t = std::move(q_.front());
-        q_.pop_front();
-      }
-      t();
+};
+}  // namespace
+
+bool updates_wait_for_gradnorm(const ir::Plan& plan) {
+  for (const auto& prog : plan.programs) {
+    int g = -1;
+    for (int i = 0; i < (int)prog.instrs.size(); ++i)
+      if (prog.instrs[i].op == Op::GradNorm) g = i;
+    for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+      const auto& in = prog.instrs[i];
+      if (in.op != Op::Optim) continue;
+      if (g < 0) return false;
+      const bool ordered = in.stream == ir::Stream::Cpu ? i > g : std::find(in.after.begin(), in.after.end(), g) != in.after.end();
+      if (!ordered) return false;
     }
   }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::packaged_task<void()>> q_;
-  bool stop_ = false;
-  std::thread th_;
-};
-
-double now_us() {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return true;
 }
-}  // namespace
 
 struct StageState {
   int id = 0;
@@ -126,30 +122,7 @@ struct Worker::Impl {
   std::optional<at::cuda::CUDAEvent> t0_event;
   double t0_host_us = 0;
   std::vector<std::pair<double, double>> cpu_times;
-  // watchdog: the host thread's position, so a hang says where it is
-  std::atomic<int> at_instr{-1};
-  std::atomic<double> last_progress_us{0};
-  std::atomic<bool> stop_watch{false};
-  std::thread watchdog;
-  void start_watchdog() {
-    const char* e = std::getenv("MMOC_WATCHDOG_S");
-    const double limit_s = e ? std::atof(e) : 120.0;
-    if (limit_s <= 0) return;
-    last_progress_us = now_us();
-    watchdog = std::thread([this, limit_s] {
-      bool reported = false;
-      while (!stop_watch) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(500));
-        const int i = at_instr.load();
-        if (i < 0) { last_progress_us = now_us(); reported = false; continue; }
-        if (!reported && now_us() - last_progress_us.load() > limit_s * 1e6) {
-          std::fprintf(stderr, "mmoc watchdog: rank %d made no progress for %.0f s; its host thread is at:\n%s%s", rank, limit_s,
-                       context(i).c_str(), gpu_progress(i).c_str());
-          reported = true;
-        }
-      }
-    });
-  }
+  std::unique_ptr<Watchdog> watchdog;  // where the host thread is, printed when it stalls
   // Per GPU stream: the last instruction up to `upto` whose completion event has fired, and the first that has not.
   std::string gpu_progress(int upto) {
     if (!cuda) return "";
@@ -168,10 +141,6 @@ struct Worker::Impl {
            "; first pending " + (pending >= 0 ? ir::print_instr(prog[pending], pending) : std::string("none")) + "\n";
     }
     return s;
-  }
-  ~Impl() {
-    stop_watch = true;
-    if (watchdog.joinable()) watchdog.join();
   }
   WorkerOptions opts;
   int max_ahead = 2;          // CUDA: compute instructions issued ahead of the GPU
@@ -196,6 +165,13 @@ struct Worker::Impl {
   float clip = 1.0f;
   double grad_norm = -1;
   double lr = 0;
+  int64_t step_index = 0;
+  // non-finite steps
+  bool has_gradnorm = false;   // this rank's optimizer steps wait for gradnorm: the global norm is known before any update
+  bool skip_updates = false;   // this step's global norm (or loss) is non-finite: no optimizer step updates anything
+  double gsq_host = 0;         // no gradnorm: sum of squares of the gradients updated on the host (cpu stream)
+  at::Tensor gsq_dev;          // ... and of those updated on the device (0-dim fp64)
+  TestFault fault;
   int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
   std::vector<TraceEvent> trace;
 
@@ -383,43 +359,41 @@ struct Worker::Impl {
     return h;
   }
 
+  // Test-only fault injection (MMOC_TEST_FAULT=nonfinite:<rank>:<step>[-<last step>], steps 1-based): poisons this
+  // rank's gradients of `stage` (all local stages for -1) with a NaN, as a diverged backward would.
+  void maybe_poison(int stage, const std::vector<at::Tensor>& resident) {
+    if (fault.kind != "nonfinite" || fault.rank != rank || step_index + 1 < fault.first || step_index + 1 > fault.last) return;
+    for (auto& [s, st] : stages)
+      if ((stage < 0 || s == stage) && !st.resident) st.host_grad.narrow(0, 0, 1).fill_(std::nan(""));
+    for (const auto& g : resident) g.narrow(0, 0, 1).fill_(std::nan(""));
+  }
+  GradType grad_type() const { return cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32; }
+
   void optim(const ir::Instr& in) {
     StageState& st = stages.at(in.stage);
+    const bool on_cpu = in.stream == ir::Stream::Cpu;
+    if (on_cpu == st.resident)
+      throw ExecError("optim S" + std::to_string(in.stage) + (on_cpu ? " on the cpu for a GPU-resident stage" : " on the GPU for an offloaded stage"));
+    at::Tensor grad = on_cpu ? st.host_grad : take({BufKind::WGrad, in.stage, -1});
+    if (!has_gradnorm) maybe_poison(in.stage, on_cpu ? std::vector<at::Tensor>{} : std::vector<at::Tensor>{grad});
+    if (skip_updates) return;  // the global norm is non-finite: no update, the step count stays
     st.step += 1;
-    if (in.stream == ir::Stream::Cpu) {
-      if (st.resident) throw ExecError("optim S" + std::to_string(in.stage) + " on the cpu for a GPU-resident stage");
+    if (on_cpu) {
+      // without a gradnorm instruction the norm is summed here, per stage, before the update (checked at step end)
+      if (!has_gradnorm) gsq_host += sum_of_squares(grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
       AdamWBuffers b;
       b.param = st.master.data_ptr<float>();
       b.exp_avg = st.exp_avg.data_ptr<float>();
       b.exp_avg_sq = st.exp_avg_sq.data_ptr<float>();
-      b.grad = st.host_grad.data_ptr();
-      b.grad_type = cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32;
+      b.grad = grad.data_ptr();
+      b.grad_type = grad_type();
       if (cdtype == at::kBFloat16) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kBFloat16; }
       b.n = st.layout.numel;
       adamw_step(b, hyper(), st.step, clip, pool.get());
     } else {
-      if (!st.resident) throw ExecError("optim S" + std::to_string(in.stage) + " on the GPU for an offloaded stage");
-      at::Tensor grad = take({BufKind::WGrad, in.stage, -1});
       at::Tensor w = need({BufKind::W, in.stage, -1}, "optim");
-      const auto h = hyper();
-      const double bc1 = 1.0 - std::pow(h.beta1, (double)st.step);
-      const double bc2 = 1.0 - std::pow(h.beta2, (double)st.step);
-      // torch.optim.AdamW's update, on the device, in chunks: the fp32 gradient copy and the denominator are
-      // transient per chunk (at most 2 x 128 MiB), not per stage, so they fit in the plan's reserve
-      const int64_t n = st.master.numel(), chunk = int64_t(1) << 25;
-      for (int64_t off = 0; off < n; off += chunk) {
-        const int64_t len = std::min(chunk, n - off);
-        at::Tensor m = st.master.narrow(0, off, len), ea = st.exp_avg.narrow(0, off, len), eas = st.exp_avg_sq.narrow(0, off, len);
-        at::Tensor g = grad.narrow(0, off, len).to(at::kFloat);
-        if (clip != 1.0f) g.mul_(clip);
-        m.mul_(1.0 - h.lr * h.weight_decay);
-        ea.lerp_(g, 1.0 - h.beta1);
-        eas.mul_(h.beta2).addcmul_(g, g, 1.0 - h.beta2);
-        at::Tensor denom = eas.sqrt();
-        denom.div_(std::sqrt(bc2)).add_(h.eps);
-        m.addcdiv_(ea, denom, -h.lr / bc1);
-        w.narrow(0, off, len).copy_(m);
-      }
+      adamw_step_tensors(st.master, st.exp_avg, st.exp_avg_sq, grad, w, hyper(), st.step, clip, DeviceAdamWKernel::kAuto,
+                         has_gradnorm ? nullptr : &gsq_dev);
     }
   }
 
@@ -433,16 +407,20 @@ struct Worker::Impl {
       }
     return g;
   }
+  // The global gradient norm, before any optimizer step of the step. A non-finite norm (or loss) on any rank makes
+  // every rank skip its updates: the sum over ranks is then non-finite everywhere.
   void gradnorm(const std::vector<at::Tensor>& rgrads) {
+    maybe_poison(-1, rgrads);
     double local = 0;
-    for (const auto& g : rgrads) local += g.to(at::kDouble).pow(2).sum().item<double>();
+    for (const auto& g : rgrads) local += sum_of_squares_tensor(g).item<double>();
     for (auto& [s, st] : stages)  // offloaded stages: their gradients are on the host
-      if (!st.resident)
-        local += sum_of_squares(st.host_grad.data_ptr(), cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32,
-                                st.layout.numel, pool.get());
+      if (!st.resident) local += sum_of_squares(st.host_grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
+    // the last stage's loss is complete here: its forwards precede the backwards whose gradients this waited for
+    if (stages.count(last) && !std::isfinite(loss_acc.item<double>())) local = std::nan("");
     double total = htr ? htr->allreduce_sum_double(local) : local;
     grad_norm = std::sqrt(total);
-    clip = clip_scale(grad_norm, plan.train.max_grad_norm);
+    skip_updates = !std::isfinite(total);
+    clip = !skip_updates && plan.train.max_grad_norm > 0 ? clip_scale(grad_norm, plan.train.max_grad_norm) : 1.0f;
   }
 
   void exec(int i) {
@@ -465,6 +443,17 @@ struct Worker::Impl {
       }
     }
   }
+
+  std::vector<StageTensors> stage_tensors();
+
+  // the step (below)
+  std::deque<int> comp_ahead;  // CUDA: compute instructions issued whose completion the host has not seen
+  std::vector<std::optional<at::cuda::CUDAEvent>> ev_start;  // CUDA + trace: start events
+  template <class F> void guarded(int i, F&& f);
+  void begin_step(const data::StepBatch& b, int64_t step_index);
+  void issue(int i);
+  void finish_step();
+  void check_no_leak() const;
 
   std::string context(int i) const {
     const auto& prog = plan.programs[rank].instrs;
@@ -542,8 +531,15 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     I.stages[s.id] = std::move(st);
   }
   I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
+  I.gsq_dev = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
+  ir::Plan mine = plan;  // does this rank's every update wait for the global norm?
+  for (int g = 0; g < plan.gpus; ++g)
+    if (g != rank) mine.programs[g].instrs.clear();
+  I.has_gradnorm = updates_wait_for_gradnorm(mine);
+  I.fault = TestFault::from_env();
   apply_budget();
-  I.start_watchdog();
+  I.watchdog = std::make_unique<Watchdog>(Watchdog::limit_from_env(), "rank " + std::to_string(rank),
+                                          [ip = &I](int i) { return ip->context(i) + ip->gpu_progress(i); });
 }
 
 void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
@@ -609,175 +605,205 @@ void Worker::load_hf(const std::string& dir) {
   refresh_device_copies(I);
 }
 
+// ---- the step -----------------------------------------------------------------------------------
+// One loop for both devices: on the CPU every instruction runs on the calling thread in program order; on CUDA,
+// gpu-stream instructions are issued to their stream after their cross-stream events, cpu-stream ones are queued on
+// the cpu thread (which waits for their events and futures itself).
+
+// Runs f for instruction i; an exception becomes one error that names the rank, the instruction and its neighbours.
+template <class F>
+void Worker::Impl::guarded(int i, F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    throw std::runtime_error("rank " + std::to_string(rank) + " failed at instruction %" + std::to_string(i) + ": " + e.what() + "\n" +
+                             context(i));
+  }
+}
+
+void Worker::Impl::begin_step(const data::StepBatch& b, int64_t step_index) {
+  if ((int)b.input_ids.size() != plan.microbatches || b.micro_batch_size != plan.micro_batch_size || b.seq_len != plan.seq_len)
+    throw std::runtime_error("batch shape does not match the plan (microbatches, micro-batch size, sequence length)");
+  batch = &b;
+  count = 0;
+  for (const auto& lab : b.labels) {
+    const int64_t T = b.seq_len;
+    for (size_t r = 0; r < lab.size() / T; ++r)
+      for (int64_t t = 1; t < T; ++t) count += lab[r * T + t] != data::kIgnoreIndex;
+  }
+  if (count == 0) throw std::runtime_error("step " + std::to_string(step_index) + ": no token in the batch counts towards the loss (all labels are -100)");
+  loss_sum = 0;
+  clip = 1.0f;
+  grad_norm = -1;
+  this->step_index = step_index;
+  skip_updates = false;
+  gsq_host = 0;
+  auto sched = parse_lr_schedule(plan.train.lr_schedule);
+  lr = lr_at(plan.train.lr, sched ? *sched : LrSchedule::kConstant, plan.train.warmup_steps, std::max<int64_t>(plan.train.total_steps, 1),
+             step_index);
+  peak_bytes = cur_bytes;
+  const auto& prog = plan.programs[rank].instrs;
+  {
+    const int64_t M = plan.microbatches, n = (int64_t)b.micro_batch_size * b.seq_len;
+    auto o = at::TensorOptions().dtype(at::kLong).pinned_memory(cuda);
+    pinned_ids = at::empty({M, n}, o);
+    pinned_labels = at::empty({M, n}, o);
+    for (int64_t m = 0; m < M; ++m) {
+      std::memcpy(pinned_ids[m].data_ptr<int64_t>(), b.input_ids[m].data(), n * 8);
+      std::memcpy(pinned_labels[m].data_ptr<int64_t>(), b.labels[m].data(), n * 8);
+    }
+  }
+  if (!cuda) {
+    loss_acc.zero_();
+    gsq_dev.zero_();
+    return;
+  }
+  c10::cuda::CUDACachingAllocator::resetPeakStats((c10::DeviceIndex)cuda_index);
+  {
+    c10::cuda::CUDAStreamGuard g(*streams[0]);
+    loss_acc.zero_();
+    gsq_dev.zero_();
+  }
+  {
+    std::lock_guard<std::mutex> g(ev_mu);
+    ev.clear();
+    ev.resize(prog.size());
+  }
+  comp_ahead.clear();
+  fut.assign(prog.size(), {});
+  if (opts.trace) {
+    t0_event.emplace(cudaEventDefault);
+    t0_event->record(*streams[0]);
+    t0_event->synchronize();
+    t0_host_us = now_us();
+  }
+  ev_start.clear();
+  ev_start.resize(opts.trace ? prog.size() : 0);
+  cpu_times.assign(prog.size(), {0, 0});
+}
+
+void Worker::Impl::issue(int i) {
+  const auto& prog = plan.programs[rank].instrs;
+  const auto& in = prog[i];
+  if (!cuda) {  // every stream is this thread
+    watchdog->at(i);
+    const double ts = opts.trace ? now_us() : 0;
+    exec(i);
+    if (opts.trace) trace.push_back({i, (int)in.stream, ts, now_us() - ts, in.buf ? plan.buffer_bytes(*in.buf) : 0});
+    return;
+  }
+  if (in.stream == ir::Stream::Cpu) {
+    std::vector<at::cuda::CUDAEvent*> evs;
+    std::vector<std::shared_future<void>> fs;
+    for (int a : in.after) {
+      if (prog[a].stream == ir::Stream::Cpu) fs.push_back(fut[a]);
+      else if (ev[a]) evs.push_back(&*ev[a]);
+    }
+    std::vector<at::Tensor> rg;
+    if (in.op == Op::GradNorm) rg = resident_grads();
+    Impl* ip = this;
+    const bool tr = opts.trace;
+    fut[i] = cpu->submit([ip, i, evs, fs, rg, tr] {
+      c10::cuda::CUDAGuard dg((c10::DeviceIndex)ip->cuda_index);
+      for (auto* e : evs) e->synchronize();
+      for (const auto& f : fs) f.get();
+      double ts = tr ? now_us() : 0;
+      if (ip->plan.programs[ip->rank].instrs[i].op == Op::GradNorm) ip->gradnorm(rg);
+      else ip->exec(i);
+      if (tr) ip->cpu_times[i] = {ts, now_us() - ts};
+    });
+    if (in.op == Op::Optim) pending_optim[in.stage] = fut[i];
+    return;
+  }
+  const int sidx = (int)in.stream;
+  auto& stream = *streams[sidx];
+  watchdog->at(i);
+  // bounded run-ahead: the host issues (and allocates for) at most max_ahead compute instructions ahead of the
+  // GPU, so the allocator's live set follows the plan's timeline instead of the whole step being queued at once
+  while (max_ahead > 0 && (int)comp_ahead.size() > max_ahead) {
+    ev[comp_ahead.front()]->synchronize();
+    comp_ahead.pop_front();
+  }
+  for (int a : in.after) {
+    if (prog[a].stream == ir::Stream::Cpu) fut[a].get();
+    else if (prog[a].stream != in.stream && ev[a]) ev[a]->block(stream);
+  }
+  c10::cuda::CUDAStreamGuard g(stream);
+  if (opts.trace) {
+    ev_start[i].emplace(cudaEventDefault);
+    ev_start[i]->record(stream);
+  }
+  cur_stream = sidx;
+  watchdog->at(i);
+  exec(i);
+  ev[i].emplace(opts.trace ? cudaEventDefault : cudaEventDisableTiming);
+  ev[i]->record(stream);
+  if (in.stream == ir::Stream::Comp) comp_ahead.push_back(i);
+}
+
+// The step ends when every stream and the cpu thread have finished and every send has been delivered.
+void Worker::Impl::finish_step() {
+  const auto& prog = plan.programs[rank].instrs;
+  watchdog->at((int)prog.size() - 1);
+  if (!cuda) {
+    for (auto& [b, w] : sends) w->wait();
+    sends.clear();
+    loss_sum = loss_acc.item<double>();
+    return;
+  }
+  for (int i = 0; i < (int)prog.size(); ++i)
+    if (prog[i].stream == ir::Stream::Cpu) guarded(i, [&] { fut[i].get(); });
+  for (int k = 0; k < 4; ++k) streams[k]->synchronize();
+  for (auto& w : inflight) w->wait();
+  inflight.clear();
+  pending_optim.clear();
+  loss_sum = loss_acc.item<double>();
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)cuda_index);
+  peak_bytes = stats.reserved_bytes[0].peak;
+  peak_alloc = stats.allocated_bytes[0].peak;
+  if (opts.trace) {
+    for (int i = 0; i < (int)prog.size(); ++i) {
+      const auto& in = prog[i];
+      int64_t bytes = in.buf ? plan.buffer_bytes(*in.buf) : 0;
+      if (in.stream == ir::Stream::Cpu) {
+        trace.push_back({i, 4, cpu_times[i].first, cpu_times[i].second, bytes});
+      } else if (ev_start[i] && ev[i]) {
+        double s0 = t0_event->elapsed_time(*ev_start[i]) * 1000.0, s1 = t0_event->elapsed_time(*ev[i]) * 1000.0;
+        trace.push_back({i, (int)in.stream, t0_host_us + s0, s1 - s0, bytes});
+      }
+    }
+  }
+}
+
+// Everything transient must be gone at the end of a step: a leak is a plan/engine disagreement.
+void Worker::Impl::check_no_leak() const {
+  for (const auto& [b, t] : bufs) {
+    bool persistent = b.kind == BufKind::W && stages.count(b.stage) && stages.at(b.stage).resident;
+    if (!persistent) throw std::runtime_error("rank " + std::to_string(rank) + ": " + b.str() + " still on the device at the end of the step");
+  }
+  if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(rank) + ": forward records or batches left at the end of the step");
+}
+
 StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
-  if ((int)batch.input_ids.size() != I.plan.microbatches || batch.micro_batch_size != I.plan.micro_batch_size ||
-      batch.seq_len != I.plan.seq_len)
-    throw std::runtime_error("batch shape does not match the plan (microbatches, micro-batch size, sequence length)");
-  I.batch = &batch;
-  I.count = 0;
-  for (const auto& lab : batch.labels) {
-    const int64_t T = batch.seq_len;
-    for (size_t r = 0; r < lab.size() / T; ++r)
-      for (int64_t t = 1; t < T; ++t) I.count += lab[r * T + t] != data::kIgnoreIndex;
-  }
-  if (I.count == 0) throw std::runtime_error("step " + std::to_string(step_index) + ": no token in the batch counts towards the loss (all labels are -100)");
-  I.loss_sum = 0;
-  I.clip = 1.0f;
-  I.grad_norm = -1;
-  auto sched = parse_lr_schedule(I.plan.train.lr_schedule);
-  I.lr = lr_at(I.plan.train.lr, sched ? *sched : LrSchedule::kConstant, I.plan.train.warmup_steps,
-               std::max<int64_t>(I.plan.train.total_steps, 1), step_index);
-  I.peak_bytes = I.cur_bytes;
-  const auto& prog = I.plan.programs[I.rank].instrs;
-  {
-    const int64_t M = I.plan.microbatches, n = (int64_t)batch.micro_batch_size * batch.seq_len;
-    auto o = at::TensorOptions().dtype(at::kLong).pinned_memory(I.cuda);
-    I.pinned_ids = at::empty({M, n}, o);
-    I.pinned_labels = at::empty({M, n}, o);
-    for (int64_t m = 0; m < M; ++m) {
-      std::memcpy(I.pinned_ids[m].data_ptr<int64_t>(), batch.input_ids[m].data(), n * 8);
-      std::memcpy(I.pinned_labels[m].data_ptr<int64_t>(), batch.labels[m].data(), n * 8);
-    }
-  }
-  if (I.cuda) {
-    c10::cuda::CUDAGuard dg((c10::DeviceIndex)I.cuda_index);
-    c10::cuda::CUDACachingAllocator::resetPeakStats((c10::DeviceIndex)I.cuda_index);
-    {
-      c10::cuda::CUDAStreamGuard g(*I.streams[0]);
-      I.loss_acc.zero_();
-    }
-    {
-      std::lock_guard<std::mutex> g(I.ev_mu);
-      I.ev.clear();
-      I.ev.resize(prog.size());
-    }
-    std::deque<int> comp_ahead;  // compute instructions issued whose completion the host has not seen
-    I.fut.assign(prog.size(), {});
-    if (I.opts.trace) {
-      I.t0_event.emplace(cudaEventDefault);
-      I.t0_event->record(*I.streams[0]);
-      I.t0_event->synchronize();
-      I.t0_host_us = now_us();
-    }
-    std::vector<std::optional<at::cuda::CUDAEvent>> ev_start(I.opts.trace ? prog.size() : 0);
-    I.cpu_times.assign(prog.size(), {0, 0});
-    for (int i = 0; i < (int)prog.size(); ++i) {
-      const auto& in = prog[i];
-      try {
-        if (in.stream == ir::Stream::Cpu) {
-          std::vector<at::cuda::CUDAEvent*> evs;
-          std::vector<std::shared_future<void>> fs;
-          for (int a : in.after) {
-            if (prog[a].stream == ir::Stream::Cpu) fs.push_back(I.fut[a]);
-            else if (I.ev[a]) evs.push_back(&*I.ev[a]);
-          }
-          std::vector<at::Tensor> rg;
-          if (in.op == Op::GradNorm) rg = I.resident_grads();
-          Impl* ip = &I;
-          const bool tr = I.opts.trace;
-          I.fut[i] = I.cpu->submit([ip, i, evs, fs, rg, tr] {
-            c10::cuda::CUDAGuard dg((c10::DeviceIndex)ip->cuda_index);
-            for (auto* e : evs) e->synchronize();
-            for (const auto& f : fs) f.get();
-            double ts = tr ? now_us() : 0;
-            const auto& inn = ip->plan.programs[ip->rank].instrs[i];
-            if (inn.op == Op::GradNorm) ip->gradnorm(rg);
-            else ip->exec(i);
-            if (tr) ip->cpu_times[i] = {ts, now_us() - ts};
-          });
-          if (in.op == Op::Optim) I.pending_optim[in.stage] = I.fut[i];
-          continue;
-        }
-        const int sidx = (int)in.stream;
-        auto& stream = *I.streams[sidx];
-        I.at_instr = i;
-        I.last_progress_us = now_us();
-        // bounded run-ahead: the host issues (and allocates for) at most max_ahead compute instructions ahead of the
-        // GPU, so the allocator's live set follows the plan's timeline instead of the whole step being queued at once
-        while (I.max_ahead > 0 && (int)comp_ahead.size() > I.max_ahead) {
-          I.ev[comp_ahead.front()]->synchronize();
-          comp_ahead.pop_front();
-        }
-        for (int a : in.after) {
-          if (prog[a].stream == ir::Stream::Cpu) I.fut[a].get();
-          else if (prog[a].stream != in.stream && I.ev[a]) I.ev[a]->block(stream);
-        }
-        c10::cuda::CUDAStreamGuard g(stream);
-        if (I.opts.trace) { ev_start[i].emplace(cudaEventDefault); ev_start[i]->record(stream); }
-        I.cur_stream = sidx;
-        I.at_instr = i;
-        I.last_progress_us = now_us();
-        I.exec(i);
-        I.ev[i].emplace(I.opts.trace ? cudaEventDefault : cudaEventDisableTiming);
-        I.ev[i]->record(stream);
-        if (in.stream == ir::Stream::Comp) comp_ahead.push_back(i);
-      } catch (const std::exception& e) {
-        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
-                                 e.what() + "\n" + I.context(i));
-      }
-    }
-    // the step ends when every stream and the optimizer thread have finished
-    I.at_instr = (int)prog.size() - 1;
-    I.last_progress_us = now_us();
-    for (int i = 0; i < (int)prog.size(); ++i) {
-      if (prog[i].stream != ir::Stream::Cpu) continue;
-      try { I.fut[i].get(); } catch (const std::exception& e) {
-        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
-                                 e.what() + "\n" + I.context(i));
-      }
-    }
-    for (int k = 0; k < 4; ++k) I.streams[k]->synchronize();
-    for (auto& w : I.inflight) w->wait();
-    I.inflight.clear();
-    I.pending_optim.clear();
-    I.loss_sum = I.loss_acc.item<double>();
-    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)I.cuda_index);
-    I.peak_bytes = stats.reserved_bytes[0].peak;
-    I.peak_alloc = stats.allocated_bytes[0].peak;
-    if (I.opts.trace) {
-      for (int i = 0; i < (int)prog.size(); ++i) {
-        const auto& in = prog[i];
-        int64_t bytes = in.buf ? I.plan.buffer_bytes(*in.buf) : 0;
-        if (in.stream == ir::Stream::Cpu) {
-          I.trace.push_back({i, 4, I.cpu_times[i].first, I.cpu_times[i].second, bytes});
-        } else if (ev_start[i] && I.ev[i]) {
-          double s0 = I.t0_event->elapsed_time(*ev_start[i]) * 1000.0, s1 = I.t0_event->elapsed_time(*I.ev[i]) * 1000.0;
-          I.trace.push_back({i, (int)in.stream, I.t0_host_us + s0, s1 - s0, bytes});
-        }
-      }
-    }
-  } else {
-    I.loss_acc.zero_();
-    for (int i = 0; i < (int)prog.size(); ++i) {
-      double ts = I.opts.trace ? now_us() : 0;
-      I.at_instr = i;
-      I.last_progress_us = now_us();
-      try {
-        I.exec(i);
-      } catch (const std::exception& e) {
-        throw std::runtime_error("rank " + std::to_string(I.rank) + " failed at instruction %" + std::to_string(i) + ": " +
-                                 e.what() + "\n" + I.context(i));
-      }
-      if (I.opts.trace) {
-        const auto& in = prog[i];
-        I.trace.push_back({i, (int)in.stream, ts, now_us() - ts, in.buf ? I.plan.buffer_bytes(*in.buf) : 0});
-      }
-    }
-    for (auto& [b, w] : I.sends) w->wait();
-    I.sends.clear();
-    I.loss_sum = I.loss_acc.item<double>();
-  }
-  I.at_instr = -1;
-  // everything transient must be gone: a leak is a plan/engine disagreement
-  for (const auto& [b, t] : I.bufs) {
-    bool persistent = b.kind == BufKind::W && I.stages.count(b.stage) && I.stages.at(b.stage).resident;
-    if (!persistent) throw std::runtime_error("rank " + std::to_string(I.rank) + ": " + b.str() + " still on the device at the end of the step");
-  }
-  if (!I.rec.empty() || !I.ids.empty()) throw std::runtime_error("rank " + std::to_string(I.rank) + ": forward records or batches left at the end of the step");
+  std::optional<c10::cuda::CUDAGuard> dg;
+  if (I.cuda) dg.emplace((c10::DeviceIndex)I.cuda_index);
+  I.begin_step(batch, step_index);
+  const int n = (int)I.plan.programs[I.rank].instrs.size();
+  for (int i = 0; i < n; ++i) I.guarded(i, [&] { I.issue(i); });
+  I.finish_step();
+  I.watchdog->at(-1);
+  I.check_no_leak();
   StepResult r;
   double total = I.htr ? I.htr->allreduce_sum_double(I.loss_sum) : I.loss_sum;
+  if (!I.has_gradnorm) {  // the norm of the gradients the optimizer steps used, summed over stages and ranks
+    const double local = I.gsq_host + I.gsq_dev.item<double>();
+    I.grad_norm = std::sqrt(I.htr ? I.htr->allreduce_sum_double(local) : local);
+  }
+  // both sums are over all ranks, so every rank reaches the same verdict
+  r.finite = std::isfinite(total) && std::isfinite(I.grad_norm);
+  r.skipped = I.skip_updates;
   r.loss = total / double(I.count);
   r.tokens = I.count;
   r.grad_norm = I.grad_norm;
@@ -790,90 +816,20 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
 }
 
 // ---- checkpoints -------------------------------------------------------------------------------
-void Worker::save_parts(const std::string& parts_dir) {
-  auto& I = *impl_;
-  std::vector<io::TensorToWrite> ts;
-  std::vector<at::Tensor> keep;
-  std::map<std::string, std::string> meta{{"format", "mmoc-parts"}, {"rank", std::to_string(I.rank)}};
-  for (auto& [s, st] : I.stages) {
-    for (auto [name, t] : {std::pair<const char*, at::Tensor>{"master", st.master}, {"exp_avg", st.exp_avg}, {"exp_avg_sq", st.exp_avg_sq}}) {
-      at::Tensor c = t.to(at::kCPU).contiguous();
-      keep.push_back(c);
-      ts.push_back({"S" + std::to_string(s) + "." + name, io::DType::F32, {c.numel()}, c.data_ptr(), (size_t)c.numel() * 4});
-    }
-    meta["S" + std::to_string(s) + ".step"] = std::to_string(st.step);
-  }
-  io::write_safetensors(parts_dir + "/rank" + std::to_string(I.rank) + ".safetensors", ts, meta);
+std::vector<StageTensors> Worker::Impl::stage_tensors() {
+  std::vector<StageTensors> v;
+  for (auto& [s, st] : stages) v.push_back({s, st.layout, st.master, st.exp_avg, st.exp_avg_sq, st.step});
+  return v;
 }
+
+void Worker::save_parts(const std::string& parts_dir) { save_state_parts(parts_dir, impl_->rank, impl_->stage_tensors()); }
 
 void Worker::load_parts(const std::string& parts_dir) {
   auto& I = *impl_;
-  for (auto& [s, st] : I.stages) {
-    std::string path = parts_dir + "/S" + std::to_string(s) + ".safetensors";
-    auto f = io::SafetensorsFile::open(path);
-    for (auto [name, t] : {std::pair<const char*, at::Tensor*>{"master", &st.master}, {"exp_avg", &st.exp_avg}, {"exp_avg_sq", &st.exp_avg_sq}}) {
-      at::Tensor src = read_tensor(f, name);
-      if (src.numel() != t->numel())
-        throw std::runtime_error(path + ": " + name + " has " + std::to_string(src.numel()) + " elements, the plan's stage S" +
-                                 std::to_string(s) + " has " + std::to_string(t->numel()) + " (checkpoint from another plan?)");
-      t->copy_(src.view_as(*t));
-    }
-    auto it = f.metadata().find("step");
-    st.step = it == f.metadata().end() ? 0 : std::stoll(it->second);
-  }
+  auto v = I.stage_tensors();
+  load_state_parts(parts_dir, v);
+  for (const auto& t : v) I.stages.at(t.id).step = t.step;
   refresh_device_copies(I);
-}
-
-static void rename_or_throw(const std::string& from, const std::string& to) {
-  if (std::rename(from.c_str(), to.c_str()) != 0)
-    throw std::runtime_error("cannot rename " + from + " to " + to + ": " + std::strerror(errno));
-}
-
-void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
-                         const std::string& dtype, const std::string& extra_json) {
-  // Gather the stage masters of all ranks, write the HF checkpoint into a staging folder, add the optimizer state
-  // (one file per stage, so a resume under another rank count still finds them), then swap it in.
-  std::vector<StageLayout> layouts;
-  std::vector<at::Tensor> flats;
-  std::map<int, std::string> stage_file;
-  const std::string staging = dir + ".staging";
-  io::remove_tree(staging);
-  io::make_dirs(staging);
-  const std::string hf_dir = staging + "/hf";
-  io::make_dirs(staging + "/mmoc_state");
-  for (int r = 0; r < plan.gpus; ++r) {
-    auto f = io::SafetensorsFile::open(parts_dir + "/rank" + std::to_string(r) + ".safetensors");
-    for (const auto& s : plan.stages) {
-      if (s.gpu != r) continue;
-      std::string p = "S" + std::to_string(s.id) + ".";
-      layouts.push_back(stage_layout(plan.model, s.layer_begin, s.layer_end));
-      flats.push_back(read_tensor(f, p + "master"));
-      at::Tensor m = read_tensor(f, p + "exp_avg"), v = read_tensor(f, p + "exp_avg_sq");
-      auto it = f.metadata().find(p + "step");
-      std::map<std::string, std::string> meta{{"format", "mmoc-optim"}, {"step", it == f.metadata().end() ? "0" : it->second},
-                                              {"layers", std::to_string(s.layer_begin) + "-" + std::to_string(s.layer_end)}};
-      at::Tensor mm = flats.back();
-      io::write_safetensors(staging + "/mmoc_state/S" + std::to_string(s.id) + ".safetensors",
-                            {{"master", io::DType::F32, {mm.numel()}, mm.data_ptr(), (size_t)mm.numel() * 4},
-                             {"exp_avg", io::DType::F32, {m.numel()}, m.data_ptr(), (size_t)m.numel() * 4},
-                             {"exp_avg_sq", io::DType::F32, {v.numel()}, v.data_ptr(), (size_t)v.numel() * 4}},
-                            meta);
-    }
-  }
-  save_hf_checkpoint(hf_dir, plan.model, layouts, flats, dtype == "bf16" ? at::kBFloat16 : at::kFloat);
-  // HF files at the top level of the checkpoint folder
-  for (const auto& name : io::list_dir(hf_dir)) rename_or_throw(hf_dir + "/" + name, staging + "/" + name);
-  io::remove_tree(hf_dir);
-  io::write_file_atomic(staging + "/mmoc_state/trainer_state.json", extra_json);
-  io::write_file_atomic(staging + "/mmoc_state/plan.json", ir::to_json_string(plan));
-  io::fsync_dir(staging);
-  // swap: the previous checkpoint survives until the new one is complete
-  const std::string old = dir + ".old";
-  io::remove_tree(old);
-  if (io::path_exists(dir)) rename_or_throw(dir, old);
-  rename_or_throw(staging, dir);
-  io::remove_tree(old);
-  io::remove_tree(parts_dir);
 }
 
 }  // namespace mmoc::engine

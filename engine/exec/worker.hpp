@@ -27,7 +27,10 @@ struct WorkerOptions {
 struct StepResult {
   double loss = 0;             // mean token loss of the step (all ranks agree)
   int64_t tokens = 0;          // tokens that count in the loss
-  double grad_norm = -1;       // global gradient norm when the plan clips, else -1
+  double grad_norm = -1;       // global gradient norm (before clipping; over the gradients of this step)
+  bool finite = true;          // loss and gradient norm are finite (all ranks agree)
+  bool skipped = false;        // non-finite and known before any update (the plan's gradnorm): no weight or optimizer
+                               // state changed in this step
   double seconds = 0;
   int64_t peak_bytes = 0;      // this rank's peak device bytes (plan-accounted buffers on CPU; allocator reserved on CUDA)
   int64_t peak_allocated = 0;  // CUDA: the allocator's peak of allocated (live tensor) bytes; CPU: = peak_bytes
@@ -41,6 +44,10 @@ struct TraceEvent {  // one executed instruction (for the measured trace)
   double start_us = 0, dur_us = 0;
   int64_t bytes = 0;
 };
+
+// True when on every rank each optimizer step waits for the global gradient norm (gradnorm), so a non-finite step
+// can be skipped before any update. Plans compiled with clipping or train.on_nonfinite = "skip" have this.
+bool updates_wait_for_gradnorm(const ir::Plan& plan);
 
 class Worker {
  public:
@@ -64,7 +71,7 @@ class Worker {
   StepResult step(const data::StepBatch& batch, int64_t step_index);
 
   // Checkpoints: every rank writes its stages' state into `parts_dir` (rank<r>.safetensors); rank 0 then
-  // assembles the HF checkpoint with assemble_checkpoint(). Collective.
+  // assembles the HF checkpoint with assemble_checkpoint() (engine/model/train_checkpoint.hpp). Collective.
   void save_parts(const std::string& parts_dir);
   void load_parts(const std::string& parts_dir);  // optimizer state + masters of the local stages
   const std::vector<TraceEvent>& trace() const;
@@ -74,10 +81,5 @@ class Worker {
  private:
   std::unique_ptr<Impl> impl_;
 };
-
-// Rank 0, after every rank's save_parts: writes the HF checkpoint (fp32 or bf16 weights) plus mmoc_state/
-// (optimizer state parts, trainer_state.json with `extra_json`) into `dir`, atomically replacing an existing one.
-void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
-                         const std::string& dtype, const std::string& extra_json);
 
 }  // namespace mmoc::engine

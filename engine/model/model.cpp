@@ -1,7 +1,6 @@
 #include "engine/model/model.hpp"
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
@@ -254,36 +253,6 @@ int64_t count_tokens(const at::Tensor& labels) {
 
 at::Tensor new_flat(const StageLayout& layout, at::TensorOptions options) { return at::zeros({layout.numel}, options); }
 
-namespace {
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-uint64_t name_seed(uint64_t seed, const std::string& name) {
-  uint64_t h = 0xcbf29ce484222325ULL;  // FNV-1a
-  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ULL;
-  return splitmix64(seed ^ splitmix64(h));
-}
-}  // namespace
-
-void init_weights(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat, uint64_t seed, double std) {
-  if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel)
-    throw std::invalid_argument("init_weights: flat tensor does not match the layout");
-  at::NoGradGuard ng;
-  flat.zero_();
-  for (const auto& p : layout.params) {
-    auto seg = flat.narrow(0, p.offset, p.numel);
-    if (p.kind == ParamKind::Norm) {
-      seg.fill_(1.0);
-    } else {
-      auto gen = at::make_generator<at::CPUGeneratorImpl>(name_seed(seed, p.name));
-      auto t = at::empty({p.numel}, at::kFloat);
-      t.normal_(0.0, std, gen);
-      seg.copy_(t);
-    }
-  }
-}
+// init_weights: engine/model/init.cpp
 
 }  // namespace mmoc::engine

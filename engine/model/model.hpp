@@ -48,8 +48,9 @@ int64_t count_tokens(const at::Tensor& labels);
 
 // A zero flat tensor for `layout`.
 at::Tensor new_flat(const StageLayout& layout, at::TensorOptions options);
-// HF-style random init, deterministic per (seed, parameter name) and so independent of the stage split, the
-// dtype and the device: Linear/Embedding ~ normal(0, std), norms = 1, padding = 0. Writes into `flat` (no grad).
+// HF-style random init, deterministic per (seed, parameter name, element) and so independent of the stage split,
+// the thread count, the dtype and the device: Linear/Embedding ~ normal(0, std), norms = 1, padding = 0. Writes
+// into `flat` (no grad), multithreaded (ATen's intra-op threads); computed on the host (engine/model/init.cpp).
 void init_weights(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat, uint64_t seed,
                   double std = 0.02);
 

@@ -345,7 +345,7 @@ int run_node(int nnodes, int node_rank, int nproc, const std::string& addr, int 
   nl.master_port = port;
   nl.rdzv_timeout_s = rdzv_s;
   nl.fail_timeout_s = fail_s;
-  return launch_node(nl, {g_argv0, "--worker", scenario}, {}, rep, "test_comm");
+  return launch_node(nl, {g_argv0, "--worker", scenario}, {}, rep, {}, "test_comm");
 }
 
 // Another "node": this executable in --launch-node mode, its stderr into `err` (read with slurp()).
@@ -930,8 +930,8 @@ TEST_CASE("nodes: a rank's own error ends every node with its message (first lin
   int rc1 = wait_pid(n1, 60);
   const std::string e1 = slurp(err);
   INFO(rep.message, " | node 1: ", e1);
-  DOCTEST_CHECK(rc0 == 1);
-  DOCTEST_CHECK(rc1 == 1);
+  DOCTEST_CHECK(rc0 == 3);  // the failing worker's exit code
+  DOCTEST_CHECK(rc1 == 3);
   DOCTEST_CHECK(rep.message.find("node 0: the job failed: rank 1 (node 0, host ") != std::string::npos);
   DOCTEST_CHECK(rep.message.find("deliberate failure of rank 1") != std::string::npos);
   DOCTEST_CHECK(rep.message.find("second line") == std::string::npos);
@@ -945,7 +945,7 @@ TEST_CASE("nodes: node 1 never starts: node 0 ends after the rendezvous timeout 
   LaunchReport rep;
   int rc0 = run_node(2, 0, 2, "127.0.0.1", pick_free_port(), 2, 10, "node-exchange", &rep);
   INFO(rep.message);
-  DOCTEST_CHECK(rc0 == 1);
+  DOCTEST_CHECK(rc0 == 3);
   DOCTEST_CHECK(rep.message.find("rendezvous timed out after 2 s: 2 of 4 ranks joined") != std::string::npos);
   DOCTEST_CHECK(rep.message.find("ranks 2-3 (node 1) did not") != std::string::npos);
   DOCTEST_CHECK(seconds_since(t0) < 12);

@@ -169,6 +169,18 @@ TEST_CASE("plan without predicted omits it in both forms") {
   CHECK(parse_text(print_text(p)) == p);
 }
 
+TEST_CASE("train.on_nonfinite: absent when 'stop', written and read back in both forms when 'skip'") {
+  Plan p = hand_plan();
+  CHECK(to_json_string(p).find("on_nonfinite") == std::string::npos);
+  CHECK(print_text(p).find("on_nonfinite") == std::string::npos);
+  p.train.on_nonfinite = "skip";
+  CHECK(to_json_string(p).find("\"on_nonfinite\": \"skip\"") != std::string::npos);
+  CHECK(print_text(p).find(" on_nonfinite=skip\n") != std::string::npos);
+  CHECK(from_json_string(to_json_string(p)) == p);
+  CHECK(parse_text(print_text(p)) == p);
+  CHECK(parse_text(print_text(p)) != hand_plan());
+}
+
 TEST_CASE("text form: comments, blank lines, CRLF and quoted strings") {
   std::string text = hand_plan_text();
   std::string with_noise = "; a comment\n\n   ; indented comment\r\n";

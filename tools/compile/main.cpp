@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   std::string job_path, out_path, emit = "json", trace_path, configs;
   std::vector<std::string> print_after;
   bool print_after_all = false, quiet = false, verbose = false;
-  std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision;
+  std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
   std::optional<int> gpus, mbs, microbatches, seq_len;
   std::optional<double> budget;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
@@ -36,6 +36,8 @@ int main(int argc, char** argv) {
   app.add_option("--offload", offload, "auto, all or none");
   app.add_option("--cross-map", cross_map, "auto or off");
   app.add_option("--precision", precision, "bf16 or fp32");
+  app.add_option("--on-nonfinite", on_nonfinite, "stop or skip: skip puts the gradient norm before the optimizer steps (train.on_nonfinite)")
+      ->check(CLI::IsMember({"stop", "skip"}));
   app.add_option("--print-after", print_after, "print the plan (text) after this pass (repeatable): " + [] {
     std::string s; for (auto& n : pass_names()) s += (s.empty() ? "" : ", ") + n; return s; }());
   app.add_flag("--print-after-all", print_after_all, "print the plan after every pass");
@@ -73,6 +75,7 @@ int main(int argc, char** argv) {
     if (offload) job.offload = *offload;
     if (cross_map) job.cross_map = *cross_map;
     if (precision) job.train.precision = *precision;
+    if (on_nonfinite) job.train.on_nonfinite = *on_nonfinite;
     ModelSpec m = load_model(job.model, configs);
     HardwareSpec hw = load_hardware(job.hardware, configs);
     CompileOptions o;

@@ -30,6 +30,7 @@
 #include "engine/io/safetensors.hpp"
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
+#include "engine/model/train_checkpoint.hpp"
 #include "ir/plan.hpp"
 
 using json = nlohmann::json;
@@ -38,10 +39,14 @@ namespace mmoc::engine {
 
 namespace {
 struct UsageError : std::runtime_error { using std::runtime_error::runtime_error; };
+// Training diverged (a non-finite loss or gradient norm): every rank throws it at the same step; rank 0 prints it.
+struct Diverged : std::runtime_error { using std::runtime_error::runtime_error; };
+constexpr int kExitDiverged = 4;
 
 struct Args {
   std::string plan, data, tokenizer, init = "random", save, resume, metrics, trace, device = "auto", fit = "pad", save_dtype = "fp32";
-  int steps = 1, save_every = 0, optim_threads = 0;
+  std::string on_nonfinite;  // stop | skip; empty: the plan's train.on_nonfinite
+  int steps = 1, save_every = 0, optim_threads = 0, max_skips = 10;
   uint64_t seed = 0, data_seed = 0;
   bool quiet = false;
   comm::LauncherRequest launch;  // --nnodes, --node-rank, --nproc-per-node, --master-addr/port, timeouts
@@ -64,6 +69,8 @@ data::DataConfig data_config(const Args& a, const ir::Plan& p) {
   return dc;
 }
 
+std::string nonfinite_mode(const Args& a, const ir::Plan& p) { return a.on_nonfinite.empty() ? p.train.on_nonfinite : a.on_nonfinite; }
+
 // Checks done once, before any worker starts, so bad input fails fast with one message.
 ir::Plan validate(const Args& a) {
   ir::Plan p = ir::load_plan_file(a.plan);
@@ -77,6 +84,12 @@ ir::Plan validate(const Args& a) {
   if (!a.resume.empty() && !io::path_exists(a.resume + "/mmoc_state/trainer_state.json"))
     throw UsageError("--resume " + a.resume + ": no mmoc checkpoint there (mmoc_state/trainer_state.json missing)");
   if (a.save_dtype != "fp32" && a.save_dtype != "bf16") throw UsageError("--save-dtype must be fp32 or bf16");
+  if (!a.on_nonfinite.empty() && a.on_nonfinite != "stop" && a.on_nonfinite != "skip")
+    throw UsageError("--on-nonfinite must be stop or skip (got '" + a.on_nonfinite + "')");
+  if (a.max_skips < 1) throw UsageError("--max-skips must be >= 1");
+  if (nonfinite_mode(a, p) == "skip" && !updates_wait_for_gradnorm(p))
+    throw UsageError("--on-nonfinite skip: in " + a.plan + " the optimizer steps do not wait for the gradient norm, so a " +
+                     "non-finite step cannot be skipped before it updates; compile it with --on-nonfinite skip (or clipping)");
   // Checkpoints are checked here too (headers, names, shapes; no tensor data is read), so a corrupt or mismatched
   // one fails with one message and exit code 2 instead of a worker failure.
   if (a.resume.empty() && a.init != "random") {
@@ -323,6 +336,23 @@ int worker_body(const Args& a, const std::string& device_hint) {
     }
     if (tr) tr->barrier();
   };
+  const std::string on_nonfinite = nonfinite_mode(a, plan);
+  int64_t skipped_total = 0, skipped_run = 0;  // skipped steps: in all, and in a row up to now
+  // a non-finite step: skip it (skip mode, when nothing was updated) or stop, without a checkpoint of it
+  auto check_finite = [&](const StepResult& r, int64_t s) {
+    if (r.finite) { skipped_run = 0; return; }
+    auto num = [](double v) { return std::isnan(v) ? std::string("nan") : std::to_string(v); };
+    std::string what = "step " + std::to_string(s + 1) + ": non-finite ";
+    if (!std::isfinite(r.loss)) what += "loss (" + num(r.loss) + ")";
+    if (!std::isfinite(r.grad_norm)) what += std::string(std::isfinite(r.loss) ? "" : " and ") + "gradient norm (" + num(r.grad_norm) + ")";
+    if (on_nonfinite == "skip" && r.skipped) {
+      ++skipped_total;
+      if (++skipped_run < a.max_skips) return;
+      throw Diverged(std::string(what) + "; " + std::to_string(skipped_run) + " steps in a row skipped (--max-skips " +
+                     std::to_string(a.max_skips) + "): stopping, no checkpoint of these steps written");
+    }
+    throw Diverged(std::string(what) + ": stopping, no checkpoint of it written (--on-nonfinite skip skips such steps)");
+  };
   double total_s = 0;
   StepResult last;
   std::vector<double> last_peaks(plan.gpus, 0.0), last_allocs(plan.gpus, 0.0);
@@ -351,7 +381,11 @@ int worker_body(const Args& a, const std::string& device_hint) {
         std::snprintf(buf, sizeof buf, "step %lld/%d  loss %.6f  tokens/s %.0f  step %.3f s  lr %.3g", (long long)s + 1, a.steps, r.loss, tps,
                       r.seconds, r.lr);
         os << buf;
-        if (r.grad_norm >= 0) { std::snprintf(buf, sizeof buf, "  grad-norm %.4f", r.grad_norm); os << buf; }
+        std::snprintf(buf, sizeof buf, "  grad-norm %.4f", std::fabs(r.grad_norm));  // fabs: "nan", not "-nan"
+        os << buf;
+        if (!r.finite && r.skipped && on_nonfinite == "skip") os << "  SKIPPED (non-finite)";
+        if (skipped_total + (!r.finite && r.skipped && on_nonfinite == "skip") > 0)
+          os << "  skipped " << skipped_total + (!r.finite && r.skipped && on_nonfinite == "skip");
         const bool small = *std::max_element(peaks.begin(), peaks.end()) < 1024.0 * 1024 * 1024;
         os << (small ? "  peak MiB" : "  peak GiB");
         for (int g = 0; g < plan.gpus; ++g) {
@@ -374,10 +408,15 @@ int worker_body(const Args& a, const std::string& device_hint) {
           for (int g = 0; g < plan.gpus; ++g) dev[g] = peaks[g] + outside[g];
           m["device_peak_bytes"] = dev;
         }
-        if (r.grad_norm >= 0) m["grad_norm"] = r.grad_norm;
+        m["grad_norm"] = r.grad_norm;  // NaN and inf are written as null
+        if (!r.finite) m["nonfinite"] = true;
+        if (!r.finite && r.skipped && on_nonfinite == "skip") m["skipped"] = true;
+        const int64_t sk = skipped_total + (!r.finite && r.skipped && on_nonfinite == "skip");
+        if (sk > 0) m["skipped_steps"] = sk;
         metrics << m.dump() << "\n" << std::flush;
       }
     }
+    check_finite(r, s);
     if (!a.save.empty() && a.save_every > 0 && (s + 1) % a.save_every == 0 && s + 1 < a.steps) save(s + 1);
   }
   if (!a.save.empty()) save(std::max<int64_t>(a.steps, start));
@@ -406,6 +445,17 @@ int worker_body(const Args& a, const std::string& device_hint) {
   }
   if (monitor) monitor->finish();
   return 0;
+  } catch (const Diverged& e) {
+    // every rank is here at the same step: rank 0 says it once, the others leave after it has
+    if (w.rank == 0) {
+      std::fprintf(stderr, "mmoc-run: error: %s\n", e.what());
+      std::fflush(stderr);
+    }
+    std::fflush(stdout);
+    if (tr) tr->barrier();
+    if (monitor) monitor->finish();  // an agreed end: no rank's leaving reads as a failure to the others
+    if (device == "cuda") std::_Exit(kExitDiverged);
+    throw;
   } catch (const std::exception& e) {
     if (device == "cuda" || w.world_size > 1) worker_die(e);
     throw;
@@ -432,6 +482,10 @@ int run_main(int argc, char** argv) {
   app.add_option("--trace", a.trace, "write the measured timeline of the last step (Chrome/Perfetto JSON)");
   app.add_option("--device", a.device, "auto, cpu or cuda");
   app.add_option("--optim-threads", a.optim_threads, "CPU optimizer threads per rank (0: cores / ranks)");
+  app.add_option("--on-nonfinite", a.on_nonfinite,
+                 "stop (exit 4, no checkpoint of the step) or skip (no update; needs a plan compiled with --on-nonfinite skip "
+                 "or clipping) when a step's loss or gradient norm is not finite; default: the plan's train.on_nonfinite");
+  app.add_option("--max-skips", a.max_skips, "with --on-nonfinite skip: stop (exit 4) after this many skipped steps in a row");
   app.add_flag("-q,--quiet", a.quiet, "no progress lines");
   // several nodes without torchrun: the same command on every node, with its --node-rank (README "Multi-node")
   app.add_option("--nnodes", a.launch.nnodes, "nodes of the job (this node runs its share of the plan's ranks)");
@@ -473,14 +527,19 @@ int run_main(int argc, char** argv) {
     // Near the budget, the caching allocator's fixed-size segments fragment (GiBs reserved but unusable); growable
     // segments do not. The user's own PYTORCH_CUDA_ALLOC_CONF wins.
     if (device == "cuda" && !std::getenv("PYTORCH_CUDA_ALLOC_CONF")) env.push_back({"PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"});
-    int rc = comm::launch_node(node, argv_v, env, &rep);
+    comm::LaunchOptions lo;
+    lo.print_failure = false;  // printed below, except for a divergence on one node (the worker said it in one line)
+    int rc = comm::launch_node(node, argv_v, env, &rep, lo);
+    if (rc != 0 && !(rc == kExitDiverged && node.nnodes == 1) && !rep.message.empty()) std::cerr << "mmoc-run: " << rep.message << "\n";
     struct rusage ru {};
     if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
       std::cout << "host memory: peak resident set of the largest worker " << gib(double(ru.ru_maxrss) * 1024.0) << " GiB\n";
-    return rc == 0 ? 0 : rc == 2 ? 2 : 1;  // 2: a worker found bad input
+    return rc == 0 ? 0 : rc == 2 ? 2 : rc == kExitDiverged ? kExitDiverged : 1;  // 2: a worker found bad input
   } catch (const UsageError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
     return 2;
+  } catch (const Diverged&) {
+    return kExitDiverged;  // rank 0 printed it
   } catch (const ir::ParseError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
     return 2;

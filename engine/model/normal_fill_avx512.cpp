@@ -1,0 +1,3 @@
+#define MMOC_INIT_ISA_NS isa_avx512
+#include <bit>
+#include "engine/model/normal_fill_kernels.inc"
