@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
 #   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed) | h200x2-peer | h200x4
+#                                       | startup
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
 # Needs the peer scripts in .carry/ (fsdp2_offload.py, limits.py from ../shared/peers). Logs go to $OUT.
@@ -185,6 +186,110 @@ h200x4)
   mmoc_job seed4-13b "configs/jobs/seed-llama2-13b-l20x4.json --hardware $(hw seed4-13b llama2-13b 8 128 h200x4) --gpus 4 --v 2 --budget 48" "$OUT/tok128.jsonl" ${STEPS:-6}
   peer fsdp2-seed4-13b 4 "--layers 40 --hidden 5120 --ffn 13824 --heads 40 --mbs 8 --seq 128 --accum 2 --steps 3"
   ratio h200x4-seed-13b seed4-13b fsdp2-seed4-13b
+  ;;
+startup)
+  # issue 10 item 4 on nvidia-h200, one call: the disk's write and read bandwidth (dd, O_DIRECT, 8 GiB), then
+  #  - 7B ready to train from random init (goal: within 15 s of launch),
+  #  - 7B ready from an HF checkpoint (bf16 shards written here) against the disk's read time (goal: read time + 5 s),
+  #  - a 1.9B model (7B-wide, 8 layers; 22.5 GB of weights and AdamW state) saved against the write bandwidth
+  #    (goal: >= 80%), resumed from it, and saved in the background every step (the optimizer's wait);
+  # DISK=<folder> puts the files elsewhere (default: .bench-disk in the checkout, on the machine's disk)
+  D="${DISK:-$root/.bench-disk}"; rm -rf "$D"; mkdir -p "$D"
+  log "disk: $(df -h "$D" | tail -1)"
+  dd if=/dev/zero of="$D/dd.bin" bs=16M count=512 oflag=direct conv=fsync 2> "$OUT/dd-write.log"; tail -1 "$OUT/dd-write.log"
+  dd if="$D/dd.bin" of=/dev/null bs=16M iflag=direct 2> "$OUT/dd-read.log"; tail -1 "$OUT/dd-read.log"
+  rm -f "$D/dd.bin"
+  gen_data "$OUT/tok.jsonl" 64 1024
+  job7="--model llama2-7b --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches 4 --seq-len 1024 --precision bf16"
+  $C $job7 -o "$OUT/plan-7b.json" -q || exit 1
+  log "7B from random init, 1 step"
+  timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan-7b.json" --data "$OUT/tok.jsonl" --steps 1 --device cuda --metrics "$OUT/init-7b.jsonl" > "$OUT/init-7b.log" 2>&1
+  echo "exit $?"; grep -E "ready after|^step|error" "$OUT/init-7b.log"
+  log "7B HF checkpoint (bf16, 5 GB shards) written by transformers-free python, then --init"
+  python3 - "$D/hf7b" <<'PY'
+import json, os, sys, torch
+from safetensors.torch import save_file
+out = sys.argv[1]; os.makedirs(out, exist_ok=True)
+L, H, F, V = 32, 4096, 11008, 32000
+names = [("model.embed_tokens.weight", (V, H))]
+for i in range(L):
+    p = f"model.layers.{i}."
+    names += [(p + "input_layernorm.weight", (H,)), (p + "self_attn.q_proj.weight", (H, H)), (p + "self_attn.k_proj.weight", (H, H)),
+              (p + "self_attn.v_proj.weight", (H, H)), (p + "self_attn.o_proj.weight", (H, H)), (p + "post_attention_layernorm.weight", (H,)),
+              (p + "mlp.gate_proj.weight", (F, H)), (p + "mlp.up_proj.weight", (F, H)), (p + "mlp.down_proj.weight", (H, F))]
+names += [("model.norm.weight", (H,)), ("lm_head.weight", (V, H))]
+g = torch.Generator(device="cuda").manual_seed(0)
+shards, cur, size = [], {}, 0
+for n, s in names:
+    t = torch.randn(s, generator=g, device="cuda", dtype=torch.bfloat16).mul_(0.02).cpu() if len(s) == 2 else torch.ones(s, dtype=torch.bfloat16)
+    if cur and size + t.numel() * 2 > 5e9: shards.append(cur); cur, size = {}, 0
+    cur[n] = t; size += t.numel() * 2
+shards.append(cur)
+wm, total = {}, 0
+for k, sh in enumerate(shards):
+    fn = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(sh, os.path.join(out, fn), metadata={"format": "pt"})
+    for n, t in sh.items(): wm[n] = fn; total += t.numel() * 2
+json.dump({"metadata": {"total_size": total}, "weight_map": wm}, open(os.path.join(out, "model.safetensors.index.json"), "w"))
+json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": F, "num_hidden_layers": L,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": V, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "max_position_embeddings": 4096, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+          open(os.path.join(out, "config.json"), "w"))
+os.sync()
+print("wrote %.2f GB in %d shards" % (total / 1e9, len(shards)))
+PY
+  timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan-7b.json" --data "$OUT/tok.jsonl" --steps 1 --device cuda --init "$D/hf7b" --metrics "$OUT/hf-7b.jsonl" > "$OUT/hf-7b.log" 2>&1
+  echo "exit $?"; grep -E "ready after|^step|error" "$OUT/hf-7b.log"; rm -rf "$D/hf7b"
+  # 1.9B: the 7B's shape with 8 layers
+  python3 -c "import json; m = json.load(open('configs/models/llama2-7b.json')); m.update(name='llama2-7b-8l', layers=8); json.dump(m, open('$OUT/llama2-7b-8l.json', 'w'))"
+  $C --model "$OUT/llama2-7b-8l.json" --hardware h200x1 --gpus 1 --v ${V19:-auto} --schedule grouped --budget 48 --micro-batch-size 8 \
+     --microbatches 4 --seq-len 1024 --precision bf16 -o "$OUT/plan-19.json" -q || exit 1
+  log "1.9B: 2 steps, a background save after step 1, the final save after step 2"
+  timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan-19.json" --data "$OUT/tok.jsonl" --steps 2 --device cuda --save "$D/ck19" --save-every 1 \
+     --metrics "$OUT/save-19.jsonl" > "$OUT/save-19.log" 2>&1
+  echo "exit $?"; grep -E "ready after|^step|saved|error" "$OUT/save-19.log"
+  log "1.9B: resume (weights + AdamW state), then --init of its HF shards (fp32)"
+  timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan-19.json" --data "$OUT/tok.jsonl" --steps 3 --device cuda --resume "$D/ck19" --metrics "$OUT/resume-19.jsonl" > "$OUT/resume-19.log" 2>&1
+  echo "exit $?"; grep -E "ready after|^step|error" "$OUT/resume-19.log"
+  timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan-19.json" --data "$OUT/tok.jsonl" --steps 1 --device cuda --init "$D/ck19" --metrics "$OUT/init-19.jsonl" > "$OUT/init-19.log" 2>&1
+  echo "exit $?"; grep -E "ready after|^step|error" "$OUT/init-19.log"
+  du -sh "$D/ck19"; rm -rf "$D"
+  python3 - "$OUT" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+def dd(path):  # "8589934592 bytes (8.6 GB, 8.0 GiB) copied, 3.9 s, 2.2 GB/s"
+    m = re.search(r"^(\d+) bytes .* copied, ([0-9.]+) s", open(path).read(), re.M)
+    return int(m.group(1)) / float(m.group(2)) if m else float("nan")
+def first(path):
+    try: return json.loads(open(path).readline())
+    except (OSError, ValueError): return {}
+def lines(path):
+    try: return [json.loads(l) for l in open(path)]
+    except (OSError, ValueError): return []
+w, r = dd(out + "/dd-write.log"), dd(out + "/dd-read.log")
+print("RESULT disk: write %.2f GB/s, read %.2f GB/s (dd, O_DIRECT, 16 MiB blocks, 8 GiB)" % (w / 1e9, r / 1e9))
+i7 = first(out + "/init-7b.jsonl")
+if i7: print("RESULT 7B random init: ready %.1f s after launch (goal <= 15 s; %s), of which set-up %.1f s and init %.1f s"
+           % (i7.get("launch_ready_s", i7.get("ready_s", -1)), "met" if i7.get("launch_ready_s", 99) <= 15 else "NOT met", i7.get("setup_s", -1), i7.get("init_s", -1)))
+h7 = first(out + "/hf-7b.jsonl")
+if h7 and h7.get("load_bytes"):
+    t_disk = h7["load_bytes"] / r
+    print("RESULT 7B HF --init: ready %.1f s after launch, weights %.1f s for %.2f GB (reads %.1f s at %.2f GB/s); disk read time %.1f s + 5 s = %.1f s -> %s"
+          % (h7.get("launch_ready_s", -1), h7["load_s"], h7["load_bytes"] / 1e9, h7["load_read_s"], h7["load_bytes"] / 1e9 / max(h7["load_read_s"], 1e-9),
+             t_disk, t_disk + 5, "met" if h7.get("launch_ready_s", 1e9) <= t_disk + 5 else "NOT met"))
+sv = [x for x in lines(out + "/save-19.jsonl") if "save_step" in x]
+for x in sv:
+    rate = x["save_bytes"] / x["save_write_s"]
+    print("RESULT 1.9B save (%s, step %d): %.2f GB in %.1f s of writing (%.1f s to the swap), %.2f GB/s = %.0f%% of the disk's write bandwidth (goal >= 80%%)%s"
+          % ("background" if x["save_background"] else "final", x["save_step"], x["save_bytes"] / 1e9, x["save_write_s"], x["save_s"], rate / 1e9, 100 * rate / w,
+             "; optimizer waited %.1f s" % x.get("save_optimizer_wait_s", 0) if x["save_background"] else ""))
+for name, f in (("resume", "/resume-19.jsonl"), ("HF --init (fp32 shards)", "/init-19.jsonl")):
+    x = first(out + f)
+    if x.get("load_bytes"):
+        print("RESULT 1.9B %s: %.2f GB in %.1f s (reads %.1f s, %.2f GB/s = %.0f%% of the disk's read bandwidth); ready %.1f s after launch"
+              % (name, x["load_bytes"] / 1e9, x["load_s"], x["load_read_s"], x["load_bytes"] / 1e9 / max(x["load_read_s"], 1e-9),
+                 100 * x["load_bytes"] / max(x["load_read_s"], 1e-9) / r, x.get("launch_ready_s", -1)))
+PY
   ;;
 hfcheck)
   # mmoc's model on CUDA against HF transformers' LlamaForCausalLM on the same safetensors (fp32 and bf16), and the

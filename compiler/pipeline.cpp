@@ -5,15 +5,10 @@
 #include <ostream>
 #include <sstream>
 
+#include "common/format.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
-
-static std::string gib(double b) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", b / GiB);
-  return buf;
-}
 
 void validate_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw) {
   if (j.gpus < 1) throw InputError("--gpus must be >= 1 (got " + std::to_string(j.gpus) + ")");

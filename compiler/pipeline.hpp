@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "compiler/simulator.hpp"
-#include "compiler/spec.hpp"
+#include "cost/simulator.hpp"
+#include "cost/spec.hpp"
 #include "ir/plan.hpp"
 
 namespace mmoc {

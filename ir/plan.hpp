@@ -7,6 +7,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mmoc::ir {
@@ -54,7 +55,8 @@ struct BufRef {
   auto operator<=>(const BufRef&) const = default;
   std::string str() const;                   // "w(S3)", "act(S2,m5)", "batch(m0)"
   static BufRef parse(const std::string&);   // inverse of str(); throws ParseError
-  bool per_microbatch() const { return kind == BufKind::Act || kind == BufKind::Grad || kind == BufKind::Stash || kind == BufKind::Batch; }
+  bool per_microbatch() const;  // one instance per micro-batch (act, grad, stash, batch): ops.hpp's kind table
+  bool per_stage() const;       // named with a stage (all but batch)
 };
 
 // Declares the size of one buffer kind of one stage (per micro-batch instance for per-mb kinds)
@@ -174,9 +176,13 @@ Plan from_json_string(const std::string&);  // throws ParseError naming the bad 
 // Shortest of %.15g/%.16g/%.17g that reads back to the same double (as the text form prints numbers).
 std::string format_double(double);
 
+// The `plan` header line's fields as the text form writes them (key, value), in order.
+std::vector<std::pair<std::string, std::string>> header_fields(const Plan&);
+
 // Text form: one instruction per line, deterministic; parse_text(print_text(p)) == p.
 std::string print_text(const Plan&);
 std::string print_instr(const Instr&, int index);
+std::string print_op(const Instr&);  // "<op> <operands>" as print_instr writes them ("forward S0 m1", "gradnorm")
 Plan parse_text(const std::string&);         // throws ParseError with line number
 
 // Reads/writes either form, chosen by content (JSON starts with '{').

@@ -1,5 +1,7 @@
 #include "passes/analysis.hpp"
 
+#include "ir/exec.hpp"
+
 #include <functional>
 #include <map>
 #include <numeric>
@@ -10,16 +12,16 @@ namespace mmoc {
 
 using ir::BufKind;
 using ir::BufRef;
-using ir::Op;
 
 MemoryEvents memory_events(const ir::Plan& p) {
   MemoryEvents ev;
-  const int last = p.num_stages() - 1;
   ev.transient.resize(p.programs.size());
-  for (const auto& d : p.buffers)
-    if (d.home == ir::Tier::Gpu && (d.kind == BufKind::W || d.kind == BufKind::Opt) && d.stage >= 0 &&
-        d.stage < p.num_stages())
-      ev.lifetimes.push_back({p.stages[d.stage].gpu, {d.kind, d.stage, -1}, d.bytes, -1, -1});
+  // buffers on the GPU all step
+  for (const auto& d : p.buffers) {
+    const BufRef b{d.kind, d.stage, -1};
+    if (d.stage >= 0 && d.stage < p.num_stages() && ir::is_persistent(p, b))
+      ev.lifetimes.push_back({p.stages[d.stage].gpu, b, d.bytes, -1, -1});
+  }
   for (const auto& prog : p.programs) {
     const int g = prog.gpu;
     std::map<BufRef, size_t> live;  // -> lifetime index
@@ -38,48 +40,20 @@ MemoryEvents memory_events(const ir::Plan& p) {
       ev.lifetimes[it->second].free = i;
       live.erase(it);
     };
-    auto need = [&](int i, BufRef b) {
-      if (!live.count(b)) throw ir::VerifyError(where(i) + "needs " + b.str() + " on the GPU, but it is not present");
-    };
     for (int i = 0; i < (int)prog.instrs.size(); ++i) {
-      const auto& in = prog.instrs[i];
-      switch (in.op) {
-        case Op::LoadBatch: alloc(i, {BufKind::Batch, -1, in.mb}); break;
-        case Op::Prefetch: alloc(i, *in.buf); break;
-        case Op::Recv: alloc(i, *in.buf); break;
-        case Op::Send: need(i, *in.buf); break;
-        case Op::AllReduce: need(i, *in.buf); break;
-        case Op::Evict: case Op::Free: release(i, *in.buf); break;
-        case Op::Forward: {
-          const auto& st = p.stages[in.stage];
-          need(i, {BufKind::W, in.stage, -1});
-          if (in.stage == 0 || in.stage == last) need(i, {BufKind::Batch, -1, in.mb});
-          if (in.stage > 0) need(i, {BufKind::Act, in.stage - 1, in.mb});
-          if (in.stage < last) alloc(i, {BufKind::Act, in.stage, in.mb});
-          alloc(i, {BufKind::Stash, in.stage, in.mb});
-          ev.transient[g][i] = st.fwd_ws;
-          break;
+      const ir::Effects e = ir::effects(p, prog.instrs[i]);
+      for (const ir::BufEffect& x : e) {
+        switch (x.access) {
+          case ir::Access::Require:
+            if (!live.count(x.buf)) throw ir::VerifyError(where(i) + "needs " + x.buf.str() + " on the GPU, but it is not present");
+            break;
+          case ir::Access::Alloc: alloc(i, x.buf); break;
+          case ir::Access::AllocIfAbsent: if (!live.count(x.buf)) alloc(i, x.buf); break;
+          case ir::Access::Free: release(i, x.buf); break;
+          case ir::Access::FreeIfPresent: if (live.count(x.buf)) release(i, x.buf); break;
         }
-        case Op::Backward: {
-          const auto& st = p.stages[in.stage];
-          need(i, {BufKind::W, in.stage, -1});
-          if (in.stage == 0 || in.stage == last) need(i, {BufKind::Batch, -1, in.mb});
-          if (in.stage < last) need(i, {BufKind::Grad, in.stage, in.mb});
-          if (in.stage > 0) alloc(i, {BufKind::Grad, in.stage - 1, in.mb});
-          if (!live.count({BufKind::WGrad, in.stage, -1})) alloc(i, {BufKind::WGrad, in.stage, -1});
-          release(i, {BufKind::Stash, in.stage, in.mb});
-          if (in.stage > 0) release(i, {BufKind::Act, in.stage - 1, in.mb});
-          if (in.stage < last) release(i, {BufKind::Grad, in.stage, in.mb});
-          ev.transient[g][i] = st.bwd_ws;
-          break;
-        }
-        case Op::Optim: {
-          BufRef wg{BufKind::WGrad, in.stage, -1};
-          if (in.stream != ir::Stream::Cpu && live.count(wg)) release(i, wg);
-          break;
-        }
-        case Op::GradNorm: break;
       }
+      ev.transient[g][i] = e.transient;
     }
   }
   return ev;
@@ -99,16 +73,12 @@ HappensBefore happens_before(const ir::Plan& p) {
   std::vector<int> parent(total);
   std::iota(parent.begin(), parent.end(), 0);
   std::function<int(int)> find = [&](int x) { return parent[x] == x ? x : parent[x] = find(parent[x]); };
-  std::map<std::string, int> send_of;
-  for (const auto& prog : p.programs)
-    for (int i = 0; i < (int)prog.instrs.size(); ++i)
-      if (prog.instrs[i].op == Op::Send) send_of[prog.instrs[i].tag] = h.offset[prog.gpu] + i;
-  for (const auto& prog : p.programs)
-    for (int i = 0; i < (int)prog.instrs.size(); ++i)
-      if (prog.instrs[i].op == Op::Recv) {
-        auto it = send_of.find(prog.instrs[i].tag);
-        if (it != send_of.end()) parent[find(h.offset[prog.gpu] + i)] = find(it->second);
-      }
+  const auto partner = ir::pair_partners(p);
+  for (int g = 0; g < (int)p.programs.size(); ++g)
+    for (int i = 0; i < (int)p.programs[g].instrs.size(); ++i) {
+      auto [pg, pi] = partner[g][i];
+      if (pg >= 0 && (pg != g || pi != i)) parent[find(h.offset[g] + i)] = find(h.offset[pg] + pi);
+    }
   std::vector<int> id_of_root(total, -1);
   h.node.resize(total);
   for (int x = 0; x < total; ++x) {

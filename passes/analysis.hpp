@@ -1,10 +1,11 @@
 // Analyses shared by the verifiers, offload-insertion and the engine's bookkeeping tests:
-// what each instruction allocates and frees on its GPU (docs/plan-format.md's table), and the
+// what each instruction allocates and frees on its GPU (the op table's effects, ir/ops.hpp), and the
 // happens-before order of all instructions of all programs.
 #pragma once
 #include <cstdint>
 #include <vector>
 
+#include "ir/ops.hpp"
 #include "ir/plan.hpp"
 
 namespace mmoc {

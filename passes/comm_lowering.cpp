@@ -5,11 +5,13 @@
 // backward S m (tag B.S<s>.m<m>); each send followed by `free` of the sent buffer on the p2p stream.
 // No send/recv between stages on one GPU (local hand-over). Every rank's p2p stream carries its messages in
 // one global order (by the time each message is ready in an estimate of the schedule with unbounded
-// buffering, then by tag), which makes the rendezvous order consistent across ranks: no deadlock.
+// buffering, then by tag), which makes the rendezvous order consistent across ranks: no deadlock. The estimate is
+// the simulator's (implicit transfers: each compute op waits for its inputs plus their p2p time).
 #include <algorithm>
 #include <map>
 #include <tuple>
 
+#include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
@@ -21,62 +23,26 @@ struct Key {
 };
 }  // namespace
 
-// Estimated start/end of every compute op (ms) with transfers taking p2p time and no memory limits.
-// Throws InputError if the compute order itself cannot make progress.
+// Estimated start/end of every compute op (ms): the timed executor (the simulator) on the plan as the schedule left
+// it, each compute op waiting for its inputs from the GPU that makes them plus their p2p time (implicit transfers:
+// unbounded buffering, no memory limits). Throws InputError if the compute order itself cannot make progress.
 std::map<std::pair<int, int>, std::pair<double, double>> estimate_compute_times(const PassContext& c) {
   const auto& p = c.plan;
-  const int P = p.num_stages();
-  std::map<Key, double> end;
-  std::map<std::pair<int, int>, std::pair<double, double>> times;  // (rank, index) -> (start, end)
-  std::vector<size_t> idx(p.gpus, 0);
-  std::vector<double> clock(p.gpus, 0.0);
-  auto xfer = [&](int from_stage, int to_stage, int64_t bytes) {
-    return p.stages[from_stage].gpu == p.stages[to_stage].gpu ? 0.0 : c.cost.p2p_ms(bytes);
-  };
-  const int64_t act_bytes = (int64_t)p.micro_batch_size * p.seq_len * c.model.hidden * c.act_bytes();
-  size_t remaining = 0;
-  for (const auto& prog : p.programs)
-    for (const auto& in : prog.instrs)
-      if (in.op == ir::Op::Forward || in.op == ir::Op::Backward) ++remaining;
-  while (remaining > 0) {
-    bool progress = false;
-    for (int r = 0; r < p.gpus; ++r) {
-      const auto& prog = p.programs[r].instrs;
-      while (idx[r] < prog.size()) {
-        const ir::Instr& in = prog[idx[r]];
-        if (in.op != ir::Op::Forward && in.op != ir::Op::Backward) { ++idx[r]; continue; }
-        double ready = clock[r];
-        bool ok = true;
-        auto need = [&](Key k, double extra) {
-          auto it = end.find(k);
-          if (it == end.end()) ok = false;
-          else ready = std::max(ready, it->second + extra);
-        };
-        if (in.op == ir::Op::Forward) {
-          if (in.stage > 0) need({ir::Op::Forward, in.stage - 1, in.mb}, xfer(in.stage - 1, in.stage, act_bytes));
-        } else {
-          need({ir::Op::Forward, in.stage, in.mb}, 0.0);
-          if (in.stage < P - 1) need({ir::Op::Backward, in.stage + 1, in.mb}, xfer(in.stage + 1, in.stage, act_bytes));
-        }
-        if (!ok) break;
-        const auto& st = p.stages[in.stage];
-        double dur = std::max(1e-6, in.op == ir::Op::Forward ? st.fwd_ms : st.bwd_ms);
-        times[{r, (int)idx[r]}] = {ready, ready + dur};
-        end[{in.op, in.stage, in.mb}] = ready + dur;
-        clock[r] = ready + dur;
-        ++idx[r];
-        --remaining;
-        progress = true;
-      }
-    }
-    if (!progress) {
-      std::string what;
-      for (int r = 0; r < p.gpus; ++r)
-        if (idx[r] < p.programs[r].instrs.size())
-          what += " g" + std::to_string(r) + ":" + print_instr(p.programs[r].instrs[idx[r]], (int)idx[r]);
-      throw InputError("schedule '" + p.schedule + "' cannot make progress with these knobs; stuck at" + what);
-    }
+  ir::Plan est = p;
+  // what crosses GPUs: activations and their gradients, of the size offload-insertion will declare
+  const int64_t bytes = boundary_bytes(c);
+  est.buffers.clear();
+  for (int s = 0; s + 1 < p.num_stages(); ++s) {
+    est.buffers.push_back({ir::BufKind::Act, s, bytes, ir::Tier::Gpu});
+    est.buffers.push_back({ir::BufKind::Grad, s, bytes, ir::Tier::Gpu});
   }
+  SimOptions o;
+  o.implicit_transfers = true;
+  SimResult r = simulate(est, c.hw, c.model, o);
+  if (r.deadlock)
+    throw InputError("schedule '" + p.schedule + "' cannot make progress with these knobs:\n" + r.deadlock_report);
+  std::map<std::pair<int, int>, std::pair<double, double>> times;  // (rank, index) -> (start, end)
+  for (const auto& iv : r.intervals) times[{iv.gpu, iv.instr}] = {iv.start_ms, iv.end_ms};
   return times;
 }
 

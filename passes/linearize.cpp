@@ -8,7 +8,7 @@
 #include <map>
 #include <queue>
 
-#include "compiler/simulator.hpp"
+#include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {

@@ -20,7 +20,9 @@
 #include <cstdio>
 #include <map>
 
-#include "compiler/simulator.hpp"
+#include "common/format.hpp"
+#include "ir/ops.hpp"
+#include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
@@ -78,14 +80,6 @@ struct Builder {
   }
 };
 
-// Rounded up, so a budget named in a message is enough when passed back.
-std::string gib(int64_t b) {
-  char buf[64];
-  const double g = double(b) / GiB;
-  if (g >= 1.0) std::snprintf(buf, sizeof buf, "%.2f GiB", std::ceil(g * 100.0) / 100.0);
-  else std::snprintf(buf, sizeof buf, "%.4f GiB", std::ceil(g * 10000.0) / 10000.0);
-  return buf;
-}
 }  // namespace
 
 ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const OffloadConfig& cfg) {
@@ -104,7 +98,6 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
   }
-  const int64_t tok = (int64_t)p.micro_batch_size * p.seq_len;
   p.buffers.clear();
   for (int s = 0; s < P; ++s) {
     const auto& st = p.stages[s];
@@ -113,12 +106,12 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     p.buffers.push_back({BufKind::WGrad, s, st.params * wb, home});
     p.buffers.push_back({BufKind::Opt, s, st.params * 12, home});
     if (s < last) {
-      p.buffers.push_back({BufKind::Act, s, tok * c.model.hidden * c.act_bytes(), ir::Tier::Gpu});
-      p.buffers.push_back({BufKind::Grad, s, tok * c.model.hidden * c.act_bytes(), ir::Tier::Gpu});
+      p.buffers.push_back({BufKind::Act, s, boundary_bytes(c), ir::Tier::Gpu});
+      p.buffers.push_back({BufKind::Grad, s, boundary_bytes(c), ir::Tier::Gpu});
     }
     p.buffers.push_back({BufKind::Stash, s, stage_stash_bytes(c, st), ir::Tier::Gpu});
   }
-  p.buffers.push_back({BufKind::Batch, -1, tok * 8 * 2, ir::Tier::Gpu});
+  p.buffers.push_back({BufKind::Batch, -1, ir::batch_buffer_bytes(p.micro_batch_size, p.seq_len), ir::Tier::Gpu});
   // the global gradient norm before any optimizer step: for clipping, and to skip a non-finite step
   const bool clip = p.train.max_grad_norm > 0 || p.train.on_nonfinite == "skip";
 
@@ -297,9 +290,9 @@ void offload_insertion_pass(PassContext& c) {
     cands.push_back({cfg, std::move(pl), step});
   }
   if (cands.empty()) {
-    throw InputError("budget " + gib(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
+    throw InputError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
-                     std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib(c.hw.budget_for(smallest)) + " (" + smallest_desc +
+                     std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib_at_least(c.hw.budget_for(smallest)) + " (" + smallest_desc +
                      "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs");
   }
   size_t best = 0;

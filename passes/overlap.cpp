@@ -7,25 +7,14 @@
 // start), so the engine issues it as early as memory allows.
 #include <algorithm>
 
-#include "compiler/simulator.hpp"
+#include "cost/simulator.hpp"
+#include "ir/ops.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
 
 using ir::Op;
 using ir::Stream;
-
-static Stream natural_stream(const ir::Instr& in) {
-  switch (in.op) {
-    case Op::Prefetch: return Stream::H2D;
-    case Op::Evict: return in.to_host ? Stream::D2H : Stream::Comp;
-    case Op::Send: case Op::Recv: case Op::AllReduce: return Stream::P2P;
-    case Op::GradNorm: return Stream::Cpu;
-    case Op::Optim: return in.stream == Stream::Cpu ? Stream::Cpu : Stream::Comp;
-    case Op::Free: return in.stream;  // on the stream of the buffer's last user
-    default: return Stream::Comp;
-  }
-}
 
 static void hoist_prefetches(ir::Plan& p) {
   for (auto& prog : p.programs) {
@@ -42,7 +31,7 @@ static void hoist_prefetches(ir::Plan& p) {
 
 void overlap_pass(PassContext& c) {
   for (auto& prog : c.plan.programs)
-    for (auto& in : prog.instrs) in.stream = natural_stream(in);
+    for (auto& in : prog.instrs) in.stream = ir::natural_stream(in);  // the op table
   if (c.memory_complete && !c.resident.empty()) {
     double best_ms = c.sim_available ? simulate(c.plan, c.hw, c.model).step_ms : 0;
     int best_w = 1;

@@ -52,6 +52,10 @@ int64_t stage_stash_bytes(const PassContext& c, const ir::Stage& st) {
   return s;
 }
 
+int64_t boundary_bytes(const PassContext& c) {
+  return (int64_t)c.plan.micro_batch_size * c.plan.seq_len * c.model.hidden * c.act_bytes();
+}
+
 void partition_pass(PassContext& c) {
   auto& p = c.plan;
   const int n = c.model.num_model_layers();

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 #include "ir/plan.hpp"
 
 namespace mmoc {
@@ -84,6 +84,8 @@ ir::Plan lower_offload(const PassContext&, const ir::Plan& base, const OffloadCo
 // Stage cost fields (partition.cpp) from its layers and recompute flag; stash bytes per micro-batch.
 void fill_stage_costs(const PassContext&, ir::Stage&);
 int64_t stage_stash_bytes(const PassContext&, const ir::Stage&);
+// Bytes of one activation (and of its gradient) handed between stages: mbs x seq x hidden in compute precision.
+int64_t boundary_bytes(const PassContext&);
 // Cross mapping (cross_map.cpp): best order of physical GPUs for n pipeline ranks, and its Mobius cost.
 std::vector<int> cross_map_order(const HardwareSpec&, int n);
 double cross_map_cost(const HardwareSpec&, const std::vector<int>& order);

@@ -4,12 +4,14 @@
 // dependencies allow: allocated by an instruction that does not happen after this one, and not freed by one that
 // happens before it; plus the largest workspace of a compute op that may overlap. Whatever the timing of the
 // streams, the GPU never holds more, so a plan within the bound cannot exceed its budget at run time.
-// verify-deadlock: executes all programs untimed (in-order streams, `after` deps, send/recv rendezvous: both at
-// the heads of their queues); with `sequential` each program is one in-order queue, as the CPU engine runs it.
+// verify-deadlock: the untimed executor (ir/exec.hpp) runs all programs (in-order streams, `after` deps, send/recv
+// rendezvous: both at the heads of their queues); with `sequential` each program is one in-order queue, as the CPU
+// engine runs it.
 #include <cmath>
 #include <cstdio>
-#include <map>
 
+#include "common/format.hpp"
+#include "ir/exec.hpp"
 #include "passes/analysis.hpp"
 #include "passes/pass.hpp"
 
@@ -53,94 +55,20 @@ MemoryBound memory_bound(const ir::Plan& p) {
   return mb;
 }
 
-static std::string gib(int64_t b) {  // rounded up: a budget named in a message suffices when passed back
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", std::ceil(double(b) / GiB * 100.0) / 100.0);
-  return buf;
-}
-
 void verify_memory(const PassContext& c) {
   MemoryBound mb = memory_bound(c.plan);
   for (size_t g = 0; g < mb.bound.size(); ++g)
     if (c.plan.budget_bytes > 0 && mb.bound[g] > c.hw.usable_bytes(c.plan.budget_bytes)) {
       std::string at = mb.worst_instr[g] >= 0 ? " at " + print_instr(c.plan.programs[g].instrs[mb.worst_instr[g]], mb.worst_instr[g]) : "";
-      throw InputError("verify-memory: GPU g" + std::to_string(g) + " may need " + gib(mb.bound[g]) + " but the budget is " +
-                       gib(c.plan.budget_bytes) + " (of which " + gib(c.hw.usable_bytes(c.plan.budget_bytes)) + " for the plan)" + at +
-                       "; raise --budget to at least " + gib(c.hw.budget_for(mb.bound[g])) +
+      throw InputError("verify-memory: GPU g" + std::to_string(g) + " may need " + gib_at_least(mb.bound[g]) + " but the budget is " +
+                       gib_at_least(c.plan.budget_bytes) + " (of which " + gib_at_least(c.hw.usable_bytes(c.plan.budget_bytes)) + " for the plan)" + at +
+                       "; raise --budget to at least " + gib_at_least(c.hw.budget_for(mb.bound[g])) +
                        " or lower --micro-batch-size");
     }
 }
 
 std::string verify_deadlock(const ir::Plan& p, bool sequential) {
-  const int G = (int)p.programs.size();
-  // queues[g][q] = instruction indices in order
-  std::vector<std::vector<std::vector<int>>> queues(G);
-  std::vector<std::vector<size_t>> head(G);
-  std::vector<std::vector<char>> done(G);
-  auto qid = [&](const ir::Instr& in) { return sequential ? 0 : (int)in.stream; };
-  size_t remaining = 0;
-  std::map<std::string, std::pair<int, int>> send_at, recv_at;
-  for (int g = 0; g < G; ++g) {
-    queues[g].assign(sequential ? 1 : 5, {});
-    head[g].assign(queues[g].size(), 0);
-    done[g].assign(p.programs[g].instrs.size(), 0);
-    for (int i = 0; i < (int)p.programs[g].instrs.size(); ++i) {
-      const auto& in = p.programs[g].instrs[i];
-      queues[g][qid(in)].push_back(i);
-      if (in.op == ir::Op::Send) send_at[in.tag] = {g, i};
-      if (in.op == ir::Op::Recv) recv_at[in.tag] = {g, i};
-      ++remaining;
-    }
-  }
-  auto deps_done = [&](int g, int i) {
-    for (int a : p.programs[g].instrs[i].after) if (a < 0 || a >= (int)done[g].size() || !done[g][a]) return false;
-    return true;
-  };
-  auto at_head = [&](int g, int i) {
-    const auto& q = queues[g][qid(p.programs[g].instrs[i])];
-    size_t h = head[g][qid(p.programs[g].instrs[i])];
-    return h < q.size() && q[h] == i;
-  };
-  auto complete = [&](int g, int i) { done[g][i] = 1; head[g][qid(p.programs[g].instrs[i])]++; --remaining; };
-  bool progress = true;
-  while (remaining > 0 && progress) {
-    progress = false;
-    for (int g = 0; g < G; ++g)
-      for (size_t q = 0; q < queues[g].size(); ++q) {
-        while (head[g][q] < queues[g][q].size()) {
-          int i = queues[g][q][head[g][q]];
-          const auto& in = p.programs[g].instrs[i];
-          if (!deps_done(g, i)) break;
-          if (in.op == ir::Op::Send || in.op == ir::Op::Recv) {
-            auto& other = in.op == ir::Op::Send ? recv_at : send_at;
-            auto it = other.find(in.tag);
-            if (it == other.end()) break;  // unmatched: stuck (structure verifier names it)
-            auto [og, oi] = it->second;
-            if (!at_head(og, oi) || !deps_done(og, oi)) break;
-            complete(g, i);
-            complete(og, oi);
-          } else {
-            complete(g, i);
-          }
-          progress = true;
-        }
-      }
-  }
-  if (remaining == 0) return "";
-  std::string rep = std::string("deadlock (") + (sequential ? "sequential" : "streams") + "): " + std::to_string(remaining) +
-                    " instructions cannot run; stuck heads:";
-  for (int g = 0; g < G; ++g)
-    for (size_t q = 0; q < queues[g].size(); ++q)
-      if (head[g][q] < queues[g][q].size()) {
-        int i = queues[g][q][head[g][q]];
-        const auto& in = p.programs[g].instrs[i];
-        rep += "\n  g" + std::to_string(g) + " " + print_instr(in, i);
-        std::string waits;
-        for (int a : in.after) if (!done[g][a]) waits += " %" + std::to_string(a);
-        if (!waits.empty()) rep += "   waits for" + waits;
-        else if (in.op == ir::Op::Send || in.op == ir::Op::Recv) rep += "   waits for its partner (tag " + in.tag + ")";
-      }
-  return rep;
+  return ir::execute(p, sequential ? ir::Order::Sequential : ir::Order::Streams).report;
 }
 
 }  // namespace mmoc

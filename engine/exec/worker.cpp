@@ -23,6 +23,7 @@
 #include "engine/comm/transport.hpp"
 #include "engine/exec/cpu_stream.hpp"
 #include "engine/exec/device_adamw.hpp"
+#include "engine/exec/host_memory.hpp"
 #include "engine/data/data.hpp"
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
@@ -31,6 +32,7 @@
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/lr_schedule.hpp"
 #include "engine/optim/thread_pool.hpp"
+#include "ir/ops.hpp"
 
 
 namespace mmoc::engine {
@@ -44,16 +46,27 @@ namespace {
 struct ExecError : std::runtime_error { using std::runtime_error::runtime_error; };
 
 // MMOC_TEST_FAULT (tests only): nonfinite:<rank>:<step>[-<last step>] poisons that rank's gradients at those steps
-// (1-based); crash-in-save:<rank> ends that rank's process in the middle of writing a checkpoint.
+// (1-based); crash-in-save:<rank> and slow-save:<rank>:<ms> act in the checkpoint writer (train_checkpoint.cpp).
 struct TestFault {
   std::string kind;
   int rank = -1;
   int64_t first = 0, last = 0;
-  static TestFault from_env() {
+  static TestFault from_env() {  // a comma-separated list; the nonfinite entry is this one's
     TestFault f;
     const char* e = std::getenv("MMOC_TEST_FAULT");
     if (!e || !*e) return f;
-    std::string s = e;
+    const std::string all = e;
+    for (size_t p = 0; p <= all.size();) {
+      size_t q = all.find(',', p);
+      if (q == std::string::npos) q = all.size();
+      TestFault g = parse(all.substr(p, q - p));
+      if (g.kind == "nonfinite") f = g;
+      p = q + 1;
+    }
+    return f;
+  }
+  static TestFault parse(const std::string& s) {
+    TestFault f;
     auto c1 = s.find(':');
     f.kind = s.substr(0, c1);
     if (c1 == std::string::npos) throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": expected <kind>:<rank>[:<step>[-<last>]]");
@@ -65,7 +78,7 @@ struct TestFault {
       f.first = std::stoll(r.substr(0, d));
       f.last = d == std::string::npos ? f.first : std::stoll(r.substr(d + 1));
     }
-    if (f.kind != "nonfinite" && f.kind != "crash-in-save") throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": unknown fault '" + f.kind + "'");
+    if (f.kind != "nonfinite" && f.kind != "crash-in-save" && f.kind != "slow-save") throw std::runtime_error("MMOC_TEST_FAULT=" + s + ": unknown fault '" + f.kind + "'");
     return f;
   }
 };
@@ -172,6 +185,10 @@ struct Worker::Impl {
   double gsq_host = 0;         // no gradnorm: sum of squares of the gradients updated on the host (cpu stream)
   at::Tensor gsq_dev;          // ... and of those updated on the device (0-dim fp64)
   TestFault fault;
+  // checkpoints
+  IoOptions io;
+  std::unique_ptr<CheckpointWriter> writer;
+  double save_wait_s = 0;  // time optimizer steps waited for a background save
   int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
   std::vector<TraceEvent> trace;
 
@@ -218,14 +235,14 @@ struct Worker::Impl {
     const int64_t mbs = plan.micro_batch_size, T = plan.seq_len;
     ids[m] = pinned_ids[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
     labels[m] = pinned_labels[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
-    cur_bytes += 2 * mbs * T * 8;
+    cur_bytes += ir::batch_buffer_bytes(mbs, T);
     peak_bytes = std::max(peak_bytes, cur_bytes);
   }
   void free_batch(int m) {
     if (!ids.count(m)) throw ExecError("free of batch(m" + std::to_string(m) + ") that is not loaded");
     ids.erase(m);
     labels.erase(m);
-    cur_bytes -= 2 * (int64_t)plan.micro_batch_size * plan.seq_len * 8;
+    cur_bytes -= ir::batch_buffer_bytes(plan.micro_batch_size, plan.seq_len);
   }
   const at::Tensor& batch_ids(int m, const char* why) {
     auto it = ids.find(m);
@@ -377,6 +394,11 @@ struct Worker::Impl {
     at::Tensor grad = on_cpu ? st.host_grad : take({BufKind::WGrad, in.stage, -1});
     if (!has_gradnorm) maybe_poison(in.stage, on_cpu ? std::vector<at::Tensor>{} : std::vector<at::Tensor>{grad});
     if (skip_updates) return;  // the global norm is non-finite: no update, the step count stays
+    if (writer->active()) {  // a background save of this stage's state must be done before the state changes
+      const double w0 = now_us();
+      writer->wait_stage(in.stage);
+      save_wait_s += (now_us() - w0) * 1e-6;  // one writer of it at a time: the cpu thread or the host thread
+    }
     st.step += 1;
     if (on_cpu) {
       // without a gradnorm instruction the norm is summed here, per stage, before the update (checked at step end)
@@ -446,6 +468,42 @@ struct Worker::Impl {
 
   std::vector<StageTensors> stage_tensors();
 
+  // Is `b` on the device as the engine keeps its books? (batch(m) and stash(S,m) are kept apart from the tensors.)
+  bool present(const BufRef& b) const {
+    switch (b.kind) {
+      case BufKind::Batch: return ids.count(b.mb) != 0;
+      case BufKind::Stash: return rec.count({b.stage, b.mb}) != 0;
+      default: return bufs.count(b) != 0;
+    }
+  }
+  // Instruction i's memory effects from the op table (ir::effects, the table the compiler's memory analyses use)
+  // against the engine's books: before it runs, what it requires is there and what it allocates is not; after it,
+  // what it allocated is there and what it freed is gone. A cpu-stream op on CUDA runs later on the cpu thread;
+  // the table gives those no effects on the GPU.
+  void check_effects(int i, bool after) const {
+    const ir::Instr& in = plan.programs[rank].instrs[i];
+    if (cuda && in.stream == ir::Stream::Cpu) return;
+    for (const auto& e : ir::effects(plan, in)) {
+      const bool here = present(e.buf);
+      const char* wrong = nullptr;
+      switch (e.access) {
+        case ir::Access::Require: if (!after && !here) wrong = "requires %s, which is not on the device"; break;
+        case ir::Access::Alloc:
+          if (!after && here) wrong = "allocates %s, which is already on the device";
+          else if (after && !here) wrong = "allocates %s, but the engine has not";
+          break;
+        case ir::Access::AllocIfAbsent: if (after && !here) wrong = "allocates %s, but the engine has not"; break;
+        case ir::Access::Free:
+        case ir::Access::FreeIfPresent: if (after && here) wrong = "frees %s, but it is still on the device"; break;
+      }
+      if (wrong) {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, wrong, e.buf.str().c_str());
+        throw ExecError(std::string("the op table says ") + ir::to_string(in.op) + " " + buf);
+      }
+    }
+  }
+
   // the step (below)
   std::deque<int> comp_ahead;  // CUDA: compute instructions issued whose completion the host has not seen
   std::vector<std::optional<at::cuda::CUDAEvent>> ev_start;  // CUDA + trace: start events
@@ -504,9 +562,9 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
   I.pool = std::make_unique<ThreadPool>(threads, pin);
   if (plan.model.tied_embeddings && plan.num_stages() > 1)
     throw std::runtime_error("tied embeddings across pipeline stages are not supported (use one stage, or an untied model)");
-  auto host = [&](at::ScalarType t, int64_t n) {
-    return at::zeros({n}, at::TensorOptions().dtype(t).pinned_memory(I.cuda));
-  };
+  // host state: exactly sized, faulted in by all of this rank's cores, page-locked on CUDA where copies need it
+  const int fault_threads = std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus));
+  auto host = [&](at::ScalarType t, int64_t n, bool pinned) { return host_tensor(n, t, pinned && I.cuda, I.cuda_index, fault_threads); };
   for (const auto& s : plan.stages) {
     if (s.gpu != rank) continue;
     StageState st;
@@ -522,11 +580,11 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
       st.exp_avg_sq = at::zeros({st.layout.numel}, f32);
     } else {
       // fp32 master and moments in host memory; the low-precision copy and the gradient landing zone pinned
-      st.master = I.cdtype == at::kFloat ? host(at::kFloat, st.layout.numel) : at::zeros({st.layout.numel}, at::kFloat);
-      st.exp_avg = at::zeros({st.layout.numel}, at::kFloat);
-      st.exp_avg_sq = at::zeros({st.layout.numel}, at::kFloat);
-      st.host_lowp = I.cdtype == at::kFloat ? st.master : host(I.cdtype, st.layout.numel);
-      st.host_grad = host(I.cdtype, st.layout.numel);
+      st.master = host(at::kFloat, st.layout.numel, /*pinned=*/I.cdtype == at::kFloat);
+      st.exp_avg = host(at::kFloat, st.layout.numel, false);
+      st.exp_avg_sq = host(at::kFloat, st.layout.numel, false);
+      st.host_lowp = I.cdtype == at::kFloat ? st.master : host(I.cdtype, st.layout.numel, true);
+      st.host_grad = host(I.cdtype, st.layout.numel, true);
     }
     I.stages[s.id] = std::move(st);
   }
@@ -537,6 +595,9 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     if (g != rank) mine.programs[g].instrs.clear();
   I.has_gradnorm = updates_wait_for_gradnorm(mine);
   I.fault = TestFault::from_env();
+  I.io.cuda_device = I.cuda ? I.cuda_index : -1;
+  I.io.rank = rank;
+  I.writer = std::make_unique<CheckpointWriter>(plan, I.io);
   apply_budget();
   I.watchdog = std::make_unique<Watchdog>(Watchdog::limit_from_env(), "rank " + std::to_string(rank),
                                           [ip = &I](int i) { return ip->context(i) + ip->gpu_progress(i); });
@@ -585,24 +646,43 @@ static void refresh_device_copies(Worker::Impl& I) {
   }
 }
 
-void Worker::init_random(uint64_t seed) {
+LoadReport Worker::init_random(uint64_t seed) {
   auto& I = *impl_;
+  const auto t0 = std::chrono::steady_clock::now();
   for (auto& [s, st] : I.stages) init_weights(I.plan.model, st.layout, st.master, seed);
   refresh_device_copies(I);
+  LoadReport r;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
 }
 
-void Worker::load_hf(const std::string& dir) {
+LoadReport Worker::load_hf(const std::string& dir) {
   auto& I = *impl_;
+  const auto t0 = std::chrono::steady_clock::now();
   std::vector<StageLayout> layouts;
   std::vector<at::Tensor> flats;
   for (auto& [s, st] : I.stages) { layouts.push_back(st.layout); flats.push_back(st.master); }
-  load_hf_weights(dir, I.plan.model, layouts, flats);
-  size_t k = 0;
-  for (auto& [s, st] : I.stages) {
-    if (flats[k].data_ptr() != st.master.data_ptr()) st.master.copy_(flats[k]);
-    ++k;
-  }
+  const IoStats io = load_hf_parallel(dir, I.plan.model, layouts, flats, I.io);
   refresh_device_copies(I);
+  LoadReport r;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.read_seconds = io.seconds;
+  r.bytes = io.bytes;
+  return r;
+}
+
+LoadReport Worker::load_checkpoint(const std::string& dir) {
+  auto& I = *impl_;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto v = I.stage_tensors();
+  const IoStats io = load_training_state(dir, I.plan, v, I.io);
+  for (const auto& t : v) I.stages.at(t.id).step = t.step;
+  refresh_device_copies(I);
+  LoadReport r;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.read_seconds = io.seconds;
+  r.bytes = io.bytes;
+  return r;
 }
 
 // ---- the step -----------------------------------------------------------------------------------
@@ -688,7 +768,9 @@ void Worker::Impl::issue(int i) {
   if (!cuda) {  // every stream is this thread
     watchdog->at(i);
     const double ts = opts.trace ? now_us() : 0;
+    check_effects(i, false);
     exec(i);
+    check_effects(i, true);
     if (opts.trace) trace.push_back({i, (int)in.stream, ts, now_us() - ts, in.buf ? plan.buffer_bytes(*in.buf) : 0});
     return;
   }
@@ -735,7 +817,9 @@ void Worker::Impl::issue(int i) {
   }
   cur_stream = sidx;
   watchdog->at(i);
+  check_effects(i, false);
   exec(i);
+  check_effects(i, true);
   ev[i].emplace(opts.trace ? cudaEventDefault : cudaEventDisableTiming);
   ev[i]->record(stream);
   if (in.stream == ir::Stream::Comp) comp_ahead.push_back(i);
@@ -775,10 +859,11 @@ void Worker::Impl::finish_step() {
   }
 }
 
-// Everything transient must be gone at the end of a step: a leak is a plan/engine disagreement.
+// Everything transient must be gone at the end of a step: a leak is a plan/engine disagreement. What may stay is
+// what the op table's buffer kinds call persistent on this GPU (resident weights).
 void Worker::Impl::check_no_leak() const {
   for (const auto& [b, t] : bufs) {
-    bool persistent = b.kind == BufKind::W && stages.count(b.stage) && stages.at(b.stage).resident;
+    const bool persistent = ir::is_persistent(plan, b) && b.stage >= 0 && b.stage < plan.num_stages() && plan.stages[b.stage].gpu == rank;
     if (!persistent) throw std::runtime_error("rank " + std::to_string(rank) + ": " + b.str() + " still on the device at the end of the step");
   }
   if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(rank) + ": forward records or batches left at the end of the step");
@@ -822,14 +907,33 @@ std::vector<StageTensors> Worker::Impl::stage_tensors() {
   return v;
 }
 
-void Worker::save_parts(const std::string& parts_dir) { save_state_parts(parts_dir, impl_->rank, impl_->stage_tensors()); }
-
-void Worker::load_parts(const std::string& parts_dir) {
+void Worker::begin_save(const std::string& dir, bool bf16_weights, bool background) {
   auto& I = *impl_;
-  auto v = I.stage_tensors();
-  load_state_parts(parts_dir, v);
-  for (const auto& t : v) I.stages.at(t.id).step = t.step;
-  refresh_device_copies(I);
+  // in the order this rank's optimizer steps come in its program: the first update waits the least
+  std::vector<StageTensors> v = I.stage_tensors();
+  const auto& prog = I.plan.programs[I.rank].instrs;
+  auto first_optim = [&](int stage) {
+    for (int i = 0; i < (int)prog.size(); ++i)
+      if (prog[i].op == Op::Optim && prog[i].stage == stage) return i;
+    return (int)prog.size();
+  };
+  std::stable_sort(v.begin(), v.end(), [&](const StageTensors& a, const StageTensors& b) { return first_optim(a.id) < first_optim(b.id); });
+  I.save_wait_s = 0;
+  I.writer->start(dir, std::move(v), bf16_weights ? at::kBFloat16 : at::kFloat, background);
 }
+
+bool Worker::save_active() const { return impl_->writer->active(); }
+
+SaveReport Worker::finish_save() {
+  auto& I = *impl_;
+  SaveReport r;
+  const IoStats io = I.writer->wait();
+  r.bytes = io.bytes;
+  r.seconds = io.seconds;
+  r.optimizer_wait_s = I.save_wait_s;
+  return r;
+}
+
+int64_t Worker::save_host_bytes() const { return save_staging_bytes(impl_->io); }
 
 }  // namespace mmoc::engine

@@ -38,6 +38,18 @@ struct StepResult {
   double lr = 0;
 };
 
+struct LoadReport {  // setting up the weights (and optimizer state)
+  double seconds = 0;       // in all: reads, conversions, copies to the device
+  double read_seconds = 0;  // the parallel reads alone
+  int64_t bytes = 0;        // read from disk by this rank
+};
+
+struct SaveReport {  // this rank's part of a checkpoint
+  int64_t bytes = 0;
+  double seconds = 0;           // writing it (wall time, background or not)
+  double optimizer_wait_s = 0;  // background: how long optimizer steps waited for it
+};
+
 struct TraceEvent {  // one executed instruction (for the measured trace)
   int instr = 0;
   int lane = 0;
@@ -65,15 +77,20 @@ class Worker {
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
 
-  void init_random(uint64_t seed);
-  void load_hf(const std::string& dir);
+  LoadReport init_random(uint64_t seed);          // multithreaded, deterministic per (seed, parameter, element)
+  LoadReport load_hf(const std::string& dir);     // an HF checkpoint, read in parallel
+  LoadReport load_checkpoint(const std::string& dir);  // an mmoc checkpoint: weights, AdamW state and steps (--resume)
   // One training step (0-based index: picks the learning rate). All ranks pass the same batch.
   StepResult step(const data::StepBatch& batch, int64_t step_index);
 
-  // Checkpoints: every rank writes its stages' state into `parts_dir` (rank<r>.safetensors); rank 0 then
-  // assembles the HF checkpoint with assemble_checkpoint() (engine/model/train_checkpoint.hpp). Collective.
-  void save_parts(const std::string& parts_dir);
-  void load_parts(const std::string& parts_dir);  // optimizer state + masters of the local stages
+  // Checkpoints (engine/model/train_checkpoint.hpp): this rank writes its stages into `dir` (a staging folder that
+  // exists, with mmoc_state/), each byte once. background: on a thread while steps go on; each stage's next
+  // optimizer update then waits until that stage's files are written (extra host memory: save_host_bytes()).
+  // finish_save() waits for this rank's part (rethrowing its error); rank 0 then calls finalize_checkpoint().
+  void begin_save(const std::string& dir, bool bf16_weights, bool background);
+  bool save_active() const;
+  SaveReport finish_save();
+  int64_t save_host_bytes() const;
   const std::vector<TraceEvent>& trace() const;
   int rank() const;
 

@@ -286,45 +286,6 @@ std::string make_header(const std::vector<TensorToWrite>& tensors, const std::ma
   return s;
 }
 
-void write_all(int fd, const void* p, std::size_t n, const std::string& path) {
-  const char* c = static_cast<const char*>(p);
-  while (n > 0) {
-    ssize_t w = ::write(fd, c, std::min<std::size_t>(n, 1u << 30));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw std::runtime_error(path + ": write failed: " + errno_str());
-    }
-    c += w;
-    n -= static_cast<std::size_t>(w);
-  }
-}
-
-// Writes pieces to "<path>.tmp.<pid>", fsyncs, renames over path. Removes the temporary on failure.
-void write_pieces_atomic(const std::string& path, const std::vector<std::pair<const void*, std::size_t>>& pieces) {
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw std::runtime_error(tmp + ": cannot create: " + errno_str());
-  try {
-    for (auto& [p, n] : pieces) write_all(fd, p, n, tmp);
-    if (::fsync(fd) != 0) throw std::runtime_error(tmp + ": fsync failed: " + errno_str());
-  } catch (...) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  if (::close(fd) != 0) {
-    std::string e = errno_str();
-    ::unlink(tmp.c_str());
-    throw std::runtime_error(tmp + ": close failed: " + e);
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::string e = errno_str();
-    ::unlink(tmp.c_str());
-    throw std::runtime_error(path + ": rename from " + tmp + " failed: " + e);
-  }
-  std::string parent = parent_dir(path);
-  fsync_dir(parent.empty() ? std::string(".") : parent);
-}
 }  // namespace
 
 std::vector<std::byte> serialize_safetensors(const std::vector<TensorToWrite>& tensors,
@@ -350,18 +311,36 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   pieces.emplace_back(h.data(), h.size());
   for (auto& t : tensors)
     if (t.nbytes) pieces.emplace_back(t.data, t.nbytes);
-  write_pieces_atomic(path, pieces);
+  mmoc::write_file_atomic(path, pieces);
 }
 
-void write_file_atomic(const std::string& path, const std::string& content) {
-  write_pieces_atomic(path, {{content.data(), content.size()}});
+std::string safetensors_prefix(const std::vector<TensorEntry>& tensors, const std::map<std::string, std::string>& metadata,
+                               std::size_t data_align) {
+  if (data_align == 0 || data_align % 8 != 0) throw std::invalid_argument("safetensors_prefix: data_align must be a multiple of 8");
+  std::vector<TensorToWrite> tw;
+  static const std::byte dummy{};
+  for (const auto& t : tensors) {
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) numel *= d < 0 ? 0 : static_cast<uint64_t>(d);
+    tw.push_back({t.name, t.dtype, t.shape, &dummy, static_cast<std::size_t>(numel * dtype_size(t.dtype))});
+  }
+  std::string h = make_header(tw, metadata);  // padded to 8
+  const std::size_t total = (8 + h.size() + data_align - 1) / data_align * data_align;
+  h.append(total - 8 - h.size(), ' ');
+  std::string out(8, '\0');
+  const uint64_t n = h.size();
+  std::memcpy(out.data(), &n, 8);
+  return out + h;
 }
 
-void fsync_dir(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return;  // best effort
-  (void)::fsync(fd);
-  ::close(fd);
+uint64_t safetensors_data_bytes(const std::vector<TensorEntry>& tensors) {
+  uint64_t total = 0;
+  for (const auto& t : tensors) {
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) numel *= static_cast<uint64_t>(d);
+    total += numel * dtype_size(t.dtype);
+  }
+  return total;
 }
 
 // ---- checkpoints ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 // The reader memory-maps the file and validates everything before any tensor is handed out; a corrupt or
 // truncated file throws io::FormatError naming the file and the problem. Nothing reads outside the mapping.
 #pragma once
+#include "common/fs.hpp"
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -50,6 +51,7 @@ class SafetensorsFile {
   const TensorInfo& at(const std::string& name) const;    // throws FormatError when absent
   std::span<const std::byte> data(const TensorInfo&) const;  // the tensor's bytes (not necessarily aligned)
   uint64_t file_size() const;
+  uint64_t data_begin() const { return data_begin_; }  // file offset of the data section (TensorInfo ranges are relative to it)
 
  private:
   struct Mapping;
@@ -101,8 +103,21 @@ class Checkpoint {
   std::map<std::string, std::size_t> where_;  // name -> files_ index
 };
 
-// Small helpers shared with other writers: atomic text file write (tmp + fsync + rename), fsync of a directory.
-void write_file_atomic(const std::string& path, const std::string& content);
-void fsync_dir(const std::string& dir);
+// A tensor's place in a header (no data): for writers that stream the data themselves.
+struct TensorEntry {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+};
+// The bytes in front of the data section of a file holding `tensors` back to back in this order: the 8-byte header
+// length and the JSON header, padded with spaces so that the data section starts at a multiple of `data_align`
+// (a multiple of 8; 4096 lets the data be written with O_DIRECT). Readers take the padding as JSON whitespace.
+std::string safetensors_prefix(const std::vector<TensorEntry>& tensors, const std::map<std::string, std::string>& metadata,
+                               std::size_t data_align = 8);
+uint64_t safetensors_data_bytes(const std::vector<TensorEntry>& tensors);
+
+// The atomic file write (tmp + fsync + rename) and the folder fsync are common/fs.hpp's.
+using mmoc::fsync_dir;
+using mmoc::write_file_atomic;
 
 }  // namespace mmoc::io

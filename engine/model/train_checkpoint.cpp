@@ -1,100 +1,567 @@
 #include "engine/model/train_checkpoint.hpp"
 
 #include <ATen/ATen.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime_api.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <map>
+#include <mutex>
+#include <optional>
+#include <atomic>
+#include <nlohmann/json.hpp>
+#include <set>
 #include <stdexcept>
 
+#include "engine/io/bulk_io.hpp"
 #include "engine/io/fsutil.hpp"
+#include "engine/io/hf_config.hpp"
 #include "engine/io/safetensors.hpp"
 #include "engine/model/checkpoint.hpp"
 
 namespace mmoc::engine {
 
-void save_state_parts(const std::string& parts_dir, int rank, const std::vector<StageTensors>& stages) {
-  std::vector<io::TensorToWrite> ts;
-  std::vector<at::Tensor> keep;
-  std::map<std::string, std::string> meta{{"format", "mmoc-parts"}, {"rank", std::to_string(rank)}};
-  for (const auto& st : stages) {
-    for (auto [name, t] : {std::pair<const char*, at::Tensor>{"master", st.master}, {"exp_avg", st.exp_avg}, {"exp_avg_sq", st.exp_avg_sq}}) {
-      at::Tensor c = t.to(at::kCPU).contiguous();
-      keep.push_back(c);
-      ts.push_back({"S" + std::to_string(st.id) + "." + name, io::DType::F32, {c.numel()}, c.data_ptr(), (size_t)c.numel() * 4});
-    }
-    meta["S" + std::to_string(st.id) + ".step"] = std::to_string(st.step);
-  }
-  io::write_safetensors(parts_dir + "/rank" + std::to_string(rank) + ".safetensors", ts, meta);
+namespace {
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+int env_int(const char* name, int dflt) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::max(1, std::atoi(e)) : dflt;
 }
 
-void load_state_parts(const std::string& state_dir, std::vector<StageTensors>& stages) {
-  for (auto& st : stages) {
-    std::string path = state_dir + "/S" + std::to_string(st.id) + ".safetensors";
-    auto f = io::SafetensorsFile::open(path);
-    for (auto [name, t] : {std::pair<const char*, at::Tensor*>{"master", &st.master}, {"exp_avg", &st.exp_avg}, {"exp_avg_sq", &st.exp_avg_sq}}) {
-      at::Tensor src = read_tensor(f, name);
-      if (src.numel() != t->numel())
-        throw std::runtime_error(path + ": " + name + " has " + std::to_string(src.numel()) + " elements, the plan's stage S" +
-                                 std::to_string(st.id) + " has " + std::to_string(t->numel()) + " (checkpoint from another plan?)");
-      t->copy_(src.view_as(*t));
+void cuda_ok(cudaError_t e, const std::string& what) {
+  if (e != cudaSuccess) throw std::runtime_error(what + ": " + cudaGetErrorString(e));
+}
+
+// One I/O thread's memory: page-aligned (O_DIRECT), pinned when a GPU is involved (asynchronous copies), with a
+// stream of its own on that GPU.
+class Staging {
+ public:
+  Staging(std::size_t n, int cuda_device) : n_(n), dev_(cuda_device) {
+    if (dev_ >= 0) {
+      cuda_ok(cudaSetDevice(dev_), "cudaSetDevice");
+      void* p = nullptr;
+      cuda_ok(cudaHostAlloc(&p, n, cudaHostAllocDefault), "pinned staging buffer of " + std::to_string(n) + " bytes");
+      p_ = static_cast<std::byte*>(p);
+      cuda_ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    } else {
+      buf_ = io::AlignedBuffer(n);
+      p_ = buf_.data();
     }
-    auto it = f.metadata().find("step");
-    st.step = it == f.metadata().end() ? 0 : std::stoll(it->second);
+  }
+  ~Staging() {
+    if (dev_ >= 0) {
+      if (stream_) cudaStreamDestroy(stream_);
+      cudaFreeHost(p_);
+    }
+  }
+  std::byte* data() const { return p_; }
+  std::size_t size() const { return n_; }
+  // a device <-> host copy on this thread's stream, finished when it returns
+  void copy(void* dst, const void* src, std::size_t n, cudaMemcpyKind kind) {
+    cuda_ok(cudaSetDevice(dev_), "cudaSetDevice");
+    cuda_ok(cudaMemcpyAsync(dst, src, n, kind, stream_), "cudaMemcpyAsync");
+    cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
+
+ private:
+  std::size_t n_;
+  int dev_;
+  io::AlignedBuffer buf_;
+  std::byte* p_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+};
+
+// fp32 -> the file's dtype, with a finiteness check (a non-finite value is never written). False when one is not
+// finite. bf16: round to nearest even, as at::Tensor::to(kBFloat16) does.
+bool convert_out(const float* src, std::byte* dst, int64_t n, c10::ScalarType out) {
+  uint32_t bad = 0;
+  if (out == at::kFloat) {
+    if ((const void*)src != (const void*)dst) std::memcpy(dst, src, (std::size_t)n * 4);
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+  } else {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, src + i, 4);
+      bad |= (u & 0x7f800000u) == 0x7f800000u;
+      d[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+  return bad == 0;
+}
+
+// The file's dtype -> fp32.
+void convert_in(const std::byte* src, io::DType dt, float* dst, int64_t n) {
+  switch (dt) {
+    case io::DType::F32: std::memcpy(dst, src, (std::size_t)n * 4); return;
+    case io::DType::BF16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        const uint32_t u = (uint32_t)h << 16;
+        std::memcpy(dst + i, &u, 4);
+      }
+      return;
+    case io::DType::F16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        dst[i] = c10::detail::fp16_ieee_to_fp32_value(h);
+      }
+      return;
+    case io::DType::F64:
+      for (int64_t i = 0; i < n; ++i) {
+        double v;
+        std::memcpy(&v, src + 8 * i, 8);
+        dst[i] = (float)v;
+      }
+      return;
+    default: throw std::invalid_argument(std::string("not a float dtype: ") + io::dtype_name(dt));
   }
 }
 
-static void rename_or_throw(const std::string& from, const std::string& to) {
-  if (std::rename(from.c_str(), to.c_str()) != 0)
+void check_flat(const at::Tensor& t, int64_t n, const std::string& what) {
+  if (!t.defined() || t.dim() != 1 || t.numel() != n || !t.is_contiguous() || t.scalar_type() != at::kFloat)
+    throw std::invalid_argument(what + ": expected a contiguous 1-D fp32 tensor of " + std::to_string(n) + " elements");
+}
+
+// MMOC_TEST_FAULT (tests only): crash-in-save:<rank> ends that rank's process after its first data chunk of a save;
+// slow-save:<rank>:<ms> makes each of that rank's chunk writes take <ms> longer (a slow disk).
+std::vector<std::string> test_faults() {  // MMOC_TEST_FAULT is a comma-separated list
+  std::vector<std::string> v;
+  const char* e = std::getenv("MMOC_TEST_FAULT");
+  std::string all = e ? e : "";
+  for (size_t p = 0; p < all.size();) {
+    size_t q = all.find(',', p);
+    if (q == std::string::npos) q = all.size();
+    v.push_back(all.substr(p, q - p));
+    p = q + 1;
+  }
+  return v;
+}
+bool crash_fault_for(int rank) {
+  for (const auto& f : test_faults())
+    if (f == "crash-in-save:" + std::to_string(rank)) return true;
+  return false;
+}
+int slow_fault_ms(int rank) {
+  const std::string pre = "slow-save:" + std::to_string(rank) + ":";
+  for (const auto& f : test_faults())
+    if (f.rfind(pre, 0) == 0) return std::atoi(f.c_str() + pre.size());
+  return 0;
+}
+
+void rename_or_throw(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0)
     throw std::runtime_error("cannot rename " + from + " to " + to + ": " + std::strerror(errno));
 }
 
-void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
-                         const std::string& dtype, const std::string& extra_json) {
-  // Gather the stage masters of all ranks, write the HF checkpoint into a staging folder, add the optimizer state
-  // (one file per stage, so a resume under another rank count still finds them), then swap it in.
-  std::vector<StageLayout> layouts;
-  std::vector<at::Tensor> flats;
-  std::map<int, std::string> stage_file;
-  const std::string staging = dir + ".staging";
-  io::remove_tree(staging);
-  io::make_dirs(staging);
-  const std::string hf_dir = staging + "/hf";
-  io::make_dirs(staging + "/mmoc_state");
-  for (int r = 0; r < plan.gpus; ++r) {
-    auto f = io::SafetensorsFile::open(parts_dir + "/rank" + std::to_string(r) + ".safetensors");
-    for (const auto& s : plan.stages) {
-      if (s.gpu != r) continue;
-      std::string p = "S" + std::to_string(s.id) + ".";
-      layouts.push_back(stage_layout(plan.model, s.layer_begin, s.layer_end));
-      flats.push_back(read_tensor(f, p + "master"));
-      at::Tensor m = read_tensor(f, p + "exp_avg"), v = read_tensor(f, p + "exp_avg_sq");
-      auto it = f.metadata().find(p + "step");
-      std::map<std::string, std::string> meta{{"format", "mmoc-optim"}, {"step", it == f.metadata().end() ? "0" : it->second},
-                                              {"layers", std::to_string(s.layer_begin) + "-" + std::to_string(s.layer_end)}};
-      at::Tensor mm = flats.back();
-      io::write_safetensors(staging + "/mmoc_state/S" + std::to_string(s.id) + ".safetensors",
-                            {{"master", io::DType::F32, {mm.numel()}, mm.data_ptr(), (size_t)mm.numel() * 4},
-                             {"exp_avg", io::DType::F32, {m.numel()}, m.data_ptr(), (size_t)m.numel() * 4},
-                             {"exp_avg_sq", io::DType::F32, {v.numel()}, v.data_ptr(), (size_t)v.numel() * 4}},
-                            meta);
-    }
+// `fresh` replaces `target`: one atomic exchange where the file system has it (the old checkpoint then sits at
+// `fresh` and is removed), else two renames (the old one moved aside first).
+void swap_in(const std::string& fresh, const std::string& target) {
+  if (!io::path_exists(target)) {
+    rename_or_throw(fresh, target);
+    return;
   }
-  save_hf_checkpoint(hf_dir, plan.model, layouts, flats, dtype == "bf16" ? at::kBFloat16 : at::kFloat);
-  // HF files at the top level of the checkpoint folder
-  for (const auto& name : io::list_dir(hf_dir)) rename_or_throw(hf_dir + "/" + name, staging + "/" + name);
-  io::remove_tree(hf_dir);
-  io::write_file_atomic(staging + "/mmoc_state/trainer_state.json", extra_json);
-  io::write_file_atomic(staging + "/mmoc_state/plan.json", ir::to_json_string(plan));
+  if (::renameat2(AT_FDCWD, fresh.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
+    io::remove_tree(fresh);
+    return;
+  }
+  const std::string old = target + ".old";
+  io::remove_tree(old);
+  rename_or_throw(target, old);
+  rename_or_throw(fresh, target);
+  io::remove_tree(old);
+}
+
+// ---- reading ---------------------------------------------------------------------------------------------------
+struct ReadItem {
+  io::BulkFile* file = nullptr;
+  uint64_t off = 0, bytes = 0;  // in the file
+  io::DType dtype = io::DType::F32;
+  at::Tensor dst;               // fp32 flat, host or device
+  int64_t dst_off = 0;          // element
+};
+
+IoStats read_items(const std::vector<ReadItem>& items, const IoOptions& o) {
+  const auto t0 = Clock::now();
+  const int64_t C = o.resolved_chunk();
+  struct Task { std::size_t item; uint64_t lo, hi; };
+  std::vector<Task> tasks;
+  IoStats st;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    st.bytes += (int64_t)items[i].bytes;
+    for (uint64_t lo = 0; lo < items[i].bytes; lo += (uint64_t)C) tasks.push_back({i, lo, std::min<uint64_t>(lo + C, items[i].bytes)});
+  }
+  const int threads = o.resolved_threads(false);
+  std::vector<std::unique_ptr<Staging>> staging(threads);
+  std::mutex mu;
+  io::run_parallel(tasks.size(), threads, [&](std::size_t t, int w) {
+    const Task& k = tasks[t];
+    const ReadItem& it = items[k.item];
+    const bool dev = it.dst.is_cuda();
+    if (!staging[w]) staging[w] = std::make_unique<Staging>(2 * (std::size_t)C + 2 * io::kIoAlign, dev ? it.dst.get_device() : -1);
+    Staging& s = *staging[w];
+    const std::byte* p = it.file->read_at(it.off + k.lo, k.hi - k.lo, s.data(), (std::size_t)C + 2 * io::kIoAlign);
+    const std::size_t esz = io::dtype_size(it.dtype);
+    const int64_t e0 = it.dst_off + (int64_t)(k.lo / esz), n = (int64_t)((k.hi - k.lo) / esz);
+    if (!dev) {
+      convert_in(p, it.dtype, it.dst.data_ptr<float>() + e0, n);
+      return;
+    }
+    float* conv = reinterpret_cast<float*>(s.data() + (std::size_t)C + 2 * io::kIoAlign);
+    const int64_t step = C / 4;  // fp32 elements that fit the conversion area
+    for (int64_t a = 0; a < n; a += step) {
+      const int64_t m = std::min(step, n - a);
+      convert_in(p + a * esz, it.dtype, conv, m);
+      s.copy(it.dst.data_ptr<float>() + e0 + a, conv, (std::size_t)m * 4, cudaMemcpyHostToDevice);
+    }
+  });
+  st.seconds = since(t0);
+  return st;
+}
+}  // namespace
+
+std::string hf_weights_file(const ir::Plan& plan, int stage) {
+  const int n = plan.num_stages();
+  if (n == 1) return "model.safetensors";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "model-%05d-of-%05d.safetensors", stage + 1, n);
+  return buf;
+}
+std::string state_file(int stage) { return "mmoc_state/S" + std::to_string(stage) + ".safetensors"; }
+std::string staging_dir(const std::string& dir) { return io::strip_trailing_slashes(dir) + ".staging"; }
+
+int IoOptions::resolved_threads(bool write) const { return threads > 0 ? threads : env_int("MMOC_IO_THREADS", write ? 4 : 8); }
+int64_t IoOptions::resolved_chunk() const {
+  const int64_t c = chunk_bytes > 0 ? chunk_bytes : (int64_t)env_int("MMOC_IO_CHUNK_MIB", 32) << 20;
+  return (int64_t)io::align_up((uint64_t)c);
+}
+int64_t save_staging_bytes(const IoOptions& o) { return (int64_t)o.resolved_threads(true) * 2 * o.resolved_chunk(); }
+
+// ---- writing ---------------------------------------------------------------------------------------------------
+namespace {
+struct OutFile {
+  std::string path, what;
+  c10::ScalarType dtype = at::kFloat;  // of every tensor in the file
+  std::string prefix;                  // header, a multiple of kIoAlign long
+  struct Piece {
+    at::Tensor src;                    // fp32 flat (host or device)
+    int64_t off = 0, n = 0;            // elements
+    uint64_t begin = 0;                // byte offset in the data section
+    std::string name;
+  };
+  std::vector<Piece> pieces;
+  uint64_t data_bytes = 0;
+  std::unique_ptr<io::BulkFile> file;
+};
+
+OutFile make_file(const std::string& path, const std::string& what, c10::ScalarType dt, std::vector<OutFile::Piece> pieces,
+                  const std::vector<std::vector<int64_t>>& shapes, const std::map<std::string, std::string>& meta) {
+  OutFile f;
+  f.path = path;
+  f.what = what;
+  f.dtype = dt;
+  std::vector<io::TensorEntry> entries;
+  const uint64_t esz = c10::elementSize(dt);
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    entries.push_back({pieces[i].name, to_io_dtype(dt), shapes[i]});
+    pieces[i].begin = f.data_bytes;
+    f.data_bytes += (uint64_t)pieces[i].n * esz;
+  }
+  f.prefix = io::safetensors_prefix(entries, meta, io::kIoAlign);
+  f.pieces = std::move(pieces);
+  return f;
+}
+}  // namespace
+
+struct CheckpointWriter::Impl {
+  ir::Plan plan;
+  IoOptions o;
+  struct Job {
+    int id = 0;
+    std::vector<OutFile> files;
+    std::promise<void> done;
+    std::shared_future<void> fut;
+  };
+  std::vector<std::unique_ptr<Job>> jobs;
+  std::map<int, Job*> by_id;
+  std::vector<std::unique_ptr<Staging>> staging;
+  std::thread th;
+  Clock::time_point t0;
+  IoStats stats;
+  std::exception_ptr error;
+  bool crash = false;
+  int slow_ms = 0;
+  std::atomic<bool> crashed_once{false};
+
+  void write_job(Job& j);
+  void run() {
+    std::size_t k = 0;
+    try {
+      for (; k < jobs.size(); ++k) {
+        write_job(*jobs[k]);
+        jobs[k]->done.set_value();
+      }
+    } catch (...) {
+      error = std::current_exception();
+      for (; k < jobs.size(); ++k) jobs[k]->done.set_exception(error);  // an update waiting on a stage fails too
+    }
+    stats.seconds = since(t0);
+  }
+};
+
+void CheckpointWriter::Impl::write_job(Job& j) {
+  const int64_t C = o.resolved_chunk();
+  const int threads = o.resolved_threads(true);
+  if (staging.size() != (std::size_t)threads) staging.resize(threads);
+  struct Task { std::size_t file; int64_t chunk; };  // chunk -1: the header
+  std::vector<Task> tasks;
+  for (std::size_t f = 0; f < j.files.size(); ++f) {
+    j.files[f].file = io::BulkFile::create(j.files[f].path);
+    tasks.push_back({f, -1});
+    for (uint64_t lo = 0; lo < j.files[f].data_bytes; lo += (uint64_t)C) tasks.push_back({f, (int64_t)(lo / C)});
+  }
+  io::run_parallel(tasks.size(), threads, [&](std::size_t t, int w) {
+    OutFile& f = j.files[tasks[t].file];
+    if (!staging[w]) staging[w] = std::make_unique<Staging>(2 * (std::size_t)C, o.cuda_device);
+    Staging& s = *staging[w];
+    std::byte* out = s.data();
+    if (tasks[t].chunk < 0) {
+      std::memcpy(out, f.prefix.data(), f.prefix.size());
+      f.file->write_at(out, f.prefix.size(), 0);
+      return;
+    }
+    const uint64_t lo = (uint64_t)tasks[t].chunk * C, hi = std::min<uint64_t>(lo + C, f.data_bytes);
+    const uint64_t esz = c10::elementSize(f.dtype);
+    // the pieces overlapping [lo, hi), converted into `out`
+    auto it = std::upper_bound(f.pieces.begin(), f.pieces.end(), lo, [](uint64_t v, const OutFile::Piece& p) { return v < p.begin; });
+    for (--it; it != f.pieces.end() && it->begin < hi; ++it) {
+      const uint64_t pb = std::max(lo, it->begin), pe = std::min(hi, it->begin + (uint64_t)it->n * esz);
+      if (pb >= pe) continue;
+      const int64_t e0 = it->off + (int64_t)((pb - it->begin) / esz), n = (int64_t)((pe - pb) / esz);
+      std::byte* dst = out + (pb - lo);
+      bool ok = true;
+      if (!it->src.is_cuda()) {
+        ok = convert_out(it->src.data_ptr<float>() + e0, dst, n, f.dtype);
+      } else {
+        float* scratch = reinterpret_cast<float*>(s.data() + C);  // C bytes: C/4 fp32 values at a time
+        for (int64_t a = 0; a < n && ok; a += C / 4) {
+          const int64_t m = std::min<int64_t>(C / 4, n - a);
+          s.copy(scratch, it->src.data_ptr<float>() + e0 + a, (std::size_t)m * 4, cudaMemcpyDeviceToHost);
+          ok = convert_out(scratch, dst + a * esz, m, f.dtype);
+        }
+      }
+      if (!ok)
+        throw std::runtime_error(f.path + ": refusing to write non-finite values of " + it->name + " (" + f.what +
+                                 "); the previous checkpoint is kept");
+    }
+    const uint64_t len = hi - lo;
+    std::memset(out + len, 0, io::align_up(len) - len);  // O_DIRECT writes whole blocks; finish() cuts the tail
+    f.file->write_at(out, len, f.prefix.size() + lo);
+    if (slow_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+    if (crash && !crashed_once.exchange(true)) {
+      std::fprintf(stderr, "mmoc-run: MMOC_TEST_FAULT: rank %d ends in the middle of a save\n", o.rank);
+      std::fflush(stderr);
+      std::_Exit(9);
+    }
+  });
+  for (auto& f : j.files) {
+    f.file->finish(f.prefix.size() + f.data_bytes);
+    f.file.reset();
+    stats.bytes += (int64_t)(f.prefix.size() + f.data_bytes);
+  }
+}
+
+CheckpointWriter::CheckpointWriter(const ir::Plan& plan, IoOptions o) : impl_(new Impl) {
+  impl_->plan = plan;
+  impl_->o = o;
+  impl_->crash = crash_fault_for(o.rank);
+  impl_->slow_ms = slow_fault_ms(o.rank);
+}
+
+CheckpointWriter::~CheckpointWriter() {
+  if (impl_->th.joinable()) impl_->th.join();
+}
+
+void CheckpointWriter::start(const std::string& dir, std::vector<StageTensors> stages, c10::ScalarType wdt, bool background) {
+  if (active_) throw std::logic_error("CheckpointWriter::start: a save is still running");
+  if (wdt != at::kFloat && wdt != at::kBFloat16) throw std::invalid_argument("checkpoint weights must be fp32 or bf16");
+  Impl& I = *impl_;
+  I.jobs.clear();
+  I.by_id.clear();
+  I.stats = {};
+  I.error = nullptr;
+  for (auto& st : stages) {
+    auto j = std::make_unique<Impl::Job>();
+    j->id = st.id;
+    const int64_t n = st.layout.numel;
+    check_flat(st.master, n, "stage S" + std::to_string(st.id) + " master");
+    check_flat(st.exp_avg, n, "stage S" + std::to_string(st.id) + " exp_avg");
+    check_flat(st.exp_avg_sq, n, "stage S" + std::to_string(st.id) + " exp_avg_sq");
+    const std::string sid = "stage S" + std::to_string(st.id);
+    {  // the stage's HF shard: its parameters, back to back, in the weights' dtype
+      std::vector<OutFile::Piece> pieces;
+      std::vector<std::vector<int64_t>> shapes;
+      for (const auto& p : st.layout.params) {
+        pieces.push_back({st.master, p.offset, p.numel, 0, p.name});
+        shapes.push_back(p.shape);
+      }
+      j->files.push_back(make_file(io::join_path(dir, hf_weights_file(I.plan, st.id)), sid + " weights", wdt, std::move(pieces),
+                                   shapes, {{"format", "pt"}}));
+    }
+    {  // its optimizer state (and the fp32 master when the weights are not fp32)
+      std::vector<OutFile::Piece> pieces;
+      if (wdt != at::kFloat) pieces.push_back({st.master, 0, n, 0, "master"});
+      pieces.push_back({st.exp_avg, 0, n, 0, "exp_avg"});
+      pieces.push_back({st.exp_avg_sq, 0, n, 0, "exp_avg_sq"});
+      std::vector<std::vector<int64_t>> shapes(pieces.size(), std::vector<int64_t>{n});
+      j->files.push_back(make_file(io::join_path(dir, state_file(st.id)), sid + " optimizer state", at::kFloat, std::move(pieces), shapes,
+                                   {{"format", "mmoc-optim"},
+                                    {"step", std::to_string(st.step)},
+                                    {"layers", std::to_string(st.layout.layer_begin) + "-" + std::to_string(st.layout.layer_end)}}));
+    }
+    j->fut = j->done.get_future().share();
+    I.by_id[st.id] = j.get();
+    I.jobs.push_back(std::move(j));
+  }
+  I.t0 = Clock::now();
+  active_ = true;
+  if (background) I.th = std::thread([&I] { I.run(); });
+  else I.run();
+}
+
+void CheckpointWriter::wait_stage(int stage) {
+  if (!active_) return;
+  auto it = impl_->by_id.find(stage);
+  if (it != impl_->by_id.end()) it->second->fut.get();
+}
+
+IoStats CheckpointWriter::wait() {
+  if (!active_) return {};
+  if (impl_->th.joinable()) impl_->th.join();
+  active_ = false;
+  if (impl_->error) std::rethrow_exception(impl_->error);
+  return impl_->stats;
+}
+
+void finalize_checkpoint(const ir::Plan& plan, const std::string& staging, const std::string& dir, c10::ScalarType wdt,
+                         const std::string& trainer_state_json) {
+  io::HfConfig cfg;
+  cfg.arch = plan.model;
+  cfg.dtype = wdt == at::kBFloat16 ? "bfloat16" : "float32";
+  io::write_hf_config(staging, cfg, true);
+  if (plan.num_stages() > 1) {
+    nlohmann::ordered_json wm = nlohmann::ordered_json::object();
+    int64_t total_bytes = 0, total_params = 0;
+    for (const auto& s : plan.stages) {
+      const StageLayout L = stage_layout(plan.model, s.layer_begin, s.layer_end);
+      for (const auto& p : L.params) {
+        wm[p.name] = hf_weights_file(plan, s.id);
+        total_params += p.numel;
+        total_bytes += p.numel * (int64_t)c10::elementSize(wdt);
+      }
+    }
+    nlohmann::ordered_json idx;
+    idx["metadata"] = {{"total_parameters", total_params}, {"total_size", total_bytes}};
+    idx["weight_map"] = wm;
+    io::write_file_atomic(io::join_path(staging, "model.safetensors.index.json"), idx.dump(2) + "\n");
+  }
+  io::write_file_atomic(io::join_path(staging, "mmoc_state/trainer_state.json"), trainer_state_json);
+  io::write_file_atomic(io::join_path(staging, "mmoc_state/plan.json"), ir::to_json_string(plan));
+  io::fsync_dir(io::join_path(staging, "mmoc_state"));
   io::fsync_dir(staging);
-  // swap: the previous checkpoint survives until the new one is complete
-  const std::string old = dir + ".old";
-  io::remove_tree(old);
-  if (io::path_exists(dir)) rename_or_throw(dir, old);
-  rename_or_throw(staging, dir);
-  io::remove_tree(old);
-  io::remove_tree(parts_dir);
+  const std::string target = io::strip_trailing_slashes(dir);
+  swap_in(staging, target);
+  const std::string parent = io::parent_dir(target);
+  io::fsync_dir(parent.empty() ? std::string(".") : parent);
+}
+
+// ---- loading ---------------------------------------------------------------------------------------------------
+IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::vector<StageTensors>& stages, IoOptions o) {
+  std::map<std::string, std::unique_ptr<io::BulkFile>> files;
+  auto bulk = [&](const std::string& path) {
+    auto& f = files[path];
+    if (!f) f = io::BulkFile::open_read(path);
+    return f.get();
+  };
+  std::optional<io::Checkpoint> hf;  // opened when a master comes from the HF weights
+  std::vector<ReadItem> items;
+  for (auto& st : stages) {
+    const int64_t n = st.layout.numel;
+    const std::string path = io::join_path(dir, state_file(st.id));
+    auto f = io::SafetensorsFile::open(path);
+    auto tensor = [&](const char* name, at::Tensor& dst) {
+      const auto& t = f.at(name);
+      if (t.dtype != io::DType::F32 || t.numel() != n)
+        throw io::FormatError(path + ": " + name + " has " + std::to_string(t.numel()) + " " + io::dtype_name(t.dtype) + " elements, the plan's stage S" +
+                              std::to_string(st.id) + " has " + std::to_string(n) + " F32 (checkpoint from another plan?)");
+      check_flat(dst, n, path + ": " + name);
+      items.push_back({bulk(path), f.data_begin() + t.begin, t.nbytes(), t.dtype, dst, 0});
+    };
+    if (f.find("master")) {
+      tensor("master", st.master);
+    } else {  // fp32 weights: the master is the stage's HF shard (padding zero)
+      if (!hf) hf = io::Checkpoint::open(dir);
+      check_flat(st.master, n, "stage S" + std::to_string(st.id) + " master");
+      int64_t pos = 0;
+      for (const auto& p : st.layout.params) {
+        if (p.offset > pos) st.master.narrow(0, pos, p.offset - pos).zero_();
+        pos = p.offset + p.numel;
+        const auto& ti = hf->info(p.name);
+        if (ti.dtype != io::DType::F32 || ti.shape != p.shape)
+          throw io::FormatError(dir + ": " + p.name + " is not the fp32 master of stage S" + std::to_string(st.id) +
+                                " (and mmoc_state has no master): checkpoint from another plan or saved with bf16 weights?");
+        const auto& file = hf->file_of(p.name);
+        items.push_back({bulk(file.path()), file.data_begin() + ti.begin, ti.nbytes(), ti.dtype, st.master, p.offset});
+      }
+      if (n > pos) st.master.narrow(0, pos, n - pos).zero_();
+    }
+    tensor("exp_avg", st.exp_avg);
+    tensor("exp_avg_sq", st.exp_avg_sq);
+    auto it = f.metadata().find("step");
+    st.step = it == f.metadata().end() ? 0 : std::stoll(it->second);
+  }
+  (void)plan;
+  return read_items(items, o);
+}
+
+IoStats load_hf_parallel(const std::string& dir, const ir::ModelArch& arch, const std::vector<StageLayout>& layouts,
+                         std::vector<at::Tensor>& flats, IoOptions o) {
+  {
+    std::vector<at::Tensor> none;
+    load_hf_weights(dir, arch, {}, none);  // names, shapes and dtypes of the whole model (no data read)
+  }
+  if (flats.size() != layouts.size()) throw std::invalid_argument("load_hf_parallel: one flat per layout expected");
+  auto ck = io::Checkpoint::open(dir);
+  std::map<std::string, std::unique_ptr<io::BulkFile>> files;
+  std::vector<ReadItem> items;
+  for (std::size_t s = 0; s < layouts.size(); ++s) {
+    const auto& L = layouts[s];
+    check_flat(flats[s], L.numel, "load_hf_parallel: flat " + std::to_string(s));
+    int64_t pos = 0;
+    for (const auto& p : L.params) {
+      if (p.offset > pos) flats[s].narrow(0, pos, p.offset - pos).zero_();
+      pos = p.offset + p.numel;
+      const auto& ti = ck.info(p.name);
+      const auto& file = ck.file_of(p.name);
+      auto& bf = files[file.path()];
+      if (!bf) bf = io::BulkFile::open_read(file.path());
+      items.push_back({bf.get(), file.data_begin() + ti.begin, ti.nbytes(), ti.dtype, flats[s], p.offset});
+    }
+    if (L.numel > pos) flats[s].narrow(0, pos, L.numel - pos).zero_();
+  }
+  return read_items(items, o);
 }
 
 }  // namespace mmoc::engine

@@ -1,10 +1,29 @@
 // mmoc training checkpoints: the HF weights plus mmoc_state/ (AdamW state per stage, trainer state, plan), written
-// from the per-stage state the workers hold.
+// by every rank for its own stages, each byte once, in parallel, straight from the training state.
+//
+// A checkpoint folder:
+//   config.json, generation_config.json
+//   model.safetensors                         one stage: the whole model
+//   model-0000k-of-0000n.safetensors          n stages: stage k-1's parameters, one shard per stage,
+//   model.safetensors.index.json                and the index (HF's sharded layout)
+//   mmoc_state/S<k>.safetensors               exp_avg, exp_avg_sq (fp32 flats of stage k) and, when the weights
+//                                             are not saved in fp32, master; metadata: step, layers
+//   mmoc_state/trainer_state.json, plan.json
+// With fp32 weights the shard *is* the stage's master (a flat's padding is always zero), so resuming is exact.
+//
+// Writing: each rank writes its stages' files into "<dir>.staging" (headers padded so the data starts at 4 KiB),
+// in chunks of MMOC_IO_CHUNK_MIB (32) MiB by MMOC_IO_THREADS (4) threads with O_DIRECT, every file fsynced. Rank 0
+// then adds the small files and swaps the folder in atomically (renameat2 RENAME_EXCHANGE): at every moment the
+// target is either the previous complete checkpoint or the new complete one. Nothing non-finite is ever written.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <future>
+#include <map>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/model/layout.hpp"
@@ -21,14 +40,61 @@ struct StageTensors {
   int64_t step = 0;
 };
 
-// Every rank writes its stages' state into `parts_dir`/rank<r>.safetensors.
-void save_state_parts(const std::string& parts_dir, int rank, const std::vector<StageTensors>& stages);
-// Reads master and moments of `stages` from `state_dir`/S<id>.safetensors (a checkpoint's mmoc_state/), and their steps.
-void load_state_parts(const std::string& state_dir, std::vector<StageTensors>& stages);
+// File names inside a checkpoint folder.
+std::string hf_weights_file(const ir::Plan& plan, int stage);
+std::string state_file(int stage);  // "mmoc_state/S<k>.safetensors"
+std::string staging_dir(const std::string& dir);
 
-// Rank 0, after every rank's save_state_parts: writes the HF checkpoint (fp32 or bf16 weights) plus mmoc_state/
-// (optimizer state parts, trainer_state.json with `extra_json`) into `dir`, atomically replacing an existing one.
-void assemble_checkpoint(const ir::Plan& plan, const std::string& parts_dir, const std::string& dir,
-                         const std::string& dtype, const std::string& extra_json);
+struct IoOptions {
+  int threads = 0;            // 0: MMOC_IO_THREADS or 4 (writes), 8 (reads)
+  int64_t chunk_bytes = 0;    // 0: MMOC_IO_CHUNK_MIB MiB or 32 MiB
+  int cuda_device = -1;       // the device of GPU-resident tensors (pinned staging buffers when >= 0)
+  int rank = 0;               // for MMOC_TEST_FAULT=crash-in-save:<rank>
+  int resolved_threads(bool write) const;
+  int64_t resolved_chunk() const;
+};
+
+// Host memory a save holds beyond the training state: threads x 2 x chunk (pinned on CUDA); 256 MiB by default.
+int64_t save_staging_bytes(const IoOptions& o);
+
+struct IoStats {
+  int64_t bytes = 0;   // bytes written or read by this rank
+  double seconds = 0;  // wall time
+};
+
+// Writes this rank's stages into a staging folder, synchronously or on a background thread. Stages are written in
+// the order given; wait_stage(id) returns once that stage's files are complete (and rethrows a failure), so the
+// stage's state may change again after it. Extra host memory: save_staging_bytes().
+class CheckpointWriter {
+ public:
+  CheckpointWriter(const ir::Plan& plan, IoOptions o);
+  ~CheckpointWriter();
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
+  // `dir` exists with dir/mmoc_state. weights_dtype: kFloat or kBFloat16.
+  void start(const std::string& dir, std::vector<StageTensors> stages, c10::ScalarType weights_dtype, bool background);
+  bool active() const { return active_; }
+  void wait_stage(int stage);
+  IoStats wait();  // all stages; rethrows the first failure; idle afterwards
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  bool active_ = false;
+};
+
+// Rank 0, once every rank's writer has finished `staging`: config.json, generation_config.json, the shard index,
+// trainer_state.json and plan.json, fsync, then `staging` replaces `dir` atomically.
+void finalize_checkpoint(const ir::Plan& plan, const std::string& staging, const std::string& dir,
+                         c10::ScalarType weights_dtype, const std::string& trainer_state_json);
+
+// Reads master, moments and step of `stages` from checkpoint `dir` (the HF shard for masters saved in fp32), in
+// parallel. Errors name the file.
+IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::vector<StageTensors>& stages, IoOptions o);
+
+// An HF checkpoint (single file or sharded; F32, BF16 or F16) into fp32 flats of `layouts` (host or device), in
+// parallel: the same checks and errors as load_hf_weights, then each tensor read once with large aligned reads.
+IoStats load_hf_parallel(const std::string& dir, const ir::ModelArch& arch, const std::vector<StageLayout>& layouts,
+                         std::vector<at::Tensor>& flats, IoOptions o);
 
 }  // namespace mmoc::engine

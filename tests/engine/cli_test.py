@@ -108,8 +108,14 @@ def run_all(tmp):
     check(len(losses) == 20 and losses[-1] < losses[0], f"loss after 20 steps below step 1: {losses[:1]} -> {losses[-1:]}")
     check(len(losses) == 20 and sum(losses[-5:]) / 5 < losses[0] - 0.1, "loss trend: mean of the last 5 steps at least 0.1 below step 1")
     check(abs(losses[0] - math.log(101)) < 0.2, f"random init starts near ln(vocab) = {math.log(101):.3f}: {losses[:1]}")
-    for f in ("model.safetensors", "config.json", "mmoc_state/trainer_state.json"):
+    # 4 stages: HF's sharded layout, one shard per stage, and the index
+    for f in ("model.safetensors.index.json", "config.json", "mmoc_state/trainer_state.json"):
         check(os.path.isfile(os.path.join(ck, f)), "checkpoint holds " + f)
+    with open(os.path.join(ck, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    check(shards == [f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5)], f"one shard per stage: {shards}")
+    check(all(os.path.isfile(os.path.join(ck, s)) for s in shards), "every shard of the index is there")
+    shard = shards[0] if shards else "model-00001-of-00004.safetensors"
     parent_before = sorted(os.listdir(j("ckpt")))
     check(parent_before == ["ck"], f"nothing left beside the checkpoint: {parent_before}")
     digest = tree_digest(ck)
@@ -148,15 +154,15 @@ def run_all(tmp):
     # corrupt / truncated safetensors through --init
     trunc = j("trunc")
     shutil.copytree(ck, trunc)
-    st = os.path.join(trunc, "model.safetensors")
+    st = os.path.join(trunc, shard)
     os.truncate(st, os.path.getsize(st) // 2)
-    bad("truncated model.safetensors", ["--data", TOKENS, "--init", trunc], "trunc/model.safetensors", "truncated")
+    bad("truncated shard", ["--data", TOKENS, "--init", trunc], "trunc/" + shard, "truncated")
     hdr = j("hdr")
     shutil.copytree(ck, hdr)
-    st = os.path.join(hdr, "model.safetensors")
+    st = os.path.join(hdr, shard)
     with open(st, "r+b") as f:
         f.write(struct.pack("<Q", os.path.getsize(st) * 4))
-    bad("header length beyond the file", ["--data", TOKENS, "--init", hdr], "hdr/model.safetensors", "header length")
+    bad("header length beyond the file", ["--data", TOKENS, "--init", hdr], "hdr/" + shard, "header length")
     junk = j("junk")
     os.makedirs(junk)
     with open(os.path.join(junk, "model.safetensors"), "wb") as f:
@@ -172,7 +178,8 @@ def run_all(tmp):
     bad("tiny-8l checkpoint into a vocab-1000 plan", ["--data", TOKENS, "--init", ck], "vocab_size 101", plan=plan_sp)
     bare = j("bare")  # weights only, no config.json: the tensors themselves are checked
     os.makedirs(bare)
-    shutil.copy(os.path.join(ck, "model.safetensors"), bare)
+    for f in shards + ["model.safetensors.index.json"]:
+        shutil.copy(os.path.join(ck, f), bare)
     bad("tiny-8l weights into a tiny-gqa plan (4 layers)", ["--data", TOKENS, "--init", bare], "unexpected tensor", "model.layers.4.", plan=plan_gqa)
     bad("tiny-8l weights into a vocab-1000 plan", ["--data", TOKENS, "--init", bare], "model.embed_tokens.weight", "[1000,64]", plan=plan_sp)
     cfg = j("cfg")
@@ -232,6 +239,34 @@ def run_all(tmp):
         f.write("\n".join(good_lines[:5]) + "\n")
     bad("--resume with other data", ["--data", few, "--resume", ck, "--steps", 25], "--resume", "rows", plan=plan2)
     bad("--steps negative", ["--data", TOKENS, "--steps", -1], "--steps")
+    # a plan whose memory order contradicts the op table where no handler would notice: batch(m0) freed before the last
+    # stage's backward (gpipe, no recompute: that backward does not read the labels again, so an engine without the
+    # table ran this plan to the end), while ir::effects says backward of the first or last stage requires batch(m);
+    # the engine checks every instruction against the table and fails naming it
+    tp = compile_plan(j("t12.plan.json"), "--gpus", "1", "--v", "2", "--recompute", "off", "--schedule", "gpipe")
+    with open(tp) as f:
+        pj = json.load(f)
+    ins = pj["programs"][0]["instrs"]
+    src = next(i for i, x in enumerate(ins) if x["op"] == "free" and x.get("buf") == "batch(m0)")
+    dst = next(i for i, x in enumerate(ins) if x["op"] == "backward" and x.get("stage") == 1 and x.get("mb") == 0)
+    order = list(range(len(ins)))
+    order.insert(dst, order.pop(src))
+    new_of = {old: new for new, old in enumerate(order)}
+    moved = []
+    for old in order:
+        x = dict(ins[old])
+        if "after" in x:
+            x["after"] = sorted(new_of[a] for a in x["after"] if new_of[a] < new_of[old])
+            if not x["after"]:
+                del x["after"]
+        moved.append(x)
+    pj["programs"][0]["instrs"] = moved
+    bad_order = j("bad-order.plan.json")
+    with open(bad_order, "w") as f:
+        json.dump(pj, f)
+    p = sh([RUN, bad_order, "--data", TOKENS, "--steps", 1, "-q"])
+    check(p.returncode != 0 and f"failed at instruction %{new_of[dst]}: the op table says backward requires batch(m0), which is not on the device" in p.stderr,
+          f"batch freed too early: the engine stops at the backward that needs it (rc {p.returncode}): {p.stderr.strip()[:300]!r}")
     print(f"good run and bad input: {time.time() - T0:.1f} s", flush=True)
 
     # ---- TASK 2: the seed's XSum path on the CPU --------------------------------------------------------

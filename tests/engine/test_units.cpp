@@ -18,6 +18,12 @@
 #include "engine/model/layout.hpp"
 #include "engine/model/model.hpp"
 #include "engine/model/normal_fill.hpp"
+#include "engine/model/checkpoint.hpp"
+#include "engine/model/train_checkpoint.hpp"
+#include "engine/exec/host_memory.hpp"
+#include "engine/io/fsutil.hpp"
+#include "engine/io/safetensors.hpp"
+#include <unistd.h>
 
 using namespace mmoc;
 using namespace mmoc::engine;
@@ -156,7 +162,7 @@ TEST_CASE("normal fill: a function of (key, index) only, the same on every ISA, 
     CHECK(std::memcmp(v.data(), whole.data(), n * sizeof(float)) == 0);
   }
   CHECK(isas >= 1);
-  MESSAGE("normal fill: " << isas << " ISA(s) compared, running on " << normal_fill_isa());
+  MESSAGE("normal fill: " << isas << " ISA(s) compared, running on " << std::string(normal_fill_isa()));
   fill_normal(other.data(), n, 0x5eeeULL, 3, 0.0, 1.0);
   CHECK(other != whole);
   double m = 0, m2 = 0, m4 = 0, tail = 0;
@@ -202,4 +208,141 @@ TEST_CASE("random init: the same values for any thread count, through a bf16 fla
   CHECK(std::fabs(one.narrow(0, q->offset, q->numel).std().item<double>() - 0.02) < 0.001);
   const auto* nw = L.find("model.norm.weight");
   CHECK(at::equal(one.narrow(0, nw->offset, nw->numel), at::ones({nw->numel})));
+}
+
+namespace {
+ir::ModelArch small_arch() {
+  ir::ModelArch a;
+  a.name = "t";
+  a.layers = 2;
+  a.hidden = 72;
+  a.ffn = 100;
+  a.heads = 4;
+  a.kv_heads = 2;
+  a.vocab = 101;
+  return a;
+}
+std::string scratch_dir(const std::string& name) {
+  const char* t = std::getenv("TMPDIR");
+  std::string d = std::string(t ? t : "/tmp") + "/mmoc-units-" + std::to_string(::getpid()) + "/" + name;
+  io::remove_tree(d);
+  io::make_dirs(d);
+  return d;
+}
+}  // namespace
+
+TEST_CASE("checkpoint writer: exact round trip through small chunks, and no non-finite value is ever written") {
+  ir::Plan plan;
+  plan.model = small_arch();
+  ir::Stage s0;
+  s0.id = 0;
+  s0.layer_begin = 0;
+  s0.layer_end = plan.model.layers + 2;
+  plan.stages = {s0};
+  const StageLayout L = full_layout(plan.model);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  StageTensors st{0, L, at::empty({L.numel}, at::kFloat), at::empty({L.numel}, at::kFloat).normal_(0, 1, gen),
+                  at::empty({L.numel}, at::kFloat).uniform_(0, 1, gen), 12};
+  init_weights(plan.model, L, st.master, 3);
+  IoOptions o;
+  o.chunk_bytes = 4096;  // many chunks, a tail in each file, more chunks than threads
+  o.threads = 3;
+  for (auto dt : {at::kFloat, at::kBFloat16}) {
+    CAPTURE(c10::toString(dt));
+    const std::string dir = scratch_dir(dt == at::kFloat ? "fp32" : "bf16");
+    const std::string staging = staging_dir(dir);
+    io::make_dirs(staging + "/mmoc_state");
+    CheckpointWriter w(plan, o);
+    w.start(staging, {st}, dt, /*background=*/true);
+    w.wait_stage(0);
+    const IoStats io = w.wait();
+    CHECK(io.bytes > (int64_t)(L.numel * 8));
+    finalize_checkpoint(plan, staging, dir, dt, "{\"step\": 12}");
+    CHECK_FALSE(io::path_exists(staging));
+    // the HF weights load with the generic reader, in the save dtype
+    at::Tensor hf = load_hf_weights(dir, plan.model, {L})[0];
+    CHECK(at::equal(hf, dt == at::kFloat ? st.master : st.master.to(at::kBFloat16).to(at::kFloat)));
+    // and the training state comes back bit for bit
+    StageTensors back{0, L, at::full({L.numel}, 5.0f), at::zeros({L.numel}), at::zeros({L.numel}), 0};
+    std::vector<StageTensors> v{back};
+    IoOptions ro = o;
+    ro.threads = 2;
+    load_training_state(dir, plan, v, ro);
+    CHECK(at::equal(v[0].master, st.master));
+    CHECK(at::equal(v[0].exp_avg, st.exp_avg));
+    CHECK(at::equal(v[0].exp_avg_sq, st.exp_avg_sq));
+    CHECK(v[0].step == 12);
+    // load_hf_parallel reads the same as load_hf_weights
+    std::vector<at::Tensor> flats{at::full({L.numel}, 9.0f)};
+    load_hf_parallel(dir, plan.model, {L}, flats, ro);
+    CHECK(at::equal(flats[0], hf));
+  }
+  // a NaN in the state: the save fails naming the tensor, and the checkpoint in place stays as it was
+  const std::string dir = scratch_dir("fp32-nan");
+  {
+    const std::string staging = staging_dir(dir);
+    io::make_dirs(staging + "/mmoc_state");
+    CheckpointWriter w(plan, o);
+    w.start(staging, {st}, at::kFloat, false);
+    w.wait();
+    finalize_checkpoint(plan, staging, dir, at::kFloat, "{}");
+  }
+  const std::string before = io::SafetensorsFile::open(dir + "/model.safetensors").path();
+  const auto bytes_before = io::SafetensorsFile::open(dir + "/mmoc_state/S0.safetensors").file_size();
+  StageTensors bad = st;
+  bad.exp_avg = st.exp_avg.clone();
+  bad.exp_avg[L.numel - 3] = std::nanf("");
+  const std::string staging = staging_dir(dir);
+  io::make_dirs(staging + "/mmoc_state");
+  CheckpointWriter w(plan, o);
+  w.start(staging, {bad}, at::kFloat, true);
+  CHECK_THROWS_WITH_AS(w.wait_stage(0), doctest::Contains("refusing to write non-finite values of exp_avg"), std::runtime_error);
+  CHECK_THROWS_AS(w.wait(), std::runtime_error);
+  CHECK(io::SafetensorsFile::open(dir + "/mmoc_state/S0.safetensors").file_size() == bytes_before);
+  StageTensors back{0, L, at::zeros({L.numel}), at::zeros({L.numel}), at::zeros({L.numel}), 0};
+  std::vector<StageTensors> v{back};
+  load_training_state(dir, plan, v, o);
+  CHECK(at::equal(v[0].exp_avg, st.exp_avg));  // the previous checkpoint, intact
+  (void)before;
+}
+
+#ifdef MMOC_FIXTURES_DIR
+TEST_CASE("load_hf_parallel equals load_hf_weights on HF's own checkpoints (fp32, bf16, sharded, tied)") {
+  const std::string fix = std::string(MMOC_FIXTURES_DIR) + "/hf-tiny-llama/";
+  if (!io::path_exists(fix)) {
+    MESSAGE("no fixtures at " << fix << ": skipped");
+    return;
+  }
+  int n = 0;
+  for (const char* name : {"llama-gqa-fp32", "llama-gqa-bf16", "llama-tied-mha-fp32", "llama-gqa-fp32-sharded"}) {
+    const std::string d = fix + name;
+    if (!io::path_exists(d)) continue;
+    CAPTURE(name);
+    const auto arch = io::read_hf_config(d).arch;
+    const auto Ls = stage_layouts(arch, {0, 1, arch.layers + 1, arch.layers + 2});
+    auto ref = load_hf_weights(d, arch, Ls);
+    std::vector<at::Tensor> got;
+    for (const auto& L : Ls) got.push_back(at::full({L.numel}, 3.0f));
+    IoOptions o;
+    o.chunk_bytes = 8192;
+    load_hf_parallel(d, arch, Ls, got, o);
+    for (size_t s = 0; s < Ls.size(); ++s) CHECK(at::equal(got[s], ref[s]));
+    ++n;
+  }
+  CHECK(n >= 3);
+}
+#endif
+
+TEST_CASE("host_tensor: zeroed, exactly sized, freed with its last reference") {
+  const int64_t before = host_tensor_bytes();
+  {
+    at::Tensor t = host_tensor(3'000'001, at::kFloat, false, -1, 3);
+    CHECK(t.numel() == 3'000'001);
+    CHECK(t.abs().sum().item<double>() == 0.0);
+    CHECK(host_tensor_bytes() - before >= 3'000'001 * 4);
+    CHECK(host_tensor_bytes() - before < 3'000'001 * 4 + (4 << 20));
+    t.fill_(2.0f);
+    CHECK(t.sum().item<double>() == 6'000'002.0);
+  }
+  CHECK(host_tensor_bytes() == before);
 }

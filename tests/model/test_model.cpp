@@ -380,7 +380,7 @@ TEST_CASE("save checkpoints for transformers to load (MMOC_HF_SAVE_DIR)") {
 // bytes a forward leaves behind (its saved-for-backward tensors plus its output) are measured exactly.
 #include <malloc.h>
 #include <torch/csrc/autograd/autograd.h>
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 static int64_t heap_in_use() {
   struct mallinfo2 mi = mallinfo2();
   return (int64_t)mi.uordblks + (int64_t)mi.hblkhd;

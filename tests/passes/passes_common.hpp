@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "compiler/pipeline.hpp"
-#include "compiler/simulator.hpp"
-#include "compiler/spec.hpp"
+#include "cost/simulator.hpp"
+#include "cost/spec.hpp"
 #include "passes/analysis.hpp"
 #include "passes/pass.hpp"
 

@@ -11,7 +11,7 @@
 #include <sstream>
 #include <string>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 
 namespace {
 

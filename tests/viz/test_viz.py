@@ -456,6 +456,20 @@ def real_inputs(a, viz, work):
         page = os.path.join(rw, "seed.html")
         if viz_("seed plan + predicted", ["--plan", seed_plan, "--predicted", seed_pred], page):
             todo.append(("seed", page, os.path.join(rw, "seed.png"), plan, lanes, ["predicted"]))
+        # the same plan in the text form (mmoc-viz reads plans with ir::load_plan_file): the same tables
+        seed_txt = os.path.join(rw, "seed.plan.txt")
+        if compile_("seed (text)", [os.path.join(repo, "configs/jobs/seed-llama2-7b-l20x4.json"), "--emit", "text",
+                                    "-o", seed_txt]):
+            page_txt = os.path.join(rw, "seed-text.html")
+            if viz_("seed text plan + predicted", ["--plan", seed_txt, "--predicted", seed_pred], page_txt) and \
+                    os.path.exists(page):
+                def tables(path):
+                    with open(path, encoding="utf-8") as f:
+                        html = f.read()
+                    return [html[html.find(f'id="{t}"'):html.find("</table>", html.find(f'id="{t}"'))]
+                            for t in ("summary", "stage-table", "program-table")]
+                check(tables(page_txt) == tables(page) and all(tables(page)),
+                      "seed: the text-form plan gives the same summary, stage and program tables as the JSON plan")
 
     # a large real plan: 7B on 8 GPUs, v=4, 64 micro-batches, interleaved-1f1b. The hardware is the seed's l20x4 with
     # 8 GPUs in 4 host groups (made here from configs/hardware/l20x4.json, so that it follows that file's format)

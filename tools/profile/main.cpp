@@ -18,8 +18,8 @@
 //   cpu_cores, host_mem_gib           of this host
 // Exit codes: 0 done, 2 bad input (message on stderr), 3 anything else (e.g. out of memory).
 //
-// Linked with LibTorch, so no std::filesystem here (engine/io/fsutil.hpp instead): the configs are resolved by
-// hand and read with mmoc::parse_model / parse_hardware (load_model / load_hardware use std::filesystem).
+// Configs are found and read by cost/spec.hpp, as mmoc-compile does (POSIX file helpers: no std::filesystem, which
+// must not run in a binary linked with LibTorch).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -52,17 +52,13 @@
 #include <unistd.h>
 #include <vector>
 
-#include "compiler/spec.hpp"
-#include "engine/io/fsutil.hpp"
+#include "cost/spec.hpp"
+#include "common/fs.hpp"
 #include "engine/model/layout.hpp"
 #include "engine/model/model.hpp"
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/thread_pool.hpp"
 #include "ir/plan.hpp"
-
-#ifndef MMOC_PROFILE_SOURCE_CONFIGS
-#define MMOC_PROFILE_SOURCE_CONFIGS "configs"
-#endif
 
 namespace {
 
@@ -72,71 +68,6 @@ namespace eng = mmoc::engine;
 namespace opt = mmoc::engine::optim;
 
 constexpr double kMiB = 1024.0 * 1024.0;
-
-// ---- configs (POSIX only) ----------------------------------------------------------------
-std::string read_text(const std::string& path, const char* what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(std::string("cannot read ") + what + " file '" + path + "'");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string exe_dir() {
-  char buf[4096];
-  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) return "";
-  buf[n] = 0;
-  return mmoc::io::parent_dir(buf);
-}
-
-std::string configs_dir_default() {
-  if (const char* env = std::getenv("MMOC_CONFIGS"); env && *env) return env;
-  std::string d = exe_dir();
-  if (!d.empty())
-    for (const char* up : {"../configs", "../../configs", "../../../configs"}) {
-      std::string c = mmoc::io::join_path(d, up);
-      if (mmoc::io::is_directory(mmoc::io::join_path(c, "models"))) return mmoc::io::real_path(c);
-    }
-  return MMOC_PROFILE_SOURCE_CONFIGS;
-}
-
-bool looks_like_path(const std::string& s) {
-  return s.find('/') != std::string::npos || (s.size() > 5 && s.substr(s.size() - 5) == ".json");
-}
-
-std::string stem_of(const std::string& path) {
-  std::string b = mmoc::io::base_name(path);
-  if (b.size() > 5 && b.substr(b.size() - 5) == ".json") b.resize(b.size() - 5);
-  return b;
-}
-
-// Same rules as compiler/spec.cpp's resolve_config.
-std::string resolve(const std::string& name_or_path, const std::string& configs, const std::string& sub, const char* what) {
-  if (name_or_path.empty()) throw InputError(std::string("no ") + what + " given");
-  if (looks_like_path(name_or_path)) {
-    if (!mmoc::io::is_regular_file(name_or_path))
-      throw InputError(std::string(what) + " file '" + name_or_path + "' does not exist");
-    return name_or_path;
-  }
-  std::string dir = mmoc::io::join_path(configs, sub);
-  std::string p = mmoc::io::join_path(dir, name_or_path + ".json");
-  if (mmoc::io::is_regular_file(p)) return p;
-  std::string list;
-  if (mmoc::io::is_directory(dir))
-    for (const auto& n : mmoc::io::list_dir(dir))
-      if (n.size() > 5 && n.substr(n.size() - 5) == ".json") list += (list.empty() ? "" : ", ") + n.substr(0, n.size() - 5);
-  throw InputError(std::string("unknown ") + what + " '" + name_or_path + "' (looked in " + dir + "); available: " +
-                   (list.empty() ? "(none)" : list));
-}
-
-mmoc::ModelSpec load_model_posix(const std::string& name_or_path, const std::string& configs) {
-  std::string path = resolve(name_or_path, configs, "models", "model");
-  mmoc::ModelSpec m = mmoc::parse_model(read_text(path, "model"), path);
-  if (m.name.empty())
-    m.name = mmoc::io::base_name(path) == "config.json" ? mmoc::io::base_name(mmoc::io::parent_dir(path)) : stem_of(path);
-  return m;
-}
 
 // ---- host facts ----------------------------------------------------------------------------
 int host_cpus() {
@@ -518,12 +449,11 @@ int main(int argc, char** argv) {
 
   try {
     // ---- inputs ----
-    if (configs.empty()) configs = configs_dir_default();
-    mmoc::ModelSpec m = load_model_posix(model_name, configs);
-    const std::string base_path = resolve(base, configs, "hardware", "hardware");
-    const std::string base_text = read_text(base_path, "hardware");
-    mmoc::HardwareSpec base_hw = mmoc::parse_hardware(base_text, base_path);
-    if (base_hw.name.empty()) base_hw.name = stem_of(base_path);
+    if (configs.empty()) configs = mmoc::default_configs_dir();
+    mmoc::ModelSpec m = mmoc::load_model(model_name, configs);
+    const std::string base_path = mmoc::resolve_config(base, configs, "hardware");
+    const std::string base_text = mmoc::read_file(base_path, "hardware");
+    const mmoc::HardwareSpec base_hw = mmoc::load_hardware(base_path, configs);
     if (name.empty()) {
       const std::string suffix = "-calibrated";
       const bool has = base_hw.name.size() >= suffix.size() &&
@@ -707,7 +637,7 @@ int main(int argc, char** argv) {
     const double adam_model = cm.adam_ms(n_adam, ar.threads);
     if (std::abs(adam_model - ar.ms) > 1e-3 * ar.ms)
       throw std::runtime_error("self-check: CostModel::adam_ms " + fmt(adam_model) + " ms != measured " + fmt(ar.ms) + " ms");
-    mmoc::ir::save_file_atomic(out_path, text);
+    mmoc::write_file_atomic(out_path, text);
 
     std::cout << "\n";
     print_table(rows);

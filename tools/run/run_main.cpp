@@ -17,9 +17,12 @@
 #include <nlohmann/json.hpp>
 #include <iomanip>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 
+#include "common/format.hpp"
+#include "common/fs.hpp"
 #include "engine/comm/job.hpp"
 #include "engine/comm/transport.hpp"
 #include "engine/comm/world.hpp"
@@ -52,9 +55,19 @@ struct Args {
   comm::LauncherRequest launch;  // --nnodes, --node-rank, --nproc-per-node, --master-addr/port, timeouts
 };
 
-std::string gib(double b) {
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+int64_t wall_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+// Seconds since mmoc-run was started (MMOC_LAUNCH_T0_US, set by the launcher), or -1 under another launcher.
+double since_launch() {
+  const char* e = std::getenv("MMOC_LAUNCH_T0_US");
+  return e && *e ? (double)(wall_us() - std::atoll(e)) * 1e-6 : -1.0;
+}
+std::string fmt1(double v) {
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f", b / (1024.0 * 1024 * 1024));
+  std::snprintf(buf, sizeof buf, "%.1f", v);
   return buf;
 }
 
@@ -127,8 +140,9 @@ ir::Plan validate(const Args& a) {
     }
   }
   if (!a.resume.empty()) {
+    std::optional<io::Checkpoint> hf;  // the weights, for stages whose master is the fp32 HF shard
     for (const auto& s : p.stages) {
-      const std::string path = a.resume + "/mmoc_state/S" + std::to_string(s.id) + ".safetensors";
+      const std::string path = a.resume + "/" + state_file(s.id);
       if (!io::path_exists(path))
         throw UsageError("--resume " + a.resume + ": " + path + " missing (checkpoint from another plan?)");
       io::SafetensorsFile f;
@@ -139,13 +153,29 @@ ir::Plan validate(const Args& a) {
       } catch (const std::exception& e) {
         throw UsageError("--resume " + a.resume + ": " + e.what());
       }
-      const int64_t n = stage_layout(p.model, s.layer_begin, s.layer_end).numel;
+      const StageLayout L = stage_layout(p.model, s.layer_begin, s.layer_end);
       for (const char* name : {"master", "exp_avg", "exp_avg_sq"}) {
         const auto* t = f.find(name);
+        if (!t && std::string(name) == "master") continue;  // fp32 weights: the master is the HF shard (checked below)
         if (!t) throw UsageError(path + ": no tensor '" + name + "'");
-        if (t->numel() != n)
-          throw UsageError(path + ": " + name + " has " + std::to_string(t->numel()) + " elements, the plan's stage S" +
-                           std::to_string(s.id) + " has " + std::to_string(n) + " (checkpoint from another plan?)");
+        if (t->numel() != L.numel || t->dtype != io::DType::F32)
+          throw UsageError(path + ": " + name + " has " + std::to_string(t->numel()) + " " + io::dtype_name(t->dtype) +
+                           " elements, the plan's stage S" + std::to_string(s.id) + " has " + std::to_string(L.numel) +
+                           " F32 (checkpoint from another plan?)");
+      }
+      if (f.find("master")) continue;
+      try {
+        if (!hf) hf = io::Checkpoint::open(a.resume);
+      } catch (const io::FormatError&) {
+        throw;
+      } catch (const std::exception& e) {
+        throw UsageError("--resume " + a.resume + ": " + e.what());
+      }
+      for (const auto& prm : L.params) {
+        const io::TensorInfo* t = hf->contains(prm.name) ? &hf->info(prm.name) : nullptr;
+        if (!t || t->dtype != io::DType::F32 || t->shape != prm.shape)
+          throw UsageError("--resume " + a.resume + ": stage S" + std::to_string(s.id) + " has no fp32 master (" + prm.name +
+                           (t ? " is not an fp32 tensor of the plan's shape" : " is missing") + "; checkpoint from another plan?)");
       }
     }
   }
@@ -215,7 +245,7 @@ void write_trace(const std::string& path, const ir::Plan& plan, const std::vecto
   json out = {{"traceEvents", ev},
               {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
                             {"gpus", plan.gpus}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}}}};
-  ir::save_file_atomic(path, out.dump());
+  mmoc::write_file_atomic(path, out.dump());
 }
 
 int worker_body(const Args& a, const std::string& device_hint);
@@ -237,7 +267,7 @@ int worker_main(const Args& a) {
 }
 
 int worker_body(const Args& a, const std::string& device_hint) {
-  const auto t_start = std::chrono::steady_clock::now();
+  const auto t_start = Clock::now();
   comm::WorldInfo w = comm::world_from_env();
   ir::Plan plan = ir::load_plan_file(a.plan);
   if (w.world_size != plan.gpus)
@@ -301,58 +331,127 @@ int worker_body(const Args& a, const std::string& device_hint) {
               << (plan.budget_bytes > 0 ? std::to_string((plan.budget_bytes - outside) >> 20) + " MiB" : std::string("no limit")) << "\n" << std::flush;
   auto rows = data::load_rows(data_config(a, plan));
   data::BatchIterator it(rows, a.data_seed);
+  // one value of every rank, on every rank; and reductions of it
+  auto per_rank = [&](double v) {
+    std::vector<double> out(plan.gpus, 0.0);
+    if (!tr) { out[0] = v; return out; }
+    for (int g = 0; g < plan.gpus; ++g) out[g] = tr->allreduce_sum_double(g == w.rank ? v : 0.0);
+    return out;
+  };
+  auto max_over_ranks = [&](double v) { auto a = per_rank(v); return *std::max_element(a.begin(), a.end()); };
+  auto sum_over_ranks = [&](double v) { return tr ? tr->allreduce_sum_double(v) : v; };
+  const double setup_s = max_over_ranks(since(t_start));  // process start to here: CUDA, transports, host memory, data
+  // ---- weights: random, an HF checkpoint, or an mmoc checkpoint to resume --------------------------------------
   int64_t start = 0;
+  const auto t_weights = Clock::now();
+  LoadReport load;
+  std::string source = a.init;
   if (!a.resume.empty()) {
     std::ifstream f(a.resume + "/mmoc_state/trainer_state.json");
     json st = json::parse(f);
     start = st.at("step").get<int64_t>();
     it.restore(data::iterator_state_from_json(st.at("data")));
-    worker.load_parts(a.resume + "/mmoc_state");
+    load = worker.load_checkpoint(a.resume);
+    source = "from " + a.resume;
   } else if (a.init == "random") {
-    worker.init_random(a.seed);
+    load = worker.init_random(a.seed);
   } else {
-    worker.load_hf(a.init);
+    load = worker.load_hf(a.init);
   }
-  if (w.rank == 0 && !a.quiet)
-    std::cout << "rank 0: ready after " << std::fixed << std::setprecision(1)
-              << std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count() << " s (weights "
-              << (a.resume.empty() ? a.init : "from " + a.resume) << ")\n" << std::defaultfloat << std::setprecision(6) << std::flush;
+  // every rank's figures: the slowest rank decides, bytes add up
+  const double weights_s = max_over_ranks(since(t_weights)), read_s = max_over_ranks(load.read_seconds);
+  const double load_bytes = sum_over_ranks((double)load.bytes);
+  const double ready_s = max_over_ranks(since(t_start)), launch_ready_s = max_over_ranks(since_launch());
+  json ready_fields = {{"ready_s", ready_s}, {"setup_s", setup_s}};
+  if (launch_ready_s >= 0) ready_fields["launch_ready_s"] = launch_ready_s;
+  ready_fields[a.resume.empty() && a.init == "random" ? "init_s" : "load_s"] = weights_s;
+  if (load_bytes > 0) {
+    ready_fields["load_bytes"] = load_bytes;
+    ready_fields["load_read_s"] = read_s;
+  }
+  if (w.rank == 0 && !a.quiet) {
+    char buf[512];
+    std::string detail;
+    if (load_bytes > 0) {
+      std::snprintf(buf, sizeof buf, "; read %.2f GB in %.1f s, %.2f GB/s", load_bytes / 1e9, read_s, load_bytes / 1e9 / std::max(read_s, 1e-9));
+      detail = buf;
+    }
+    std::snprintf(buf, sizeof buf, "rank 0: ready after %.1f s%s (set-up %.1f s, weights %s: %.1f s%s)\n", ready_s,
+                  launch_ready_s >= 0 ? (", " + fmt1(launch_ready_s) + " s after launch").c_str() : "", setup_s, source.c_str(), weights_s,
+                  detail.c_str());
+    std::cout << buf << std::flush;
+  }
   std::ofstream metrics;
   if (w.rank == 0 && !a.metrics.empty()) {
     metrics.open(a.metrics, start > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics) throw UsageError("--metrics " + a.metrics + ": cannot write");
   }
   const int64_t tokens_per_step = (int64_t)plan.microbatches * plan.micro_batch_size * plan.seq_len;
-  auto save = [&](int64_t step_done) {
-    const std::string parts = a.save + ".parts";
-    if (w.rank == 0) { io::remove_tree(parts); io::make_dirs(parts); }
-    if (tr) tr->barrier();
-    worker.save_parts(parts);
-    if (tr) tr->barrier();
+
+  // ---- checkpoints: every rank writes its stages into <save>.staging, rank 0 completes and swaps it in ----------
+  const bool bf16_weights = a.save_dtype == "bf16";
+  struct PendingSave {
+    int64_t step = 0;
+    std::string trainer_state;
+    Clock::time_point t0;
+    bool background = false;
+  };
+  std::optional<PendingSave> pending;
+  auto begin_save = [&](int64_t step_done, bool background) {
+    const std::string staging = staging_dir(a.save);
     if (w.rank == 0) {
-      json st = {{"step", step_done}, {"data", data::to_json(it.state())}, {"seed", a.seed}, {"plan", io::real_path(a.plan)}};
-      assemble_checkpoint(plan, parts, a.save, a.save_dtype, st.dump(1));
-      if (!a.quiet) std::cout << "saved checkpoint " << a.save << " (step " << step_done << ")\n" << std::flush;
+      io::remove_tree(staging);  // what a crashed save left
+      io::make_dirs(staging + "/mmoc_state");
     }
     if (tr) tr->barrier();
+    json st = {{"step", step_done}, {"data", data::to_json(it.state())}, {"seed", a.seed}, {"plan", io::real_path(a.plan)},
+               {"weights_dtype", a.save_dtype}};
+    pending = PendingSave{step_done, st.dump(1), Clock::now(), background};
+    worker.begin_save(staging, bf16_weights, background);
   };
+  // waits for every rank's part, then rank 0 swaps the checkpoint in; returns the save's metrics
+  auto finish_save = [&]() {
+    const SaveReport r = worker.finish_save();  // this rank's files are written and fsynced (or it throws)
+    const double bytes = sum_over_ranks((double)r.bytes), write_s = max_over_ranks(r.seconds), wait_s = max_over_ranks(r.optimizer_wait_s);
+    if (w.rank == 0) finalize_checkpoint(plan, staging_dir(a.save), a.save, bf16_weights ? at::kBFloat16 : at::kFloat, pending->trainer_state);
+    if (tr) tr->barrier();
+    const double total_s = since(pending->t0);
+    json m = {{"save_step", pending->step}, {"save_s", total_s}, {"save_write_s", write_s}, {"save_bytes", bytes},
+              {"save_background", pending->background}};
+    if (pending->background) m["save_optimizer_wait_s"] = wait_s;
+    if (w.rank == 0 && !a.quiet) {
+      char buf[512];
+      std::snprintf(buf, sizeof buf, "saved checkpoint %s (step %lld) in %.1f s: %.2f GB written at %.2f GB/s%s\n", a.save.c_str(),
+                    (long long)pending->step, total_s, bytes / 1e9, bytes / 1e9 / std::max(write_s, 1e-9),
+                    pending->background ? (" in the background; optimizer steps waited " + fmt1(wait_s) + " s for it").c_str() : "");
+      std::cout << buf << std::flush;
+    }
+    pending.reset();
+    return m;
+  };
+
+  // ---- non-finite steps ------------------------------------------------------------------------------------------
   const std::string on_nonfinite = nonfinite_mode(a, plan);
   int64_t skipped_total = 0, skipped_run = 0;  // skipped steps: in all, and in a row up to now
-  // a non-finite step: skip it (skip mode, when nothing was updated) or stop, without a checkpoint of it
-  auto check_finite = [&](const StepResult& r, int64_t s) {
-    if (r.finite) { skipped_run = 0; return; }
+  // what a non-finite step means: nothing (finite), a skip (skip mode; nothing was updated), or the end of the run
+  auto verdict = [&](const StepResult& r, int64_t s) -> std::string {
+    if (r.finite) {
+      skipped_run = 0;
+      return "";
+    }
     auto num = [](double v) { return std::isnan(v) ? std::string("nan") : std::to_string(v); };
     std::string what = "step " + std::to_string(s + 1) + ": non-finite ";
     if (!std::isfinite(r.loss)) what += "loss (" + num(r.loss) + ")";
     if (!std::isfinite(r.grad_norm)) what += std::string(std::isfinite(r.loss) ? "" : " and ") + "gradient norm (" + num(r.grad_norm) + ")";
     if (on_nonfinite == "skip" && r.skipped) {
       ++skipped_total;
-      if (++skipped_run < a.max_skips) return;
-      throw Diverged(std::string(what) + "; " + std::to_string(skipped_run) + " steps in a row skipped (--max-skips " +
-                     std::to_string(a.max_skips) + "): stopping, no checkpoint of these steps written");
+      if (++skipped_run < a.max_skips) return "";
+      return what + "; " + std::to_string(skipped_run) + " steps in a row skipped (--max-skips " + std::to_string(a.max_skips) +
+             "): stopping, no checkpoint of these steps written";
     }
-    throw Diverged(std::string(what) + ": stopping, no checkpoint of it written (--on-nonfinite skip skips such steps)");
+    return what + ": stopping, no checkpoint of it written (--on-nonfinite skip skips such steps)";
   };
+
   double total_s = 0;
   StepResult last;
   std::vector<double> last_peaks(plan.gpus, 0.0), last_allocs(plan.gpus, 0.0);
@@ -361,71 +460,80 @@ int worker_body(const Args& a, const std::string& device_hint) {
     StepResult r = worker.step(b, s);
     last = r;
     total_s += r.seconds;
-    auto per_rank = [&](double v) {  // one value of every rank, on every rank
-      std::vector<double> out(plan.gpus, 0.0);
-      if (!tr) { out[0] = v; return out; }
-      for (int g = 0; g < plan.gpus; ++g) out[g] = tr->allreduce_sum_double(g == w.rank ? v : 0.0);
-      return out;
-    };
     const std::vector<double> peaks = per_rank((double)r.peak_bytes);
     const std::vector<double> allocs = per_rank((double)r.peak_allocated);
     const std::vector<double> outside = per_rank((double)r.outside_bytes);
     last_peaks = peaks;
     last_allocs = allocs;
+    const bool skipped = !r.finite && r.skipped && on_nonfinite == "skip";
+    const std::string stop = verdict(r, s);
+    // a background save of an earlier step is complete once every stage's update waited for it: finish it here
+    // (also before a stop: it holds a finite step)
+    json save_fields;
+    if (pending && pending->background) save_fields = finish_save();
+    const bool final_save = !a.save.empty() && s + 1 == a.steps && stop.empty();
+    json m;
     if (w.rank == 0) {
       const double tps = tokens_per_step / std::max(r.seconds, 1e-9);
       const double eta = (a.steps - s - 1) * (total_s / double(s - start + 1));
       if (!a.quiet) {
         std::ostringstream os;
         char buf[256];
-        std::snprintf(buf, sizeof buf, "step %lld/%d  loss %.6f  tokens/s %.0f  step %.3f s  lr %.3g", (long long)s + 1, a.steps, r.loss, tps,
-                      r.seconds, r.lr);
+        std::snprintf(buf, sizeof buf, "step %lld/%d  loss %.6f  tokens/s %.0f  step %.3f s  lr %.3g  grad-norm %.4f", (long long)s + 1, a.steps,
+                      r.loss, tps, r.seconds, r.lr, std::fabs(r.grad_norm));  // fabs: "nan", not "-nan"
         os << buf;
-        std::snprintf(buf, sizeof buf, "  grad-norm %.4f", std::fabs(r.grad_norm));  // fabs: "nan", not "-nan"
-        os << buf;
-        if (!r.finite && r.skipped && on_nonfinite == "skip") os << "  SKIPPED (non-finite)";
-        if (skipped_total + (!r.finite && r.skipped && on_nonfinite == "skip") > 0)
-          os << "  skipped " << skipped_total + (!r.finite && r.skipped && on_nonfinite == "skip");
+        if (skipped) os << "  SKIPPED (non-finite)";
+        if (skipped_total > 0) os << "  skipped " << skipped_total;
         const bool small = *std::max_element(peaks.begin(), peaks.end()) < 1024.0 * 1024 * 1024;
         os << (small ? "  peak MiB" : "  peak GiB");
         for (int g = 0; g < plan.gpus; ++g) {
           if (small) { std::snprintf(buf, sizeof buf, "%.1f", peaks[g] / (1024.0 * 1024)); os << (g ? "," : " ") << buf; }
-          else os << (g ? "," : " ") << gib(peaks[g]);
+          else { std::snprintf(buf, sizeof buf, "%.2f", peaks[g] / mmoc::GiB); os << (g ? "," : " ") << buf; }
         }
         if (device == "cuda") {
           os << "  allocated";
-          for (int g = 0; g < plan.gpus; ++g) os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : gib(allocs[g]));
+          for (int g = 0; g < plan.gpus; ++g) {
+            std::snprintf(buf, sizeof buf, "%.2f", allocs[g] / mmoc::GiB);
+            os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : std::string(buf));
+          }
         }
         std::snprintf(buf, sizeof buf, "  ETA %.0f s", eta);
         os << buf;
         std::cout << os.str() << "\n" << std::flush;
       }
-      if (metrics) {
-        json m = {{"step", s + 1}, {"loss", r.loss}, {"tokens", r.tokens}, {"tokens_per_s", tps}, {"step_s", r.seconds},
-                  {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}};
-        if (device == "cuda") {  // everything the process held on each GPU at its peak: allocator + context + NCCL
-          std::vector<double> dev(plan.gpus);
-          for (int g = 0; g < plan.gpus; ++g) dev[g] = peaks[g] + outside[g];
-          m["device_peak_bytes"] = dev;
-        }
-        m["grad_norm"] = r.grad_norm;  // NaN and inf are written as null
-        if (!r.finite) m["nonfinite"] = true;
-        if (!r.finite && r.skipped && on_nonfinite == "skip") m["skipped"] = true;
-        const int64_t sk = skipped_total + (!r.finite && r.skipped && on_nonfinite == "skip");
-        if (sk > 0) m["skipped_steps"] = sk;
-        metrics << m.dump() << "\n" << std::flush;
+      m = {{"step", s + 1}, {"loss", r.loss}, {"tokens", r.tokens}, {"tokens_per_s", tps}, {"step_s", r.seconds},
+           {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}};
+      if (device == "cuda") {  // everything the process held on each GPU at its peak: allocator + context + NCCL
+        std::vector<double> dev(plan.gpus);
+        for (int g = 0; g < plan.gpus; ++g) dev[g] = peaks[g] + outside[g];
+        m["device_peak_bytes"] = dev;
       }
+      m["grad_norm"] = r.grad_norm;  // NaN and inf are written as null
+      if (!r.finite) m["nonfinite"] = true;
+      if (skipped) m["skipped"] = true;
+      if (skipped_total > 0) m["skipped_steps"] = skipped_total;
+      if (s == start) m.update(ready_fields);
+      if (!save_fields.is_null()) m.update(save_fields);
     }
-    check_finite(r, s);
-    if (!a.save.empty() && a.save_every > 0 && (s + 1) % a.save_every == 0 && s + 1 < a.steps) save(s + 1);
+    if (!final_save && metrics) metrics << m.dump() << "\n" << std::flush;  // the last line waits for the final save
+    if (!stop.empty()) throw Diverged(stop);
+    if (final_save) {
+      begin_save(a.steps, /*background=*/false);
+      if (w.rank == 0) m.update(finish_save());
+      else finish_save();
+      if (metrics) metrics << m.dump() << "\n" << std::flush;
+    } else if (!a.save.empty() && a.save_every > 0 && (s + 1) % a.save_every == 0) {
+      begin_save(s + 1, /*background=*/true);
+    }
   }
-  if (!a.save.empty()) save(std::max<int64_t>(a.steps, start));
+  if (pending) finish_save();                                                  // none after the last step, but be sure
+  if (!a.save.empty() && start >= a.steps) { begin_save(start, false); finish_save(); }  // nothing to run: save as is
   if (!a.trace.empty()) {
     const std::string part = a.trace + ".rank" + std::to_string(w.rank) + ".json";
     {
       json j = json::array();
       for (const auto& e : worker.trace()) j.push_back({e.instr, e.lane, e.start_us, e.dur_us, e.bytes});
-      ir::save_file_atomic(part, j.dump());
+      mmoc::write_file_atomic(part, j.dump());
     }
     if (tr) tr->barrier();
     if (w.rank == 0) {
@@ -464,6 +572,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
 }  // namespace
 
 int run_main(int argc, char** argv) {
+  const int64_t launch_us = wall_us();
   CLI::App app{"mmoc-run: execute a Plan (train)"};
   Args a;
   app.add_option("plan", a.plan, "plan file (JSON or text) from mmoc-compile")->required();
@@ -523,7 +632,7 @@ int run_main(int argc, char** argv) {
                 << "\n" << std::flush;
     std::vector<std::string> argv_v(argv, argv + argc);
     comm::LaunchReport rep;
-    std::vector<std::pair<std::string, std::string>> env{{"MMOC_DEVICE", device}};
+    std::vector<std::pair<std::string, std::string>> env{{"MMOC_DEVICE", device}, {"MMOC_LAUNCH_T0_US", std::to_string(launch_us)}};
     // Near the budget, the caching allocator's fixed-size segments fragment (GiBs reserved but unusable); growable
     // segments do not. The user's own PYTORCH_CUDA_ALLOC_CONF wins.
     if (device == "cuda" && !std::getenv("PYTORCH_CUDA_ALLOC_CONF")) env.push_back({"PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"});
@@ -533,7 +642,7 @@ int run_main(int argc, char** argv) {
     if (rc != 0 && !(rc == kExitDiverged && node.nnodes == 1) && !rep.message.empty()) std::cerr << "mmoc-run: " << rep.message << "\n";
     struct rusage ru {};
     if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
-      std::cout << "host memory: peak resident set of the largest worker " << gib(double(ru.ru_maxrss) * 1024.0) << " GiB\n";
+      std::cout << "host memory: peak resident set of the largest worker " << mmoc::gib(double(ru.ru_maxrss) * 1024.0) << "\n";
     return rc == 0 ? 0 : rc == 2 ? 2 : rc == kExitDiverged ? kExitDiverged : 1;  // 2: a worker found bad input
   } catch (const UsageError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";

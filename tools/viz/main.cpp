@@ -7,13 +7,14 @@
 
 #include <CLI/CLI.hpp>
 
+#include "common/fs.hpp"
 #include "viz.hpp"
 
 int main(int argc, char** argv) {
   using namespace mmoc::viz;
   CLI::App app{"mmoc-viz: render an mmoc plan and predicted/measured Chrome traces as one self-contained HTML page"};
   std::string plan_path, pred_path, meas_path, out_path, perfetto_path;
-  app.add_option("--plan", plan_path, "plan JSON (stage table, budget, predicted summary)");
+  app.add_option("--plan", plan_path, "plan, JSON or text form (stage table, budget, predicted summary)");
   app.add_option("--predicted", pred_path, "predicted trace (mmoc-compile --trace)");
   app.add_option("--measured", meas_path, "measured trace (mmoc-run --trace)");
   app.add_option("-o,--output", out_path, "output HTML file")->required();
@@ -52,9 +53,9 @@ int main(int argc, char** argv) {
   try {
     std::string html = render_html(traces, plan ? &*plan : nullptr);
     std::string perfetto = perfetto_path.empty() ? std::string() : perfetto_json(traces);
-    if (!perfetto_path.empty()) write_atomic(perfetto_path, perfetto);
+    if (!perfetto_path.empty()) mmoc::write_file_atomic(perfetto_path, perfetto);
     try {
-      write_atomic(out_path, html);
+      mmoc::write_file_atomic(out_path, html);
     } catch (...) {
       if (!perfetto_path.empty()) std::remove(perfetto_path.c_str());
       throw;

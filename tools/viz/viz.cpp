@@ -1,5 +1,8 @@
 #include "viz.hpp"
 
+#include "common/fs.hpp"
+#include "common/json.hpp"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,22 +21,23 @@ namespace {
 
 using nlohmann::json;
 
-std::string read_file(const std::string& path, const std::string& what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(what + " '" + path + "': cannot open file (" + std::strerror(errno) + ")");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw InputError(what + " '" + path + "': read error");
-  return ss.str();
+std::string read_input(const std::string& path, const std::string& what) {
+  try {
+    return mmoc::read_file(path);
+  } catch (const std::runtime_error& e) {
+    throw InputError(what + " '" + path + "': cannot open file (" + e.what() + ")");
+  }
 }
 
-json parse_json(const std::string& path, const std::string& what) {
-  std::string text = read_file(path, what);
+json parse_json_text(const std::string& text, const std::string& path, const std::string& what) {
   try {
     return json::parse(text);
   } catch (const json::parse_error& e) {
     throw InputError(what + " '" + path + "': not valid JSON (" + e.what() + ")");
   }
+}
+json parse_json(const std::string& path, const std::string& what) {
+  return parse_json_text(read_input(path, what), path, what);
 }
 
 bool looks_like_plan(const json& j) {
@@ -44,26 +48,10 @@ bool looks_like_trace(const json& j) {
   return (j.is_object() && j.contains("traceEvents")) || j.is_array();
 }
 
-double num(const json& o, const char* key, double dflt) {
-  if (!o.is_object()) return dflt;
-  auto it = o.find(key);
-  if (it == o.end() || !it->is_number()) return dflt;
-  return it->get<double>();
-}
-int64_t inum(const json& o, const char* key, int64_t dflt) {
-  if (!o.is_object()) return dflt;
-  auto it = o.find(key);
-  if (it == o.end() || !it->is_number()) return dflt;
-  return it->is_number_float() ? (int64_t)std::llround(it->get<double>()) : it->get<int64_t>();
-}
-std::string str(const json& o, const char* key, const std::string& dflt = "") {
-  if (!o.is_object()) return dflt;
-  auto it = o.find(key);
-  if (it == o.end()) return dflt;
-  if (it->is_string()) return it->get<std::string>();
-  if (it->is_number_integer()) return std::to_string(it->get<int64_t>());
-  return dflt;
-}
+// Traces come from other tools too: a missing or mistyped value counts as absent (common/json.hpp).
+double num(const json& o, const char* key, double dflt) { return mmoc::json_number_or(o, key, dflt); }
+int64_t inum(const json& o, const char* key, int64_t dflt) { return mmoc::json_int_or(o, key, dflt); }
+std::string str(const json& o, const char* key, const std::string& dflt = "") { return mmoc::json_string_or(o, key, dflt); }
 
 std::string html_escape(const std::string& s) {
   std::string o;
@@ -248,55 +236,41 @@ Trace load_trace(const std::string& path, const std::string& role) {
 
 PlanInfo load_plan(const std::string& path) {
   const std::string what = "plan";
-  json j = parse_json(path, what);
-  if (!looks_like_plan(j)) {
-    if (looks_like_trace(j))
-      throw InputError("plan '" + path + "': this is a Chrome trace, not an mmoc plan (pass it with --predicted or --measured)");
-    throw InputError("plan '" + path + "': neither an mmoc plan (no \"format\": \"mmoc-plan\") nor a Chrome trace");
+  const std::string text = read_input(path, what);
+  const auto first = text.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && (text[first] == '{' || text[first] == '[')) {
+    // JSON: say what it is when it is not a plan (the text form is read by ir::parse_text below)
+    json j = parse_json_text(text, path, what);
+    if (!looks_like_plan(j)) {
+      if (looks_like_trace(j))
+        throw InputError("plan '" + path + "': this is a Chrome trace, not an mmoc plan (pass it with --predicted or --measured)");
+      throw InputError("plan '" + path + "': neither an mmoc plan (no \"format\": \"mmoc-plan\") nor a Chrome trace");
+    }
   }
   PlanInfo p;
   p.file = path;
-  if (!j.contains("plan") || !j["plan"].is_object()) throw InputError("plan '" + path + "': missing \"plan\" header object");
-  auto check_arr = [&](const char* k) {
-    if (j.contains(k) && !j[k].is_array()) throw InputError("plan '" + path + "': \"" + k + "\" is not an array");
-  };
-  check_arr("stages");
-  check_arr("programs");
-  check_arr("buffers");
-  const json& h = j["plan"];
-  p.gpus = (int)inum(h, "gpus", 0);
-  p.microbatches = (int)inum(h, "microbatches", 0);
-  p.mbs = (int)inum(h, "mbs", 0);
-  p.seq = (int)inum(h, "seq", 0);
-  p.dp = (int)inum(h, "dp", 1);
-  p.budget = inum(h, "budget", -1);
-  if (j.contains("predicted")) {
-    if (!j["predicted"].is_object()) throw InputError("plan '" + path + "': \"predicted\" is not an object");
-    p.has_predicted = true;
+  try {
+    p.plan = mmoc::ir::load_plan_file(path);  // both forms, strictly (docs/plan-format.md)
+  } catch (const mmoc::ir::ParseError& e) {
+    throw InputError("plan '" + path + "': not a valid mmoc plan: " + e.what());
   }
-  if (j.contains("stages"))
-    for (size_t i = 0; i < j["stages"].size(); ++i)
-      if (!j["stages"][i].is_object())
-        throw InputError("plan '" + path + "': stages[" + std::to_string(i) + "] is not an object");
-  if (j.contains("programs"))
-    for (size_t i = 0; i < j["programs"].size(); ++i) {
-      const json& pr = j["programs"][i];
-      if (!pr.is_object() || (pr.contains("instrs") && !pr["instrs"].is_array()))
-        throw InputError("plan '" + path + "': programs[" + std::to_string(i) + "] is malformed");
+  const auto& pl = p.plan;
+  p.gpus = pl.gpus;
+  p.microbatches = pl.microbatches;
+  p.mbs = pl.micro_batch_size;
+  p.seq = pl.seq_len;
+  p.dp = pl.dp;
+  p.budget = pl.budget_bytes;
+  p.has_predicted = pl.predicted.has_value();
+  for (const auto& pr : pl.programs) {
+    auto& lanes = p.instr_lane[pr.gpu];
+    for (const auto& in : pr.instrs) {
+      // the streams are the trace's first lanes (comp 0, h2d 1, d2h 2, p2p 3, cpu 4)
+      const int l = std::min((int)in.stream, (int)kCpu0);
+      lanes.push_back(l);
+      ++p.stream_counts[{pr.gpu, l}];
     }
-  if (j.contains("programs"))
-    for (const auto& pr : j["programs"]) {
-      int g = (int)inum(pr, "gpu", 0);
-      auto& lanes = p.instr_lane[g];
-      if (!pr.contains("instrs")) continue;
-      for (const auto& in : pr["instrs"]) {
-        const std::string s = in.is_object() ? str(in, "stream") : "";
-        int l = s == "comp" ? kComp : s == "h2d" ? kH2D : s == "d2h" ? kD2H : s == "p2p" ? kP2P : s == "cpu" ? kCpu0 : -1;
-        lanes.push_back(l);
-        if (l >= 0) ++p.stream_counts[{g, l}];
-      }
-    }
-  p.j = std::move(j);
+  }
   return p;
 }
 
@@ -493,23 +467,22 @@ void summary_table(std::ostringstream& o, const std::vector<Trace>& traces, cons
   if (plan_pred) o << "<th>plan.predicted</th>";
   for (const auto& t : traces) o << "<th>" << html_escape(t.role) << " trace</th>";
   o << "</tr></thead><tbody>\n";
-  json pp = plan_pred ? plan->j["predicted"] : json::object();
+  const mmoc::ir::Predicted pp = plan_pred ? *plan->plan.predicted : mmoc::ir::Predicted{};
   auto row = [&](const char* key, const char* label, auto plan_cell, auto trace_cell) {
     o << "<tr data-key=\"" << key << "\"><th>" << label << "</th>";
     if (plan_pred) o << "<td>" << plan_cell() << "</td>";
     for (const auto& t : traces) o << "<td data-role=\"" << t.role << "\">" << trace_cell(t) << "</td>";
     o << "</tr>\n";
   };
-  row("step", "step time", [&] { return fmt_ms(num(pp, "step_s", 0) * 1e6); },
+  row("step", "step time", [&] { return fmt_ms(pp.step_s * 1e6); },
       [](const Trace& t) { return fmt_ms(t.step_us); });
-  row("tokens", "tokens/s", [&] { return fmt("%.1f", num(pp, "tokens_per_s", 0)); },
+  row("tokens", "tokens/s", [&] { return fmt("%.1f", pp.tokens_per_s); },
       [](const Trace& t) { return t.tokens_per_s > 0 ? fmt("%.1f", t.tokens_per_s) : std::string("&mdash;"); });
-  row("bubble", "bubble (1 &minus; comp busy / step, mean)", [&] { return fmt_pct(num(pp, "bubble", 0)); },
+  row("bubble", "bubble (1 &minus; comp busy / step, mean)", [&] { return fmt_pct(pp.bubble); },
       [](const Trace& t) { return fmt_pct(t.bubble); });
   auto peaks_plan = [&] {
     std::string s;
-    if (pp.contains("peak") && pp["peak"].is_array())
-      for (const auto& x : pp["peak"]) s += (s.empty() ? "" : ", ") + fmt_bytes(x.is_number() ? x.get<double>() : -1);
+    for (int64_t x : pp.peak_bytes) s += (s.empty() ? "" : ", ") + fmt_bytes((double)x);
     return s.empty() ? std::string("&mdash;") : s;
   };
   row("peak", "peak memory max over GPUs", peaks_plan, [](const Trace& t) {
@@ -585,31 +558,23 @@ void diff_table(std::ostringstream& o, const Trace& p, const Trace& m) {
 }
 
 void plan_tables(std::ostringstream& o, const PlanInfo& p) {
-  const json& h = p.j["plan"];
+  const mmoc::ir::Plan& pl = p.plan;
   o << "<h3>plan <span class=\"file\">" << html_escape(p.file) << "</span></h3>\n<p class=\"planhdr\" id=\"plan-header\">";
-  for (auto& [k, v] : h.items()) o << "<b>" << html_escape(k) << "</b>=" << html_escape(v.is_string() ? v.get<std::string>() : v.dump()) << " ";
-  if (p.j.contains("model") && p.j["model"].is_object())
-    o << " &nbsp; <b>model</b>=" << html_escape(str(p.j["model"], "name")) << " (" << inum(p.j["model"], "layers", 0) << " layers)";
+  for (const auto& [k, v] : mmoc::ir::header_fields(pl)) o << "<b>" << html_escape(k) << "</b>=" << html_escape(v) << " ";
+  o << " &nbsp; <b>model</b>=" << html_escape(pl.model.name) << " (" << pl.model.layers << " layers)";
   o << "</p>\n";
   std::map<int, int> ninstr;
-  if (p.j.contains("programs"))
-    for (const auto& pr : p.j["programs"])
-      if (pr.contains("instrs")) ninstr[(int)inum(pr, "gpu", 0)] += (int)pr["instrs"].size();
+  for (const auto& pr : pl.programs) ninstr[pr.gpu] += (int)pr.instrs.size();
   o << "<table class=\"tbl\" id=\"stage-table\"><thead><tr><th>stage</th><th>gpu</th><th>layers</th><th>weights</th>"
        "<th>optim</th><th>recompute</th><th>params</th><th>fwd ms</th><th>bwd ms</th><th>fwd ws</th><th>bwd ws</th>"
        "</tr></thead><tbody>\n";
-  if (p.j.contains("stages"))
-    for (const auto& s : p.j["stages"]) {
-      std::string layers = "&mdash;";
-      if (s.contains("layers") && s["layers"].is_array() && s["layers"].size() == 2)
-        layers = "[" + s["layers"][0].dump() + ", " + s["layers"][1].dump() + ")";
-      o << "<tr data-stage=\"" << inum(s, "id", -1) << "\"><td>S" << inum(s, "id", -1) << "</td><td>g" << inum(s, "gpu", -1)
-        << "</td><td>" << layers << "</td><td>" << html_escape(str(s, "weights")) << "</td><td>"
-        << html_escape(str(s, "optim")) << "</td><td>" << (s.value("recompute", false) ? "yes" : "no") << "</td><td>"
-        << fmt("%.3g", num(s, "params", 0)) << "</td><td>" << fmt("%.3f", num(s, "fwd_ms", 0)) << "</td><td>"
-        << fmt("%.3f", num(s, "bwd_ms", 0)) << "</td><td>" << fmt_bytes(num(s, "fwd_ws", 0)) << "</td><td>"
-        << fmt_bytes(num(s, "bwd_ws", 0)) << "</td></tr>\n";
-    }
+  for (const auto& s : pl.stages) {
+    o << "<tr data-stage=\"" << s.id << "\"><td>S" << s.id << "</td><td>g" << s.gpu << "</td><td>[" << s.layer_begin << ", "
+      << s.layer_end << ")</td><td>" << mmoc::ir::to_string(s.weights) << "</td><td>" << mmoc::ir::to_string(s.optim)
+      << "</td><td>" << (s.recompute ? "yes" : "no") << "</td><td>" << fmt("%.3g", (double)s.params) << "</td><td>"
+      << fmt("%.3f", s.fwd_ms) << "</td><td>" << fmt("%.3f", s.bwd_ms) << "</td><td>" << fmt_bytes((double)s.fwd_ws)
+      << "</td><td>" << fmt_bytes((double)s.bwd_ws) << "</td></tr>\n";
+  }
   o << "</tbody></table>\n";
   if (!ninstr.empty()) {
     // instructions per GPU and stream (= boxes per lane of a complete trace of this plan)
@@ -644,7 +609,7 @@ void replace_all(std::string& s, const std::string& from, const std::string& to)
 std::string render_html(const std::vector<Trace>& traces, const PlanInfo* plan) {
   std::ostringstream title;
   title << "mmoc-viz";
-  if (plan) title << " &mdash; " << html_escape(str(plan->j["plan"], "schedule")) << " " << plan->gpus << " GPUs";
+  if (plan) title << " &mdash; " << html_escape(plan->plan.schedule) << " " << plan->gpus << " GPUs";
   for (const auto& t : traces) title << " &mdash; " << html_escape(t.role) << ": " << html_escape(t.file);
 
   std::ostringstream tables;
@@ -671,7 +636,11 @@ std::string render_html(const std::vector<Trace>& traces, const PlanInfo* plan) 
     data["traces"].push_back(page_data(t, plan));
     summary["traces"].push_back(summary_json(t));
   }
-  if (plan && plan->has_predicted) summary["plan_predicted"] = plan->j["predicted"];
+  if (plan && plan->has_predicted) {
+    const auto& pr = *plan->plan.predicted;
+    summary["plan_predicted"] = {{"step_s", pr.step_s},         {"tokens_per_s", pr.tokens_per_s}, {"bubble", pr.bubble},
+                                 {"peak", pr.peak_bytes},       {"bound", pr.bound_bytes}};
+  }
   summary["warnings"] = warnings;
 
   std::string page = kVizTemplate;
@@ -731,25 +700,6 @@ std::string perfetto_json(const std::vector<Trace>& traces) {
               {"displayTimeUnit", "ms"},
               {"metadata", {{"generator", "mmoc-viz"}, {"inputs", std::move(inputs)}}}};
   return doc.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
-}
-
-void write_atomic(const std::string& path, const std::string& content) {
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw std::runtime_error("cannot create '" + tmp + "' (" + std::strerror(errno) + ")");
-    f.write(content.data(), (std::streamsize)content.size());
-    f.flush();
-    if (!f) {
-      std::remove(tmp.c_str());
-      throw std::runtime_error("cannot write '" + tmp + "'");
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    std::remove(tmp.c_str());
-    throw std::runtime_error("cannot rename '" + tmp + "' to '" + path + "' (" + std::strerror(err) + ")");
-  }
 }
 
 }  // namespace mmoc::viz

@@ -1,6 +1,6 @@
 // mmoc-viz: reads Chrome traces (docs/plan-format.md, "Simulator trace") and mmoc plan JSON, computes
 // per-GPU statistics and renders one self-contained HTML page (canvas timeline, memory curves, tables),
-// and optionally a merged Chrome/Perfetto trace. Reads JSON directly (no dependency on ir/plan.cpp).
+// and optionally a merged Chrome/Perfetto trace. Plans (JSON or text form) are read by ir::load_plan_file.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -11,6 +11,8 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "ir/plan.hpp"
 
 namespace mmoc::viz {
 
@@ -62,7 +64,7 @@ struct Trace {
 
 struct PlanInfo {
   std::string file;
-  nlohmann::json j;  // the whole plan document
+  mmoc::ir::Plan plan;  // as ir::load_plan_file read it
   int gpus = 0, microbatches = 0, mbs = 0, seq = 0, dp = 1;
   int64_t budget = -1;
   bool has_predicted = false;
@@ -73,7 +75,8 @@ struct PlanInfo {
 };
 
 // Loading. Throw InputError naming `path` on a missing/unreadable file, invalid JSON, or a document
-// of the wrong kind ("expected a trace, got a plan", ...). role is "predicted" or "measured".
+// of the wrong kind ("expected a trace, got a plan", ...). role is "predicted" or "measured". A plan is JSON or
+// the text form.
 Trace load_trace(const std::string& path, const std::string& role);
 PlanInfo load_plan(const std::string& path);
 
@@ -88,9 +91,6 @@ std::vector<std::string> compare_with_plan(const Trace& t, const PlanInfo& plan)
 // Output documents.
 std::string render_html(const std::vector<Trace>& traces, const PlanInfo* plan);
 std::string perfetto_json(const std::vector<Trace>& traces);
-
-// Writes via a temporary file in the same directory and rename(). Throws std::runtime_error.
-void write_atomic(const std::string& path, const std::string& content);
 
 // Operation kind used for colours: forward backward prefetch evict send recv optim other.
 std::string kind_of(const std::string& op);

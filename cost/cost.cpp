@@ -12,16 +12,22 @@
 //     (memory-bandwidth bound: ~28 bytes/param: fp32 master r+w 8, m r+w 8, v r+w 8, bf16 grad read 2, bf16 weight
 //     write 2; threads_to_saturate defaults to cpu_cores/2: half the cores already saturate host memory bandwidth).
 //     FACTS check: 202M params, 16 threads on the H100 host: 202e6*28/80e9 = 71 ms (measured 65 ms).
-//  GPU AdamW   = params * 28 / gpu_mem_gbps + launch overhead (same traffic, device memory).
+//  GPU AdamW   = params * adam_bytes_per_param / gpu_mem_gbps + launch overhead (same traffic, device memory).
+//  allreduce   = 2 x p2p of the buffer (reduce-scatter + all-gather on two GPUs); gradnorm = kGradNormMs.
+//  Rates (bytes/ms) of what the simulator shares: the hardware's GB/s x 1e6; a CPU optimizer's pool of t threads
+//     host_mem_gbps * min(1, t / adam_threads_to_saturate()).
+#include <algorithm>
 #include <cmath>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 
 namespace mmoc {
 
 namespace {
 constexpr double kTransferLatencyMs = 0.01;  // per copy (driver + DMA setup)
 constexpr double kP2PLatencyMs = 0.02;       // per send/recv pair (NCCL)
+constexpr double kGradNormMs = 0.05;         // a host allreduce of one double and the norms of the resident gradients
+double bytes_per_ms(double gbps) { return gbps * 1e6; }
 }  // namespace
 
 int CostModel::layer_kind(int layer) const {
@@ -78,7 +84,21 @@ double CostModel::adam_ms(int64_t params, int threads) const {
 
 double CostModel::gpu_adam_ms(int64_t params) const {
   if (params <= 0) return 0;
-  return (double)params * 28.0 / (hw.gpu_mem_gbps * 1e9) * 1e3 + hw.launch_overhead_ms;
+  return (double)params * hw.adam_bytes_per_param / (hw.gpu_mem_gbps * 1e9) * 1e3 + hw.launch_overhead_ms;
 }
+
+double CostModel::allreduce_ms(int64_t bytes) const { return 2 * p2p_ms(bytes); }
+double CostModel::gradnorm_ms() const { return kGradNormMs; }
+
+double CostModel::h2d_rate() const { return bytes_per_ms(hw.h2d_gbps); }
+double CostModel::d2h_rate() const { return bytes_per_ms(hw.d2h_gbps); }
+double CostModel::duplex_rate() const { return bytes_per_ms(hw.duplex_gbps); }
+double CostModel::group_link_rate() const { return bytes_per_ms(hw.group_link_gbps); }
+double CostModel::host_mem_rate() const { return bytes_per_ms(hw.host_mem_gbps); }
+double CostModel::adam_pool_rate(int threads) const {
+  return bytes_per_ms(hw.host_mem_gbps) * std::min(1.0, (double)threads / hw.adam_threads_to_saturate());
+}
+double CostModel::adam_traffic_bytes(int64_t params) const { return (double)params * hw.adam_bytes_per_param; }
+int CostModel::optim_threads_per_gpu(int gpus) const { return std::max(1, hw.cpu_cores / std::max(1, gpus)); }
 
 }  // namespace mmoc

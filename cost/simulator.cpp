@@ -17,7 +17,10 @@
 //    start and free at end; fwd_ws/bwd_ws are alive only while the op runs. At equal times frees come before allocations.
 //  - Deadlock: when nothing runs and instructions remain, the result says so and lists per GPU and stream the first
 //    blocked instruction and what it waits for.
-#include "compiler/simulator.hpp"
+#include "cost/simulator.hpp"
+
+#include "ir/exec.hpp"
+#include "ir/ops.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -34,24 +37,16 @@ namespace mmoc {
 using ir::BufKind;
 using ir::BufRef;
 using ir::Instr;
-using ir::Op;
 using ir::Stream;
 
 namespace {
 
-constexpr int kStreams = 5;
-constexpr double kGradNormMs = 0.05;
-
-int stream_index(Stream s) { return (int)s; }  // Comp 0, H2D 1, D2H 2, P2P 3, Cpu 4 = trace lane
-
-enum class St { Waiting, Running, Done };
+constexpr int kStreams = (int)Stream::Cpu + 1;
 
 struct Node {
-  St st = St::Waiting;
   double start = 0, end = 0;
   int64_t bytes = 0;
-  int flow = -1;      // index in flows when fluid
-  int partner_gpu = -1, partner = -1;  // send/recv rendezvous partner
+  int flow = -1;  // index in flows when fluid
 };
 
 struct Flow {
@@ -62,17 +57,23 @@ struct Flow {
   bool active = true;
 };
 
+// A buffer an instruction reads that an instruction of another program (or earlier in its own) produces, in plans
+// whose transfers are not explicit yet (SimOptions::implicit_transfers).
+struct Producer {
+  int gpu = 0, instr = 0;
+  double delay_ms = 0;  // the transfer to this GPU (0 on the same GPU)
+};
+
 struct Sim {
   const ir::Plan& p;
   const HardwareSpec& hw;
   const ModelSpec& model;
   SimOptions opt;
   CostModel cost;
+  ir::Dispatch d;  // queues, deps, rendezvous partners (ir/exec.hpp)
   int G = 0;
-  std::vector<std::vector<Node>> nodes;                 // [gpu][instr]
-  std::vector<std::array<std::vector<int>, kStreams>> q; // per gpu per stream: instr indices in order
-  std::vector<std::array<size_t, kStreams>> head;
-  std::vector<std::array<int, kStreams>> running;       // running instr per stream, -1 none
+  std::vector<std::vector<Node>> nodes;  // [gpu][instr]
+  std::vector<std::vector<std::vector<Producer>>> producers;  // [gpu][instr], implicit transfers only
   std::vector<Flow> flows;
   std::vector<double> res_cap;  // bytes/ms
   // resource index helpers
@@ -89,19 +90,13 @@ struct Sim {
   std::vector<int64_t> mem;
   SimResult R;
   double now = 0;
-  size_t remaining_instrs = 0;
 
   Sim(const ir::Plan& plan, const HardwareSpec& h, const ModelSpec& m, const SimOptions& o)
-      : p(plan), hw(h), model(m), opt(o), cost{m, h} {}
-
-  static double gbps_to_bpms(double gbps) { return gbps * 1e6; }  // GB/s -> bytes per ms
+      : p(plan), hw(h), model(m), opt(o), cost{m, h}, d(plan, ir::Order::Streams) {}
 
   void setup() {
     G = (int)p.programs.size();
     nodes.resize(G);
-    q.resize(G);
-    head.assign(G, {});
-    running.assign(G, {-1, -1, -1, -1, -1});
     present.assign(G, {});
     mem.assign(G, 0);
     R.peak_bytes.assign(G, 0);
@@ -109,61 +104,60 @@ struct Sim {
     R.h2d_util.assign(G, 0);
     R.d2h_util.assign(G, 0);
     R.memory.assign(G, {});
-    for (int g = 0; g < G; ++g) {
-      const auto& prog = p.programs[g];
-      nodes[g].resize(prog.instrs.size());
-      for (size_t i = 0; i < prog.instrs.size(); ++i) q[g][stream_index(prog.instrs[i].stream)].push_back((int)i);
-      remaining_instrs += prog.instrs.size();
-    }
+    for (int g = 0; g < G; ++g) nodes[g].resize(p.programs[g].instrs.size());
     // resources
     int ngroups = (int)hw.host_groups.size();
     res_cap.assign(3 * G + 2 * ngroups + 1, 0);
     for (int g = 0; g < G; ++g) {
-      res_cap[r_h2d(g)] = gbps_to_bpms(hw.h2d_gbps);
-      res_cap[r_d2h(g)] = gbps_to_bpms(hw.d2h_gbps);
-      res_cap[r_duplex(g)] = gbps_to_bpms(hw.duplex_gbps);
+      res_cap[r_h2d(g)] = cost.h2d_rate();
+      res_cap[r_d2h(g)] = cost.d2h_rate();
+      res_cap[r_duplex(g)] = cost.duplex_rate();
     }
     for (int k = 0; k < ngroups; ++k) {
-      res_cap[r_group_up(k)] = gbps_to_bpms(hw.group_link_gbps);
-      res_cap[r_group_down(k)] = gbps_to_bpms(hw.group_link_gbps);
+      res_cap[r_group_up(k)] = cost.group_link_rate();
+      res_cap[r_group_down(k)] = cost.group_link_rate();
     }
     r_host_mem = 3 * G + 2 * ngroups;
-    res_cap[r_host_mem] = gbps_to_bpms(hw.host_mem_gbps);
-    cpu_threads = opt.cpu_optim_threads > 0 ? opt.cpu_optim_threads : std::max(1, hw.cpu_cores / std::max(1, G));
-    match_send_recv();
+    res_cap[r_host_mem] = cost.host_mem_rate();
+    cpu_threads = opt.cpu_optim_threads > 0 ? opt.cpu_optim_threads : cost.optim_threads_per_gpu(G);
+    if (opt.implicit_transfers) find_producers();
     init_memory();
   }
 
   // Physical GPU of rank g (host groups are physical).
   int phys(int g) const { return g < (int)p.gpu_order.size() ? p.gpu_order[g] : g; }
 
-  void match_send_recv() {
-    // key: (src, dst, tag or buffer name) -> queue of instr indices
-    std::map<std::tuple<int, int, std::string>, std::vector<int>> sends;
+  // Implicit transfers: each buffer an instruction requires or frees waits for the instruction that allocates it;
+  // from another GPU it also takes the p2p time of its bytes (unbounded buffering, no contention).
+  void find_producers() {
+    std::map<BufRef, std::pair<int, int>> made;
     for (int g = 0; g < G; ++g)
-      for (size_t i = 0; i < p.programs[g].instrs.size(); ++i) {
-        const Instr& in = p.programs[g].instrs[i];
-        if (in.op == Op::Send) sends[{g, in.peer, key_of(in)}].push_back((int)i);
-      }
-    std::map<std::tuple<int, int, std::string>, size_t> used;
-    for (int g = 0; g < G; ++g)
-      for (size_t i = 0; i < p.programs[g].instrs.size(); ++i) {
-        const Instr& in = p.programs[g].instrs[i];
-        if (in.op != Op::Recv) continue;
-        auto key = std::make_tuple(in.peer, g, key_of(in));
-        auto it = sends.find(key);
-        if (it == sends.end()) continue;
-        size_t& u = used[key];
-        if (u >= it->second.size()) continue;
-        int s = it->second[u++];
-        if (in.peer < 0 || in.peer >= G) continue;
-        nodes[g][i].partner_gpu = in.peer;
-        nodes[g][i].partner = s;
-        nodes[in.peer][s].partner_gpu = g;
-        nodes[in.peer][s].partner = (int)i;
-      }
+      for (int i = 0; i < (int)p.programs[g].instrs.size(); ++i)
+        for (const ir::BufEffect& e : ir::effects(p, p.programs[g].instrs[i]))
+          if (e.access == ir::Access::Alloc) made.emplace(e.buf, std::make_pair(g, i));
+    producers.assign(G, {});
+    for (int g = 0; g < G; ++g) {
+      producers[g].resize(p.programs[g].instrs.size());
+      for (int i = 0; i < (int)p.programs[g].instrs.size(); ++i)
+        for (const ir::BufEffect& e : ir::effects(p, p.programs[g].instrs[i])) {
+          if (e.access != ir::Access::Require && e.access != ir::Access::Free) continue;
+          auto it = made.find(e.buf);
+          if (it == made.end()) continue;
+          auto [pg, pi] = it->second;
+          producers[g][i].push_back({pg, pi, pg == g ? 0.0 : cost.p2p_ms(p.buffer_bytes(e.buf))});
+        }
+    }
   }
-  static std::string key_of(const Instr& in) { return in.tag.empty() ? (in.buf ? in.buf->str() : std::string()) : in.tag; }
+  // When the implicit inputs of (g, i) are on its GPU: +inf while a producer has not finished.
+  double inputs_at(int g, int i) const {
+    double t = 0;
+    if (!opt.implicit_transfers) return t;
+    for (const Producer& pr : producers[g][i]) {
+      if (!d.finished(pr.gpu, pr.instr)) return std::numeric_limits<double>::infinity();
+      t = std::max(t, nodes[pr.gpu][pr.instr].end + pr.delay_ms);
+    }
+    return t;
+  }
 
   const ir::Stage* stage(int s) const { return s >= 0 && s < (int)p.stages.size() ? &p.stages[s] : nullptr; }
   int64_t bytes_of(const BufRef& b) const { return p.buffer_bytes(b); }
@@ -182,134 +176,81 @@ struct Sim {
 
   void init_memory() {
     for (int g = 0; g < G; ++g) {
-      for (const auto& s : p.stages) {
-        if (s.gpu != g) continue;
-        const auto* w = p.find_buffer(BufKind::W, s.id);
-        if ((w && w->home == ir::Tier::Gpu) || (!w && s.weights == ir::Residency::Resident)) alloc(g, BufRef{BufKind::W, s.id, -1});
-        const auto* o = p.find_buffer(BufKind::Opt, s.id);
-        if (o && o->home == ir::Tier::Gpu) alloc(g, BufRef{BufKind::Opt, s.id, -1});
-      }
+      for (const BufRef& b : ir::persistent_buffers(p, g)) alloc(g, b);
       record_mem(g);
     }
   }
 
-  bool is_last_stage(int s) const { return s == (int)p.stages.size() - 1; }
-  bool is_first_stage(int s) const { return s == 0; }
-
-  // ---- starting and finishing ----
+  // ---- starting and finishing: memory follows the op table's effects (allocations at the start, frees at the end,
+  // the workspace while it runs); the simulator takes a plan as it is (an absent buffer is not an error here) ----
   void on_start(int g, int i) {
-    const Instr& in = p.programs[g].instrs[i];
-    const ir::Stage* st = stage(in.stage);
-    switch (in.op) {
-      case Op::LoadBatch: alloc(g, BufRef{BufKind::Batch, -1, in.mb}); break;
-      case Op::Prefetch:
-      case Op::Recv:
-        if (in.buf) alloc(g, *in.buf);
-        break;
-      case Op::Forward:
-        if (!is_last_stage(in.stage)) alloc(g, BufRef{BufKind::Act, in.stage, in.mb});
-        alloc(g, BufRef{BufKind::Stash, in.stage, in.mb});
-        if (st) mem[g] += st->fwd_ws;
-        break;
-      case Op::Backward:
-        if (!is_first_stage(in.stage)) alloc(g, BufRef{BufKind::Grad, in.stage - 1, in.mb});
-        alloc(g, BufRef{BufKind::WGrad, in.stage, -1});
-        if (st) mem[g] += st->bwd_ws;
-        break;
-      default: break;
-    }
+    const ir::Effects e = ir::effects(p, p.programs[g].instrs[i]);
+    for (const ir::BufEffect& x : e)
+      if (x.access == ir::Access::Alloc || x.access == ir::Access::AllocIfAbsent) alloc(g, x.buf);
+    mem[g] += e.transient;
     record_mem(g);
   }
   void on_end(int g, int i) {
-    const Instr& in = p.programs[g].instrs[i];
-    const ir::Stage* st = stage(in.stage);
-    switch (in.op) {
-      case Op::Forward:
-        if (st) mem[g] -= st->fwd_ws;
-        break;
-      case Op::Backward:
-        if (st) mem[g] -= st->bwd_ws;
-        release(g, BufRef{BufKind::Stash, in.stage, in.mb});
-        if (!is_first_stage(in.stage)) release(g, BufRef{BufKind::Act, in.stage - 1, in.mb});
-        if (!is_last_stage(in.stage)) release(g, BufRef{BufKind::Grad, in.stage, in.mb});
-        break;
-      case Op::Evict:
-      case Op::Free:
-        if (in.buf) release(g, *in.buf);
-        break;
-      case Op::Optim: release(g, BufRef{BufKind::WGrad, in.stage, -1}); break;
-      default: break;
-    }
+    const ir::Effects e = ir::effects(p, p.programs[g].instrs[i]);
+    mem[g] -= e.transient;
+    for (const ir::BufEffect& x : e)
+      if (x.access == ir::Access::Free || x.access == ir::Access::FreeIfPresent) release(g, x.buf);
     record_mem(g);
   }
 
-  bool deps_done(int g, int i) const {
-    for (int d : p.programs[g].instrs[i].after) {
-      if (d < 0 || d >= (int)nodes[g].size() || d == i) return false;
-      if (nodes[g][d].st != St::Done) return false;
-    }
-    return true;
-  }
-  bool at_head(int g, int i) const {
-    int s = stream_index(p.programs[g].instrs[i].stream);
-    return head[g][s] < q[g][s].size() && q[g][s][head[g][s]] == i && running[g][s] < 0;
-  }
-  bool ready(int g, int i) const { return at_head(g, i) && deps_done(g, i); }
+  // Ready now: at the head of its idle stream, its deps done, and its implicit inputs arrived.
+  bool ready(int g, int i) const { return d.ready(g, i) && inputs_at(g, i) <= now; }
 
   // duration for fixed ops; returns <0 when the op is fluid (then sets flow up)
   double fixed_duration(int g, int i, int64_t& bytes) {
     const Instr& in = p.programs[g].instrs[i];
-    bytes = 0;
+    bytes = ir::transfer_bytes(p, in);
     const ir::Stage* st = stage(in.stage);
-    if (in.buf && (in.op == Op::Prefetch || in.op == Op::Send || in.op == Op::Recv || (in.op == Op::Evict && in.to_host) ||
-                   in.op == Op::AllReduce))
-      bytes = bytes_of(*in.buf);
     if (opt.unit_costs) return 1.0;
-    switch (in.op) {
-      case Op::Forward: return st ? st->fwd_ms : 0;
-      case Op::Backward: return st ? st->bwd_ms : 0;
-      case Op::Send:
-      case Op::Recv: return cost.p2p_ms(bytes);
-      case Op::AllReduce: return 2 * cost.p2p_ms(bytes);
-      case Op::GradNorm: return kGradNormMs;
-      case Op::Prefetch: return bytes > 0 ? -1 : 0;
-      case Op::Evict: return (in.to_host && bytes > 0) ? -1 : 0;
-      case Op::Optim:
+    switch (ir::op_info(in.op).timing) {
+      case ir::Timing::StageForward: return st ? st->fwd_ms : 0;
+      case ir::Timing::StageBackward: return st ? st->bwd_ms : 0;
+      case ir::Timing::PeerToPeer: return cost.p2p_ms(bytes);
+      case ir::Timing::Collective: return cost.allreduce_ms(bytes);
+      case ir::Timing::GradNorm: return cost.gradnorm_ms();
+      case ir::Timing::HostToDevice:
+      case ir::Timing::DeviceToHost: return bytes > 0 ? -1 : 0;
+      case ir::Timing::Optimizer:
         if (in.stream == Stream::Cpu || (st && st->optim == ir::OptimPlace::Cpu)) return st && st->params > 0 ? -1 : 0;
         return cost.gpu_adam_ms(st ? st->params : 0);
-      default: return 0;
+      case ir::Timing::Instant: return 0;
     }
+    return 0;
   }
 
   void start(int g, int i) {
     Node& n = nodes[g][i];
     const Instr& in = p.programs[g].instrs[i];
-    int s = stream_index(in.stream);
-    n.st = St::Running;
     n.start = now;
-    running[g][s] = i;
-    double d = fixed_duration(g, i, n.bytes);
-    if (d >= 0) {
-      n.end = now + d;
+    d.start(g, i);
+    double dur = fixed_duration(g, i, n.bytes);
+    if (dur >= 0) {
+      n.end = now + dur;
     } else {
       Flow f;
       f.gpu = g;
       f.instr = i;
       int pg = phys(g);
       int grp = hw.group_of(pg);
-      if (in.op == Op::Prefetch) {
+      const ir::Timing timing = ir::op_info(in.op).timing;
+      if (timing == ir::Timing::HostToDevice) {
         f.remaining = (double)n.bytes;
         f.res = {r_h2d(g), r_duplex(g)};
         if (grp >= 0) f.res.push_back(r_group_up(grp));
-      } else if (in.op == Op::Evict) {
+      } else if (timing == ir::Timing::DeviceToHost) {
         f.remaining = (double)n.bytes;
         f.res = {r_d2h(g), r_duplex(g)};
         if (grp >= 0) f.res.push_back(r_group_down(grp));
       } else {  // CPU optimizer
         const ir::Stage* st = stage(in.stage);
-        f.remaining = (double)st->params * hw.adam_bytes_per_param;
+        f.remaining = cost.adam_traffic_bytes(st->params);
         // private cap: this GPU's thread pool
-        res_cap.push_back(gbps_to_bpms(hw.host_mem_gbps) * std::min(1.0, (double)cpu_threads / hw.adam_threads_to_saturate()));
+        res_cap.push_back(cost.adam_pool_rate(cpu_threads));
         f.res = {r_host_mem, (int)res_cap.size() - 1};
       }
       n.flow = (int)flows.size();
@@ -322,46 +263,41 @@ struct Sim {
   void finish(int g, int i) {
     Node& n = nodes[g][i];
     const Instr& in = p.programs[g].instrs[i];
-    int s = stream_index(in.stream);
-    n.st = St::Done;
     n.end = now;
-    running[g][s] = -1;
-    head[g][s]++;
-    --remaining_instrs;
+    d.finish(g, i);
     if (n.flow >= 0) flows[n.flow].active = false;
     on_end(g, i);
     SimInterval iv;
     iv.gpu = g;
     iv.instr = i;
     iv.stream = in.stream;
-    iv.lane = s;
+    iv.lane = (int)in.stream;
     iv.start_ms = n.start;
     iv.end_ms = n.end;
     iv.bytes = n.bytes;
     R.intervals.push_back(iv);
     if (in.stream == Stream::Comp) R.compute_busy[g] += n.end - n.start;
-    if (in.op == Op::Prefetch) R.h2d_util[g] += (double)n.bytes;
-    if (in.op == Op::Evict && in.to_host) R.d2h_util[g] += (double)n.bytes;
+    const ir::Timing timing = ir::op_info(in.op).timing;
+    if (timing == ir::Timing::HostToDevice) R.h2d_util[g] += (double)n.bytes;
+    if (timing == ir::Timing::DeviceToHost) R.d2h_util[g] += (double)n.bytes;
   }
 
   // Starts whatever can start now. Returns true if something started.
   bool start_ready() {
     bool any = false;
     for (int g = 0; g < G; ++g)
-      for (int s = 0; s < kStreams; ++s) {
-        if (running[g][s] >= 0 || head[g][s] >= q[g][s].size()) continue;
-        int i = q[g][s][head[g][s]];
-        if (!deps_done(g, i)) continue;
-        const Instr& in = p.programs[g].instrs[i];
-        if (in.op == Op::Send || in.op == Op::Recv) {
-          const Node& n = nodes[g][i];
-          if (n.partner < 0) continue;  // never matched: stays blocked (reported as deadlock)
-          if (!ready(n.partner_gpu, n.partner)) continue;
+      for (int q = 0; q < kStreams; ++q) {
+        const int i = d.head(g, q);
+        if (i < 0 || !ready(g, i)) continue;
+        if (d.paired(g, i)) {
+          auto [pg, pi] = d.partner(g, i);
+          if (pg < 0) continue;  // never matched: stays blocked (reported as deadlock)
+          if (!ready(pg, pi)) continue;
           start(g, i);
-          start(n.partner_gpu, n.partner);
+          start(pg, pi);
           // both end together: the longer of the two (same bytes by construction)
-          double e = std::max(nodes[g][i].end, nodes[n.partner_gpu][n.partner].end);
-          nodes[g][i].end = nodes[n.partner_gpu][n.partner].end = e;
+          double e = std::max(nodes[g][i].end, nodes[pg][pi].end);
+          nodes[g][i].end = nodes[pg][pi].end = e;
         } else {
           start(g, i);
         }
@@ -374,8 +310,8 @@ struct Sim {
   bool finish_due() {
     bool any = false;
     for (int g = 0; g < G; ++g)
-      for (int s = 0; s < kStreams; ++s) {
-        int i = running[g][s];
+      for (int q = 0; q < kStreams; ++q) {
+        int i = d.running(g, q);
         if (i < 0) continue;
         Node& n = nodes[g][i];
         if (n.flow < 0 && n.end <= now + 1e-12) {
@@ -434,13 +370,19 @@ struct Sim {
         changed = finish_due();
         if (start_ready()) changed = true;
       }
-      if (remaining_instrs == 0) break;
+      if (d.remaining() == 0) break;
       compute_rates();
       double next = inf;
       for (int g = 0; g < G; ++g)
-        for (int s = 0; s < kStreams; ++s) {
-          int i = running[g][s];
+        for (int q = 0; q < kStreams; ++q) {
+          int i = d.running(g, q);
           if (i >= 0 && nodes[g][i].flow < 0) next = std::min(next, nodes[g][i].end);
+          // a head whose only wait is an implicit transfer in flight
+          const int h = d.head(g, q);
+          if (opt.implicit_transfers && h >= 0 && d.ready(g, h)) {
+            const double t = inputs_at(g, h);
+            if (t > now && std::isfinite(t)) next = std::min(next, t);
+          }
         }
       for (auto& f : flows)
         if (f.active && f.rate > 0) next = std::min(next, now + f.remaining / f.rate);
@@ -466,26 +408,29 @@ struct Sim {
   std::string blocked_reason(int g, int i) const {
     const Instr& in = p.programs[g].instrs[i];
     std::vector<std::string> why;
-    for (int d : in.after) {
-      if (d < 0 || d >= (int)nodes[g].size() || d == i) {
-        why.push_back("invalid dependency %" + std::to_string(d));
+    for (int a : in.after) {
+      if (a < 0 || a >= (int)nodes[g].size() || a == i) {
+        why.push_back("invalid dependency %" + std::to_string(a));
         continue;
       }
-      if (nodes[g][d].st != St::Done) why.push_back("dependency " + ir::print_instr(p.programs[g].instrs[d], d) + " (not done)");
+      if (!d.finished(g, a)) why.push_back("dependency " + ir::print_instr(p.programs[g].instrs[a], a) + " (not done)");
     }
-    if (in.op == Op::Send || in.op == Op::Recv) {
-      const Node& n = nodes[g][i];
-      const char* other = in.op == Op::Send ? "recv" : "send";
-      if (n.partner < 0) {
-        why.push_back(std::string("no matching ") + other + " on g" + std::to_string(in.peer) + " with tag " + key_of(in));
-      } else if (!ready(n.partner_gpu, n.partner)) {
-        std::string w = std::string("matching ") + other + " " + describe(n.partner_gpu, n.partner);
-        if (!at_head(n.partner_gpu, n.partner)) {
-          int s = stream_index(p.programs[n.partner_gpu].instrs[n.partner].stream);
-          const auto& qq = q[n.partner_gpu][s];
-          size_t h = head[n.partner_gpu][s];
+    if (opt.implicit_transfers)
+      for (const Producer& pr : producers[g][i])
+        if (!d.finished(pr.gpu, pr.instr)) why.push_back("input from " + describe(pr.gpu, pr.instr) + " (not done)");
+    if (d.paired(g, i)) {
+      auto [pg, pi] = d.partner(g, i);
+      const char* other = ir::op_info(in.op).sync == ir::Sync::PairSource ? "recv" : "send";
+      if (pg < 0) {
+        why.push_back(std::string("no matching ") + other + " on g" + std::to_string(in.peer) + " with tag " +
+                      (in.tag.empty() ? (in.buf ? in.buf->str() : std::string()) : in.tag));
+      } else if (!ready(pg, pi)) {
+        std::string w = std::string("matching ") + other + " " + describe(pg, pi);
+        const int q = d.queue_of(pg, pi);
+        if (d.head(pg, q) != pi || d.busy(pg, q)) {
+          const int h = d.head(pg, q);
           w += " (not reached: its stream is blocked at ";
-          w += h < qq.size() ? ir::print_instr(p.programs[n.partner_gpu].instrs[qq[h]], qq[h]) : std::string("end");
+          w += h >= 0 ? ir::print_instr(p.programs[pg].instrs[h], h) : std::string("end");
           w += ")";
         } else {
           w += " (its dependencies are not done)";
@@ -500,12 +445,12 @@ struct Sim {
 
   std::string deadlock_report() const {
     std::ostringstream os;
-    os << "deadlock at t=" << now << " ms: " << remaining_instrs << " instruction(s) cannot start\n";
+    os << "deadlock at t=" << now << " ms: " << d.remaining() << " instruction(s) cannot start\n";
     for (int g = 0; g < G; ++g)
-      for (int s = 0; s < kStreams; ++s) {
-        if (head[g][s] >= q[g][s].size()) continue;
-        int i = q[g][s][head[g][s]];
-        os << "  g" << g << " @" << ir::to_string((Stream)s) << ": " << ir::print_instr(p.programs[g].instrs[i], i)
+      for (int q = 0; q < kStreams; ++q) {
+        const int i = d.head(g, q);
+        if (i < 0) continue;
+        os << "  g" << g << " @" << ir::to_string((Stream)q) << ": " << ir::print_instr(p.programs[g].instrs[i], i)
            << "\n      waits for: " << blocked_reason(g, i) << "\n";
       }
     return os.str();
@@ -520,8 +465,8 @@ struct Sim {
     for (int g = 0; g < G; ++g) {
       R.compute_busy[g] /= step;
       busy_sum += R.compute_busy[g];
-      R.h2d_util[g] /= gbps_to_bpms(hw.h2d_gbps) * step;
-      R.d2h_util[g] /= gbps_to_bpms(hw.d2h_gbps) * step;
+      R.h2d_util[g] /= cost.h2d_rate() * step;
+      R.d2h_util[g] /= cost.d2h_rate() * step;
     }
     R.bubble = G > 0 ? 1.0 - busy_sum / G : 0.0;
     std::sort(R.intervals.begin(), R.intervals.end(), [](const SimInterval& a, const SimInterval& b) {
@@ -529,23 +474,6 @@ struct Sim {
     });
   }
 };
-
-std::string event_name(const Instr& in) {
-  std::string s = ir::to_string(in.op);
-  switch (in.op) {
-    case Op::Forward:
-    case Op::Backward: return s + " S" + std::to_string(in.stage) + " m" + std::to_string(in.mb);
-    case Op::Optim: return s + " S" + std::to_string(in.stage);
-    case Op::LoadBatch: return s + " m" + std::to_string(in.mb);
-    case Op::Send: return s + " " + (in.buf ? in.buf->str() : "?") + " -> g" + std::to_string(in.peer);
-    case Op::Recv: return s + " " + (in.buf ? in.buf->str() : "?") + " <- g" + std::to_string(in.peer);
-    case Op::Prefetch: return s + " " + (in.buf ? in.buf->str() : "?") + " <- host";
-    case Op::Evict: return s + " " + (in.buf ? in.buf->str() : "?") + (in.to_host ? " -> host" : "");
-    case Op::Free:
-    case Op::AllReduce: return s + " " + (in.buf ? in.buf->str() : "?");
-    default: return s;
-  }
-}
 
 }  // namespace
 
@@ -574,7 +502,7 @@ std::string trace_json(const ir::Plan& p, const SimResult& r) {
     json args = {{"op", ir::to_string(in.op)}, {"stage", in.stage}, {"mb", in.mb}, {"bytes", iv.bytes}, {"instr", iv.instr}, {"deps", deps}};
     if (in.buf) args["buf"] = in.buf->str();
     ev.push_back({{"ph", "X"},
-                  {"name", event_name(in)},
+                  {"name", ir::print_op(in)},
                   {"cat", ir::to_string(in.op)},
                   {"pid", iv.gpu},
                   {"tid", iv.lane},

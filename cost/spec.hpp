@@ -9,14 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "common/error.hpp"   // InputError
+#include "common/format.hpp"  // GiB
 #include "ir/plan.hpp"
 
 namespace mmoc {
-
-// A user-facing input error: the CLI prints the message and exits with code 2.
-struct InputError : std::runtime_error { using std::runtime_error::runtime_error; };
-
-constexpr double GiB = 1024.0 * 1024.0 * 1024.0;
 
 // ---- model ---------------------------------------------------------------------------------
 struct ModelSpec {
@@ -48,6 +45,9 @@ ModelSpec load_model(const std::string& name_or_path, const std::string& configs
 // Parses a model description: mmoc's format (configs/README.md) or a HuggingFace LLaMA config.json
 // (recognised by "hidden_size"). `origin` names the source in error messages. Throws InputError.
 ModelSpec parse_model(const std::string& json_text, const std::string& origin);
+// The file a model or hardware name stands for: a path (holding '/' or ending in .json) as given, else
+// configs_dir/<sub>/<name>.json ("models" or "hardware"). Throws InputError listing the available names.
+std::string resolve_config(const std::string& name_or_path, const std::string& configs_dir, const std::string& sub);
 // Names (file stems) of configs_dir/<sub>/*.json, sorted ("models" or "hardware").
 std::vector<std::string> list_configs(const std::string& configs_dir, const std::string& sub);
 
@@ -122,6 +122,17 @@ struct CostModel {
   double p2p_ms(int64_t bytes) const;
   double adam_ms(int64_t params, int threads) const;  // CPU AdamW over params
   double gpu_adam_ms(int64_t params) const;
+  double allreduce_ms(int64_t bytes) const;  // a collective over the buffer (2x its p2p time)
+  double gradnorm_ms() const;                // the global gradient norm
+  // Rates of the simulator's shared resources, bytes per ms (cost/simulator.cpp shares them max-min fairly).
+  double h2d_rate() const;          // one GPU's host-to-device copies
+  double d2h_rate() const;          // one GPU's device-to-host copies
+  double duplex_rate() const;       // one GPU's copies in both directions together
+  double group_link_rate() const;   // a host group's link, per direction
+  double host_mem_rate() const;     // host memory, shared by every CPU optimizer
+  double adam_pool_rate(int threads) const;      // one GPU's CPU optimizer thread pool of `threads`
+  double adam_traffic_bytes(int64_t params) const;  // host memory traffic of a CPU AdamW step over params
+  int optim_threads_per_gpu(int gpus) const;        // the host's cores split among the GPUs' CPU optimizers
   // Fraction of gpu_tflops reached at `tokens` tokens per micro-batch (continuous, in [mfu_small, 1]).
   double efficiency(double tokens) const;
   // 0 embedding, 1 decoder, 2 head, for a model layer index.

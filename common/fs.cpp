@@ -1,4 +1,4 @@
-#include "engine/io/fsutil.hpp"
+#include "common/fs.hpp"
 
 #include <dirent.h>
 #include <errno.h>
@@ -10,9 +10,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fcntl.h>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 
-namespace mmoc::io {
+namespace mmoc {
 
 bool path_exists(const std::string& p) {
   struct stat st {};
@@ -94,4 +97,73 @@ std::vector<std::string> list_dir(const std::string& p) {
   return v;
 }
 
-}  // namespace mmoc::io
+std::string exe_dir() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return "";
+  buf[n] = 0;
+  return parent_dir(buf);
+}
+
+std::string read_file(const std::string& path, const std::string& what) {
+  const std::string head = "cannot read " + (what.empty() ? std::string() : what + " ") + "file '" + path + "': ";
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) throw std::runtime_error(head + std::strerror(errno));
+  if (S_ISDIR(st.st_mode)) throw std::runtime_error(head + "is a directory");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error(head + std::strerror(errno));
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  if (f.bad()) throw std::runtime_error(head + "read error");
+  return ss.str();
+}
+
+void fsync_dir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;  // best effort
+  (void)::fsync(fd);
+  ::close(fd);
+}
+
+void write_file_atomic(const std::string& path, const std::vector<std::pair<const void*, std::size_t>>& pieces) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  auto fail = [&](const std::string& step, int err) {
+    ::unlink(tmp.c_str());
+    throw std::runtime_error("cannot write '" + path + "': " + step + ": " + std::strerror(err));
+  };
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    int err = errno;
+    throw std::runtime_error("cannot write '" + path + "': create " + tmp + ": " + std::strerror(err));
+  }
+  for (const auto& [data, size] : pieces) {
+    const char* c = static_cast<const char*>(data);
+    size_t left = size;
+    while (left > 0) {
+      ssize_t w = ::write(fd, c, std::min<size_t>(left, size_t(1) << 30));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        int err = errno;
+        ::close(fd);
+        fail("write", err);
+      }
+      c += w;
+      left -= (size_t)w;
+    }
+  }
+  if (::fsync(fd) != 0) {
+    int err = errno;
+    ::close(fd);
+    fail("fsync", err);
+  }
+  if (::close(fd) != 0) fail("close", errno);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) fail("rename from " + tmp, errno);
+  std::string parent = parent_dir(path);
+  fsync_dir(parent.empty() ? std::string(".") : parent);
+}
+
+void write_file_atomic(const std::string& path, const std::string& content) {
+  write_file_atomic(path, {{content.data(), content.size()}});
+}
+
+}  // namespace mmoc

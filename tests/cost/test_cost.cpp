@@ -1,7 +1,7 @@
 // Cost model against the numbers measured on the H100 machine (../shared/design/FACTS.md).
 #include <doctest/doctest.h>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 
 using namespace mmoc;
 static const std::string kConfigs = MMOC_TEST_CONFIGS;

@@ -1,12 +1,14 @@
-// Discrete-event simulator: all GPUs of a Plan at once, per-stream timelines, host-link contention per
-// host group (root complex), CPU optimizer threads, send/recv rendezvous. Also the engine of
-// verify-deadlock (a plan that cannot make progress is reported, not hung). No LibTorch.
+// The timed executor: a discrete-event simulation of all GPUs of a Plan at once, per-stream timelines, host-link
+// contention per host group (root complex), CPU optimizer threads, send/recv rendezvous. It shares the queue,
+// dependency and rendezvous rules with the untimed executor (ir/exec.hpp) and takes each op's memory effects and
+// timing class from the op table (ir/ops.hpp), every duration and rate from the cost model. A plan that cannot make
+// progress is reported, not hung. No LibTorch.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 #include "ir/plan.hpp"
 
 namespace mmoc {
@@ -36,6 +38,10 @@ struct SimResult {
 struct SimOptions {
   int cpu_optim_threads = 0;   // 0 = hw.cpu_cores / gpus (host threads for the CPU optimizer per GPU)
   bool unit_costs = false;     // every op takes 1 time unit (structure-only runs for deadlock checks)
+  // Plans whose transfers are not explicit yet (before comm-lowering): an instruction also waits for the buffers it
+  // reads (ir::effects) from the instruction that allocates them, plus their p2p time when that runs on another GPU
+  // (unbounded buffering, no link contention).
+  bool implicit_transfers = false;
 };
 
 SimResult simulate(const ir::Plan&, const HardwareSpec&, const ModelSpec&, const SimOptions& = {});

@@ -4,7 +4,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "compiler/simulator.hpp"
+#include "cost/simulator.hpp"
 
 using namespace mmoc;
 using ir::BufKind;

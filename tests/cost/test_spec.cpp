@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
 
 using namespace mmoc;
 static const std::string kConfigs = MMOC_TEST_CONFIGS;

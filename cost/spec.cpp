@@ -1,12 +1,14 @@
 // Model, hardware and job descriptions: loading, validation, per-layer size/FLOP formulas.
 // Formulas are documented next to each function and in configs/README.md.
-#include "compiler/spec.hpp"
+#include "cost/spec.hpp"
+
+#include "common/fs.hpp"
+#include "common/json.hpp"
 
 #include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -17,144 +19,82 @@
 #endif
 
 namespace mmoc {
-namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
 
-// ---- JSON reading with unknown-key and type checks -----------------------------------------
-std::string type_name(const json& j) {
-  if (j.is_number_integer()) return "integer";
-  if (j.is_number()) return "number";
-  return j.type_name();
-}
+// ---- JSON reading with unknown-key and type checks (common/json.hpp: JsonError is an InputError naming
+// "<file>: key '<k>'") ----
+using ObjReader = JsonObject<json>;
 
-json parse_json_text(const std::string& text, const std::string& origin) {
-  try {
-    return json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw InputError(origin + ": invalid JSON: " + e.what());
-  }
-}
+json parse_json_text(const std::string& text, const std::string& origin) { return json_parse(text, origin); }
 
 std::string read_file_or_throw(const std::string& path, const std::string& what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError("cannot read " + what + " file '" + path + "'");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  try {
+    return read_file(path, what);
+  } catch (const std::runtime_error& e) {
+    throw InputError(e.what());
+  }
 }
 
-// Reads fields of one JSON object; finish() rejects keys nobody asked for.
-class ObjReader {
- public:
-  ObjReader(const json& j, std::string where) : j_(j), where_(std::move(where)) {
-    if (!j_.is_object()) throw InputError(where_ + ": expected a JSON object, got " + type_name(j_));
-  }
-  bool has(const char* k) { seen_.insert(k); return j_.contains(k); }
-  const json* get(const char* k) {
-    seen_.insert(k);
-    auto it = j_.find(k);
-    return it == j_.end() ? nullptr : &*it;
-  }
-  [[noreturn]] void bad(const char* k, const char* want, const json& v) {
-    throw InputError(where_ + ": key '" + k + "' must be " + want + ", got " + type_name(v) + " " + v.dump());
-  }
-  void int_(const char* k, int& out, int min_value = INT32_MIN) {
-    if (auto* v = get(k)) {
-      if (!v->is_number_integer()) bad(k, "an integer", *v);
-      int64_t x = v->get<int64_t>();
-      if (x < min_value || x > INT32_MAX)
-        throw InputError(where_ + ": key '" + k + "' = " + std::to_string(x) + " is out of range (minimum " + std::to_string(min_value) + ")");
-      out = (int)x;
-    }
-  }
-  void num(const char* k, double& out, double min_value = -INFINITY) {
-    if (auto* v = get(k)) {
-      if (!v->is_number()) bad(k, "a number", *v);
-      double x = v->get<double>();
-      if (!std::isfinite(x) || x < min_value)
-        throw InputError(where_ + ": key '" + k + "' = " + v->dump() + " is out of range (minimum " + json(min_value).dump() + ")");
-      out = x;
-    }
-  }
-  void str(const char* k, std::string& out, std::initializer_list<const char*> allowed = {}) {
-    if (auto* v = get(k)) {
-      if (!v->is_string()) bad(k, "a string", *v);
-      out = v->get<std::string>();
-      check_allowed(k, out, allowed);
-    }
-  }
-  void check_allowed(const char* k, const std::string& val, std::initializer_list<const char*> allowed) {
-    if (allowed.size() == 0) return;
-    std::string list;
-    for (const char* a : allowed) {
-      if (val == a) return;
-      list += (list.empty() ? "" : ", ") + std::string(a);
-    }
-    throw InputError(where_ + ": key '" + k + "' = \"" + val + "\" is not one of: " + list);
-  }
-  void boolean(const char* k, bool& out) {
-    if (auto* v = get(k)) {
-      if (!v->is_boolean()) bad(k, "true or false", *v);
-      out = v->get<bool>();
-    }
-  }
-  // "comment": a string or a list of strings, ignored.
-  void comment() {
-    if (auto* v = get("comment")) {
-      bool ok = v->is_string();
-      if (v->is_array()) {
-        ok = true;
-        for (auto& e : *v) ok = ok && e.is_string();
-      }
-      if (!ok) bad("comment", "a string or a list of strings", *v);
-    }
-  }
-  void finish() {
-    for (auto it = j_.begin(); it != j_.end(); ++it)
-      if (!seen_.count(it.key())) throw InputError(where_ + ": unknown key '" + it.key() + "'");
-  }
-  const std::string& where() const { return where_; }
+JsonNumberRule finite_min(double min = -INFINITY) { return JsonNumberRule{.min = min, .finite = true}; }
 
- private:
-  const json& j_;
-  std::string where_;
-  std::set<std::string> seen_;
-};
+// "comment": a string or a list of strings, ignored.
+void skip_comment(ObjReader& r) {
+  if (const json* v = r.get("comment")) {
+    bool ok = v->is_string();
+    if (v->is_array()) {
+      ok = true;
+      for (auto& e : *v) ok = ok && e.is_string();
+    }
+    if (!ok) json_fail(r.at("comment"), "expected a string or a list of strings, got " + json_describe(*v));
+  }
+}
 
 bool looks_like_path(const std::string& s) {
   return s.find('/') != std::string::npos || (s.size() > 5 && s.substr(s.size() - 5) == ".json");
 }
 
-std::string resolve_config(const std::string& name_or_path, const std::string& configs_dir, const std::string& sub,
-                           const char* what) {
+std::string resolve_config_impl(const std::string& name_or_path, const std::string& configs_dir, const std::string& sub,
+                                const char* what) {
   if (name_or_path.empty()) throw InputError(std::string("no ") + what + " given");
   if (looks_like_path(name_or_path)) {
-    if (!fs::exists(name_or_path)) throw InputError(std::string(what) + " file '" + name_or_path + "' does not exist");
+    if (!path_exists(name_or_path)) throw InputError(std::string(what) + " file '" + name_or_path + "' does not exist");
     return name_or_path;
   }
-  fs::path p = fs::path(configs_dir) / sub / (name_or_path + ".json");
-  if (fs::exists(p)) return p.string();
+  const std::string dir = join_path(configs_dir, sub);
+  const std::string p = join_path(dir, name_or_path + ".json");
+  if (path_exists(p)) return p;
   auto names = list_configs(configs_dir, sub);
   std::string list;
   for (auto& n : names) list += (list.empty() ? "" : ", ") + n;
-  throw InputError(std::string("unknown ") + what + " '" + name_or_path + "' (looked in " + (fs::path(configs_dir) / sub).string() +
+  throw InputError(std::string("unknown ") + what + " '" + name_or_path + "' (looked in " + dir +
                    "); available: " + (list.empty() ? "(none)" : list));
 }
 
 }  // namespace
 
+std::string resolve_config(const std::string& name_or_path, const std::string& configs_dir, const std::string& sub) {
+  return resolve_config_impl(name_or_path, configs_dir, sub, sub == "models" ? "model" : sub == "jobs" ? "job" : sub.c_str());
+}
+
 std::vector<std::string> list_configs(const std::string& configs_dir, const std::string& sub) {
   std::vector<std::string> names;
-  std::error_code ec;
-  fs::path dir = fs::path(configs_dir) / sub;
-  if (!fs::is_directory(dir, ec)) return names;
-  for (auto& e : fs::directory_iterator(dir, ec))
-    if (e.path().extension() == ".json") names.push_back(e.path().stem().string());
-  std::sort(names.begin(), names.end());
-  return names;
+  const std::string dir = join_path(configs_dir, sub);
+  if (!is_directory(dir)) return names;
+  for (const auto& n : list_dir(dir))
+    if (n.size() > 5 && n.compare(n.size() - 5, 5, ".json") == 0) names.push_back(n.substr(0, n.size() - 5));
+  return names;  // list_dir sorts
 }
+
+namespace {
+// File name without its folder and a ".json" ending.
+std::string stem_of(const std::string& path) {
+  std::string b = base_name(path);
+  auto dot = b.rfind('.');
+  return dot == std::string::npos || dot == 0 ? b : b.substr(0, dot);
+}
+}  // namespace
 
 // ---- model ---------------------------------------------------------------------------------
 namespace {
@@ -216,34 +156,31 @@ ModelSpec parse_model(const std::string& json_text, const std::string& origin) {
     return m;
   }
   ModelSpec m;
-  ObjReader r(j, origin);
-  r.comment();
-  r.str("name", m.name);
-  r.int_("layers", m.layers, 1);
-  r.int_("hidden", m.hidden, 1);
-  r.int_("ffn", m.ffn, 1);
-  r.int_("heads", m.heads, 1);
-  r.int_("kv_heads", m.kv_heads, 1);
-  r.int_("vocab", m.vocab, 1);
-  r.int_("max_seq", m.max_seq, 1);
-  r.num("rope_theta", m.rope_theta);
-  r.num("norm_eps", m.norm_eps);
-  r.boolean("tied_embeddings", m.tied_embeddings);
+  ObjReader r(j, origin, JsonNaming::Key);
+  skip_comment(r);
+  r.read("name", m.name);
+  r.read("layers", m.layers, 1);
+  r.read("hidden", m.hidden, 1);
+  r.read("ffn", m.ffn, 1);
+  r.read("heads", m.heads, 1);
+  r.read("kv_heads", m.kv_heads, 1);
+  r.read("vocab", m.vocab, 1);
+  r.read("max_seq", m.max_seq, 1);
+  r.read("rope_theta", m.rope_theta, finite_min());
+  r.read("norm_eps", m.norm_eps, finite_min());
+  r.read("tied_embeddings", m.tied_embeddings);
   for (const char* req : {"layers", "hidden", "ffn", "heads", "vocab"})
     if (!r.has(req)) throw InputError(origin + ": missing required key '" + req + "'");
   if (!r.has("kv_heads")) m.kv_heads = m.heads;
-  r.finish();
+  r.done();
   validate_model(m, origin);
   return m;
 }
 
 ModelSpec load_model(const std::string& name_or_path, const std::string& configs_dir) {
-  std::string path = resolve_config(name_or_path, configs_dir, "models", "model");
+  std::string path = resolve_config(name_or_path, configs_dir, "models");
   ModelSpec m = parse_model(read_file_or_throw(path, "model"), path);
-  if (m.name.empty()) {
-    fs::path p(path);
-    m.name = p.filename() == "config.json" ? p.parent_path().filename().string() : p.stem().string();
-  }
+  if (m.name.empty()) m.name = base_name(path) == "config.json" ? base_name(parent_dir(path)) : stem_of(path);
   return m;
 }
 
@@ -360,52 +297,52 @@ int HardwareSpec::group_of(int gpu) const {
 HardwareSpec parse_hardware(const std::string& json_text, const std::string& origin) {
   json j = parse_json_text(json_text, origin);
   HardwareSpec hw;
-  ObjReader r(j, origin);
-  r.comment();
-  r.str("name", hw.name);
-  r.int_("gpus", hw.gpus, 1);
-  r.num("gpu_mem_gib", hw.gpu_mem_gib, 0);
-  r.num("gpu_tflops", hw.gpu_tflops, 1e-6);
-  r.num("gpu_mem_gbps", hw.gpu_mem_gbps, 1e-6);
-  r.num("mfu_small", hw.mfu_small, 1e-3);
-  r.num("mfu_small_tokens", hw.mfu_small_tokens, 1);
-  r.num("mfu_full_tokens", hw.mfu_full_tokens, 1);
-  r.num("h2d_gbps", hw.h2d_gbps, 1e-6);
-  r.num("d2h_gbps", hw.d2h_gbps, 1e-6);
-  r.num("duplex_gbps", hw.duplex_gbps, 1e-6);
-  r.num("group_link_gbps", hw.group_link_gbps, 1e-6);
-  r.num("p2p_gbps", hw.p2p_gbps, 1e-6);
-  r.num("host_mem_gib", hw.host_mem_gib, 0);
-  r.int_("cpu_cores", hw.cpu_cores, 1);
-  r.num("host_mem_gbps", hw.host_mem_gbps, 1e-6);
-  r.num("adam_bytes_per_param", hw.adam_bytes_per_param, 1e-6);
-  r.int_("adam_saturating_threads", hw.adam_saturating_threads, 0);
-  r.num("launch_overhead_ms", hw.launch_overhead_ms, 0);
-  r.num("reserve_gib", hw.reserve_gib, 0);
-  r.num("reserve_fraction", hw.reserve_fraction, 0);
+  ObjReader r(j, origin, JsonNaming::Key);
+  skip_comment(r);
+  r.read("name", hw.name);
+  r.read("gpus", hw.gpus, 1);
+  r.read("gpu_mem_gib", hw.gpu_mem_gib, finite_min(0));
+  r.read("gpu_tflops", hw.gpu_tflops, finite_min(1e-6));
+  r.read("gpu_mem_gbps", hw.gpu_mem_gbps, finite_min(1e-6));
+  r.read("mfu_small", hw.mfu_small, finite_min(1e-3));
+  r.read("mfu_small_tokens", hw.mfu_small_tokens, finite_min(1));
+  r.read("mfu_full_tokens", hw.mfu_full_tokens, finite_min(1));
+  r.read("h2d_gbps", hw.h2d_gbps, finite_min(1e-6));
+  r.read("d2h_gbps", hw.d2h_gbps, finite_min(1e-6));
+  r.read("duplex_gbps", hw.duplex_gbps, finite_min(1e-6));
+  r.read("group_link_gbps", hw.group_link_gbps, finite_min(1e-6));
+  r.read("p2p_gbps", hw.p2p_gbps, finite_min(1e-6));
+  r.read("host_mem_gib", hw.host_mem_gib, finite_min(0));
+  r.read("cpu_cores", hw.cpu_cores, 1);
+  r.read("host_mem_gbps", hw.host_mem_gbps, finite_min(1e-6));
+  r.read("adam_bytes_per_param", hw.adam_bytes_per_param, finite_min(1e-6));
+  r.read("adam_saturating_threads", hw.adam_saturating_threads, 0);
+  r.read("launch_overhead_ms", hw.launch_overhead_ms, finite_min(0));
+  r.read("reserve_gib", hw.reserve_gib, finite_min(0));
+  r.read("reserve_fraction", hw.reserve_fraction, finite_min(0));
   bool groups_given = false;
   if (auto* v = r.get("host_groups")) {
     groups_given = true;
-    if (!v->is_array()) r.bad("host_groups", "a list of lists of GPU indices", *v);
+    if (!v->is_array()) json_fail(r.at("host_groups"), "expected a list of lists of GPU indices, got " + json_describe(*v));
     for (auto& g : *v) {
-      if (!g.is_array()) r.bad("host_groups", "a list of lists of GPU indices", *v);
+      if (!g.is_array()) json_fail(r.at("host_groups"), "expected a list of lists of GPU indices, got " + json_describe(*v));
       std::vector<int> grp;
       for (auto& x : g) {
-        if (!x.is_number_integer()) r.bad("host_groups", "a list of lists of GPU indices", *v);
+        if (!x.is_number_integer()) json_fail(r.at("host_groups"), "expected a list of lists of GPU indices, got " + json_describe(*v));
         grp.push_back(x.get<int>());
       }
       hw.host_groups.push_back(grp);
     }
   }
   if (auto* v = r.get("calibrated_ms")) {
-    if (!v->is_object()) r.bad("calibrated_ms", "an object of \"key\": ms", *v);
+    if (!v->is_object()) json_fail(r.at("calibrated_ms"), "expected an object of \"key\": ms, got " + json_describe(*v));
     for (auto it = v->begin(); it != v->end(); ++it) {
       if (!it->is_number() || it->get<double>() < 0)
         throw InputError(origin + ": calibrated_ms['" + it.key() + "'] must be a non-negative number");
       hw.calibrated_ms[it.key()] = it->get<double>();
     }
   }
-  r.finish();
+  r.done();
   if (!r.has("gpus")) throw InputError(origin + ": missing required key 'gpus'");
   if (hw.mfu_small > 1) throw InputError(origin + ": mfu_small must be <= 1");
   if (hw.mfu_full_tokens < hw.mfu_small_tokens) throw InputError(origin + ": mfu_full_tokens must be >= mfu_small_tokens");
@@ -422,9 +359,9 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
 }
 
 HardwareSpec load_hardware(const std::string& name_or_path, const std::string& configs_dir) {
-  std::string path = resolve_config(name_or_path, configs_dir, "hardware", "hardware");
+  std::string path = resolve_config(name_or_path, configs_dir, "hardware");
   HardwareSpec hw = parse_hardware(read_file_or_throw(path, "hardware"), path);
-  if (hw.name.empty()) hw.name = fs::path(path).stem().string();
+  if (hw.name.empty()) hw.name = stem_of(path);
   return hw;
 }
 
@@ -439,11 +376,11 @@ std::string calibration_key(const std::string& model, int layer_kind, bool fwd, 
 JobConfig parse_job(const std::string& json_text, const std::string& origin) {
   json j = parse_json_text(json_text, origin);
   JobConfig c;
-  ObjReader r(j, origin);
-  r.comment();
-  r.str("model", c.model);
-  r.str("hardware", c.hardware);
-  r.int_("gpus", c.gpus, 1);
+  ObjReader r(j, origin, JsonNaming::Key);
+  skip_comment(r);
+  r.read("model", c.model);
+  r.read("hardware", c.hardware);
+  r.read("gpus", c.gpus, 1);
   if (auto* v = r.get("v")) {
     if (v->is_number_integer()) {
       if (v->get<int64_t>() < 1) throw InputError(origin + ": key 'v' must be >= 1 or \"auto\"");
@@ -454,38 +391,38 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
       if (c.v != "auto" && !(digits && std::stoll(c.v) >= 1))
         throw InputError(origin + ": key 'v' must be a positive integer or \"auto\", got \"" + c.v + "\"");
     } else {
-      r.bad("v", "a positive integer or \"auto\"", *v);
+      json_fail(r.at("v"), "expected a positive integer or \"auto\", got " + json_describe(*v));
     }
   }
-  r.num("budget_gib", c.budget_gib, 0);
-  r.int_("micro_batch_size", c.micro_batch_size, 1);
-  r.int_("microbatches", c.microbatches, 1);
-  r.int_("seq_len", c.seq_len, 1);
-  r.str("schedule", c.schedule, {"gpipe", "1f1b", "interleaved-1f1b", "grouped", "auto"});
-  r.str("recompute", c.recompute, {"auto", "on", "off"});
-  r.str("offload", c.offload, {"auto", "all", "none"});
-  r.str("cross_map", c.cross_map, {"auto", "off"});
-  r.int_("dp", c.dp, 1);
+  r.read("budget_gib", c.budget_gib, finite_min(0));
+  r.read("micro_batch_size", c.micro_batch_size, 1);
+  r.read("microbatches", c.microbatches, 1);
+  r.read("seq_len", c.seq_len, 1);
+  r.read("schedule", c.schedule, {"gpipe", "1f1b", "interleaved-1f1b", "grouped", "auto"});
+  r.read("recompute", c.recompute, {"auto", "on", "off"});
+  r.read("offload", c.offload, {"auto", "all", "none"});
+  r.read("cross_map", c.cross_map, {"auto", "off"});
+  r.read("dp", c.dp, 1);
   if (auto* t = r.get("train")) {
-    ObjReader tr(*t, origin + ": train");
+    ObjReader tr(*t, origin + ": train", JsonNaming::Key);
     ir::TrainConfig& T = c.train;
-    tr.comment();
-    tr.str("precision", T.precision, {"bf16", "fp32"});
-    tr.num("lr", T.lr, 0);
-    tr.num("beta1", T.beta1, 0);
-    tr.num("beta2", T.beta2, 0);
-    tr.num("eps", T.eps, 0);
-    tr.num("weight_decay", T.weight_decay, 0);
-    tr.num("max_grad_norm", T.max_grad_norm, 0);
-    tr.str("lr_schedule", T.lr_schedule, {"constant", "linear", "cosine"});
-    tr.int_("warmup_steps", T.warmup_steps, 0);
-    tr.int_("total_steps", T.total_steps, 0);
-    tr.int_("seed", T.seed);
-    tr.str("on_nonfinite", T.on_nonfinite, {"stop", "skip"});
-    tr.finish();
+    skip_comment(tr);
+    tr.read("precision", T.precision, {"bf16", "fp32"});
+    tr.read("lr", T.lr, finite_min(0));
+    tr.read("beta1", T.beta1, finite_min(0));
+    tr.read("beta2", T.beta2, finite_min(0));
+    tr.read("eps", T.eps, finite_min(0));
+    tr.read("weight_decay", T.weight_decay, finite_min(0));
+    tr.read("max_grad_norm", T.max_grad_norm, finite_min(0));
+    tr.read("lr_schedule", T.lr_schedule, {"constant", "linear", "cosine"});
+    tr.read("warmup_steps", T.warmup_steps, 0);
+    tr.read("total_steps", T.total_steps, 0);
+    tr.read("seed", T.seed);
+    tr.read("on_nonfinite", T.on_nonfinite, {"stop", "skip"});
+    tr.done();
     if (T.beta1 >= 1 || T.beta2 >= 1) throw InputError(origin + ": train: beta1 and beta2 must be < 1");
   }
-  r.finish();
+  r.done();
   return c;
 }
 
@@ -494,13 +431,12 @@ JobConfig load_job(const std::string& path) { return parse_job(read_file_or_thro
 // ---- where configs live --------------------------------------------------------------------
 std::string default_configs_dir() {
   if (const char* env = std::getenv("MMOC_CONFIGS"); env && *env) return env;
-  std::error_code ec;
-  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    fs::path dir = exe.parent_path();
-    for (fs::path cand : {dir / ".." / "configs", dir / ".." / ".." / "configs"})
-      if (fs::is_directory(cand / "models", ec)) return fs::weakly_canonical(cand, ec).string();
-  }
+  const std::string dir = exe_dir();
+  if (!dir.empty())
+    for (const char* up : {"../configs", "../../configs", "../../../configs"}) {
+      const std::string cand = join_path(dir, up);
+      if (is_directory(join_path(cand, "models"))) return real_path(cand);
+    }
   return MMOC_SOURCE_CONFIGS;
 }
 

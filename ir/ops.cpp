@@ -1,0 +1,216 @@
+// The op table and the buffer-kind table (ops.hpp), and what follows from them: effects, persistence, transfers.
+#include "ir/ops.hpp"
+
+#include <stdexcept>
+
+namespace mmoc::ir {
+
+namespace {
+constexpr uint32_t kGpuStreams =
+    stream_bit(Stream::Comp) | stream_bit(Stream::H2D) | stream_bit(Stream::D2H) | stream_bit(Stream::P2P);
+constexpr uint32_t kAllStreams = kGpuStreams | stream_bit(Stream::Cpu);
+}  // namespace
+
+const std::vector<BufKindInfo>& buf_kind_table() {
+  static const std::vector<BufKindInfo> t = {
+      {BufKind::W, "w", true, false, true, "weights of stage S in compute precision"},
+      {BufKind::WGrad, "wgrad", true, false, false, "weight gradient of stage S, accumulated over the step's micro-batches"},
+      {BufKind::Act, "act", true, true, false, "output activation of stage S for micro-batch m (= input of stage S+1)"},
+      {BufKind::Grad, "grad", true, true, false, "gradient w.r.t. act(S,m), produced by backward S+1, consumed by backward S"},
+      {BufKind::Stash, "stash", true, true, false, "what forward S m saves for backward S m"},
+      {BufKind::Batch, "batch", false, true, false, "input ids and labels of micro-batch m"},
+      {BufKind::Opt, "opt", true, false, true, "fp32 master weights and AdamW moments of stage S"},
+  };
+  return t;
+}
+
+const BufKindInfo& buf_kind_info(BufKind k) {
+  const auto& t = buf_kind_table();
+  const auto i = static_cast<size_t>(k);
+  if (i >= t.size()) throw std::out_of_range("buffer kind " + std::to_string(i) + " has no table entry");
+  return t[i];
+}
+
+const std::vector<OpInfo>& op_table() {
+  using A = Access;
+  using R = Ref;
+  using W = When;
+  static const std::vector<OpInfo> t = {
+      {Op::LoadBatch, "load_batch", kOpMb, "{mb}",  //
+       stream_bit(Stream::Comp) | stream_bit(Stream::H2D), Stream::Comp, 0, false, Sync::None, Timing::Instant,
+       {{A::Alloc, R::Batch}}, Workspace::None,
+       "allocate batch(m) (input ids + labels of micro-batch m) on this GPU"},
+      {Op::Prefetch, "prefetch", kOpBuf, "{buf} <- {tier}",  //
+       stream_bit(Stream::H2D) | stream_bit(Stream::Comp), Stream::H2D, 0, false, Sync::None, Timing::HostToDevice,
+       {{A::Alloc, R::Operand}}, Workspace::None,
+       "allocate B on the GPU and copy it from its home tier"},
+      {Op::Forward, "forward", kOpStage | kOpMb, "{stage} {mb}",  //
+       stream_bit(Stream::Comp), Stream::Comp, 0, false, Sync::None, Timing::StageForward,
+       {{A::Require, R::W},
+        {A::Require, R::Batch, W::FirstOrLastStage},
+        {A::Require, R::ActIn, W::NotFirstStage},
+        {A::Alloc, R::ActOut, W::NotLastStage},
+        {A::Alloc, R::Stash}},
+       Workspace::Forward, "run stage S on micro-batch m (the last stage computes the loss)"},
+      {Op::Backward, "backward", kOpStage | kOpMb, "{stage} {mb}",  //
+       stream_bit(Stream::Comp), Stream::Comp, 0, false, Sync::None, Timing::StageBackward,
+       {{A::Require, R::W},
+        {A::Require, R::Batch, W::FirstOrLastStage},
+        {A::Require, R::GradIn, W::NotLastStage},
+        {A::Alloc, R::GradOut, W::NotFirstStage},
+        {A::AllocIfAbsent, R::WGrad},
+        {A::Free, R::Stash},
+        {A::Free, R::ActIn, W::NotFirstStage},
+        {A::Free, R::GradIn, W::NotLastStage}},
+       Workspace::Backward, "backward of stage S on m; consumes stash, input and output gradient"},
+      {Op::Send, "send", kOpBuf | kOpPeer | kOpTag, "{buf} -> {peer}",  //
+       stream_bit(Stream::P2P), Stream::P2P, 0, false, Sync::PairSource, Timing::PeerToPeer,
+       {{A::Require, R::Operand}}, Workspace::None,
+       "send B to GPU K (B stays allocated until a free)"},
+      {Op::Recv, "recv", kOpBuf | kOpPeer | kOpTag, "{buf} <- {peer}",  //
+       stream_bit(Stream::P2P), Stream::P2P, 0, false, Sync::PairSink, Timing::PeerToPeer,
+       {{A::Alloc, R::Operand}}, Workspace::None,
+       "allocate B and receive it from GPU K"},
+      {Op::Evict, "evict", kOpBuf | kOpToHost, "{buf} [-> host]",  //
+       stream_bit(Stream::Comp) | stream_bit(Stream::D2H), Stream::Comp, 0, true, Sync::None, Timing::DeviceToHost,
+       {{A::Free, R::Operand}}, Workspace::None,
+       "B leaves the GPU; with -> host it is first copied to its home"},
+      {Op::Free, "free", kOpBuf, "{buf}",  //
+       kGpuStreams, Stream::Comp, kAllStreams, false, Sync::None, Timing::Instant,
+       {{A::Free, R::Operand}}, Workspace::None,
+       "drop a transient buffer (activation, gradient, batch), on the stream of its last user"},
+      {Op::AllReduce, "allreduce", kOpBuf | kOpGroup, "{buf}",  //
+       stream_bit(Stream::P2P) | stream_bit(Stream::Comp), Stream::P2P, 0, false, Sync::None, Timing::Collective,
+       {{A::Require, R::Operand}}, Workspace::None,
+       "sum B over the data-parallel group G (reserved: dp>1)"},
+      {Op::GradNorm, "gradnorm", 0, "",  //
+       stream_bit(Stream::Cpu) | stream_bit(Stream::Comp), Stream::Cpu, 0, false, Sync::None, Timing::GradNorm,
+       {}, Workspace::None,
+       "global gradient norm over all stages and ranks (clipping)"},
+      {Op::Optim, "optim", kOpStage, "{stage}",  //
+       stream_bit(Stream::Cpu) | stream_bit(Stream::Comp), Stream::Comp, stream_bit(Stream::Cpu), false, Sync::None,
+       Timing::Optimizer, {{A::FreeIfPresent, R::WGrad, W::OffCpu}}, Workspace::None,
+       "AdamW step of stage S (on cpu: host master; on comp: GPU state)"},
+  };
+  return t;
+}
+
+const OpInfo& op_info(Op op) {
+  const auto& t = op_table();
+  const auto i = static_cast<size_t>(op);
+  if (i >= t.size()) throw std::out_of_range("op " + std::to_string(i) + " has no table entry");
+  return t[i];
+}
+
+namespace {
+std::vector<SyntaxToken> compile_syntax(const OpInfo& o) {
+  std::vector<SyntaxToken> out;
+  const std::string s = o.syntax;
+  size_t i = 0;
+  while (i < s.size()) {
+    if (s[i] == ' ') { ++i; continue; }
+    if (s[i] == '[') {
+      auto close = s.find(']', i);
+      if (close == std::string::npos || s.substr(i + 1, close - i - 1) != "-> host" || !(o.operands & kOpToHost))
+        throw std::logic_error(std::string("op table: bad optional part in the syntax of ") + o.name);
+      out.push_back({SyntaxPart::ToHost, ""});
+      i = close + 1;
+      continue;
+    }
+    auto end = s.find(' ', i);
+    std::string w = s.substr(i, end == std::string::npos ? std::string::npos : end - i);
+    i = end == std::string::npos ? s.size() : end;
+    if (w == "{stage}") out.push_back({SyntaxPart::Stage, ""});
+    else if (w == "{mb}") out.push_back({SyntaxPart::Mb, ""});
+    else if (w == "{buf}") out.push_back({SyntaxPart::Buf, ""});
+    else if (w == "{peer}") out.push_back({SyntaxPart::Peer, ""});
+    else if (w == "{tier}") out.push_back({SyntaxPart::SourceTier, ""});
+    else if (w.front() == '{') throw std::logic_error(std::string("op table: unknown part ") + w + " in the syntax of " + o.name);
+    else out.push_back({SyntaxPart::Word, w});
+  }
+  return out;
+}
+}  // namespace
+
+const std::vector<SyntaxToken>& syntax_tokens(Op op) {
+  static const std::vector<std::vector<SyntaxToken>> all = [] {
+    std::vector<std::vector<SyntaxToken>> v;
+    for (const auto& o : op_table()) v.push_back(compile_syntax(o));
+    return v;
+  }();
+  return all.at(static_cast<size_t>(op));
+}
+
+Stream natural_stream(const Instr& in) {
+  const OpInfo& o = op_info(in.op);
+  if (o.keeps & stream_bit(in.stream)) return in.stream;
+  if (o.to_host_d2h && in.to_host) return Stream::D2H;
+  return o.natural;
+}
+
+Effects effects(const Plan& p, const Instr& in) {
+  const OpInfo& o = op_info(in.op);
+  Effects e;
+  const int S = in.stage, m = in.mb, last = p.num_stages() - 1;
+  for (const EffectRule& r : o.effects) {
+    bool on = true;
+    switch (r.when) {
+      case When::Always: break;
+      case When::NotFirstStage: on = S > 0; break;
+      case When::NotLastStage: on = S < last; break;
+      case When::FirstOrLastStage: on = S == 0 || S == last; break;
+      case When::OffCpu: on = in.stream != Stream::Cpu; break;
+    }
+    if (!on) continue;
+    BufRef b;
+    switch (r.ref) {
+      case Ref::Operand:
+        if (!in.buf) continue;  // a malformed instruction: the structural verifier reports it
+        b = *in.buf;
+        break;
+      case Ref::W: b = {BufKind::W, S, -1}; break;
+      case Ref::WGrad: b = {BufKind::WGrad, S, -1}; break;
+      case Ref::ActOut: b = {BufKind::Act, S, m}; break;
+      case Ref::ActIn: b = {BufKind::Act, S - 1, m}; break;
+      case Ref::GradIn: b = {BufKind::Grad, S, m}; break;
+      case Ref::GradOut: b = {BufKind::Grad, S - 1, m}; break;
+      case Ref::Stash: b = {BufKind::Stash, S, m}; break;
+      case Ref::Batch: b = {BufKind::Batch, -1, m}; break;
+    }
+    if (e.count == (int)e.list.size()) throw std::logic_error(std::string("op table: too many effects for ") + o.name);
+    e.list[e.count++] = {r.access, b};
+  }
+  if (o.workspace != Workspace::None && S >= 0 && S <= last) {
+    const Stage& st = p.stages[S];
+    e.transient = o.workspace == Workspace::Forward ? st.fwd_ws : st.bwd_ws;
+  }
+  return e;
+}
+
+std::vector<BufRef> persistent_buffers(const Plan& p, int gpu) {
+  std::vector<BufRef> out;
+  for (const auto& d : p.buffers)
+    if (d.home == Tier::Gpu && buf_kind_info(d.kind).persistent_on_gpu && d.stage >= 0 && d.stage < p.num_stages() &&
+        p.stages[d.stage].gpu == gpu)
+      out.push_back({d.kind, d.stage, -1});
+  return out;
+}
+
+bool is_persistent(const Plan& p, const BufRef& b) {
+  if (!buf_kind_info(b.kind).persistent_on_gpu) return false;
+  const BufferDecl* d = p.find_buffer(b.kind, b.stage);
+  return d && d->home == Tier::Gpu;
+}
+
+int64_t transfer_bytes(const Plan& p, const Instr& in) {
+  if (!in.buf) return 0;
+  switch (op_info(in.op).timing) {
+    case Timing::HostToDevice:
+    case Timing::PeerToPeer:
+    case Timing::Collective: return p.buffer_bytes(*in.buf);
+    case Timing::DeviceToHost: return in.to_host ? p.buffer_bytes(*in.buf) : 0;
+    default: return 0;
+  }
+}
+
+}  // namespace mmoc::ir

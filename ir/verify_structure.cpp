@@ -1,0 +1,218 @@
+// The structural verifier (docs/plan-format.md, "Dependencies and matching").
+#include <algorithm>
+#include <map>
+#include <set>
+
+#include "ir/plan.hpp"
+#include "ir/ops.hpp"
+#include "ir/plan_detail.hpp"
+
+namespace mmoc::ir {
+using namespace detail;
+
+// ============================================================================================
+// structural verifier
+// ============================================================================================
+std::vector<std::string> verify_structure(const Plan& p) {
+  std::vector<std::string> out;
+  const int S = p.num_stages(), M = p.microbatches, G = p.gpus;
+  auto add = [&](std::string s) { out.push_back(std::move(s)); };
+  auto at = [](int g, int i) { return "g" + std::to_string(g) + " %" + std::to_string(i) + ": "; };
+
+  // ---- plan header ----
+  if (G < 1) add("plan: gpus=" + std::to_string(G) + " (must be >= 1)");
+  if (M < 1) add("plan: microbatches=" + std::to_string(M) + " (must be >= 1)");
+  if (!p.gpu_order.empty()) {
+    if ((int)p.gpu_order.size() != G)
+      add("plan: order has " + std::to_string(p.gpu_order.size()) + " entries, gpus=" + std::to_string(G));
+    std::set<int> seen;
+    for (int d : p.gpu_order)
+      if (d < 0 || !seen.insert(d).second) add("plan: order entry " + std::to_string(d) + " is negative or repeated");
+  }
+
+  // ---- stages ----
+  if (S == 0) add("plan: no stages");
+  for (int i = 0; i < S; ++i) {
+    const Stage& s = p.stages[i];
+    std::string pre = "stage " + std::to_string(i) + ": ";
+    if (s.id != i) add(pre + "id is S" + std::to_string(s.id) + ", expected S" + std::to_string(i));
+    if (s.gpu < 0 || s.gpu >= G) add(pre + "gpu " + std::to_string(s.gpu) + " out of range 0.." + std::to_string(G - 1));
+    if (s.layer_begin >= s.layer_end)
+      add(pre + "empty layer range " + std::to_string(s.layer_begin) + "-" + std::to_string(s.layer_end));
+    int expect_begin = i == 0 ? 0 : p.stages[i - 1].layer_end;
+    if (s.layer_begin != expect_begin)
+      add(pre + "layers start at " + std::to_string(s.layer_begin) + ", expected " + std::to_string(expect_begin) +
+          (i == 0 ? "" : " (end of the previous stage)"));
+  }
+  if (S > 0 && p.stages.back().layer_end != p.model.layers + 2)
+    add("stage " + std::to_string(S - 1) + ": last stage ends at layer " + std::to_string(p.stages.back().layer_end) +
+        ", expected " + std::to_string(p.model.layers + 2) + " (model.layers + 2)");
+
+  // ---- buffer table ----
+  {
+    std::set<std::pair<int, int>> seen;
+    for (const auto& b : p.buffers) {
+      std::string name = decl_str(b);
+      if (!buf_kind_info(b.kind).per_stage ? b.stage != -1 : (b.stage < 0 || b.stage >= S))
+        add("buffer " + name + ": stage out of range");
+      if (b.bytes < 0) add("buffer " + name + ": negative bytes");
+      if (!seen.insert({(int)b.kind, b.stage}).second) add("buffer " + name + ": declared twice");
+    }
+  }
+
+  // ---- programs ----
+  if ((int)p.programs.size() != G)
+    add("plan: " + std::to_string(p.programs.size()) + " programs for gpus=" + std::to_string(G));
+  for (size_t g = 0; g < p.programs.size(); ++g)
+    if (p.programs[g].gpu != (int)g)
+      add("programs[" + std::to_string(g) + "]: gpu is g" + std::to_string(p.programs[g].gpu) + ", expected g" +
+          std::to_string(g));
+
+  struct Loc {
+    int gpu, idx;
+  };
+  struct Comm {
+    int gpu, idx;
+    const Instr* in;
+  };
+  std::map<std::string, std::vector<Comm>> sends, recvs;
+  std::map<std::pair<int, int>, std::vector<Loc>> fwd, bwd;  // (stage, mb) -> occurrences
+
+  auto check_buf = [&](const std::string& pre, const BufRef& b) {
+    bool ok = true;
+    if (!b.per_stage()) {
+      if (b.stage != -1) ok = false;
+    } else if (b.stage < 0 || b.stage >= S) {
+      add(pre + "buffer " + b.str() + ": stage out of range 0.." + std::to_string(S - 1));
+      return;
+    }
+    if (b.per_microbatch()) {
+      if (b.mb < 0 || b.mb >= M) {
+        add(pre + "buffer " + b.str() + ": micro-batch out of range 0.." + std::to_string(M - 1));
+        return;
+      }
+    } else if (b.mb != -1) {
+      ok = false;
+    }
+    if (!ok) add(pre + "malformed buffer reference " + b.str());
+  };
+
+  for (size_t gi = 0; gi < p.programs.size(); ++gi) {
+    const Program& pg = p.programs[gi];
+    const int g = pg.gpu;
+    for (size_t ii = 0; ii < pg.instrs.size(); ++ii) {
+      const Instr& in = pg.instrs[ii];
+      const int i = (int)ii;
+      const std::string pre = at(g, i) + to_string(in.op) + ": ";
+      for (int a : in.after)
+        if (a < 0 || a >= i)
+          add(pre + "after(%" + std::to_string(a) + ") does not point to an earlier instruction");
+      const OpInfo& op = op_info(in.op);
+      const bool need_stage = op.operands & kOpStage, need_mb = op.operands & kOpMb, need_buf = op.operands & kOpBuf;
+      if (!(op.streams & stream_bit(in.stream))) {
+        std::string allowed;
+        for (int k = 0; k <= (int)Stream::Cpu; ++k)
+          if (op.streams & stream_bit((Stream)k)) allowed += std::string(allowed.empty() ? "@" : " or @") + to_string((Stream)k);
+        add(pre + "runs on @" + to_string(in.stream) + ", not on " + allowed);
+      }
+      if (need_stage && (in.stage < 0 || in.stage >= S))
+        add(pre + "stage " + std::to_string(in.stage) + " out of range 0.." + std::to_string(S - 1));
+      if (need_mb && (in.mb < 0 || in.mb >= M))
+        add(pre + "micro-batch " + std::to_string(in.mb) + " out of range 0.." + std::to_string(M - 1));
+      if (need_buf) {
+        if (!in.buf)
+          add(pre + "missing buffer operand");
+        else
+          check_buf(pre, *in.buf);
+      }
+      if ((op.operands & kOpGroup) && in.group.empty()) add(pre + "missing group");
+      if (op.operands & kOpPeer) {
+        if (in.peer < 0 || in.peer >= G)
+          add(pre + "peer g" + std::to_string(in.peer) + " out of range 0.." + std::to_string(G - 1));
+        else if (in.peer == g)
+          add(pre + "peer is its own gpu");
+      }
+      if (op.operands & kOpTag) {
+        if (in.tag.empty())
+          add(pre + "missing tag");
+        else if (op.sync != Sync::None)
+          (op.sync == Sync::PairSource ? sends : recvs)[in.tag].push_back({g, i, &in});
+      }
+      // an op of a stage runs on the stage's GPU
+      if (need_stage && in.stage >= 0 && in.stage < S && (!need_mb || (in.mb >= 0 && in.mb < M))) {
+        const int owner = p.stages[in.stage].gpu;
+        if (owner != g)
+          add(pre + "S" + std::to_string(in.stage) + " belongs to g" + std::to_string(owner) + ", not g" +
+              std::to_string(g));
+        if (in.op == Op::Forward || in.op == Op::Backward) (in.op == Op::Forward ? fwd : bwd)[{in.stage, in.mb}].push_back({g, i});
+      }
+    }
+  }
+
+  // ---- send/recv matching ----
+  for (const auto& [tag, ss] : sends) {
+    for (size_t k = 1; k < ss.size(); ++k)
+      add(at(ss[k].gpu, ss[k].idx) + "send: duplicate tag '" + tag + "' (first used by g" + std::to_string(ss[0].gpu) +
+          " %" + std::to_string(ss[0].idx) + ")");
+    const Comm& s = ss[0];
+    auto it = recvs.find(tag);
+    if (it == recvs.end()) {
+      add(at(s.gpu, s.idx) + "send: no recv with tag '" + tag + "'");
+      continue;
+    }
+    const Comm& r = it->second[0];
+    std::string pre = at(s.gpu, s.idx) + "send tag '" + tag + "': ";
+    if (r.gpu != s.in->peer)
+      add(pre + "sent to g" + std::to_string(s.in->peer) + " but the recv is on g" + std::to_string(r.gpu) + " %" +
+          std::to_string(r.idx));
+    if (r.in->peer != s.gpu)
+      add(pre + "the recv (g" + std::to_string(r.gpu) + " %" + std::to_string(r.idx) + ") expects it from g" +
+          std::to_string(r.in->peer));
+    if (r.in->buf != s.in->buf)
+      add(pre + "buffer " + (s.in->buf ? s.in->buf->str() : "?") + " but the recv (g" + std::to_string(r.gpu) + " %" +
+          std::to_string(r.idx) + ") receives " + (r.in->buf ? r.in->buf->str() : "?"));
+  }
+  for (const auto& [tag, rs] : recvs) {
+    for (size_t k = 1; k < rs.size(); ++k)
+      add(at(rs[k].gpu, rs[k].idx) + "recv: duplicate tag '" + tag + "' (first used by g" + std::to_string(rs[0].gpu) +
+          " %" + std::to_string(rs[0].idx) + ")");
+    if (!sends.count(tag)) add(at(rs[0].gpu, rs[0].idx) + "recv: no send with tag '" + tag + "'");
+  }
+
+  // ---- forward/backward: exactly one each per (stage, mb), forward first ----
+  for (int s = 0; s < S; ++s) {
+    for (int m = 0; m < M; ++m) {
+      const auto fi = fwd.find({s, m});
+      const auto bi = bwd.find({s, m});
+      const int owner = p.stages[s].gpu;
+      const std::string sm = "S" + std::to_string(s) + " m" + std::to_string(m);
+      const size_t nf = fi == fwd.end() ? 0 : fi->second.size();
+      const size_t nb = bi == bwd.end() ? 0 : bi->second.size();
+      if (nf == 0) add("g" + std::to_string(owner) + ": no forward " + sm);
+      for (size_t k = 1; k < nf; ++k)
+        add(at(fi->second[k].gpu, fi->second[k].idx) + "forward: second forward " + sm);
+      if (nb == 0) add("g" + std::to_string(owner) + ": no backward " + sm);
+      for (size_t k = 1; k < nb; ++k)
+        add(at(bi->second[k].gpu, bi->second[k].idx) + "backward: second backward " + sm);
+      if (nf >= 1 && nb >= 1) {
+        const Loc f = fi->second[0], b = bi->second[0];
+        if (f.gpu == b.gpu && b.idx < f.idx)
+          add(at(b.gpu, b.idx) + "backward: backward " + sm + " comes before its forward (%" + std::to_string(f.idx) + ")");
+      }
+    }
+  }
+  return out;
+}
+
+void verify_structure_or_throw(const Plan& p) {
+  auto problems = verify_structure(p);
+  if (problems.empty()) return;
+  std::string msg = "plan structure: " + std::to_string(problems.size()) + " problem(s):";
+  const size_t shown = std::min<size_t>(problems.size(), 50);
+  for (size_t i = 0; i < shown; ++i) msg += "\n  " + problems[i];
+  if (shown < problems.size()) msg += "\n  ... and " + std::to_string(problems.size() - shown) + " more";
+  throw VerifyError(msg);
+}
+
+
+}  // namespace mmoc::ir
