@@ -72,6 +72,22 @@ void wait_counter(::c10d::Store& st, const std::string& key, int64_t n, ms limit
   }
 }
 
+// Ends the process after a failure (`ack`: this rank read the job's failure). The rank that hosts the store
+// (rank 0 without a launcher's store) first waits until the others acknowledged it (at most 5 s), so that they read
+// the failure instead of seeing the store vanish.
+[[noreturn]] void leave(Rendezvous& r, ::c10d::Store& st, int code, bool ack) {
+  const WorldInfo& w = r.world();
+  if (ack) {
+    try {
+      st.add("acks", 1);
+    } catch (const std::exception&) {
+    }
+  }
+  if (r.hosts_store())
+    wait_counter(st, "acks", w.world_size - 1, std::min<ms>(ms(5000), ms(static_cast<int64_t>(w.fail_timeout_s * 1000))));
+  die(code);
+}
+
 ms interval_for(ms fail_timeout) { return std::clamp<ms>(fail_timeout / 10, ms(100), ms(1000)); }
 
 // Is process `pid` of this pid namespace gone (no such process, or a zombie its parent has not reaped yet)?
@@ -151,15 +167,11 @@ struct JobMonitor::Impl {
     }
     if (f.rank == w.rank) {  // declared failed by another rank (this process was stopped or starved)
       print_line(opts.program + ": " + worker_name(*rdzv) + ": error: the job declared this rank failed: " + f.message);
-      die(f.code);
+      leave(*rdzv, *st, f.code, false);
     }
     if (w.launcher != "mmoc-run")
       print_line(opts.program + ": " + worker_name(*rdzv) + ": stopped: the job failed: " + f.message);
-    try {
-      st->add("acks", 1);
-    } catch (const std::exception&) {
-    }
-    die(kExitJobFailed);
+    leave(*rdzv, *st, kExitJobFailed, true);
   }
 
   void run() {
@@ -307,15 +319,10 @@ void exit_rank(const std::string& program, int code, const std::string& what) {
   }
   if (first->rank == w.rank) {
     print_line(program + ": " + worker_name(*job) + ": error: " + line);
-    if (job->hosts_store()) wait_counter(st, "acks", w.world_size - 1, std::min<ms>(ms(5000), fail_timeout));
-    die(code);
+    leave(*job, st, code, false);
   }
   if (w.launcher != "mmoc-run") print_line(program + ": " + worker_name(*job) + ": stopped: the job failed: " + first->message);
-  try {
-    st.add("acks", 1);
-  } catch (const std::exception&) {
-  }
-  die(kExitJobFailed);
+  leave(*job, st, kExitJobFailed, true);
 }
 
 // ---------------------------------------------------------------------------------------------------------
