@@ -56,26 +56,92 @@ ir::Plan initial_plan(const JobConfig& j, const ModelSpec& m, const HardwareSpec
   return p;
 }
 
+namespace {
+// Runs the default pipeline's passes after `start_after` ("" = from the first) up to and including `stop_after`
+// ("" = to the end) on c, then, when the pipeline ran to its end, times the plan and fills its predicted section.
+CompileResult run_pipeline(PassContext& c, const std::string& start_after, const CompileOptions& o,
+                           std::chrono::steady_clock::time_point t0) {
+  const auto all = default_pipeline();
+  const int first = start_after.empty() ? 0 : pass_index(start_after, "--start-after") + 1;
+  const int last = o.stop_after.empty() ? (int)all.size() - 1 : pass_index(o.stop_after, "--stop-after");
+  if (last < first - 1)
+    throw InputError("--stop-after=" + o.stop_after + " comes before --start-after=" + start_after);
+  PassManagerOptions pm;
+  pm.print_after = o.print_after;
+  pm.print_stream = o.print_stream;
+  run_passes(c, std::vector<Pass>(all.begin() + first, all.begin() + last + 1), pm);
+  CompileResult r;
+  r.stopped = last < (int)all.size() - 1;
+  if (!r.stopped) {
+    r.sim = simulate(c.plan, c.hw, c.model);
+    if (r.sim.deadlock) throw std::logic_error("internal error: simulated deadlock after verification:\n" + r.sim.deadlock_report);
+    MemoryBound mb = memory_bound(c.plan);
+    annotate_prediction(c.plan, r.sim);
+    if (c.plan.predicted) c.plan.predicted->bound_bytes = mb.bound;
+    r.bound = mb.bound;
+  }
+  r.plan = std::move(c.plan);
+  r.notes = std::move(c.notes);
+  r.compile_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+}  // namespace
+
 CompileResult compile_one(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, int v, const std::string& schedule,
                           const CompileOptions& o) {
   auto t0 = std::chrono::steady_clock::now();
   PassContext c(j, m, hw);
   c.plan = initial_plan(j, m, hw, v, schedule);
-  PassManagerOptions pm;
-  pm.print_after = o.print_after;
-  pm.print_stream = o.print_stream;
-  run_passes(c, default_pipeline(), pm);
-  CompileResult r;
-  r.sim = simulate(c.plan, hw, m);
-  if (r.sim.deadlock) throw std::logic_error("internal error: simulated deadlock after verification:\n" + r.sim.deadlock_report);
-  MemoryBound mb = memory_bound(c.plan);
-  annotate_prediction(c.plan, r.sim);
-  if (c.plan.predicted) c.plan.predicted->bound_bytes = mb.bound;
-  r.bound = mb.bound;
-  r.plan = std::move(c.plan);
-  r.notes = std::move(c.notes);
-  r.compile_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  return r;
+  return run_pipeline(c, "", o, t0);
+}
+
+JobConfig job_of_plan(const JobConfig& knobs, const ir::Plan& p) {
+  JobConfig j = knobs;
+  j.gpus = p.gpus;
+  j.v = std::to_string(p.v);
+  j.schedule = p.schedule;
+  j.dp = p.dp;
+  j.microbatches = p.microbatches;
+  j.micro_batch_size = p.micro_batch_size;
+  j.seq_len = p.seq_len;
+  j.budget_gib = (double)p.budget_bytes / GiB;
+  j.train = p.train;
+  return j;
+}
+
+CompileResult compile_from(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, ir::Plan plan,
+                           const std::string& start_after, const CompileOptions& o) {
+  auto t0 = std::chrono::steady_clock::now();
+  pass_index(start_after, "--start-after");
+  if (plan.hardware != hw.name)
+    throw InputError("the plan was made for hardware '" + plan.hardware + "', not '" + hw.name + "'");
+  if (!(plan.model == m.arch()))
+    throw InputError("the plan's model '" + plan.model.name + "' is not the model '" + m.name + "' (its architecture differs)");
+  // the passes up to start_after have made the stages (partition) and, from schedule on, the programs
+  const bool with_programs = pass_index(start_after, "--start-after") >= pass_index("schedule", "");
+  auto problems = ir::verify_structure(plan, with_programs);
+  if (!with_programs && !plan.programs.empty()) problems.push_back("plan: programs before the schedule pass");
+  if (!problems.empty()) {
+    std::string msg = "the plan is malformed (" + std::to_string(problems.size()) + " problem(s)):";
+    for (size_t i = 0; i < problems.size() && i < 10; ++i) msg += "\n  " + problems[i];
+    throw InputError(msg);
+  }
+  validate_job(j, m, hw);
+  PassContext c(j, m, hw);
+  c.plan = std::move(plan);
+  c.plan.predicted.reset();
+  recover_context(c, start_after);
+  // the plan must hold what the passes up to start_after guarantee: the checkers that apply to it pass
+  for (const auto& chk : default_invariant_checkers())
+    if (chk.applies(c)) {
+      try {
+        chk.check(c, start_after);
+      } catch (const std::exception& e) {
+        throw InputError("the plan is not one that --start-after=" + start_after + " can continue (" + chk.name +
+                         " check): " + e.what());
+      }
+    }
+  return run_pipeline(c, start_after, o, t0);
 }
 
 CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, const CompileOptions& o) {
@@ -118,8 +184,8 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
     }
   if (!have)
     throw InputError("no feasible plan among " + std::to_string(tried) + " candidates (v x schedule); last reason: " + last_error);
-  if (!o.print_after.empty()) {
-    // re-run the winner with printing on
+  if (!o.print_after.empty() || !o.stop_after.empty()) {
+    // re-run the winner with printing on / stopping where asked
     best = compile_one(j, m, hw, best.plan.v, best.plan.schedule, o);
   }
   best.candidates = tried;

@@ -2,6 +2,7 @@
 #include "ir/exec.hpp"
 
 #include <map>
+#include <set>
 #include <tuple>
 
 namespace mmoc::ir {
@@ -143,6 +144,38 @@ Execution execute(const Plan& p, Order order, const std::function<void(int, int)
       if (!waits.empty()) r.report += "   waits for" + waits;
       else if (d.paired(g, i)) r.report += "   waits for its partner (tag " + in.tag + ")";
     }
+  return r;
+}
+
+Replay replay_program(const Plan& p, int gpu) {
+  Replay r;
+  std::set<BufRef> live;
+  for (const BufRef& b : persistent_buffers(p, gpu)) live.insert(b);
+  const auto& prog = p.programs.at(gpu).instrs;
+  for (int i = 0; i < (int)prog.size(); ++i) {
+    const std::string at = "g" + std::to_string(gpu) + " %" + std::to_string(i) + ": ";
+    const Effects e = effects(p, prog[i]);
+    for (const BufEffect& x : e) {
+      const bool present = live.count(x.buf) > 0;
+      switch (x.access) {
+        case Access::Require:
+          if (!present) r.problems.push_back(at + "needs " + x.buf.str() + " on the GPU, but it is not present");
+          break;
+        case Access::Alloc:
+          if (present) r.problems.push_back(at + x.buf.str() + " allocated while already present");
+          live.insert(x.buf);
+          break;
+        case Access::AllocIfAbsent: live.insert(x.buf); break;
+        case Access::Free:
+          if (!present) r.problems.push_back(at + x.buf.str() + " freed but not present");
+          live.erase(x.buf);
+          break;
+        case Access::FreeIfPresent: live.erase(x.buf); break;
+      }
+    }
+  }
+  for (const BufRef& b : live)
+    if (!is_persistent(p, b)) r.leaked.push_back(b);
   return r;
 }
 

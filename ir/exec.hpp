@@ -70,4 +70,14 @@ struct Execution {
 };
 Execution execute(const Plan&, Order, const std::function<void(int gpu, int instr)>& on_run = {});
 
+// Replays one program in its order, applying each instruction's effects (ops.hpp) to the set of buffers on its GPU
+// (starting from the persistent ones): the problems met ("g<k> %<i>: needs B ...", "... allocated while already
+// present", "... freed but not present") and the buffers left at the end that are not persistent (leaks; the
+// engine's end-of-step check is the same rule).
+struct Replay {
+  std::vector<std::string> problems;
+  std::vector<BufRef> leaked;
+};
+Replay replay_program(const Plan&, int gpu);
+
 }  // namespace mmoc::ir

@@ -89,7 +89,7 @@ const std::vector<OpInfo>& op_table() {
        "global gradient norm over all stages and ranks (clipping)"},
       {Op::Optim, "optim", kOpStage, "{stage}",  //
        stream_bit(Stream::Cpu) | stream_bit(Stream::Comp), Stream::Comp, stream_bit(Stream::Cpu), false, Sync::None,
-       Timing::Optimizer, {{A::FreeIfPresent, R::WGrad, W::OffCpu}}, Workspace::None,
+       Timing::Optimizer, {{A::Free, R::WGrad, W::OffCpu}}, Workspace::None,
        "AdamW step of stage S (on cpu: host master; on comp: GPU state)"},
   };
   return t;
@@ -177,8 +177,7 @@ Effects effects(const Plan& p, const Instr& in) {
       case Ref::Stash: b = {BufKind::Stash, S, m}; break;
       case Ref::Batch: b = {BufKind::Batch, -1, m}; break;
     }
-    if (e.count == (int)e.list.size()) throw std::logic_error(std::string("op table: too many effects for ") + o.name);
-    e.list[e.count++] = {r.access, b};
+    e.list.push_back({r.access, b});
   }
   if (o.workspace != Workspace::None && S >= 0 && S <= last) {
     const Stage& st = p.stages[S];

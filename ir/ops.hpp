@@ -9,7 +9,7 @@
 // an op is one entry here plus its handler in the engine. Also the buffer-kind table. docs/plan-format.md's tables
 // describe the same rows (a test checks that every op and kind is documented there).
 #pragma once
-#include <array>
+#include <boost/container/small_vector.hpp>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -135,11 +135,10 @@ struct BufEffect {
   BufRef buf;
 };
 struct Effects {
-  std::array<BufEffect, 8> list{};
-  int count = 0;
+  boost::container::small_vector<BufEffect, 8> list;  // in the order they apply (no allocation for up to 8)
   int64_t transient = 0;  // workspace bytes held while the instruction runs
-  const BufEffect* begin() const { return list.data(); }
-  const BufEffect* end() const { return list.data() + count; }
+  auto begin() const { return list.begin(); }
+  auto end() const { return list.end(); }
 };
 // The effects of `in` on its GPU, from the op table, the stage table (first/last stage, workspaces) and the
 // instruction's stream. Operands are taken as they are (the structural verifier checks their ranges first).

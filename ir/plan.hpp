@@ -26,9 +26,13 @@ enum class Op {
   GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
   Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
 };
+// Adding an op: append it above, count it here, and give it its entry in ir/ops.cpp's op table (the syntax, streams,
+// timing class and memory effects), then its handler in the engine. The table's test checks the count.
+constexpr int kNumOps = (int)Op::Optim + 1;
 enum class Stream { Comp, H2D, D2H, P2P, Cpu };
 enum class Tier { Gpu, Host, Nvme };
 enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt };
+constexpr int kNumBufKinds = (int)BufKind::Opt + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
 // W      weights of stage S in compute precision (bf16 on GPU runs)
 // WGrad  weight gradient of stage S, accumulated over the step's micro-batches
 // Act    output activation of stage S for micro-batch m (= input of stage S+1)
@@ -194,6 +198,8 @@ void save_file_atomic(const std::string& path, const std::string& content);
 // points to earlier instructions, every send has exactly one matching recv (same tag, peers
 // agree, same buffer), forward S m before backward S m. Returns list of problems (empty = ok).
 std::vector<std::string> verify_structure(const Plan&);
+// with_programs=false: the header, stage table and buffer table only (a plan before its programs are made).
+std::vector<std::string> verify_structure(const Plan&, bool with_programs);
 void verify_structure_or_throw(const Plan&);
 
 }  // namespace mmoc::ir

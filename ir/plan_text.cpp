@@ -71,6 +71,7 @@ std::string print_text(const Plan& p) {
   for (const auto& s : p.stages) o += "stage S" + std::to_string(s.id) + print_fields(s, stage_fields()) + "\n";
   for (const auto& b : p.buffers) o += "buffer " + decl_str(b) + print_fields(b, buffer_fields()) + "\n";
   if (p.predicted) o += "predicted" + print_fields(*p.predicted, predicted_fields()) + "\n";
+  if (p.programs.empty()) o += "programs none\n";  // a plan before its programs are made (not a truncated one)
   for (const auto& pg : p.programs) {
     o += "gpu g" + std::to_string(pg.gpu) + " {\n";
     for (size_t i = 0; i < pg.instrs.size(); ++i) o += "  " + print_instr(pg.instrs[i], (int)i) + "\n";
@@ -282,7 +283,7 @@ std::string trim(const std::string& s) {
 
 Plan parse_text(const std::string& text) {
   Plan p;
-  bool have_plan = false, have_model = false, have_train = false;
+  bool have_plan = false, have_model = false, have_train = false, no_programs = false;
   Program* cur = nullptr;
   int cur_open_line = 0;
   int lineno = 0;
@@ -347,7 +348,12 @@ Plan parse_text(const std::string& text) {
         Predicted pr;
         parse_fields(t, 1, pr, predicted_fields(), "predicted");
         p.predicted = std::move(pr);
+      } else if (head == "programs") {
+        if (t.size() != 2 || t[1] != "none") throw LineError("expected 'programs none'");
+        if (no_programs || !p.programs.empty()) throw LineError("'programs none' with gpu blocks");
+        no_programs = true;
       } else if (head == "gpu") {
+        if (no_programs) throw LineError("'gpu' block after 'programs none'");
         if (t.size() != 3 || t[2] != "{") throw LineError("expected 'gpu g<k> {'");
         Program pg;
         pg.gpu = prefixed_int(t[1], "g", "gpu");
@@ -370,7 +376,7 @@ Plan parse_text(const std::string& text) {
   if (!have_plan) throw ParseError("missing 'plan' line");
   if (!have_model) throw ParseError("missing 'model' line");
   if (!have_train) throw ParseError("missing 'train' line");
-  if ((int)p.programs.size() != p.gpus)
+  if (!no_programs && (int)p.programs.size() != p.gpus)
     throw ParseError("line " + std::to_string(lineno) + ": expected " + std::to_string(p.gpus) +
                      " 'gpu' blocks (gpus=" + std::to_string(p.gpus) + "), found " + std::to_string(p.programs.size()) +
                      " (truncated?)");

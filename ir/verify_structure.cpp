@@ -13,7 +13,9 @@ using namespace detail;
 // ============================================================================================
 // structural verifier
 // ============================================================================================
-std::vector<std::string> verify_structure(const Plan& p) {
+std::vector<std::string> verify_structure(const Plan& p) { return verify_structure(p, true); }
+
+std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
   std::vector<std::string> out;
   const int S = p.num_stages(), M = p.microbatches, G = p.gpus;
   auto add = [&](std::string s) { out.push_back(std::move(s)); };
@@ -59,6 +61,8 @@ std::vector<std::string> verify_structure(const Plan& p) {
       if (!seen.insert({(int)b.kind, b.stage}).second) add("buffer " + name + ": declared twice");
     }
   }
+
+  if (!with_programs) return out;
 
   // ---- programs ----
   if ((int)p.programs.size() != G)

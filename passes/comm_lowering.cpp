@@ -1,12 +1,5 @@
-// comm-lowering: matched send/recv pairs for every stage boundary that crosses GPUs.
-// Requires: programs hold only forward/backward on comp (schedule pass). Guarantees: for each (s, m) with
-// stage s and s+1 on different ranks: `send act(S,m)` after forward S m and `recv act(S,m)` before
-// forward S+1 m (tag F.S<s>.m<m>); `send grad(S,m)` after backward S+1 m and `recv grad(S,m)` before
-// backward S m (tag B.S<s>.m<m>); each send followed by `free` of the sent buffer on the p2p stream.
-// No send/recv between stages on one GPU (local hand-over). Every rank's p2p stream carries its messages in
-// one global order (by the time each message is ready in an estimate of the schedule with unbounded
-// buffering, then by tag), which makes the rendezvous order consistent across ranks: no deadlock. The estimate is
-// the simulator's (implicit transfers: each compute op waits for its inputs plus their p2p time).
+// comm-lowering: matched send/recv pairs for every stage boundary that crosses GPUs. The contract
+// below is the pass's documentation (docs/passes.md is generated from it).
 #include <algorithm>
 #include <map>
 #include <tuple>
@@ -15,6 +8,21 @@
 #include "passes/pass.hpp"
 
 namespace mmoc {
+
+extern const char* const kCommLoweringContract = R"md(Matched send/recv pairs for every stage boundary that crosses GPUs.
+
+- **Requires**: programs hold only forward/backward on comp (the schedule pass).
+- **Guarantees**: for each (s, m) with stages s and s+1 on different ranks: `send act(S,m)` after forward S m and
+  `recv act(S,m)` before forward S+1 m (tag `F.S<s>.m<m>`); `send grad(S,m)` after backward S+1 m and
+  `recv grad(S,m)` before backward S m (tag `B.S<s>.m<m>`); each send followed by a `free` of the sent buffer on the
+  p2p stream. No send/recv between stages on one GPU (local hand-over). Every rank's p2p stream carries its messages
+  in one global order (by the time each message is ready in an estimate of the schedule with unbounded buffering,
+  then by tag), which makes the rendezvous order consistent across ranks: no deadlock.
+- **Decides**: the estimate is the timed executor's (the simulator with implicit transfers: each compute op waits
+  for its inputs from the GPU that makes them plus their p2p time). A compute order that cannot make progress is an
+  InputError naming the stuck instructions.
+- **Recovers from the plan**: nothing beyond the programs.
+)md";
 
 namespace {
 struct Key {

@@ -1,13 +1,5 @@
-// cross-map: pipeline ranks -> physical GPUs, from the host topology.
-// Requires: plan.gpus, hardware host_groups. Guarantees: plan.gpu_order[rank] = physical GPU, a
-// permutation of distinct GPUs of the machine. The topology is a graph (Boost.Graph) whose edges join GPUs
-// that share a host link (PCIe switch / root complex); its connected components are the link groups.
-// Mobius's rule: minimise  sum_{i<j} shared(a_i, a_j) / (j - i)  over orders a, where shared is the size of
-// the link group when two GPUs share one and 1 otherwise, so consecutive ranks (whose host transfers
-// overlap in time) sit under different links. Exact search over all orders (and subsets, when fewer GPUs
-// than the machine has are used) up to 8 GPUs; greedy with pairwise-swap improvement beyond. Ties go to
-// the lexicographically smallest order, so where no link is shared the identity order is kept (no-op).
-// job.cross_map == "off" keeps the naive order 0..N-1.
+// cross-map: pipeline ranks -> physical GPUs, from the host topology. The contract
+// below is the pass's documentation (docs/passes.md is generated from it).
 #include <algorithm>
 #include <functional>
 #include <boost/graph/adjacency_list.hpp>
@@ -17,6 +9,20 @@
 #include "passes/pass.hpp"
 
 namespace mmoc {
+
+extern const char* const kCrossMapContract = R"md(Pipeline ranks -> physical GPUs, from the host topology.
+
+- **Requires**: `plan.gpus`, the hardware's host groups.
+- **Guarantees**: `plan.gpu_order[rank]` is a physical GPU, a permutation of distinct GPUs of the machine.
+- **Decides**: the topology is a graph (Boost.Graph) whose edges join GPUs that share a host link (PCIe switch / root
+  complex); its connected components are the link groups. Mobius's rule: minimise
+  sum_{i<j} shared(a_i, a_j) / (j - i) over orders a, where shared is the size of the link group when two GPUs share
+  one and 1 otherwise, so consecutive ranks (whose host transfers overlap in time) sit under different links. Exact
+  search over all orders (and subsets, when fewer GPUs than the machine has are used) up to 8 GPUs; greedy with
+  pairwise-swap improvement beyond. Ties go to the lexicographically smallest order, so where no link is shared the
+  identity order is kept. `cross_map: off` keeps 0..N-1.
+- **Recovers from the plan**: nothing beyond `order`.
+)md";
 
 namespace {
 struct Topology { std::vector<int> group; std::vector<int> group_size; };

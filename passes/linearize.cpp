@@ -1,21 +1,28 @@
-// linearize: the final issue order of each program.
-// Requires: a complete plan. Guarantees: each program lists its instructions in the order of their simulated
-// start times (a topological order of stream order and `after` deps, ties by the previous order), with
-// `gradnorm` after every send/recv of its program (it is a collective over all ranks); `after` indices are
-// renumbered. Executing every program strictly in this order (the CPU engine does) cannot deadlock, and the
-// GPU engine issues work to its streams in the order it will be needed.
+// linearize: the final issue order of each program. The contract
+// below is the pass's documentation (docs/passes.md is generated from it).
 #include <algorithm>
 #include <map>
 #include <queue>
 
 #include "cost/simulator.hpp"
+#include "ir/ops.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
 
+extern const char* const kLinearizeContract = R"md(The final issue order of each program.
+
+- **Requires**: a complete plan.
+- **Guarantees**: each program lists its instructions in the order of their simulated start times (a topological
+  order of stream order and `after` deps, ties by the previous order), with `gradnorm` after every send/recv of its
+  program (it is a collective over all ranks); `after` indices are renumbered. Executing every program strictly in
+  this order (the CPU engine does) cannot deadlock, and the GPU engine issues work to its streams in the order it will
+  be needed: from here on the checker of sequential semantics runs.
+- **Recovers from the plan**: that the programs are linearized.
+)md";
+
 void linearize_pass(PassContext& c) {
   auto& p = c.plan;
-  if (!c.sim_available) return;
   SimResult sim = simulate(p, c.hw, c.model);
   if (sim.deadlock) throw InputError("linearize: the plan deadlocks in simulation:\n" + sim.deadlock_report);
   std::vector<std::vector<double>> start(p.gpus);
@@ -26,7 +33,7 @@ void linearize_pass(PassContext& c) {
     const int n = (int)prog.size();
     double last_p2p = 0;
     for (int i = 0; i < n; ++i)
-      if (prog[i].op == ir::Op::Send || prog[i].op == ir::Op::Recv) last_p2p = std::max(last_p2p, start[g][i]);
+      if (ir::op_info(prog[i].op).sync != ir::Sync::None) last_p2p = std::max(last_p2p, start[g][i]);  // paired (p2p) ops
     std::vector<double> key(n);
     for (int i = 0; i < n; ++i) key[i] = prog[i].op == ir::Op::GradNorm ? std::max(start[g][i], last_p2p + 1e-9) : start[g][i];
     std::vector<std::vector<int>> succ(n);
@@ -59,6 +66,9 @@ void linearize_pass(PassContext& c) {
     }
     prog = std::move(out);
   }
+  c.linearized = true;
 }
+
+void recover_linearize(PassContext& c) { c.linearized = true; }
 
 }  // namespace mmoc

@@ -1,20 +1,6 @@
-// offload-insertion: where every stage's weights, gradients and optimizer state live, and the instructions
-// that move them. Requires: comm-lowering done. Guarantees (memory_complete from here on):
-//  - the buffer table (weights, gradients, optimizer state, activations, stashes, batches) with home tiers;
-//  - offloaded stages: `prefetch w(S) <- host` @h2d before each run of uses and `evict w(S)` @comp after it,
-//    a prefetch waiting (after) on the evict of the run that ended window+1 runs earlier, so at most window+1
-//    runs' weights are on the GPU; gradients `evict wgrad(S) -> host` @d2h after the stage's last backward,
-//    then `optim S` @cpu, so the CPU optimizer of a stage overlaps the backward of the stages after it;
-//  - resident stages: weights and AdamW state on the GPU all step, `optim S` @comp after its last backward;
-//  - with gradient clipping: `gradnorm` @cpu after every gradient is complete, and every optim after it;
-//  - grouped schedules: offloaded stages whose weights leave the GPU between forward and backward recompute;
-//  - `load_batch m` before the first use of micro-batch m's ids/labels, `free batch(m)` after the last.
-// Decisions (against the budget, with the timing-independent memory bound of verify-memory):
-//  recompute: job on/off, or auto = off when the all-offloaded plan fits without it and the result simulates
-//  faster, else on; residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first:
-//  their gradients complete last, so their CPU optimizer step would be the step's tail) that keeps the bound
-//  within the budget. offload=all keeps everything on the host; offload=none keeps everything on the GPU.
-//  Nothing fits: InputError naming the smallest budget that would.
+// offload-insertion: where every stage's weights, gradients and optimizer state live, and the instructions that
+// move them. The contract
+// below is the pass's documentation (docs/passes.md is generated from it).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -27,7 +13,34 @@
 
 namespace mmoc {
 
+extern const char* const kOffloadInsertionContract = R"md(Where every stage's weights, gradients and optimizer state live, and the instructions that move them.
+
+- **Requires**: comm-lowering done.
+- **Guarantees** (the plan's memory is explicit from here on: the memory checker runs):
+  - the buffer table (weights, gradients, optimizer state, activations, stashes, batches) with home tiers;
+  - offloaded stages: `prefetch w(S) <- host` @h2d before each run of uses and `evict w(S)` @comp after it, a prefetch
+    waiting (after) on the evict of the run that ended window+1 runs earlier, so at most window+1 runs' weights are
+    on the GPU; gradients `evict wgrad(S) -> host` @d2h after the stage's last backward, then `optim S` @cpu, so the
+    CPU optimizer of a stage overlaps the backward of the stages after it;
+  - resident stages: weights and AdamW state on the GPU all step, `optim S` @comp after its last backward;
+  - with gradient clipping: `gradnorm` @cpu after every gradient is complete, and every optim after it;
+  - grouped schedules: offloaded stages whose weights leave the GPU between forward and backward recompute, and so
+    does the head;
+  - `load_batch m` before the first use of micro-batch m's ids/labels, `free batch(m)` after the last.
+- **Decides** (against the budget, with the timing-independent memory bound of verify-memory): recompute: the job's
+  on/off, or auto = off when the all-offloaded plan fits without it and the result simulates faster, else on;
+  residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first: their gradients
+  complete last, so their CPU optimizer step would be the step's tail) that keeps the bound within the budget.
+  offload=all keeps everything on the host; offload=none keeps everything on the GPU. Nothing fits: InputError
+  naming the smallest budget that would. The choice (residency, recompute, window 1) is the context's `offload`.
+- **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute from a stage the schedule
+  does not force, the window from the prefetches' dependencies) and the plan as comm-lowering left it (the lowered
+  plan without the instructions this pass adds: its inverse, `strip_offload`; from a linearized plan, in
+  linearize's order).
+)md";
+
 using ir::BufKind;
+using ir::BufRef;
 using ir::Op;
 using ir::Stream;
 
@@ -286,7 +299,7 @@ void offload_insertion_pass(PassContext& c) {
         pl = lower_offload(c, base, cfg);
       }
     }
-    double step = c.sim_available ? simulate(pl, c.hw, c.model).step_ms : 0.0;
+    double step = simulate(pl, c.hw, c.model).step_ms;
     cands.push_back({cfg, std::move(pl), step});
   }
   if (cands.empty()) {
@@ -298,13 +311,154 @@ void offload_insertion_pass(PassContext& c) {
   size_t best = 0;
   for (size_t i = 1; i < cands.size(); ++i) if (cands[i].step_ms < cands[best].step_ms) best = i;
   c.plan = std::move(cands[best].plan);
-  c.resident = cands[best].cfg.resident;
-  c.prefetch_window = 1;
+  c.offload = cands[best].cfg;
   c.memory_complete = true;
   int nres = 0;
-  for (char r : c.resident) nres += r;
+  for (char r : c.offload->resident) nres += r;
   c.notes.push_back(std::string("offload-insertion: recompute ") + (cands[best].cfg.recompute ? "on" : "off") + ", " +
                     std::to_string(nres) + " of " + std::to_string(P) + " stages resident on their GPU");
+}
+
+}  // namespace mmoc
+
+namespace mmoc {
+
+namespace {
+// The instructions lower_offload adds (comm-lowering's own `free`s of sent activations and gradients stay).
+bool added_by_offload(const ir::Instr& in) {
+  switch (in.op) {
+    case Op::Prefetch: case Op::Evict: case Op::LoadBatch: case Op::Optim: case Op::GradNorm: return true;
+    case Op::Free: return in.buf && in.buf->kind == BufKind::Batch;
+    default: return false;
+  }
+}
+
+// The smallest window consistent with the prefetches' dependencies (a wider one that makes the same plan would not
+// have been chosen: overlap takes a wider window only when it simulates strictly faster).
+int window_of(const ir::Plan& p) {
+  // per run of an offloaded stage's weights: where it starts and ends on the comp stream, and which runs' evicts its
+  // prefetch waits for; each gives the windows it is consistent with
+  struct Run { int stage, first, end; std::vector<int> waits_for; };
+  struct Constraint { int eq, at_least; };  // the window w satisfies: w == eq, or w >= at_least
+  std::vector<Constraint> cons;
+  const int kNever = 1 << 20;
+  for (const auto& prog : p.programs) {
+    const auto& ins = prog.instrs;
+    std::vector<int> comp_pos(ins.size(), -1);
+    int n = 0;
+    for (size_t i = 0; i < ins.size(); ++i)
+      if (ins[i].stream == Stream::Comp) comp_pos[i] = n++;
+    std::vector<Run> runs;
+    std::map<int, int> run_of_prefetch;  // prefetch index -> run
+    for (size_t i = 0; i < ins.size(); ++i) {
+      const auto& in = ins[i];
+      if ((in.op != Op::Forward && in.op != Op::Backward) || comp_pos[i] < 0) continue;
+      for (int a : in.after)
+        if (a >= 0 && a < (int)ins.size() && ins[a].op == Op::Prefetch && ins[a].buf && ins[a].buf->kind == BufKind::W &&
+            ins[a].buf->stage == in.stage && !run_of_prefetch.count(a)) {
+          run_of_prefetch[a] = (int)runs.size();
+          runs.push_back({in.stage, comp_pos[i], -1, {}});
+        }
+    }
+    std::map<int, int> run_of_evict;  // evict index -> run
+    for (auto& [pf, k] : run_of_prefetch) {
+      Run& r = runs[k];
+      for (size_t i = 0; i < ins.size(); ++i)
+        if (ins[i].op == Op::Evict && !ins[i].to_host && ins[i].buf && *ins[i].buf == BufRef{BufKind::W, r.stage, -1} &&
+            comp_pos[i] > r.first && (r.end < 0 || comp_pos[i] < r.end)) {
+          r.end = comp_pos[i];
+          run_of_evict[(int)i] = k;
+        }
+    }
+    for (auto& [pf, k] : run_of_prefetch)
+      for (int a : ins[pf].after) {
+        auto it = run_of_evict.find(a);
+        if (it != run_of_evict.end()) runs[k].waits_for.push_back(it->second);
+      }
+    for (const Run& r : runs) {
+      std::vector<int> ended;  // runs that ended before this one starts, latest first
+      for (int j = 0; j < (int)runs.size(); ++j)
+        if (runs[j].end >= 0 && runs[j].end < r.first) ended.push_back(j);
+      std::sort(ended.begin(), ended.end(), [&](int x, int y) { return runs[x].end > runs[y].end; });
+      auto rank = [&](int j) { return (int)(std::find(ended.begin(), ended.end(), j) - ended.begin()); };
+      int prev_same = -1;
+      for (int j : ended)
+        if (runs[j].stage == r.stage) { prev_same = j; break; }
+      const int L = (int)ended.size();
+      int other = -1;
+      bool waits_prev = false;
+      for (int j : r.waits_for) {
+        if (j == prev_same) waits_prev = true;
+        else other = j;
+      }
+      if (other >= 0) cons.push_back({rank(other), kNever});             // the window's own dependency
+      else if (waits_prev) cons.push_back({rank(prev_same), L});         // it coincides with prev_same, or none
+      else cons.push_back({-1, L});                                     // no window dependency: w >= L
+    }
+  }
+  int upper = 1;  // beyond it every constraint is decided
+  for (const Constraint& k : cons) upper = std::max({upper, k.eq, k.at_least < kNever ? k.at_least : 0});
+  for (int w = 1; w <= upper; ++w) {
+    bool ok = true;
+    for (const Constraint& k : cons) ok = ok && (w == k.eq || w >= k.at_least);
+    if (ok) return w;
+  }
+  return 1;
+}
+}  // namespace
+
+ir::Plan strip_offload(const PassContext& c, const ir::Plan& lowered) {
+  ir::Plan p = lowered;
+  p.buffers.clear();
+  p.predicted.reset();
+  for (auto& st : p.stages) {  // as partition left them
+    st.recompute = c.job.recompute != "off";
+    st.weights = ir::Residency::Offload;
+    st.optim = ir::OptimPlace::Cpu;
+    fill_stage_costs(c, st);
+  }
+  for (auto& prog : p.programs) {
+    std::vector<int> pos(prog.instrs.size(), -1);
+    std::vector<ir::Instr> out;
+    for (size_t i = 0; i < prog.instrs.size(); ++i)
+      if (!added_by_offload(prog.instrs[i])) {
+        pos[i] = (int)out.size();
+        out.push_back(prog.instrs[i]);
+      }
+    for (auto& in : out) {
+      std::vector<int> after;
+      for (int a : in.after)
+        if (a >= 0 && a < (int)pos.size() && pos[a] >= 0) after.push_back(pos[a]);
+      in.after = std::move(after);
+    }
+    prog.instrs = std::move(out);
+  }
+  return p;
+}
+
+OffloadConfig offload_config_of(const PassContext& c, const ir::Plan& p) {
+  OffloadConfig cfg;
+  const int P = p.num_stages();
+  cfg.resident.assign(P, 0);
+  for (int s = 0; s < P; ++s) cfg.resident[s] = p.stages[s].weights == ir::Residency::Resident;
+  // recompute: any stage the schedule does not force (lower_offload); when all are forced either choice makes the
+  // same plan, and offload-insertion keeps its first candidate
+  cfg.recompute = c.job.recompute == "on";
+  for (int s = 0; s < P; ++s) {
+    const bool forced = p.schedule == "grouped" && ((!cfg.resident[s] && s + p.gpus < P) || s == P - 1);
+    if (!forced) {
+      cfg.recompute = p.stages[s].recompute;
+      break;
+    }
+  }
+  cfg.window = window_of(p);
+  return cfg;
+}
+
+void recover_offload_insertion(PassContext& c) {
+  c.memory_complete = true;
+  c.offload = offload_config_of(c, c.plan);
+  c.pre_offload = strip_offload(c, c.plan);
 }
 
 }  // namespace mmoc

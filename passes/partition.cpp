@@ -1,16 +1,22 @@
-// partition: model layers -> v*N contiguous stages, balanced by modelled compute time.
-// Requires: plan header fields (gpus, v, microbatches, mbs, seq, budget). Guarantees: plan.stages holds
-// v*N stages covering layers [0, L+2) in order, stage s on pipeline rank s % N, each with params,
-// modelled fwd/bwd times per micro-batch (bwd includes the recompute forward when recompute is on),
-// and transient workspaces. Minimises the slowest stage (exact dynamic programme over the
-// contiguous splits), then the largest stage's weight bytes among equally fast splits.
-// Recompute: job "on"/"off" as given; "auto" starts on (offload-insertion may turn it off where memory allows).
+// partition: model layers -> v*N contiguous stages, balanced by modelled compute time. The contract
+// below is the pass's documentation (docs/passes.md is generated from it).
 #include <algorithm>
 #include <limits>
 
 #include "passes/pass.hpp"
 
 namespace mmoc {
+
+extern const char* const kPartitionContract = R"md(Model layers -> v*N contiguous stages, balanced by modelled compute time.
+
+- **Requires**: the plan header (gpus, v, microbatches, mbs, seq, budget).
+- **Guarantees**: `plan.stages` holds v*N stages covering layers [0, L+2) in order, stage s on pipeline rank s % N,
+  each with its parameter count, modelled forward/backward times per micro-batch (backward includes the recompute
+  forward when recompute is on) and transient workspaces. The split minimises the slowest stage (an exact dynamic
+  programme over the contiguous splits), then the largest stage's weight bytes among equally fast splits.
+- **Decides**: recompute as the job says (on/off); `auto` starts on (offload-insertion may turn it off).
+- **Recovers from the plan**: nothing beyond the stage table.
+)md";
 
 namespace {
 struct Cell { double cost = std::numeric_limits<double>::infinity(); int64_t bytes = 0; int split = -1; };

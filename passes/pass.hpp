@@ -1,13 +1,18 @@
-// Pass framework: a named transformation of the Plan held in a PassContext, run by a PassManager
-// that verifies the plan after every pass and can print it after any pass.
+// Pass framework: a named transformation of the Plan held in a PassContext, with its contract (what it requires
+// and guarantees: docs/passes.md is generated from these strings) and a way to rebuild the context state it leaves
+// from the plan it produced (so a run can start after any pass from a text plan: mmoc-compile --start-after). The
+// pass manager runs the passes and, after each, the invariant checkers registered with it (as XLA's
+// AddInvariantChecker); it can print the plan after any pass.
 //
 // Pipeline (compiler/pipeline.cpp, top to bottom):
 //   partition -> cross-map -> schedule -> comm-lowering -> offload-insertion -> overlap -> linearize
-// Verifiers after every pass: structure (ir::verify_structure), deadlock (verify_deadlock), and, once
-// offload-insertion has made the plan's memory explicit, memory (verify_memory).
+// Default checkers: structure (ir::verify_structure) and deadlock in stream semantics (verify_deadlock) whenever the
+// plan has programs; deadlock in sequential semantics once the programs are linearized; memory (verify_memory) once
+// offload-insertion has made the plan's memory explicit.
 #pragma once
 #include <functional>
 #include <iosfwd>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,19 +21,28 @@
 
 namespace mmoc {
 
+// What offload-insertion chose and overlap refines: which stages keep weights and optimizer state on the GPU, whether
+// stages recompute their forward in backward (grouped schedules force it on where weights leave between forward and
+// backward, and for the head), and how many weight runs a prefetch may run ahead of use.
+struct OffloadConfig {
+  std::vector<char> resident;  // per stage
+  bool recompute = true;
+  int window = 1;
+  bool operator==(const OffloadConfig&) const = default;
+};
+
 struct PassContext {
   const JobConfig& job;
   const ModelSpec& model;
   const HardwareSpec& hw;
   CostModel cost;
   ir::Plan plan;
-  bool memory_complete = false;  // set by offload-insertion: buffers and frees are explicit from here on
-  int prefetch_window = 1;       // weight runs a prefetch may run ahead (overlap pass raises it)
-  std::vector<std::string> notes;  // decisions, printed by --verbose
-  // Chosen by offload-insertion, re-used by overlap (which re-lowers with a wider prefetch window).
-  ir::Plan pre_offload;            // the plan as comm-lowering left it
-  std::vector<char> resident;      // per stage: weights and optimizer state stay on the GPU
-  bool sim_available = true;       // passes may call the simulator
+  // State the passes leave for later passes and the checkers. Each is recoverable from the plan (Pass::recover).
+  bool memory_complete = false;          // offload-insertion on: buffers and frees are explicit
+  bool linearized = false;               // linearize: each program's order is an execution order
+  std::optional<OffloadConfig> offload;  // offload-insertion's choice; overlap widens the window
+  ir::Plan pre_offload;                  // the plan as comm-lowering left it (overlap re-lowers it)
+  std::vector<std::string> notes;        // decisions, printed by --verbose
   PassContext(const JobConfig& j, const ModelSpec& m, const HardwareSpec& h)
       : job(j), model(m), hw(h), cost{m, h, j.train.precision == "fp32" ? 4 : 2} {}
   int64_t budget() const { return plan.budget_bytes; }
@@ -38,9 +52,30 @@ struct PassContext {
 struct Pass {
   std::string name;
   std::function<void(PassContext&)> run;
+  std::string contract;                        // requires / guarantees (docs/passes.md)
+  std::function<void(PassContext&)> recover;   // sets the context state this pass leaves, from c.plan (may be empty)
 };
 
-// The passes (one per file in passes/).
+// Checked after every pass (when it applies); throws: std::logic_error for an internal error of the compiler,
+// InputError for a plan that cannot meet the user's constraints (the memory budget).
+struct InvariantChecker {
+  std::string name;
+  std::function<bool(const PassContext&)> applies;
+  std::function<void(const PassContext&, const std::string& after_pass)> check;
+  std::string doc;  // what it checks and when (docs/passes.md)
+};
+
+// The passes (one per file in passes/), their contracts and recover hooks.
+extern const char* const kPartitionContract;
+extern const char* const kCrossMapContract;
+extern const char* const kScheduleContract;
+extern const char* const kCommLoweringContract;
+extern const char* const kOffloadInsertionContract;
+extern const char* const kOverlapContract;
+extern const char* const kLinearizeContract;
+void recover_offload_insertion(PassContext&);
+void recover_overlap(PassContext&);
+void recover_linearize(PassContext&);
 void partition_pass(PassContext&);
 void cross_map_pass(PassContext&);
 void schedule_pass(PassContext&);
@@ -64,23 +99,44 @@ MemoryBound memory_bound(const ir::Plan&);
 // Throws InputError naming the smallest budget or the knob to change when a GPU's bound exceeds the budget.
 void verify_memory(const PassContext&);
 
-// Pass manager: runs the passes in order with the verifiers after each.
+// Pass manager: runs its passes in order, after each one every registered checker that applies, and prints the plan
+// after the passes named in print_after ("all" = every pass).
 struct PassManagerOptions {
   std::vector<std::string> print_after;  // pass names; "all" = every pass
   std::ostream* print_stream = nullptr;
-  bool verify = true;
+  bool verify = true;                    // run_passes: register the default checkers
 };
+class PassManager {
+ public:
+  PassManager() = default;
+  explicit PassManager(std::vector<Pass> passes) : passes_(std::move(passes)) {}
+  void add_pass(Pass p) { passes_.push_back(std::move(p)); }
+  void add_invariant_checker(InvariantChecker c) { checkers_.push_back(std::move(c)); }
+  const std::vector<Pass>& passes() const { return passes_; }
+  const std::vector<InvariantChecker>& checkers() const { return checkers_; }
+  void run(PassContext&, const PassManagerOptions&) const;
+
+ private:
+  std::vector<Pass> passes_;
+  std::vector<InvariantChecker> checkers_;
+};
+std::vector<InvariantChecker> default_invariant_checkers();
+// A PassManager with these passes and, when o.verify, the default checkers.
 void run_passes(PassContext&, const std::vector<Pass>&, const PassManagerOptions&);
 std::vector<Pass> default_pipeline();
 std::vector<std::string> pass_names();
+// Index of a pass of default_pipeline() by name; throws InputError naming the known passes (`what` names the option).
+int pass_index(const std::string& name, const std::string& what);
+// Rebuilds the context state the passes up to and including `last` leave, from c.plan (their recover hooks).
+void recover_context(PassContext&, const std::string& last);
+// docs/passes.md: the pipeline and each pass's contract, generated from default_pipeline().
+std::string passes_markdown();
 
-// Offload lowering (offload_insertion.cpp): the plan `base` with residency/recompute/window applied.
-struct OffloadConfig {
-  std::vector<char> resident;  // per stage
-  bool recompute = true;
-  int window = 1;
-};
+// Offload lowering (offload_insertion.cpp): the plan `base` with residency/recompute/window applied, and its inverse
+// (the plan as comm-lowering left it, from a lowered plan) and the configuration a lowered plan was made with.
 ir::Plan lower_offload(const PassContext&, const ir::Plan& base, const OffloadConfig&);
+ir::Plan strip_offload(const PassContext&, const ir::Plan& lowered);
+OffloadConfig offload_config_of(const PassContext&, const ir::Plan& lowered);
 // Stage cost fields (partition.cpp) from its layers and recompute flag; stash bytes per micro-batch.
 void fill_stage_costs(const PassContext&, ir::Stage&);
 int64_t stage_stash_bytes(const PassContext&, const ir::Stage&);

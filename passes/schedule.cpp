@@ -1,17 +1,24 @@
-// schedule: the order of forward and backward computations on each pipeline rank.
-// Requires: plan.stages (stage s on rank s % N). Guarantees: programs[r] holds exactly one forward and one
-// backward per (local stage, micro-batch) on the comp stream, in the schedule's order; nothing else.
-//   gpipe            all forwards (micro-batch major), then all backwards.
-//   1f1b             v = 1: N-r-1 warm-up forwards, then one forward one backward, then the remaining backwards.
-//   interleaved-1f1b v > 1, M % N == 0: Megatron's interleaved order (forward chunks 0..v-1, backward v-1..0,
-//                    micro-batches in groups of N).
-//   grouped          the offload-friendly order: all micro-batches of a stage back to back (forward: local
-//                    stages ascending; backward: descending), so each stage's weights cross PCIe once per pass.
+// schedule: the order of forward and backward computations on each pipeline rank. The contract
+// below is the pass's documentation (docs/passes.md is generated from it).
 #include <algorithm>
 
 #include "passes/pass.hpp"
 
 namespace mmoc {
+
+extern const char* const kScheduleContract = R"md(The order of forward and backward computations on each pipeline rank.
+
+- **Requires**: `plan.stages` (stage s on rank s % N).
+- **Guarantees**: `programs[r]` holds exactly one forward and one backward per (local stage, micro-batch) on the comp
+  stream, in the schedule's order; nothing else.
+  - `gpipe`: all forwards (micro-batch major), then all backwards.
+  - `1f1b`: v = 1: N-r-1 warm-up forwards, then one forward one backward, then the remaining backwards.
+  - `interleaved-1f1b`: v > 1, M % N == 0: Megatron's interleaved order (forward chunks 0..v-1, backward v-1..0,
+    micro-batches in groups of N).
+  - `grouped`: the offload-friendly order: all micro-batches of a stage back to back (forward: local stages
+    ascending; backward: descending), so each stage's weights cross PCIe once per pass.
+- **Recovers from the plan**: nothing beyond the programs.
+)md";
 
 namespace {
 struct Step { ir::Op op; int stage; int mb; };

@@ -24,6 +24,7 @@
 #include "engine/io/fsutil.hpp"
 #include "engine/io/hf_config.hpp"
 #include "engine/io/safetensors.hpp"
+#include "engine/io/test_fault.hpp"
 #include "engine/model/checkpoint.hpp"
 
 namespace mmoc::engine {
@@ -133,32 +134,6 @@ void convert_in(const std::byte* src, io::DType dt, float* dst, int64_t n) {
 void check_flat(const at::Tensor& t, int64_t n, const std::string& what) {
   if (!t.defined() || t.dim() != 1 || t.numel() != n || !t.is_contiguous() || t.scalar_type() != at::kFloat)
     throw std::invalid_argument(what + ": expected a contiguous 1-D fp32 tensor of " + std::to_string(n) + " elements");
-}
-
-// MMOC_TEST_FAULT (tests only): crash-in-save:<rank> ends that rank's process after its first data chunk of a save;
-// slow-save:<rank>:<ms> makes each of that rank's chunk writes take <ms> longer (a slow disk).
-std::vector<std::string> test_faults() {  // MMOC_TEST_FAULT is a comma-separated list
-  std::vector<std::string> v;
-  const char* e = std::getenv("MMOC_TEST_FAULT");
-  std::string all = e ? e : "";
-  for (size_t p = 0; p < all.size();) {
-    size_t q = all.find(',', p);
-    if (q == std::string::npos) q = all.size();
-    v.push_back(all.substr(p, q - p));
-    p = q + 1;
-  }
-  return v;
-}
-bool crash_fault_for(int rank) {
-  for (const auto& f : test_faults())
-    if (f == "crash-in-save:" + std::to_string(rank)) return true;
-  return false;
-}
-int slow_fault_ms(int rank) {
-  const std::string pre = "slow-save:" + std::to_string(rank) + ":";
-  for (const auto& f : test_faults())
-    if (f.rfind(pre, 0) == 0) return std::atoi(f.c_str() + pre.size());
-  return 0;
 }
 
 void rename_or_throw(const std::string& from, const std::string& to) {
@@ -293,6 +268,8 @@ struct CheckpointWriter::Impl {
     std::vector<OutFile> files;
     std::promise<void> done;
     std::shared_future<void> fut;
+    std::atomic<int> files_left{0};
+    std::atomic<bool> finished{false};
   };
   std::vector<std::unique_ptr<Job>> jobs;
   std::map<int, Job*> by_id;
@@ -300,94 +277,114 @@ struct CheckpointWriter::Impl {
   std::thread th;
   Clock::time_point t0;
   IoStats stats;
+  std::atomic<int64_t> bytes{0};
   std::exception_ptr error;
   bool crash = false;
   int slow_ms = 0;
   std::atomic<bool> crashed_once{false};
 
-  void write_job(Job& j);
-  void run() {
-    std::size_t k = 0;
-    try {
-      for (; k < jobs.size(); ++k) {
-        write_job(*jobs[k]);
-        jobs[k]->done.set_value();
-      }
-    } catch (...) {
-      error = std::current_exception();
-      for (; k < jobs.size(); ++k) jobs[k]->done.set_exception(error);  // an update waiting on a stage fails too
-    }
-    stats.seconds = since(t0);
-  }
+  void run();
+  void write_chunk(OutFile& f, int64_t chunk, int worker);
 };
 
-void CheckpointWriter::Impl::write_job(Job& j) {
-  const int64_t C = o.resolved_chunk();
-  const int threads = o.resolved_threads(true);
-  if (staging.size() != (std::size_t)threads) staging.resize(threads);
-  struct Task { std::size_t file; int64_t chunk; };  // chunk -1: the header
+// All stages' chunks go through one pool, stage by stage in the order given, so the disk stays busy across stage
+// boundaries; whoever writes a file's last chunk finishes it (size, fsync), and whoever finishes a stage's last
+// file releases that stage (its next optimizer update may go on).
+void CheckpointWriter::Impl::run() {
+  struct Task {
+    Job* job;
+    OutFile* file;
+    int64_t chunk;  // -1: the header
+    std::atomic<int>* left;
+  };
   std::vector<Task> tasks;
-  for (std::size_t f = 0; f < j.files.size(); ++f) {
-    j.files[f].file = io::BulkFile::create(j.files[f].path);
-    tasks.push_back({f, -1});
-    for (uint64_t lo = 0; lo < j.files[f].data_bytes; lo += (uint64_t)C) tasks.push_back({f, (int64_t)(lo / C)});
-  }
-  io::run_parallel(tasks.size(), threads, [&](std::size_t t, int w) {
-    OutFile& f = j.files[tasks[t].file];
-    if (!staging[w]) staging[w] = std::make_unique<Staging>(2 * (std::size_t)C, o.cuda_device);
-    Staging& s = *staging[w];
-    std::byte* out = s.data();
-    if (tasks[t].chunk < 0) {
-      std::memcpy(out, f.prefix.data(), f.prefix.size());
-      f.file->write_at(out, f.prefix.size(), 0);
-      return;
-    }
-    const uint64_t lo = (uint64_t)tasks[t].chunk * C, hi = std::min<uint64_t>(lo + C, f.data_bytes);
-    const uint64_t esz = c10::elementSize(f.dtype);
-    // the pieces overlapping [lo, hi), converted into `out`
-    auto it = std::upper_bound(f.pieces.begin(), f.pieces.end(), lo, [](uint64_t v, const OutFile::Piece& p) { return v < p.begin; });
-    for (--it; it != f.pieces.end() && it->begin < hi; ++it) {
-      const uint64_t pb = std::max(lo, it->begin), pe = std::min(hi, it->begin + (uint64_t)it->n * esz);
-      if (pb >= pe) continue;
-      const int64_t e0 = it->off + (int64_t)((pb - it->begin) / esz), n = (int64_t)((pe - pb) / esz);
-      std::byte* dst = out + (pb - lo);
-      bool ok = true;
-      if (!it->src.is_cuda()) {
-        ok = convert_out(it->src.data_ptr<float>() + e0, dst, n, f.dtype);
-      } else {
-        float* scratch = reinterpret_cast<float*>(s.data() + C);  // C bytes: C/4 fp32 values at a time
-        for (int64_t a = 0; a < n && ok; a += C / 4) {
-          const int64_t m = std::min<int64_t>(C / 4, n - a);
-          s.copy(scratch, it->src.data_ptr<float>() + e0 + a, (std::size_t)m * 4, cudaMemcpyDeviceToHost);
-          ok = convert_out(scratch, dst + a * esz, m, f.dtype);
-        }
+  std::vector<std::unique_ptr<std::atomic<int>>> left;  // chunks (and the header) per file still to write
+  try {
+    const int64_t C = o.resolved_chunk();
+    for (auto& j : jobs) {
+      j->files_left = (int)j->files.size();
+      for (auto& f : j->files) {
+        f.file = io::BulkFile::create(f.path);
+        const int64_t chunks = (int64_t)((f.data_bytes + C - 1) / C);
+        left.push_back(std::make_unique<std::atomic<int>>((int)chunks + 1));
+        for (int64_t k = -1; k < chunks; ++k) tasks.push_back({j.get(), &f, k, left.back().get()});
       }
-      if (!ok)
-        throw std::runtime_error(f.path + ": refusing to write non-finite values of " + it->name + " (" + f.what +
-                                 "); the previous checkpoint is kept");
     }
-    const uint64_t len = hi - lo;
-    std::memset(out + len, 0, io::align_up(len) - len);  // O_DIRECT writes whole blocks; finish() cuts the tail
-    f.file->write_at(out, len, f.prefix.size() + lo);
-    if (slow_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
-    if (crash && !crashed_once.exchange(true)) {
-      std::fprintf(stderr, "mmoc-run: MMOC_TEST_FAULT: rank %d ends in the middle of a save\n", o.rank);
-      std::fflush(stderr);
-      std::_Exit(9);
+    const int threads = o.resolved_threads(true);
+    staging.resize(std::max<std::size_t>(staging.size(), (std::size_t)threads));
+    io::run_parallel(tasks.size(), threads, [&](std::size_t t, int w) {
+      Task& k = tasks[t];
+      write_chunk(*k.file, k.chunk, w);
+      if (k.left->fetch_sub(1) != 1) return;
+      k.file->file->finish(k.file->prefix.size() + k.file->data_bytes);
+      k.file->file.reset();
+      bytes += (int64_t)(k.file->prefix.size() + k.file->data_bytes);
+      if (k.job->files_left.fetch_sub(1) == 1) {
+        k.job->finished = true;
+        k.job->done.set_value();
+      }
+    });
+  } catch (...) {
+    error = std::current_exception();
+    for (auto& j : jobs)  // an update waiting on an unfinished stage fails too
+      if (!j->finished.exchange(true)) j->done.set_exception(error);
+  }
+  stats.bytes = bytes.load();
+  stats.seconds = since(t0);
+}
+
+void CheckpointWriter::Impl::write_chunk(OutFile& f, int64_t chunk, int w) {
+  const int64_t C = o.resolved_chunk();
+  if (!staging[w]) staging[w] = std::make_unique<Staging>(std::max<std::size_t>(2 * (std::size_t)C, f.prefix.size()), o.cuda_device);
+  Staging& s = *staging[w];
+  std::byte* out = s.data();
+  if (chunk < 0) {
+    if (f.prefix.size() > s.size()) staging[w] = std::make_unique<Staging>(f.prefix.size(), o.cuda_device);
+    std::memcpy(staging[w]->data(), f.prefix.data(), f.prefix.size());
+    f.file->write_at(staging[w]->data(), f.prefix.size(), 0);
+    return;
+  }
+  const uint64_t lo = (uint64_t)chunk * C, hi = std::min<uint64_t>(lo + C, f.data_bytes);
+  const uint64_t esz = c10::elementSize(f.dtype);
+  // the pieces overlapping [lo, hi), converted into `out`
+  auto it = std::upper_bound(f.pieces.begin(), f.pieces.end(), lo, [](uint64_t v, const OutFile::Piece& p) { return v < p.begin; });
+  for (--it; it != f.pieces.end() && it->begin < hi; ++it) {
+    const uint64_t pb = std::max(lo, it->begin), pe = std::min(hi, it->begin + (uint64_t)it->n * esz);
+    if (pb >= pe) continue;
+    const int64_t e0 = it->off + (int64_t)((pb - it->begin) / esz), n = (int64_t)((pe - pb) / esz);
+    std::byte* dst = out + (pb - lo);
+    bool ok = true;
+    if (!it->src.is_cuda()) {
+      ok = convert_out(it->src.data_ptr<float>() + e0, dst, n, f.dtype);
+    } else {
+      float* scratch = reinterpret_cast<float*>(s.data() + C);  // C bytes: C/4 fp32 values at a time
+      for (int64_t a = 0; a < n && ok; a += C / 4) {
+        const int64_t m = std::min<int64_t>(C / 4, n - a);
+        s.copy(scratch, it->src.data_ptr<float>() + e0 + a, (std::size_t)m * 4, cudaMemcpyDeviceToHost);
+        ok = convert_out(scratch, dst + a * esz, m, f.dtype);
+      }
     }
-  });
-  for (auto& f : j.files) {
-    f.file->finish(f.prefix.size() + f.data_bytes);
-    f.file.reset();
-    stats.bytes += (int64_t)(f.prefix.size() + f.data_bytes);
+    if (!ok)
+      throw std::runtime_error(f.path + ": refusing to write non-finite values of " + it->name + " (" + f.what +
+                               "); the previous checkpoint is kept");
+  }
+  const uint64_t len = hi - lo;
+  std::memset(out + len, 0, io::align_up(len) - len);  // O_DIRECT writes whole blocks; finish() cuts the tail
+  f.file->write_at(out, len, f.prefix.size() + lo);
+  if (slow_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+  if (crash && !crashed_once.exchange(true)) {
+    std::fprintf(stderr, "mmoc-run: MMOC_TEST_FAULT: rank %d ends in the middle of a save\n", o.rank);
+    std::fflush(stderr);
+    std::_Exit(9);
   }
 }
 
 CheckpointWriter::CheckpointWriter(const ir::Plan& plan, IoOptions o) : impl_(new Impl) {
   impl_->plan = plan;
   impl_->o = o;
-  impl_->crash = crash_fault_for(o.rank);
-  impl_->slow_ms = slow_fault_ms(o.rank);
+  impl_->crash = io::test_fault("crash-in-save", o.rank) != nullptr;  // engine/io/test_fault.hpp
+  const io::TestFault* slow = io::test_fault("slow-save", o.rank);
+  impl_->slow_ms = slow ? (int)slow->first : 0;
 }
 
 CheckpointWriter::~CheckpointWriter() {
@@ -401,6 +398,7 @@ void CheckpointWriter::start(const std::string& dir, std::vector<StageTensors> s
   I.jobs.clear();
   I.by_id.clear();
   I.stats = {};
+  I.bytes = 0;
   I.error = nullptr;
   for (auto& st : stages) {
     auto j = std::make_unique<Impl::Job>();

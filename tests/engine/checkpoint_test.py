@@ -98,14 +98,15 @@ def run_all(tmp):
     # ---- layout, times printed and recorded -------------------------------------------------------------------
     ck, m = j("out", "ck"), j("m.jsonl")
     p = must(sh([RUN, p2, *base, "--steps", 4, "--save", ck, "--save-every", 2, "--metrics", m]), "run with saves")
-    check(re.search(r"^rank 0: ready after [0-9.]+ s, [0-9.]+ s after launch \(set-up [0-9.]+ s, weights random: [0-9.]+ s\)$", p.stdout, re.M),
+    check(re.search(r"^rank 0: ready after [0-9.]+ s, [0-9.]+ s after launch \(set-up [0-9.]+ s: start [0-9.]+, device and host state [0-9.]+, transports [0-9.]+; weights random: [0-9.]+ s\)$", p.stdout, re.M),
           "the ready line gives set-up and init times: " + "".join(l for l in p.stdout.splitlines(True) if "ready" in l))
     saves = re.findall(r"^saved checkpoint \S+ \(step (\d+)\) in [0-9.]+ s: [0-9.]+ GB written at [0-9.]+ GB/s(.*)$", p.stdout, re.M)
     check([s[0] for s in saves] == ["2", "4"], f"saves at steps 2 and 4 reported with size and rate: {saves}")
     check(len(saves) == 2 and "in the background" in saves[0][1] and "background" not in saves[1][1], f"step 2 saved in the background, step 4 not: {saves}")
     ms = metrics_of(m)
     check([r["step"] for r in ms] == [1, 2, 3, 4], f"one metrics line per step: {[r.get('step') for r in ms]}")
-    check(all(k in ms[0] for k in ("ready_s", "setup_s", "init_s", "launch_ready_s")) and "load_s" not in ms[0], f"step 1 records set-up and init times: {sorted(ms[0])}")
+    check(all(k in ms[0] for k in ("ready_s", "setup_s", "setup_start_s", "setup_state_s", "setup_comm_s", "init_s", "launch_ready_s")) and "load_s" not in ms[0],
+          f"step 1 records set-up and init times: {sorted(ms[0])}")
     check(ms[2].get("save_step") == 2 and ms[2].get("save_background") is True and ms[2].get("save_bytes", 0) > 0,
           "the background save of step 2 is recorded when it completes (step 3's line)")
     check(ms[3].get("save_step") == 4 and ms[3].get("save_background") is False and ms[3].get("save_s", -1) >= 0, "the final save is on the last line")
@@ -129,7 +130,7 @@ def run_all(tmp):
     p = must(sh([RUN, p1, *base, "--steps", 1, "--init", ck, "--metrics", j("mi.jsonl")]), "--init of the sharded checkpoint")
     mi = metrics_of(j("mi.jsonl"))[0]
     check("load_s" in mi and mi.get("load_bytes", 0) >= idx["metadata"]["total_size"], f"--init records load time and bytes: {mi}")
-    check(re.search(r"weights \S+: [0-9.]+ s; read [0-9.]+ GB in [0-9.]+ s, [0-9.]+ GB/s\)", p.stdout), "--init prints its read time and rate")
+    check(re.search(r"weights \S+: [0-9.]+ s; read [0-9.]+ GB in [0-9.]+ s, [0-9.]+ GB/s\)$", p.stdout, re.M), "--init prints its read time and rate")
 
     # ---- a background save holds its step exactly, even on a slow disk with NaN updates right after ----------
     sync4, bg4, full6 = j("sync4"), j("bg4"), j("full6")

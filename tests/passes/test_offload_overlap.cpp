@@ -210,8 +210,8 @@ TEST_CASE("offload-insertion, offload=auto: the bound stays within every budget;
     auto mb = memory_bound(p);
     for (auto x : mb.bound) CHECK(x <= p.budget_bytes);
     int res = 0;
-    for (char r : f->c->resident) res += r;
-    for (const auto& s : p.stages) CHECK((s.weights == ir::Residency::Resident) == (bool)f->c->resident[s.id]);
+    for (char r : f->c->offload->resident) res += r;
+    for (const auto& s : p.stages) CHECK((s.weights == ir::Residency::Resident) == (bool)f->c->offload->resident[s.id]);
     CHECK(res >= prev_res);
     prev_res = res;
     // per GPU the resident stages are its lowest-id ones
@@ -225,7 +225,7 @@ TEST_CASE("offload-insertion, offload=auto: the bound stays within every budget;
     }
     // maximal: one more resident stage on any GPU would break the usable part of that GPU's budget
     for (int g = 0; g < p.gpus; ++g) {
-      OffloadConfig cfg{f->c->resident, p.stages[0].recompute, 1};
+      OffloadConfig cfg{f->c->offload->resident, p.stages[0].recompute, 1};
       int next = -1;
       for (const auto& s : p.stages)
         if (s.gpu == g && !cfg.resident[s.id]) { next = s.id; break; }
@@ -307,8 +307,8 @@ TEST_CASE("overlap: the seed 7B job's final plan (window, streams, bound)") {
   auto f = fixture(j, 2, "grouped");
   f->run_until("linearize");
   const auto& p = f->plan();
-  CHECK(f->c->prefetch_window >= 1);
-  CHECK(f->c->prefetch_window <= 4);
+  CHECK(f->c->offload->window >= 1);
+  CHECK(f->c->offload->window <= 4);
   CHECK(verify_deadlock(p, true) == "");
   CHECK(verify_deadlock(p, false) == "");
   for (auto x : memory_bound(p).bound) CHECK(x <= p.budget_bytes);

@@ -1,11 +1,14 @@
 // mmoc-compile <job.json> [overrides] -o plan.json [--emit text|json] [--trace trace.json]
-// Compiles a training job into a Plan (docs/plan-format.md) and prints a summary. Bad input: exit 2 with one
+//              [--stop-after=<pass>] [--start-after=<pass> --input plan.txt] [--passes-doc]
+// Compiles a training job into a Plan (docs/plan-format.md) and prints a summary. --stop-after writes the plan as
+// that pass left it; --start-after continues a plan written so (docs/passes.md). Bad input: exit 2 with one
 // message, and no output file is written.
 #include <CLI/CLI.hpp>
 #include <fstream>
 #include <iostream>
 #include <sstream>
 
+#include "common/fs.hpp"
 #include "compiler/pipeline.hpp"
 #include "passes/pass.hpp"
 
@@ -13,9 +16,9 @@ using namespace mmoc;
 
 int main(int argc, char** argv) {
   CLI::App app{"mmoc-compile: compile a full fine-tuning job into a per-GPU Plan"};
-  std::string job_path, out_path, emit = "json", trace_path, configs;
+  std::string job_path, out_path, emit = "json", trace_path, configs, stop_after, start_after, input_path;
   std::vector<std::string> print_after;
-  bool print_after_all = false, quiet = false, verbose = false;
+  bool print_after_all = false, quiet = false, verbose = false, passes_doc = false;
   std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
   std::optional<int> gpus, mbs, microbatches, seq_len;
   std::optional<double> budget;
@@ -41,6 +44,12 @@ int main(int argc, char** argv) {
   app.add_option("--print-after", print_after, "print the plan (text) after this pass (repeatable): " + [] {
     std::string s; for (auto& n : pass_names()) s += (s.empty() ? "" : ", ") + n; return s; }());
   app.add_flag("--print-after-all", print_after_all, "print the plan after every pass");
+  app.add_option("--stop-after", stop_after, "stop after this pass and write the plan as it left it (not timed)");
+  app.add_option("--start-after", start_after,
+                 "continue the plan given with --input, written after this pass (by --stop-after), with the rest of "
+                 "the pipeline");
+  app.add_option("--input", input_path, "plan (text or JSON form) to continue, with --start-after");
+  app.add_flag("--passes-doc", passes_doc, "print docs/passes.md (the passes' contracts) and exit");
   app.add_option("--configs", configs, "configs folder (default: the installed or source configs/)");
   app.add_flag("-q,--quiet", quiet, "no summary");
   app.add_flag("--verbose", verbose, "also print the passes' decisions");
@@ -52,16 +61,25 @@ int main(int argc, char** argv) {
     std::cerr << "mmoc-compile: " << e.what() << "\n";
     return 2;
   }
+  if (passes_doc) {
+    std::cout << passes_markdown();
+    return 0;
+  }
   try {
     if (configs.empty()) configs = default_configs_dir();
-    for (const auto& pa : print_after) {
-      auto names = pass_names();
-      if (std::find(names.begin(), names.end(), pa) == names.end() && pa != "all")
-        throw InputError("--print-after: unknown pass '" + pa + "'");
-    }
+    for (const auto& pa : print_after)
+      if (pa != "all") pass_index(pa, "--print-after");
+    if (!stop_after.empty()) pass_index(stop_after, "--stop-after");
+    if (!start_after.empty()) pass_index(start_after, "--start-after");
+    if (start_after.empty() != input_path.empty()) throw InputError("--start-after and --input go together");
+    std::optional<ir::Plan> input;
+    if (!input_path.empty()) input = ir::load_plan_file(input_path);
     JobConfig job;
     if (!job_path.empty()) job = load_job(job_path);
-    else if (!model) throw InputError("give a job config (configs/jobs/*.json) or at least --model");
+    else if (input && !model) {  // the model and hardware the plan names
+      job.model = input->model.name;
+      job.hardware = input->hardware;
+    } else if (!model) throw InputError("give a job config (configs/jobs/*.json) or at least --model");
     if (model) job.model = *model;
     if (hardware) job.hardware = *hardware;
     if (gpus) job.gpus = *gpus;
@@ -80,15 +98,25 @@ int main(int argc, char** argv) {
     HardwareSpec hw = load_hardware(job.hardware, configs);
     CompileOptions o;
     o.print_after = print_after;
+    o.stop_after = stop_after;
     if (print_after_all) o.print_after.push_back("all");
     o.print_stream = &std::cout;
     if (!quiet && (job.v == "auto" || job.schedule == "auto")) o.progress = &std::cerr;
-    CompileResult r = compile_job(job, m, hw, o);
+    CompileResult r;
+    if (input) {
+      const JobConfig from = job_of_plan(job, *input);  // the plan's header wins over the job's
+      r = compile_from(from, m, hw, std::move(*input), start_after, o);
+    } else {
+      r = compile_job(job, m, hw, o);
+    }
     // write outputs only once everything succeeded, each atomically
-    if (!out_path.empty()) ir::save_file_atomic(out_path, emit == "text" ? ir::print_text(r.plan) : ir::to_json_string(r.plan));
-    if (!trace_path.empty()) ir::save_file_atomic(trace_path, trace_json(r.plan, r.sim));
+    if (!trace_path.empty() && r.stopped)
+      throw InputError("--trace: the plan is not timed when the pipeline stops early (--stop-after)");
+    if (!out_path.empty()) write_file_atomic(out_path, emit == "text" ? ir::print_text(r.plan) : ir::to_json_string(r.plan));
+    if (!trace_path.empty()) write_file_atomic(trace_path, trace_json(r.plan, r.sim));
     if (!quiet) {
-      std::cout << summary(r, m, hw);
+      if (r.stopped) std::cout << "stopped after " << stop_after << " (the plan as that pass left it)\n";
+      else std::cout << summary(r, m, hw);
       if (verbose) for (const auto& n : r.notes) std::cout << "  note: " << n << "\n";
       if (!out_path.empty()) std::cout << "wrote " << out_path << " (" << emit << ")\n";
       if (!trace_path.empty()) std::cout << "wrote " << trace_path << "\n";

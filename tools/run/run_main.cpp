@@ -281,7 +281,9 @@ int worker_body(const Args& a, const std::string& device_hint) {
   if (a.launch.fail_timeout_s > 0) w.fail_timeout_s = a.launch.fail_timeout_s;
   wo.optim_threads = a.optim_threads;
   wo.trace = !a.trace.empty();
-  Worker worker(plan, w.rank, nullptr, wo);
+  const double start_s = since(t_start);  // process start: libraries, plan
+  Worker worker(plan, w.rank, nullptr, wo);  // CUDA context, streams, host memory of the training state
+  const double worker_s = since(t_start) - start_s;
   std::shared_ptr<comm::Rendezvous> rdzv;
   std::unique_ptr<comm::JobMonitor> monitor;  // ends this process when another rank or node fails
   std::unique_ptr<comm::Transport> tr;
@@ -329,6 +331,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
   if (w.rank == 0 && !a.quiet && device == "cuda")
     std::cout << "rank 0: " << (outside >> 20) << " MiB of GPU memory held outside the allocator (CUDA context, NCCL); allocator capped at "
               << (plan.budget_bytes > 0 ? std::to_string((plan.budget_bytes - outside) >> 20) + " MiB" : std::string("no limit")) << "\n" << std::flush;
+  const double comm_s = since(t_start) - start_s - worker_s;  // rendezvous, transports, NCCL warm-up, budget
   auto rows = data::load_rows(data_config(a, plan));
   data::BatchIterator it(rows, a.data_seed);
   // one value of every rank, on every rank; and reductions of it
@@ -362,7 +365,10 @@ int worker_body(const Args& a, const std::string& device_hint) {
   const double weights_s = max_over_ranks(since(t_weights)), read_s = max_over_ranks(load.read_seconds);
   const double load_bytes = sum_over_ranks((double)load.bytes);
   const double ready_s = max_over_ranks(since(t_start)), launch_ready_s = max_over_ranks(since_launch());
-  json ready_fields = {{"ready_s", ready_s}, {"setup_s", setup_s}};
+  // the parts of the set-up (the slowest rank's)
+  const double start_max = max_over_ranks(start_s), worker_max = max_over_ranks(worker_s), comm_max = max_over_ranks(comm_s);
+  json ready_fields = {{"ready_s", ready_s}, {"setup_s", setup_s}, {"setup_start_s", start_max}, {"setup_state_s", worker_max},
+                       {"setup_comm_s", comm_max}};
   if (launch_ready_s >= 0) ready_fields["launch_ready_s"] = launch_ready_s;
   ready_fields[a.resume.empty() && a.init == "random" ? "init_s" : "load_s"] = weights_s;
   if (load_bytes > 0) {
@@ -376,9 +382,9 @@ int worker_body(const Args& a, const std::string& device_hint) {
       std::snprintf(buf, sizeof buf, "; read %.2f GB in %.1f s, %.2f GB/s", load_bytes / 1e9, read_s, load_bytes / 1e9 / std::max(read_s, 1e-9));
       detail = buf;
     }
-    std::snprintf(buf, sizeof buf, "rank 0: ready after %.1f s%s (set-up %.1f s, weights %s: %.1f s%s)\n", ready_s,
-                  launch_ready_s >= 0 ? (", " + fmt1(launch_ready_s) + " s after launch").c_str() : "", setup_s, source.c_str(), weights_s,
-                  detail.c_str());
+    std::snprintf(buf, sizeof buf, "rank 0: ready after %.1f s%s (set-up %.1f s: start %.1f, device and host state %.1f, transports %.1f; weights %s: %.1f s%s)\n",
+                  ready_s, launch_ready_s >= 0 ? (", " + fmt1(launch_ready_s) + " s after launch").c_str() : "", setup_s, start_max, worker_max,
+                  comm_max, source.c_str(), weights_s, detail.c_str());
     std::cout << buf << std::flush;
   }
   std::ofstream metrics;

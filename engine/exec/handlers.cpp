@@ -1,0 +1,280 @@
+// The op handlers of a worker: each checks its preconditions and keeps the books of what is on the device, which
+// check_effects() compares with the op table (ir::effects) around every instruction.
+#include "engine/exec/worker_impl.hpp"
+
+namespace mmoc::engine {
+
+void Worker::Impl::load_batch(int m) {
+  if (ids.count(m)) throw ExecError("batch(m" + std::to_string(m) + ") loaded twice");
+  const int64_t mbs = plan.micro_batch_size, T = plan.seq_len;
+  ids[m] = pinned_ids[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
+  labels[m] = pinned_labels[m].view({mbs, T}).to(dev, /*non_blocking=*/true, /*copy=*/true);
+  cur_bytes += ir::batch_buffer_bytes(mbs, T);
+  peak_bytes = std::max(peak_bytes, cur_bytes);
+}
+
+void Worker::Impl::free_batch(int m) {
+  if (!ids.count(m)) throw ExecError("free of batch(m" + std::to_string(m) + ") that is not loaded");
+  ids.erase(m);
+  labels.erase(m);
+  cur_bytes -= ir::batch_buffer_bytes(plan.micro_batch_size, plan.seq_len);
+}
+
+const at::Tensor& Worker::Impl::batch_ids(int m, const char* why) {
+  auto it = ids.find(m);
+  if (it == ids.end()) throw ExecError(std::string(why) + ": batch(m" + std::to_string(m) + ") not loaded");
+  return it->second;
+}
+
+const at::Tensor& Worker::Impl::batch_labels(int m) {
+  auto it = labels.find(m);
+  if (it == labels.end()) throw ExecError("labels of batch(m" + std::to_string(m) + ") not loaded");
+  return it->second;
+}
+
+void Worker::Impl::forward(int s, int m) {
+  StageState& st = stages.at(s);
+  if (rec.count({s, m})) throw ExecError("forward S" + std::to_string(s) + " m" + std::to_string(m) + " ran twice");
+  at::Tensor w = stage_weights(s);
+  at::Tensor input = s == 0 ? batch_ids(m, "forward of the first stage") : need({BufKind::Act, s - 1, m}, "stage input missing");
+  FwdRecord r;
+  r.input = input;
+  at::Tensor out;
+  if (plan.stages[s].recompute) {
+    at::NoGradGuard ng;
+    out = run_stage(st, w, input);
+  } else {
+    r.w_leaf = w.detach().requires_grad_(true);
+    r.in_leaf = s > 0 ? input.detach().requires_grad_(true) : input;
+    out = run_stage(st, r.w_leaf, r.in_leaf);
+    r.out = out;
+  }
+  if (s == last) {
+    at::Tensor l = lm_loss_sum(out, batch_labels(m));
+    loss_acc.add_(l.detach().to(at::kDouble));
+    if (!plan.stages[s].recompute) r.loss = l;
+  } else {
+    put({BufKind::Act, s, m}, out.detach());
+  }
+  rec[{s, m}] = std::move(r);
+}
+
+void Worker::Impl::backward(int s, int m) {
+  StageState& st = stages.at(s);
+  auto it = rec.find({s, m});
+  if (it == rec.end()) throw ExecError("backward S" + std::to_string(s) + " m" + std::to_string(m) + " before its forward");
+  FwdRecord r = std::move(it->second);
+  rec.erase(it);
+  at::Tensor w = stage_weights(s);
+  at::Tensor out, loss;
+  if (plan.stages[s].recompute) {
+    r.w_leaf = w.detach().requires_grad_(true);
+    r.in_leaf = s > 0 ? r.input.detach().requires_grad_(true) : r.input;
+    out = run_stage(st, r.w_leaf, r.in_leaf);
+    if (s == last) loss = lm_loss_sum(out, batch_labels(m));
+  } else {
+    out = r.out;
+    loss = r.loss;
+  }
+  torch::autograd::variable_list outputs, grad_outputs, inputs{r.w_leaf};
+  if (s == last) {
+    if (s == 0) batch_ids(m, "backward");
+    outputs.push_back(loss);
+    grad_outputs.push_back(at::full({}, 1.0 / double(count), loss.options()));
+  } else {
+    outputs.push_back(out);
+    grad_outputs.push_back(take({BufKind::Grad, s, m}));
+  }
+  if (s > 0) inputs.push_back(r.in_leaf);
+  auto grads = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false);
+  BufRef wg{BufKind::WGrad, s, -1};
+  auto wit = bufs.find(wg);
+  if (wit == bufs.end()) put(wg, grads[0]);
+  else wit->second.add_(grads[0]);
+  if (s > 0) {
+    take({BufKind::Act, s - 1, m});  // the input is consumed
+    put({BufKind::Grad, s - 1, m}, grads[1]);
+  }
+}
+
+void Worker::Impl::prefetch(const BufRef& b) {
+  if (b.kind != BufKind::W) throw ExecError("prefetch of " + b.str() + ": only weights are prefetched");
+  if (bufs.count(b)) throw ExecError("prefetch of " + b.str() + " that is already on the device");
+  StageState& st = stages.at(b.stage);
+  if (cuda) {
+    auto it = pending_optim.find(b.stage);  // the previous step's update of these weights must be done
+    if (it != pending_optim.end()) { it->second.get(); pending_optim.erase(it); }
+  }
+  put(b, st.host_lowp.to(dev, /*non_blocking=*/true, /*copy=*/true));
+}
+
+void Worker::Impl::evict(const ir::Instr& in) {
+  const BufRef& b = *in.buf;
+  at::Tensor t = take(b);
+  if (!in.to_host) return;
+  if (b.kind != BufKind::WGrad) throw ExecError("evict " + b.str() + " -> host: only gradients are copied out");
+  stages.at(b.stage).host_grad.copy_(t, /*non_blocking=*/true);
+}
+
+void Worker::Impl::send(const ir::Instr& in) {
+  const at::Tensor& t = need(*in.buf, "send");
+  if (sends.count(*in.buf)) throw ExecError("second send of " + in.buf->str());
+  if (!tr) throw ExecError("send in a plan run without a transport");
+  if (cuda) inflight.push_back(tr->isend(t, in.peer, in.tag));  // ordered on the p2p stream
+  else sends[*in.buf] = tr->isend(t, in.peer, in.tag);
+}
+
+void Worker::Impl::recv(const ir::Instr& in) {
+  if (bufs.count(*in.buf)) throw ExecError("second recv of " + in.buf->str() + " (it is already on the device)");
+  at::Tensor t = at::empty(act_shape(), at::TensorOptions().dtype(cdtype).device(dev));
+  if (!tr) throw ExecError("recv in a plan run without a transport");
+  if (cuda) inflight.push_back(tr->irecv(t, in.peer, in.tag));
+  else tr->recv(t, in.peer, in.tag);
+  put(*in.buf, t);
+}
+
+void Worker::Impl::free_buf(const BufRef& b) {
+  if (b.kind == BufKind::Batch) { free_batch(b.mb); return; }
+  auto s = sends.find(b);
+  if (s != sends.end()) { s->second->wait(); sends.erase(s); }
+  take(b);
+}
+
+AdamWHyper Worker::Impl::hyper() const {
+  AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = plan.train.beta1;
+  h.beta2 = plan.train.beta2;
+  h.eps = plan.train.eps;
+  h.weight_decay = plan.train.weight_decay;
+  h.moment_form = MomentForm::kLerp;
+  return h;
+}
+
+void Worker::Impl::maybe_poison(int stage, const std::vector<at::Tensor>& resident) {
+  if (!fault || step_index + 1 < fault->first || step_index + 1 > fault->last) return;
+  for (auto& [s, st] : stages)
+    if ((stage < 0 || s == stage) && !st.resident) st.host_grad.narrow(0, 0, 1).fill_(std::nan(""));
+  for (const auto& g : resident) g.narrow(0, 0, 1).fill_(std::nan(""));
+}
+
+void Worker::Impl::optim(const ir::Instr& in) {
+  StageState& st = stages.at(in.stage);
+  const bool on_cpu = in.stream == ir::Stream::Cpu;
+  if (on_cpu == st.resident)
+    throw ExecError("optim S" + std::to_string(in.stage) + (on_cpu ? " on the cpu for a GPU-resident stage" : " on the GPU for an offloaded stage"));
+  at::Tensor grad = on_cpu ? st.host_grad : take({BufKind::WGrad, in.stage, -1});
+  if (!has_gradnorm) maybe_poison(in.stage, on_cpu ? std::vector<at::Tensor>{} : std::vector<at::Tensor>{grad});
+  if (skip_updates) return;  // the global norm is non-finite: no update, the step count stays
+  if (writer->active()) {  // a background save of this stage's state must be done before the state changes
+    const double w0 = now_us();
+    writer->wait_stage(in.stage);
+    save_wait_s += (now_us() - w0) * 1e-6;  // one writer of it at a time: the cpu thread or the host thread
+  }
+  st.step += 1;
+  if (on_cpu) {
+    // without a gradnorm instruction the norm is summed here, per stage, before the update (checked at step end)
+    if (!has_gradnorm) gsq_host += sum_of_squares(grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
+    AdamWBuffers b;
+    b.param = st.master.data_ptr<float>();
+    b.exp_avg = st.exp_avg.data_ptr<float>();
+    b.exp_avg_sq = st.exp_avg_sq.data_ptr<float>();
+    b.grad = grad.data_ptr();
+    b.grad_type = grad_type();
+    if (cdtype == at::kBFloat16) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kBFloat16; }
+    b.n = st.layout.numel;
+    adamw_step(b, hyper(), st.step, clip, pool.get());
+  } else {
+    at::Tensor w = need({BufKind::W, in.stage, -1}, "optim");
+    adamw_step_tensors(st.master, st.exp_avg, st.exp_avg_sq, grad, w, hyper(), st.step, clip, DeviceAdamWKernel::kAuto,
+                       has_gradnorm ? nullptr : &gsq_dev);
+  }
+}
+
+std::vector<at::Tensor> Worker::Impl::resident_grads() {
+  std::vector<at::Tensor> g;
+  for (auto& [s, st] : stages)
+    if (st.resident) {
+      auto it = bufs.find({BufKind::WGrad, s, -1});
+      if (it == bufs.end()) throw ExecError("gradnorm: gradient of resident S" + std::to_string(s) + " missing");
+      g.push_back(it->second);
+    }
+  return g;
+}
+
+void Worker::Impl::gradnorm(const std::vector<at::Tensor>& rgrads) {
+  maybe_poison(-1, rgrads);
+  double local = 0;
+  for (const auto& g : rgrads) local += sum_of_squares_tensor(g).item<double>();
+  for (auto& [s, st] : stages)  // offloaded stages: their gradients are on the host
+    if (!st.resident) local += sum_of_squares(st.host_grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
+  // the last stage's loss is complete here: its forwards precede the backwards whose gradients this waited for
+  if (stages.count(last) && !std::isfinite(loss_acc.item<double>())) local = std::nan("");
+  double total = htr ? htr->allreduce_sum_double(local) : local;
+  grad_norm = std::sqrt(total);
+  skip_updates = !std::isfinite(total);
+  clip = !skip_updates && plan.train.max_grad_norm > 0 ? clip_scale(grad_norm, plan.train.max_grad_norm) : 1.0f;
+}
+
+void Worker::Impl::exec(int i) {
+  const ir::Instr& in = plan.programs[rank].instrs[i];
+  switch (in.op) {
+    case Op::LoadBatch: load_batch(in.mb); break;
+    case Op::Prefetch: prefetch(*in.buf); break;
+    case Op::Forward: forward(in.stage, in.mb); break;
+    case Op::Backward: backward(in.stage, in.mb); break;
+    case Op::Send: send(in); break;
+    case Op::Recv: recv(in); break;
+    case Op::Evict: evict(in); break;
+    case Op::Free: free_buf(*in.buf); break;
+    case Op::Optim: optim(in); break;
+    case Op::GradNorm: gradnorm(resident_grads()); break;
+    case Op::AllReduce: {
+      at::Tensor& t = bufs.at(*in.buf);
+      tr->allreduce_sum(t, in.group);
+      break;
+    }
+  }
+}
+
+bool Worker::Impl::present(const BufRef& b) const {
+  switch (b.kind) {
+    case BufKind::Batch: return ids.count(b.mb) != 0;
+    case BufKind::Stash: return rec.count({b.stage, b.mb}) != 0;
+    default: return bufs.count(b) != 0;
+  }
+}
+
+void Worker::Impl::check_effects(int i, bool after) const {
+  const ir::Instr& in = plan.programs[rank].instrs[i];
+  if (cuda && in.stream == ir::Stream::Cpu) return;
+  for (const auto& e : ir::effects(plan, in)) {
+    const bool here = present(e.buf);
+    const char* wrong = nullptr;
+    switch (e.access) {
+      case ir::Access::Require: if (!after && !here) wrong = "requires %s, which is not on the device"; break;
+      case ir::Access::Alloc:
+        if (!after && here) wrong = "allocates %s, which is already on the device";
+        else if (after && !here) wrong = "allocates %s, but the engine has not";
+        break;
+      case ir::Access::AllocIfAbsent: if (after && !here) wrong = "allocates %s, but the engine has not"; break;
+      case ir::Access::Free:
+      case ir::Access::FreeIfPresent: if (after && here) wrong = "frees %s, but it is still on the device"; break;
+    }
+    if (wrong) {
+      char buf[256];
+      std::snprintf(buf, sizeof buf, wrong, e.buf.str().c_str());
+      throw ExecError(std::string("the op table says ") + ir::to_string(in.op) + " " + buf);
+    }
+  }
+}
+
+std::string Worker::Impl::context(int i) const {
+  const auto& prog = plan.programs[rank].instrs;
+  std::string s;
+  for (int j = std::max(0, i - 3); j <= std::min((int)prog.size() - 1, i + 3); ++j)
+    s += std::string(j == i ? "  >> " : "     ") + ir::print_instr(prog[j], j) + "\n";
+  return s;
+}
+
+}  // namespace mmoc::engine

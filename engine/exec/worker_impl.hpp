@@ -1,0 +1,243 @@
+// Internal to engine/exec: the state of one worker (Worker::Impl), shared by worker.cpp (set-up, weights,
+// checkpoints), handlers.cpp (one handler per op, the op-table check) and step.cpp (the step loop).
+#pragma once
+#include "engine/exec/worker.hpp"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <future>
+#include <map>
+#include <optional>
+#include <set>
+#include <thread>
+
+#include "engine/comm/transport.hpp"
+#include "engine/exec/cpu_stream.hpp"
+#include "engine/exec/device_adamw.hpp"
+#include "engine/exec/host_memory.hpp"
+#include "engine/io/test_fault.hpp"
+#include "engine/data/data.hpp"
+#include "engine/model/checkpoint.hpp"
+#include "engine/model/layout.hpp"
+#include "engine/model/model.hpp"
+#include "engine/model/train_checkpoint.hpp"
+#include "engine/optim/adamw.hpp"
+#include "engine/optim/lr_schedule.hpp"
+#include "engine/optim/thread_pool.hpp"
+#include "ir/ops.hpp"
+
+namespace mmoc::engine {
+
+using ir::BufKind;
+using ir::BufRef;
+using ir::Op;
+using namespace mmoc::engine::optim;
+
+struct ExecError : std::runtime_error {  // an instruction cannot run as the plan says
+  using std::runtime_error::runtime_error;
+};
+
+struct StageState {
+  int id = 0;
+  StageLayout layout;
+  bool resident = false;
+  at::Tensor master, exp_avg, exp_avg_sq;  // fp32: host (offloaded) or device (resident)
+  at::Tensor host_lowp;                    // compute-dtype host copy that prefetches read (== master for fp32)
+  at::Tensor host_grad;                    // compute-dtype host buffer that gradients land in
+  int64_t step = 0;
+};
+
+struct FwdRecord {
+  at::Tensor input;                  // stage input (ids for stage 0)
+  at::Tensor w_leaf, in_leaf, out;   // autograd graph when not recomputing
+  at::Tensor loss;                   // last stage: loss sum (graph)
+};
+
+struct Worker::Impl {
+  ir::Plan plan;
+  int rank = 0;
+  comm::Transport* tr = nullptr;   // send/recv
+  comm::Transport* htr = nullptr;  // host collectives
+  bool cuda = false;
+  int cuda_index = -1;
+  std::optional<c10::cuda::CUDAStream> streams[4];  // comp, h2d, d2h, p2p
+  std::unique_ptr<CpuStream> cpu;
+  std::vector<std::optional<at::cuda::CUDAEvent>> ev;  // per instruction (GPU streams)
+  std::vector<std::shared_future<void>> fut;           // per instruction (cpu stream)
+  std::vector<comm::WorkPtr> inflight;                 // NCCL works of this step
+  std::map<BufRef, std::set<int>> users;               // streams that touched a buffer (record_stream on drop)
+  int cur_stream = 0;
+  at::Tensor loss_acc;
+  at::Tensor pinned_ids, pinned_labels;                // the step's batch, pinned
+  std::optional<at::cuda::CUDAEvent> t0_event;
+  double t0_host_us = 0;
+  std::vector<std::pair<double, double>> cpu_times;
+  std::unique_ptr<Watchdog> watchdog;  // where the host thread is, printed when it stalls
+  // Per GPU stream: the last instruction up to `upto` whose completion event has fired, and the first that has not.
+  std::string gpu_progress(int upto) {
+    if (!cuda) return "";
+    std::lock_guard<std::mutex> g(ev_mu);
+    const auto& prog = plan.programs[rank].instrs;
+    static const char* names[] = {"comp", "h2d", "d2h", "p2p"};
+    std::string s;
+    for (int k = 0; k < 4; ++k) {
+      int done = -1, pending = -1;
+      for (int j = 0; j <= upto && j < (int)ev.size() && j < (int)prog.size(); ++j) {
+        if ((int)prog[j].stream != k || !ev[j]) continue;
+        if (ev[j]->query()) done = j;
+        else if (pending < 0) pending = j;
+      }
+      s += std::string("  gpu stream ") + names[k] + ": last done " + (done >= 0 ? ir::print_instr(prog[done], done) : std::string("none")) +
+           "; first pending " + (pending >= 0 ? ir::print_instr(prog[pending], pending) : std::string("none")) + "\n";
+    }
+    return s;
+  }
+  WorkerOptions opts;
+  int max_ahead = 2;          // CUDA: compute instructions issued ahead of the GPU
+  int64_t outside_bytes = 0;  // CUDA: device bytes outside the caching allocator (context, NCCL)
+  std::mutex ev_mu;           // guards ev against the watchdog while a step (re)sizes it
+  at::Device dev{at::kCPU};
+  at::ScalarType cdtype = at::kFloat;
+  std::map<int, StageState> stages;  // local stages
+  Rope rope;
+  std::unique_ptr<ThreadPool> pool;
+  int last = 0;
+
+  // step state
+  std::map<BufRef, at::Tensor> bufs;       // what the plan says is on the GPU
+  std::map<std::pair<int, int>, FwdRecord> rec;  // stash(s,m)
+  std::map<BufRef, comm::WorkPtr> sends;   // in-flight sends (their buffer stays alive)
+  std::map<int, std::shared_future<void>> pending_optim;  // CUDA: stage -> its last CPU update
+  std::map<int, at::Tensor> ids, labels;   // batch(m)
+  const data::StepBatch* batch = nullptr;
+  int64_t count = 0;
+  double loss_sum = 0;
+  float clip = 1.0f;
+  double grad_norm = -1;
+  double lr = 0;
+  int64_t step_index = 0;
+  // non-finite steps
+  bool has_gradnorm = false;   // this rank's optimizer steps wait for gradnorm: the global norm is known before any update
+  bool skip_updates = false;   // this step's global norm (or loss) is non-finite: no optimizer step updates anything
+  double gsq_host = 0;         // no gradnorm: sum of squares of the gradients updated on the host (cpu stream)
+  at::Tensor gsq_dev;          // ... and of those updated on the device (0-dim fp64)
+  const io::TestFault* fault = nullptr;  // MMOC_TEST_FAULT=nonfinite:<this rank>:...
+  // checkpoints
+  IoOptions io;
+  std::unique_ptr<CheckpointWriter> writer;
+  double save_wait_s = 0;  // time optimizer steps waited for a background save
+  int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
+  std::vector<TraceEvent> trace;
+
+  int64_t bytes_of(const at::Tensor& t) const { return t.defined() ? (int64_t)t.numel() * (int64_t)t.element_size() : 0; }
+  void put(BufRef b, at::Tensor t) {
+    cur_bytes += bytes_of(t);
+    peak_bytes = std::max(peak_bytes, cur_bytes);
+    if (cuda) users[b].insert(cur_stream);
+    bufs[b] = std::move(t);
+  }
+  at::Tensor take(BufRef b) {
+    auto it = bufs.find(b);
+    if (it == bufs.end()) throw ExecError(b.str() + " is not on the device");
+    at::Tensor t = std::move(it->second);
+    bufs.erase(it);
+    cur_bytes -= bytes_of(t);
+    if (cuda) {
+      // the caching allocator only knows the allocating stream: tell it every stream that used the buffer, so its
+      // memory is not reused before their queued work has passed
+      auto& used_by = users[b];
+      used_by.insert(cur_stream);
+      if (t.defined() && t.is_cuda())
+        for (int sidx : used_by) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), *streams[sidx]);
+      users.erase(b);
+    }
+    return t;
+  }
+  const at::Tensor& need(BufRef b, const char* why) {
+    auto it = bufs.find(b);
+    if (it == bufs.end()) throw ExecError(std::string(why) + ": " + b.str() + " is not on the device");
+    if (cuda) users[b].insert(cur_stream);
+    return it->second;
+  }
+
+  std::vector<int64_t> act_shape() const {
+    return {plan.micro_batch_size, plan.seq_len, plan.model.hidden};
+  }
+
+  at::Tensor stage_weights(int s) { return need({BufKind::W, s, -1}, "weights not resident"); }
+
+  // ---- handlers (handlers.cpp) --------------------------------------------------------------------
+  void load_batch(int m);
+  void free_batch(int m);
+  const at::Tensor& batch_ids(int m, const char* why);
+  const at::Tensor& batch_labels(int m);
+  at::Tensor run_stage(const StageState& st, const at::Tensor& w, const at::Tensor& in) {
+    return stage_forward(plan.model, st.layout, w, in, rope);
+  }
+
+  void forward(int s, int m);
+  void backward(int s, int m);
+  void prefetch(const BufRef& b);
+  void evict(const ir::Instr& in);
+  void send(const ir::Instr& in);
+  void recv(const ir::Instr& in);
+  void free_buf(const BufRef& b);
+  AdamWHyper hyper() const;
+
+  // Test-only fault injection (engine/io/test_fault.hpp: nonfinite): poisons this rank's gradients of `stage` (all
+  // local stages for -1) with a NaN at the fault's steps, as a diverged backward would.
+  void maybe_poison(int stage, const std::vector<at::Tensor>& resident);
+  GradType grad_type() const { return cdtype == at::kBFloat16 ? GradType::kBFloat16 : GradType::kFloat32; }
+
+  void optim(const ir::Instr& in);
+  std::vector<at::Tensor> resident_grads();
+  // The global gradient norm, before any optimizer step of the step. A non-finite norm (or loss) on any rank makes
+  // every rank skip its updates: the sum over ranks is then non-finite everywhere.
+  void gradnorm(const std::vector<at::Tensor>& rgrads);
+  void exec(int i);
+  std::vector<StageTensors> stage_tensors();  // worker.cpp
+
+  // Is `b` on the device as the engine keeps its books? (batch(m) and stash(S,m) are kept apart from the tensors.)
+  bool present(const BufRef& b) const;
+  // Instruction i's memory effects from the op table (ir::effects, the table the compiler's memory analyses use)
+  // against the engine's books: before it runs, what it requires is there and what it allocates is not; after it,
+  // what it allocated is there and what it freed is gone. A cpu-stream op on CUDA runs later on the cpu thread;
+  // the table gives those no effects on the GPU.
+  void check_effects(int i, bool after) const;
+
+  // ---- the step (step.cpp) ------------------------------------------------------------------------
+  std::deque<int> comp_ahead;  // CUDA: compute instructions issued whose completion the host has not seen
+  std::vector<std::optional<at::cuda::CUDAEvent>> ev_start;  // CUDA + trace: start events
+  template <class F> void guarded(int i, F&& f);
+  void begin_step(const data::StepBatch& b, int64_t step_index);
+  void issue(int i);
+  void finish_step();
+  void check_no_leak() const;
+
+  std::string context(int i) const;
+};
+
+// Runs f for instruction i; an exception becomes one error that names the rank, the instruction and its neighbours.
+template <class F>
+void Worker::Impl::guarded(int i, F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    throw std::runtime_error("rank " + std::to_string(rank) + " failed at instruction %" + std::to_string(i) + ": " + e.what() + "\n" +
+                             context(i));
+  }
+}
+
+}  // namespace mmoc::engine
