@@ -42,7 +42,7 @@ class GlooWork : public Work {
     try {
       for (auto& w : works_) w->wait();
     } catch (const std::exception& e) {
-      throw CommError(what_ + " failed: " + e.what());
+      throw CommError(what_ + " failed: " + first_line(e.what()));
     }
     for (auto& [dst, staged] : copy_back_) dst.copy_(staged);
     done_ = true;
@@ -78,6 +78,10 @@ class GlooTransport : public Transport {
         opts_->devices.push_back(::c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
       } else if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME")) {
         opts_->devices.push_back(::c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+      } else if (std::string local = local_address_towards(w.master_addr); !local.empty()) {
+        // the address this host uses to reach the store's host: reachable from the other nodes too (a host name
+        // may resolve to a loopback address, as Debian's 127.0.1.1, which other nodes cannot reach)
+        opts_->devices.push_back(::c10d::ProcessGroupGloo::createDeviceForHostname(local));
       } else {
         opts_->devices.push_back(::c10d::ProcessGroupGloo::createDefaultDevice());
       }
@@ -107,7 +111,7 @@ class GlooTransport : public Transport {
     std::string what;
     for (const auto& op : ops) {
       const bool is_send = op.kind == P2POp::kSend;
-      std::string desc = std::string(is_send ? "send to" : "recv from") + " rank " + std::to_string(op.peer) +
+      std::string desc = std::string(is_send ? "send to " : "recv from ") + rdzv_->describe_rank(op.peer) +
                          " tag '" + op.tag + "' (" + who(rdzv_->world()) + ", gloo)";
       if (!what.empty()) what += "; ";
       what += desc;
@@ -125,7 +129,7 @@ class GlooTransport : public Transport {
         std::lock_guard<std::mutex> lk(issue_mu_);  // c10d's per-op bookkeeping is not thread-safe
         works.push_back(is_send ? pg->send(v, op.peer, itag) : pg->recv(v, op.peer, itag));
       } catch (const std::exception& e) {
-        throw CommError(desc + " failed: " + e.what());
+        throw CommError(desc + " failed: " + first_line(e.what()));
       }
       keep.push_back(staged);
     }
@@ -160,7 +164,7 @@ class GlooTransport : public Transport {
       std::lock_guard<std::mutex> lk(issue_mu_);
       w = g.pg->allreduce(v, ao);
     } catch (const std::exception& e) {
-      throw CommError(what + " failed: " + e.what());
+      throw CommError(what + " failed: " + first_line(e.what()));
     }
     return std::make_unique<GlooWork>(std::vector<c10::intrusive_ptr<::c10d::Work>>{w}, what,
                                       std::vector<at::Tensor>{staged}, std::move(copy_back));
@@ -183,7 +187,7 @@ class GlooTransport : public Transport {
       }
       w->wait();
     } catch (const std::exception& e) {
-      throw CommError(what + " failed: " + e.what());
+      throw CommError(what + " failed: " + first_line(e.what()));
     }
   }
 

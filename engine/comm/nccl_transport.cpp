@@ -229,7 +229,7 @@ class NcclTransport : public Transport {
     std::vector<std::function<void()>> checks;
     for (const auto& op : ops) {
       const bool is_send = op.kind == P2POp::kSend;
-      std::string desc = std::string(is_send ? "send to" : "recv from") + " rank " + std::to_string(op.peer) +
+      std::string desc = std::string(is_send ? "send to " : "recv from ") + rdzv_->describe_rank(op.peer) +
                          " tag '" + op.tag + "' (" + who(rdzv_->world()) + ", nccl)";
       if (!what.empty()) what += "; ";
       what += desc;

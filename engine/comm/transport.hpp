@@ -52,10 +52,16 @@ class Work {
 };
 using WorkPtr = std::unique_ptr<Work>;
 
-// The rendezvous: a c10d::TCPStore; rank 0 hosts the server at MASTER_ADDR:MASTER_PORT, the others connect.
+// The rendezvous: the job's c10d::TCPStore at MASTER_ADDR:MASTER_PORT. A launcher hosts it (mmoc-run's node 0,
+// torchrun's agent: WorldInfo::agent_store) or else rank 0 does; every rank's keys live under
+// WorldInfo::store_prefix. connect() is also the start barrier: each rank registers (node, host, pid) and waits
+// for all world_size ranks.
 class Rendezvous {
  public:
-  // Blocks until all world_size ranks connected, or throws CommError after `timeout` naming the address.
+  // Connects (or hosts), registers and waits until all world_size ranks joined. Throws CommError after
+  // `timeout`: naming the address when the store cannot be reached, or naming the ranks that did not join and
+  // their node per the placement ("ranks 2-3 (node 1) did not join"). A rank that reports another world size
+  // is an error too. The rendezvous becomes the process's current job (current_job()).
   static std::shared_ptr<Rendezvous> connect(const WorldInfo& world,
                                              std::chrono::milliseconds timeout = std::chrono::seconds(300));
   ~Rendezvous();
@@ -68,13 +74,24 @@ class Rendezvous {
   // A fresh key prefix "mmoc/<what>/<n>/" — deterministic when all ranks call in the same order.
   std::string next_prefix(const std::string& what);
 
+  // "rank 3 (node 1, host gpu02)" (just "rank 3" on one node), from what each rank reported when it joined.
+  std::string describe_rank(int rank) const;
+  int node_of(int rank) const;  // -1: unknown
+  bool hosts_store() const;     // this process hosts the job's store (rank 0 without an agent store)
+  std::string store_address() const;  // "host:port"
+  // Who hosts the store, for messages: "rank 0 (node 0, host a)", "node 0's mmoc-run", "torchrun's agent on node 0".
+  std::string store_host() const;
+
   struct Impl;
   Impl& impl() { return *impl_; }
 
  private:
-  explicit Rendezvous(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+  explicit Rendezvous(std::shared_ptr<Impl> impl);
+  std::shared_ptr<Impl> impl_;
 };
+
+// The rendezvous of the last connect() in this process (also when its barrier failed), else null.
+std::shared_ptr<Rendezvous> current_job();
 
 // One point-to-point operation of a batch.
 struct P2POp {

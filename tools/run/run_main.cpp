@@ -23,6 +23,7 @@
 
 #include "common/format.hpp"
 #include "common/fs.hpp"
+#include "engine/comm/job.hpp"
 #include "engine/comm/transport.hpp"
 #include "engine/comm/world.hpp"
 #include "engine/data/data.hpp"
@@ -51,6 +52,7 @@ struct Args {
   int steps = 1, save_every = 0, optim_threads = 0, max_skips = 10;
   uint64_t seed = 0, data_seed = 0;
   bool quiet = false;
+  comm::LauncherRequest launch;  // --nnodes, --node-rank, --nproc-per-node, --master-addr/port, timeouts
 };
 
 using Clock = std::chrono::steady_clock;
@@ -197,15 +199,16 @@ int cuda_devices() {
 }
 
 // auto: the GPUs when there are enough for the plan's ranks on this node, else the CPU.
-std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker) {
+// local_ranks: the ranks this node runs (0: all the plan's).
+std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker, int local_ranks = 0) {
   if (d != "auto" && d != "cpu" && d != "cuda") throw UsageError("--device must be auto, cpu or cuda (got '" + d + "')");
-  const int n = cuda_devices();
-  if (d == "auto") return n > 0 && (worker || n >= p.gpus) ? "cuda" : "cpu";
+  const int n = cuda_devices(), need = local_ranks > 0 ? local_ranks : p.gpus;
+  if (d == "auto") return n > 0 && (worker || n >= need) ? "cuda" : "cpu";
   if (d == "cuda") {
     if (n == 0) throw UsageError("--device cuda: no CUDA GPU is visible");
-    if (!worker && n < p.gpus)
-      throw UsageError("the plan has " + std::to_string(p.gpus) + " GPU ranks but this machine has " + std::to_string(n) +
-                       " GPU(s); compile for --gpus " + std::to_string(n) + " or run across nodes with torchrun/Slurm");
+    if (!worker && n < need)
+      throw UsageError((need == p.gpus ? "the plan has " : "this node runs ") + std::to_string(need) + " GPU ranks but this machine has " +
+                       std::to_string(n) + " GPU(s); compile for --gpus " + std::to_string(n) + " or run across nodes (--nnodes, torchrun, Slurm)");
   }
   return d;
 }
@@ -250,15 +253,10 @@ int worker_main(const Args& a) {
 
 [[noreturn]] void worker_die(const std::exception& e) {
   int code = 3;
-  std::string prefix = "error: ";
   if (dynamic_cast<const UsageError*>(&e) || dynamic_cast<const data::DataError*>(&e) || dynamic_cast<const io::FormatError*>(&e) ||
-      dynamic_cast<const ir::ParseError*>(&e))
+      dynamic_cast<const ir::ParseError*>(&e) || dynamic_cast<const comm::ConfigError*>(&e))
     code = 2;
-  const char* r = std::getenv("RANK");
-  std::fprintf(stderr, "mmoc-run: worker %s: %s%s\n", r ? r : "?", prefix.c_str(), e.what());
-  std::fflush(stderr);
-  std::fflush(stdout);
-  std::_Exit(code);
+  comm::exit_rank("mmoc-run", code, e.what());  // publishes the failure to the other ranks, one stderr line, _Exit
 }
 
 int worker_body(const Args& a, const std::string& device_hint) {
@@ -271,17 +269,21 @@ int worker_body(const Args& a, const std::string& device_hint) {
   at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus)));
   WorkerOptions wo;
   wo.device = device;
-  wo.cuda_device = device == "cuda" ? w.local_rank % std::max(1, cuda_devices()) : -1;
+  wo.cuda_device = device == "cuda" ? comm::cuda_device_for(w, cuda_devices()) : -1;
+  if (a.launch.rdzv_timeout_s > 0) w.rdzv_timeout_s = a.launch.rdzv_timeout_s;
+  if (a.launch.fail_timeout_s > 0) w.fail_timeout_s = a.launch.fail_timeout_s;
   wo.optim_threads = a.optim_threads;
   wo.trace = !a.trace.empty();
   const double start_s = since(t_start);  // process start: libraries, plan
   Worker worker(plan, w.rank, nullptr, wo);  // CUDA context, streams, host memory of the training state
   const double worker_s = since(t_start) - start_s;
   std::shared_ptr<comm::Rendezvous> rdzv;
+  std::unique_ptr<comm::JobMonitor> monitor;  // ends this process when another rank or node fails
   std::unique_ptr<comm::Transport> tr;
   try {
   if (w.world_size > 1) {
-    rdzv = comm::Rendezvous::connect(w);
+    rdzv = comm::Rendezvous::connect(w, std::chrono::milliseconds((int64_t)(w.rdzv_timeout_s * 1000)));
+    monitor = comm::JobMonitor::start(rdzv);
     if (device == "cuda") {
       // NCCL: send/recv on the worker's p2p stream; host-side collectives (gradient norm, loss, barriers) on the
       // transport's separate collective communicator
@@ -548,6 +550,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
     }
     if (tr) tr->barrier();
   }
+  if (monitor) monitor->finish();
   return 0;
   } catch (const Diverged& e) {
     // every rank is here at the same step: rank 0 says it once, the others leave after it has
@@ -557,10 +560,11 @@ int worker_body(const Args& a, const std::string& device_hint) {
     }
     std::fflush(stdout);
     if (tr) tr->barrier();
+    if (monitor) monitor->finish();  // an agreed end: no rank's leaving reads as a failure to the others
     if (device == "cuda") std::_Exit(kExitDiverged);
     throw;
   } catch (const std::exception& e) {
-    if (device == "cuda") worker_die(e);
+    if (device == "cuda" || w.world_size > 1) worker_die(e);
     throw;
   }
 }
@@ -592,6 +596,16 @@ int run_main(int argc, char** argv) {
                  "or clipping) when a step's loss or gradient norm is not finite; default: the plan's train.on_nonfinite");
   app.add_option("--max-skips", a.max_skips, "with --on-nonfinite skip: stop (exit 4) after this many skipped steps in a row");
   app.add_flag("-q,--quiet", a.quiet, "no progress lines");
+  // several nodes without torchrun: the same command on every node, with its --node-rank (README "Multi-node")
+  app.add_option("--nnodes", a.launch.nnodes, "nodes of the job (this node runs its share of the plan's ranks)");
+  app.add_option("--node-rank", a.launch.node_rank, "this node's index in [0, nnodes); node 0 hosts the rendezvous");
+  app.add_option("--nproc-per-node", a.launch.nproc_per_node, "ranks per node (default: the plan's ranks / nnodes)");
+  app.add_option("--master-addr", a.launch.master_addr, "address of node 0, the same on every node");
+  app.add_option("--master-port", a.launch.master_port, "TCP port of the rendezvous on node 0 (default 29500)");
+  app.add_option("--rdzv-timeout", a.launch.rdzv_timeout_s, "seconds the ranks wait for each other at the start (default 300)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--fail-timeout", a.launch.fail_timeout_s, "seconds a silent rank or lost rendezvous is tolerated (default 30)")
+      ->check(CLI::PositiveNumber);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -600,17 +614,22 @@ int run_main(int argc, char** argv) {
     std::cerr << "mmoc-run: " << e.what() << "\n";
     return 2;
   }
-  const bool is_worker = std::getenv("RANK") != nullptr;
+  const bool is_worker = comm::is_rank_process(comm::comm_env());
   try {
     if (is_worker) return worker_main(a);
     ir::Plan p = validate(a);
-    std::string device = resolve_device(a.device, p, false);
+    const comm::NodeLaunch node = comm::resolve_node_launch(a.launch, p.gpus, comm::comm_env());
+    std::string device = resolve_device(a.device, p, false, node.nproc_per_node);
     // parse the data once up front: a malformed line is reported before any worker starts
     check_resume_data(a, data::open_rows(data_config(a, p)));
     if (!a.quiet)
       std::cout << "mmoc-run: " << p.model.name << ", " << p.gpus << " rank(s) on " << device << ", schedule " << p.schedule
-                << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step\n"
-                << std::flush;
+                << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step"
+                << (node.nnodes > 1 ? "; node " + std::to_string(node.node_rank) + " of " + std::to_string(node.nnodes) + " runs ranks " +
+                                          std::to_string(node.first_rank()) + "-" + std::to_string(node.first_rank() + node.nproc_per_node - 1) +
+                                          " (rendezvous " + node.master_addr + ":" + std::to_string(node.master_port) + ")"
+                                    : std::string())
+                << "\n" << std::flush;
     std::vector<std::string> argv_v(argv, argv + argc);
     comm::LaunchReport rep;
     std::vector<std::pair<std::string, std::string>> env{{"MMOC_DEVICE", device}, {"MMOC_LAUNCH_T0_US", std::to_string(launch_us)}};
@@ -618,9 +637,9 @@ int run_main(int argc, char** argv) {
     // segments do not. The user's own PYTORCH_CUDA_ALLOC_CONF wins.
     if (device == "cuda" && !std::getenv("PYTORCH_CUDA_ALLOC_CONF")) env.push_back({"PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"});
     comm::LaunchOptions lo;
-    lo.print_failure = false;  // printed below, except for a divergence (the worker said it in one line)
-    int rc = comm::launch_local_workers(p.gpus, argv_v, env, &rep, lo);
-    if (rc != 0 && rc != kExitDiverged && !rep.message.empty()) std::cerr << "mmoc: " << rep.message << "\n";
+    lo.print_failure = false;  // printed below, except for a divergence on one node (the worker said it in one line)
+    int rc = comm::launch_node(node, argv_v, env, &rep, lo);
+    if (rc != 0 && !(rc == kExitDiverged && node.nnodes == 1) && !rep.message.empty()) std::cerr << "mmoc-run: " << rep.message << "\n";
     struct rusage ru {};
     if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
       std::cout << "host memory: peak resident set of the largest worker " << mmoc::gib(double(ru.ru_maxrss) * 1024.0) << "\n";
@@ -639,8 +658,13 @@ int run_main(int argc, char** argv) {
   } catch (const io::FormatError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
     return 2;
+  } catch (const comm::ConfigError& e) {
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
+              << "error: " << e.what() << "\n";
+    return 2;
   } catch (const std::exception& e) {
-    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK")) + ": " : std::string()) << "error: " << e.what() << "\n";
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
+              << "error: " << e.what() << "\n";
     return is_worker ? 3 : 1;
   }
 }
