@@ -14,9 +14,17 @@ void validate_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw
   if (j.gpus < 1) throw InputError("--gpus must be >= 1 (got " + std::to_string(j.gpus) + ")");
   if (j.gpus > hw.gpus)
     throw InputError("--gpus " + std::to_string(j.gpus) + " but hardware '" + hw.name + "' has " + std::to_string(hw.gpus) + " GPU(s)");
-  if (j.dp != 1) throw InputError("dp=" + std::to_string(j.dp) + ": data parallelism is not supported by this version (use dp=1)");
   if (j.micro_batch_size < 1) throw InputError("--micro-batch-size must be >= 1");
   if (j.microbatches < 1) throw InputError("--microbatches must be >= 1");
+  // data parallelism: dp replicas of the pipeline, each on 1/dp of the step's micro-batches
+  if (j.dp < 1) throw InputError("--dp must be >= 1 (got " + std::to_string(j.dp) + ")");
+  if (j.dp > 1 && (int64_t)j.gpus * j.dp > hw.gpus)
+    throw InputError("layout pp x dp = " + std::to_string(j.gpus) + " x " + std::to_string(j.dp) + " = " + std::to_string(j.gpus * j.dp) +
+                     " ranks, but hardware '" + hw.name + "' has " + std::to_string(hw.gpus) + " GPU(s)");
+  if (j.microbatches % j.dp != 0)
+    throw InputError("--dp " + std::to_string(j.dp) + " does not divide the batch: " + std::to_string(j.microbatches) +
+                     " micro-batches per step cannot be split evenly over " + std::to_string(j.dp) +
+                     " data-parallel replicas (use a multiple of " + std::to_string(j.dp) + ")");
   if (j.seq_len < 2) throw InputError("--seq-len must be >= 2");
   if (j.seq_len > m.max_seq)
     throw InputError("--seq-len " + std::to_string(j.seq_len) + " exceeds " + m.name + "'s maximum " + std::to_string(m.max_seq));
@@ -46,7 +54,7 @@ ir::Plan initial_plan(const JobConfig& j, const ModelSpec& m, const HardwareSpec
   p.gpus = j.gpus;
   p.v = v;
   p.dp = j.dp;
-  p.microbatches = j.microbatches;
+  p.microbatches = j.microbatches / std::max(1, j.dp);  // per replica
   p.micro_batch_size = j.micro_batch_size;
   p.seq_len = j.seq_len;
   double budget = j.budget_gib > 0 ? j.budget_gib : hw.gpu_mem_gib;
@@ -101,7 +109,7 @@ JobConfig job_of_plan(const JobConfig& knobs, const ir::Plan& p) {
   j.v = std::to_string(p.v);
   j.schedule = p.schedule;
   j.dp = p.dp;
-  j.microbatches = p.microbatches;
+  j.microbatches = p.microbatches * std::max(1, p.dp);
   j.micro_batch_size = p.micro_batch_size;
   j.seq_len = p.seq_len;
   j.budget_gib = (double)p.budget_bytes / GiB;
@@ -175,7 +183,7 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
   for (int v : vs)
     for (const auto& s : scheds) {
       try {
-        check_schedule(s, j.gpus, v, j.microbatches);
+        check_schedule(s, j.gpus, v, j.microbatches / std::max(1, j.dp));
         if (v * j.gpus > m.num_model_layers()) continue;
       } catch (const InputError&) { continue; }
       ++tried;
@@ -211,6 +219,11 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
                 m.name.c_str(), hw.name.c_str(), p.gpus, order.c_str(), p.schedule.c_str(), p.v, p.microbatches,
                 p.micro_batch_size, p.seq_len);
   os << buf;
+  if (p.dp > 1) {
+    std::snprintf(buf, sizeof buf, "layout: pp %d x dp %d x tp %d = %d ranks (each replica runs the programs below on %d of the step's %d micro-batches)\n",
+                  p.gpus, p.dp, p.tp, ir::world_size(p), p.microbatches, p.microbatches * p.dp);
+    os << buf;
+  }
   os << "stages:\n";
   for (const auto& s : p.stages) {
     std::snprintf(buf, sizeof buf, "  S%-3d rank g%d (GPU %d)  layers %3d-%-3d %7.3fB params  %-8s %s  fwd %8.2f ms  bwd %8.2f ms\n",

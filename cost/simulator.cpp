@@ -5,7 +5,7 @@
 //    its `after` dependencies have finished. send/recv are a rendezvous: a matching pair (same tag, peers agree) starts
 //    together when both are ready and both end after p2p_ms(bytes), occupying both p2p streams.
 //  - Fixed durations: forward/backward from plan.stages[s].fwd_ms/bwd_ms, GPU optim from gpu_adam_ms, gradnorm 0.05 ms,
-//    allreduce 2x p2p of the buffer, load_batch / free / evict without copy 0.
+//    allreduce 2(n-1)/n x p2p of the buffer over its group's n ranks (ring), load_batch / free / evict without copy 0.
 //  - Fluid (bandwidth-shared) operations, rates recomputed by max-min fair sharing whenever one starts or ends:
 //      prefetch (H2D)        : caps h2d_gbps (per GPU), duplex_gbps (per GPU, shared with D2H), group_link_gbps (H2D
 //                              direction of the GPU's host group, shared with the group's other GPUs)
@@ -211,7 +211,10 @@ struct Sim {
       case ir::Timing::StageForward: return st ? st->fwd_ms : 0;
       case ir::Timing::StageBackward: return st ? st->bwd_ms : 0;
       case ir::Timing::PeerToPeer: return cost.p2p_ms(bytes);
-      case ir::Timing::Collective: return cost.allreduce_ms(bytes);
+      case ir::Timing::Collective: {  // a ring over the group's n ranks moves 2(n-1)/n of the buffer per rank
+        const int n = in.group == "world" ? ir::world_size(p) : in.group.rfind("dp.", 0) == 0 ? std::max(1, p.dp) : 2;
+        return n <= 1 ? 0 : cost.allreduce_ms(bytes) * (n - 1) / n;
+      }
       case ir::Timing::GradNorm: return cost.gradnorm_ms();
       case ir::Timing::HostToDevice:
       case ir::Timing::DeviceToHost: return bytes > 0 ? -1 : 0;

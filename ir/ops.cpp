@@ -82,7 +82,7 @@ const std::vector<OpInfo>& op_table() {
       {Op::AllReduce, "allreduce", kOpBuf | kOpGroup, "{buf}",  //
        stream_bit(Stream::P2P) | stream_bit(Stream::Comp), Stream::P2P, 0, false, Sync::None, Timing::Collective,
        {{A::Require, R::Operand}}, Workspace::None,
-       "sum B over the data-parallel group G (reserved: dp>1)"},
+       "sum B in place over the named group G (dp: a stage's gradient over its replicas)"},
       {Op::GradNorm, "gradnorm", 0, "",  //
        stream_bit(Stream::Cpu) | stream_bit(Stream::Comp), Stream::Cpu, 0, false, Sync::None, Timing::GradNorm,
        {}, Workspace::None,
@@ -91,6 +91,14 @@ const std::vector<OpInfo>& op_table() {
        stream_bit(Stream::Cpu) | stream_bit(Stream::Comp), Stream::Comp, stream_bit(Stream::Cpu), false, Sync::None,
        Timing::Optimizer, {{A::Free, R::WGrad, W::OffCpu}}, Workspace::None,
        "AdamW step of stage S (on cpu: host master; on comp: GPU state)"},
+      {Op::ReduceScatter, "reduce_scatter", kOpBuf | kOpGroup, "{buf}",  //
+       stream_bit(Stream::P2P) | stream_bit(Stream::Comp), Stream::P2P, 0, false, Sync::None, Timing::Collective,
+       {{A::Require, R::Operand}}, Workspace::None,
+       "sum B over the named group G; this rank keeps its 1/|G| shard (ZeRO: a stage's gradient before its sharded CPU update)"},
+      {Op::AllGather, "allgather", kOpBuf | kOpGroup, "{buf}",  //
+       stream_bit(Stream::Cpu), Stream::Cpu, stream_bit(Stream::Cpu), false, Sync::None, Timing::Collective,
+       {}, Workspace::None,
+       "gather the ranks' shards of B's host copy on every rank of G (ZeRO: the weights after a sharded CPU update)"},
   };
   return t;
 }

@@ -1,5 +1,6 @@
 // mmoc Plan IR: enums, numbers, buffer names. The forms are in plan_json.cpp and plan_text.cpp, the structural
 // verifier in verify_structure.cpp, file I/O in plan_files.cpp. The format is specified in docs/plan-format.md.
+#include <algorithm>
 #include "ir/plan.hpp"
 
 #include <charconv>
@@ -197,6 +198,44 @@ const BufferDecl* Plan::find_buffer(BufKind k, int stage) const {
 int64_t Plan::buffer_bytes(const BufRef& r) const {
   const BufferDecl* d = find_buffer(r.kind, r.stage);
   return d ? d->bytes : 0;
+}
+
+// ============================================================================================
+// layout (pp x dp x tp)
+// ============================================================================================
+int world_size(const Plan& p) { return std::max(1, p.gpus) * std::max(1, p.dp) * std::max(1, p.tp); }
+
+RankCoord rank_coord(const Plan& p, int r) {
+  if (r < 0 || r >= world_size(p))
+    throw std::out_of_range("rank " + std::to_string(r) + " outside the layout's " + std::to_string(world_size(p)) + " ranks");
+  const int tp = std::max(1, p.tp), pp = std::max(1, p.gpus);
+  RankCoord c;
+  c.shard = r % tp;
+  c.pipe = (r / tp) % pp;
+  c.replica = r / (tp * pp);
+  return c;
+}
+
+int world_rank(const Plan& p, int pipe, int replica, int shard) {
+  return (replica * std::max(1, p.gpus) + pipe) * std::max(1, p.tp) + shard;
+}
+
+std::string dp_group_name(const Plan& p, int pipe, int shard) {
+  std::string n = "dp.g" + std::to_string(pipe);
+  if (p.tp > 1) n += ".t" + std::to_string(shard);
+  return n;
+}
+
+std::map<std::string, std::vector<int>> process_groups(const Plan& p) {
+  std::map<std::string, std::vector<int>> g;
+  const int W = world_size(p), pp = std::max(1, p.gpus), dp = std::max(1, p.dp), tp = std::max(1, p.tp);
+  for (int r = 0; r < W; ++r) g["world"].push_back(r);
+  for (int pi = 0; pi < pp; ++pi)
+    for (int t = 0; t < tp; ++t)
+      for (int d = 0; d < dp; ++d) g[dp_group_name(p, pi, t)].push_back(world_rank(p, pi, d, t));
+  for (int d = 0; d < dp; ++d)
+    for (int pi = 0; pi < pp; ++pi) g["pp.r" + std::to_string(d)].push_back(world_rank(p, pi, d, 0));
+  return g;
 }
 
 // ============================================================================================

@@ -22,13 +22,15 @@ enum class Op {
   Recv,       // recv B <- gK tag=T      : allocate B and receive it from GPU K
   Evict,      // evict B [-> host]       : B leaves the GPU; with -> host it is first copied to its home
   Free,       // free B                  : drop a transient buffer (activation, gradient, batch)
-  AllReduce,  // allreduce B group=G     : sum B over the data-parallel group G (reserved: dp>1)
+  AllReduce,  // allreduce B group=G     : sum B in place over the named group G (dp: wgrad over the replicas)
   GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
   Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
+  ReduceScatter,  // reduce_scatter B group=G : sum B over G; this rank keeps its 1/|G| shard (ZeRO gradients)
+  AllGather,      // allgather B group=G      : the ranks' shards of B's host copy gathered on all of G (ZeRO weights)
 };
 // Adding an op: append it above, count it here, and give it its entry in ir/ops.cpp's op table (the syntax, streams,
 // timing class and memory effects), then its handler in the engine. The table's test checks the count.
-constexpr int kNumOps = (int)Op::Optim + 1;
+constexpr int kNumOps = (int)Op::AllGather + 1;
 enum class Stream { Comp, H2D, D2H, P2P, Cpu };
 enum class Tier { Gpu, Host, Nvme };
 enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt };
@@ -108,7 +110,7 @@ struct Instr {
   int peer = -1;             // Send (destination gpu), Recv (source gpu)
   std::string tag;           // Send, Recv: the matching key ("F.S0.m0", "B.S1.m0")
   bool to_host = false;      // Evict: copy to the home tier before dropping
-  std::string group;         // AllReduce: group name
+  std::string group;         // AllReduce, ReduceScatter, AllGather: group name (ir::process_groups)
   std::vector<int> after;    // cross-stream dependencies: indices of earlier instructions, same program
   bool operator==(const Instr&) const = default;
 };
@@ -163,7 +165,11 @@ struct Plan {
   int format_version = 1;
   std::string hardware;
   std::string schedule;      // gpipe | 1f1b | interleaved-1f1b | grouped
-  int gpus = 1, v = 1, dp = 1;
+  // Layout pp x dp x tp (docs/plan-format.md "Layout"): `gpus` pipeline ranks (one program each), `dp` data-parallel
+  // replicas of the whole pipeline, `tp` tensor-parallel shards per pipeline rank. World rank r runs programs[pipe]
+  // with r = (replica * gpus + pipe) * tp + shard; micro-batches are per replica (replica d's m is the global
+  // micro-batch d * microbatches + m).
+  int gpus = 1, v = 1, dp = 1, tp = 1;
   int microbatches = 1, micro_batch_size = 1, seq_len = 128;
   int64_t budget_bytes = 0;  // per GPU
   std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
@@ -179,6 +185,18 @@ struct Plan {
   int64_t buffer_bytes(const BufRef& r) const;  // 0 if undeclared
   int num_stages() const { return (int)stages.size(); }
 };
+
+// ---- layout (pp x dp x tp) ------------------------------------------------------------------
+struct RankCoord {
+  int pipe = 0, replica = 0, shard = 0;
+};
+int world_size(const Plan&);                       // gpus * dp * tp: the processes of the job
+RankCoord rank_coord(const Plan&, int world_rank);  // throws std::out_of_range outside the world
+int world_rank(const Plan&, int pipe, int replica, int shard = 0);
+// The named process groups of the layout (sorted member ranks): "world"; "dp.g<p>" (pipeline rank p's replicas,
+// shard 0; with tp, "dp.g<p>.t<k>"); "pp.r<d>" (replica d's pipeline ranks, shard 0). Collectives name them.
+std::map<std::string, std::vector<int>> process_groups(const Plan&);
+std::string dp_group_name(const Plan&, int pipe, int shard = 0);
 
 struct ParseError : std::runtime_error { using std::runtime_error::runtime_error; };
 struct VerifyError : std::runtime_error { using std::runtime_error::runtime_error; };

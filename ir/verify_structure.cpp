@@ -24,6 +24,8 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
   // ---- plan header ----
   if (G < 1) add("plan: gpus=" + std::to_string(G) + " (must be >= 1)");
   if (M < 1) add("plan: microbatches=" + std::to_string(M) + " (must be >= 1)");
+  if (p.dp < 1) add("plan: dp=" + std::to_string(p.dp) + " (must be >= 1)");
+  if (p.tp < 1) add("plan: tp=" + std::to_string(p.tp) + " (must be >= 1)");
   if (!p.gpu_order.empty()) {
     if ((int)p.gpu_order.size() != G)
       add("plan: order has " + std::to_string(p.gpu_order.size()) + " entries, gpus=" + std::to_string(G));
@@ -81,6 +83,14 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
   };
   std::map<std::string, std::vector<Comm>> sends, recvs;
   std::map<std::pair<int, int>, std::vector<Loc>> fwd, bwd;  // (stage, mb) -> occurrences
+  const auto groups = process_groups(p);
+  std::string group_names;
+  for (const auto& [n, rs] : groups) group_names += (group_names.empty() ? "" : ", ") + n;
+  struct Coll {
+    int idx;
+    const Instr* in;
+  };
+  std::map<std::string, std::map<int, std::vector<Coll>>> coll_seq;  // group -> program -> its collectives in order
 
   auto check_buf = [&](const std::string& pre, const BufRef& b) {
     bool ok = true;
@@ -130,6 +140,18 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
           check_buf(pre, *in.buf);
       }
       if ((op.operands & kOpGroup) && in.group.empty()) add(pre + "missing group");
+      if ((op.operands & kOpGroup) && !in.group.empty()) {
+        // a named group of the layout, with this program's ranks in it (ir::process_groups)
+        auto it = groups.find(in.group);
+        if (it == groups.end()) {
+          add(pre + "unknown group '" + in.group + "' (the layout's groups: " + group_names + ")");
+        } else {
+          bool member = false;
+          for (int r : it->second) member = member || (r < world_size(p) && rank_coord(p, r).pipe == g);
+          if (!member) add(pre + "group '" + in.group + "' has no rank that runs g" + std::to_string(g));
+          else coll_seq[in.group][g].push_back({i, &in});
+        }
+      }
       if (op.operands & kOpPeer) {
         if (in.peer < 0 || in.peer >= G)
           add(pre + "peer g" + std::to_string(in.peer) + " out of range 0.." + std::to_string(G - 1));
@@ -181,6 +203,34 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
       add(at(rs[k].gpu, rs[k].idx) + "recv: duplicate tag '" + tag + "' (first used by g" + std::to_string(rs[0].gpu) +
           " %" + std::to_string(rs[0].idx) + ")");
     if (!sends.count(tag)) add(at(rs[0].gpu, rs[0].idx) + "recv: no send with tag '" + tag + "'");
+  }
+
+  // ---- collective matching: every program whose ranks are in a group issues the group's collectives in the same
+  // order with the same op and buffer (the transports match collectives by issue order) ----
+  for (const auto& [name, members] : groups) {
+    auto cit = coll_seq.find(name);
+    std::set<int> progs;
+    for (int r : members) progs.insert(rank_coord(p, r).pipe);
+    if (progs.size() < 2 && (cit == coll_seq.end() || cit->second.size() <= 1)) continue;
+    int ref_g = -1;
+    const std::vector<Coll>* ref = nullptr;
+    static const std::vector<Coll> none;
+    for (int g : progs) {
+      const std::vector<Coll>* mine = &none;
+      if (cit != coll_seq.end() && cit->second.count(g)) mine = &cit->second.at(g);
+      if (!ref) { ref = mine; ref_g = g; continue; }
+      const size_t n = std::min(ref->size(), mine->size());
+      for (size_t k = 0; k < n; ++k) {
+        const Instr& a = *(*ref)[k].in;
+        const Instr& b = *(*mine)[k].in;
+        if (a.op != b.op || a.buf != b.buf)
+          add(at(g, (*mine)[k].idx) + to_string(b.op) + ": collective #" + std::to_string(k) + " on group '" + name + "' is " +
+              print_op(b) + ", but g" + std::to_string(ref_g) + "'s (%" + std::to_string((*ref)[k].idx) + ") is " + print_op(a));
+      }
+      if (ref->size() != mine->size())
+        add("group '" + name + "': g" + std::to_string(ref_g) + " issues " + std::to_string(ref->size()) + " collective(s), g" +
+            std::to_string(g) + " issues " + std::to_string(mine->size()));
+    }
   }
 
   // ---- forward/backward: exactly one each per (stage, mb), forward first ----

@@ -328,6 +328,7 @@ namespace {
 bool added_by_offload(const ir::Instr& in) {
   switch (in.op) {
     case Op::Prefetch: case Op::Evict: case Op::LoadBatch: case Op::Optim: case Op::GradNorm: return true;
+    case Op::AllReduce: case Op::ReduceScatter: case Op::AllGather: return true;  // data-parallel's (a later pass)
     case Op::Free: return in.buf && in.buf->kind == BufKind::Batch;
     default: return false;
   }

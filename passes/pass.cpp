@@ -62,6 +62,7 @@ std::vector<Pass> default_pipeline() {
       {"comm-lowering", comm_lowering_pass, kCommLoweringContract, {}},
       {"offload-insertion", offload_insertion_pass, kOffloadInsertionContract, recover_offload_insertion},
       {"overlap", overlap_pass, kOverlapContract, recover_overlap},
+      {"data-parallel", data_parallel_pass, kDataParallelContract, {}},
       {"linearize", linearize_pass, kLinearizeContract, recover_linearize},
   };
 }

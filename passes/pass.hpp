@@ -5,7 +5,7 @@
 // AddInvariantChecker); it can print the plan after any pass.
 //
 // Pipeline (compiler/pipeline.cpp, top to bottom):
-//   partition -> cross-map -> schedule -> comm-lowering -> offload-insertion -> overlap -> linearize
+//   partition -> cross-map -> schedule -> comm-lowering -> offload-insertion -> overlap -> data-parallel -> linearize
 // Default checkers: structure (ir::verify_structure) and deadlock in stream semantics (verify_deadlock) whenever the
 // plan has programs; deadlock in sequential semantics once the programs are linearized; memory (verify_memory) once
 // offload-insertion has made the plan's memory explicit.
@@ -72,6 +72,7 @@ extern const char* const kScheduleContract;
 extern const char* const kCommLoweringContract;
 extern const char* const kOffloadInsertionContract;
 extern const char* const kOverlapContract;
+extern const char* const kDataParallelContract;
 extern const char* const kLinearizeContract;
 void recover_offload_insertion(PassContext&);
 void recover_overlap(PassContext&);
@@ -82,6 +83,7 @@ void schedule_pass(PassContext&);
 void comm_lowering_pass(PassContext&);
 void offload_insertion_pass(PassContext&);
 void overlap_pass(PassContext&);
+void data_parallel_pass(PassContext&);  // dp > 1: gradient allreduce per stage (data_parallel.cpp)
 void linearize_pass(PassContext&);
 
 // Verifiers. verify_deadlock: untimed execution of all programs (in-order streams, `after` deps,

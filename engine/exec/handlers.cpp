@@ -113,24 +113,71 @@ void Worker::Impl::evict(const ir::Instr& in) {
   at::Tensor t = take(b);
   if (!in.to_host) return;
   if (b.kind != BufKind::WGrad) throw ExecError("evict " + b.str() + " -> host: only gradients are copied out");
-  stages.at(b.stage).host_grad.copy_(t, /*non_blocking=*/true);
+  StageState& st = stages.at(b.stage);
+  if (st.sharded) st.host_grad.copy_(t.narrow(0, st.lo, st.n), /*non_blocking=*/true);  // this replica's shard (reduced)
+  else st.host_grad.copy_(t, /*non_blocking=*/true);
 }
 
 void Worker::Impl::send(const ir::Instr& in) {
   const at::Tensor& t = need(*in.buf, "send");
   if (sends.count(*in.buf)) throw ExecError("second send of " + in.buf->str());
   if (!tr) throw ExecError("send in a plan run without a transport");
-  if (cuda) inflight.push_back(tr->isend(t, in.peer, in.tag));  // ordered on the p2p stream
-  else sends[*in.buf] = tr->isend(t, in.peer, in.tag);
+  if (cuda) inflight.push_back(tr->isend(t, peer_rank(in.peer), in.tag));  // ordered on the p2p stream
+  else sends[*in.buf] = tr->isend(t, peer_rank(in.peer), in.tag);
 }
 
 void Worker::Impl::recv(const ir::Instr& in) {
   if (bufs.count(*in.buf)) throw ExecError("second recv of " + in.buf->str() + " (it is already on the device)");
   at::Tensor t = at::empty(act_shape(), at::TensorOptions().dtype(cdtype).device(dev));
   if (!tr) throw ExecError("recv in a plan run without a transport");
-  if (cuda) inflight.push_back(tr->irecv(t, in.peer, in.tag));
-  else tr->recv(t, in.peer, in.tag);
+  if (cuda) inflight.push_back(tr->irecv(t, peer_rank(in.peer), in.tag));
+  else tr->recv(t, peer_rank(in.peer), in.tag);
   put(*in.buf, t);
+}
+
+// Sums the buffer over the named group (data parallelism: a stage's gradient over its replicas), in place.
+void Worker::Impl::allreduce(const ir::Instr& in) {
+  if (!tr) throw ExecError("allreduce over group '" + in.group + "' in a plan run without a transport");
+  at::Tensor t = need(*in.buf, "allreduce");
+  if (!cuda) {
+    tr->allreduce_sum(t, in.group);
+    return;
+  }
+  // NCCL runs it on the transport's collective stream: the buffer must be complete there first (its producer ran on
+  // another stream this one waits for), and this stream's later work waits for the sum
+  at::cuda::CUDAEvent ready(cudaEventDisableTiming);
+  ready.record(*streams[cur_stream]);
+  ready.synchronize();
+  comm::WorkPtr w = tr->iallreduce_sum(t, in.group);
+  w->wait_on_stream(streams[cur_stream]->stream());
+  inflight.push_back(std::move(w));
+}
+
+void Worker::Impl::host_allreduce(at::Tensor& t, const std::string& group) {
+  if (!tr) throw ExecError("a collective over group '" + group + "' in a plan run without a transport");
+  if (!cuda) {
+    tr->allreduce_sum(t, group);
+    return;
+  }
+  // NCCL sums device memory: through a device copy, on this thread's stream, complete before NCCL's stream reads it
+  c10::cuda::CUDAGuard dg((c10::DeviceIndex)cuda_index);
+  at::Tensor d = t.to(dev, /*non_blocking=*/false, /*copy=*/true);
+  c10::cuda::getCurrentCUDAStream().synchronize();
+  tr->allreduce_sum(d, group);  // blocks until done
+  t.copy_(d.cpu());
+}
+
+// ZeRO: the updated shards of the stage's host weights, gathered on every replica (a zero-padded sum: the transports
+// have no all-gather yet).
+void Worker::Impl::allgather(const ir::Instr& in) {
+  if (!in.buf || in.buf->kind != BufKind::W) throw ExecError("allgather: only weights (w(S)) are gathered");
+  StageState& st = stages.at(in.buf->stage);
+  if (!st.sharded) throw ExecError("allgather of " + in.buf->str() + ", whose stage is not sharded (no reduce_scatter of its gradient)");
+  if (skip_updates) return;  // nothing was updated
+  at::Tensor full = at::zeros_like(st.host_lowp);
+  full.narrow(0, st.lo, st.n).copy_(st.host_lowp.narrow(0, st.lo, st.n));
+  host_allreduce(full, st.group + ".host");
+  st.host_lowp.copy_(full);
 }
 
 void Worker::Impl::free_buf(const BufRef& b) {
@@ -174,15 +221,16 @@ void Worker::Impl::optim(const ir::Instr& in) {
   st.step += 1;
   if (on_cpu) {
     // without a gradnorm instruction the norm is summed here, per stage, before the update (checked at step end)
-    if (!has_gradnorm) gsq_host += sum_of_squares(grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
+    // (a sharded stage's shard on every replica; a replicated one once, on replica 0)
+    if (!has_gradnorm && (st.sharded || replica == 0)) gsq_host += sum_of_squares(grad.data_ptr(), grad_type(), st.n, pool.get());
     AdamWBuffers b;
-    b.param = st.master.data_ptr<float>();
+    b.param = st.master.data_ptr<float>();  // sharded: this replica's shard (grad, moments alike)
     b.exp_avg = st.exp_avg.data_ptr<float>();
     b.exp_avg_sq = st.exp_avg_sq.data_ptr<float>();
     b.grad = grad.data_ptr();
     b.grad_type = grad_type();
-    if (cdtype == at::kBFloat16) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kBFloat16; }
-    b.n = st.layout.numel;
+    if (cdtype == at::kBFloat16) { b.out = st.host_lowp.narrow(0, st.lo, st.n).data_ptr(); b.out_type = OutType::kBFloat16; }
+    b.n = st.n;
     adamw_step(b, hyper(), st.step, clip, pool.get());
   } else {
     at::Tensor w = need({BufKind::W, in.stage, -1}, "optim");
@@ -205,9 +253,12 @@ std::vector<at::Tensor> Worker::Impl::resident_grads() {
 void Worker::Impl::gradnorm(const std::vector<at::Tensor>& rgrads) {
   maybe_poison(-1, rgrads);
   double local = 0;
-  for (const auto& g : rgrads) local += sum_of_squares_tensor(g).item<double>();
+  // data-parallel replicas hold the same (summed) gradients: a replicated stage counts once (replica 0), a sharded
+  // one by its shards (every replica)
+  if (replica == 0)
+    for (const auto& g : rgrads) local += sum_of_squares_tensor(g).item<double>();
   for (auto& [s, st] : stages)  // offloaded stages: their gradients are on the host
-    if (!st.resident) local += sum_of_squares(st.host_grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
+    if (!st.resident && (st.sharded || replica == 0)) local += sum_of_squares(st.host_grad.data_ptr(), grad_type(), st.n, pool.get());
   // the last stage's loss is complete here: its forwards precede the backwards whose gradients this waited for
   if (stages.count(last) && !std::isfinite(loss_acc.item<double>())) local = std::nan("");
   double total = htr ? htr->allreduce_sum_double(local) : local;
@@ -229,11 +280,10 @@ void Worker::Impl::exec(int i) {
     case Op::Free: free_buf(*in.buf); break;
     case Op::Optim: optim(in); break;
     case Op::GradNorm: gradnorm(resident_grads()); break;
-    case Op::AllReduce: {
-      at::Tensor& t = bufs.at(*in.buf);
-      tr->allreduce_sum(t, in.group);
-      break;
-    }
+    case Op::AllReduce: allreduce(in); break;
+    case Op::ReduceScatter: allreduce(in); break;  // the whole sum (no reduce-scatter in the transports yet); the
+                                                   // stage's evict copies only this replica's shard
+    case Op::AllGather: allgather(in); break;
   }
 }
 

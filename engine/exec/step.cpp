@@ -9,8 +9,9 @@ namespace mmoc::engine {
 // the cpu thread (which waits for their events and futures itself).
 
 void Worker::Impl::begin_step(const data::StepBatch& b, int64_t step_index) {
-  if ((int)b.input_ids.size() != plan.microbatches || b.micro_batch_size != plan.micro_batch_size || b.seq_len != plan.seq_len)
-    throw std::runtime_error("batch shape does not match the plan (microbatches, micro-batch size, sequence length)");
+  // the global batch: replica d runs its micro-batches d*M .. d*M+M-1 (M = plan.microbatches, per replica)
+  if ((int)b.input_ids.size() != plan.microbatches * plan.dp || b.micro_batch_size != plan.micro_batch_size || b.seq_len != plan.seq_len)
+    throw std::runtime_error("batch shape does not match the plan (microbatches x dp, micro-batch size, sequence length)");
   batch = &b;
   count = 0;
   for (const auto& lab : b.labels) {
@@ -36,8 +37,9 @@ void Worker::Impl::begin_step(const data::StepBatch& b, int64_t step_index) {
     pinned_ids = at::empty({M, n}, o);
     pinned_labels = at::empty({M, n}, o);
     for (int64_t m = 0; m < M; ++m) {
-      std::memcpy(pinned_ids[m].data_ptr<int64_t>(), b.input_ids[m].data(), n * 8);
-      std::memcpy(pinned_labels[m].data_ptr<int64_t>(), b.labels[m].data(), n * 8);
+      const int64_t gm = (int64_t)replica * M + m;
+      std::memcpy(pinned_ids[m].data_ptr<int64_t>(), b.input_ids[gm].data(), n * 8);
+      std::memcpy(pinned_labels[m].data_ptr<int64_t>(), b.labels[gm].data(), n * 8);
     }
   }
   if (!cuda) {
@@ -102,6 +104,7 @@ void Worker::Impl::issue(int i) {
       if (tr) ip->cpu_times[i] = {ts, now_us() - ts};
     });
     if (in.op == Op::Optim) pending_optim[in.stage] = fut[i];
+    if (in.op == Op::AllGather && in.buf) pending_optim[in.buf->stage] = fut[i];  // prefetches read the gathered copy
     return;
   }
   const int sidx = (int)in.stream;
@@ -171,9 +174,9 @@ void Worker::Impl::finish_step() {
 void Worker::Impl::check_no_leak() const {
   for (const auto& [b, t] : bufs) {
     const bool persistent = ir::is_persistent(plan, b) && b.stage >= 0 && b.stage < plan.num_stages() && plan.stages[b.stage].gpu == rank;
-    if (!persistent) throw std::runtime_error("rank " + std::to_string(rank) + ": " + b.str() + " still on the device at the end of the step");
+    if (!persistent) throw std::runtime_error("rank " + std::to_string(world_rank) + ": " + b.str() + " still on the device at the end of the step");
   }
-  if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(rank) + ": forward records or batches left at the end of the step");
+  if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(world_rank) + ": forward records or batches left at the end of the step");
 }
 
 StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
@@ -190,7 +193,7 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
   StepResult r;
   double total = I.htr ? I.htr->allreduce_sum_double(I.loss_sum) : I.loss_sum;
   if (!I.has_gradnorm) {  // the norm of the gradients the optimizer steps used, summed over stages and ranks
-    const double local = I.gsq_host + I.gsq_dev.item<double>();
+    const double local = I.gsq_host + (I.replica == 0 ? I.gsq_dev.item<double>() : 0.0);  // replicas: counted once
     I.grad_norm = std::sqrt(I.htr ? I.htr->allreduce_sum_double(local) : local);
   }
   // both sums are over all ranks, so every rank reaches the same verdict

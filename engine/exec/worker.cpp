@@ -25,7 +25,13 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
   I.tr = transport;
   I.htr = transport;
   I.opts = opts;
-  if (rank < 0 || rank >= plan.gpus) throw std::runtime_error("rank " + std::to_string(rank) + " outside the plan's " + std::to_string(plan.gpus) + " GPUs");
+  const int world = ir::world_size(plan);
+  if (rank < 0 || rank >= world) throw std::runtime_error("rank " + std::to_string(rank) + " outside the plan's " + std::to_string(world) + " ranks");
+  if (plan.tp > 1) throw std::runtime_error("tp=" + std::to_string(plan.tp) + ": this engine executes tensor-parallel plans not yet (tp=1)");
+  const ir::RankCoord coord = ir::rank_coord(plan, rank);
+  I.rank = coord.pipe;
+  I.world_rank = rank;
+  I.replica = coord.replica;
   if (opts.device == "cuda") {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) throw std::runtime_error("--device cuda: no CUDA GPU is visible");
@@ -50,7 +56,7 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
   I.last = plan.num_stages() - 1;
   I.rope = make_rope(plan.model, plan.seq_len, I.dev);
   int threads = opts.optim_threads > 0 ? opts.optim_threads
-                                       : std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus));
+                                       : std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, world));
   std::vector<int> pin;
   if (I.cuda) {  // each rank's optimizer threads on their own cores
     for (int k = 0; k < threads; ++k) pin.push_back(rank * threads + k);
@@ -59,10 +65,10 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
   if (plan.model.tied_embeddings && plan.num_stages() > 1)
     throw std::runtime_error("tied embeddings across pipeline stages are not supported (use one stage, or an untied model)");
   // host state: exactly sized, faulted in by all of this rank's cores, page-locked on CUDA where copies need it
-  const int fault_threads = std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus));
+  const int fault_threads = std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, world));
   auto host = [&](at::ScalarType t, int64_t n, bool pinned) { return host_tensor(n, t, pinned && I.cuda, I.cuda_index, fault_threads); };
   for (const auto& s : plan.stages) {
-    if (s.gpu != rank) continue;
+    if (s.gpu != coord.pipe) continue;
     StageState st;
     st.id = s.id;
     st.layout = stage_layout(plan.model, s.layer_begin, s.layer_end);
@@ -78,6 +84,23 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
       st.master = host(at::kFloat, st.layout.numel, false);
       st.exp_avg = host(at::kFloat, st.layout.numel, false);
       st.exp_avg_sq = host(at::kFloat, st.layout.numel, false);
+    } else if (plan.dp > 1 && [&] {
+                 for (const auto& in : plan.programs[coord.pipe].instrs)
+                   if (in.op == Op::ReduceScatter && in.buf && in.buf->stage == s.id) return true;
+                 return false;
+               }()) {
+      // ZeRO: this replica's 1/dp of the fp32 master and moments and of the gradient landing zone; the whole stage in
+      // compute precision (what prefetches read, gathered after every update)
+      const int64_t N = st.layout.numel, chunk = (N + plan.dp - 1) / plan.dp;
+      st.sharded = true;
+      st.lo = std::min<int64_t>(N, (int64_t)coord.replica * chunk);
+      st.n = std::min<int64_t>(N, st.lo + chunk) - st.lo;
+      st.group = ir::dp_group_name(plan, coord.pipe);
+      st.host_lowp = host(I.cdtype, N, true);
+      st.master = I.cdtype == at::kFloat ? st.host_lowp.narrow(0, st.lo, st.n) : host(at::kFloat, st.n, false);
+      st.exp_avg = host(at::kFloat, st.n, false);
+      st.exp_avg_sq = host(at::kFloat, st.n, false);
+      st.host_grad = host(I.cdtype, st.n, true);
     } else {
       // fp32 master and moments in host memory; the low-precision copy and the gradient landing zone pinned
       st.master = host(at::kFloat, st.layout.numel, /*pinned=*/I.cdtype == at::kFloat);
@@ -86,13 +109,14 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
       st.host_lowp = I.cdtype == at::kFloat ? st.master : host(I.cdtype, st.layout.numel, true);
       st.host_grad = host(I.cdtype, st.layout.numel, true);
     }
+    if (!st.sharded) st.n = st.layout.numel;
     I.stages[s.id] = std::move(st);
   }
   I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
   I.gsq_dev = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
   ir::Plan mine = plan;  // does this rank's every update wait for the global norm?
   for (int g = 0; g < plan.gpus; ++g)
-    if (g != rank) mine.programs[g].instrs.clear();
+    if (g != coord.pipe) mine.programs[g].instrs.clear();
   I.has_gradnorm = updates_wait_for_gradnorm(mine);
   I.fault = io::test_fault("nonfinite", rank);
   I.io.cuda_device = I.cuda ? I.cuda_index : -1;
@@ -106,6 +130,23 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
 void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
   impl_->tr = p2p;
   impl_->htr = host ? host : p2p;
+  // the process groups the plan's collectives name (created by every rank, in the same order)
+  std::set<std::string> used;
+  for (const auto& prog : impl_->plan.programs)
+    for (const auto& in : prog.instrs)
+      if (!in.group.empty() && in.group != "world") used.insert(in.group);
+  if (p2p && !used.empty()) {
+    const auto groups = ir::process_groups(impl_->plan);
+    for (const auto& name : used) p2p->create_group(name, groups.at(name));
+    // the host-side gathers of the sharded optimizer (cpu thread, checkpoints) on communicators of their own: one
+    // issuing thread per communicator, so every replica issues each one's collectives in the same order
+    bool zero = false;
+    for (auto& [s, st] : impl_->stages) zero = zero || st.sharded;
+    for (const auto& prog : impl_->plan.programs)
+      for (const auto& in : prog.instrs) zero = zero || in.op == Op::AllGather;
+    if (zero)
+      for (const auto& name : used) p2p->create_group(name + ".host", groups.at(name));
+  }
 }
 int64_t Worker::apply_budget() {
   auto& I = *impl_;
@@ -135,9 +176,24 @@ Worker::~Worker() = default;
 int Worker::rank() const { return impl_->rank; }
 const std::vector<TraceEvent>& Worker::trace() const { return impl_->trace; }
 
+// The whole-stage fp32 flat to initialise or load into: the master itself, or for a sharded stage a temporary (fp32
+// plans: host_lowp, of which the master is a view) that set_from_full() then slices.
+static at::Tensor full_target(StageState& st) {
+  if (!st.sharded) return st.master;
+  if (st.host_lowp.scalar_type() == at::kFloat) return st.host_lowp;
+  return at::empty({st.layout.numel}, at::TensorOptions().dtype(at::kFloat));
+}
+static void set_from_full(StageState& st, const at::Tensor& full) {
+  if (!st.sharded || full.data_ptr() == st.host_lowp.data_ptr()) return;
+  st.master.copy_(full.narrow(0, st.lo, st.n));
+  st.host_lowp.copy_(full);
+}
+
 static void refresh_device_copies(Worker::Impl& I) {
   for (auto& [s, st] : I.stages) {
-    if (st.resident) {
+    if (st.sharded) {
+      // host_lowp is already the whole stage (set_from_full)
+    } else if (st.resident) {
       I.bufs.erase({BufKind::W, s, -1});
       I.put({BufKind::W, s, -1}, st.master.to(I.cdtype, false, true));
     } else if (I.cdtype != at::kFloat) {
@@ -149,7 +205,11 @@ static void refresh_device_copies(Worker::Impl& I) {
 LoadReport Worker::init_random(uint64_t seed) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
-  for (auto& [s, st] : I.stages) init_weights(I.plan.model, st.layout, st.master, seed);
+  for (auto& [s, st] : I.stages) {
+    at::Tensor full = full_target(st);
+    init_weights(I.plan.model, st.layout, full, seed);
+    set_from_full(st, full);
+  }
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -161,8 +221,12 @@ LoadReport Worker::load_hf(const std::string& dir) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<StageLayout> layouts;
   std::vector<at::Tensor> flats;
-  for (auto& [s, st] : I.stages) { layouts.push_back(st.layout); flats.push_back(st.master); }
+  for (auto& [s, st] : I.stages) { layouts.push_back(st.layout); flats.push_back(full_target(st)); }
   const IoStats io = load_hf_parallel(dir, I.plan.model, layouts, flats, I.io);
+  {
+    size_t k = 0;
+    for (auto& [s, st] : I.stages) set_from_full(st, flats[k++]);
+  }
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -175,8 +239,24 @@ LoadReport Worker::load_checkpoint(const std::string& dir) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
   auto v = I.stage_tensors();
+  // sharded stages: the checkpoint holds whole stages (whatever layout wrote it); load them whole, keep the shard
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  for (auto& t : v) {
+    const StageState& st = I.stages.at(t.id);
+    if (!st.sharded) continue;
+    t.master = st.host_lowp.scalar_type() == at::kFloat ? st.host_lowp : at::empty({st.layout.numel}, f32);
+    t.exp_avg = at::empty({st.layout.numel}, f32);
+    t.exp_avg_sq = at::empty({st.layout.numel}, f32);
+  }
   const IoStats io = load_training_state(dir, I.plan, v, I.io);
-  for (const auto& t : v) I.stages.at(t.id).step = t.step;
+  for (const auto& t : v) {
+    StageState& st = I.stages.at(t.id);
+    st.step = t.step;
+    if (!st.sharded) continue;
+    set_from_full(st, t.master);
+    st.exp_avg.copy_(t.exp_avg.narrow(0, st.lo, st.n));
+    st.exp_avg_sq.copy_(t.exp_avg_sq.narrow(0, st.lo, st.n));
+  }
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -192,10 +272,29 @@ std::vector<StageTensors> Worker::Impl::stage_tensors() {
   return v;
 }
 
+at::Tensor Worker::Impl::gather_full(const StageState& st, const at::Tensor& shard) {
+  at::Tensor full = at::zeros({st.layout.numel}, at::TensorOptions().dtype(shard.scalar_type()));
+  full.narrow(0, st.lo, st.n).copy_(shard);
+  host_allreduce(full, st.group + ".host");
+  return full;
+}
+
 void Worker::begin_save(const std::string& dir, bool bf16_weights, bool background) {
   auto& I = *impl_;
   // in the order this rank's optimizer steps come in its program: the first update waits the least
   std::vector<StageTensors> v = I.stage_tensors();
+  // sharded stages: every replica's shards gathered into whole tensors (collective over the stage's replicas; the
+  // checkpoint is the same whatever the layout); the previous update of the state must be complete
+  for (auto& t : v) {
+    StageState& st = I.stages.at(t.id);
+    if (!st.sharded) continue;
+    auto it = I.pending_optim.find(t.id);
+    if (it != I.pending_optim.end()) it->second.get();
+    t.master = I.gather_full(st, st.master);
+    t.exp_avg = I.gather_full(st, st.exp_avg);
+    t.exp_avg_sq = I.gather_full(st, st.exp_avg_sq);
+  }
+  if (I.replica != 0) v.clear();  // data-parallel replicas hold the same state: replica 0 writes it
   const auto& prog = I.plan.programs[I.rank].instrs;
   auto first_optim = [&](int stage) {
     for (int i = 0; i < (int)prog.size(); ++i)

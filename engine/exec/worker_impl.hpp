@@ -57,6 +57,11 @@ struct StageState {
   at::Tensor host_lowp;                    // compute-dtype host copy that prefetches read (== master for fp32)
   at::Tensor host_grad;                    // compute-dtype host buffer that gradients land in
   int64_t step = 0;
+  // ZeRO (offloaded stage of a dp plan with reduce_scatter/allgather): this replica owns elements [lo, lo+n) of the
+  // stage's flat; master, exp_avg, exp_avg_sq and host_grad hold only those, host_lowp the whole stage (prefetched).
+  bool sharded = false;
+  int64_t lo = 0, n = 0;  // not sharded: 0, layout.numel
+  std::string group;      // the data-parallel group the shards are spread over
 };
 
 struct FwdRecord {
@@ -67,7 +72,9 @@ struct FwdRecord {
 
 struct Worker::Impl {
   ir::Plan plan;
-  int rank = 0;
+  int rank = 0;        // the program this process runs: its pipeline rank (plan.programs[rank], stages[s].gpu)
+  int world_rank = 0;  // its rank in the job (ir::rank_coord: pipeline rank, data-parallel replica, tp shard)
+  int replica = 0;     // its data-parallel replica: runs the replica's micro-batches, peers in the same replica
   comm::Transport* tr = nullptr;   // send/recv
   comm::Transport* htr = nullptr;  // host collectives
   bool cuda = false;
@@ -194,6 +201,14 @@ struct Worker::Impl {
   void send(const ir::Instr& in);
   void recv(const ir::Instr& in);
   void free_buf(const BufRef& b);
+  void allreduce(const ir::Instr& in);
+  void allgather(const ir::Instr& in);
+  // Sums `t` (host or device memory) over the group on the host thread that calls it; on CUDA staged through the
+  // device (NCCL). Used by the sharded optimizer's gathers (a zero-padded sum is a gather).
+  void host_allreduce(at::Tensor& t, const std::string& group);
+  // The whole fp32 flat of a sharded state tensor (master or a moment): every replica's shard gathered (collective).
+  at::Tensor gather_full(const StageState& st, const at::Tensor& shard);
+  int peer_rank(int pipe) const { return ir::world_rank(plan, pipe, replica); }  // a pipeline peer of this replica
   AdamWHyper hyper() const;
 
   // Test-only fault injection (engine/io/test_fault.hpp: nonfinite): poisons this rank's gradients of `stage` (all
@@ -235,7 +250,7 @@ void Worker::Impl::guarded(int i, F&& f) {
   try {
     f();
   } catch (const std::exception& e) {
-    throw std::runtime_error("rank " + std::to_string(rank) + " failed at instruction %" + std::to_string(i) + ": " + e.what() + "\n" +
+    throw std::runtime_error("rank " + std::to_string(world_rank) + " failed at instruction %" + std::to_string(i) + ": " + e.what() + "\n" +
                              context(i));
   }
 }

@@ -33,11 +33,12 @@ RefResult reference_train(const ir::Plan& plan, const std::string& data_path, in
   dc.seed = 0;
   data::BatchIterator it(data::load_rows(dc), 0);
   RefResult r;
+  const int M = plan.microbatches * plan.dp;  // the global batch (data-parallel replicas split it)
   for (int s = 0; s < steps; ++s) {
-    data::StepBatch b = it.next_step(plan.microbatches, plan.micro_batch_size);
+    data::StepBatch b = it.next_step(M, plan.micro_batch_size);
     int64_t count = 0;
     std::vector<at::Tensor> ids, labels;
-    for (int m = 0; m < plan.microbatches; ++m) {
+    for (int m = 0; m < M; ++m) {
       auto o = at::TensorOptions().dtype(at::kLong);
       ids.push_back(at::from_blob(b.input_ids[m].data(), {plan.micro_batch_size, plan.seq_len}, o).clone());
       labels.push_back(at::from_blob(b.labels[m].data(), {plan.micro_batch_size, plan.seq_len}, o).clone());
@@ -45,7 +46,7 @@ RefResult reference_train(const ir::Plan& plan, const std::string& data_path, in
     }
     opt.zero_grad();
     double total = 0;
-    for (int m = 0; m < plan.microbatches; ++m) {
+    for (int m = 0; m < M; ++m) {
       at::Tensor l = lm_loss_sum(stage_forward(arch, full, flat, ids[m], rope), labels[m]);
       total += l.item<double>();
       (l / double(count)).backward();

@@ -131,7 +131,7 @@ inline Plan hand_plan() {
   a.push_back(free_("batch(m0)"));                                     // 13
   a.push_back(free_("batch(m1)"));                                     // 14
   a.push_back(evict("w(S0)", false, Stream::Comp));                    // 15
-  a.push_back(allreduce("wgrad(S0)", "dp0"));                          // 16
+  a.push_back(allreduce("wgrad(S0)", "dp.g0"));                          // 16
   a.push_back(mk(Op::GradNorm));                                       // 17
   a.push_back(with_after(evict("wgrad(S0)", true, Stream::D2H), {17})); // 18
   a.push_back(with_after(optim(0, Stream::Cpu), {18}));                // 19
@@ -192,7 +192,7 @@ gpu g0 {
   %13 = free batch(m0) @comp
   %14 = free batch(m1) @comp
   %15 = evict w(S0) @comp
-  %16 = allreduce wgrad(S0) @comp group=dp0
+  %16 = allreduce wgrad(S0) @comp group=dp.g0
   %17 = gradnorm @comp
   %18 = evict wgrad(S0) -> host @d2h after(%17)
   %19 = optim S0 @cpu after(%18)

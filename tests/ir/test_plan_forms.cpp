@@ -144,7 +144,7 @@ TEST_CASE("hand plan: JSON form has the documented key order and round-trips") {
   CHECK(js.find(R"J({"op":"send","stream":"p2p","buf":"act(S0,m0)","peer":1,"tag":"F.S0.m0","after":[2]})J") !=
         std::string::npos);
   CHECK(js.find(R"J({"op":"evict","stream":"d2h","buf":"wgrad(S0)","to_host":true,"after":[17]})J") != std::string::npos);
-  CHECK(js.find(R"J({"op":"allreduce","stream":"comp","buf":"wgrad(S0)","group":"dp0"})J") != std::string::npos);
+  CHECK(js.find(R"J({"op":"allreduce","stream":"comp","buf":"wgrad(S0)","group":"dp.g0"})J") != std::string::npos);
   CHECK(js.find(R"J({"op":"gradnorm","stream":"comp"})J") != std::string::npos);
   CHECK(js.find(R"J({"op":"load_batch","stream":"comp","mb":1})J") != std::string::npos);
 

@@ -20,7 +20,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> print_after;
   bool print_after_all = false, quiet = false, verbose = false, passes_doc = false;
   std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
-  std::optional<int> gpus, mbs, microbatches, seq_len;
+  std::optional<int> gpus, mbs, microbatches, seq_len, dp;
   std::optional<double> budget;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
   app.add_option("-o,--output", out_path, "write the plan here");
@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   app.add_option("--hardware", hardware, "hardware name (configs/hardware) or path");
   app.add_option("--gpus", gpus, "number of GPUs (pipeline ranks)");
   app.add_option("--v", v, "virtual stages per GPU, or auto");
+  app.add_option("--dp", dp, "data-parallel replicas of the pipeline (ranks = gpus x dp; divides --microbatches)");
   app.add_option("--budget", budget, "memory budget per GPU in GiB");
   app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
   app.add_option("--microbatches", microbatches, "micro-batches per step");
@@ -83,6 +84,7 @@ int main(int argc, char** argv) {
     if (model) job.model = *model;
     if (hardware) job.hardware = *hardware;
     if (gpus) job.gpus = *gpus;
+    if (dp) job.dp = *dp;
     if (v) job.v = *v;
     if (budget) job.budget_gib = *budget;
     if (mbs) job.micro_batch_size = *mbs;

@@ -202,12 +202,12 @@ int cuda_devices() {
 // local_ranks: the ranks this node runs (0: all the plan's).
 std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker, int local_ranks = 0) {
   if (d != "auto" && d != "cpu" && d != "cuda") throw UsageError("--device must be auto, cpu or cuda (got '" + d + "')");
-  const int n = cuda_devices(), need = local_ranks > 0 ? local_ranks : p.gpus;
+  const int n = cuda_devices(), need = local_ranks > 0 ? local_ranks : ir::world_size(p);
   if (d == "auto") return n > 0 && (worker || n >= need) ? "cuda" : "cpu";
   if (d == "cuda") {
     if (n == 0) throw UsageError("--device cuda: no CUDA GPU is visible");
     if (!worker && n < need)
-      throw UsageError((need == p.gpus ? "the plan has " : "this node runs ") + std::to_string(need) + " GPU ranks but this machine has " +
+      throw UsageError((need == ir::world_size(p) ? "the plan has " : "this node runs ") + std::to_string(need) + " GPU ranks but this machine has " +
                        std::to_string(n) + " GPU(s); compile for --gpus " + std::to_string(n) + " or run across nodes (--nnodes, torchrun, Slurm)");
   }
   return d;
@@ -223,7 +223,7 @@ void write_trace(const std::string& path, const ir::Plan& plan, const std::vecto
     ev.push_back({{"ph", "M"}, {"name", "process_name"}, {"pid", g}, {"args", {{"name", "GPU " + std::to_string(g)}}}});
     for (int l = 0; l < 5; ++l) ev.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", g}, {"tid", l}, {"args", {{"name", lanes[l]}}}});
     for (const auto& e : per_rank[g]) {
-      const auto& in = plan.programs[g].instrs[e.instr];
+      const auto& in = plan.programs[ir::rank_coord(plan, g).pipe].instrs[e.instr];
       std::string deps;
       for (int a : in.after) deps += (deps.empty() ? "%" : ",%") + std::to_string(a);
       std::string text = ir::print_instr(in, e.instr);  // "%3 = send act(S0,m0) -> g1 @p2p after(%2) tag=..."
@@ -237,7 +237,7 @@ void write_trace(const std::string& path, const ir::Plan& plan, const std::vecto
   }
   json out = {{"traceEvents", ev},
               {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
-                            {"gpus", plan.gpus}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}}}};
+                            {"gpus", ir::world_size(plan)}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}}}};
   mmoc::write_file_atomic(path, out.dump());
 }
 
@@ -263,10 +263,10 @@ int worker_body(const Args& a, const std::string& device_hint) {
   const auto t_start = Clock::now();
   comm::WorldInfo w = comm::world_from_env();
   ir::Plan plan = ir::load_plan_file(a.plan);
-  if (w.world_size != plan.gpus)
-    throw UsageError("WORLD_SIZE=" + std::to_string(w.world_size) + " but the plan has " + std::to_string(plan.gpus) + " ranks");
+  if (w.world_size != ir::world_size(plan))
+    throw UsageError("WORLD_SIZE=" + std::to_string(w.world_size) + " but the plan has " + std::to_string(ir::world_size(plan)) + " ranks");
   std::string device = resolve_device(device_hint, plan, true);
-  at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus)));
+  at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, ir::world_size(plan))));
   WorkerOptions wo;
   wo.device = device;
   wo.cuda_device = device == "cuda" ? comm::cuda_device_for(w, cuda_devices()) : -1;
@@ -299,8 +299,9 @@ int worker_body(const Args& a, const std::string& device_hint) {
       // open every NCCL connection the plan uses now (one tiny exchange with each peer, all in one group), so that
       // its buffers exist before the allocator's cap is set and no connection is made in the middle of a step
       std::set<int> peers;
-      for (const auto& in : plan.programs[w.rank].instrs)
-        if (in.op == ir::Op::Send || in.op == ir::Op::Recv) peers.insert(in.peer);
+      const ir::RankCoord me = ir::rank_coord(plan, w.rank);
+      for (const auto& in : plan.programs[me.pipe].instrs)
+        if (in.op == ir::Op::Send || in.op == ir::Op::Recv) peers.insert(ir::world_rank(plan, in.peer, me.replica, me.shard));
       if (!peers.empty()) {
         auto o = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, worker.device_index());
         std::vector<at::Tensor> out(peers.size()), in(peers.size());
@@ -329,9 +330,9 @@ int worker_body(const Args& a, const std::string& device_hint) {
   data::BatchIterator it(rows, a.data_seed);
   // one value of every rank, on every rank; and reductions of it
   auto per_rank = [&](double v) {
-    std::vector<double> out(plan.gpus, 0.0);
+    std::vector<double> out(ir::world_size(plan), 0.0);
     if (!tr) { out[0] = v; return out; }
-    for (int g = 0; g < plan.gpus; ++g) out[g] = tr->allreduce_sum_double(g == w.rank ? v : 0.0);
+    for (int g = 0; g < ir::world_size(plan); ++g) out[g] = tr->allreduce_sum_double(g == w.rank ? v : 0.0);
     return out;
   };
   auto max_over_ranks = [&](double v) { auto a = per_rank(v); return *std::max_element(a.begin(), a.end()); };
@@ -385,7 +386,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
     metrics.open(a.metrics, start > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics) throw UsageError("--metrics " + a.metrics + ": cannot write");
   }
-  const int64_t tokens_per_step = (int64_t)plan.microbatches * plan.micro_batch_size * plan.seq_len;
+  const int64_t tokens_per_step = (int64_t)plan.microbatches * plan.dp * plan.micro_batch_size * plan.seq_len;
 
   // ---- checkpoints: every rank writes its stages into <save>.staging, rank 0 completes and swaps it in ----------
   const bool bf16_weights = a.save_dtype == "bf16";
@@ -453,9 +454,9 @@ int worker_body(const Args& a, const std::string& device_hint) {
 
   double total_s = 0;
   StepResult last;
-  std::vector<double> last_peaks(plan.gpus, 0.0), last_allocs(plan.gpus, 0.0);
+  std::vector<double> last_peaks(ir::world_size(plan), 0.0), last_allocs(ir::world_size(plan), 0.0);
   for (int64_t s = start; s < a.steps; ++s) {
-    data::StepBatch b = it.next_step(plan.microbatches, plan.micro_batch_size);
+    data::StepBatch b = it.next_step(plan.microbatches * plan.dp, plan.micro_batch_size);  // the global batch: every replica's rows
     StepResult r = worker.step(b, s);
     last = r;
     total_s += r.seconds;
@@ -485,13 +486,13 @@ int worker_body(const Args& a, const std::string& device_hint) {
         if (skipped_total > 0) os << "  skipped " << skipped_total;
         const bool small = *std::max_element(peaks.begin(), peaks.end()) < 1024.0 * 1024 * 1024;
         os << (small ? "  peak MiB" : "  peak GiB");
-        for (int g = 0; g < plan.gpus; ++g) {
+        for (int g = 0; g < ir::world_size(plan); ++g) {
           if (small) { std::snprintf(buf, sizeof buf, "%.1f", peaks[g] / (1024.0 * 1024)); os << (g ? "," : " ") << buf; }
           else { std::snprintf(buf, sizeof buf, "%.2f", peaks[g] / mmoc::GiB); os << (g ? "," : " ") << buf; }
         }
         if (device == "cuda") {
           os << "  allocated";
-          for (int g = 0; g < plan.gpus; ++g) {
+          for (int g = 0; g < ir::world_size(plan); ++g) {
             std::snprintf(buf, sizeof buf, "%.2f", allocs[g] / mmoc::GiB);
             os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : std::string(buf));
           }
@@ -503,8 +504,8 @@ int worker_body(const Args& a, const std::string& device_hint) {
       m = {{"step", s + 1}, {"loss", r.loss}, {"tokens", r.tokens}, {"tokens_per_s", tps}, {"step_s", r.seconds},
            {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}};
       if (device == "cuda") {  // everything the process held on each GPU at its peak: allocator + context + NCCL
-        std::vector<double> dev(plan.gpus);
-        for (int g = 0; g < plan.gpus; ++g) dev[g] = peaks[g] + outside[g];
+        std::vector<double> dev(ir::world_size(plan));
+        for (int g = 0; g < ir::world_size(plan); ++g) dev[g] = peaks[g] + outside[g];
         m["device_peak_bytes"] = dev;
       }
       m["grad_norm"] = r.grad_norm;  // NaN and inf are written as null
@@ -537,16 +538,16 @@ int worker_body(const Args& a, const std::string& device_hint) {
     if (tr) tr->barrier();
     if (w.rank == 0) {
       // keep the last step only: that is the steady state
-      std::vector<std::vector<TraceEvent>> all(plan.gpus);
-      for (int g = 0; g < plan.gpus; ++g) {
+      std::vector<std::vector<TraceEvent>> all(ir::world_size(plan));
+      for (int g = 0; g < ir::world_size(plan); ++g) {
         std::ifstream f(a.trace + ".rank" + std::to_string(g) + ".json");
         json j = json::parse(f);
-        const size_t n = plan.programs[g].instrs.size();
+        const size_t n = plan.programs[ir::rank_coord(plan, g).pipe].instrs.size();
         for (size_t k = j.size() >= n ? j.size() - n : 0; k < j.size(); ++k)
           all[g].push_back({j[k][0].get<int>(), j[k][1].get<int>(), j[k][2].get<double>(), j[k][3].get<double>(), j[k][4].get<int64_t>()});
       }
       write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks, last_allocs);
-      for (int g = 0; g < plan.gpus; ++g) io::remove_tree(a.trace + ".rank" + std::to_string(g) + ".json");
+      for (int g = 0; g < ir::world_size(plan); ++g) io::remove_tree(a.trace + ".rank" + std::to_string(g) + ".json");
     }
     if (tr) tr->barrier();
   }
@@ -618,13 +619,13 @@ int run_main(int argc, char** argv) {
   try {
     if (is_worker) return worker_main(a);
     ir::Plan p = validate(a);
-    const comm::NodeLaunch node = comm::resolve_node_launch(a.launch, p.gpus, comm::comm_env());
+    const comm::NodeLaunch node = comm::resolve_node_launch(a.launch, ir::world_size(p), comm::comm_env());
     std::string device = resolve_device(a.device, p, false, node.nproc_per_node);
     // parse the data once up front: a malformed line is reported before any worker starts
     check_resume_data(a, data::open_rows(data_config(a, p)));
     if (!a.quiet)
-      std::cout << "mmoc-run: " << p.model.name << ", " << p.gpus << " rank(s) on " << device << ", schedule " << p.schedule
-                << ", v=" << p.v << ", " << p.microbatches << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step"
+      std::cout << "mmoc-run: " << p.model.name << ", " << ir::world_size(p) << " rank(s) on " << device << ", schedule " << p.schedule
+                << ", v=" << p.v << ", " << p.microbatches * p.dp << " x " << p.micro_batch_size << " x " << p.seq_len << " tokens per step"
                 << (node.nnodes > 1 ? "; node " + std::to_string(node.node_rank) + " of " + std::to_string(node.nnodes) + " runs ranks " +
                                           std::to_string(node.first_rank()) + "-" + std::to_string(node.first_rank() + node.nproc_per_node - 1) +
                                           " (rendezvous " + node.master_addr + ":" + std::to_string(node.master_port) + ")"

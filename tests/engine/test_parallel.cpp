@@ -1,0 +1,254 @@
+// Data parallelism with pipelines (pp x dp): mmoc-run with pp*dp worker processes (gloo on the CPU) trains to the
+// same losses and final weights as the plain single-process loop on the whole batch, for (pp, dp) in {(1,2), (2,2)}
+// x v in {1,2} x offload all/none on two families (the GQA tiny-8l, GPT-2); a checkpoint saved under one layout
+// resumes under another (dp 2 -> 1, 1 -> 2) to the uninterrupted run's weights; bad layouts exit 2 naming why.
+#include <ATen/ATen.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "tests/torch_doctest.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "compiler/pipeline.hpp"
+#include "engine/io/fsutil.hpp"
+#include "engine/model/checkpoint.hpp"
+#include "engine/model/layout.hpp"
+#include "engine/model/model.hpp"
+#include "ir/ops.hpp"
+#include "tests/engine/reference.hpp"
+
+using namespace mmoc;
+
+namespace {
+const std::string kConfigs = MMOC_CONFIGS_DIR;
+const std::string kRun = MMOC_RUN_BIN;
+const std::string kCompile = MMOC_COMPILE_BIN;
+const std::string kData = MMOC_SOURCE_DIR "/data/sample/tiny_tokens.jsonl";
+
+std::string tmp_root() {
+  const char* t = std::getenv("TMPDIR");
+  return std::string(t ? t : "/tmp") + "/mmoc-dp-" + std::to_string(::getpid());
+}
+std::string scratch(const std::string& name) {
+  std::string p = tmp_root() + "/" + name;
+  io::remove_tree(p);
+  io::make_dirs(p);
+  return p;
+}
+
+ir::Plan make_plan(int pp, int dp, int v, const std::string& offload, const std::string& model, double clip = 0,
+                   int microbatches = 4) {
+  JobConfig j;
+  j.model = model;
+  j.hardware = "cpu8";
+  j.gpus = pp;
+  j.dp = dp;
+  j.v = std::to_string(v);
+  j.micro_batch_size = 2;
+  j.microbatches = microbatches;
+  j.seq_len = 32;
+  j.schedule = v > 1 ? "grouped" : "1f1b";
+  j.offload = offload;
+  j.recompute = "auto";
+  j.budget_gib = 1;
+  j.train.precision = "fp32";
+  j.train.lr = 1e-3;
+  j.train.weight_decay = 0.01;
+  j.train.max_grad_norm = clip;
+  j.train.lr_schedule = clip > 0 ? "cosine" : "constant";
+  j.train.warmup_steps = clip > 0 ? 1 : 0;
+  j.train.total_steps = 4;
+  ModelSpec m = load_model(j.model, kConfigs);
+  HardwareSpec hw = load_hardware(j.hardware, kConfigs);
+  return compile_job(j, m, hw, {}).plan;
+}
+
+std::vector<double> read_losses(const std::string& metrics) {
+  std::ifstream f(metrics);
+  std::vector<double> l;
+  std::string line;
+  while (std::getline(f, line)) l.push_back(nlohmann::json::parse(line).at("loss").get<double>());
+  return l;
+}
+
+// Runs cmd; returns its exit code and (in out) what it printed.
+int run(const std::string& cmd, std::string* out = nullptr) {
+  const std::string log = tmp_root() + ".log";
+  int rc = std::system((cmd + " > " + log + " 2>&1").c_str());
+  std::ifstream f(log);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  if (out) *out = ss.str();
+  const int code = WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+  if (code != 0 && !out) MESSAGE("command failed: " << cmd << "\n" << ss.str());
+  return code;
+}
+
+double rel_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().max().item<double>() / std::max(1e-12, b.abs().max().item<double>());
+}
+
+at::Tensor load_full(const ir::Plan& p, const std::string& dir) {
+  engine::StageLayout full = engine::full_layout(p.model);
+  return engine::load_hf_weights(dir, p.model, {full})[0];
+}
+
+int count_ops(const ir::Plan& p, ir::Op op) {
+  int n = 0;
+  for (const auto& prog : p.programs)
+    for (const auto& in : prog.instrs) n += in.op == op;
+  return n;
+}
+
+std::string run_cmd(const std::string& dir, int steps) {
+  return kRun + " " + dir + "/plan.json --data " + kData + " --steps " + std::to_string(steps) +
+         " --device cpu --seed 7 -q --optim-threads 1";
+}
+
+void check_against_reference(const ir::Plan& plan, const std::string& label, int steps = 3) {
+  const std::string dir = scratch(label);
+  ir::save_file_atomic(dir + "/plan.json", ir::to_json_string(plan));
+  int rc = run(run_cmd(dir, steps) + " --metrics " + dir + "/m.jsonl --save " + dir + "/ckpt");
+  REQUIRE_MESSAGE(rc == 0, label);
+  auto losses = read_losses(dir + "/m.jsonl");
+  auto ref = test::reference_train(plan, kData, steps, 7);
+  REQUIRE(losses.size() == ref.losses.size());
+  for (size_t i = 0; i < losses.size(); ++i)
+    CHECK_MESSAGE(std::abs(losses[i] - ref.losses[i]) <= 1e-5 * std::abs(ref.losses[i]),
+                  label << " step " << i << ": " << losses[i] << " vs " << ref.losses[i]);
+  double d = rel_diff(load_full(plan, dir + "/ckpt"), ref.weights);
+  CHECK_MESSAGE(d <= 1e-5, label << ": final weights differ by " << d << " (relative)");
+  engine::StageLayout full = engine::full_layout(plan.model);
+  at::Tensor init = engine::new_flat(full, at::TensorOptions().dtype(at::kFloat));
+  engine::init_weights(plan.model, full, init, 7);
+  CHECK(rel_diff(ref.weights, init) > 1e-4);  // training moved the weights: the comparison is not vacuous
+  io::remove_tree(dir);
+}
+}  // namespace
+
+TEST_CASE("a dp plan: the layout, its groups, one gradient allreduce per stage over its replicas") {
+  ir::Plan p = make_plan(2, 2, 2, "none", "tiny-8l");
+  CHECK(p.dp == 2);
+  CHECK(p.gpus == 2);
+  CHECK(p.microbatches == 2);  // per replica: the step's 4 split over 2 replicas
+  CHECK(ir::world_size(p) == 4);
+  CHECK(ir::rank_coord(p, 3).pipe == 1);
+  CHECK(ir::rank_coord(p, 3).replica == 1);
+  auto g = ir::process_groups(p);
+  CHECK(g.at("dp.g0") == std::vector<int>{0, 2});
+  CHECK(g.at("dp.g1") == std::vector<int>{1, 3});
+  CHECK(count_ops(p, ir::Op::AllReduce) == p.num_stages());
+  for (const auto& prog : p.programs)
+    for (const auto& in : prog.instrs)
+      if (in.op == ir::Op::AllReduce) {
+        CHECK(in.group == "dp.g" + std::to_string(prog.gpu));
+        CHECK(in.buf->kind == ir::BufKind::WGrad);
+      }
+  // dp = 1: no collective, the plan as before
+  CHECK(count_ops(make_plan(2, 1, 2, "none", "tiny-8l"), ir::Op::AllReduce) == 0);
+  // the text form round-trips, and the verifier rejects an unknown group and a mismatched collective
+  CHECK(ir::parse_text(ir::print_text(p)) == p);
+  ir::Plan bad = p;
+  for (auto& in : bad.programs[0].instrs)
+    if (in.op == ir::Op::AllReduce) { in.group = "dp.g7"; break; }
+  auto problems = ir::verify_structure(bad);
+  REQUIRE(!problems.empty());
+  CHECK(problems[0].find("unknown group 'dp.g7'") != std::string::npos);
+  bad = p;
+  for (auto& in : bad.programs[0].instrs)
+    if (in.op == ir::Op::AllReduce) { in.group = "dp.g1"; break; }
+  problems = ir::verify_structure(bad);
+  REQUIRE(!problems.empty());
+  CHECK(problems[0].find("group 'dp.g1' has no rank that runs g0") != std::string::npos);
+}
+
+TEST_CASE("offloaded stages of a dp plan: reduce_scatter after the last backward, sharded cpu optim, allgather of w") {
+  ir::Plan p = make_plan(2, 2, 1, "all", "tiny-8l");
+  CHECK(count_ops(p, ir::Op::ReduceScatter) == p.num_stages());
+  CHECK(count_ops(p, ir::Op::AllGather) == p.num_stages());
+  CHECK(count_ops(p, ir::Op::AllReduce) == 0);
+  for (const auto& prog : p.programs)
+    for (const auto& st : p.stages) {
+      if (st.gpu != prog.gpu) continue;
+      CAPTURE(st.id);
+      int last_bwd = -1, rs = -1, evict = -1, opt = -1, ag = -1;
+      for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+        const auto& in = prog.instrs[i];
+        const bool wg = in.buf && *in.buf == ir::BufRef{ir::BufKind::WGrad, st.id, -1};
+        if (in.op == ir::Op::Backward && in.stage == st.id) last_bwd = i;
+        if (in.op == ir::Op::ReduceScatter && wg) rs = i;
+        if (in.op == ir::Op::Evict && wg) evict = i;
+        if (in.op == ir::Op::Optim && in.stage == st.id) opt = i;
+        if (in.op == ir::Op::AllGather && in.buf->stage == st.id) ag = i;
+      }
+      REQUIRE(rs > last_bwd);
+      REQUIRE(evict > rs);
+      const auto& ev = prog.instrs[evict].after;
+      CHECK(std::find(ev.begin(), ev.end(), rs) != ev.end());  // the copy to the host waits for the reduction
+      CHECK(opt > evict);
+      CHECK(ag > opt);
+      CHECK(prog.instrs[ag].stream == ir::Stream::Cpu);
+      CHECK(prog.instrs[ag].group == "dp.g" + std::to_string(prog.gpu));
+    }
+  CHECK(ir::parse_text(ir::print_text(p)) == p);
+  CHECK(ir::from_json_string(ir::to_json_string(p)) == p);
+}
+
+TEST_CASE("pp x dp training equals plain training ((1,2), (2,2) x v 1,2 x offload all/none x GQA llama, GPT-2)") {
+  int runs = 0;
+  for (const char* model : {"tiny-8l", "tiny-gpt2"})
+    for (int pp : {1, 2})
+      for (int v : {1, 2})
+        for (std::string off : {"all", "none"}) {
+          const std::string label = std::string(model) + "-pp" + std::to_string(pp) + "-dp2-v" + std::to_string(v) + "-offload-" + off;
+          CAPTURE(label);
+          check_against_reference(make_plan(pp, 2, v, off, model), label);
+          ++runs;
+        }
+  CHECK(runs == 16);
+}
+
+TEST_CASE("dp with clipping by the global norm, a cosine schedule and 4 replicas equals plain training") {
+  check_against_reference(make_plan(2, 2, 1, "all", "tiny-8l", 0.05), "clip-pp2-dp2-offload-all", 4);
+  check_against_reference(make_plan(1, 4, 2, "none", "tiny-8l", 0.05, 8), "clip-pp1-dp4-v2-resident", 3);
+}
+
+TEST_CASE("a checkpoint saved under one layout resumes under another exactly (dp 2 -> 1 and 1 -> 2)") {
+  for (auto [dp_a, dp_b] : {std::pair{2, 1}, std::pair{1, 2}}) {
+    const std::string label = "resume-dp" + std::to_string(dp_a) + "-to-dp" + std::to_string(dp_b);
+    CAPTURE(label);
+    ir::Plan pa = make_plan(2, dp_a, 1, "all", "tiny-8l", 0.05), pb = make_plan(2, dp_b, 1, "all", "tiny-8l", 0.05);
+    const std::string dir = scratch(label), a = dir + "/a", b = dir + "/b";
+    io::make_dirs(a);
+    io::make_dirs(b);
+    ir::save_file_atomic(a + "/plan.json", ir::to_json_string(pa));
+    ir::save_file_atomic(b + "/plan.json", ir::to_json_string(pb));
+    // uninterrupted under layout b; 2 steps under a, then 2 more under b
+    REQUIRE(run(run_cmd(b, 4) + " --metrics " + dir + "/full.jsonl --save " + dir + "/full") == 0);
+    REQUIRE(run(run_cmd(a, 2) + " --metrics " + dir + "/part.jsonl --save " + dir + "/part") == 0);
+    REQUIRE(run(run_cmd(b, 4) + " --resume " + dir + "/part --metrics " + dir + "/part.jsonl --save " + dir + "/resumed") == 0);
+    auto full = read_losses(dir + "/full.jsonl"), part = read_losses(dir + "/part.jsonl");
+    REQUIRE(full.size() == 4);
+    REQUIRE(part.size() == 4);
+    for (int i = 0; i < 4; ++i) CHECK(part[i] == doctest::Approx(full[i]).epsilon(1e-5));
+    CHECK(rel_diff(load_full(pb, dir + "/resumed"), load_full(pb, dir + "/full")) <= 1e-5);
+    io::remove_tree(dir);
+  }
+}
+
+TEST_CASE("bad layouts exit 2 with a message naming the reason") {
+  const std::string base = kCompile + " --configs " + kConfigs + " --model tiny-8l --hardware cpu8 --micro-batch-size 2 --seq-len 32 -o " +
+                           tmp_root() + "-bad.json";
+  std::string out;
+  CHECK(run(base + " --gpus 2 --dp 3 --microbatches 4", &out) == 2);
+  CHECK(out.find("--dp 3 does not divide the batch") != std::string::npos);
+  CHECK(run(base + " --gpus 4 --dp 3 --microbatches 6", &out) == 2);
+  CHECK(out.find("12 ranks, but hardware 'cpu8' has 8 GPU(s)") != std::string::npos);
+  CHECK(run(base + " --gpus 2 --dp 0 --microbatches 4", &out) == 2);
+  CHECK(out.find("--dp must be >= 1") != std::string::npos);
+  CHECK(run(base + " --gpus 2 --dp 2 --microbatches 4", &out) == 0);  // and a good one compiles
+}
