@@ -140,6 +140,12 @@ static void refresh_device_copies(Worker::Impl& I) {
     if (st.resident) {
       I.bufs.erase({BufKind::W, s, -1});
       I.put({BufKind::W, s, -1}, st.master.to(I.cdtype, false, true));
+    } else if (I.cdtype == at::kBFloat16) {  // on the worker's own threads (ATen's may be one in this process)
+      const float* src = st.master.data_ptr<float>();
+      auto* dst = st.host_lowp.data_ptr<at::BFloat16>();
+      I.pool->parallel_for(st.master.numel(), int64_t(1) << 20, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) dst[i] = at::BFloat16(src[i]);  // round to nearest even, as copy_
+      });
     } else if (I.cdtype != at::kFloat) {
       st.host_lowp.copy_(st.master);
     }
@@ -149,7 +155,11 @@ static void refresh_device_copies(Worker::Impl& I) {
 LoadReport Worker::init_random(uint64_t seed) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
-  for (auto& [s, st] : I.stages) init_weights(I.plan.model, st.layout, st.master, seed);
+  // on the worker's thread pool (this rank's cores): ATen's intra-op pool may be a single thread in a worker process
+  const ParallelFor pfor = [&I](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    I.pool->parallel_for(n, grain, fn);
+  };
+  for (auto& [s, st] : I.stages) init_weights(I.plan.model, st.layout, st.master, seed, 0.02, pfor);
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
