@@ -362,7 +362,7 @@ hfcheck)
   # models that transformers writes here, plus the project's HF fixtures, made here by the project's script
   # (transformers of the machine)
   python3 tools/scripts/make_hf_fixtures.py "$OUT/fixtures" || exit 1
-  python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/hfcheck" --fixtures "$OUT/fixtures/hf-tiny" 2>&1 | grep -v "it/s\]" | tee "$OUT/hfcheck.log"
+  python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/hfcheck" --fixtures "$OUT/fixtures/hf-tiny" 2>&1 | grep --line-buffered -v "it/s\]" | tee "$OUT/hfcheck.log"
   rm -rf "$OUT/hfcheck" "$OUT/fixtures"
   ;;
 peers)
