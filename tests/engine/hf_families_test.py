@@ -9,7 +9,8 @@ torch.optim.AdamW step on one batch):
      N in {1, 2, 3} pipeline ranks and v in {1, 2} stages per rank (where N*v <= layers + 2; tied models too: the
      head stage gets the embedding from stage 0 and returns its gradient, and for them also with every stage offloaded,
      host master and CPU AdamW), mmoc-run starts from the checkpoint (--init: the engine's reader), trains
-     one step on HF's batch with HF's AdamW hyper-parameters and saves: the step's loss equals HF's to 1e-5 and every
+     one step on HF's batch with HF's AdamW hyper-parameters and saves: the step's loss and its global gradient norm
+     (HF's gradients' norm, a tied matrix counted once) equal HF's to 1e-5 and every
      saved tensor equals HF's after_adamw.<name> to 1e-5 of the tensor's largest value, except where the gradient
      itself is at the 1e-5 noise floor and the step's direction is undetermined (see adamw_agreement);
   2. the config.json without its norm epsilon (rms_norm_eps / layer_norm_epsilon): the compiler and the engine both
@@ -90,8 +91,9 @@ def run_step(work, plan, init, rows, steps=1, tag="run"):
     if not sh([RUN, plan, "--data", rows, "--steps", steps, "--device", "cpu", "--init", init, "-q", "--optim-threads", 1,
                "--metrics", met, "--save", out, "--save-dtype", "fp32"], f"mmoc-run {plan} --init {init}"):
         return None, None
-    losses = [json.loads(l)["loss"] for l in open(met) if l.strip()] if os.path.exists(met) else []
-    return out, losses
+    rows = [json.loads(l) for l in open(met) if l.strip()] if os.path.exists(met) else []
+    run_step.grad_norms = [r.get("grad_norm") for r in rows]
+    return out, [r["loss"] for r in rows]
 
 
 def saved_tensors(ckpt):
@@ -134,6 +136,11 @@ def one_step_checks(name, work):
         lrel = abs(losses[0] - meta["loss"]) / abs(meta["loss"])
         check(stages == n * v and lrel <= 1e-5,
               f"{name} {lab} ({stages} stages): loss {losses[0]:.7f} vs HF {meta['loss']:.7f} (rel {lrel:.1e})")
+        # the gradients: the step's global norm is HF's (a tied matrix counts once, with both its uses' gradients)
+        hf_norm = torch.sqrt(sum((t.double() ** 2).sum() for k, t in ref.items() if k.startswith("grad."))).item()
+        gn = run_step.grad_norms[0] if run_step.grad_norms else None
+        grel = abs(gn - hf_norm) / hf_norm if gn is not None else float("inf")
+        check(grel <= 1e-5, f"{name} {lab}: gradient norm {gn} vs HF's {hf_norm:.7f} (rel {grel:.1e})")
         got = saved_tensors(ckpt)
         want = {k[len("after_adamw."):]: t for k, t in ref.items() if k.startswith("after_adamw.")}
         worst, loose = adamw_agreement(got, want, ref, meta["adamw"])
