@@ -155,14 +155,6 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
   } else {
     vs.push_back(std::stoi(j.v));
   }
-  // A tied lm_head is the embedding matrix. Until plans carry it between stages (the engine refuses such plans), a
-  // tied model compiles to one stage.
-  if (m.tied_embeddings) {
-    if (j.gpus > 1 || (j.v != "auto" && std::stoi(j.v) > 1))
-      throw InputError(m.name + " ties lm_head to the token embedding, and tied embeddings across pipeline stages are not "
-                       "supported yet: compile it for --gpus 1 --v 1 (or use an untied model)");
-    vs = {1};
-  }
   std::vector<std::string> scheds;
   if (j.schedule == "auto") scheds = schedule_names();
   else scheds.push_back(j.schedule);

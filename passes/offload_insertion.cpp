@@ -45,6 +45,8 @@ using ir::Op;
 using ir::Stream;
 
 namespace {
+bool is_tie_kind(BufKind k) { return k == BufKind::Tie || k == BufKind::TieGrad; }
+
 struct NewOp {
   ir::Instr in;
   std::vector<int> after_old, after_new;
@@ -111,7 +113,7 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
   }
-  p.buffers.clear();
+  std::erase_if(p.buffers, [](const ir::BufferDecl& d) { return !is_tie_kind(d.kind); });  // tied-embeddings' stay
   for (int s = 0; s < P; ++s) {
     const auto& st = p.stages[s];
     ir::Tier home = cfg.resident[s] ? ir::Tier::Gpu : ir::Tier::Host;
@@ -180,6 +182,8 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     // ---- gradients and optimizer
     std::map<int, int> last_bwd;
     for (int i : comp) if (old[i].op == Op::Backward) last_bwd[old[i].stage] = i;
+    for (int i = 0; i < (int)old.size(); ++i)  // tied-embeddings' addgrad completes stage 0's gradient
+      if (old[i].op == Op::AddGrad && last_bwd.count(old[i].stage) && i > last_bwd[old[i].stage]) last_bwd[old[i].stage] = i;
     std::vector<int> grad_ready_new, grad_ready_old;
     std::vector<std::pair<int, int>> cpu_optims;  // (stage, evict id)
     std::vector<int> gpu_optim_stages;
@@ -327,7 +331,8 @@ namespace {
 // The instructions lower_offload adds (comm-lowering's own `free`s of sent activations and gradients stay).
 bool added_by_offload(const ir::Instr& in) {
   switch (in.op) {
-    case Op::Prefetch: case Op::Evict: case Op::LoadBatch: case Op::Optim: case Op::GradNorm: return true;
+    case Op::Prefetch: return !in.buf || !is_tie_kind(in.buf->kind);  // tied-embeddings' prefetch stays
+    case Op::Evict: case Op::LoadBatch: case Op::Optim: case Op::GradNorm: return true;
     case Op::Free: return in.buf && in.buf->kind == BufKind::Batch;
     default: return false;
   }
@@ -409,7 +414,7 @@ int window_of(const ir::Plan& p) {
 
 ir::Plan strip_offload(const PassContext& c, const ir::Plan& lowered) {
   ir::Plan p = lowered;
-  p.buffers.clear();
+  std::erase_if(p.buffers, [](const ir::BufferDecl& d) { return !is_tie_kind(d.kind); });
   p.predicted.reset();
   for (auto& st : p.stages) {  // as partition left them
     st.recompute = c.job.recompute != "off";

@@ -60,6 +60,7 @@ std::vector<Pass> default_pipeline() {
       {"cross-map", cross_map_pass, kCrossMapContract, {}},
       {"schedule", schedule_pass, kScheduleContract, {}},
       {"comm-lowering", comm_lowering_pass, kCommLoweringContract, {}},
+      {"tied-embeddings", tied_embeddings_pass, kTiedEmbeddingsContract, {}},
       {"offload-insertion", offload_insertion_pass, kOffloadInsertionContract, recover_offload_insertion},
       {"overlap", overlap_pass, kOverlapContract, recover_overlap},
       {"linearize", linearize_pass, kLinearizeContract, recover_linearize},

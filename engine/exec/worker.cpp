@@ -56,8 +56,14 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     for (int k = 0; k < threads; ++k) pin.push_back(rank * threads + k);
   }
   I.pool = std::make_unique<ThreadPool>(threads, pin);
-  if (plan.model.tied_embeddings && plan.num_stages() > 1)
-    throw std::runtime_error("tied embeddings across pipeline stages are not supported (use one stage, or an untied model)");
+  if (plan.model.tied_embeddings && plan.num_stages() > 1) {  // tied-embeddings' plumbing (older plans lack it)
+    bool adds = false;
+    for (const auto& prog : plan.programs)
+      for (const auto& in : prog.instrs) adds = adds || in.op == Op::AddGrad;
+    if (!adds || !plan.find_buffer(BufKind::Tie, I.last))
+      throw std::runtime_error("the plan splits a tied model over " + std::to_string(plan.num_stages()) +
+                               " stages but does not carry the tied embedding (tie/tiegrad, addgrad): compile it again");
+  }
   // host state: exactly sized, faulted in by all of this rank's cores, page-locked on CUDA where copies need it
   const int fault_threads = std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus));
   auto host = [&](at::ScalarType t, int64_t n, bool pinned) { return host_tensor(n, t, pinned && I.cuda, I.cuda_index, fault_threads); };

@@ -85,7 +85,7 @@ def main():
         check("send " not in p.stdout and "; ---- plan after comm-lowering" not in p.stdout,
               "--print-after=schedule: only that pass (no send/recv yet)")
         p = run(C, R, TINY + ["--microbatches", "2", "--print-after-all", "-q"])
-        check(p.returncode == 0 and p.stdout.count("; ---- plan after ") == 7, "--print-after-all: seven passes printed")
+        check(p.returncode == 0 and p.stdout.count("; ---- plan after ") == 8, "--print-after-all: eight passes printed")
 
         # --v auto and --schedule auto produce a plan
         for name, extra in [("--v auto", ["--v", "auto", "--schedule", "grouped"]),

@@ -95,9 +95,14 @@ ir::Plan validate(const Args& a) {
   } catch (const arch::ConfigError& e) {
     throw UsageError(e.what());
   }
-  if (p.model.tied_embeddings && p.num_stages() > 1)
-    throw UsageError(a.plan + ": " + p.model.name + " has tied embeddings in " + std::to_string(p.num_stages()) +
-                     " stages; tied embeddings across pipeline stages are not supported yet (compile it for one stage)");
+  if (p.model.tied_embeddings && p.num_stages() > 1) {  // the tied-embeddings pass's plumbing (older plans lack it)
+    bool adds = false;
+    for (const auto& prog : p.programs)
+      for (const auto& in : prog.instrs) adds = adds || in.op == ir::Op::AddGrad;
+    if (!adds || !p.find_buffer(ir::BufKind::Tie, p.num_stages() - 1))
+      throw UsageError(a.plan + ": " + p.model.name + " has tied embeddings in " + std::to_string(p.num_stages()) +
+                       " stages, but the plan does not carry the tied embedding (tie/tiegrad, addgrad): compile it again");
+  }
   if (a.steps < 0) throw UsageError("--steps must be >= 0");
   if (a.data.empty()) throw UsageError("--data is required");
   if (!io::path_exists(a.data)) throw UsageError("--data " + a.data + ": no such file");
