@@ -322,6 +322,7 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
   r.read("group_link_gbps", hw.group_link_gbps, finite_min(1e-6));
   r.read("p2p_gbps", hw.p2p_gbps, finite_min(1e-6));
   r.read("host_mem_gib", hw.host_mem_gib, finite_min(0));
+  r.read("host_process_gib", hw.host_process_gib, finite_min(0));
   r.read("cpu_cores", hw.cpu_cores, 1);
   r.read("host_mem_gbps", hw.host_mem_gbps, finite_min(1e-6));
   r.read("adam_bytes_per_param", hw.adam_bytes_per_param, finite_min(1e-6));

@@ -72,7 +72,12 @@ struct HardwareSpec {
   std::vector<std::vector<int>> host_groups;
   double group_link_gbps = 25;   // per direction, shared by the group's GPUs
   double p2p_gbps = 20;          // GPU<->GPU
-  double host_mem_gib = 256;
+  double host_mem_gib = 256;     // per node: the ranks on one host share it (cost/host_memory.hpp checks plans against it)
+  // Host memory of one worker process beyond its training state: CUDA context, LibTorch, NCCL and cuBLAS on the host.
+  // 3.0: LLaMA-2-7B on nvidia-h200 at a 20 GiB budget peaked at 109.4 GiB resident when pinned buffers were still
+  // rounded up to powers of two (d1185f8: 12n exact + 4n x 1.33 for 0.2B-parameter stages = 106.5 GiB), leaving
+  // 2.9 GiB for the process (docs/design.md, Host memory).
+  double host_process_gib = 3.0;
   int cpu_cores = 16;
   double host_mem_gbps = 80;     // host memcpy bandwidth (read+write)
   double adam_bytes_per_param = 28;

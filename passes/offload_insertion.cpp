@@ -5,9 +5,11 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <optional>
 
 #include "common/format.hpp"
 #include "ir/ops.hpp"
+#include "cost/host_memory.hpp"
 #include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
@@ -247,6 +249,7 @@ void offload_insertion_pass(PassContext& c) {
   std::vector<Cand> cands;
   int64_t smallest = -1;
   std::string smallest_desc;
+  std::optional<HostMemoryCheck> host_refusal;  // a choice that fits the GPU but not the host
   for (bool rc : rc_options) {
     OffloadConfig cfg;
     cfg.recompute = rc;
@@ -299,14 +302,20 @@ void offload_insertion_pass(PassContext& c) {
         pl = lower_offload(c, base, cfg);
       }
     }
+    // host memory (cost/host_memory.hpp): the most resident choice on the GPU is the least on the host
+    const HostMemoryCheck hc = check_host_memory(predict_host_memory(pl, host_memory_options(c.hw)), c.hw);
+    if (!hc.ok) { host_refusal = hc; continue; }
     double step = simulate(pl, c.hw, c.model).step_ms;
     cands.push_back({cfg, std::move(pl), step});
   }
+  if (cands.empty() && host_refusal)
+    throw HostMemoryError("offload-insertion: " + host_refusal->message, host_refusal->needed, host_refusal->available);
   if (cands.empty()) {
-    throw InputError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
+    throw BudgetError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
                      std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib_at_least(c.hw.budget_for(smallest)) + " (" + smallest_desc +
-                     "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs");
+                     "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs",
+                      c.hw.budget_for(smallest));
   }
   size_t best = 0;
   for (size_t i = 1; i < cands.size(); ++i) if (cands[i].step_ms < cands[best].step_ms) best = i;
