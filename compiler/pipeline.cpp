@@ -215,6 +215,8 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
         if (o.progress) *o.progress << "  candidate v=" << v << " schedule=" << s << ": infeasible\n";
       }
     }
+  // no (v, schedule) the schedules and the model allow: compile the first as given, for its own error
+  if (tried == 0) return compile_one(j, m, hw, vs[0], scheds[0], o);
   if (!have) {
     const std::string among = "no feasible plan among " + std::to_string(tried) + " candidates (" + describe_search(j) + ")";
     if (gpu.budget > 0) {

@@ -110,10 +110,10 @@ std::string calibration_key(const std::string& model, int layer_kind /*0 embed,1
 struct JobConfig {
   std::string model = "tiny-gqa", hardware = "h100x1";
   int gpus = 1;
-  std::string v = "1";             // integer or "auto"
+  std::string v = "auto";          // integer (the user's override) or "auto": the compiler searches
   double budget_gib = 0;           // 0 = the GPU's memory
   int micro_batch_size = 1, microbatches = 1, seq_len = 128;
-  std::string schedule = "grouped";  // gpipe | 1f1b | interleaved-1f1b | grouped | auto
+  std::string schedule = "auto";     // gpipe | 1f1b | interleaved-1f1b | grouped (overrides) | auto
   std::string recompute = "auto";    // auto | on | off
   std::string offload = "auto";      // auto | all | none
   std::string cross_map = "auto";    // auto | off

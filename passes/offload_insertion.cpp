@@ -33,8 +33,10 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   on/off, or auto = off when the all-offloaded plan fits without it and the result simulates faster, else on;
   residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first: their gradients
   complete last, so their CPU optimizer step would be the step's tail) that keeps the bound within the budget.
-  offload=all keeps everything on the host; offload=none keeps everything on the GPU. Nothing fits: InputError
-  naming the smallest budget that would. The choice (residency, recompute, window 1) is the context's `offload`.
+  offload=all keeps everything on the host; offload=none keeps everything on the GPU. A choice whose host memory
+  (cost/host_memory.hpp, per node against host_mem_gib) does not fit is refused. Nothing fits the GPU: BudgetError
+  naming (and carrying) the smallest budget that would; the GPU fits but not the host: HostMemoryError naming the
+  host memory needed and available. The choice (residency, recompute, window 1) is the context's `offload`.
 - **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute from a stage the schedule
   does not force, the window from the prefetches' dependencies) and the plan as comm-lowering left it (the lowered
   plan without the instructions this pass adds: its inverse, `strip_offload`; from a linearized plan, in
