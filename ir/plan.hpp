@@ -171,6 +171,7 @@ struct Plan {
   int microbatches = 1, micro_batch_size = 1, seq_len = 128;
   int64_t budget_bytes = 0;  // per GPU
   std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
+  std::vector<int64_t> host_bytes;  // per rank: predicted host memory (cost/host_memory.hpp); empty in older plans
   ModelArch model;
   TrainConfig train;
   std::vector<Stage> stages;

@@ -231,6 +231,7 @@ const std::vector<Field<Plan>>& plan_fields() {
       field<&Plan::dp>("dp"),                 field<&Plan::microbatches>("microbatches"),
       field<&Plan::micro_batch_size>("mbs"),  field<&Plan::seq_len>("seq"),
       field<&Plan::budget_bytes>("budget"),   field<&Plan::gpu_order>("order"),
+      optional_field<&Plan::host_bytes>("host"),  // absent in plans made before it: they load with none
   };
   return f;
 }

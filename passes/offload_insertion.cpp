@@ -5,9 +5,11 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <optional>
 
 #include "common/format.hpp"
 #include "ir/ops.hpp"
+#include "cost/host_memory.hpp"
 #include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
@@ -31,8 +33,10 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   on/off, or auto = off when the all-offloaded plan fits without it and the result simulates faster, else on;
   residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first: their gradients
   complete last, so their CPU optimizer step would be the step's tail) that keeps the bound within the budget.
-  offload=all keeps everything on the host; offload=none keeps everything on the GPU. Nothing fits: InputError
-  naming the smallest budget that would. The choice (residency, recompute, window 1) is the context's `offload`.
+  offload=all keeps everything on the host; offload=none keeps everything on the GPU. A choice whose host memory
+  (cost/host_memory.hpp, per node against host_mem_gib) does not fit is refused. Nothing fits the GPU: BudgetError
+  naming (and carrying) the smallest budget that would; the GPU fits but not the host: HostMemoryError naming the
+  host memory needed and available. The choice (residency, recompute, window 1) is the context's `offload`.
 - **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute from a stage the schedule
   does not force, the window from the prefetches' dependencies) and the plan as comm-lowering left it (the lowered
   plan without the instructions this pass adds: its inverse, `strip_offload`; from a linearized plan, in
@@ -251,6 +255,7 @@ void offload_insertion_pass(PassContext& c) {
   std::vector<Cand> cands;
   int64_t smallest = -1;
   std::string smallest_desc;
+  std::optional<HostMemoryCheck> host_refusal;  // a choice that fits the GPU but not the host
   for (bool rc : rc_options) {
     OffloadConfig cfg;
     cfg.recompute = rc;
@@ -303,14 +308,20 @@ void offload_insertion_pass(PassContext& c) {
         pl = lower_offload(c, base, cfg);
       }
     }
+    // host memory (cost/host_memory.hpp): the most resident choice on the GPU is the least on the host
+    const HostMemoryCheck hc = check_host_memory(predict_host_memory(pl, host_memory_options(c.hw)), c.hw);
+    if (!hc.ok) { host_refusal = hc; continue; }
     double step = simulate(pl, c.hw, c.model).step_ms;
     cands.push_back({cfg, std::move(pl), step});
   }
+  if (cands.empty() && host_refusal)
+    throw HostMemoryError("offload-insertion: " + host_refusal->message, host_refusal->needed, host_refusal->available);
   if (cands.empty()) {
-    throw InputError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
+    throw BudgetError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
                      std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib_at_least(c.hw.budget_for(smallest)) + " (" + smallest_desc +
-                     "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs");
+                     "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs",
+                      c.hw.budget_for(smallest));
   }
   size_t best = 0;
   for (size_t i = 1; i < cands.size(); ++i) if (cands[i].step_ms < cands[best].step_ms) best = i;
