@@ -1,4 +1,5 @@
 #include "engine/exec/worker_impl.hpp"
+#include "engine/optim/convert.hpp"
 
 namespace mmoc::engine {
 
@@ -148,9 +149,9 @@ static void refresh_device_copies(Worker::Impl& I) {
       I.put({BufKind::W, s, -1}, st.master.to(I.cdtype, false, true));
     } else if (I.cdtype == at::kBFloat16) {  // on the worker's own threads (ATen's may be one in this process)
       const float* src = st.master.data_ptr<float>();
-      auto* dst = st.host_lowp.data_ptr<at::BFloat16>();
+      auto* dst = reinterpret_cast<uint16_t*>(st.host_lowp.data_ptr<at::BFloat16>());
       I.pool->parallel_for(st.master.numel(), int64_t(1) << 20, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) dst[i] = at::BFloat16(src[i]);  // round to nearest even, as copy_
+        optim::f32_to_bf16(src + b, dst + b, e - b);  // as torch's copy_, bit for bit (engine/optim/convert.hpp)
       });
     } else if (I.cdtype != at::kFloat) {
       st.host_lowp.copy_(st.master);
