@@ -25,6 +25,7 @@ enum class Op {
   AllReduce,  // allreduce B group=G     : sum B in place over the named group G (dp: wgrad over the replicas)
   GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
   Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
+  AddGrad,    // addgrad B -> S          : add gradient B into wgrad(S) (a tied lm_head's into the embedding's rows)
   ReduceScatter,  // reduce_scatter B group=G : sum B over G; this rank keeps its 1/|G| shard (ZeRO gradients)
   AllGather,      // allgather B group=G      : the ranks' shards of B's host copy gathered on all of G (ZeRO weights)
 };
@@ -33,8 +34,8 @@ enum class Op {
 constexpr int kNumOps = (int)Op::AllGather + 1;
 enum class Stream { Comp, H2D, D2H, P2P, Cpu };
 enum class Tier { Gpu, Host, Nvme };
-enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt };
-constexpr int kNumBufKinds = (int)BufKind::Opt + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
+enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt, Tie, TieGrad };
+constexpr int kNumBufKinds = (int)BufKind::TieGrad + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
 // W      weights of stage S in compute precision (bf16 on GPU runs)
 // WGrad  weight gradient of stage S, accumulated over the step's micro-batches
 // Act    output activation of stage S for micro-batch m (= input of stage S+1)
@@ -42,6 +43,9 @@ constexpr int kNumBufKinds = (int)BufKind::Opt + 1;  // each has an entry in ir/
 // Stash  what forward S m saves for backward S m (activations; with recompute nothing beyond the input)
 // Batch  input ids and labels of micro-batch m (stage = -1)
 // Opt    fp32 master weights and AdamW moments of stage S
+// Tie    tied embeddings split over stages: the token-embedding matrix [vocab, hidden] (compute precision) that the
+//        head stage S uses as its lm_head, copied from stage 0's weights each step (the one master copy)
+// TieGrad  the head stage S's gradient of tie(S), accumulated over the step's micro-batches, added into wgrad(S0)
 
 const char* to_string(Op);
 const char* to_string(Stream);
@@ -173,6 +177,7 @@ struct Plan {
   int microbatches = 1, micro_batch_size = 1, seq_len = 128;
   int64_t budget_bytes = 0;  // per GPU
   std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
+  std::vector<int64_t> host_bytes;  // per rank: predicted host memory (cost/host_memory.hpp); empty in older plans
   ModelArch model;
   TrainConfig train;
   std::vector<Stage> stages;

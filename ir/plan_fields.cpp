@@ -232,6 +232,7 @@ const std::vector<Field<Plan>>& plan_fields() {
       field<&Plan::micro_batch_size>("mbs"),  field<&Plan::seq_len>("seq"),
       field<&Plan::budget_bytes>("budget"),   field<&Plan::gpu_order>("order"),
       optional_field<&Plan::tp>("tp"),
+      optional_field<&Plan::host_bytes>("host"),  // absent in plans made before it: they load with none
   };
   return f;
 }

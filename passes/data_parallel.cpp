@@ -13,7 +13,8 @@ extern const char* const kDataParallelContract = R"md(Gradient reduction across 
   runs them on its own ranks, on its own micro-batches).
 - **Guarantees**: with dp > 1, each stage's accumulated gradient `wgrad(S)` is reduced over the stage's
   data-parallel group `dp.g<p>` (p the stage's pipeline rank) right after the stage's last backward (and the send
-  of that backward's input gradient), on the p2p stream, so it overlaps the rest of the backward pass; every later user of the gradient (its copy to the host, the
+  of that backward's input gradient; for stage 0 of a tied model split over stages, after the `addgrad` of the
+  head's tied gradient, so the shared weight's whole gradient is reduced), on the p2p stream, so it overlaps the rest of the backward pass; every later user of the gradient (its copy to the host, the
   stage's optimizer step, the gradient norm) waits for it. One bucket per stage (a stage's gradient is one flat
   buffer). GPU-resident stages: `allreduce wgrad(S)`, every replica updates the whole stage. Offloaded stages (CPU
   optimizer), ZeRO style: `reduce_scatter wgrad(S)` (each replica keeps and copies to the host its 1/dp shard),
@@ -36,19 +37,23 @@ void data_parallel_pass(PassContext& c) {
       for (int i = 0; i < (int)prog.instrs.size(); ++i)
         if (prog.instrs[i].op == Op::Backward && prog.instrs[i].stage == st.id) last_bwd = i;
       if (last_bwd < 0) throw std::logic_error("data-parallel: S" + std::to_string(st.id) + " has no backward");
+      // a tied model's stage 0: its gradient is complete only after the head's tied gradient is added (addgrad)
+      int anchor = last_bwd;
+      for (int i = last_bwd + 1; i < (int)prog.instrs.size(); ++i)
+        if (prog.instrs[i].op == Op::AddGrad && prog.instrs[i].stage == st.id) anchor = i;
       const ir::BufRef wg{BufKind::WGrad, st.id, -1};
       const bool zero = st.optim == ir::OptimPlace::Cpu;  // sharded CPU optimizer
       ir::Instr ar = make_buf_op(zero ? Op::ReduceScatter : Op::AllReduce, ir::Stream::P2P, wg);
       ar.group = ir::dp_group_name(p, prog.gpu);
-      ar.after = {last_bwd};
+      ar.after = {anchor};
       // after the hand-off of the last backward's input gradient (its send on the p2p stream): the pipeline's
       // remaining backward does not wait for the reduction
       // (but before the first user of the gradient: its copy to the host, the stage's optim, the gradient norm)
       auto uses = [&](const ir::Instr& in) {
         return in.op == Op::GradNorm || (in.op == Op::Optim && in.stage == st.id) || (in.buf && *in.buf == wg);
       };
-      int pos = last_bwd + 1, first_use = (int)prog.instrs.size();
-      for (int i = last_bwd + 1; i < (int)prog.instrs.size(); ++i) {
+      int pos = anchor + 1, first_use = (int)prog.instrs.size();
+      for (int i = anchor + 1; i < (int)prog.instrs.size(); ++i) {
         const auto& in = prog.instrs[i];
         if (in.op == Op::Send && std::find(in.after.begin(), in.after.end(), last_bwd) != in.after.end()) pos = i + 1;
         if (uses(in)) first_use = std::min(first_use, i);

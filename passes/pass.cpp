@@ -60,6 +60,7 @@ std::vector<Pass> default_pipeline() {
       {"cross-map", cross_map_pass, kCrossMapContract, {}},
       {"schedule", schedule_pass, kScheduleContract, {}},
       {"comm-lowering", comm_lowering_pass, kCommLoweringContract, {}},
+      {"tied-embeddings", tied_embeddings_pass, kTiedEmbeddingsContract, {}},
       {"offload-insertion", offload_insertion_pass, kOffloadInsertionContract, recover_offload_insertion},
       {"overlap", overlap_pass, kOverlapContract, recover_overlap},
       {"data-parallel", data_parallel_pass, kDataParallelContract, {}},
@@ -118,7 +119,8 @@ std::vector<InvariantChecker> default_invariant_checkers() {
       {"memory", [](const PassContext& c) { return c.memory_complete; },
        [](const PassContext& c, const std::string&) { verify_memory(c); },
        "verify-memory: every GPU's timing-independent memory bound within the usable budget (an InputError naming "
-       "the budget that would do), once the plan's memory is explicit"},
+       "the budget that would do), and every node's predicted host memory within its host_mem_gib (naming needed and "
+       "available), once the plan's memory is explicit"},
   };
 }
 

@@ -5,7 +5,8 @@
 // AddInvariantChecker); it can print the plan after any pass.
 //
 // Pipeline (compiler/pipeline.cpp, top to bottom):
-//   partition -> cross-map -> schedule -> comm-lowering -> offload-insertion -> overlap -> data-parallel -> linearize
+//   partition -> cross-map -> schedule -> comm-lowering -> tied-embeddings -> offload-insertion -> overlap ->
+//   data-parallel -> linearize
 // Default checkers: structure (ir::verify_structure) and deadlock in stream semantics (verify_deadlock) whenever the
 // plan has programs; deadlock in sequential semantics once the programs are linearized; memory (verify_memory) once
 // offload-insertion has made the plan's memory explicit.
@@ -70,6 +71,7 @@ extern const char* const kPartitionContract;
 extern const char* const kCrossMapContract;
 extern const char* const kScheduleContract;
 extern const char* const kCommLoweringContract;
+extern const char* const kTiedEmbeddingsContract;
 extern const char* const kOffloadInsertionContract;
 extern const char* const kOverlapContract;
 extern const char* const kDataParallelContract;
@@ -81,6 +83,9 @@ void partition_pass(PassContext&);
 void cross_map_pass(PassContext&);
 void schedule_pass(PassContext&);
 void comm_lowering_pass(PassContext&);
+void tied_embeddings_pass(PassContext&);
+// A tied model (lm_head = the token embedding) with more than one stage: tied-embeddings plumbs the shared matrix.
+bool tied_over_stages(const ir::Plan&);
 void offload_insertion_pass(PassContext&);
 void overlap_pass(PassContext&);
 void data_parallel_pass(PassContext&);  // dp > 1: gradient allreduce per stage (data_parallel.cpp)

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "common/fs.hpp"
+#include "common/size.hpp"
 #include "compiler/pipeline.hpp"
 #include "passes/pass.hpp"
 
@@ -21,7 +22,7 @@ int main(int argc, char** argv) {
   bool print_after_all = false, quiet = false, verbose = false, passes_doc = false;
   std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
   std::optional<int> gpus, mbs, microbatches, seq_len, dp;
-  std::optional<double> budget;
+  std::optional<std::string> budget;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
   app.add_option("-o,--output", out_path, "write the plan here");
   app.add_option("--emit", emit, "plan file form: json or text")->check(CLI::IsMember({"json", "text"}));
@@ -31,7 +32,7 @@ int main(int argc, char** argv) {
   app.add_option("--gpus", gpus, "number of GPUs (pipeline ranks)");
   app.add_option("--v", v, "virtual stages per GPU, or auto");
   app.add_option("--dp", dp, "data-parallel replicas of the pipeline (ranks = gpus x dp; divides --microbatches)");
-  app.add_option("--budget", budget, "memory budget per GPU in GiB");
+  app.add_option("--budget", budget, "memory budget per GPU: GiB as a number (48), or with a unit (48GiB, 48 GiB, 48GB = 10^9 bytes)");
   app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
   app.add_option("--microbatches", microbatches, "micro-batches per step");
   app.add_option("--seq-len", seq_len, "sequence length");
@@ -86,7 +87,7 @@ int main(int argc, char** argv) {
     if (gpus) job.gpus = *gpus;
     if (dp) job.dp = *dp;
     if (v) job.v = *v;
-    if (budget) job.budget_gib = *budget;
+    if (budget) job.budget_gib = parse_gib(*budget, "--budget");
     if (mbs) job.micro_batch_size = *mbs;
     if (microbatches) job.microbatches = *microbatches;
     if (seq_len) job.seq_len = *seq_len;
