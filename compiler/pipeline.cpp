@@ -19,11 +19,16 @@ void validate_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw
     throw InputError("--gpus " + std::to_string(j.gpus) + " but hardware '" + hw.name + "' has " + std::to_string(hw.gpus) + " GPU(s)");
   if (j.micro_batch_size < 1) throw InputError("--micro-batch-size must be >= 1");
   if (j.microbatches < 1) throw InputError("--microbatches must be >= 1");
-  // data parallelism: dp replicas of the pipeline, each on 1/dp of the step's micro-batches
+  // data parallelism: dp replicas of the pipeline, each on 1/dp of the step's micro-batches; tensor parallelism: tp
+  // shards of every pipeline rank
   if (j.dp < 1) throw InputError("--dp must be >= 1 (got " + std::to_string(j.dp) + ")");
-  if (j.dp > 1 && (int64_t)j.gpus * j.dp > hw.gpus)
-    throw InputError("layout pp x dp = " + std::to_string(j.gpus) + " x " + std::to_string(j.dp) + " = " + std::to_string(j.gpus * j.dp) +
-                     " ranks, but hardware '" + hw.name + "' has " + std::to_string(hw.gpus) + " GPU(s)");
+  if (j.tp < 1) throw InputError("--tp must be >= 1 (got " + std::to_string(j.tp) + ")");
+  if (j.layout != "" && j.layout != "auto") throw InputError("--layout must be auto (got '" + j.layout + "')");
+  if (j.layout.empty() && (j.dp > 1 || j.tp > 1) && (int64_t)j.gpus * j.dp * j.tp > hw.gpus)
+    throw InputError("layout pp x dp x tp = " + std::to_string(j.gpus) + " x " + std::to_string(j.dp) + " x " + std::to_string(j.tp) +
+                     " = " + std::to_string(j.gpus * j.dp * j.tp) + " ranks, but hardware '" + hw.name + "' has " +
+                     std::to_string(hw.gpus) + " GPU(s)");
+  if (j.tp > 1) (void)with_tp(m, j.tp);  // tp divides heads, kv heads and ffn (InputError naming the HF key)
   if (j.microbatches % j.dp != 0)
     throw InputError("--dp " + std::to_string(j.dp) + " does not divide the batch: " + std::to_string(j.microbatches) +
                      " micro-batches per step cannot be split evenly over " + std::to_string(j.dp) +
@@ -57,6 +62,7 @@ ir::Plan initial_plan(const JobConfig& j, const ModelSpec& m, const HardwareSpec
   p.gpus = j.gpus;
   p.v = v;
   p.dp = j.dp;
+  p.tp = j.tp;
   p.microbatches = j.microbatches / std::max(1, j.dp);  // per replica
   p.micro_batch_size = j.micro_batch_size;
   p.seq_len = j.seq_len;
@@ -115,6 +121,8 @@ JobConfig job_of_plan(const JobConfig& knobs, const ir::Plan& p) {
   j.v = std::to_string(p.v);
   j.schedule = p.schedule;
   j.dp = p.dp;
+  j.tp = p.tp;
+  j.layout.clear();
   j.microbatches = p.microbatches * std::max(1, p.dp);
   j.micro_batch_size = p.micro_batch_size;
   j.seq_len = p.seq_len;
@@ -165,7 +173,79 @@ std::string describe_search(const JobConfig& j) {
 }
 }  // namespace
 
+namespace {
+// --layout auto: every pp x dp x tp over the job's `gpus` GPUs that the model and the batch allow (tp dividing heads,
+// kv heads and ffn; dp dividing the micro-batches; pp at most the model's layers), each compiled with the job's own
+// search (v, schedule, recompute, offload); the fastest simulated step that fits the budget and the host wins.
+CompileResult compile_layout_auto(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, const CompileOptions& o) {
+  if (j.dp != 1 || j.tp != 1)
+    throw InputError("--layout auto chooses dp and tp itself: leave out --dp " + std::to_string(j.dp) + " / --tp " + std::to_string(j.tp));
+  JobConfig base = j;
+  base.layout.clear();
+  validate_job(base, m, hw);  // gpus within the hardware, the other knobs
+  const auto t0 = std::chrono::steady_clock::now();
+  const int N = j.gpus;
+  CompileResult best;
+  bool have = false;
+  int tried = 0, layouts = 0;
+  std::string reasons;
+  std::optional<BudgetError> budget_refusal;
+  std::optional<HostMemoryError> host_refusal;
+  for (int tp = 1; tp <= N; ++tp) {
+    if (N % tp) continue;
+    for (int dp = 1; dp <= N / tp; ++dp) {
+      if ((N / tp) % dp) continue;
+      const int pp = N / tp / dp;
+      const std::string name = "pp " + std::to_string(pp) + " x dp " + std::to_string(dp) + " x tp " + std::to_string(tp);
+      JobConfig c = base;
+      c.gpus = pp;
+      c.dp = dp;
+      c.tp = tp;
+      if (j.microbatches % dp || pp > m.num_model_layers()) continue;
+      try {
+        if (tp > 1) (void)with_tp(m, tp);
+      } catch (const InputError&) { continue; }
+      ++layouts;
+      try {
+        CompileResult r = compile_job(c, m, hw, CompileOptions{});
+        tried += r.candidates;
+        if (o.progress) *o.progress << "  layout " << name << ": " << r.sim.step_ms / 1000.0 << " s/step (v=" << r.plan.v << ", " << r.plan.schedule << ")\n";
+        if (!have || r.sim.step_ms < best.sim.step_ms) { best = std::move(r); have = true; }
+      } catch (const BudgetError& e) {
+        if (!budget_refusal || e.smallest_budget < budget_refusal->smallest_budget) budget_refusal = e;
+        reasons += "\n  " + name + ": " + e.what();
+        if (o.progress) *o.progress << "  layout " << name << ": does not fit the budget\n";
+      } catch (const HostMemoryError& e) {
+        if (!host_refusal || e.needed < host_refusal->needed) host_refusal = e;
+        reasons += "\n  " + name + ": " + e.what();
+        if (o.progress) *o.progress << "  layout " << name << ": host memory " << gib_at_least(e.needed) << "\n";
+      } catch (const InputError& e) {
+        reasons += "\n  " + name + ": " + e.what();
+        if (o.progress) *o.progress << "  layout " << name << ": infeasible\n";
+      }
+    }
+  }
+  if (!have) {
+    const std::string among = "--layout auto: no feasible layout of " + std::to_string(N) + " GPU(s) among " + std::to_string(layouts) +
+                              " (pp x dp x tp with tp dividing heads, kv heads and ffn and dp dividing " + std::to_string(j.microbatches) +
+                              " micro-batches)";
+    if (layouts == 0) throw InputError(among);
+    if (budget_refusal && !host_refusal) throw BudgetError(among + ":" + reasons, budget_refusal->smallest_budget);
+    if (host_refusal && !budget_refusal) throw HostMemoryError(among + ":" + reasons, host_refusal->needed, host_refusal->available);
+    throw InputError(among + ":" + reasons);
+  }
+  if (!o.print_after.empty() || !o.stop_after.empty()) {  // the winner again, printing / stopping where asked
+    JobConfig w = job_of_plan(base, best.plan);
+    best = compile_one(w, m, hw, best.plan.v, best.plan.schedule, o);
+  }
+  best.candidates = tried;
+  best.compile_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return best;
+}
+}  // namespace
+
 CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, const CompileOptions& o) {
+  if (j.layout == "auto") return compile_layout_auto(j, m, hw, o);
   validate_job(j, m, hw);
   auto t0 = std::chrono::steady_clock::now();
   const int maxv = m.num_model_layers() / j.gpus;
@@ -270,10 +350,12 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
                 m.name.c_str(), hw.name.c_str(), p.gpus, order.c_str(), p.schedule.c_str(), p.v, p.microbatches,
                 p.micro_batch_size, p.seq_len);
   os << buf;
-  if (p.dp > 1) {
-    std::snprintf(buf, sizeof buf, "layout: pp %d x dp %d x tp %d = %d ranks (each replica runs the programs below on %d of the step's %d micro-batches)\n",
+  if (p.dp > 1 || p.tp > 1) {
+    std::snprintf(buf, sizeof buf, "layout: pp %d x dp %d x tp %d = %d ranks (each replica runs the programs below on %d of the step's %d micro-batches",
                   p.gpus, p.dp, p.tp, ir::world_size(p), p.microbatches, p.microbatches * p.dp);
     os << buf;
+    if (p.tp > 1) os << "; each of a pipeline rank's " << p.tp << " tensor-parallel shards holds 1/" << p.tp << " of its stages (params below are per shard)";
+    os << ")\n";
   }
   os << "stages:\n";
   for (const auto& s : p.stages) {

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "arch/arch.hpp"
 #include "cost/spec.hpp"
 
 namespace mmoc {
@@ -46,9 +47,9 @@ double CostModel::efficiency(double tokens) const {
 
 static double compute_ms(const CostModel& c, int layer, int mbs, int seq, bool fwd) {
   const int kind = c.layer_kind(layer);
-  if (!c.hw.calibrated_ms.empty()) {
+  if (!c.hw.calibrated_ms.empty()) {  // measured unsharded: a tp rank's share (its collectives are added by the caller)
     auto it = c.hw.calibrated_ms.find(calibration_key(c.m.name, kind, fwd, mbs, seq));
-    if (it != c.hw.calibrated_ms.end()) return it->second;
+    if (it != c.hw.calibrated_ms.end()) return it->second / std::max(1, c.m.tp);
   }
   const double T = (double)mbs * seq;
   const double flops = fwd ? c.m.layer_fwd_flops(layer, mbs, seq) : c.m.layer_bwd_flops(layer, mbs, seq);
@@ -60,8 +61,34 @@ static double compute_ms(const CostModel& c, int layer, int mbs, int seq, bool f
   return std::max(flop_ms, mem_ms) + c.hw.launch_overhead_ms;
 }
 
-double CostModel::layer_fwd_ms(int layer, int mbs, int seq) const { return compute_ms(*this, layer, mbs, seq, true); }
-double CostModel::layer_bwd_ms(int layer, int mbs, int seq) const { return compute_ms(*this, layer, mbs, seq, false); }
+double CostModel::layer_fwd_ms(int layer, int mbs, int seq) const {
+  return compute_ms(*this, layer, mbs, seq, true) + tp_comm_ms(layer, mbs, seq, true);
+}
+double CostModel::layer_bwd_ms(int layer, int mbs, int seq) const {
+  return compute_ms(*this, layer, mbs, seq, false) + tp_comm_ms(layer, mbs, seq, false);
+}
+
+double CostModel::tp_allreduce_ms(int64_t bytes) const {
+  const int n = std::max(1, m.tp);
+  return n <= 1 ? 0.0 : allreduce_ms(bytes) * (n - 1) / n;
+}
+
+// The collectives engine/model/tp.hpp issues per micro-batch (docs/design.md, Tensor parallelism): per decoder layer
+// two all-reduces of the hidden state [mbs, seq, hidden] forward (g after o_proj and down) and two backward (f before
+// q/k/v and gate/up), Qwen3's q_norm/k_norm gradients two [head_dim] fp32 more backward; the embedding one forward
+// (g); the head one backward (f before lm_head) and the loss's two small fp32 ones forward ([N] max, [2, N] sums).
+double CostModel::tp_comm_ms(int layer, int mbs, int seq, bool fwd) const {
+  if (m.tp <= 1) return 0.0;
+  const int64_t hidden_bytes = (int64_t)mbs * seq * m.hidden * act_bytes, tokens = (int64_t)mbs * seq;
+  const int kind = layer_kind(layer);
+  if (kind == 1) {
+    double t = 2 * tp_allreduce_ms(hidden_bytes);
+    if (!fwd && m.qk_norm) t += 2 * tp_allreduce_ms((int64_t)arch::head_dim(m) * 4);
+    return t;
+  }
+  if (kind == 0) return fwd ? tp_allreduce_ms(hidden_bytes) : 0.0;
+  return fwd ? tp_allreduce_ms(tokens * 4) + tp_allreduce_ms(2 * tokens * 4) : tp_allreduce_ms(hidden_bytes);
+}
 
 double CostModel::h2d_ms(int64_t bytes) const {
   if (bytes <= 0) return 0;

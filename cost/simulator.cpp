@@ -15,6 +15,11 @@
 //                              GPUs share host_mem_gbps. One cpu stream per GPU = one thread pool (runs in order).
 //  - Memory per GPU follows docs/plan-format.md: persistent gpu-home weights/optimizer state from t=0; ops allocate at
 //    start and free at end; fwd_ws/bwd_ws are alive only while the op runs. At equal times frees come before allocations.
+//  - Layouts (dp, tp > 1): the programs are one replica's and one tensor-parallel shard's; the other copies run the same
+//    programs at the same time, so the host's shared resources are divided among them: host memory bandwidth and the
+//    cores by world_size / gpus, a host group's link by its world ranks per simulated rank on it; an offloaded stage's
+//    CPU optimizer updates its 1/dp shard (ZeRO). Tensor-parallel collectives are inside forward/backward times
+//    (CostModel::tp_comm_ms), data-parallel ones are collective instructions on their dp group.
 //  - Deadlock: when nothing runs and instructions remain, the result says so and lists per GPU and stream the first
 //    blocked instruction and what it waits for.
 #include "cost/simulator.hpp"
@@ -113,13 +118,22 @@ struct Sim {
       res_cap[r_d2h(g)] = cost.d2h_rate();
       res_cap[r_duplex(g)] = cost.duplex_rate();
     }
+    // Layouts with dp or tp > 1: the programs are one replica's and one tp shard's; every other copy runs the same
+    // program at the same time (symmetry), so shared host resources are split with them: a host group's link among
+    // the world ranks on its GPUs (world rank r runs on GPU r mod gpus, as mmoc-run places them), host memory
+    // bandwidth and the host's cores among all world ranks.
+    const int W = ir::world_size(p), copies = std::max(1, W / std::max(1, G));
     for (int k = 0; k < ngroups; ++k) {
-      res_cap[r_group_up(k)] = cost.group_link_rate();
-      res_cap[r_group_down(k)] = cost.group_link_rate();
+      int sims = 0, worlds = 0;
+      for (int g = 0; g < G; ++g) sims += hw.group_of(phys(g)) == k;
+      for (int r = 0; r < W; ++r) worlds += hw.group_of(r % std::max(1, hw.gpus)) == k;
+      const double share = copies > 1 && sims > 0 ? std::max(1.0, double(worlds) / sims) : 1.0;
+      res_cap[r_group_up(k)] = cost.group_link_rate() / share;
+      res_cap[r_group_down(k)] = cost.group_link_rate() / share;
     }
     r_host_mem = 3 * G + 2 * ngroups;
-    res_cap[r_host_mem] = cost.host_mem_rate();
-    cpu_threads = opt.cpu_optim_threads > 0 ? opt.cpu_optim_threads : cost.optim_threads_per_gpu(G);
+    res_cap[r_host_mem] = cost.host_mem_rate() / copies;
+    cpu_threads = opt.cpu_optim_threads > 0 ? opt.cpu_optim_threads : cost.optim_threads_per_gpu(W);
     if (opt.implicit_transfers) find_producers();
     init_memory();
   }
@@ -251,7 +265,8 @@ struct Sim {
         if (grp >= 0) f.res.push_back(r_group_down(grp));
       } else {  // CPU optimizer
         const ir::Stage* st = stage(in.stage);
-        f.remaining = cost.adam_traffic_bytes(st->params);
+        // dp > 1: the data-parallel pass shards an offloaded stage's CPU optimizer over the replicas (ZeRO)
+        f.remaining = cost.adam_traffic_bytes(p.dp > 1 ? (st->params + p.dp - 1) / p.dp : st->params);
         // private cap: this GPU's thread pool
         res_cap.push_back(cost.adam_pool_rate(cpu_threads));
         f.res = {r_host_mem, (int)res_cap.size() - 1};

@@ -193,7 +193,27 @@ ModelSpec load_model(const std::string& name_or_path, const std::string& configs
 int64_t ModelSpec::layer_params(int layer) const {
   if (layer < 0 || layer > layers + 1)
     throw std::out_of_range("layer " + std::to_string(layer) + " out of range 0.." + std::to_string(layers + 1));
-  return arch::layer_param_count(*this, layer);
+  if (tp <= 1) return arch::layer_param_count(*this, layer);
+  // one tp rank's shard (the same count on every rank: the vocabulary is padded to a multiple of tp); the embedding,
+  // a decoder layer and the head each have one count (with_tp computed them)
+  const int k = layer == 0 ? 0 : layer == layers + 1 ? 2 : 1;
+  return tp_layer_params[k] > 0 ? tp_layer_params[k] : arch::layer_param_count(*this, layer, tp);
+}
+
+ModelSpec with_tp(const ModelSpec& m, int tp) {
+  ModelSpec r = m;
+  r.tp = tp;
+  for (auto& x : r.tp_layer_params) x = 0;
+  if (tp == 1) return r;
+  try {
+    arch::check_tp(m, tp, m.name);
+  } catch (const std::exception& e) {
+    throw InputError(std::string("--tp: ") + e.what());
+  }
+  r.tp_layer_params[0] = arch::layer_param_count(m, 0, tp);
+  r.tp_layer_params[1] = m.layers > 0 ? arch::layer_param_count(m, 1, tp) : 0;
+  r.tp_layer_params[2] = arch::layer_param_count(m, m.layers + 1, tp);
+  return r;
 }
 
 int64_t ModelSpec::total_params() const {
@@ -215,14 +235,20 @@ bool windowed(const ModelSpec& m, int seq) { return m.sliding_window > 0 && m.sl
 //           q_dim = heads*head_dim (= hidden unless head_dim is set).
 //  head:    2*vocab*hidden*T for lm_head (also when tied: the matmul still runs) + ~5 FLOPs per logit for softmax/CE.
 //  embedding: a gather, counted as 0 FLOPs (its time is launch overhead and memory traffic).
+//  tensor parallelism (tp > 1): every matmul and the attention are split over the ranks (heads, ffn, vocabulary rows):
+//  one rank's share is 1/tp (the head's of the padded vocabulary).
 double ModelSpec::layer_fwd_flops(int layer, int mbs, int seq) const {
   const double T = (double)mbs * seq, h = hidden, f = ffn, qd = (double)arch::q_dim(*this), kvd = (double)arch::kv_dim(*this);
+  const double share = 1.0 / std::max(1, tp);
   if (layer == 0) return 0.0;
   if (layer >= 1 && layer <= layers) {
     const double matmul_params = arch::is_gpt2(*this) ? 4 * h * h + 2 * h * f : 2 * h * qd + 2 * h * kvd + 3 * h * f;
-    return 2.0 * matmul_params * T + (windowed(*this, seq) ? 4.0 : 2.0) * mbs * (double)seq * seq * qd;
+    return share * (2.0 * matmul_params * T + (windowed(*this, seq) ? 4.0 : 2.0) * mbs * (double)seq * seq * qd);
   }
-  if (layer == layers + 1) return 2.0 * vocab * h * T + 5.0 * vocab * T;
+  if (layer == layers + 1) {
+    const double v = tp > 1 ? (double)arch::tp_vocab(vocab, 0, tp).rows : (double)vocab;
+    return 2.0 * v * h * T + 5.0 * v * T;
+  }
   throw std::out_of_range("layer out of range");
 }
 
@@ -246,23 +272,31 @@ double ModelSpec::layer_bwd_flops(int layer, int mbs, int seq) const { return 2.
 //           cross-entropy keeps (vocab*4).
 //  embedding: nothing (the token ids are batch(m)).
 // recompute=true: 0 (forward keeps only the stage input, counted as the previous layer's output / the batch).
+// Tensor parallelism (tp > 1): what depends on heads, kv heads, ffn or the vocabulary is one rank's 1/tp (its heads,
+// its MLP columns, its vocabulary rows); the replicated hidden-state tensors (x, the norms' outputs, the residuals)
+// stay whole.
 int64_t ModelSpec::layer_stash_bytes(int layer, int mbs, int seq, bool recompute, int act_bytes) const {
   if (recompute) return 0;
-  const int64_t T = (int64_t)mbs * seq, h = hidden, f = ffn, qd = arch::q_dim(*this), kvd = arch::kv_dim(*this);
+  const int64_t n = std::max(1, tp);
+  const int64_t T = (int64_t)mbs * seq, h = hidden, f = ffn / n, qd = arch::q_dim(*this) / n, kvd = arch::kv_dim(*this) / n;
+  const int64_t nh = heads / n, nkv = kv_heads / n;
   const bool gpt2 = arch::is_gpt2(*this);
   if (layer == 0) return 0;
   if (layer >= 1 && layer <= layers) {
-    if (gpt2) return T * ((8 * h + 2 * f) * act_bytes + (int64_t)heads * 4 + 16);
+    if (gpt2) return T * ((4 * h + 4 * h / n + 2 * f) * act_bytes + nh * 4 + 16);
     int64_t attn = kv_heads == heads ? 2 * qd + 3 * kvd : 3 * qd;
-    int64_t small = (int64_t)heads * 4 + 8;
+    int64_t small = nh * 4 + 8;
     if (qk_norm) {
       if (kv_heads != heads) attn += qd + 2 * kvd;
-      small += (int64_t)(heads + kv_heads) * 4;
+      small += (nh + nkv) * 4;
     }
     const int64_t mask = windowed(*this, seq) ? (int64_t)seq * seq : 0;
     return T * ((4 * h + qd + attn + 4 * f) * act_bytes + small) + mask;
   }
-  if (layer == layers + 1) return T * (2 * h * act_bytes + (gpt2 ? 8 : 4) + (int64_t)vocab * 4);
+  if (layer == layers + 1) {
+    const int64_t v = n > 1 ? arch::tp_vocab(vocab, 0, (int)n).rows : vocab;
+    return T * (2 * h * act_bytes + (gpt2 ? 8 : 4) + v * 4);
+  }
   throw std::out_of_range("layer out of range");
 }
 
@@ -280,19 +314,25 @@ int64_t ModelSpec::layer_output_bytes(int layer, int mbs, int seq, int act_bytes
 //  head bwd:    fp32 softmax and its gradient (2 x T*vocab*4) + bf16 logits gradient (T*vocab*act_bytes).
 //  embedding:   fwd 0; bwd T*hidden*4 (fp32 scatter-add of the incoming gradient), and for GPT-2 the position
 //               table's gradient (max_positions*hidden*act_bytes).
+// Tensor parallelism (tp > 1): the MLP intermediates and the head's logits are one rank's 1/tp; attention's
+// temporaries are the larger of the (whole) hidden state and the rank's heads.
 int64_t ModelSpec::layer_fwd_workspace(int layer, int mbs, int seq, int act_bytes) const {
-  const int64_t T = (int64_t)mbs * seq, a = std::max<int64_t>(hidden, arch::q_dim(*this));
+  const int64_t n = std::max(1, tp);
+  const int64_t T = (int64_t)mbs * seq, a = std::max<int64_t>(hidden, arch::q_dim(*this) / n);
+  const int64_t v = n > 1 ? arch::tp_vocab(vocab, 0, (int)n).rows : vocab;
   if (layer == 0) return 0;
-  if (layer >= 1 && layer <= layers) return T * (2 * (int64_t)ffn + 2 * a) * act_bytes;
-  if (layer == layers + 1) return T * (int64_t)vocab * (act_bytes + 4);
+  if (layer >= 1 && layer <= layers) return T * (2 * (int64_t)ffn / n + 2 * a) * act_bytes;
+  if (layer == layers + 1) return T * v * (act_bytes + 4);
   throw std::out_of_range("layer out of range");
 }
 
 int64_t ModelSpec::layer_bwd_workspace(int layer, int mbs, int seq, int act_bytes) const {
-  const int64_t T = (int64_t)mbs * seq, h = hidden, a = std::max<int64_t>(hidden, arch::q_dim(*this));
+  const int64_t n = std::max(1, tp);
+  const int64_t T = (int64_t)mbs * seq, h = hidden, a = std::max<int64_t>(hidden, arch::q_dim(*this) / n);
+  const int64_t v = n > 1 ? arch::tp_vocab(vocab, 0, (int)n).rows : vocab;
   if (layer == 0) return T * h * 4 + (int64_t)max_positions * h * act_bytes;
-  if (layer >= 1 && layer <= layers) return T * (3 * (int64_t)ffn + 4 * a) * act_bytes;
-  if (layer == layers + 1) return T * (int64_t)vocab * (2 * 4 + act_bytes);
+  if (layer >= 1 && layer <= layers) return T * (3 * (int64_t)ffn / n + 4 * a) * act_bytes;
+  if (layer == layers + 1) return T * v * (2 * 4 + act_bytes);
   throw std::out_of_range("layer out of range");
 }
 
@@ -439,6 +479,8 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
   r.read("offload", c.offload, {"auto", "all", "none"});
   r.read("cross_map", c.cross_map, {"auto", "off"});
   r.read("dp", c.dp, 1);
+  r.read("tp", c.tp, 1);
+  r.read("layout", c.layout, {"", "auto"});
   if (auto* t = r.get("train")) {
     ObjReader tr(*t, origin + ": train", JsonNaming::Key);
     ir::TrainConfig& T = c.train;

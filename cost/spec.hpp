@@ -19,6 +19,11 @@ namespace mmoc {
 // The model: its architecture (ir::ModelArch: family, shapes, features; arch/arch.hpp) plus what only the compiler needs.
 struct ModelSpec : ir::ModelArch {
   int max_seq = 4096;
+  // Tensor-parallel degree the per-layer figures below are for: with tp > 1 they are one tp rank's (its shard of the
+  // parameters, its share of the FLOPs, stash and workspace; arch/layout.hpp's sharded layout). with_tp() sets it;
+  // the compiler's passes see the job's tp this way. Not part of the architecture (arch() leaves it out).
+  int tp = 1;
+  int64_t tp_layer_params[3] = {0, 0, 0};  // with_tp(): one rank's embedding, decoder layer and head (0: not computed)
 
   int num_model_layers() const { return layers + 2; }  // embedding, decoder layers, head
   // Per model layer (0 = embedding, 1..L decoder, L+1 = final norm + lm_head), for the family's layer kind:
@@ -39,6 +44,9 @@ struct ModelSpec : ir::ModelArch {
   ir::ModelArch arch() const { return static_cast<const ir::ModelArch&>(*this); }
 };
 ModelSpec load_model(const std::string& name_or_path, const std::string& configs_dir);
+// The model as one of `tp` tensor-parallel ranks sees it (ModelSpec::tp); tp must divide heads, kv heads and ffn
+// (InputError naming the HF key otherwise).
+ModelSpec with_tp(const ModelSpec&, int tp);
 // Parses a model description: mmoc's format (configs/README.md) or a HuggingFace config.json of a supported family
 // (recognised by "model_type", "architectures", "hidden_size" or "n_embd"; read by arch/hf_config.hpp, the engine's
 // reader too). `origin` names the source in error messages. Throws InputError.
@@ -118,6 +126,10 @@ struct JobConfig {
   std::string offload = "auto";      // auto | all | none
   std::string cross_map = "auto";    // auto | off
   int dp = 1;
+  int tp = 1;                        // tensor-parallel degree (ranks = gpus x dp x tp)
+  // "" (gpus, dp and tp as given) or "auto": the compiler chooses pp x dp x tp over the job's `gpus` GPUs by
+  // simulated step time under the budget (compile_job)
+  std::string layout;
   ir::TrainConfig train;
 };
 // Parses a job JSON; unknown keys and wrong types throw InputError naming the key.
@@ -137,6 +149,13 @@ struct CostModel {
   double adam_ms(int64_t params, int threads) const;  // CPU AdamW over params
   double gpu_adam_ms(int64_t params) const;
   double allreduce_ms(int64_t bytes) const;  // a collective over the buffer (2x its p2p time)
+  // A ring all-reduce of `bytes` over the model's m.tp tensor-parallel ranks: 2(n-1)/n of the buffer over the p2p link
+  // (NVLink or PCIe: hw.p2p_gbps) plus its latency; 0 at tp 1.
+  double tp_allreduce_ms(int64_t bytes) const;
+  // The tensor-parallel collectives inside one layer's forward / backward for a micro-batch (ModelSpec::tp > 1):
+  // decoder 2 + 2 all-reduces of the hidden state, embedding 1 forward, head 1 backward plus the loss's small ones
+  // (engine/model/tp.hpp); included in layer_fwd_ms / layer_bwd_ms.
+  double tp_comm_ms(int layer, int mbs, int seq, bool fwd) const;
   double gradnorm_ms() const;                // the global gradient norm
   // Rates of the simulator's shared resources, bytes per ms (cost/simulator.cpp shares them max-min fairly).
   double h2d_rate() const;          // one GPU's host-to-device copies

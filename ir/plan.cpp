@@ -220,10 +220,15 @@ int world_rank(const Plan& p, int pipe, int replica, int shard) {
   return (replica * std::max(1, p.gpus) + pipe) * std::max(1, p.tp) + shard;
 }
 
-std::string dp_group_name(const Plan& p, int pipe, int shard) {
-  std::string n = "dp.g" + std::to_string(pipe);
-  if (p.tp > 1) n += ".t" + std::to_string(shard);
-  return n;
+std::string dp_group_name(const Plan&, int pipe) { return "dp.g" + std::to_string(pipe); }
+std::string tp_group_name(const Plan&, int pipe) { return "tp.g" + std::to_string(pipe); }
+
+std::string rank_group(const Plan& p, const std::string& name, int r) {
+  if (p.tp <= 1 || name == "world" || r < 0 || r >= world_size(p)) return name;
+  const RankCoord c = rank_coord(p, r);
+  if (name == dp_group_name(p, c.pipe)) return name + ".t" + std::to_string(c.shard);
+  if (name == tp_group_name(p, c.pipe)) return name + ".r" + std::to_string(c.replica);
+  return name;
 }
 
 std::map<std::string, std::vector<int>> process_groups(const Plan& p) {
@@ -231,10 +236,27 @@ std::map<std::string, std::vector<int>> process_groups(const Plan& p) {
   const int W = world_size(p), pp = std::max(1, p.gpus), dp = std::max(1, p.dp), tp = std::max(1, p.tp);
   for (int r = 0; r < W; ++r) g["world"].push_back(r);
   for (int pi = 0; pi < pp; ++pi)
-    for (int t = 0; t < tp; ++t)
-      for (int d = 0; d < dp; ++d) g[dp_group_name(p, pi, t)].push_back(world_rank(p, pi, d, t));
+    for (int d = 0; d < dp; ++d)
+      for (int t = 0; t < tp; ++t) {
+        const int r = world_rank(p, pi, d, t);
+        g[rank_group(p, dp_group_name(p, pi), r)].push_back(r);
+        if (tp > 1) g[rank_group(p, tp_group_name(p, pi), r)].push_back(r);
+      }
   for (int d = 0; d < dp; ++d)
     for (int pi = 0; pi < pp; ++pi) g["pp.r" + std::to_string(d)].push_back(world_rank(p, pi, d, 0));
+  for (auto& [n, rs] : g) std::sort(rs.begin(), rs.end());
+  return g;
+}
+
+std::map<std::string, std::vector<int>> program_groups(const Plan& p) {
+  std::map<std::string, std::vector<int>> g;
+  const int W = world_size(p);
+  for (int r = 0; r < W; ++r) {
+    const int pi = rank_coord(p, r).pipe;
+    g["world"].push_back(r);
+    g[dp_group_name(p, pi)].push_back(r);
+    if (p.tp > 1) g[tp_group_name(p, pi)].push_back(r);
+  }
   return g;
 }
 

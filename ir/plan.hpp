@@ -198,10 +198,21 @@ struct RankCoord {
 int world_size(const Plan&);                       // gpus * dp * tp: the processes of the job
 RankCoord rank_coord(const Plan&, int world_rank);  // throws std::out_of_range outside the world
 int world_rank(const Plan&, int pipe, int replica, int shard = 0);
-// The named process groups of the layout (sorted member ranks): "world"; "dp.g<p>" (pipeline rank p's replicas,
-// shard 0; with tp, "dp.g<p>.t<k>"); "pp.r<d>" (replica d's pipeline ranks, shard 0). Collectives name them.
+// Every world rank runs the program of its pipeline rank (replicas on their own micro-batches, tp shards on their
+// shard of the weights), so a program's collective names a group relative to the rank that runs it:
+//   "dp.g<p>"  pipeline rank p's data-parallel group: its dp replicas (with tp > 1, those of the rank's own tp shard)
+//   "tp.g<p>"  pipeline rank p's tensor-parallel group: its tp shards (of the rank's own replica); forward and
+//              backward of a tp plan communicate on it (engine/model/tp.hpp), it is not named by an instruction
+//   "world"    every rank
+// process_groups(): the concrete groups (sorted member ranks), the communicators a job creates: "world"; "dp.g<p>"
+// (tp 1) or "dp.g<p>.t<k>" (tp > 1, shard k); "tp.g<p>.r<d>" (tp > 1, replica d); "pp.r<d>" (replica d's pipeline
+// ranks, shard 0). program_groups(): the names programs may use, each with every world rank that uses it (the union
+// of its concrete groups). rank_group(): the concrete group of a program's name for one world rank.
 std::map<std::string, std::vector<int>> process_groups(const Plan&);
-std::string dp_group_name(const Plan&, int pipe, int shard = 0);
+std::map<std::string, std::vector<int>> program_groups(const Plan&);
+std::string rank_group(const Plan&, const std::string& name, int world_rank);
+std::string dp_group_name(const Plan&, int pipe);
+std::string tp_group_name(const Plan&, int pipe);
 
 struct ParseError : std::runtime_error { using std::runtime_error::runtime_error; };
 struct VerifyError : std::runtime_error { using std::runtime_error::runtime_error; };

@@ -26,6 +26,12 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
   if (M < 1) add("plan: microbatches=" + std::to_string(M) + " (must be >= 1)");
   if (p.dp < 1) add("plan: dp=" + std::to_string(p.dp) + " (must be >= 1)");
   if (p.tp < 1) add("plan: tp=" + std::to_string(p.tp) + " (must be >= 1)");
+  if (p.tp > 1) {  // every tensor-parallel rank holds whole heads, kv heads and an equal part of the MLP
+    const int t = p.tp;
+    if (p.model.heads % t || p.model.kv_heads % t || p.model.ffn % t)
+      add("plan: tp=" + std::to_string(t) + " does not divide the model's heads (" + std::to_string(p.model.heads) +
+          "), kv heads (" + std::to_string(p.model.kv_heads) + ") and ffn (" + std::to_string(p.model.ffn) + ")");
+  }
   if (!p.gpu_order.empty()) {
     if ((int)p.gpu_order.size() != G)
       add("plan: order has " + std::to_string(p.gpu_order.size()) + " entries, gpus=" + std::to_string(G));
@@ -83,7 +89,7 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
   };
   std::map<std::string, std::vector<Comm>> sends, recvs;
   std::map<std::pair<int, int>, std::vector<Loc>> fwd, bwd;  // (stage, mb) -> occurrences
-  const auto groups = process_groups(p);
+  const auto groups = program_groups(p);  // the names programs use, each with every rank that runs it
   std::string group_names;
   for (const auto& [n, rs] : groups) group_names += (group_names.empty() ? "" : ", ") + n;
   struct Coll {
@@ -141,7 +147,7 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
       }
       if ((op.operands & kOpGroup) && in.group.empty()) add(pre + "missing group");
       if ((op.operands & kOpGroup) && !in.group.empty()) {
-        // a named group of the layout, with this program's ranks in it (ir::process_groups)
+        // a named group of the layout, with this program's ranks in it (ir::program_groups)
         auto it = groups.find(in.group);
         if (it == groups.end()) {
           add(pre + "unknown group '" + in.group + "' (the layout's groups: " + group_names + ")");

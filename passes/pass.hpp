@@ -34,9 +34,9 @@ struct OffloadConfig {
 
 struct PassContext {
   const JobConfig& job;
-  const ModelSpec& model;
+  const ModelSpec model;  // as one tensor-parallel rank of the job's tp sees it (with_tp): per-shard sizes and times
   const HardwareSpec& hw;
-  CostModel cost;
+  CostModel cost;         // refers to `model`: the context is neither copied nor moved
   ir::Plan plan;
   // State the passes leave for later passes and the checkers. Each is recoverable from the plan (Pass::recover).
   bool memory_complete = false;          // offload-insertion on: buffers and frees are explicit
@@ -45,7 +45,9 @@ struct PassContext {
   ir::Plan pre_offload;                  // the plan as comm-lowering left it (overlap re-lowers it)
   std::vector<std::string> notes;        // decisions, printed by --verbose
   PassContext(const JobConfig& j, const ModelSpec& m, const HardwareSpec& h)
-      : job(j), model(m), hw(h), cost{m, h, j.train.precision == "fp32" ? 4 : 2} {}
+      : job(j), model(with_tp(m, j.tp)), hw(h), cost{model, h, j.train.precision == "fp32" ? 4 : 2} {}
+  PassContext(const PassContext&) = delete;
+  PassContext& operator=(const PassContext&) = delete;
   int64_t budget() const { return plan.budget_bytes; }
   int act_bytes() const { return cost.act_bytes; }
 };

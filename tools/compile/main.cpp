@@ -21,17 +21,20 @@ int main(int argc, char** argv) {
   std::vector<std::string> print_after;
   bool print_after_all = false, quiet = false, verbose = false, passes_doc = false;
   std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
-  std::optional<int> gpus, mbs, microbatches, seq_len, dp;
-  std::optional<std::string> budget;
+  std::optional<int> gpus, mbs, microbatches, seq_len, dp, tp;
+  std::optional<std::string> budget, layout;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
   app.add_option("-o,--output", out_path, "write the plan here");
   app.add_option("--emit", emit, "plan file form: json or text")->check(CLI::IsMember({"json", "text"}));
   app.add_option("--trace", trace_path, "write the simulated timeline as a Chrome/Perfetto trace JSON");
   app.add_option("--model", model, "model name (configs/models) or path to a model JSON");
   app.add_option("--hardware", hardware, "hardware name (configs/hardware) or path");
-  app.add_option("--gpus", gpus, "number of GPUs (pipeline ranks)");
+  app.add_option("--gpus", gpus, "number of GPUs: the pipeline ranks (with --layout auto: all GPUs to lay out)");
   app.add_option("--v", v, "virtual stages per GPU, or auto");
-  app.add_option("--dp", dp, "data-parallel replicas of the pipeline (ranks = gpus x dp; divides --microbatches)");
+  app.add_option("--dp", dp, "data-parallel replicas of the pipeline (ranks = gpus x dp x tp; divides --microbatches)");
+  app.add_option("--tp", tp, "tensor-parallel shards of every pipeline rank (divides heads, kv heads and ffn)");
+  app.add_option("--layout", layout, "auto: choose pp x dp x tp over --gpus GPUs by simulated step time under the budget")
+      ->check(CLI::IsMember({"auto"}));
   app.add_option("--budget", budget, "memory budget per GPU: GiB as a number (48), or with a unit (48GiB, 48 GiB, 48GB = 10^9 bytes)");
   app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
   app.add_option("--microbatches", microbatches, "micro-batches per step");
@@ -86,6 +89,8 @@ int main(int argc, char** argv) {
     if (hardware) job.hardware = *hardware;
     if (gpus) job.gpus = *gpus;
     if (dp) job.dp = *dp;
+    if (tp) job.tp = *tp;
+    if (layout) job.layout = *layout;
     if (v) job.v = *v;
     if (budget) job.budget_gib = parse_gib(*budget, "--budget");
     if (mbs) job.micro_batch_size = *mbs;
@@ -104,7 +109,7 @@ int main(int argc, char** argv) {
     o.stop_after = stop_after;
     if (print_after_all) o.print_after.push_back("all");
     o.print_stream = &std::cout;
-    if (!quiet && (job.v == "auto" || job.schedule == "auto")) o.progress = &std::cerr;
+    if (!quiet && (job.v == "auto" || job.schedule == "auto" || job.layout == "auto")) o.progress = &std::cerr;
     CompileResult r;
     if (input) {
       const JobConfig from = job_of_plan(job, *input);  // the plan's header wins over the job's
