@@ -12,7 +12,8 @@ extern const char* const kDataParallelContract = R"md(Gradient reduction across 
 - **Requires**: overlap done (streams assigned); the plan header's `dp` (the programs are one replica's: replica d
   runs them on its own ranks, on its own micro-batches).
 - **Guarantees**: with dp > 1, each stage's accumulated gradient `wgrad(S)` is reduced over the stage's
-  data-parallel group `dp.g<p>` (p the stage's pipeline rank) right after the stage's last backward (and the send
+  data-parallel group `dp.g<p>` (p the stage's pipeline rank; with tp > 1 each rank's own tp shard's replicas,
+  `ir::rank_group`) right after the stage's last backward (and the send
   of that backward's input gradient; for stage 0 of a tied model split over stages, after the `addgrad` of the
   head's tied gradient, so the shared weight's whole gradient is reduced), on the p2p stream, so it overlaps the rest of the backward pass; every later user of the gradient (its copy to the host, the
   stage's optimizer step, the gradient norm) waits for it. One bucket per stage (a stage's gradient is one flat

@@ -150,15 +150,22 @@ class GlooTransport : public Transport {
   }
 
   WorkPtr iallreduce_sum(at::Tensor& t, const std::string& group_name) override {
+    return iallreduce(t, group_name, ::c10d::ReduceOp::SUM, "allreduce");
+  }
+  WorkPtr iallreduce_max(at::Tensor& t, const std::string& group_name) override {
+    return iallreduce(t, group_name, ::c10d::ReduceOp::MAX, "allreduce (max)");
+  }
+
+  WorkPtr iallreduce(at::Tensor& t, const std::string& group_name, ::c10d::ReduceOp::RedOpType op, const char* name) {
     auto& g = member_group(group_name, "allreduce");
-    std::string what = "allreduce over group '" + group_name + "' (" + who(rdzv_->world()) + ", gloo)";
+    std::string what = std::string(name) + " over group '" + group_name + "' (" + who(rdzv_->world()) + ", gloo)";
     if (!t.defined() || !t.device().is_cpu()) throw CommError(what + ": needs a defined CPU tensor");
     at::Tensor staged = t.is_contiguous() ? t : t.contiguous();
     std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
     if (!t.is_contiguous()) copy_back.emplace_back(t, staged);
     std::vector<at::Tensor> v{staged};
     ::c10d::AllreduceOptions ao;
-    ao.reduceOp = ::c10d::ReduceOp::SUM;
+    ao.reduceOp = ::c10d::ReduceOp(op);
     c10::intrusive_ptr<::c10d::Work> w;
     try {
       std::lock_guard<std::mutex> lk(issue_mu_);

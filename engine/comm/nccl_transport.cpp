@@ -308,15 +308,20 @@ class NcclTransport : public Transport {
     st_->groups[name] = member ? c : nullptr;
   }
 
-  WorkPtr iallreduce_sum(at::Tensor& t, const std::string& group) override {
-    std::string what = "allreduce over group '" + group + "' (" + who(rdzv_->world()) + ", nccl)";
+  WorkPtr iallreduce_sum(at::Tensor& t, const std::string& group) override { return iallreduce(t, group, ncclSum, "allreduce"); }
+  WorkPtr iallreduce_max(at::Tensor& t, const std::string& group) override {
+    return iallreduce(t, group, ncclMax, "allreduce (max)");
+  }
+
+  WorkPtr iallreduce(at::Tensor& t, const std::string& group, ncclRedOp_t op, const char* name) {
+    std::string what = std::string(name) + " over group '" + group + "' (" + who(rdzv_->world()) + ", nccl)";
     check_tensor(&t, what);
     ncclComm_t c = comm_of(group, what);
     st_->check_alive(what);
     DeviceScope ds(st_->device);
     std::lock_guard<std::mutex> lk(coll_mu_);  // one thread at a time into a communicator
     MMOC_NCCL_CHECK_COMM(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()),
-                                       nccl_dtype(t.scalar_type()), ncclSum, c, coll_stream_),
+                                       nccl_dtype(t.scalar_type()), op, c, coll_stream_),
                          c);
     record_stream(t, coll_stream_);
     cudaEvent_t ev = record(coll_stream_);

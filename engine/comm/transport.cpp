@@ -236,6 +236,7 @@ std::string Rendezvous::store_host() const {
 void Transport::send(const at::Tensor& t, int peer, const std::string& tag) { isend(t, peer, tag)->wait(); }
 void Transport::recv(at::Tensor& out, int peer, const std::string& tag) { irecv(out, peer, tag)->wait(); }
 void Transport::allreduce_sum(at::Tensor& t, const std::string& group) { iallreduce_sum(t, group)->wait(); }
+void Transport::allreduce_max(at::Tensor& t, const std::string& group) { iallreduce_max(t, group)->wait(); }
 
 uint32_t tag_to_int(const std::string& tag) {
   // FNV-1a 64-bit, then xor-fold the halves and keep 31 bits (gloo/c10d take a non-negative int tag).

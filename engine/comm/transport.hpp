@@ -123,6 +123,9 @@ class Transport {
   // In-place sum over the group's ranks (this rank must be a member).
   void allreduce_sum(at::Tensor& t, const std::string& group = "");
   virtual WorkPtr iallreduce_sum(at::Tensor& t, const std::string& group = "") = 0;
+  // In-place element-wise maximum over the group's ranks (tensor parallelism's cross-entropy).
+  void allreduce_max(at::Tensor& t, const std::string& group = "");
+  virtual WorkPtr iallreduce_max(at::Tensor& t, const std::string& group = "") = 0;
   // Sum of one double over the group (global gradient norm²); blocking.
   virtual double allreduce_sum_double(double v, const std::string& group = "") = 0;
   virtual void barrier(const std::string& group = "") = 0;

@@ -52,8 +52,8 @@ void Worker::Impl::forward(int s, int m) {
     r.out = out;
   }
   if (s == last) {
-    at::Tensor l = lm_loss_sum(out, batch_labels(m));
-    loss_acc.add_(l.detach().to(at::kDouble));
+    at::Tensor l = loss_of(out, batch_labels(m));
+    if (shard == 0) loss_acc.add_(l.detach().to(at::kDouble));  // tp shards compute the same loss: counted once
     if (!plan.stages[s].recompute) r.loss = l;
   } else {
     put({BufKind::Act, s, m}, out.detach());
@@ -74,7 +74,7 @@ void Worker::Impl::backward(int s, int m) {
     r.in_leaf = s > 0 ? r.input.detach().requires_grad_(true) : r.input;
     if (tied_head(s)) r.tie_leaf = need({BufKind::Tie, s, -1}, "tied lm_head").detach().requires_grad_(true);
     out = run_stage(st, r.w_leaf, r.in_leaf, r.tie_leaf);
-    if (s == last) loss = lm_loss_sum(out, batch_labels(m));
+    if (s == last) loss = loss_of(out, batch_labels(m));
   } else {
     out = r.out;
     loss = r.loss;
@@ -150,7 +150,9 @@ void Worker::Impl::send(const ir::Instr& in) {
 void Worker::Impl::recv(const ir::Instr& in) {
   if (bufs.count(*in.buf)) throw ExecError("second recv of " + in.buf->str() + " (it is already on the device)");
   const bool tie = in.buf->kind == BufKind::Tie || in.buf->kind == BufKind::TieGrad;
-  at::Tensor t = at::empty(tie ? std::vector<int64_t>{plan.model.vocab, plan.model.hidden} : act_shape(),
+  // the tied embedding: this tp shard's vocabulary rows (all of them at tp 1)
+  const int64_t rows = tie ? arch::tp_vocab(plan.model.vocab, shard, std::max(1, plan.tp)).rows : 0;
+  at::Tensor t = at::empty(tie ? std::vector<int64_t>{rows, plan.model.hidden} : act_shape(),
                            at::TensorOptions().dtype(cdtype).device(dev));
   if (!tr) throw ExecError("recv in a plan run without a transport");
   if (cuda) inflight.push_back(tr->irecv(t, peer_rank(in.peer), in.tag));
@@ -162,8 +164,9 @@ void Worker::Impl::recv(const ir::Instr& in) {
 void Worker::Impl::allreduce(const ir::Instr& in) {
   if (!tr) throw ExecError("allreduce over group '" + in.group + "' in a plan run without a transport");
   at::Tensor t = need(*in.buf, "allreduce");
+  const std::string group = ir::rank_group(plan, in.group, world_rank);  // tp > 1: this shard's group
   if (!cuda) {
-    tr->allreduce_sum(t, in.group);
+    tr->allreduce_sum(t, group);
     return;
   }
   // NCCL runs it on the transport's collective stream: the buffer must be complete there first (its producer ran on
@@ -171,7 +174,7 @@ void Worker::Impl::allreduce(const ir::Instr& in) {
   at::cuda::CUDAEvent ready(cudaEventDisableTiming);
   ready.record(*streams[cur_stream]);
   ready.synchronize();
-  comm::WorkPtr w = tr->iallreduce_sum(t, in.group);
+  comm::WorkPtr w = tr->iallreduce_sum(t, group);
   w->wait_on_stream(streams[cur_stream]->stream());
   inflight.push_back(std::move(w));
 }
@@ -263,7 +266,7 @@ void Worker::Impl::optim(const ir::Instr& in) {
   if (on_cpu) {
     // without a gradnorm instruction the norm is summed here, per stage, before the update (checked at step end)
     // (a sharded stage's shard on every replica; a replicated one once, on replica 0)
-    if (!has_gradnorm && (st.sharded || replica == 0)) gsq_host += sum_of_squares(grad.data_ptr(), grad_type(), st.n, pool.get());
+    if (!has_gradnorm && (st.sharded || replica == 0)) gsq_host += grad_sq(st, grad, st.lo, st.n, /*host=*/true);
     AdamWBuffers b;
     b.param = st.master.data_ptr<float>();  // sharded: this replica's shard (grad, moments alike)
     b.exp_avg = st.exp_avg.data_ptr<float>();
@@ -275,8 +278,12 @@ void Worker::Impl::optim(const ir::Instr& in) {
     adamw_step(b, hyper(), st.step, clip, pool.get());
   } else {
     at::Tensor w = need({BufKind::W, in.stage, -1}, "optim");
+    // tensor parallelism: the norm counts only this shard's own elements (its ranges), summed here
+    const bool ranged = !has_gradnorm && !st.norm_ranges.empty();
+    if (ranged && replica == 0)
+      for (const auto& [a, b] : st.norm_ranges) gsq_dev.add_(sum_of_squares_tensor(grad.narrow(0, a, b - a)));
     adamw_step_tensors(st.master, st.exp_avg, st.exp_avg_sq, grad, w, hyper(), st.step, clip, DeviceAdamWKernel::kAuto,
-                       has_gradnorm ? nullptr : &gsq_dev);
+                       has_gradnorm || ranged ? nullptr : &gsq_dev);
   }
 }
 
@@ -291,15 +298,35 @@ std::vector<at::Tensor> Worker::Impl::resident_grads() {
   return g;
 }
 
+double Worker::Impl::grad_sq(const StageState& st, const at::Tensor& g, int64_t lo, int64_t count, bool host) {
+  if (st.norm_ranges.empty()) {  // the whole flat
+    if (host) return sum_of_squares(g.data_ptr(), grad_type(), count, pool.get());
+    return sum_of_squares_tensor(g).item<double>();
+  }
+  double s = 0;
+  const int64_t esize = host ? (grad_type() == GradType::kBFloat16 ? 2 : 4) : 0;
+  for (const auto& [a, b] : st.norm_ranges) {  // the ranges inside [lo, lo + count)
+    const int64_t x = std::max(a, lo), y = std::min(b, lo + count);
+    if (x >= y) continue;
+    if (host) s += sum_of_squares(static_cast<const char*>(g.data_ptr()) + (x - lo) * esize, grad_type(), y - x, pool.get());
+    else s += sum_of_squares_tensor(g.narrow(0, x - lo, y - x)).item<double>();
+  }
+  return s;
+}
+
 void Worker::Impl::gradnorm(const std::vector<at::Tensor>& rgrads) {
   maybe_poison(-1, rgrads);
   double local = 0;
   // data-parallel replicas hold the same (summed) gradients: a replicated stage counts once (replica 0), a sharded
   // one by its shards (every replica)
-  if (replica == 0)
-    for (const auto& g : rgrads) local += sum_of_squares_tensor(g).item<double>();
+  // one (replicated parameters under tensor parallelism: on tp shard 0 only; grad_sq)
+  if (replica == 0) {
+    size_t k = 0;
+    for (auto& [s, st] : stages)
+      if (st.resident && k < rgrads.size()) local += grad_sq(st, rgrads[k++], 0, st.layout.numel, /*host=*/false);
+  }
   for (auto& [s, st] : stages)  // offloaded stages: their gradients are on the host
-    if (!st.resident && (st.sharded || replica == 0)) local += sum_of_squares(st.host_grad.data_ptr(), grad_type(), st.n, pool.get());
+    if (!st.resident && (st.sharded || replica == 0)) local += grad_sq(st, st.host_grad, st.lo, st.n, /*host=*/true);
   // the last stage's loss is complete here: its forwards precede the backwards whose gradients this waited for
   if (stages.count(last) && !std::isfinite(loss_acc.item<double>())) local = std::nan("");
   double total = htr ? htr->allreduce_sum_double(local) : local;

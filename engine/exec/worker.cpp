@@ -28,11 +28,12 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
   I.opts = opts;
   const int world = ir::world_size(plan);
   if (rank < 0 || rank >= world) throw std::runtime_error("rank " + std::to_string(rank) + " outside the plan's " + std::to_string(world) + " ranks");
-  if (plan.tp > 1) throw std::runtime_error("tp=" + std::to_string(plan.tp) + ": this engine executes tensor-parallel plans not yet (tp=1)");
   const ir::RankCoord coord = ir::rank_coord(plan, rank);
   I.rank = coord.pipe;
   I.world_rank = rank;
   I.replica = coord.replica;
+  I.shard = coord.shard;
+  const int tp = std::max(1, plan.tp);
   if (opts.device == "cuda") {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) throw std::runtime_error("--device cuda: no CUDA GPU is visible");
@@ -79,7 +80,8 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     if (s.gpu != coord.pipe) continue;
     StageState st;
     st.id = s.id;
-    st.layout = stage_layout(plan.model, s.layer_begin, s.layer_end);
+    st.layout = stage_layout(plan.model, s.layer_begin, s.layer_end, coord.shard, tp);  // this rank's tp shard
+    if (tp > 1) st.norm_ranges = arch::grad_norm_ranges(st.layout);
     st.resident = s.weights == ir::Residency::Resident;
     if (st.resident != (s.optim == ir::OptimPlace::Gpu))
       throw std::runtime_error("stage S" + std::to_string(s.id) + ": resident weights need the optimizer on the GPU (and offloaded on the CPU)");
@@ -103,7 +105,7 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
       st.sharded = true;
       st.lo = std::min<int64_t>(N, (int64_t)coord.replica * chunk);
       st.n = std::min<int64_t>(N, st.lo + chunk) - st.lo;
-      st.group = ir::dp_group_name(plan, coord.pipe);
+      st.group = ir::rank_group(plan, ir::dp_group_name(plan, coord.pipe), rank);  // this tp shard's replicas
       st.host_lowp = host(I.cdtype, N, true);
       st.master = I.cdtype == at::kFloat ? st.host_lowp.narrow(0, st.lo, st.n) : host(at::kFloat, st.n, false);
       st.exp_avg = host(at::kFloat, st.n, false);
@@ -138,22 +140,38 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
 void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
   impl_->tr = p2p;
   impl_->htr = host ? host : p2p;
-  // the process groups the plan's collectives name (created by every rank, in the same order)
+  auto& I = *impl_;
+  const ir::Plan& plan = I.plan;
+  // the concrete process groups of the names the plan's collectives use (each rank uses its own: ir::rank_group),
+  // created by every rank, in the same order
   std::set<std::string> used;
-  for (const auto& prog : impl_->plan.programs)
+  for (const auto& prog : plan.programs)
     for (const auto& in : prog.instrs)
-      if (!in.group.empty() && in.group != "world") used.insert(in.group);
+      if (!in.group.empty() && in.group != "world")
+        for (int r = 0; r < ir::world_size(plan); ++r)
+          if (ir::rank_coord(plan, r).pipe == prog.gpu) used.insert(ir::rank_group(plan, in.group, r));
+  const auto groups = ir::process_groups(plan);
   if (p2p && !used.empty()) {
-    const auto groups = ir::process_groups(impl_->plan);
     for (const auto& name : used) p2p->create_group(name, groups.at(name));
     // the host-side gathers of the sharded optimizer (cpu thread, checkpoints) on communicators of their own: one
     // issuing thread per communicator, so every replica issues each one's collectives in the same order
     bool zero = false;
-    for (auto& [s, st] : impl_->stages) zero = zero || st.sharded;
-    for (const auto& prog : impl_->plan.programs)
+    for (const auto& prog : plan.programs)
       for (const auto& in : prog.instrs) zero = zero || in.op == Op::AllGather;
     if (zero)
       for (const auto& name : used) p2p->create_group(name + ".host", groups.at(name));
+  }
+  // tensor parallelism: every tp group (its forward/backward collectives) and a twin for host-side gathers
+  if (plan.tp > 1) {
+    if (!p2p) throw std::runtime_error("a tensor-parallel plan (tp=" + std::to_string(plan.tp) + ") needs a transport");
+    std::vector<std::string> tps;
+    for (const auto& [name, ranks] : groups)
+      if (name.rfind("tp.", 0) == 0) tps.push_back(name);
+    for (const auto& name : tps) p2p->create_group(name, groups.at(name));
+    for (const auto& name : tps) p2p->create_group(name + ".host", groups.at(name));
+    const std::string mine = ir::rank_group(plan, ir::tp_group_name(plan, I.rank), I.world_rank);
+    I.tpc = std::make_unique<TransportTpComm>(p2p, mine, I.shard, plan.tp, I.cuda, &I.inflight);
+    I.tp_host_group = mine + ".host";
   }
 }
 int64_t Worker::apply_budget() {
@@ -225,7 +243,8 @@ LoadReport Worker::init_random(uint64_t seed) {
   };
   for (auto& [s, st] : I.stages) {
     at::Tensor full = full_target(st);
-    init_weights(I.plan.model, st.layout, full, seed, 0.02, pfor);
+    if (st.layout.tp_size > 1) tp_init_weights(I.plan.model, st.layout, full, seed);  // the slice of the unsharded init
+    else init_weights(I.plan.model, st.layout, full, seed, 0.02, pfor);
     set_from_full(st, full);
   }
   refresh_device_copies(I);
@@ -240,7 +259,15 @@ LoadReport Worker::load_hf(const std::string& dir) {
   std::vector<StageLayout> layouts;
   std::vector<at::Tensor> flats;
   for (auto& [s, st] : I.stages) { layouts.push_back(st.layout); flats.push_back(full_target(st)); }
-  const IoStats io = load_hf_parallel(dir, I.plan.model, layouts, flats, I.io);
+  IoStats io;
+  if (I.plan.tp > 1) {  // tensor-parallel shards: each rank reads only its slices of the file's tensors
+    const auto t1 = std::chrono::steady_clock::now();
+    load_hf_weights(dir, I.plan.model, layouts, flats);
+    io.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+    for (const auto& f : flats) io.bytes += f.numel() * 4;
+  } else {
+    io = load_hf_parallel(dir, I.plan.model, layouts, flats, I.io);
+  }
   {
     size_t k = 0;
     for (auto& [s, st] : I.stages) set_from_full(st, flats[k++]);
@@ -258,18 +285,40 @@ LoadReport Worker::load_checkpoint(const std::string& dir) {
   const auto t0 = std::chrono::steady_clock::now();
   auto v = I.stage_tensors();
   // sharded stages: the checkpoint holds whole stages (whatever layout wrote it); load them whole, keep the shard
+  // (tensor parallelism: the unsharded stage, then this rank's tp shard of it; data parallelism: its ZeRO part)
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   for (auto& t : v) {
     const StageState& st = I.stages.at(t.id);
+    if (st.layout.tp_size > 1) {
+      t.layout = stage_layout(I.plan.model, st.layout.layer_begin, st.layout.layer_end);
+      t.master = at::empty({t.layout.numel}, f32);
+      t.exp_avg = at::empty({t.layout.numel}, f32);
+      t.exp_avg_sq = at::empty({t.layout.numel}, f32);
+      continue;
+    }
     if (!st.sharded) continue;
     t.master = st.host_lowp.scalar_type() == at::kFloat ? st.host_lowp : at::empty({st.layout.numel}, f32);
     t.exp_avg = at::empty({st.layout.numel}, f32);
     t.exp_avg_sq = at::empty({st.layout.numel}, f32);
   }
   const IoStats io = load_training_state(dir, I.plan, v, I.io);
-  for (const auto& t : v) {
+  for (auto& t : v) {
     StageState& st = I.stages.at(t.id);
     st.step = t.step;
+    if (st.layout.tp_size > 1) {  // the tp shard of every state tensor
+      t.master = shard_flat(I.plan.model, st.layout, t.master);
+      t.exp_avg = shard_flat(I.plan.model, st.layout, t.exp_avg);
+      t.exp_avg_sq = shard_flat(I.plan.model, st.layout, t.exp_avg_sq);
+      if (!st.sharded) {
+        st.master.copy_(t.master);
+        st.exp_avg.copy_(t.exp_avg);
+        st.exp_avg_sq.copy_(t.exp_avg_sq);
+        continue;
+      }
+      at::Tensor full = full_target(st);
+      full.copy_(t.master);
+      t.master = full;
+    }
     if (!st.sharded) continue;
     set_from_full(st, t.master);
     st.exp_avg.copy_(t.exp_avg.narrow(0, st.lo, st.n));
@@ -290,6 +339,16 @@ std::vector<StageTensors> Worker::Impl::stage_tensors() {
   return v;
 }
 
+at::Tensor Worker::Impl::tp_full(const StageState& st, const at::Tensor& flat) {
+  const int tp = st.layout.tp_size;
+  at::Tensor all = at::zeros({tp, st.layout.numel}, at::TensorOptions().dtype(at::kFloat));
+  all[shard].copy_(flat);  // a zero-padded sum is a gather
+  host_allreduce(all, tp_host_group);
+  std::vector<at::Tensor> shards;
+  for (int r = 0; r < tp; ++r) shards.push_back(all[r]);
+  return assemble_flat(plan.model, st.layout.layer_begin, st.layout.layer_end, shards);
+}
+
 at::Tensor Worker::Impl::gather_full(const StageState& st, const at::Tensor& shard) {
   at::Tensor full = at::zeros({st.layout.numel}, at::TensorOptions().dtype(shard.scalar_type()));
   full.narrow(0, st.lo, st.n).copy_(shard);
@@ -305,14 +364,24 @@ void Worker::begin_save(const std::string& dir, bool bf16_weights, bool backgrou
   // checkpoint is the same whatever the layout); the previous update of the state must be complete
   for (auto& t : v) {
     StageState& st = I.stages.at(t.id);
-    if (!st.sharded) continue;
+    if (!st.sharded && st.layout.tp_size == 1) continue;
     auto it = I.pending_optim.find(t.id);
     if (it != I.pending_optim.end()) it->second.get();
-    t.master = I.gather_full(st, st.master);
-    t.exp_avg = I.gather_full(st, st.exp_avg);
-    t.exp_avg_sq = I.gather_full(st, st.exp_avg_sq);
+    if (st.sharded) {
+      t.master = I.gather_full(st, st.master);
+      t.exp_avg = I.gather_full(st, st.exp_avg);
+      t.exp_avg_sq = I.gather_full(st, st.exp_avg_sq);
+    }
+    if (st.layout.tp_size > 1) {  // every tp shard's part: the unsharded stage, in HF layout whatever the tp
+      t.master = I.tp_full(st, t.master);
+      t.exp_avg = I.tp_full(st, t.exp_avg);
+      t.exp_avg_sq = I.tp_full(st, t.exp_avg_sq);
+      t.layout = stage_layout(I.plan.model, st.layout.layer_begin, st.layout.layer_end);
+    }
   }
-  if (I.replica != 0) v.clear();  // data-parallel replicas hold the same state: replica 0 writes it
+  // data-parallel replicas hold the same state (replica 0 writes it), tensor-parallel shards their gathered stage
+  // (shard 0 writes it)
+  if (I.replica != 0 || I.shard != 0) v.clear();
   const auto& prog = I.plan.programs[I.rank].instrs;
   auto first_optim = [&](int stage) {
     for (int i = 0; i < (int)prog.size(); ++i)

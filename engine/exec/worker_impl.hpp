@@ -27,6 +27,7 @@
 #include "engine/exec/cpu_stream.hpp"
 #include "engine/exec/device_adamw.hpp"
 #include "engine/exec/host_memory.hpp"
+#include "engine/exec/tp_comm.hpp"
 #include "engine/io/test_fault.hpp"
 #include "engine/data/data.hpp"
 #include "engine/model/checkpoint.hpp"
@@ -62,6 +63,9 @@ struct StageState {
   bool sharded = false;
   int64_t lo = 0, n = 0;  // not sharded: 0, layout.numel
   std::string group;      // the data-parallel group the shards are spread over
+  // Tensor parallelism (tp > 1): layout is this rank's tp shard of the stage; the gradient norm counts the elements of
+  // norm_ranges (arch::grad_norm_ranges: replicated parameters on tp rank 0 only). Empty: the whole flat.
+  std::vector<std::pair<int64_t, int64_t>> norm_ranges;
 };
 
 struct FwdRecord {
@@ -76,6 +80,9 @@ struct Worker::Impl {
   int rank = 0;        // the program this process runs: its pipeline rank (plan.programs[rank], stages[s].gpu)
   int world_rank = 0;  // its rank in the job (ir::rank_coord: pipeline rank, data-parallel replica, tp shard)
   int replica = 0;     // its data-parallel replica: runs the replica's micro-batches, peers in the same replica
+  int shard = 0;       // its tensor-parallel shard (of plan.tp): holds that shard of its stages, peers of the same shard
+  std::unique_ptr<TransportTpComm> tpc;  // tp > 1: the collectives of its tp group (forward and backward)
+  std::string tp_host_group;             // tp > 1: the same ranks, for host-side gathers (checkpoints)
   comm::Transport* tr = nullptr;   // send/recv
   comm::Transport* htr = nullptr;  // host collectives
   bool cuda = false;
@@ -194,8 +201,17 @@ struct Worker::Impl {
   const at::Tensor& batch_ids(int m, const char* why);
   const at::Tensor& batch_labels(int m);
   at::Tensor run_stage(const StageState& st, const at::Tensor& w, const at::Tensor& in, const at::Tensor& tie = at::Tensor()) {
+    if (tpc) return tp_stage_forward(plan.model, st.layout, w, in, rope, *tpc, tie);
     return stage_forward(plan.model, st.layout, w, in, rope, tie);
   }
+  // The summed loss of the head's output (tp > 1: vocabulary-parallel, the same value on every shard).
+  at::Tensor loss_of(const at::Tensor& out, const at::Tensor& labels) {
+    if (tpc) return tp_lm_loss_sum(out, labels, plan.model.vocab, *tpc);
+    return lm_loss_sum(out, labels);
+  }
+  // Sum of squares of a stage's gradient for the global norm: `g` holds the stage's flat elements [lo, lo + count)
+  // (a device tensor, or host memory of grad_type()); only norm_ranges count under tensor parallelism.
+  double grad_sq(const StageState& st, const at::Tensor& g, int64_t lo, int64_t count, bool host);
   // A tied lm_head on a stage without the embedding: tie(S<last>) is the matrix, tiegrad(S<last>) its gradient.
   bool tied_head(int s) const { return plan.model.tied_embeddings && s == last && last > 0; }
   void add_grad(const ir::Instr& in);
@@ -214,7 +230,9 @@ struct Worker::Impl {
   void host_allreduce(at::Tensor& t, const std::string& group);
   // The whole fp32 flat of a sharded state tensor (master or a moment): every replica's shard gathered (collective).
   at::Tensor gather_full(const StageState& st, const at::Tensor& shard);
-  int peer_rank(int pipe) const { return ir::world_rank(plan, pipe, replica); }  // a pipeline peer of this replica
+  int peer_rank(int pipe) const { return ir::world_rank(plan, pipe, replica, shard); }  // a pipeline peer (replica, shard)
+  // The unsharded flat of a stage from every tp shard's `flat` (host fp32 result; collective over the tp group).
+  at::Tensor tp_full(const StageState& st, const at::Tensor& flat);
   AdamWHyper hyper() const;
 
   // Test-only fault injection (engine/io/test_fault.hpp: nonfinite): poisons this rank's gradients of `stage` (all

@@ -154,6 +154,10 @@ int worker_exchange(const WorldInfo& w) {
     WCHECK(same(d, at::full({2, 4}, 0.25 * tri, at::kDouble)));
     double s = tr->allreduce_sum_double(r + 0.5);
     WCHECK(s == n * n / 2.0);
+    // the element-wise maximum (tensor parallelism's cross-entropy): rank r holds r at even and -r at odd positions
+    at::Tensor m = at::arange(6, at::kFloat).remainder(2).mul(-2).add(1).mul(static_cast<float>(r));
+    tr->allreduce_max(m);
+    WCHECK(same(m, at::tensor({float(n - 1), 0.f, float(n - 1), 0.f, float(n - 1), 0.f})));
   }
   // 6. A group of the even ranks (collective call on every rank).
   {
