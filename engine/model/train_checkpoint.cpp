@@ -499,6 +499,32 @@ void finalize_checkpoint(const ir::Plan& plan, const std::string& staging, const
 }
 
 // ---- loading ---------------------------------------------------------------------------------------------------
+std::vector<SavedStage> saved_stages(const std::string& dir) {
+  const std::string sdir = io::join_path(dir, "mmoc_state");
+  std::vector<SavedStage> v;
+  for (const auto& name : io::list_dir(sdir)) {
+    if (name.size() < 14 || name[0] != 'S' || name.compare(name.size() - 12, 12, ".safetensors") != 0) continue;
+    SavedStage s;
+    try {
+      s.id = std::stoi(name.substr(1, name.size() - 13));
+    } catch (...) {
+      continue;
+    }
+    s.path = io::join_path(sdir, name);
+    const auto f = io::SafetensorsFile::open(s.path);
+    auto it = f.metadata().find("layers");
+    if (it == f.metadata().end() || std::sscanf(it->second.c_str(), "%d-%d", &s.layer_begin, &s.layer_end) != 2)
+      throw io::FormatError(s.path + ": no 'layers' metadata (begin-end)");
+    v.push_back(s);
+  }
+  std::sort(v.begin(), v.end(), [](const SavedStage& a, const SavedStage& b) { return a.layer_begin < b.layer_begin; });
+  for (size_t k = 0; k < v.size(); ++k)
+    if (v[k].layer_begin != (k ? v[k - 1].layer_end : 0) || v[k].layer_end <= v[k].layer_begin)
+      throw io::FormatError(sdir + ": the saved stages' layers are not contiguous from 0 (" + v[k].path + ": " +
+                            std::to_string(v[k].layer_begin) + "-" + std::to_string(v[k].layer_end) + ")");
+  return v;
+}
+
 IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::vector<StageTensors>& stages, IoOptions o) {
   std::map<std::string, std::unique_ptr<io::BulkFile>> files;
   auto bulk = [&](const std::string& path) {
@@ -509,9 +535,67 @@ IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::v
   std::optional<io::Checkpoint> hf;  // opened when a master comes from the HF weights
   std::vector<ReadItem> items;
   std::vector<bool> master_from_hf;
+  std::optional<std::vector<SavedStage>> saved;  // the checkpoint's own stages, when they differ from the plan's
   for (auto& st : stages) {
     const int64_t n = st.layout.numel;
-    const std::string path = io::join_path(dir, state_file(st.id));
+    std::string path = io::join_path(dir, state_file(st.id));
+    // the plan's stage as the checkpoint saved it (same layers), or else gathered from the saved stages by parameter
+    bool restage = true;
+    if (io::path_exists(path)) {
+      auto f0 = io::SafetensorsFile::open(path);
+      auto it = f0.metadata().find("layers");
+      restage = it != f0.metadata().end() &&
+                it->second != std::to_string(st.layout.layer_begin) + "-" + std::to_string(st.layout.layer_end);
+    }
+    if (restage) {
+      if (!saved) saved = saved_stages(dir);
+      bool master_hf = false;
+      bool first = true;
+      for (at::Tensor* dst : {&st.master, &st.exp_avg, &st.exp_avg_sq}) {
+        check_flat(*dst, n, "stage S" + std::to_string(st.id));
+        dst->zero_();  // padding
+      }
+      std::map<int, std::pair<io::SafetensorsFile, StageLayout>> src_of;  // saved stage id -> its file and layout
+      for (const auto& p : st.layout.params) {
+        const SavedStage* src = nullptr;
+        for (const auto& s : *saved)
+          if (p.layer >= s.layer_begin && p.layer < s.layer_end) src = &s;
+        if (!src) throw io::FormatError(dir + ": no saved stage holds layer " + std::to_string(p.layer) + " (" + p.name + ")");
+        auto sit = src_of.find(src->id);
+        if (sit == src_of.end())
+          sit = src_of.emplace(src->id, std::make_pair(io::SafetensorsFile::open(src->path),
+                                                       stage_layout(plan.model, src->layer_begin, src->layer_end))).first;
+        const io::SafetensorsFile& f = sit->second.first;
+        const StageLayout& L = sit->second.second;
+        const ParamInfo* q = L.find(p.name);
+        if (!q || q->numel != p.numel) throw io::FormatError(src->path + ": no " + p.name + " of " + std::to_string(p.numel) + " elements");
+        if (first) {  // the step count: the same in every stage
+          auto it = f.metadata().find("step");
+          st.step = it == f.metadata().end() ? 0 : std::stoll(it->second);
+          master_hf = !f.find("master");
+          first = false;
+        }
+        const std::pair<const char*, at::Tensor*> parts[] = {{"master", &st.master}, {"exp_avg", &st.exp_avg}, {"exp_avg_sq", &st.exp_avg_sq}};
+        for (const auto& [name, dst] : parts) {
+          if (master_hf && dst == &st.master) continue;
+          const auto& t = f.at(name);
+          if (t.dtype != io::DType::F32 || t.numel() != L.numel)
+            throw io::FormatError(src->path + ": " + name + " has " + std::to_string(t.numel()) + " " + io::dtype_name(t.dtype) +
+                                  " elements, its layers " + std::to_string(L.numel) + " F32");
+          items.push_back({bulk(src->path), f.data_begin() + t.begin + (uint64_t)q->offset * 4, (uint64_t)p.numel * 4, t.dtype, *dst, p.offset});
+        }
+        if (master_hf) {  // fp32 weights: the master is the HF tensor of that name
+          if (!hf) hf = io::Checkpoint::open(dir);
+          const auto& ti = hf->info(p.name);
+          if (ti.dtype != io::DType::F32 || ti.shape != p.hf_shape())
+            throw io::FormatError(dir + ": " + p.name + " is not an fp32 master (and mmoc_state has no master): saved with bf16 weights?");
+          const auto& file = hf->file_of(p.name);
+          items.push_back({bulk(file.path()), file.data_begin() + ti.begin, ti.nbytes(), ti.dtype, st.master, p.offset});
+        }
+      }
+      master_from_hf.push_back(master_hf);
+      continue;
+    }
     auto f = io::SafetensorsFile::open(path);
     auto tensor = [&](const char* name, at::Tensor& dst) {
       const auto& t = f.at(name);

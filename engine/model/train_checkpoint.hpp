@@ -89,8 +89,18 @@ void finalize_checkpoint(const ir::Plan& plan, const std::string& staging, const
                          c10::ScalarType weights_dtype, const std::string& trainer_state_json);
 
 // Reads master, moments and step of `stages` from checkpoint `dir` (the HF shard for masters saved in fp32), in
-// parallel. Errors name the file.
+// parallel. Errors name the file. `stages` have unsharded layouts; a stage whose layers the checkpoint saved as one
+// stage reads that stage's files, any other is gathered parameter by parameter from the saved stages that hold its
+// layers (a checkpoint resumes under another partition: pp, v or the stage boundaries changed).
 IoStats load_training_state(const std::string& dir, const ir::Plan& plan, std::vector<StageTensors>& stages, IoOptions o);
+
+// The stages a checkpoint saved (mmoc_state/S<k>.safetensors with their 'layers' metadata), by first layer; they must
+// cover the model's layers contiguously from 0 (io::FormatError otherwise).
+struct SavedStage {
+  int id = 0, layer_begin = 0, layer_end = 0;
+  std::string path;
+};
+std::vector<SavedStage> saved_stages(const std::string& dir);
 
 // An HF checkpoint (single file or sharded; F32, BF16 or F16) into fp32 flats of `layouts` (host or device), in
 // parallel: the same checks and errors as load_hf_weights, then each tensor read once with large aligned reads.

@@ -243,7 +243,9 @@ def run_all(tmp):
     bad("a data file given as the plan", [TOKENS, "--data", TOKENS], "tiny_tokens.jsonl", plan=None)
     bad("--resume of a folder with no checkpoint", ["--data", TOKENS, "--resume", empty], "--resume", "trainer_state.json")
     bad("--resume of an HF-only folder", ["--data", TOKENS, "--resume", junk], "--resume", "trainer_state.json")
-    bad("--resume into another plan", ["--data", TOKENS, "--resume", ck, "--steps", 25], "another plan")
+    bad("--resume into a plan of another model", ["--data", TOKENS, "--resume", ck, "--steps", 25], "another model", plan=plan_gqa)
+    # another partition of the same model resumes: the plan's stages are gathered from the saved ones
+    must(sh([RUN, plan1, "--data", TOKENS, "--resume", ck, "--steps", 22, "-q"]), "--resume into another partition (4 stages -> 1)")
     few = j("few.jsonl")
     with open(few, "w") as f:
         f.write("\n".join(good_lines[:5]) + "\n")

@@ -313,18 +313,23 @@ TEST_CASE("tp with tied embeddings: the head's shard of the embedding, its gradi
   check_against_reference(make_plan(1, 2, 2, "all", "tiny-gpt2-tied", 0, 4, 2), "tied-gpt2-pp1-dp2-tp2-v2-offload-all");
 }
 
-TEST_CASE("a checkpoint saved under one dp x tp resumes under another: resharded and exact") {
-  // (pp 1: one stage, the same under every layout) dp 2 -> tp 2, tp 2 -> dp 2 x tp 2; and pp 2 between tp 2 and dp 2
-  struct Case { int pp_a, dp_a, tp_a, pp_b, dp_b, tp_b; const char* off; };
-  for (Case c : {Case{1, 2, 1, 1, 1, 2, "all"}, Case{1, 1, 2, 1, 2, 2, "all"}, Case{2, 1, 2, 2, 2, 1, "none"}}) {
-    const std::string label = "resume-" + std::to_string(c.pp_a) + std::to_string(c.dp_a) + std::to_string(c.tp_a) + "-to-" +
-                              std::to_string(c.pp_b) + std::to_string(c.dp_b) + std::to_string(c.tp_b);
+TEST_CASE("a checkpoint saved under one layout resumes under another: resharded and exact") {
+  // dp 2 -> tp 2, tp 2 -> dp 2 x tp 2 and pp 2 x tp 2 -> pp 2 x dp 2 (the same stages); pp 2 -> tp 2 and dp 2 ->
+  // pp 3 x tp 2 (other stages: gathered parameter by parameter from the saved ones)
+  // GPT-2 too (its fp32 masters are the HF Conv1D tensors, transposed)
+  struct Case { int pp_a, dp_a, tp_a, pp_b, dp_b, tp_b; const char* off; const char* model = "tiny-8l"; };
+  for (Case c : {Case{1, 2, 1, 1, 1, 2, "all"}, Case{1, 1, 2, 1, 2, 2, "all"}, Case{2, 1, 2, 2, 2, 1, "none"},
+                 Case{2, 1, 1, 1, 1, 2, "all"}, Case{1, 2, 1, 3, 1, 2, "none"}, Case{2, 1, 1, 1, 1, 2, "none", "tiny-gpt2"}}) {
+    const std::string label = std::string("resume-") + c.model + "-" + std::to_string(c.pp_a) + std::to_string(c.dp_a) +
+                              std::to_string(c.tp_a) + "-to-" + std::to_string(c.pp_b) + std::to_string(c.dp_b) + std::to_string(c.tp_b);
     CAPTURE(label);
-    ir::Plan pa = make_plan(c.pp_a, c.dp_a, 1, c.off, "tiny-8l", 0.05, 4, c.tp_a);
-    ir::Plan pb = make_plan(c.pp_b, c.dp_b, 1, c.off, "tiny-8l", 0.05, 4, c.tp_b);
+    ir::Plan pa = make_plan(c.pp_a, c.dp_a, 1, c.off, c.model, 0.05, 4, c.tp_a);
+    ir::Plan pb = make_plan(c.pp_b, c.dp_b, 1, c.off, c.model, 0.05, 4, c.tp_b);
     pa.train.eps = pb.train.eps = 1e-6;  // one optimizer on both sides (make_plan's eps for tp: see there)
-    REQUIRE(pa.num_stages() == pb.num_stages());
-    for (int s = 0; s < pa.num_stages(); ++s) REQUIRE(pa.stages[s].layer_end == pb.stages[s].layer_end);  // same stages
+    const bool same_stages = pa.num_stages() == pb.num_stages() &&
+                             std::equal(pa.stages.begin(), pa.stages.end(), pb.stages.begin(),
+                                        [](const ir::Stage& x, const ir::Stage& y) { return x.layer_end == y.layer_end; });
+    CHECK(same_stages == (c.pp_a == c.pp_b));  // the cases cover both
     const std::string dir = scratch(label), a = dir + "/a", b = dir + "/b";
     io::make_dirs(a);
     io::make_dirs(b);

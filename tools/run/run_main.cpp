@@ -138,11 +138,23 @@ ir::Plan validate(const Args& a) {
     }
   }
   if (!a.resume.empty()) {
+    // the checkpoint's own stages (any partition: the plan's stages are gathered from them), each checked against
+    // its layers' layout in this plan's model
+    std::vector<SavedStage> saved;
+    try {
+      saved = saved_stages(a.resume);
+    } catch (const io::FormatError& e) {
+      throw UsageError("--resume " + a.resume + ": " + e.what());
+    } catch (const std::exception& e) {
+      throw UsageError("--resume " + a.resume + ": " + e.what());
+    }
+    const int layers = p.model.layers + 2;
+    if (saved.empty() || saved.back().layer_end != layers)
+      throw UsageError("--resume " + a.resume + ": its stages hold layers 0-" + std::to_string(saved.empty() ? 0 : saved.back().layer_end) +
+                       ", " + p.model.name + " has " + std::to_string(layers) + " (a checkpoint of another model?)");
     std::optional<io::Checkpoint> hf;  // the weights, for stages whose master is the fp32 HF shard
-    for (const auto& s : p.stages) {
-      const std::string path = a.resume + "/" + state_file(s.id);
-      if (!io::path_exists(path))
-        throw UsageError("--resume " + a.resume + ": " + path + " missing (checkpoint from another plan?)");
+    for (const auto& s : saved) {
+      const std::string& path = s.path;
       io::SafetensorsFile f;
       try {
         f = io::SafetensorsFile::open(path);
@@ -158,8 +170,8 @@ ir::Plan validate(const Args& a) {
         if (!t) throw UsageError(path + ": no tensor '" + name + "'");
         if (t->numel() != L.numel || t->dtype != io::DType::F32)
           throw UsageError(path + ": " + name + " has " + std::to_string(t->numel()) + " " + io::dtype_name(t->dtype) +
-                           " elements, the plan's stage S" + std::to_string(s.id) + " has " + std::to_string(L.numel) +
-                           " F32 (checkpoint from another plan?)");
+                           " elements, layers " + std::to_string(s.layer_begin) + "-" + std::to_string(s.layer_end - 1) + " of " +
+                           p.model.name + " have " + std::to_string(L.numel) + " F32 (a checkpoint of another model?)");
       }
       if (f.find("master")) continue;
       try {
@@ -171,9 +183,10 @@ ir::Plan validate(const Args& a) {
       }
       for (const auto& prm : L.params) {
         const io::TensorInfo* t = hf->contains(prm.name) ? &hf->info(prm.name) : nullptr;
-        if (!t || t->dtype != io::DType::F32 || t->shape != prm.shape)
-          throw UsageError("--resume " + a.resume + ": stage S" + std::to_string(s.id) + " has no fp32 master (" + prm.name +
-                           (t ? " is not an fp32 tensor of the plan's shape" : " is missing") + "; checkpoint from another plan?)");
+        if (!t || t->dtype != io::DType::F32 || t->shape != prm.hf_shape())  // HF orientation (GPT-2 Conv1D: transposed)
+          throw UsageError("--resume " + a.resume + ": layers " + std::to_string(s.layer_begin) + "-" + std::to_string(s.layer_end - 1) +
+                           " have no fp32 master (" + prm.name + (t ? " is not an fp32 tensor of the model's shape" : " is missing") +
+                           "; a checkpoint of another model?)");
       }
     }
   }
