@@ -51,6 +51,18 @@ ir::Plan initial_plan(const JobConfig& j, const ModelSpec& m, const HardwareSpec
   p.seq_len = j.seq_len;
   double budget = j.budget_gib > 0 ? j.budget_gib : hw.gpu_mem_gib;
   p.budget_bytes = (int64_t)(budget * GiB);
+  // NVMe tier: each path's share of an object is 1 / (1/read + 1/write) of its measured bandwidths
+  // (engine/tier/stripe.hpp's path_weight); a path the hardware file has not measured gets weight 1
+  p.host_budget_bytes = (int64_t)(j.host_budget_gib * GiB);
+  p.nvme = j.nvme;
+  if (!j.nvme.empty()) {
+    for (const auto& path : j.nvme) {
+      double w = 1.0;
+      for (const auto& sp : hw.storage)
+        if (sp.path == path && sp.read_gbps > 0 && sp.write_gbps > 0) w = 1.0 / (1.0 / sp.read_gbps + 1.0 / sp.write_gbps);
+      p.nvme_weights.push_back(w);
+    }
+  }
   p.model = m.arch();
   p.train = j.train;
   return p;
@@ -105,6 +117,8 @@ JobConfig job_of_plan(const JobConfig& knobs, const ir::Plan& p) {
   j.micro_batch_size = p.micro_batch_size;
   j.seq_len = p.seq_len;
   j.budget_gib = (double)p.budget_bytes / GiB;
+  j.host_budget_gib = (double)p.host_budget_bytes / GiB;
+  j.nvme = p.nvme;
   j.train = p.train;
   return j;
 }
@@ -222,6 +236,16 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
   std::snprintf(buf, sizeof buf, "predicted: step %.3f s, %.0f tokens/s, bubble %.1f%%\n", r.sim.step_ms / 1000.0,
                 r.sim.tokens_per_s, 100.0 * r.sim.bubble);
   os << buf;
+  if (p.host_budget_bytes > 0 || !p.nvme.empty()) {  // NVMe tier (docs/nvme-tier.md)
+    const HostBound hb = host_memory_bound(p);
+    int on = 0;
+    for (const auto& d : p.buffers) on += d.kind == ir::BufKind::Opt && d.home == ir::Tier::Nvme;
+    std::snprintf(buf, sizeof buf, "host memory: bound %s (state %s, nvme staging %s, runtime %s), host budget %s; optimizer state of %d stage(s) on nvme (%s), %.2f GB read + %.2f GB written per step\n",
+                  gib((double)hb.total).c_str(), gib((double)hb.state).c_str(), gib((double)hb.staging).c_str(), gib((double)hb.runtime).c_str(),
+                  p.host_budget_bytes > 0 ? gib((double)p.host_budget_bytes).c_str() : "none", on, gib((double)hb.nvme_bytes).c_str(),
+                  r.sim.tier_read_bytes / 1e9, r.sim.tier_write_bytes / 1e9);
+    os << buf;
+  }
   os << "memory per GPU (budget " << gib((double)p.budget_bytes) << "):\n";
   for (int g = 0; g < p.gpus; ++g) {
     std::snprintf(buf, sizeof buf, "  g%d  simulated peak %s  bound %s  (%.0f%% of budget)\n", g,

@@ -433,6 +433,30 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
   r.read("offload", c.offload, {"auto", "all", "none"});
   r.read("cross_map", c.cross_map, {"auto", "off"});
   r.read("dp", c.dp, 1);
+  r.read("host_budget_gib", c.host_budget_gib, finite_min(0));
+  r.read("nvme_place", c.nvme_place, {"auto", "all"});
+  if (auto* nv = r.get("nvme")) {  // "a,b" or ["a", "b"]
+    auto bad = [&] { json_fail(r.at("nvme"), "expected a directory, a comma-separated list or an array of directories, got " + json_describe(*nv)); };
+    std::vector<std::string> parts;
+    if (nv->is_string()) {
+      std::string v = nv->get<std::string>();
+      size_t b = 0;
+      for (;;) {
+        auto c2 = v.find(',', b);
+        parts.push_back(v.substr(b, c2 == std::string::npos ? std::string::npos : c2 - b));
+        if (c2 == std::string::npos) break;
+        b = c2 + 1;
+      }
+    } else if (nv->is_array()) {
+      for (const auto& e : *nv) {
+        if (!e.is_string()) bad();
+        parts.push_back(e.get<std::string>());
+      }
+    } else bad();
+    for (const auto& x : parts)
+      if (x.empty()) bad();
+    c.nvme = parts;
+  }
   if (auto* t = r.get("train")) {
     ObjReader tr(*t, origin + ": train", JsonNaming::Key);
     ir::TrainConfig& T = c.train;

@@ -25,11 +25,14 @@ enum class Op {
   AllReduce,  // allreduce B group=G     : sum B over the data-parallel group G (reserved: dp>1)
   GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
   Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
+  TierRead,   // read opt(S) <- nvme     : allocate opt(S) in host memory and read it from the NVMe tier (io stream)
+  TierWrite,  // write opt(S) -> nvme    : write opt(S) to the NVMe tier, then drop its host copy (io stream)
 };
 // Adding an op: append it above, count it here, and give it its entry in ir/ops.cpp's op table (the syntax, streams,
 // timing class and memory effects), then its handler in the engine. The table's test checks the count.
-constexpr int kNumOps = (int)Op::Optim + 1;
-enum class Stream { Comp, H2D, D2H, P2P, Cpu };
+constexpr int kNumOps = (int)Op::TierWrite + 1;
+enum class Stream { Comp, H2D, D2H, P2P, Cpu, Io };  // io: the NVMe tier's I/O threads (host side)
+constexpr int kNumStreams = (int)Stream::Io + 1;
 enum class Tier { Gpu, Host, Nvme };
 enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt };
 constexpr int kNumBufKinds = (int)BufKind::Opt + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
@@ -167,6 +170,11 @@ struct Plan {
   int microbatches = 1, micro_batch_size = 1, seq_len = 128;
   int64_t budget_bytes = 0;  // per GPU
   std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
+  // NVMe tier (docs/nvme-tier.md): host memory cap of the node (0 = none given), the tier's directories and the
+  // relative share of every object on each (tier::path_weight of the measured bandwidths). Optional in both forms.
+  int64_t host_budget_bytes = 0;
+  std::vector<std::string> nvme;
+  std::vector<double> nvme_weights;
   ModelArch model;
   TrainConfig train;
   std::vector<Stage> stages;

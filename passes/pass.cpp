@@ -117,7 +117,8 @@ std::vector<InvariantChecker> default_invariant_checkers() {
       {"memory", [](const PassContext& c) { return c.memory_complete; },
        [](const PassContext& c, const std::string&) { verify_memory(c); },
        "verify-memory: every GPU's timing-independent memory bound within the usable budget (an InputError naming "
-       "the budget that would do), once the plan's memory is explicit"},
+       "the budget that would do), once the plan's memory is explicit; and the node's host-memory bound (the NVMe "
+       "tier's reads and writes paired, within host_budget when the plan has one)"},
   };
 }
 

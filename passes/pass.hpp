@@ -28,6 +28,7 @@ struct OffloadConfig {
   std::vector<char> resident;  // per stage
   bool recompute = true;
   int window = 1;
+  std::vector<char> nvme;      // per stage (empty = none): its opt(S) lives on the NVMe tier (docs/nvme-tier.md)
   bool operator==(const OffloadConfig&) const = default;
 };
 
@@ -96,6 +97,20 @@ struct MemoryBound {
   std::vector<int64_t> persistent;  // per GPU: resident buffers
 };
 MemoryBound memory_bound(const ir::Plan&);
+// Timing-independent upper bound of the node's host memory (bytes; passes/host_memory.cpp): the state of the
+// stages the CPU optimizer updates (fp32 master and moments at home on the host, the compute-precision weights the
+// prefetches read, the gradients), the NVMe tier's opt(S) buffers that may be in host memory at once under the
+// dependencies (a `read` allocates, a `write` frees), the share of them on virtual (tmpfs) paths, and a runtime
+// allowance per rank (kHostRuntimeBytes). Every rank of the plan is counted on one node.
+struct HostBound {
+  int64_t total = 0;
+  int64_t state = 0;     // persistent host state of all ranks
+  int64_t staging = 0;   // the worst set of NVMe-tier buffers in host memory at once
+  int64_t runtime = 0;   // the runtime allowance of all ranks
+  int64_t nvme_bytes = 0;  // optimizer state on the NVMe tier (all paths)
+};
+constexpr int64_t kHostRuntimeBytes = 1LL << 30;
+HostBound host_memory_bound(const ir::Plan&);
 // Throws InputError naming the smallest budget or the knob to change when a GPU's bound exceeds the budget.
 void verify_memory(const PassContext&);
 
@@ -137,6 +152,10 @@ std::string passes_markdown();
 ir::Plan lower_offload(const PassContext&, const ir::Plan& base, const OffloadConfig&);
 ir::Plan strip_offload(const PassContext&, const ir::Plan& lowered);
 OffloadConfig offload_config_of(const PassContext&, const ir::Plan& lowered);
+// NVMe tier (passes/tier_placement.cpp): with a host budget, moves the opt(S) of offloaded stages to the plan's nvme
+// paths until the node's host bound fits (cfg and plan updated); InputError naming the missing host memory or
+// NVMe space when nothing fits.
+void place_on_tier(PassContext&, const ir::Plan& base, OffloadConfig& cfg, ir::Plan& plan);
 // Stage cost fields (partition.cpp) from its layers and recompute flag; stash bytes per micro-batch.
 void fill_stage_costs(const PassContext&, ir::Stage&);
 int64_t stage_stash_bytes(const PassContext&, const ir::Stage&);

@@ -65,6 +65,13 @@ void verify_memory(const PassContext& c) {
                        "; raise --budget to at least " + gib_at_least(c.hw.budget_for(mb.bound[g])) +
                        " or lower --micro-batch-size");
     }
+  // the node's host memory (passes/host_memory.cpp): checked when the plan has a host budget; the tier's reads and
+  // writes must pair up whatever the budget
+  const HostBound hb = host_memory_bound(c.plan);
+  if (c.plan.host_budget_bytes > 0 && hb.total > c.plan.host_budget_bytes)
+    throw InputError("verify-memory: the node may need " + gib_at_least(hb.total) + " of host memory but --host-budget is " +
+                     gib_at_least(c.plan.host_budget_bytes) + " (" + gib_at_least(hb.total - c.plan.host_budget_bytes) +
+                     " missing); raise --host-budget or give --nvme");
 }
 
 std::string verify_deadlock(const ir::Plan& p, bool sequential) {
