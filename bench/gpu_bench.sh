@@ -258,7 +258,8 @@ nvme-7b)
   #  - the tier run: measured peak RSS (getrusage of the worker) vs the budget, NVMe traffic rate (tier bytes / time the
   #    reads and writes took) vs the profiled bandwidth, predicted vs measured step time,
   #  - the all-in-host-memory run of the same job: tokens/s of both.
-  # MB micro-batches of 8 x 1024 per step (default 32: enough compute for the I/O to overlap), STEPS (default 3).
+  # MB micro-batches of 8 x 1024 per step (default 16; the compiler predicts ~50 s/step, I/O-bound: ~45 GiB of optimizer
+  # state each way per step at the default 2 GB/s), STEPS (default 3).
   paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
   log "disk: $(df -h "${dirs[0]}" | tail -1)"
   ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
@@ -266,7 +267,7 @@ nvme-7b)
     -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
   grep -iE "GB/s|read|write" "$OUT/profile-nvme.log" | tail -6
   gen_data "$OUT/tok.jsonl" 400 1024
-  job="--model llama2-7b --gpus 1 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches ${MB:-32} --seq-len 1024"
+  job="--model llama2-7b --gpus 1 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches ${MB:-16} --seq-len 1024"
   mmoc_job nvme7b "$job --hardware $OUT/hw-nvme.json --host-budget ${HB:-48} --nvme $paths" "$OUT/tok.jsonl" ${STEPS:-3}
   grep -E "^host memory|nvme" "$OUT/compile-nvme7b.log" | head -4
   mmoc_job host7b "$job --hardware $OUT/hw-nvme.json" "$OUT/tok.jsonl" ${STEPS:-3}

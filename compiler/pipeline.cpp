@@ -240,7 +240,7 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
     const HostBound hb = host_memory_bound(p);
     int on = 0;
     for (const auto& d : p.buffers) on += d.kind == ir::BufKind::Opt && d.home == ir::Tier::Nvme;
-    std::snprintf(buf, sizeof buf, "host memory: bound %s (state %s, nvme staging %s, runtime %s), host budget %s; optimizer state of %d stage(s) on nvme (%s), %.2f GB read + %.2f GB written per step\n",
+    std::snprintf(buf, sizeof buf, "host memory: at most %s per node (state %s, nvme staging %s, runtime %s), host budget %s; optimizer state of %d stage(s) on nvme (%s), %.2f GB read + %.2f GB written per step\n",
                   gib((double)hb.total).c_str(), gib((double)hb.state).c_str(), gib((double)hb.staging).c_str(), gib((double)hb.runtime).c_str(),
                   p.host_budget_bytes > 0 ? gib((double)p.host_budget_bytes).c_str() : "none", on, gib((double)hb.nvme_bytes).c_str(),
                   r.sim.tier_read_bytes / 1e9, r.sim.tier_write_bytes / 1e9);

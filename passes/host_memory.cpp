@@ -2,8 +2,8 @@
 // (docs/nvme-tier.md). The same rule as verify-memory's GPU bound, applied to the op table's host effects
 // (ir::host_effects): at every `read opt(S) <- nvme`, every NVMe-tier buffer that may be in host memory then under
 // SOME execution the dependencies allow (read by an instruction that does not happen after this one, and not
-// written back by one that happens before it). Ranks of a node run independently, so buffers of two ranks always
-// count together.
+// written back by one that happens before it), per rank; ranks of a node run independently, so the ranks' worst sets
+// add up.
 #include <algorithm>
 #include <cstdio>
 #include <map>
@@ -66,17 +66,20 @@ HostBound host_memory_bound(const ir::Plan& p) {
   if (!lives.empty()) {
     HappensBefore hb = happens_before(p);
     if (hb.cyclic) throw ir::VerifyError("dependency cycle between instructions (the plan cannot run)");
+    // per rank its worst set; ranks run independently, so their worst sets may coincide: the sum
+    std::map<int, int64_t> worst;
     for (const Life& a : lives) {
       int64_t sum = 0;
       for (const Life& l : lives) {
+        if (l.gpu != a.gpu) continue;
         if (&l == &a) { sum += l.bytes; continue; }
-        if (l.gpu != a.gpu) { sum += l.bytes; continue; }  // another rank: no order between them
         const bool read_not_after = !hb.hb(a.gpu, a.read, l.gpu, l.read);
         const bool not_written_before = l.write < 0 || !hb.hb(l.gpu, l.write, a.gpu, a.read);
         if (read_not_after && not_written_before) sum += l.bytes;
       }
-      h.staging = std::max(h.staging, sum);
+      worst[a.gpu] = std::max(worst[a.gpu], sum);
     }
+    for (const auto& [g, b] : worst) h.staging += b;
   }
   h.total = h.state + h.staging + h.runtime;
   return h;

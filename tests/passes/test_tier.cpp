@@ -10,7 +10,7 @@ using namespace mmoc;
 using namespace mmoc::test;
 
 namespace {
-constexpr int64_t GiB = 1LL << 30;
+constexpr int64_t kGiB = 1LL << 30;
 
 JobConfig tier_job(int gpus, int v, const std::string& sched, const std::string& place = "all") {
   JobConfig j = tiny_job(gpus, v, 4, sched);
@@ -148,10 +148,11 @@ TEST_CASE("tier: placement within --host-budget takes the fewest stages; errors 
   j.micro_batch_size = 8;
   j.microbatches = 8;
   j.seq_len = 1024;
+  j.offload = "all";
   const CompileResult host = compile(j);
   const HostBound all_host = host_memory_bound(host.plan);
   CHECK(nvme_stage_count(host.plan) == 0);
-  CHECK(all_host.total > 90 * GiB);  // ~16 B per parameter + runtime
+  CHECK(all_host.total > 90 * kGiB);  // ~16 B per parameter + runtime
   SUBCASE("over the budget without --nvme") {
     j.host_budget_gib = 48;
     CHECK_THROWS_WITH_AS(compile(j), doctest::Contains("GiB missing); give --nvme"), InputError);
@@ -161,18 +162,18 @@ TEST_CASE("tier: placement within --host-budget takes the fewest stages; errors 
     j.nvme = {"/nonexistent-nvme0/mmoc"};
     const CompileResult r = compile(j);
     const HostBound h = host_memory_bound(r.plan);
-    CHECK(h.total <= 48 * GiB);
+    CHECK(h.total <= 48 * kGiB);
     const int n = nvme_stage_count(r.plan);
     CHECK(n > 0);
     CHECK(n < r.plan.num_stages());
-    CHECK(r.plan.host_budget_bytes == 48 * GiB);
+    CHECK(r.plan.host_budget_bytes == 48 * kGiB);
     // a larger budget takes fewer stages; with the all-in-host bound as the budget, none
     JobConfig j2 = j;
     j2.host_budget_gib = 64;
     const int n2 = nvme_stage_count(compile(j2).plan);
     CHECK(n2 < n);
     CHECK(n2 > 0);
-    j2.host_budget_gib = (double)all_host.total / GiB + 0.01;
+    j2.host_budget_gib = (double)all_host.total / kGiB + 0.01;
     CHECK(nvme_stage_count(compile(j2).plan) == 0);
     // the simulator moves the tier's bytes both ways
     CHECK(r.sim.tier_read_bytes == h.nvme_bytes);
@@ -188,9 +189,6 @@ TEST_CASE("tier: placement within --host-budget takes the fewest stages; errors 
 
 TEST_CASE("tier: the simulator times the tier by the paths' bandwidth") {
   JobConfig j = tier_job(1, 2, "grouped");
-  j.model = "llama3.2-3b";
-  j.micro_batch_size = 1;
-  j.seq_len = 256;
   HardwareSpec slow = hardware("h200x2"), fast = slow;
   slow.storage = {{j.nvme[0], 0.2, 0.2, "1:0", false}, {j.nvme[1], 0.2, 0.2, "1:0", false}};  // one disk, slow
   fast.storage = {{j.nvme[0], 20, 20, "1:0", false}, {j.nvme[1], 20, 20, "1:1", false}};      // two fast disks

@@ -685,6 +685,10 @@ int run_main(int argc, char** argv) {
   } catch (const io::FormatError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
     return 2;
+  } catch (const tier::SetupError& e) {  // the NVMe tier's paths: missing, unwritable, full (before training)
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
+              << "error: " << e.what() << "\n";
+    return 2;
   } catch (const comm::ConfigError& e) {
     std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
               << "error: " << e.what() << "\n";
