@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | tier | nvme-7b | startup | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | tier | nvme-7b | startup | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
 #                                   | h200x2-peer | h200x4 | peers | fsdp2 | ds-zero2 | ds-zero3 | ds-nvme | limits  (bench/README.md)
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
@@ -25,15 +25,16 @@ if [ ! -x "$build/tools/run/mmoc-run" ]; then
   log "built in $(( $(date +%s) - t0 )) s"
 fi
 C="$build/tools/compile/mmoc-compile"; R="$build/tools/run/mmoc-run"
-gen_data() {  # random tokens: rows of seq tokens, vocab 32000
-  python3 - "$1" "$2" "$3" <<'PY'
+gen_data() {  # gen_data PATH ROWS SEQ [VOCAB]: random tokens, rows of seq tokens, ids below VOCAB (default 32000)
+  python3 - "$1" "$2" "$3" "${4:-32000}" <<'PY'
 import json, random, sys
-path, rows, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, rows, seq, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 random.seed(0)
 with open(path, "w") as f:
-    for _ in range(rows): f.write(json.dumps({"input_ids": [random.randrange(32000) for _ in range(seq)]}) + "\n")
+    for _ in range(rows): f.write(json.dumps({"input_ids": [random.randrange(vocab) for _ in range(seq)]}) + "\n")
 PY
 }
+preset_vocab() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab'])" "configs/models/$1.json"; }
 median_tps() { python3 -c "
 import json,sys; r=[json.loads(l) for l in open('$1')][1:]; t=sorted(x['tokens_per_s'] for x in r); print(t[len(t)//2] if t else 0)"; }
 peak_gib() { python3 -c "
@@ -175,7 +176,7 @@ PY
 families)
   # every family's preset on one H200 (48 GiB budget, 32,768 tokens per step: 8 x 1024 tokens per micro-batch x 4): the
   # compiler's prediction (step time, memory) against the measured run. MODELS overrides the list. The tied 3B models
-  # run in one stage (tied embeddings do not cross stages yet), where 8 x 1024 does not fit 48 GiB: 2 x 1024 x 16 there.
+  # run 2 x 1024 x 16 here (as when a tied model had to stay in one stage); `small-3b` runs them at 8 x 1024 x 4.
   # Unless SKIP_PEER=1, the FSDP2 peer (bench/peers, the real HF shapes of the presets) runs the two 3B models at the
   # same tokens per step.
   gen_data "$OUT/tok.jsonl" 160 1024
@@ -189,6 +190,20 @@ families)
     peer fsdp2-qwen2.5-3b 1 "--model qwen2.5-3b --mbs 8 --seq 1024 --microbatches 4 --steps 3"
     ratio families-qwen2.5-3b qwen2.5-3b fsdp2-qwen2.5-3b
   fi
+  ;;
+small-3b)
+  # issue 11: the tied 3B presets (Llama-3.2-3B, Qwen2.5-3B: lm_head is the token embedding, split over stages with one
+  # master copy) on one H200, 48 GiB budget, 32,768 tokens per step (8 x 1024 x 4), v and schedule auto, against the
+  # FSDP2+CPU-offload peer at the same shape, in the same call; random tokens over each model's whole vocabulary
+  # (128,256 / 151,936). MODELS overrides the list, STEPS / PSTEPS the steps of mmoc / the peer.
+  for m in ${MODELS:-llama3.2-3b qwen2.5-3b}; do
+    gen_data "$OUT/tok-$m.jsonl" 160 1024 "$(preset_vocab $m)"
+    mmoc_job $m "--model $m --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget 48 --micro-batch-size 8 --microbatches 4 --seq-len 1024" "$OUT/tok-$m.jsonl" ${STEPS:-4}
+    if [ "${SKIP_PEER:-0}" != 1 ]; then
+      peer fsdp2-$m 1 "--model $m --mbs 8 --seq 1024 --microbatches 4 --steps ${PSTEPS:-3}"
+      ratio small-3b-$m $m fsdp2-$m
+    fi
+  done
   ;;
 h100-7b)
   # LLaMA-2-7B shape, 1 GPU, 48 GiB budget, 8 x 1024 tokens per micro-batch, 4 micro-batches (32,768 tokens/step)
@@ -406,7 +421,7 @@ hfcheck)
   # models that transformers writes here, plus the project's HF fixtures, made here by the project's script
   # (transformers of the machine)
   python3 tools/scripts/make_hf_fixtures.py "$OUT/fixtures" || exit 1
-  python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/hfcheck" --fixtures "$OUT/fixtures/hf-tiny" 2>&1 | grep -v "it/s\]" | tee "$OUT/hfcheck.log"
+  python3 tests/gpu/hf_gpu_check.py "$build" "$OUT/hfcheck" --fixtures "$OUT/fixtures/hf-tiny" 2>&1 | grep --line-buffered -v "it/s\]" | tee "$OUT/hfcheck.log"
   rm -rf "$OUT/hfcheck" "$OUT/fixtures"
   ;;
 peers)

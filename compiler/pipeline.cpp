@@ -1,11 +1,14 @@
 #include "compiler/pipeline.hpp"
 
 #include <chrono>
+#include <cmath>
+#include <optional>
 #include <cstdio>
 #include <ostream>
 #include <sstream>
 
 #include "common/format.hpp"
+#include "cost/host_memory.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
@@ -92,6 +95,9 @@ CompileResult run_pipeline(PassContext& c, const std::string& start_after, const
     if (c.plan.predicted) c.plan.predicted->bound_bytes = mb.bound;
     r.bound = mb.bound;
   }
+  c.plan.host_bytes.clear();
+  if (c.memory_complete)  // the plan records each rank's predicted host memory (verify-memory checked it)
+    for (const auto& h : predict_host_memory(c.plan, host_memory_options(c.hw, c.plan))) c.plan.host_bytes.push_back(h.total());
   r.plan = std::move(c.plan);
   r.notes = std::move(c.notes);
   r.compile_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -158,6 +164,13 @@ CompileResult compile_from(const JobConfig& j, const ModelSpec& m, const Hardwar
   return run_pipeline(c, start_after, o, t0);
 }
 
+namespace {
+// What the search chose from: "v auto, schedule auto, recompute auto, offload auto" (fixed knobs named as given).
+std::string describe_search(const JobConfig& j) {
+  return "v " + j.v + ", schedule " + j.schedule + ", recompute " + j.recompute + ", offload " + j.offload;
+}
+}  // namespace
+
 CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw, const CompileOptions& o) {
   validate_job(j, m, hw);
   auto t0 = std::chrono::steady_clock::now();
@@ -169,14 +182,6 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
   } else {
     vs.push_back(std::stoi(j.v));
   }
-  // A tied lm_head is the embedding matrix. Until plans carry it between stages (the engine refuses such plans), a
-  // tied model compiles to one stage.
-  if (m.tied_embeddings) {
-    if (j.gpus > 1 || (j.v != "auto" && std::stoi(j.v) > 1))
-      throw InputError(m.name + " ties lm_head to the token embedding, and tied embeddings across pipeline stages are not "
-                       "supported yet: compile it for --gpus 1 --v 1 (or use an untied model)");
-    vs = {1};
-  }
   std::vector<std::string> scheds;
   if (j.schedule == "auto") scheds = schedule_names();
   else scheds.push_back(j.schedule);
@@ -185,6 +190,11 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
   CompileResult best;
   bool have = false;
   int tried = 0;
+  // Why candidates were refused: the smallest GPU budget any of them would fit (with its candidate), and the
+  // smallest host memory any needed (GPU fits, host does not). Other refusals: the last one's message.
+  struct Refusal { int64_t budget = -1; int v = 0; std::string schedule, why; };
+  Refusal gpu;
+  std::optional<HostMemoryError> host;
   std::string last_error;
   for (int v : vs)
     for (const auto& s : scheds) {
@@ -199,13 +209,54 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
         if (o.progress)
           *o.progress << "  candidate v=" << v << " schedule=" << s << ": " << r.sim.step_ms / 1000.0 << " s/step\n";
         if (!have || r.sim.step_ms < best.sim.step_ms) { best = std::move(r); have = true; }
+      } catch (const BudgetError& e) {
+        if (gpu.budget < 0 || e.smallest_budget < gpu.budget) gpu = {e.smallest_budget, v, s, e.what()};
+        if (o.progress)
+          *o.progress << "  candidate v=" << v << " schedule=" << s << ": needs a budget of " << gib_at_least(e.smallest_budget) << "\n";
+      } catch (const HostMemoryError& e) {
+        if (!host || e.needed < host->needed) host = e;
+        if (o.progress) *o.progress << "  candidate v=" << v << " schedule=" << s << ": host memory " << gib_at_least(e.needed) << "\n";
       } catch (const InputError& e) {
         last_error = e.what();
         if (o.progress) *o.progress << "  candidate v=" << v << " schedule=" << s << ": infeasible\n";
       }
     }
-  if (!have)
-    throw InputError("no feasible plan among " + std::to_string(tried) + " candidates (v x schedule); last reason: " + last_error);
+  // no (v, schedule) the schedules and the model allow: compile the first as given, for its own error
+  if (tried == 0) return compile_one(j, m, hw, vs[0], scheds[0], o);
+  if (!have) {
+    const std::string among = "no feasible plan among " + std::to_string(tried) + " candidates (" + describe_search(j) + ")";
+    if (gpu.budget > 0) {
+      // the smallest budget over every candidate; at it, that candidate must also fit the host
+      const std::string at = "v=" + std::to_string(gpu.v) + ", schedule " + gpu.schedule;
+      if (gpu.budget > (int64_t)std::floor(hw.gpu_mem_gib * GiB) && !host)
+        throw BudgetError(among + ": the smallest budget over all of them is " + gib_at_least(gpu.budget) + " (" + at + "), more than the " +
+                          gib(hw.gpu_mem_gib * GiB) + " of a GPU of '" + hw.name + "'; use more GPUs, a smaller --micro-batch-size or --seq-len",
+                          gpu.budget);
+      if (gpu.budget <= (int64_t)std::floor(hw.gpu_mem_gib * GiB)) {
+        JobConfig at_budget = j;
+        at_budget.budget_gib = std::ceil(double(gpu.budget) / GiB * 100.0) / 100.0;  // as the message names it
+        std::optional<HostMemoryError> host_there;
+        bool fits = false;
+        try {
+          (void)compile_one(at_budget, m, hw, gpu.v, gpu.schedule, CompileOptions{});
+          fits = true;
+        } catch (const HostMemoryError& e) {
+          host_there = e;
+        } catch (const InputError&) {
+        }
+        if (fits || !host_there)
+          throw BudgetError(among + ": the smallest budget that fits is " + gib_at_least(gpu.budget) + " per GPU (" + at +
+                            "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs",
+                            gpu.budget);
+        if (host_there && (!host || host_there->needed < host->needed)) host = host_there;
+      }
+    }
+    if (host)
+      throw HostMemoryError(among + ": the host is too small: " + std::string(host->what()) +
+                                "; use a host with more memory, more GPUs (more state on them), or a larger --budget",
+                            host->needed, host->available);
+    throw InputError(among + "; last reason: " + last_error);
+  }
   if (!o.print_after.empty() || !o.stop_after.empty()) {
     // re-run the winner with printing on / stopping where asked
     best = compile_one(j, m, hw, best.plan.v, best.plan.schedule, o);
@@ -236,14 +287,13 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
   std::snprintf(buf, sizeof buf, "predicted: step %.3f s, %.0f tokens/s, bubble %.1f%%\n", r.sim.step_ms / 1000.0,
                 r.sim.tokens_per_s, 100.0 * r.sim.bubble);
   os << buf;
-  if (p.host_budget_bytes > 0 || !p.nvme.empty()) {  // NVMe tier (docs/nvme-tier.md)
-    const HostBound hb = host_memory_bound(p);
+  if (!p.nvme.empty()) {  // NVMe tier (docs/nvme-tier.md)
     int on = 0;
-    for (const auto& d : p.buffers) on += d.kind == ir::BufKind::Opt && d.home == ir::Tier::Nvme;
-    std::snprintf(buf, sizeof buf, "host memory: at most %s per node (state %s, nvme staging %s, runtime %s), host budget %s; optimizer state of %d stage(s) on nvme (%s), %.2f GB read + %.2f GB written per step\n",
-                  gib((double)hb.total).c_str(), gib((double)hb.state).c_str(), gib((double)hb.staging).c_str(), gib((double)hb.runtime).c_str(),
-                  p.host_budget_bytes > 0 ? gib((double)p.host_budget_bytes).c_str() : "none", on, gib((double)hb.nvme_bytes).c_str(),
-                  r.sim.tier_read_bytes / 1e9, r.sim.tier_write_bytes / 1e9);
+    int64_t bytes = 0;
+    for (const auto& d : p.buffers)
+      if (d.kind == ir::BufKind::Opt && d.home == ir::Tier::Nvme) { ++on; bytes += d.bytes; }
+    std::snprintf(buf, sizeof buf, "nvme tier: optimizer state of %d stage(s) on %zu path(s) (%s), %.2f GB read + %.2f GB written per step\n",
+                  on, p.nvme.size(), gib((double)bytes).c_str(), r.sim.tier_read_bytes / 1e9, r.sim.tier_write_bytes / 1e9);
     os << buf;
   }
   os << "memory per GPU (budget " << gib((double)p.budget_bytes) << "):\n";
@@ -253,6 +303,17 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
                   gib((double)(g < (int)r.bound.size() ? r.bound[g] : 0)).c_str(),
                   p.budget_bytes > 0 && g < (int)r.bound.size() ? 100.0 * r.bound[g] / p.budget_bytes : 0.0);
     os << buf;
+  }
+  if (!p.host_bytes.empty()) {  // the one host-memory model (cost/host_memory.hpp), with the NVMe tier's staging
+    const auto host = predict_host_memory(p, host_memory_options(hw, p));
+    os << "host memory per rank (node has " << gib(hw.host_mem_gib * GiB)
+       << (p.host_budget_bytes > 0 ? ", --host-budget " + gib((double)p.host_budget_bytes) : std::string()) << "):\n";
+    for (const auto& h : host) os << "  g" << h.rank << "  predicted " << gib((double)h.total()) << "  (" << h.describe() << ")\n";
+    if (p.host_budget_bytes > 0 || !p.nvme.empty()) {
+      const HostMemoryCheck hc = check_host_memory(host, hw, p.host_budget_bytes);
+      os << "host memory: at most " << gib((double)hc.needed) << " per node, within " << gib((double)hc.available)
+         << (hc.by_budget ? " (--host-budget)" : " (host_mem_gib)") << "\n";
+    }
   }
   std::snprintf(buf, sizeof buf, "compile time: %.1f ms (%d candidate%s)\n", r.compile_ms, r.candidates, r.candidates == 1 ? "" : "s");
   os << buf;

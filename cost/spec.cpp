@@ -4,6 +4,7 @@
 
 #include "common/fs.hpp"
 #include "common/json.hpp"
+#include "common/size.hpp"
 
 #include "arch/hf_config.hpp"
 #include "arch/layout.hpp"
@@ -322,6 +323,7 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
   r.read("group_link_gbps", hw.group_link_gbps, finite_min(1e-6));
   r.read("p2p_gbps", hw.p2p_gbps, finite_min(1e-6));
   r.read("host_mem_gib", hw.host_mem_gib, finite_min(0));
+  r.read("host_process_gib", hw.host_process_gib, finite_min(0));
   r.read("cpu_cores", hw.cpu_cores, 1);
   r.read("host_mem_gbps", hw.host_mem_gbps, finite_min(1e-6));
   r.read("adam_bytes_per_param", hw.adam_bytes_per_param, finite_min(1e-6));
@@ -424,7 +426,14 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
       json_fail(r.at("v"), "expected a positive integer or \"auto\", got " + json_describe(*v));
     }
   }
-  r.read("budget_gib", c.budget_gib, finite_min(0));
+  auto read_gib = [&](const char* key, double& out) {  // GiB: a number, or a string with a unit (common/size.hpp)
+    if (auto* b = r.get(key)) {
+      if (b->is_number()) r.read(key, out, finite_min(0));
+      else if (b->is_string()) out = parse_gib(b->get<std::string>(), origin + ": key '" + key + "'");
+      else json_fail(r.at(key), "expected GiB as a number or a string such as \"48GiB\" or \"48GB\", got " + json_describe(*b));
+    }
+  };
+  read_gib("budget_gib", c.budget_gib);
   r.read("micro_batch_size", c.micro_batch_size, 1);
   r.read("microbatches", c.microbatches, 1);
   r.read("seq_len", c.seq_len, 1);
@@ -433,7 +442,7 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
   r.read("offload", c.offload, {"auto", "all", "none"});
   r.read("cross_map", c.cross_map, {"auto", "off"});
   r.read("dp", c.dp, 1);
-  r.read("host_budget_gib", c.host_budget_gib, finite_min(0));
+  read_gib("host_budget_gib", c.host_budget_gib);  // the node's host memory cap (NVMe tier)
   r.read("nvme_place", c.nvme_place, {"auto", "all"});
   if (auto* nv = r.get("nvme")) {  // "a,b" or ["a", "b"]
     auto bad = [&] { json_fail(r.at("nvme"), "expected a directory, a comma-separated list or an array of directories, got " + json_describe(*nv)); };

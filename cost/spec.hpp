@@ -72,7 +72,12 @@ struct HardwareSpec {
   std::vector<std::vector<int>> host_groups;
   double group_link_gbps = 25;   // per direction, shared by the group's GPUs
   double p2p_gbps = 20;          // GPU<->GPU
-  double host_mem_gib = 256;
+  double host_mem_gib = 256;     // per node: the ranks on one host share it (cost/host_memory.hpp checks plans against it)
+  // Host memory of one worker process beyond its training state: CUDA context, LibTorch, NCCL and cuBLAS on the host.
+  // 3.0: LLaMA-2-7B on nvidia-h200 at a 20 GiB budget peaked at 109.4 GiB resident when pinned buffers were still
+  // rounded up to powers of two (d1185f8: 12n exact + 4n x 1.33 for 0.2B-parameter stages = 106.5 GiB), leaving
+  // 2.9 GiB for the process (docs/design.md, Host memory).
+  double host_process_gib = 3.0;
   int cpu_cores = 16;
   double host_mem_gbps = 80;     // host memcpy bandwidth (read+write)
   double adam_bytes_per_param = 28;
@@ -105,10 +110,10 @@ std::string calibration_key(const std::string& model, int layer_kind /*0 embed,1
 struct JobConfig {
   std::string model = "tiny-gqa", hardware = "h100x1";
   int gpus = 1;
-  std::string v = "1";             // integer or "auto"
+  std::string v = "auto";          // integer (the user's override) or "auto": the compiler searches
   double budget_gib = 0;           // 0 = the GPU's memory
   int micro_batch_size = 1, microbatches = 1, seq_len = 128;
-  std::string schedule = "grouped";  // gpipe | 1f1b | interleaved-1f1b | grouped | auto
+  std::string schedule = "auto";     // gpipe | 1f1b | interleaved-1f1b | grouped (overrides) | auto
   std::string recompute = "auto";    // auto | on | off
   std::string offload = "auto";      // auto | all | none
   std::string cross_map = "auto";    // auto | off

@@ -20,6 +20,11 @@ const std::vector<BufKindInfo>& buf_kind_table() {
       {BufKind::Stash, "stash", true, true, false, "what forward S m saves for backward S m"},
       {BufKind::Batch, "batch", false, true, false, "input ids and labels of micro-batch m"},
       {BufKind::Opt, "opt", true, false, true, "fp32 master weights and AdamW moments of stage S"},
+      {BufKind::Tie, "tie", true, false, false,
+       "tied embeddings over several stages: the embedding matrix [vocab, hidden] the head stage S uses as its lm_head, "
+       "copied from stage 0's weights each step"},
+      {BufKind::TieGrad, "tiegrad", true, false, false,
+       "the head stage S's gradient of tie(S), accumulated over the step's micro-batches, added into wgrad(S0)"},
   };
   return t;
 }
@@ -49,6 +54,7 @@ const std::vector<OpInfo>& op_table() {
        {{A::Require, R::W},
         {A::Require, R::Batch, W::FirstOrLastStage},
         {A::Require, R::ActIn, W::NotFirstStage},
+        {A::Require, R::Tie, W::TiedHead},
         {A::Alloc, R::ActOut, W::NotLastStage},
         {A::Alloc, R::Stash}},
        Workspace::Forward, "run stage S on micro-batch m (the last stage computes the loss)"},
@@ -57,8 +63,10 @@ const std::vector<OpInfo>& op_table() {
        {{A::Require, R::W},
         {A::Require, R::Batch, W::FirstOrLastStage},
         {A::Require, R::GradIn, W::NotLastStage},
+        {A::Require, R::Tie, W::TiedHead},
         {A::Alloc, R::GradOut, W::NotFirstStage},
         {A::AllocIfAbsent, R::WGrad},
+        {A::AllocIfAbsent, R::TieGrad, W::TiedHead},
         {A::Free, R::Stash},
         {A::Free, R::ActIn, W::NotFirstStage},
         {A::Free, R::GradIn, W::NotLastStage}},
@@ -91,6 +99,10 @@ const std::vector<OpInfo>& op_table() {
        stream_bit(Stream::Cpu) | stream_bit(Stream::Comp), Stream::Comp, stream_bit(Stream::Cpu), false, Sync::None,
        Timing::Optimizer, {{A::Free, R::WGrad, W::OffCpu}}, Workspace::None,
        "AdamW step of stage S (on cpu: host master; on comp: GPU state)"},
+      {Op::AddGrad, "addgrad", kOpBuf | kOpStage, "{buf} -> {stage}",  //
+       stream_bit(Stream::Comp), Stream::Comp, 0, false, Sync::None, Timing::Instant,
+       {{A::Require, R::Operand}, {A::Require, R::WGrad}, {A::Free, R::Operand}}, Workspace::None,
+       "add gradient B into wgrad(S) and drop B (tiegrad(S<last>) into the embedding rows of wgrad(S0))"},
       // the NVMe tier (docs/nvme-tier.md): opt(S) of a stage whose buffer-table home is nvme is in host memory only
       // between its read and its write; both run on the io stream (the engine's I/O thread)
       {Op::TierRead, "read", kOpBuf, "{buf} <- nvme",  //
@@ -171,6 +183,7 @@ Effects effects_where(const Plan& p, const Instr& in, bool host) {
       case When::NotLastStage: on = S < last; break;
       case When::FirstOrLastStage: on = S == 0 || S == last; break;
       case When::OffCpu: on = in.stream != Stream::Cpu; break;
+      case When::TiedHead: on = S == last && last > 0 && p.model.tied_embeddings; break;
       case When::Host: on = host; break;
     }
     if (host != (r.when == When::Host)) continue;
@@ -189,6 +202,8 @@ Effects effects_where(const Plan& p, const Instr& in, bool host) {
       case Ref::GradOut: b = {BufKind::Grad, S - 1, m}; break;
       case Ref::Stash: b = {BufKind::Stash, S, m}; break;
       case Ref::Batch: b = {BufKind::Batch, -1, m}; break;
+      case Ref::Tie: b = {BufKind::Tie, S, -1}; break;
+      case Ref::TieGrad: b = {BufKind::TieGrad, S, -1}; break;
     }
     e.list.push_back({r.access, b});
   }

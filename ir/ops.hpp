@@ -85,6 +85,8 @@ enum class Ref : uint8_t {
   GradOut,  // grad(S-1,m): the gradient this stage passes back
   Stash,    // stash(S,m)
   Batch,    // batch(m)
+  Tie,      // tie(S): the tied embedding matrix of the head stage S
+  TieGrad,  // tiegrad(S): its gradient
 };
 enum class When : uint8_t {
   Always,
@@ -92,6 +94,7 @@ enum class When : uint8_t {
   NotLastStage,      // S < last
   FirstOrLastStage,  // S == 0 or S == last (the ids; the labels)
   OffCpu,            // the instruction is not on the cpu stream
+  TiedHead,          // S == last > 0 and the model's lm_head is tied to the embedding (stage 0's)
   Host,              // the effect is on the node's host memory, not on the GPU (host_effects; effects skips it)
 };
 struct EffectRule {

@@ -25,6 +25,7 @@ enum class Op {
   AllReduce,  // allreduce B group=G     : sum B over the data-parallel group G (reserved: dp>1)
   GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
   Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
+  AddGrad,    // addgrad B -> S          : add gradient B into wgrad(S) (a tied lm_head's into the embedding's rows)
   TierRead,   // read opt(S) <- nvme     : allocate opt(S) in host memory and read it from the NVMe tier (io stream)
   TierWrite,  // write opt(S) -> nvme    : write opt(S) to the NVMe tier, then drop its host copy (io stream)
 };
@@ -34,8 +35,8 @@ constexpr int kNumOps = (int)Op::TierWrite + 1;
 enum class Stream { Comp, H2D, D2H, P2P, Cpu, Io };  // io: the NVMe tier's I/O threads (host side)
 constexpr int kNumStreams = (int)Stream::Io + 1;
 enum class Tier { Gpu, Host, Nvme };
-enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt };
-constexpr int kNumBufKinds = (int)BufKind::Opt + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
+enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt, Tie, TieGrad };
+constexpr int kNumBufKinds = (int)BufKind::TieGrad + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
 // W      weights of stage S in compute precision (bf16 on GPU runs)
 // WGrad  weight gradient of stage S, accumulated over the step's micro-batches
 // Act    output activation of stage S for micro-batch m (= input of stage S+1)
@@ -43,6 +44,9 @@ constexpr int kNumBufKinds = (int)BufKind::Opt + 1;  // each has an entry in ir/
 // Stash  what forward S m saves for backward S m (activations; with recompute nothing beyond the input)
 // Batch  input ids and labels of micro-batch m (stage = -1)
 // Opt    fp32 master weights and AdamW moments of stage S
+// Tie    tied embeddings split over stages: the token-embedding matrix [vocab, hidden] (compute precision) that the
+//        head stage S uses as its lm_head, copied from stage 0's weights each step (the one master copy)
+// TieGrad  the head stage S's gradient of tie(S), accumulated over the step's micro-batches, added into wgrad(S0)
 
 const char* to_string(Op);
 const char* to_string(Stream);
@@ -170,6 +174,7 @@ struct Plan {
   int microbatches = 1, micro_batch_size = 1, seq_len = 128;
   int64_t budget_bytes = 0;  // per GPU
   std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
+  std::vector<int64_t> host_bytes;  // per rank: predicted host memory (cost/host_memory.hpp); empty in older plans
   // NVMe tier (docs/nvme-tier.md): host memory cap of the node (0 = none given), the tier's directories and the
   // relative share of every object on each (tier::path_weight of the measured bandwidths). Optional in both forms.
   int64_t host_budget_bytes = 0;

@@ -279,6 +279,7 @@ const std::vector<Field<Plan>>& plan_fields() {
       field<&Plan::dp>("dp"),                 field<&Plan::microbatches>("microbatches"),
       field<&Plan::micro_batch_size>("mbs"),  field<&Plan::seq_len>("seq"),
       field<&Plan::budget_bytes>("budget"),   field<&Plan::gpu_order>("order"),
+      optional_field<&Plan::host_bytes>("host"),  // absent in plans made before it: they load with none
       // the NVMe tier (written only when used, so other plans print as before)
       optional_field<&Plan::host_budget_bytes>("host_budget"),
       optional_field<&Plan::nvme>("nvme"),

@@ -148,6 +148,11 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
         else if (op.sync != Sync::None)
           (op.sync == Sync::PairSource ? sends : recvs)[in.tag].push_back({g, i, &in});
       }
+      // addgrad: the one use, a tied head's gradient into stage 0 (tied-embeddings)
+      if (in.op == Op::AddGrad && in.buf &&
+          (in.buf->kind != BufKind::TieGrad || in.buf->stage != S - 1 || in.stage != 0 || !p.model.tied_embeddings || S < 2))
+        add(pre + "adds " + in.buf->str() + " into S" + std::to_string(in.stage) + "; a plan adds only tiegrad(S" +
+            std::to_string(S - 1) + ") of a tied model with several stages, into S0");
       // an op of a stage runs on the stage's GPU
       if (need_stage && in.stage >= 0 && in.stage < S && (!need_mb || (in.mb >= 0 && in.mb < M))) {
         const int owner = p.stages[in.stage].gpu;

@@ -5,9 +5,11 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <optional>
 
 #include "common/format.hpp"
 #include "ir/ops.hpp"
+#include "cost/host_memory.hpp"
 #include "cost/simulator.hpp"
 #include "passes/pass.hpp"
 
@@ -34,17 +36,19 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   on/off, or auto = off when the all-offloaded plan fits without it and the result simulates faster, else on;
   residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first: their gradients
   complete last, so their CPU optimizer step would be the step's tail) that keeps the bound within the budget.
-  offload=all keeps everything on the host; offload=none keeps everything on the GPU. Nothing fits: InputError
-  naming the smallest budget that would. NVMe tier (passes/tier_placement.cpp): with `--host-budget` and `--nvme`,
-  the fewest offloaded stages whose `opt(S)` moves to the tier so that the node's host-memory bound fits, taken
-  lowest ids first or highest first, whichever simulates faster (`--nvme-place all`: every offloaded stage); over
-  the host budget without `--nvme`, or even with everything on the tier, or a path without the space: InputError
-  naming the missing host memory or NVMe bytes. The choice (residency, recompute, window 1, the tier's stages) is
-  the context's `offload`.
-- **Recovers from the plan**: the choice (the tier's stages from the buffer table's `opt` homes, residency from the stages' `weights`, recompute from a stage the schedule
-  does not force, the window from the prefetches' dependencies) and the plan as comm-lowering left it (the lowered
-  plan without the instructions this pass adds: its inverse, `strip_offload`; from a linearized plan, in
-  linearize's order).
+  offload=all keeps everything on the host; offload=none keeps everything on the GPU. Host memory
+  (cost/host_memory.hpp, per node against host_mem_gib and `--host-budget`) with the NVMe tier's placement
+  (passes/tier_placement.cpp), for each choice: when the choice does not fit and `--nvme` paths are given, the fewest
+  offloaded stages whose `opt(S)` moves to the tier so that it fits, taken lowest ids first or highest first,
+  whichever simulates faster (`--nvme-place all`: every offloaded stage); a choice that does not fit even so (or
+  without paths) is refused. Nothing fits the GPU: BudgetError naming (and carrying) the smallest budget that would;
+  the GPU fits but not the host: HostMemoryError naming the host memory needed and available; a path without the
+  space the tier needs there: InputError naming it and the missing bytes. The choice (residency, recompute,
+  window 1, the tier's stages) is the context's `offload`.
+- **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute from a stage the schedule
+  does not force, the window from the prefetches' dependencies, the tier's stages from the buffer table's `opt`
+  homes) and the plan as comm-lowering left it (the lowered plan without the instructions this pass adds: its
+  inverse, `strip_offload`; from a linearized plan, in linearize's order).
 )md";
 
 using ir::BufKind;
@@ -53,6 +57,8 @@ using ir::Op;
 using ir::Stream;
 
 namespace {
+bool is_tie_kind(BufKind k) { return k == BufKind::Tie || k == BufKind::TieGrad; }
+
 struct NewOp {
   ir::Instr in;
   std::vector<int> after_old, after_new;
@@ -172,7 +178,7 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
   }
-  p.buffers.clear();
+  std::erase_if(p.buffers, [](const ir::BufferDecl& d) { return !is_tie_kind(d.kind); });  // tied-embeddings' stay
   for (int s = 0; s < P; ++s) {
     const auto& st = p.stages[s];
     ir::Tier home = cfg.resident[s] ? ir::Tier::Gpu : ir::Tier::Host;
@@ -242,6 +248,8 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     // ---- gradients and optimizer
     std::map<int, int> last_bwd;
     for (int i : comp) if (old[i].op == Op::Backward) last_bwd[old[i].stage] = i;
+    for (int i = 0; i < (int)old.size(); ++i)  // tied-embeddings' addgrad completes stage 0's gradient
+      if (old[i].op == Op::AddGrad && last_bwd.count(old[i].stage) && i > last_bwd[old[i].stage]) last_bwd[old[i].stage] = i;
     std::vector<int> grad_ready_new, grad_ready_old;
     std::vector<std::pair<int, int>> cpu_optims;  // (stage, evict id)
     std::vector<int> gpu_optim_stages;
@@ -306,10 +314,11 @@ void offload_insertion_pass(PassContext& c) {
   else if (c.job.recompute == "off") rc_options = {false};
   else rc_options = {false, true};
 
-  struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; };
+  struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; std::string tier_note; };
   std::vector<Cand> cands;
   int64_t smallest = -1;
   std::string smallest_desc;
+  std::optional<HostMemoryError> host_refusal;  // a choice that fits the GPU but not the host (the smallest need)
   for (bool rc : rc_options) {
     OffloadConfig cfg;
     cfg.recompute = rc;
@@ -362,18 +371,31 @@ void offload_insertion_pass(PassContext& c) {
         pl = lower_offload(c, base, cfg);
       }
     }
+    // host memory (cost/host_memory.hpp): the most resident choice on the GPU is the least on the host. With --nvme
+    // paths the tier placement moves optimizer state to the tier until it fits (passes/tier_placement.cpp); the
+    // choice is refused only when even that cannot make it fit (or without paths, when it does not fit as it is).
+    std::string tier_note;
+    try {
+      tier_note = place_on_tier(c, base, cfg, pl);
+    } catch (const HostMemoryError& e) {
+      if (!host_refusal || e.needed < host_refusal->needed) host_refusal = e;
+      continue;
+    }
     double step = simulate(pl, c.hw, c.model).step_ms;
-    cands.push_back({cfg, std::move(pl), step});
+    cands.push_back({cfg, std::move(pl), step, std::move(tier_note)});
   }
+  if (cands.empty() && host_refusal)
+    throw HostMemoryError("offload-insertion: " + std::string(host_refusal->what()), host_refusal->needed, host_refusal->available);
   if (cands.empty()) {
-    throw InputError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
+    throw BudgetError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
                      std::to_string(N) + " GPU(s): the smallest budget that fits is " + gib_at_least(c.hw.budget_for(smallest)) + " (" + smallest_desc +
-                     "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs");
+                     "); raise --budget, lower --micro-batch-size or --seq-len, or add GPUs",
+                      c.hw.budget_for(smallest));
   }
   size_t best = 0;
   for (size_t i = 1; i < cands.size(); ++i) if (cands[i].step_ms < cands[best].step_ms) best = i;
-  place_on_tier(c, base, cands[best].cfg, cands[best].plan);  // NVMe tier: within the host budget
+  if (!cands[best].tier_note.empty()) c.notes.push_back(cands[best].tier_note);
   c.plan = std::move(cands[best].plan);
   c.offload = cands[best].cfg;
   c.memory_complete = true;
@@ -391,7 +413,8 @@ namespace {
 // The instructions lower_offload adds (comm-lowering's own `free`s of sent activations and gradients stay).
 bool added_by_offload(const ir::Instr& in) {
   switch (in.op) {
-    case Op::Prefetch: case Op::Evict: case Op::LoadBatch: case Op::Optim: case Op::GradNorm: return true;
+    case Op::Prefetch: return !in.buf || !is_tie_kind(in.buf->kind);  // tied-embeddings' prefetch stays
+    case Op::Evict: case Op::LoadBatch: case Op::Optim: case Op::GradNorm: return true;
     case Op::TierRead: case Op::TierWrite: return true;
     case Op::Free: return in.buf && in.buf->kind == BufKind::Batch;
     default: return false;
@@ -474,7 +497,7 @@ int window_of(const ir::Plan& p) {
 
 ir::Plan strip_offload(const PassContext& c, const ir::Plan& lowered) {
   ir::Plan p = lowered;
-  p.buffers.clear();
+  std::erase_if(p.buffers, [](const ir::BufferDecl& d) { return !is_tie_kind(d.kind); });
   p.predicted.reset();
   for (auto& st : p.stages) {  // as partition left them
     st.recompute = c.job.recompute != "off";

@@ -60,6 +60,7 @@ std::vector<Pass> default_pipeline() {
       {"cross-map", cross_map_pass, kCrossMapContract, {}},
       {"schedule", schedule_pass, kScheduleContract, {}},
       {"comm-lowering", comm_lowering_pass, kCommLoweringContract, {}},
+      {"tied-embeddings", tied_embeddings_pass, kTiedEmbeddingsContract, {}},
       {"offload-insertion", offload_insertion_pass, kOffloadInsertionContract, recover_offload_insertion},
       {"overlap", overlap_pass, kOverlapContract, recover_overlap},
       {"linearize", linearize_pass, kLinearizeContract, recover_linearize},
@@ -117,8 +118,9 @@ std::vector<InvariantChecker> default_invariant_checkers() {
       {"memory", [](const PassContext& c) { return c.memory_complete; },
        [](const PassContext& c, const std::string&) { verify_memory(c); },
        "verify-memory: every GPU's timing-independent memory bound within the usable budget (an InputError naming "
-       "the budget that would do), once the plan's memory is explicit; and the node's host-memory bound (the NVMe "
-       "tier's reads and writes paired, within host_budget when the plan has one)"},
+       "the budget that would do), and every node's predicted host memory (with the NVMe tier's placement and staging; "
+       "the tier's reads and writes paired) within its host_mem_gib and the plan's host budget (naming needed and "
+       "available), once the plan's memory is explicit"},
   };
 }
 

@@ -5,7 +5,7 @@
 // AddInvariantChecker); it can print the plan after any pass.
 //
 // Pipeline (compiler/pipeline.cpp, top to bottom):
-//   partition -> cross-map -> schedule -> comm-lowering -> offload-insertion -> overlap -> linearize
+//   partition -> cross-map -> schedule -> comm-lowering -> tied-embeddings -> offload-insertion -> overlap -> linearize
 // Default checkers: structure (ir::verify_structure) and deadlock in stream semantics (verify_deadlock) whenever the
 // plan has programs; deadlock in sequential semantics once the programs are linearized; memory (verify_memory) once
 // offload-insertion has made the plan's memory explicit.
@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cost/host_memory.hpp"
 #include "cost/spec.hpp"
 #include "ir/plan.hpp"
 
@@ -71,6 +72,7 @@ extern const char* const kPartitionContract;
 extern const char* const kCrossMapContract;
 extern const char* const kScheduleContract;
 extern const char* const kCommLoweringContract;
+extern const char* const kTiedEmbeddingsContract;
 extern const char* const kOffloadInsertionContract;
 extern const char* const kOverlapContract;
 extern const char* const kLinearizeContract;
@@ -81,6 +83,9 @@ void partition_pass(PassContext&);
 void cross_map_pass(PassContext&);
 void schedule_pass(PassContext&);
 void comm_lowering_pass(PassContext&);
+void tied_embeddings_pass(PassContext&);
+// A tied model (lm_head = the token embedding) with more than one stage: tied-embeddings plumbs the shared matrix.
+bool tied_over_stages(const ir::Plan&);
 void offload_insertion_pass(PassContext&);
 void overlap_pass(PassContext&);
 void linearize_pass(PassContext&);
@@ -97,20 +102,12 @@ struct MemoryBound {
   std::vector<int64_t> persistent;  // per GPU: resident buffers
 };
 MemoryBound memory_bound(const ir::Plan&);
-// Timing-independent upper bound of the node's host memory (bytes; passes/host_memory.cpp): the state of the
-// stages the CPU optimizer updates (fp32 master and moments at home on the host, the compute-precision weights the
-// prefetches read, the gradients), the NVMe tier's opt(S) buffers that may be in host memory at once under the
-// dependencies (a `read` allocates, a `write` frees), the share of them on virtual (tmpfs) paths, and a runtime
-// allowance per rank (kHostRuntimeBytes). Every rank of the plan is counted on one node.
-struct HostBound {
-  int64_t total = 0;
-  int64_t state = 0;     // persistent host state of all ranks
-  int64_t staging = 0;   // the worst set of NVMe-tier buffers in host memory at once
-  int64_t runtime = 0;   // the runtime allowance of all ranks
-  int64_t nvme_bytes = 0;  // optimizer state on the NVMe tier (all paths)
-};
-constexpr int64_t kHostRuntimeBytes = 1LL << 30;
-HostBound host_memory_bound(const ir::Plan&);
+// The NVMe tier's host staging per rank (passes/tier_staging.cpp): the worst set of opt(S) buffers between their
+// `read` and `write` that may be in host memory at once under the dependencies (ir::VerifyError when a read and a
+// write do not pair up). host_memory_options(hw, plan): cost/host_memory.hpp's options with it filled in, for
+// predict_host_memory of a plan that may have state on the tier (the one host-memory model).
+std::vector<int64_t> tier_staging_bytes(const ir::Plan&);
+HostMemoryOptions host_memory_options(const HardwareSpec&, const ir::Plan&);
 // Throws InputError naming the smallest budget or the knob to change when a GPU's bound exceeds the budget.
 void verify_memory(const PassContext&);
 
@@ -152,10 +149,12 @@ std::string passes_markdown();
 ir::Plan lower_offload(const PassContext&, const ir::Plan& base, const OffloadConfig&);
 ir::Plan strip_offload(const PassContext&, const ir::Plan& lowered);
 OffloadConfig offload_config_of(const PassContext&, const ir::Plan& lowered);
-// NVMe tier (passes/tier_placement.cpp): with a host budget, moves the opt(S) of offloaded stages to the plan's nvme
-// paths until the node's host bound fits (cfg and plan updated); InputError naming the missing host memory or
-// NVMe space when nothing fits.
-void place_on_tier(PassContext&, const ir::Plan& base, OffloadConfig& cfg, ir::Plan& plan);
+// NVMe tier (passes/tier_placement.cpp): moves the opt(S) of offloaded stages to the plan's nvme paths until every
+// node's predicted host memory (cost/host_memory.hpp) fits its host_mem_gib and the plan's host budget (cfg and plan
+// updated; --nvme-place all: every offloaded stage). Returns the decision for --verbose. HostMemoryError naming the
+// missing host memory when even every offloaded stage on the tier does not fit (or there are no paths);
+// InputError naming the path and the missing bytes when a path that exists here lacks the space.
+std::string place_on_tier(const PassContext&, const ir::Plan& base, OffloadConfig& cfg, ir::Plan& plan);
 // Stage cost fields (partition.cpp) from its layers and recompute flag; stash bytes per micro-batch.
 void fill_stage_costs(const PassContext&, ir::Stage&);
 int64_t stage_stash_bytes(const PassContext&, const ir::Stage&);

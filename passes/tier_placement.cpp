@@ -1,13 +1,13 @@
-// NVMe tier placement (issue 13, docs/nvme-tier.md), called by offload-insertion once it has chosen residency and
-// recompute: which offloaded stages keep their fp32 master weights and AdamW moments (opt(S)) in host memory and
-// which on the plan's nvme paths, so that the node's host-memory bound (host_memory_bound) stays within
-// --host-budget.
-//   - --nvme-place all (job nvme_place): every offloaded stage's opt(S) on the tier (the budget still checked).
-//   - No host budget: nothing moves (the plan is as without the tier).
-//   - Over budget without nvme paths: InputError naming the missing host memory.
+// NVMe tier placement (issue 13, docs/nvme-tier.md), called by offload-insertion for each candidate once residency
+// and recompute are chosen: which offloaded stages keep their fp32 master weights and AdamW moments (opt(S)) in host
+// memory and which on the plan's nvme paths, so that every node's predicted host memory (cost/host_memory.hpp, with
+// the tier's staging from passes/tier_staging.cpp) fits its host_mem_gib and --host-budget.
+//   - --nvme-place all (job nvme_place): every offloaded stage's opt(S) on the tier (host memory still checked).
+//   - Fits already: nothing moves (the plan is as without the tier).
+//   - Over without nvme paths: HostMemoryError naming the missing host memory.
 //   - Else the fewest stages that fit, taken in one of two orders (the stages the CPU optimizer updates last
 //     first, or first first), whichever simulates faster; ties to the first. Still over with every offloaded
-//     stage on the tier: InputError naming the missing host memory.
+//     stage on the tier: HostMemoryError naming the missing host memory.
 //   - The paths that exist here are checked for free space (statvfs) against the tier's bytes, striped by the
 //     plan's nvme_weights (the engine checks again before training): InputError naming path and missing bytes.
 #include <sys/stat.h>
@@ -71,40 +71,57 @@ void check_tier_space(const ir::Plan& p) {
 }
 }  // namespace
 
-void place_on_tier(PassContext& c, const ir::Plan& base, OffloadConfig& cfg, ir::Plan& plan) {
-  const int64_t budget = plan.host_budget_bytes;
+namespace {
+// The one host-memory model (cost/host_memory.hpp) with the tier's staging, per node against host_mem_gib and the
+// plan's host budget.
+HostMemoryCheck host_check(const PassContext& c, const ir::Plan& p) {
+  return check_host_memory(predict_host_memory(p, host_memory_options(c.hw, p)), c.hw, p.host_budget_bytes);
+}
+std::string after_prefix(const std::string& m) {  // "host memory: X" -> "X"
+  const std::string pre = "host memory: ";
+  return m.rfind(pre, 0) == 0 ? m.substr(pre.size()) : m;
+}
+int64_t tier_bytes(const ir::Plan& p) {
+  int64_t b = 0;
+  for (const auto& d : p.buffers)
+    if (d.kind == ir::BufKind::Opt && d.home == ir::Tier::Nvme) b += d.bytes;
+  return b;
+}
+}  // namespace
+
+std::string place_on_tier(const PassContext& c, const ir::Plan& base, OffloadConfig& cfg, ir::Plan& plan) {
   const int P = plan.num_stages();
-  HostBound hb = host_memory_bound(plan);
-  if (c.job.nvme_place == "all" && !plan.nvme.empty()) {  // every offloaded stage's opt(S) on the tier
-    cfg.nvme.assign(P, 0);
-    int n = 0;
-    for (int s = 0; s < P; ++s)
-      if (!cfg.resident[s]) { cfg.nvme[s] = 1; ++n; }
-    plan = lower_offload(c, base, cfg);
-    hb = host_memory_bound(plan);
-    if (budget > 0 && hb.total > budget)
-      throw InputError("host memory: with the optimizer state of all " + std::to_string(n) + " offloaded stages on the NVMe tier (--nvme-place all) the node needs up to " +
-                       gib2(hb.total) + " of host memory but --host-budget is " + gib2(budget) + " (" + gib2(hb.total - budget) + " missing)");
-    check_tier_space(plan);
-    c.notes.push_back("nvme tier: --nvme-place all: optimizer state of " + std::to_string(n) + " stages on " + std::to_string(plan.nvme.size()) + " path(s)");
-    return;
-  }
-  if (c.job.nvme_place == "all") throw InputError("--nvme-place all needs --nvme paths");
-  if (budget <= 0 || hb.total <= budget) {
-    if (budget > 0) c.notes.push_back("nvme tier: host bound " + gib2(hb.total) + " within --host-budget " + gib2(budget) + ", nothing on the tier");
-    return;
-  }
-  if (plan.nvme.empty())
-    throw InputError("host memory: the plan needs up to " + gib2(hb.total) + " of host memory on the node (state " + gib2(hb.state) +
-                     ", runtime " + gib2(hb.runtime) + ") but --host-budget is " + gib2(budget) + " (" + gib2(hb.total - budget) +
-                     " missing); give --nvme DIR[,DIR...] to put optimizer state on disk, or raise --host-budget");
   std::vector<int> cand;  // offloaded stages, lowest ids first (the CPU optimizer updates them last)
   for (int s = 0; s < P; ++s)
     if (!cfg.resident[s]) cand.push_back(s);
-  struct Try { OffloadConfig cfg; ir::Plan plan; HostBound hb; double step_ms; };
+  const std::string where = std::to_string(plan.nvme.size()) + " path(s)";
+  if (c.job.nvme_place == "all") {  // every offloaded stage's opt(S) on the tier
+    if (plan.nvme.empty()) throw InputError("--nvme-place all needs --nvme paths");
+    cfg.nvme.assign(P, 0);
+    for (int s : cand) cfg.nvme[s] = 1;
+    plan = lower_offload(c, base, cfg);
+    const HostMemoryCheck hc = host_check(c, plan);
+    if (!hc.ok)
+      throw HostMemoryError("host memory: with the optimizer state of all " + std::to_string(cand.size()) +
+                                " offloaded stages on the NVMe tier (--nvme-place all), " + after_prefix(hc.message),
+                            hc.needed, hc.available);
+    check_tier_space(plan);
+    return "nvme tier: --nvme-place all: optimizer state of " + std::to_string(cand.size()) + " stages on " + where + " (" +
+           gib2(tier_bytes(plan)) + "); host memory " + gib2(hc.needed) + " of " + gib2(hc.available);
+  }
+  const HostMemoryCheck hc0 = host_check(c, plan);
+  if (hc0.ok)
+    return plan.nvme.empty() && plan.host_budget_bytes <= 0
+               ? std::string()
+               : "nvme tier: host memory " + gib2(hc0.needed) + " within " + gib2(hc0.available) + ", nothing on the tier";
+  if (plan.nvme.empty())
+    throw HostMemoryError(hc0.head + "; give --nvme DIR[,DIR...] to put optimizer state on disk" +
+                              (hc0.by_budget ? ", or raise --host-budget" : "") + "; " + hc0.breakdown,
+                          hc0.needed, hc0.available);
+  struct Try { OffloadConfig cfg; ir::Plan plan; HostMemoryCheck hc; double step_ms; };
   std::vector<Try> fits;
-  HostBound all_on{};
-  for (int order = 0; order < 2; ++order) {
+  HostMemoryCheck all_on = hc0;
+  for (int order = 0; order < 2; ++order) {  // lowest ids first, or highest first
     std::vector<int> seq = cand;
     if (order == 1) std::reverse(seq.begin(), seq.end());
     OffloadConfig t = cfg;
@@ -112,10 +129,9 @@ void place_on_tier(PassContext& c, const ir::Plan& base, OffloadConfig& cfg, ir:
     for (size_t k = 0; k < seq.size(); ++k) {
       t.nvme[seq[k]] = 1;
       ir::Plan pl = lower_offload(c, base, t);
-      pl.host_budget_bytes = plan.host_budget_bytes;  // (base carries them; kept explicit)
-      HostBound h = host_memory_bound(pl);
+      HostMemoryCheck h = host_check(c, pl);
       if (k + 1 == seq.size()) all_on = h;
-      if (h.total <= budget) {
+      if (h.ok) {
         const double ms = simulate(pl, c.hw, c.model).step_ms;
         fits.push_back({t, std::move(pl), h, ms});
         break;
@@ -123,10 +139,11 @@ void place_on_tier(PassContext& c, const ir::Plan& base, OffloadConfig& cfg, ir:
     }
   }
   if (fits.empty())
-    throw InputError("host memory: even with the optimizer state of all " + std::to_string(cand.size()) + " offloaded stages on the NVMe tier the node needs up to " +
-                     gib2(all_on.total) + " of host memory (weights and gradients " + gib2(all_on.state) + ", tier staging " + gib2(all_on.staging) +
-                     ", runtime " + gib2(all_on.runtime) + ") but --host-budget is " + gib2(budget) + " (" + gib2(all_on.total - budget) +
-                     " missing); raise --host-budget, or use more GPUs");
+    throw HostMemoryError("host memory: even with the optimizer state of all " + std::to_string(cand.size()) +
+                              " offloaded stages on the NVMe tier, " + after_prefix(all_on.head) +
+                              (all_on.by_budget ? "; raise --host-budget, or use more GPUs" : "; use a host with more memory, or more GPUs") +
+                              "; " + all_on.breakdown,
+                          all_on.needed, all_on.available);
   size_t best = 0;
   for (size_t i = 1; i < fits.size(); ++i)
     if (fits[i].step_ms < fits[best].step_ms) best = i;
@@ -135,9 +152,8 @@ void place_on_tier(PassContext& c, const ir::Plan& base, OffloadConfig& cfg, ir:
   check_tier_space(plan);
   int n = 0;
   for (char x : cfg.nvme) n += x;
-  c.notes.push_back("nvme tier: optimizer state of " + std::to_string(n) + " of " + std::to_string(cand.size()) +
-                    " offloaded stages on " + std::to_string(plan.nvme.size()) + " path(s) (" + gib2(fits[best].hb.nvme_bytes) + "); host bound " +
-                    gib2(fits[best].hb.total) + " within --host-budget " + gib2(budget));
+  return "nvme tier: optimizer state of " + std::to_string(n) + " of " + std::to_string(cand.size()) + " offloaded stages on " +
+         where + " (" + gib2(tier_bytes(plan)) + "); host memory " + gib2(fits[best].hc.needed) + " within " + gib2(fits[best].hc.available);
 }
 
 }  // namespace mmoc

@@ -11,6 +11,7 @@
 #include <cstdio>
 
 #include "common/format.hpp"
+#include "cost/host_memory.hpp"
 #include "ir/exec.hpp"
 #include "passes/analysis.hpp"
 #include "passes/pass.hpp"
@@ -60,18 +61,16 @@ void verify_memory(const PassContext& c) {
   for (size_t g = 0; g < mb.bound.size(); ++g)
     if (c.plan.budget_bytes > 0 && mb.bound[g] > c.hw.usable_bytes(c.plan.budget_bytes)) {
       std::string at = mb.worst_instr[g] >= 0 ? " at " + print_instr(c.plan.programs[g].instrs[mb.worst_instr[g]], mb.worst_instr[g]) : "";
-      throw InputError("verify-memory: GPU g" + std::to_string(g) + " may need " + gib_at_least(mb.bound[g]) + " but the budget is " +
+      throw BudgetError("verify-memory: GPU g" + std::to_string(g) + " may need " + gib_at_least(mb.bound[g]) + " but the budget is " +
                        gib_at_least(c.plan.budget_bytes) + " (of which " + gib_at_least(c.hw.usable_bytes(c.plan.budget_bytes)) + " for the plan)" + at +
                        "; raise --budget to at least " + gib_at_least(c.hw.budget_for(mb.bound[g])) +
-                       " or lower --micro-batch-size");
+                       " or lower --micro-batch-size", c.hw.budget_for(mb.bound[g]));
     }
-  // the node's host memory (passes/host_memory.cpp): checked when the plan has a host budget; the tier's reads and
-  // writes must pair up whatever the budget
-  const HostBound hb = host_memory_bound(c.plan);
-  if (c.plan.host_budget_bytes > 0 && hb.total > c.plan.host_budget_bytes)
-    throw InputError("verify-memory: the node may need " + gib_at_least(hb.total) + " of host memory but --host-budget is " +
-                     gib_at_least(c.plan.host_budget_bytes) + " (" + gib_at_least(hb.total - c.plan.host_budget_bytes) +
-                     " missing); raise --host-budget or give --nvme");
+  // host memory: every rank's predicted host state with the NVMe tier's placement and staging (the tier's reads and
+  // writes must pair up), per node against host_mem_gib and the plan's host budget (cost/host_memory.hpp)
+  const HostMemoryCheck hc =
+      check_host_memory(predict_host_memory(c.plan, host_memory_options(c.hw, c.plan), mb.bound), c.hw, c.plan.host_budget_bytes);
+  if (!hc.ok) throw HostMemoryError("verify-memory: " + hc.message, hc.needed, hc.available);
 }
 
 std::string verify_deadlock(const ir::Plan& p, bool sequential) {

@@ -37,16 +37,18 @@ void Worker::Impl::forward(int s, int m) {
   if (rec.count({s, m})) throw ExecError("forward S" + std::to_string(s) + " m" + std::to_string(m) + " ran twice");
   at::Tensor w = stage_weights(s);
   at::Tensor input = s == 0 ? batch_ids(m, "forward of the first stage") : need({BufKind::Act, s - 1, m}, "stage input missing");
+  const at::Tensor tie = tied_head(s) ? need({BufKind::Tie, s, -1}, "tied lm_head") : at::Tensor();
   FwdRecord r;
   r.input = input;
   at::Tensor out;
   if (plan.stages[s].recompute) {
     at::NoGradGuard ng;
-    out = run_stage(st, w, input);
+    out = run_stage(st, w, input, tie);
   } else {
     r.w_leaf = w.detach().requires_grad_(true);
     r.in_leaf = s > 0 ? input.detach().requires_grad_(true) : input;
-    out = run_stage(st, r.w_leaf, r.in_leaf);
+    if (tie.defined()) r.tie_leaf = tie.detach().requires_grad_(true);
+    out = run_stage(st, r.w_leaf, r.in_leaf, r.tie_leaf);
     r.out = out;
   }
   if (s == last) {
@@ -70,7 +72,8 @@ void Worker::Impl::backward(int s, int m) {
   if (plan.stages[s].recompute) {
     r.w_leaf = w.detach().requires_grad_(true);
     r.in_leaf = s > 0 ? r.input.detach().requires_grad_(true) : r.input;
-    out = run_stage(st, r.w_leaf, r.in_leaf);
+    if (tied_head(s)) r.tie_leaf = need({BufKind::Tie, s, -1}, "tied lm_head").detach().requires_grad_(true);
+    out = run_stage(st, r.w_leaf, r.in_leaf, r.tie_leaf);
     if (s == last) loss = lm_loss_sum(out, batch_labels(m));
   } else {
     out = r.out;
@@ -86,11 +89,15 @@ void Worker::Impl::backward(int s, int m) {
     grad_outputs.push_back(take({BufKind::Grad, s, m}));
   }
   if (s > 0) inputs.push_back(r.in_leaf);
+  if (r.tie_leaf.defined()) inputs.push_back(r.tie_leaf);
   auto grads = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false);
-  BufRef wg{BufKind::WGrad, s, -1};
-  auto wit = bufs.find(wg);
-  if (wit == bufs.end()) put(wg, grads[0]);
-  else wit->second.add_(grads[0]);
+  auto accumulate = [&](BufRef b, const at::Tensor& g) {  // allocated by the first backward of the step
+    auto it = bufs.find(b);
+    if (it == bufs.end()) put(b, g);
+    else it->second.add_(g);
+  };
+  accumulate({BufKind::WGrad, s, -1}, grads[0]);
+  if (r.tie_leaf.defined()) accumulate({BufKind::TieGrad, s, -1}, grads.back());
   if (s > 0) {
     take({BufKind::Act, s - 1, m});  // the input is consumed
     put({BufKind::Grad, s - 1, m}, grads[1]);
@@ -98,8 +105,22 @@ void Worker::Impl::backward(int s, int m) {
 }
 
 void Worker::Impl::prefetch(const BufRef& b) {
-  if (b.kind != BufKind::W) throw ExecError("prefetch of " + b.str() + ": only weights are prefetched");
   if (bufs.count(b)) throw ExecError("prefetch of " + b.str() + " that is already on the device");
+  if (b.kind == BufKind::Tie) {  // the current embedding rows of stage 0's weights: its GPU copy, or its host copy
+    if (!tied_head(b.stage) || !stages.count(0)) throw ExecError("prefetch of " + b.str() + " on a rank without stage 0");
+    StageState& s0 = stages.at(0);
+    if (s0.resident) {
+      put(b, embedding_view(plan.model, s0.layout, need({BufKind::W, 0, -1}, "tied embedding")).clone());
+      return;
+    }
+    if (cuda) {
+      auto it = pending_optim.find(0);  // the previous step's update of stage 0 must be done (its prefetch erases it)
+      if (it != pending_optim.end()) it->second.get();
+    }
+    put(b, embedding_view(plan.model, s0.layout, s0.host_lowp).to(dev, /*non_blocking=*/true, /*copy=*/true));
+    return;
+  }
+  if (b.kind != BufKind::W) throw ExecError("prefetch of " + b.str() + ": only weights are prefetched");
   StageState& st = stages.at(b.stage);
   if (cuda) {
     auto it = pending_optim.find(b.stage);  // the previous step's update of these weights must be done
@@ -126,7 +147,9 @@ void Worker::Impl::send(const ir::Instr& in) {
 
 void Worker::Impl::recv(const ir::Instr& in) {
   if (bufs.count(*in.buf)) throw ExecError("second recv of " + in.buf->str() + " (it is already on the device)");
-  at::Tensor t = at::empty(act_shape(), at::TensorOptions().dtype(cdtype).device(dev));
+  const bool tie = in.buf->kind == BufKind::Tie || in.buf->kind == BufKind::TieGrad;
+  at::Tensor t = at::empty(tie ? std::vector<int64_t>{plan.model.vocab, plan.model.hidden} : act_shape(),
+                           at::TensorOptions().dtype(cdtype).device(dev));
   if (!tr) throw ExecError("recv in a plan run without a transport");
   if (cuda) inflight.push_back(tr->irecv(t, in.peer, in.tag));
   else tr->recv(t, in.peer, in.tag);
@@ -138,6 +161,13 @@ void Worker::Impl::free_buf(const BufRef& b) {
   auto s = sends.find(b);
   if (s != sends.end()) { s->second->wait(); sends.erase(s); }
   take(b);
+}
+
+void Worker::Impl::add_grad(const ir::Instr& in) {
+  if (in.buf->kind != BufKind::TieGrad || !tied_head(in.buf->stage) || in.stage != 0 || !stages.count(0))
+    throw ExecError("addgrad " + in.buf->str() + " -> S" + std::to_string(in.stage) + ": only a tied head's gradient goes into S0");
+  const at::Tensor g = take(*in.buf);
+  add_tied_embedding_grad(plan.model, stages.at(0).layout, need({BufKind::WGrad, 0, -1}, "addgrad"), g);
 }
 
 AdamWHyper Worker::Impl::hyper() const {
@@ -236,6 +266,7 @@ void Worker::Impl::exec(int i) {
     case Op::Free: free_buf(*in.buf); break;
     case Op::Optim: optim(in); break;
     case Op::GradNorm: gradnorm(resident_grads()); break;
+    case Op::AddGrad: add_grad(in); break;
     case Op::TierRead: tier_read(*in.buf); break;
     case Op::TierWrite: tier_write(*in.buf); break;
     case Op::AllReduce: {

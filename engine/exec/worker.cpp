@@ -1,4 +1,5 @@
 #include "engine/exec/worker_impl.hpp"
+#include "engine/optim/convert.hpp"
 
 namespace mmoc::engine {
 
@@ -56,8 +57,14 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     for (int k = 0; k < threads; ++k) pin.push_back(rank * threads + k);
   }
   I.pool = std::make_unique<ThreadPool>(threads, pin);
-  if (plan.model.tied_embeddings && plan.num_stages() > 1)
-    throw std::runtime_error("tied embeddings across pipeline stages are not supported (use one stage, or an untied model)");
+  if (plan.model.tied_embeddings && plan.num_stages() > 1) {  // tied-embeddings' plumbing (older plans lack it)
+    bool adds = false;
+    for (const auto& prog : plan.programs)
+      for (const auto& in : prog.instrs) adds = adds || in.op == Op::AddGrad;
+    if (!adds || !plan.find_buffer(BufKind::Tie, I.last))
+      throw std::runtime_error("the plan splits a tied model over " + std::to_string(plan.num_stages()) +
+                               " stages but does not carry the tied embedding (tie/tiegrad, addgrad): compile it again");
+  }
   // host state: exactly sized, faulted in by all of this rank's cores, page-locked on CUDA where copies need it
   const int fault_threads = std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, plan.gpus));
   auto host = [&](at::ScalarType t, int64_t n, bool pinned) { return host_tensor(n, t, pinned && I.cuda, I.cuda_index, fault_threads); };
@@ -148,6 +155,12 @@ static void refresh_device_copies(Worker::Impl& I) {
     if (st.resident) {
       I.bufs.erase({BufKind::W, s, -1});
       I.put({BufKind::W, s, -1}, st.master.to(I.cdtype, false, true));
+    } else if (I.cdtype == at::kBFloat16) {  // on the worker's own threads (ATen's may be one in this process)
+      const float* src = st.master.data_ptr<float>();
+      auto* dst = reinterpret_cast<uint16_t*>(st.host_lowp.data_ptr<at::BFloat16>());
+      I.pool->parallel_for(st.master.numel(), int64_t(1) << 20, [&](int64_t b, int64_t e) {
+        optim::f32_to_bf16(src + b, dst + b, e - b);  // as torch's copy_, bit for bit (engine/optim/convert.hpp)
+      });
     } else if (I.cdtype != at::kFloat) {
       st.host_lowp.copy_(st.master);
     }
@@ -172,9 +185,13 @@ static void fill_tier_stages(Worker::Impl& I, const std::function<void(StageTens
 LoadReport Worker::init_random(uint64_t seed) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
-  fill_tier_stages(I, [&](StageTensors& t) { init_weights(I.plan.model, t.layout, t.master, seed); });
+  // on the worker's thread pool (this rank's cores): ATen's intra-op pool may be a single thread in a worker process
+  const ParallelFor pfor = [&I](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    I.pool->parallel_for(n, grain, fn);
+  };
+  fill_tier_stages(I, [&](StageTensors& t) { init_weights(I.plan.model, t.layout, t.master, seed, 0.02, pfor); });
   for (auto& [s, st] : I.stages)
-    if (!st.on_tier) init_weights(I.plan.model, st.layout, st.master, seed);
+    if (!st.on_tier) init_weights(I.plan.model, st.layout, st.master, seed, 0.02, pfor);
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

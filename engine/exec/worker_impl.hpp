@@ -65,6 +65,7 @@ struct FwdRecord {
   at::Tensor input;                  // stage input (ids for stage 0)
   at::Tensor w_leaf, in_leaf, out;   // autograd graph when not recomputing
   at::Tensor loss;                   // last stage: loss sum (graph)
+  at::Tensor tie_leaf;               // tied head over stages: the embedding matrix tie(S) (graph)
 };
 
 struct Worker::Impl {
@@ -186,9 +187,12 @@ struct Worker::Impl {
   void free_batch(int m);
   const at::Tensor& batch_ids(int m, const char* why);
   const at::Tensor& batch_labels(int m);
-  at::Tensor run_stage(const StageState& st, const at::Tensor& w, const at::Tensor& in) {
-    return stage_forward(plan.model, st.layout, w, in, rope);
+  at::Tensor run_stage(const StageState& st, const at::Tensor& w, const at::Tensor& in, const at::Tensor& tie = at::Tensor()) {
+    return stage_forward(plan.model, st.layout, w, in, rope, tie);
   }
+  // A tied lm_head on a stage without the embedding: tie(S<last>) is the matrix, tiegrad(S<last>) its gradient.
+  bool tied_head(int s) const { return plan.model.tied_embeddings && s == last && last > 0; }
+  void add_grad(const ir::Instr& in);
 
   void forward(int s, int m);
   void backward(int s, int m);

@@ -29,17 +29,20 @@ constexpr int64_t kGrain = int64_t(1) << 18;        // elements per parallel tas
 constexpr int64_t kStaging = int64_t(1) << 26;      // elements per host chunk for a flat that is not host fp32
 
 // Fills out[0, n) with the values of elements [first, first + n) of parameter p, in parallel.
-void fill_param(const ParamInfo& p, uint64_t seed, double std, float* out, int64_t first, int64_t n) {
+void fill_param(const ParamInfo& p, uint64_t seed, double std, float* out, int64_t first, int64_t n, const ParallelFor& pfor) {
   const uint64_t key = name_seed(seed, p.name);
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+  auto body = [&](int64_t b, int64_t e) {
     if (p.kind == ParamKind::Norm) std::fill(out + b, out + e, 1.0f);
     else if (p.kind == ParamKind::Bias) std::fill(out + b, out + e, 0.0f);
     else fill_normal(out + b, e - b, key, (uint64_t)(first + b), 0.0, std);
-  });
+  };
+  if (pfor) pfor(n, kGrain, body);
+  else at::parallel_for(0, n, kGrain, body);
 }
 }  // namespace
 
-void init_weights(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat, uint64_t seed, double std) {
+void init_weights(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat, uint64_t seed, double std,
+                  const ParallelFor& pfor) {
   (void)a;
   if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
     throw std::invalid_argument("init_weights: flat tensor does not match the layout");
@@ -52,14 +55,14 @@ void init_weights(const ir::ModelArch& a, const StageLayout& layout, const at::T
     if (p.offset > pos) flat.narrow(0, pos, p.offset - pos).zero_();
     pos = p.offset + p.numel;
     if (direct) {
-      fill_param(p, seed, std, flat.data_ptr<float>() + p.offset, 0, p.numel);
+      fill_param(p, seed, std, flat.data_ptr<float>() + p.offset, 0, p.numel, pfor);
       continue;
     }
     // another dtype or device: through a host fp32 chunk (bounded memory)
     at::Tensor host = at::empty({std::min(p.numel, kStaging)}, at::TensorOptions().dtype(at::kFloat).pinned_memory(flat.is_cuda()));
     for (int64_t off = 0; off < p.numel; off += kStaging) {
       const int64_t len = std::min(kStaging, p.numel - off);
-      fill_param(p, seed, std, host.data_ptr<float>(), off, len);
+      fill_param(p, seed, std, host.data_ptr<float>(), off, len, pfor);
       flat.narrow(0, p.offset + off, len).copy_(host.narrow(0, 0, len));
     }
   }

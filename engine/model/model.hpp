@@ -6,6 +6,7 @@
 // logits and loss. The model's tensors are picked by their role in the layout, not by name.
 // Layout of the flat tensor: arch/layout.hpp.
 #pragma once
+#include <functional>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
@@ -62,9 +63,10 @@ int64_t count_tokens(const at::Tensor& labels);
 at::Tensor new_flat(const StageLayout& layout, at::TensorOptions options);
 // HF-style random init, deterministic per (seed, parameter name, element) and so independent of the stage split,
 // the thread count, the dtype and the device: Linear/Embedding/PosEmbedding/Head ~ normal(0, std), norms = 1,
-// biases = 0, padding = 0 (by ParamKind). Writes into `flat` (no grad), multithreaded (ATen's intra-op threads);
-// computed on the host (engine/model/init.cpp).
+// biases = 0, padding = 0 (by ParamKind). Writes into `flat` (no grad), computed on the host (engine/model/init.cpp),
+// multithreaded: by `pfor` when given (e.g. the worker's own thread pool), else by ATen's intra-op threads.
+using ParallelFor = std::function<void(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn)>;
 void init_weights(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat, uint64_t seed,
-                  double std = 0.02);
+                  double std = 0.02, const ParallelFor& pfor = {});
 
 }  // namespace mmoc::engine

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "arch/arch.hpp"
+#include "common/size.hpp"
 #include "cost/spec.hpp"
 
 using namespace mmoc;
@@ -275,4 +276,65 @@ TEST_CASE("model families: published parameter counts, mmoc's format, cost per l
   CHECK(hf.kv_heads == 8);             // MistralConfig's num_key_value_heads default
   CHECK(hf.sliding_window == 4096);    // and its sliding_window when the key is absent
   CHECK(hf.max_seq == 4096 * 32);
+}
+
+TEST_CASE("GPU reserve: measured figures in the hardware files, no fraction of the card") {
+  // measured outside the allocator (nvidia-h200, nvidia-h200-x2, 2026-12-01): 0.8 GiB alone, 1.9 GiB with NCCL on two
+  auto h1 = load_hardware("h200x1", kConfigs);
+  CHECK(h1.reserve_gib == doctest::Approx(0.8));
+  CHECK(h1.reserve_fraction == 0.0);
+  CHECK(h1.usable_bytes((int64_t)(48 * GiB)) == (int64_t)(48 * GiB - 0.8 * GiB));
+  auto h2 = load_hardware("h200x2", kConfigs);
+  CHECK(h2.reserve_gib == doctest::Approx(1.9));
+  for (const auto& name : list_configs(kConfigs, "hardware")) {
+    CAPTURE(name);
+    auto hw = load_hardware(name, kConfigs);
+    CHECK(hw.reserve_fraction == 0.0);
+    CHECK(hw.reserve_gib <= 2.0);
+    CHECK(hw.budget_for(hw.usable_bytes((int64_t)(20 * GiB))) <= (int64_t)(20 * GiB) + 1);
+  }
+  // a file that says nothing: no fraction by default
+  auto bare = parse_hardware(R"({"gpus":1})", "hw.json");
+  CHECK(bare.reserve_fraction == 0.0);
+}
+
+TEST_CASE("memory sizes: a plain number is GiB; GiB, GB (10^9 bytes) with or without a space; anything else names the field") {
+  CHECK(parse_gib("48", "--budget") == 48.0);
+  CHECK(parse_gib("48GiB", "--budget") == 48.0);
+  CHECK(parse_gib("48 GiB", "--budget") == 48.0);
+  CHECK(parse_gib("48gib", "--budget") == 48.0);
+  CHECK(parse_gib(" 1.5 GiB ", "--budget") == 1.5);
+  CHECK(parse_gib("48GB", "--budget") == doctest::Approx(48e9 / GiB));
+  CHECK(parse_gib("512MiB", "--budget") == 0.5);
+  CHECK(parse_gib("1TiB", "--budget") == 1024.0);
+  CHECK(parse_gib("1000MB", "--budget") == doctest::Approx(1e9 / GiB));
+  for (const char* bad : {"", "48G", "abc", "-3", "48 GiBs", "4 8", "1e3", "1.2.3", ".", "GiB", "nan", "inf"}) {
+    CAPTURE(bad);
+    const std::string e = error_of([&] { parse_gib(bad, "--host-budget"); });
+    CHECK(e.find("--host-budget") != std::string::npos);
+  }
+  // the job's budget_gib: a number or such a string; anything else names the key
+  CHECK(parse_job(R"({"budget_gib": 48})", "j.json").budget_gib == 48.0);
+  CHECK(parse_job(R"({"budget_gib": "48GiB"})", "j.json").budget_gib == 48.0);
+  CHECK(parse_job(R"({"budget_gib": "48GB"})", "j.json").budget_gib == doctest::Approx(48e9 / GiB));
+  for (const char* bad : {R"({"budget_gib": "lots"})", R"({"budget_gib": true})", R"({"budget_gib": -1})", R"({"budget_gib": [48]})"}) {
+    CAPTURE(bad);
+    const std::string e = error_of([&] { parse_job(bad, "j.json"); });
+    CHECK(e.find("j.json") != std::string::npos);
+    CHECK(e.find("budget_gib") != std::string::npos);
+  }
+}
+
+TEST_CASE("job defaults: v, schedule, recompute and offload are auto") {
+  JobConfig d;
+  CHECK(d.v == "auto");
+  CHECK(d.schedule == "auto");
+  CHECK(d.recompute == "auto");
+  CHECK(d.offload == "auto");
+  auto j = parse_job(R"({"model":"llama2-7b"})", "j.json");
+  CHECK(j.v == "auto");
+  CHECK(j.schedule == "auto");
+  auto k = parse_job(R"({"v": 2, "schedule": "grouped"})", "j.json");  // a fixed value is the user's override
+  CHECK(k.v == "2");
+  CHECK(k.schedule == "grouped");
 }

@@ -1,10 +1,43 @@
-"""Reading mmoc checkpoints in tests (python3 stdlib only): safetensors headers and tensors, finiteness, digests."""
+"""Reading mmoc checkpoints in tests (python3 stdlib only): safetensors headers and tensors, finiteness, digests;
+and the CLI tests' shared harness (check, sh, must, metrics_of)."""
 import hashlib
 import json
 import math
 import os
 import struct
+import subprocess
 from array import array
+
+FAILS = []  # what check() found wrong, for the test's exit status
+
+
+def check(cond, what):
+    if not cond:
+        FAILS.append(what)
+        print("FAIL: " + what, flush=True)
+    return cond
+
+
+def sh(args, fault=None, timeout=240):
+    """Runs an mmoc tool alone: no launcher or test-fault variables inherited; `fault` sets MMOC_TEST_FAULT."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MMOC_DEVICE", "MMOC_TEST_FAULT"):
+        env.pop(k, None)
+    if fault:
+        env["MMOC_TEST_FAULT"] = fault
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def must(p, what):
+    if p.returncode != 0:
+        print(f"{what} failed (rc {p.returncode})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}", flush=True)
+        raise SystemExit(1)
+    return p
+
+
+def metrics_of(path):
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
 
 
 def read_safetensors(path):

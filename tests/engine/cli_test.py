@@ -104,6 +104,16 @@ def run_all(tmp):
         ok = all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for k in ("loss", "tokens_per_s", "step_s", "lr", "tokens"))
         if not check(ok and r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["tokens"] > 0, f"metrics line complete and finite: {r}"):
             break
+    # host memory: each rank's peak resident set next to the plan's prediction, printed and in the metrics
+    with open(plan2) as f:
+        predicted = json.load(f)["plan"].get("host", [])
+    check(len(predicted) == 2 and all(x > 0 for x in predicted), f"the plan predicts host memory per rank: {predicted}")
+    hl = [l for l in p.stdout.splitlines() if l.startswith("host memory: peak resident set per rank")]
+    check(len(hl) == 1 and re.search(r"g0 [0-9.]+ GiB \(plan predicts [0-9.]+ GiB, [+-][0-9.]+%\), g1 ", hl[0]) is not None,
+          "the run prints each rank's peak RSS next to the prediction: " + (hl[0] if hl else "none"))
+    last = ms[-1] if ms else {}
+    check(len(last.get("host_peak_rss_bytes", [])) == 2 and all(x > 0 for x in last["host_peak_rss_bytes"]) and
+          last.get("host_predicted_bytes") == predicted, "metrics: host_peak_rss_bytes and host_predicted_bytes per rank")
     losses = [r["loss"] for r in ms]
     check(len(losses) == 20 and losses[-1] < losses[0], f"loss after 20 steps below step 1: {losses[:1]} -> {losses[-1:]}")
     check(len(losses) == 20 and sum(losses[-5:]) / 5 < losses[0] - 0.1, "loss trend: mean of the last 5 steps at least 0.1 below step 1")

@@ -6,20 +6,24 @@
 For each family fixture of tools/scripts/make_hf_fixtures.py (HF-written checkpoints with HF's loss and one
 torch.optim.AdamW step on one batch):
   1. one training step: the plan is compiled from the fixture's own config.json (the compiler's HF reader) for
-     N in {1, 2, 3} pipeline ranks and v in {1, 2} stages per rank (where N*v <= layers + 2; tied models in one stage:
-     a tied head across stages is refused), mmoc-run starts from the checkpoint (--init: the engine's reader), trains
-     one step on HF's batch with HF's AdamW hyper-parameters and saves: the step's loss equals HF's to 1e-5 and every
+     N in {1, 2, 3} pipeline ranks and v in {1, 2} stages per rank (where N*v <= layers + 2; tied models too: the
+     head stage gets the embedding from stage 0 and returns its gradient, and for them also with every stage offloaded,
+     host master and CPU AdamW), mmoc-run starts from the checkpoint (--init: the engine's reader), trains
+     one step on HF's batch with HF's AdamW hyper-parameters and saves: the step's loss and its global gradient norm
+     (HF's gradients' norm, a tied matrix counted once) equal HF's to 1e-5 and every
      saved tensor equals HF's after_adamw.<name> to 1e-5 of the tensor's largest value, except where the gradient
      itself is at the 1e-5 noise floor and the step's direction is undetermined (see adamw_agreement);
   2. the config.json without its norm epsilon (rms_norm_eps / layer_norm_epsilon): the compiler and the engine both
      take HF's default for the family (transformers' own AutoConfig says which), and a one-step run reports the loss
      transformers computes for that config;
   3. transformers loads the checkpoint mmoc saved (AutoModelForCausalLM) and its logits equal mmoc's model's: a
-     --steps 0 save of the fixture gives HF's reference logits exactly;
+     --steps 0 save of the fixture gives HF's reference logits exactly (tied models also saved from 4 stages on 2
+     ranks: no lm_head.weight, tie_word_embeddings true);
   4. mmoc-eval (the fixture as it is, fp32): HF's logits and loss to 1e-5;
-  5. refusals: a tied model on several stages (mmoc-compile, and mmoc-run given such a plan), an unsupported
-     model_type or architecture (named in the one-line error, exit code 2).
-Prints one line per check; exit 1 when any fails.
+  5. a tied model on several GPUs compiles with the tied-embeddings plumbing; refusals: mmoc-run given a plan of a
+     tied model over several stages without it, an unsupported model_type or architecture (named in the one-line
+     error, exit code 2).
+Prints one line per check; exit 1 when any fails. MMOC_FAMILIES=a,b,... runs those fixtures only.
 """
 import json
 import os
@@ -35,6 +39,8 @@ COMPILE, RUN, EVAL, FIX, CONFIGS = sys.argv[1:6]
 FIX = os.path.join(FIX, "hf-tiny")
 FAMILIES = ["llama3-gqa-fp32", "llama3-tied-fp32", "qwen2-fp32", "qwen2-tied-fp32", "qwen3-fp32", "qwen3-tied-fp32",
             "mistral-fp32", "gpt2-fp32", "llama-gqa-fp32"]
+if os.environ.get("MMOC_FAMILIES"):  # a subset, comma-separated (e.g. the tied fixtures)
+    FAMILIES = [f for f in os.environ["MMOC_FAMILIES"].split(",") if f]
 FAILS = []
 torch.set_num_threads(1)
 
@@ -66,11 +72,11 @@ def rows_file(ref, path):
             f.write(json.dumps({"input_ids": a, "labels": b}) + "\n")
 
 
-def compile_plan(work, model, meta, n, v, name="plan.json"):
+def compile_plan(work, model, meta, n, v, name="plan.json", offload="auto"):
     B, T = meta["batch"]["B"], meta["batch"]["T"]
     ad = meta["adamw"]
     job = {"model": model, "hardware": "cpu8", "gpus": n, "v": v, "micro_batch_size": B, "microbatches": 1, "seq_len": T,
-           "schedule": "grouped", "offload": "auto", "recompute": "auto", "budget_gib": 1,
+           "schedule": "grouped", "offload": offload, "recompute": "auto", "budget_gib": 1,
            "train": {"precision": "fp32", "lr": ad["lr"], "beta1": ad["betas"][0], "beta2": ad["betas"][1], "eps": ad["eps"],
                      "weight_decay": ad["weight_decay"], "max_grad_norm": 0.0, "lr_schedule": "constant"}}
     jp = os.path.join(work, "job.json")
@@ -87,8 +93,9 @@ def run_step(work, plan, init, rows, steps=1, tag="run"):
     if not sh([RUN, plan, "--data", rows, "--steps", steps, "--device", "cpu", "--init", init, "-q", "--optim-threads", 1,
                "--metrics", met, "--save", out, "--save-dtype", "fp32"], f"mmoc-run {plan} --init {init}"):
         return None, None
-    losses = [json.loads(l)["loss"] for l in open(met) if l.strip()] if os.path.exists(met) else []
-    return out, losses
+    rows = [json.loads(l) for l in open(met) if l.strip()] if os.path.exists(met) else []
+    run_step.grad_norms = [r.get("grad_norm") for r in rows]
+    return out, [r["loss"] for r in rows]
 
 
 def saved_tensors(ckpt):
@@ -107,26 +114,40 @@ def one_step_checks(name, work):
     layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     rows = os.path.join(work, "rows.jsonl")
     rows_file(ref, rows)
-    combos = [(1, 1)] if meta["tied_embeddings"] else [(n, v) for n in (1, 2, 3) for v in (1, 2)]
-    for n, v in combos:
+    combos = [(n, v, "auto") for n in (1, 2, 3) for v in (1, 2)]
+    if meta["tied_embeddings"]:  # the shared weight's master in host memory, CPU AdamW, head on another rank or not
+        combos += [(1, 2, "all"), (2, 2, "all"), (3, 1, "all")]
+    for n, v, off in combos:
         if n * v > layers + 2:
             print(f"skip {name} N={n} v={v}: {n * v} stages > {layers + 2} model layers", flush=True)
             continue
-        plan = compile_plan(work, os.path.join(d, "config.json"), meta, n, v)
+        plan = compile_plan(work, os.path.join(d, "config.json"), meta, n, v, offload=off)
         if not plan:
             continue
-        stages = len(json.load(open(plan))["stages"])
+        pj = json.load(open(plan))
+        stages = len(pj["stages"])
+        lab = f"N={n} v={v}" + (" offload=all" if off == "all" else "")
+        if off == "all":
+            check(all(s["weights"] == "offload" for s in pj["stages"]), f"{name} {lab}: every stage offloaded")
+        if meta["tied_embeddings"] and stages > 1:
+            ops = [i["op"] for prog in pj["programs"] for i in prog["instrs"]]
+            check(ops.count("addgrad") == 1, f"{name} {lab}: the plan adds the head's gradient into stage 0 once")
         ckpt, losses = run_step(work, plan, d, rows)
         if ckpt is None:
             continue
         lrel = abs(losses[0] - meta["loss"]) / abs(meta["loss"])
         check(stages == n * v and lrel <= 1e-5,
-              f"{name} N={n} v={v} ({stages} stages): loss {losses[0]:.7f} vs HF {meta['loss']:.7f} (rel {lrel:.1e})")
+              f"{name} {lab} ({stages} stages): loss {losses[0]:.7f} vs HF {meta['loss']:.7f} (rel {lrel:.1e})")
+        # the gradients: the step's global norm is HF's (a tied matrix counts once, with both its uses' gradients)
+        hf_norm = torch.sqrt(sum((t.double() ** 2).sum() for k, t in ref.items() if k.startswith("grad."))).item()
+        gn = run_step.grad_norms[0] if run_step.grad_norms else None
+        grel = abs(gn - hf_norm) / hf_norm if gn is not None else float("inf")
+        check(grel <= 1e-5, f"{name} {lab}: gradient norm {gn} vs HF's {hf_norm:.7f} (rel {grel:.1e})")
         got = saved_tensors(ckpt)
         want = {k[len("after_adamw."):]: t for k, t in ref.items() if k.startswith("after_adamw.")}
         worst, loose = adamw_agreement(got, want, ref, meta["adamw"])
         check(set(got) == set(want) and worst <= 1.0,
-              f"{name} N={n} v={v}: weights after one AdamW step equal HF's ({len(want)} tensors; worst element at "
+              f"{name} {lab}: weights after one AdamW step equal HF's ({len(want)} tensors; worst element at "
               f"{worst:.2f} of its bound; {loose} elements with a gradient below the 1e-5 noise floor"
               f"{'' if set(got) == set(want) else '; names differ: ' + str(sorted(set(got) ^ set(want)))})")
 
@@ -187,13 +208,13 @@ def default_eps_checks(name, work):
     check(r <= 1e-5, f"{name} without '{key}': mmoc-run's loss {losses[0]:.7f} = transformers' {hf_loss:.7f} (rel {r:.1e})")
 
 
-def transformers_loads(name, work):
+def transformers_loads(name, work, n=1, v=1):
     """--steps 0 --save: the fixture's weights as mmoc writes them; transformers gives HF's reference logits."""
     from transformers import AutoModelForCausalLM
     d = os.path.join(FIX, name)
     meta = json.load(open(os.path.join(d, "hf_reference.json")))
     ref = load_file(os.path.join(d, "hf_reference.safetensors"))
-    plan = compile_plan(work, os.path.join(d, "config.json"), meta, 1, 1, "plan-save.json")
+    plan = compile_plan(work, os.path.join(d, "config.json"), meta, n, v, "plan-save.json")
     rows = os.path.join(work, "rows.jsonl")
     rows_file(ref, rows)
     ckpt, _ = run_step(work, plan, d, rows, steps=0, tag="saved") if plan else (None, None)
@@ -203,8 +224,16 @@ def transformers_loads(name, work):
     with torch.no_grad():
         logits = model(input_ids=ref["input_ids"]).logits
     diff = (logits - ref["logits"]).abs().max().item()
+    tie = ""
+    if meta["tied_embeddings"]:  # saved with the tie: no lm_head.weight, the config says so, HF ties them again
+        cfg = json.load(open(os.path.join(ckpt, "config.json")))
+        tied_ok = (cfg.get("tie_word_embeddings") is True and "lm_head.weight" not in saved_tensors(ckpt) and
+                   model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr())
+        check(tied_ok, f"{name} N={n} v={v}: mmoc's checkpoint keeps the tie (tie_word_embeddings true, no lm_head.weight)")
+        tie = " (tied)"
     check(type(model).__name__ == meta["architecture"] and diff == 0.0,
-          f"{name}: transformers loads mmoc's checkpoint as {type(model).__name__}; logits max|diff| {diff:.1e} from HF's")
+          f"{name} N={n} v={v}: transformers loads mmoc's checkpoint{tie} as {type(model).__name__}; logits max|diff| "
+          f"{diff:.1e} from HF's")
 
 
 def eval_checks(name, work):
@@ -225,16 +254,19 @@ def eval_checks(name, work):
 
 
 def refusals(work):
-    """Tied embeddings across stages: the compiler refuses the job, mmoc-run a hand-made plan (exit 2, one line);
-    unsupported architectures are named."""
+    """Tied embeddings across stages compile with their plumbing; mmoc-run refuses a hand-made plan without it (exit
+    2, one line); unsupported architectures are named."""
     def bad(args, want, what):
         p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120)
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         check(p.returncode == 2 and len(lines) == 1 and want in lines[0], f"{what}: exit {p.returncode}, {lines}")
     tied = os.path.join(FIX, "qwen2-tied-fp32", "config.json")
-    bad([COMPILE, "--model", tied, "--hardware", "cpu8", "--gpus", 2, "--seq-len", 16, "--configs", CONFIGS, "-q",
-         "-o", os.path.join(work, "x.json")], "tied embeddings across pipeline stages are not supported",
-        "mmoc-compile refuses a tied model on 2 GPUs")
+    x = os.path.join(work, "x.txt")
+    if sh([COMPILE, "--model", tied, "--hardware", "cpu8", "--gpus", 2, "--seq-len", 16, "--configs", CONFIGS, "-q",
+           "--emit", "text", "-o", x], "mmoc-compile a tied model on 2 GPUs"):
+        text = open(x).read()
+        check("addgrad tiegrad(" in text and "recv tie(" in text and "send tiegrad(" in text,
+              "mmoc-compile: a tied model on 2 GPUs sends the embedding to the head and its gradient back")
     plan = os.path.join(work, "untied.json")
     if sh([COMPILE, "--model", "tiny-gqa", "--hardware", "cpu8", "--gpus", 2, "--seq-len", 16, "--precision", "fp32",
            "--configs", CONFIGS, "-q", "-o", plan], "mmoc-compile tiny-gqa"):
@@ -244,8 +276,8 @@ def refusals(work):
         rows = os.path.join(work, "rows.jsonl")
         with open(rows, "w") as f:
             f.write(json.dumps({"input_ids": list(range(16))}) + "\n")
-        bad([RUN, plan, "--data", rows, "--steps", 1, "--device", "cpu"], "tied embeddings across pipeline stages",
-            "mmoc-run refuses a 2-stage plan of a tied model")
+        bad([RUN, plan, "--data", rows, "--steps", 1, "--device", "cpu"], "does not carry the tied embedding",
+            "mmoc-run refuses a 2-stage plan of a tied model without the tied-embeddings plumbing")
     m = os.path.join(work, "phi")
     os.makedirs(m, exist_ok=True)
     json.dump({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_size": 64}, open(os.path.join(m, "config.json"), "w"))
@@ -263,9 +295,12 @@ def main():
         for name in FAMILIES:
             one_step_checks(name, work)
             transformers_loads(name, work)
+            if name in ("llama3-tied-fp32", "gpt2-fp32"):
+                transformers_loads(name, work, 2, 2)
             eval_checks(name, work)
         for name in ["llama3-gqa-fp32", "qwen2-fp32", "qwen3-fp32", "mistral-fp32", "gpt2-fp32"]:
-            default_eps_checks(name, work)
+            if name in FAMILIES:
+                default_eps_checks(name, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{len(FAILS)} failure(s)")

@@ -33,7 +33,7 @@ import time
 RUN, COMPILE, SRC = (os.path.abspath(p) for p in sys.argv[1:4])
 TOKENS = os.path.join(SRC, "data/sample/tiny_tokens.jsonl")
 FAIL_S, RDZV_S = 5, 8   # --fail-timeout, --rdzv-timeout of these runs
-SLACK_S = 20            # process start-up, kill grace, a loaded 2-core machine
+SLACK_S = 40            # process start-up, kill grace, a loaded 2-core machine (28.5 s seen under load 15)
 FAILS = []
 T0 = time.time()
 

@@ -24,39 +24,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ckpt_util as cu  # noqa: E402
+from ckpt_util import FAILS, check, metrics_of, must, sh  # noqa: E402
 
 RUN, COMPILE, SRC = (os.path.abspath(p) for p in sys.argv[1:4])
 TOKENS = os.path.join(SRC, "data/sample/tiny_tokens.jsonl")
-FAILS = []
 T0 = time.time()
-
-
-def check(cond, what):
-    if not cond:
-        FAILS.append(what)
-        print("FAIL: " + what, flush=True)
-    return cond
-
-
-def sh(args, fault=None, timeout=180):
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MMOC_DEVICE", "MMOC_TEST_FAULT"):
-        env.pop(k, None)
-    if fault:
-        env["MMOC_TEST_FAULT"] = fault
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def must(p, what):
-    if p.returncode != 0:
-        print(f"{what} failed (rc {p.returncode})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}", flush=True)
-        sys.exit(1)
-    return p
-
-
-def metrics_of(path):
-    with open(path) as f:
-        return [json.loads(l) for l in f if l.strip()]
 
 
 def plan(tmp, name, **train):

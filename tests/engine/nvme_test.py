@@ -14,7 +14,7 @@
   one message naming the path, no checkpoint written.
 - Host memory: a 55M-parameter model with a host budget that forces most stages onto the tier: the measured peak
   resident set of the worker stays within --host-budget, and is lower than the all-in-host run's by at least half of
-  the saving the host-memory bounds predict.
+  the saving the host-memory predictions (cost/host_memory.hpp) predict.
 """
 import json
 import os
@@ -97,7 +97,7 @@ def run_all(tmp):
     check(re.search(r"= optim S\d @cpu after\([^)]*\)", txt), "optim steps wait for their reads")
     txt_none, _ = compile_plan(j("n.txt"), "--gpus", "1", "--v", "4", "--schedule", "grouped", "--offload", "all")
     check("nvme" not in txt_none and " io" not in txt_none, "without --nvme the plan has no tier")
-    # a host budget: the runtime allowance (1 GiB per rank) plus a few KiB less than the all-in-host state
+    # the summary prints the node's host memory with the tier (cost/host_memory.hpp, the one model)
     _, out = compile_plan(j("b.txt"), "--gpus", "1", "--v", "4", "--schedule", "grouped", "--offload", "all", "--nvme", f"{d1},{d2}", "--verbose")
     m = re.search(r"host memory: at most ([0-9.]+) GiB", out)
     check(m is not None, "the summary reports the host bound: " + out)
@@ -171,7 +171,8 @@ def run_all(tmp):
     os.chmod(ro, 0o755)
 
     # ---- host memory within --host-budget ------------------------------------------------------------------------
-    # a 55M-parameter model (16 layers of 512): 16 B/param in host memory without the tier (~0.85 GiB + 1 GiB runtime)
+    # a 55M-parameter model (16 layers of 512): 16 B/param in host memory without the tier (~0.85 GiB), 8 with it
+    # (fp32), plus cpu8's process base (0.5 GiB) and checkpoint staging (0.5 GiB) in the prediction
     model = j("rss-model.json")
     with open(model, "w") as f:
         json.dump({"name": "rss-55m", "layers": 16, "hidden": 512, "ffn": 1408, "heads": 8, "kv_heads": 4, "vocab": 8000,
@@ -195,7 +196,7 @@ def run_all(tmp):
     rss_h = metrics_of(mh)[-1]["host_peak_rss_bytes"][0]
     rss_n = metrics_of(mn)[-1]["host_peak_rss_bytes"][0]
     print(f"peak RSS: all in host {rss_h / 2**20:.0f} MiB, with the tier {rss_n / 2**20:.0f} MiB, budget {budget_gib * 1024:.0f} MiB; "
-          f"predicted host bounds {bound(out_h) / 2**20:.0f} -> {bound(out_n) / 2**20:.0f} MiB", flush=True)
+          f"predicted host memory {bound(out_h) / 2**20:.0f} -> {bound(out_n) / 2**20:.0f} MiB", flush=True)
     check(rss_n <= budget_gib * GiB, f"measured peak RSS within --host-budget: {rss_n / 2**20:.0f} MiB <= {budget_gib * 1024:.0f} MiB")
     check(rss_h - rss_n >= 0.5 * predicted,
           f"the tier lowers the measured peak RSS by at least half the predicted saving: {rss_h / 2**20:.0f} -> {rss_n / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB less")

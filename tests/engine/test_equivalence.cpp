@@ -139,7 +139,7 @@ TEST_CASE("pipelined and offloaded training equals plain training (every schedul
 
 TEST_CASE("every model family: pipelined and offloaded training equals plain training") {
   // Llama-3.1 rope, Qwen2 q/k/v biases, Qwen3 q/k norms with head_dim != hidden/heads, Mistral's sliding window (8,
-  // shorter than seq 32), GPT-2 blocks; tied GPT-2 in one stage (a tied head across stages is refused).
+  // shorter than seq 32), GPT-2 blocks; tied GPT-2 in one stage (across stages: the next test case).
   struct Cfg {
     int gpus, v;
     const char* sched;
@@ -162,13 +162,46 @@ TEST_CASE("every model family: pipelined and offloaded training equals plain tra
   CHECK(runs == 17);
 }
 
+TEST_CASE("tied embeddings over several stages: one master copy and optimizer state, as plain training") {
+  // The head stage gets stage 0's embedding each step (a copy on the same GPU, send/recv to another) and its gradient
+  // goes back into stage 0's before the step: the same GPU (N1 v2, N2 grouped v2's S0/S3 on g0/g1), another rank,
+  // offloaded (host master, CPU AdamW) and resident stage 0, clipping (the shared weight counted once in the norm).
+  struct Cfg {
+    const char* model;
+    int gpus, v;
+    const char* sched;
+    const char* off;
+    double clip;
+  };
+  int runs = 0;
+  for (Cfg c : {Cfg{"tiny-tied", 1, 2, "gpipe", "all", 0}, Cfg{"tiny-tied", 1, 3, "grouped", "none", 0.05},
+                Cfg{"tiny-tied", 2, 2, "interleaved-1f1b", "none", 0}, Cfg{"tiny-tied", 2, 2, "grouped", "all", 0.05},
+                Cfg{"tiny-tied", 4, 1, "1f1b", "auto", 0.05}, Cfg{"tiny-tied", 3, 1, "gpipe", "all", 0},
+                Cfg{"tiny-gpt2-tied", 2, 2, "grouped", "all", 0.05}, Cfg{"tiny-gpt2-tied", 4, 1, "1f1b", "none", 0}}) {
+    std::string label = std::string(c.model) + "-N" + std::to_string(c.gpus) + "-v" + std::to_string(c.v) + "-" + c.sched +
+                        "-offload-" + c.off + (c.clip > 0 ? "-clip" : "");
+    CAPTURE(label);
+    const ir::Plan p = make_plan(c.gpus, c.v, c.sched, c.off, c.clip, c.clip > 0 ? "cosine" : "constant", c.model);
+    REQUIRE(p.num_stages() == c.gpus * c.v);
+    int adds = 0;
+    for (const auto& prog : p.programs)
+      for (const auto& in : prog.instrs) adds += in.op == ir::Op::AddGrad;
+    CHECK(adds == 1);
+    check_against_reference(p, label);
+    ++runs;
+  }
+  CHECK(runs == 8);
+}
+
 TEST_CASE("clipping by the global norm and a warmup+cosine schedule across ranks equal plain training") {
   check_against_reference(make_plan(2, 2, "grouped", "auto", 0.05, "cosine"), "N2-v2-grouped-clip-cosine", 4);
   check_against_reference(make_plan(4, 1, "1f1b", "none", 0.05, "linear"), "N4-v1-1f1b-resident-clip-linear", 4);
 }
 
 TEST_CASE("resuming from a checkpoint gives the same losses and weights as an uninterrupted run") {
-  ir::Plan plan = make_plan(2, 2, "grouped", "all", 0.05, "cosine");
+  for (const char* model : {"tiny-8l", "tiny-tied"}) {
+  CAPTURE(model);
+  ir::Plan plan = make_plan(2, 2, "grouped", "all", 0.05, "cosine", model);
   Path dir = scratch("resume");
   ir::save_file_atomic((dir / "plan.json").string(), ir::to_json_string(plan));
   std::string base = kRun + " " + (dir / "plan.json").string() + " --data " + kData + " --device cpu --seed 3 -q --optim-threads 1";
@@ -182,4 +215,5 @@ TEST_CASE("resuming from a checkpoint gives the same losses and weights as an un
   for (int i = 0; i < 4; ++i) CHECK(part[i] == doctest::Approx(full[i]).epsilon(1e-12));
   CHECK(rel_diff(load_full(plan, dir / "resumed"), load_full(plan, dir / "full")) == 0.0);
   io::remove_tree(dir.s);
+  }
 }

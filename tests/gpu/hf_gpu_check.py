@@ -12,7 +12,7 @@ e.g. the project's hf-tiny/), each with HF's own batch. For each model:
   - bf16 on CUDA: mmoc's logits and loss are as close to HF's fp32 result as HF's own bf16 run is (within 2x + eps):
     "within bf16 tolerance", measured rather than guessed;
   - the first training step of mmoc-run in bf16 on CUDA (plan compiled from the checkpoint's own config.json,
-    --init the checkpoint; 2 stages unless the head is tied) reports HF's loss within the same tolerance.
+    --init the checkpoint; 2 stages, a tied head getting stage 0's embedding) reports HF's loss within the same tolerance.
 Prints one line per check and exits 1 when any fails. MMOC_CHECK_DEVICE=cpu: a dry run without a GPU."""
 import argparse, json, os, shutil, subprocess, sys
 
@@ -64,7 +64,7 @@ def mmoc_eval(model_dir, rows, T, B, precision):
 def first_step_loss(model_dir, rows, B, T, tied):
     plan = os.path.join(work, "plan.json")
     r = subprocess.run([COMPILE, "--model", os.path.join(model_dir, "config.json"), "--hardware", "h100x1", "--gpus", "1",
-                        "--v", "1" if tied else "2", "--budget", "32", "--micro-batch-size", str(B), "--microbatches", "1",
+                        "--v", "2", "--budget", "32", "--micro-batch-size", str(B), "--microbatches", "1",
                         "--seq-len", str(T), "--precision", "bf16", "-o", plan, "-q"], capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stderr)

@@ -88,7 +88,7 @@ inline Plan hand_plan() {
   p.seq_len = 64;
   p.budget_bytes = 25769803776;
   p.gpu_order = {1, 0};
-  p.model = {"tiny llama", 2, 64, 172, 4, 2, 1000, 500000.0, 1e-6, true};
+  p.model = {"tiny llama", 2, 64, 172, 4, 2, 1000, 500000.0, 1e-6, false};  // untied: a tied model over 2 stages needs tie/tiegrad and addgrad
   p.train.precision = "bf16";
   p.train.lr = 3e-4;
   p.train.beta1 = 0.9;
@@ -159,7 +159,7 @@ inline Plan hand_plan() {
 // The text form of hand_plan(), written out by hand from docs/plan-format.md.
 inline const char* hand_plan_text() {
   return R"(plan hardware=l20x2 schedule=1f1b gpus=2 v=1 dp=1 microbatches=2 mbs=4 seq=64 budget=25769803776 order=1,0
-model name="tiny llama" layers=2 hidden=64 ffn=172 heads=4 kv_heads=2 vocab=1000 rope_theta=500000 norm_eps=1e-06 tied=1
+model name="tiny llama" layers=2 hidden=64 ffn=172 heads=4 kv_heads=2 vocab=1000 rope_theta=500000 norm_eps=1e-06 tied=0
 train precision=bf16 lr=0.0003 beta1=0.9 beta2=0.95 eps=1e-08 wd=0.1 clip=1 lr_schedule=cosine warmup=10 total=1000 seed=42
 stage S0 gpu=0 layers=0-2 recompute=1 weights=offload optim=cpu params=123456 fwd_ws=1024 bwd_ws=2048 fwd_ms=1.5 bwd_ms=3.25
 stage S1 gpu=1 layers=2-4 recompute=0 weights=resident optim=gpu params=654321 fwd_ws=4096 bwd_ws=8192 fwd_ms=0.1 bwd_ms=0.30000000000000004

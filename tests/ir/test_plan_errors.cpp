@@ -96,7 +96,7 @@ TEST_CASE("text: other malformed lines") {
            {"seq=64 ", "", "missing key 'seq' in plan line"},
            {"lr=0.0003", "lr=0.0003x", "'lr': expected number, got '0.0003x'"},
            {"lr=0.0003", "lr=0.0003 lr=1", "key 'lr' given twice"},
-           {"tied=1", "tied=yes", "'tied': expected 0 or 1"},
+           {"tied=0", "tied=yes", "'tied': expected 0 or 1"},
            {"layers=0-2", "layers=0..2", "'layers'"},
            {"weights=offload", "weights=host", "unknown weights residency 'host'"},
            {"home=host", "home=disk", "unknown tier 'disk'"},

@@ -11,8 +11,9 @@ using namespace mmoc::ir::test;
 
 TEST_CASE("enum names match docs/plan-format.md and parse back") {
   const char* ops[] = {"load_batch", "prefetch", "forward", "backward", "send", "recv",
-                       "evict",      "free",     "allreduce", "gradnorm", "optim", "read", "write"};
-  for (int i = 0; i < 13; ++i) {
+                       "evict",      "free",     "allreduce", "gradnorm", "optim", "addgrad", "read", "write"};
+  static_assert(sizeof(ops) / sizeof(ops[0]) == kNumOps);
+  for (int i = 0; i < kNumOps; ++i) {
     CHECK(std::string(to_string(static_cast<Op>(i))) == ops[i]);
     CHECK(parse_op(ops[i]) == static_cast<Op>(i));
   }
@@ -130,7 +131,7 @@ TEST_CASE("hand plan: JSON form has the documented key order and round-trips") {
   CHECK(js.rfind(R"J({"format":"mmoc-plan","version":1,"plan":{"hardware":"l20x2","schedule":"1f1b","gpus":2,"v":1,"dp":1,)J"
                  R"J("microbatches":2,"mbs":4,"seq":64,"budget":25769803776,"order":[1,0]},"model":{"name":"tiny llama",)J"
                  R"J("layers":2,"hidden":64,"ffn":172,"heads":4,"kv_heads":2,"vocab":1000,"rope_theta":500000.0,)J"
-                 R"J("norm_eps":1e-06,"tied":true},"train":{"precision":"bf16","lr":0.0003,"beta1":0.9,"beta2":0.95,)J"
+                 R"J("norm_eps":1e-06,"tied":false},"train":{"precision":"bf16","lr":0.0003,"beta1":0.9,"beta2":0.95,)J"
                  R"J("eps":1e-08,"wd":0.1,"clip":1.0,"lr_schedule":"cosine","warmup":10,"total":1000,"seed":42},)J"
                  R"J("stages":[{"id":0,"gpu":0,"layers":[0,2],"recompute":true,"weights":"offload","optim":"cpu",)J"
                  R"J("params":123456,"fwd_ws":1024,"bwd_ws":2048,"fwd_ms":1.5,"bwd_ms":3.25},)J",

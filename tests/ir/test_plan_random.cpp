@@ -72,7 +72,7 @@ struct Gen {
   }
   BufRef buf() {
     BufRef b;
-    b.kind = static_cast<BufKind>(uni(0, 6));
+    b.kind = static_cast<BufKind>(uni(0, kNumBufKinds - 1));
     if (b.kind == BufKind::Batch) {
       b.stage = -1;
       b.mb = uni(0, 300);
@@ -87,8 +87,8 @@ struct Gen {
 
   Instr instr(int index) {
     Instr in;
-    in.op = static_cast<Op>(uni(0, 10));
-    in.stream = static_cast<Stream>(uni(0, 4));
+    in.op = static_cast<Op>(uni(0, kNumOps - 1));
+    in.stream = static_cast<Stream>(uni(0, kNumStreams - 1));
     bool extra = coin(0.1);  // also set fields that the op does not use
     switch (in.op) {
       case Op::LoadBatch: in.mb = maybe(64); break;
@@ -117,6 +117,14 @@ struct Gen {
         if (!coin(0.05)) in.buf = buf();
         break;
       case Op::GradNorm: break;
+      case Op::AddGrad:
+        if (!coin(0.05)) in.buf = buf();
+        in.stage = maybe(64);
+        break;
+      case Op::TierRead:
+      case Op::TierWrite:
+        if (!coin(0.05)) in.buf = buf();
+        break;
     }
     if (extra) {
       if (coin()) in.stage = maybe(64);
@@ -177,7 +185,7 @@ struct Gen {
     int nb = uni(0, 10);
     for (int i = 0; i < nb; ++i) {
       BufferDecl d;
-      d.kind = static_cast<BufKind>(uni(0, 6));
+      d.kind = static_cast<BufKind>(uni(0, kNumBufKinds - 1));
       d.stage = d.kind == BufKind::Batch ? -1 : uni(0, 300);
       d.bytes = i64();
       d.home = static_cast<Tier>(uni(0, 2));

@@ -215,3 +215,30 @@ TEST_CASE("verify: problems name gpu and instruction") {
     CHECK(std::string(e.what()).find("g0 %2:") != std::string::npos);
   }
 }
+
+TEST_CASE("verify: addgrad adds only a tied head's gradient into S0") {
+  auto addgrad = [](const std::string& b, int stage) {
+    Instr i = mk(Op::AddGrad);
+    i.buf = BufRef::parse(b);
+    i.stage = stage;
+    return i;
+  };
+  Plan p = hand_plan();  // untied, 2 stages: no addgrad belongs in it
+  p.programs[0].instrs.push_back(addgrad("tiegrad(S1)", 0));  // %20
+  auto pr = verify_structure(p);
+  CAPTURE(joined(pr));
+  CHECK(has_problem(pr, {"g0 %20:", "adds tiegrad(S1) into S0", "tied model"}));
+  p.model.tied_embeddings = true;  // tied: that one is right
+  CHECK(verify_structure(p).empty());
+  p.programs[0].instrs.back() = addgrad("wgrad(S1)", 0);  // another buffer
+  CHECK(has_problem(verify_structure(p), {"g0 %20:", "adds wgrad(S1) into S0"}));
+  p.programs[0].instrs.back() = addgrad("tiegrad(S0)", 0);  // not the head's
+  CHECK(has_problem(verify_structure(p), {"g0 %20:", "adds tiegrad(S0)"}));
+  p.programs[1].instrs.push_back(addgrad("tiegrad(S1)", 1));  // into another stage than S0
+  CHECK(has_problem(verify_structure(p), {"g1 %16:", "into S1"}));
+  // and the text form carries it
+  p.programs[0].instrs.back() = addgrad("tiegrad(S1)", 0);
+  p.programs[1].instrs.pop_back();
+  CHECK(print_instr(p.programs[0].instrs.back(), 20) == "%20 = addgrad tiegrad(S1) -> S0 @comp");
+  CHECK(parse_text(print_text(p)) == p);
+}

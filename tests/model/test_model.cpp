@@ -8,6 +8,7 @@
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/model.hpp"
 
+#include "tests/model/hf_ref.hpp"
 #include "tests/torch_doctest.hpp"
 
 #include <cstdlib>
@@ -17,40 +18,10 @@
 
 using namespace mmoc;
 using namespace mmoc::engine;
+using namespace mmoc::test;
 
 namespace {
-const std::string kFix = std::string(MMOC_FIXTURES_DIR) + "/hf-tiny/";
 const char* kFolders[] = {"llama-gqa-fp32", "llama-gqa-fp32-sharded", "llama-gqa-bf16", "llama-tied-mha-fp32"};
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
-bool has(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
-
-double max_abs(const at::Tensor& t) { return t.abs().max().item<double>(); }
-double rel_diff(const at::Tensor& a, const at::Tensor& ref) {
-  return max_abs(a.to(at::kDouble) - ref.to(at::kDouble)) / std::max(max_abs(ref.to(at::kDouble)), 1e-12);
-}
-
-struct Ref {
-  at::Tensor ids, labels, logits;
-  double loss = 0;
-  io::SafetensorsFile file;
-};
-Ref read_ref(const std::string& folder) {
-  Ref r{{}, {}, {}, 0, io::SafetensorsFile::open(kFix + folder + "/hf_reference.safetensors")};
-  r.ids = read_tensor(r.file, "input_ids");
-  r.labels = read_tensor(r.file, "labels");
-  r.logits = read_tensor(r.file, "logits");
-  std::ifstream in(kFix + folder + "/hf_reference.json");
-  r.loss = nlohmann::json::parse(in)["loss"].get<double>();
-  return r;
-}
 
 // (no std::filesystem here: libtorch.so exports its own copies of those symbols; see engine/io/fsutil.hpp)
 struct TmpDir {

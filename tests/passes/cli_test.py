@@ -76,16 +76,146 @@ def main():
             q = run(C, R, [seed7, "--budget", m.group(1), "-q"])
             check(q.returncode == 0, "the named smallest budget %s GiB compiles (got %d: %s)" % (m.group(1), q.returncode, q.stderr.strip()))
 
+        # defaults: v, schedule, recompute and offload are auto -- the newcomer's command compiles (issue 10), at 48 and
+        # 20 GiB, with the search's progress on stderr and a few seconds at most
+        NEWCOMER = ["--model", "llama2-7b", "--hardware", "h200x1", "--gpus", "1", "--micro-batch-size", "8",
+                    "--microbatches", "4", "--seq-len", "1024"]
+        for b in ("48", "20"):
+            p = run(C, R, NEWCOMER + ["--budget", b])
+            check(p.returncode == 0, "7B on h200x1 at --budget %s with the defaults: exit 0 (%s)" % (b, p.stderr.strip()[-300:]))
+            check("candidate v=" in p.stderr, "7B at %s: the search's progress on stderr" % b)
+            m = re.search(r"^compile time: ([0-9.]+) ms \(([0-9]+) candidates\)", p.stdout, re.M)
+            check(m is not None and int(m.group(2)) > 1, "7B at %s: several candidates searched" % b)
+            if m:
+                print("      7B at --budget %s: compile time %s ms, %s candidates" % (b, m.group(1), m.group(2)))
+                check(float(m.group(1)) < 5000, "7B at %s: search under 5 s" % b)
+            hm = re.search(r"^  g0  predicted ([0-9.]+) GiB", p.stdout, re.M)
+            check(hm is not None, "7B at %s: the summary prints predicted host memory per rank" % b)
+        # a fixed value stays the user's override
+        p = run(C, R, NEWCOMER + ["--budget", "100", "--v", "2", "--schedule", "grouped", "-q", "-o", os.path.join(tmp, "o.txt"), "--emit", "text"])
+        if p.returncode == 0:
+            with open(os.path.join(tmp, "o.txt")) as f:
+                text = f.read()
+            os.remove(os.path.join(tmp, "o.txt"))
+            check(re.search(r"^plan .*schedule=grouped gpus=1 v=2 ", text, re.M) is not None, "--v 2 --schedule grouped: kept as given")
+        else:
+            check(False, "--v 2 --schedule grouped at 100 GiB: exit 0 (%s)" % p.stderr.strip()[-300:])
+
+        # nothing fits: the smallest budget over every candidate (v, schedule, recompute, offload), and it compiles
+        p = run(C, R, NEWCOMER + ["--budget", "8"])
+        lines = [l for l in p.stderr.splitlines() if l.startswith("mmoc-compile: error: ")]
+        check(p.returncode == 2 and len(lines) == 1, "7B at 8 GiB: exit 2 with one error line (got %d)" % p.returncode)
+        m = re.search(r"smallest budget that fits is ([0-9.]+) GiB", lines[0] if lines else "")
+        needs = [float(x) for x in re.findall(r"needs a budget of ([0-9.]+) GiB", p.stderr)]
+        check(m is not None and needs, "7B at 8 GiB: names the smallest budget (%r)" % (lines[0][:300] if lines else p.stderr[-300:]))
+        if m and needs:
+            check(abs(float(m.group(1)) - min(needs)) < 1e-9,
+                  "7B at 8 GiB: the named budget %s GiB is the smallest over all candidates (%.2f; the last was %.2f)"
+                  % (m.group(1), min(needs), needs[-1]))
+            q = run(C, R, NEWCOMER + ["--budget", m.group(1), "-q"])
+            check(q.returncode == 0, "7B at the named %s GiB compiles (got %d: %s)" % (m.group(1), q.returncode, q.stderr.strip()[-300:]))
+
+        # host memory: 13B on h200x1 is refused naming host memory (needed vs available), not a GPU figure
+        p = run(C, R, ["--model", "llama2-13b"] + NEWCOMER[2:] + ["--budget", "48", "-q"])
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        check(p.returncode == 2 and len(lines) == 1, "13B on h200x1: exit 2, one line (got %d: %r)" % (p.returncode, p.stderr[-300:]))
+        check(bool(lines) and re.search(r"host memory: the plan needs [0-9.]+ GiB of host memory but 'h200x1' has 125\.00 GiB", lines[0])
+              is not None and "smallest budget" not in lines[0], "13B on h200x1: names host memory needed vs available (%r)"
+              % (lines[0][:300] if lines else ""))
+
+        # ... and with --nvme the tier makes it fit the host (no --host-budget): the search keeps the candidates the
+        # tier placement rescues, and the plan's host= (with the tier) is within the node's 125 GiB
+        nv = os.path.join(tmp, "nvme-13b.txt")
+        p = run(C, R, ["--model", "llama2-13b"] + NEWCOMER[2:] + ["--budget", "48", "--nvme", "/nonexistent-nvme0/mmoc", "--emit", "text", "-o", nv])
+        check(p.returncode == 0, "13B on h200x1 with --nvme: exit 0 (%s)" % p.stderr.strip()[-300:])
+        if p.returncode == 0:
+            with open(nv) as f:
+                text = f.read()
+            os.remove(nv)
+            hb = re.search(r"^plan .* host=([0-9]+) ", text, re.M)
+            check("home=nvme" in text and hb is not None and int(hb.group(1)) <= 125 << 30,
+                  "13B with --nvme: state on the tier, host= within 125 GiB (%s)" % (hb.group(1) if hb else None))
+            check(re.search(r"^host memory: at most [0-9.]+ GiB per node, within 125\.00 GiB", p.stdout, re.M) is not None,
+                  "13B with --nvme: the summary prints the node's host memory with the tier")
+
+        # budgets: a plain number is GiB; GiB/GB (10^9 bytes) with or without a space; job JSON number or string
+        def budget_of(args):
+            out = os.path.join(tmp, "b.txt")
+            p = run(C, R, args + ["-q", "--emit", "text", "-o", out])
+            if p.returncode != 0:
+                return None, p
+            with open(out) as f:
+                b = int(re.search(r"^plan .* budget=([0-9]+)", f.read(), re.M).group(1))
+            os.remove(out)
+            return b, p
+        TINYB = TINY + ["--v", "1", "--schedule", "1f1b", "--microbatches", "2"]
+        for text, want in [("48", 48 << 30), ("48GiB", 48 << 30), ("48 GiB", 48 << 30), ("48gib", 48 << 30),
+                           ("48GB", 48 * 10**9), ("48 GB", 48 * 10**9), ("2.5", 5 << 29), ("2560MiB", 5 << 29)]:
+            b, p = budget_of(TINYB + ["--budget", text])
+            check(b == want, "--budget %r: %s bytes (got %s: %s)" % (text, want, b, p.stderr.strip()[-200:]))
+        for text in ["48G", "abc", "-3", "48 GiBs", "", "4 8", "1e3"]:
+            p = run(C, R, TINYB + ["--budget", text, "-q"])
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(p.returncode == 2 and len(lines) == 1 and "--budget" in lines[0],
+                  "--budget %r: exit 2 naming --budget (got %d: %r)" % (text, p.returncode, p.stderr[-200:]))
+        for value, want in [(48, 48 << 30), ("48GiB", 48 << 30), ("48GB", 48 * 10**9)]:
+            job = os.path.join(tmp, "budget.json")
+            with open(job, "w") as f:
+                json.dump({"model": "tiny-8l", "hardware": "h200x2", "gpus": 2, "seq_len": 32, "v": 1, "schedule": "1f1b",
+                           "microbatches": 2, "budget_gib": value}, f)
+            b, p = budget_of([job])
+            check(b == want, "job budget_gib %r: %s bytes (got %s: %s)" % (value, want, b, p.stderr.strip()[-200:]))
+        for value in ["lots", "48G", True, [48]]:
+            with open(job, "w") as f:
+                json.dump({"model": "tiny-8l", "hardware": "h200x2", "gpus": 2, "seq_len": 32, "budget_gib": value}, f)
+            p = run(C, R, [job, "-q"])
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(p.returncode == 2 and len(lines) == 1 and "budget_gib" in lines[0],
+                  "job budget_gib %r: exit 2 naming budget_gib (got %d: %r)" % (value, p.returncode, p.stderr[-200:]))
+        # --host-budget and host_budget_gib: the same forms (common/size parse_gib), recorded as host_budget=
+        def host_budget_of(args):
+            out = os.path.join(tmp, "hb.txt")
+            p = run(C, R, args + ["-q", "--emit", "text", "-o", out])
+            if p.returncode != 0:
+                return None, p
+            with open(out) as f:
+                m = re.search(r"^plan .* host_budget=([0-9]+)", f.read(), re.M)
+            os.remove(out)
+            return (int(m.group(1)) if m else None), p
+        for text, want in [("100", 100 << 30), ("100GiB", 100 << 30), ("100 GiB", 100 << 30), ("100GB", 100 * 10**9)]:
+            b, p = host_budget_of(TINYB + ["--host-budget", text])
+            check(b == want, "--host-budget %r: %s bytes (got %s: %s)" % (text, want, b, p.stderr.strip()[-200:]))
+        for text in ["48G", "abc", "-3"]:
+            p = run(C, R, TINYB + ["--host-budget", text, "-q"])
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(p.returncode == 2 and len(lines) == 1 and "--host-budget" in lines[0],
+                  "--host-budget %r: exit 2 naming --host-budget (got %d: %r)" % (text, p.returncode, p.stderr[-200:]))
+        for value, want in [(100, 100 << 30), ("100GiB", 100 << 30), ("100GB", 100 * 10**9)]:
+            with open(job, "w") as f:
+                json.dump({"model": "tiny-8l", "hardware": "h200x2", "gpus": 2, "seq_len": 32, "v": 1, "schedule": "1f1b",
+                           "microbatches": 2, "host_budget_gib": value}, f)
+            b, p = host_budget_of([job])
+            check(b == want, "job host_budget_gib %r: %s bytes (got %s: %s)" % (value, want, b, p.stderr.strip()[-200:]))
+        for value in ["lots", "48G", True]:
+            with open(job, "w") as f:
+                json.dump({"model": "tiny-8l", "hardware": "h200x2", "gpus": 2, "seq_len": 32, "host_budget_gib": value}, f)
+            p = run(C, R, [job, "-q"])
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(p.returncode == 2 and len(lines) == 1 and "host_budget_gib" in lines[0],
+                  "job host_budget_gib %r: exit 2 naming host_budget_gib (got %d: %r)" % (value, p.returncode, p.stderr[-200:]))
+        os.remove(job)
+
         # --print-after=schedule prints the plan after that pass
-        p = run(C, R, TINY + ["--microbatches", "2", "--print-after=schedule", "-q"])
+        PIN = ["--v", "1", "--schedule", "grouped"]  # the defaults are auto: pin the plan these checks read
+        p = run(C, R, TINY + PIN + ["--microbatches", "2", "--print-after=schedule", "-q"])
         check(p.returncode == 0, "--print-after=schedule: exit 0")
         check("; ---- plan after schedule ----" in p.stdout, "--print-after=schedule: header printed")
         check(re.search(r"^plan hardware=h200x2 schedule=grouped gpus=2", p.stdout, re.M) is not None, "--print-after: plan header")
         check("forward S0 m0 @comp" in p.stdout and "backward S1 m1 @comp" in p.stdout, "--print-after: programs printed")
         check("send " not in p.stdout and "; ---- plan after comm-lowering" not in p.stdout,
               "--print-after=schedule: only that pass (no send/recv yet)")
-        p = run(C, R, TINY + ["--microbatches", "2", "--print-after-all", "-q"])
-        check(p.returncode == 0 and p.stdout.count("; ---- plan after ") == 7, "--print-after-all: seven passes printed")
+        p = run(C, R, TINY + PIN + ["--microbatches", "2", "--print-after-all", "-q"])
+        check(p.returncode == 0 and p.stdout.count("; ---- plan after ") == 8, "--print-after-all: eight passes printed")
 
         # --v auto and --schedule auto produce a plan
         for name, extra in [("--v auto", ["--v", "auto", "--schedule", "grouped"]),

@@ -11,13 +11,16 @@ import sys
 import tempfile
 
 failures = []
-PASSES = ["partition", "cross-map", "schedule", "comm-lowering", "offload-insertion", "overlap", "linearize"]
+PASSES = ["partition", "cross-map", "schedule", "comm-lowering", "tied-embeddings", "offload-insertion", "overlap",
+          "linearize"]
 JOBS = {
     "tiny-grouped": ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "2", "--seq-len", "32", "--microbatches", "4",
                      "--v", "2", "--schedule", "grouped", "--offload", "all"],
     "tiny-1f1b-l20": ["--model", "tiny-8l", "--hardware", "l20x4", "--gpus", "4", "--seq-len", "32", "--microbatches", "8",
                       "--v", "1", "--schedule", "1f1b"],
     "clip": ["tests/golden/jobs/tiny-8l-clip-h200x2.json"],
+    "tied": ["--model", "tiny-tied", "--hardware", "h200x2", "--gpus", "2", "--seq-len", "32", "--microbatches", "4",
+             "--v", "2", "--schedule", "grouped", "--offload", "all", "--on-nonfinite", "skip"],
 }
 
 

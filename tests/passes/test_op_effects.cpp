@@ -37,6 +37,7 @@ RefEffects reference(const ir::Plan& p, const ir::Instr& in) {
       if (S == 0 || S == last) r.need.push_back({BufKind::Batch, -1, m});
       if (S > 0) r.need.push_back({BufKind::Act, S - 1, m});
       if (S < last) r.alloc.push_back({BufKind::Act, S, m});
+      if (S == last && S > 0 && p.model.tied_embeddings) r.need.push_back({BufKind::Tie, S, -1});  // a tied head
       r.alloc.push_back({BufKind::Stash, S, m});
       r.ws = p.stages[S].fwd_ws;
       break;
@@ -46,6 +47,10 @@ RefEffects reference(const ir::Plan& p, const ir::Instr& in) {
       if (S < last) r.need.push_back({BufKind::Grad, S, m});
       if (S > 0) r.alloc.push_back({BufKind::Grad, S - 1, m});
       r.alloc_if_absent.push_back({BufKind::WGrad, S, -1});
+      if (S == last && S > 0 && p.model.tied_embeddings) {
+        r.need.push_back({BufKind::Tie, S, -1});
+        r.alloc_if_absent.push_back({BufKind::TieGrad, S, -1});
+      }
       r.free.push_back({BufKind::Stash, S, m});
       if (S > 0) r.free.push_back({BufKind::Act, S - 1, m});
       if (S < last) r.free.push_back({BufKind::Grad, S, m});
@@ -55,6 +60,12 @@ RefEffects reference(const ir::Plan& p, const ir::Instr& in) {
       if (in.stream != ir::Stream::Cpu) r.free.push_back({BufKind::WGrad, S, -1});  // the gradient on its tier
       break;
     case Op::GradNorm: break;
+    case Op::AddGrad:  // B and wgrad(S) present; B dropped
+      r.need.push_back(*in.buf);
+      r.need.push_back({BufKind::WGrad, S, -1});
+      r.free.push_back(*in.buf);
+      break;
+    case Op::TierRead: case Op::TierWrite: break;  // none on the GPU (host memory: ir::host_effects)
   }
   return r;
 }
@@ -88,6 +99,27 @@ std::vector<JobConfig> sample_jobs() {
   JobConfig one = tiny_job(1, 3, 2, "grouped", "h200x1");
   one.offload = "all";
   out.push_back(one);
+  // a tied model (tie/tiegrad, addgrad): the head on another GPU and on stage 0's
+  for (const char* sched : {"grouped", "interleaved-1f1b"}) {
+    JobConfig t = tiny_job(2, 2, 4, sched);
+    t.model = "tiny-tied";
+    t.offload = "auto";
+    t.train.max_grad_norm = 1.0;
+    out.push_back(t);
+  }
+  JobConfig t1 = tiny_job(1, 2, 2, "gpipe", "h200x1");
+  t1.model = "tiny-tied";
+  t1.offload = "all";
+  out.push_back(t1);
+  // the NVMe tier (read/write of opt(S) on the io stream), with a tied model's plumbing too
+  for (const char* model : {"tiny-8l", "tiny-tied"}) {
+    JobConfig n = tiny_job(2, 2, 4, "grouped");
+    n.model = model;
+    n.offload = "all";
+    n.nvme = {"/nonexistent-nvme0/mmoc"};
+    n.nvme_place = "all";
+    out.push_back(n);
+  }
   return out;
 }
 }  // namespace

@@ -97,6 +97,65 @@ TEST_CASE("property sweep: schedules x N x v x microbatches x budgets on tiny-8l
   CHECK(s < 60);
 }
 
+// Tied embeddings (tiny-tied: lm_head = the token embedding): the same invariants for every schedule x N x v x M that
+// compiles, offload all and auto, plus the tied-embeddings plumbing: one stage has no tie buffers or ops; several have
+// exactly one addgrad (on stage 0's GPU, into S0), tie(S<last>) and tiegrad(S<last>) declared at vocab x hidden x 2
+// bytes, a send/recv pair for each only when the head is on another GPU, and every plan passes the deadlock checks.
+TEST_CASE("property sweep: tied embeddings over stages on tiny-tied") {
+  const HardwareSpec hw = hw8();
+  const ModelSpec m = model("tiny-tied");
+  int compiled = 0, same_gpu = 0, other_gpu = 0;
+  for (const auto& sched : schedule_names())
+    for (int N : {1, 2, 3, 4})
+      for (int v : {1, 2, 3})
+        for (int M : {1, 2, 4}) {
+          try { check_schedule(sched, N, v, M); } catch (const InputError&) { continue; }
+          if (v * N > m.num_model_layers()) continue;
+          CAPTURE(sched); CAPTURE(N); CAPTURE(v); CAPTURE(M);
+          JobConfig j = tiny_job(N, v, M, sched, hw.name);
+          j.model = "tiny-tied";
+          for (const char* off : {"all", "auto"}) {
+            CAPTURE(off);
+            j.offload = off;
+            CompileResult r;
+            REQUIRE_NOTHROW(r = compile_one(j, m, hw, v, sched, {}));
+            ++compiled;
+            const ir::Plan& p = r.plan;
+            CHECK_MESSAGE(check_plan(p, hw, m).empty(), check_plan(p, hw, m));
+            const int L = p.num_stages() - 1;
+            int adds = 0, tie_msgs = 0, tie_ops = 0;
+            for (const auto& prog : p.programs)
+              for (const auto& in : prog.instrs) {
+                if (in.op == ir::Op::AddGrad) {
+                  ++adds;
+                  CHECK(prog.gpu == p.stages[0].gpu);
+                  CHECK(in.stage == 0);
+                  CHECK(*in.buf == ir::BufRef{ir::BufKind::TieGrad, L, -1});
+                }
+                const bool tie = in.buf && (in.buf->kind == ir::BufKind::Tie || in.buf->kind == ir::BufKind::TieGrad);
+                tie_ops += tie;
+                tie_msgs += tie && (in.op == ir::Op::Send || in.op == ir::Op::Recv);
+              }
+            if (L == 0) {
+              CHECK(adds + tie_ops == 0);
+              CHECK(p.find_buffer(ir::BufKind::Tie, 0) == nullptr);
+              continue;
+            }
+            CHECK(adds == 1);
+            const int64_t bytes = (int64_t)m.vocab * m.hidden * 2;
+            REQUIRE(p.find_buffer(ir::BufKind::Tie, L));
+            CHECK(p.find_buffer(ir::BufKind::Tie, L)->bytes == bytes);
+            CHECK(p.find_buffer(ir::BufKind::TieGrad, L)->bytes == bytes);
+            const bool same = p.stages[0].gpu == p.stages[L].gpu;
+            CHECK(tie_msgs == (same ? 0 : 4));
+            (same ? same_gpu : other_gpu)++;
+          }
+        }
+  MESSAGE("tied sweep: " << compiled << " plans, " << same_gpu << " with the head on stage 0's GPU, " << other_gpu << " on another");
+  CHECK(same_gpu > 10);
+  CHECK(other_gpu > 10);
+}
+
 // The same invariants on llama2-7b (weights dominate memory, so the overlap pass widens the prefetch window and
 // offload=auto mixes resident and offloaded stages): schedules x N in {2,4,8} x v in {1..4} x M in {4,8},
 // offload all / auto at the job's 44 GiB. Budgets too small for a combination (InputError) are skipped.

@@ -1,6 +1,7 @@
 // The NVMe tier in the compiler (docs/nvme-tier.md): read/write of opt(S) on the io stream around the CPU optimizer
-// steps, their dependencies and host-memory effects, the host-memory bound, placement within --host-budget (the
-// fewest stages, errors naming the missing amount), both plan forms, the structural verifier and the simulator.
+// steps, their dependencies and host-memory effects, the tier's staging and the host prediction with the tier
+// (cost/host_memory.hpp), placement within --host-budget and host_mem_gib (the fewest stages, errors naming the
+// missing amount), both plan forms, the structural verifier and the simulator.
 #include <regex>
 
 #include "ir/ops.hpp"
@@ -21,6 +22,16 @@ JobConfig tier_job(int gpus, int v, const std::string& sched, const std::string&
 }
 
 CompileResult compile(const JobConfig& j) { return compile_job(j, model(j.model), hardware(j.hardware), {}); }
+
+// The one host-memory model (cost/host_memory.hpp) with the tier's staging, per node against the plan's budget.
+HostMemoryCheck host_of(const ir::Plan& p, const HardwareSpec& hw) {
+  return check_host_memory(predict_host_memory(p, host_memory_options(hw, p)), hw, p.host_budget_bytes);
+}
+int64_t nvme_of(const ir::Plan& p, const HardwareSpec& hw) {
+  int64_t b = 0;
+  for (const auto& h : predict_host_memory(p, host_memory_options(hw, p))) b += h.nvme;
+  return b;
+}
 
 int nvme_stage_count(const ir::Plan& p) {
   int n = 0;
@@ -73,18 +84,25 @@ TEST_CASE("tier: one read and one write per tier stage on the io stream, ordered
             CHECK(ir::host_effects(p, prog.instrs[w]).list[0].access == ir::Access::Free);
           }
         }
-        // staging bound: the two largest opt(S) of a rank, summed over the ranks at most
-        const HostBound h = host_memory_bound(p);
-        int64_t two = 0;
+        // staging per rank: at most the two largest opt(S) of the rank, at least one
+        const std::vector<int64_t> staging = tier_staging_bytes(p);
+        REQUIRE((int)staging.size() == p.gpus);
         for (const auto& prog : p.programs) {
           std::vector<int64_t> b;
           for (const auto& s : p.stages)
             if (s.gpu == prog.gpu) b.push_back(p.buffer_bytes({ir::BufKind::Opt, s.id, -1}));
           std::sort(b.rbegin(), b.rend());
-          two += b[0] + (b.size() > 1 ? b[1] : 0);
+          CHECK(staging[prog.gpu] <= b[0] + (b.size() > 1 ? b[1] : 0));
+          CHECK(staging[prog.gpu] >= b.back());
         }
-        CHECK(h.staging <= two);
-        CHECK(h.staging > 0);
+        // the header's host prediction includes the tier (its state off the host, its staging on it)
+        const auto pred = predict_host_memory(p, host_memory_options(hardware(j.hardware), p));
+        REQUIRE(p.host_bytes.size() == pred.size());
+        for (size_t g = 0; g < pred.size(); ++g) {
+          CHECK(p.host_bytes[g] == pred[g].total());
+          CHECK(pred[g].nvme_staging == staging[g]);
+          CHECK(pred[g].master == 0);
+        }
         // both forms read back the same plan
         CHECK(ir::parse_text(ir::print_text(p)) == p);
         CHECK(ir::from_json_string(ir::to_json_string(p)) == p);
@@ -125,7 +143,7 @@ TEST_CASE("tier: the structural verifier and the host bound reject malformed tie
   SUBCASE("a read without its write") {
     auto& prog = p.programs[0];
     erase_instr(prog, find_op(prog, ir::Op::TierWrite));
-    CHECK_THROWS_WITH_AS(host_memory_bound(p), doctest::Contains("never written back"), ir::VerifyError);
+    CHECK_THROWS_WITH_AS(tier_staging_bytes(p), doctest::Contains("never written back"), ir::VerifyError);
   }
   SUBCASE("on the wrong stream") {
     auto& prog = p.programs[0];
@@ -149,42 +167,74 @@ TEST_CASE("tier: placement within --host-budget takes the fewest stages; errors 
   j.microbatches = 8;
   j.seq_len = 1024;
   j.offload = "all";
+  const HardwareSpec hw = hardware(j.hardware);
   const CompileResult host = compile(j);
-  const HostBound all_host = host_memory_bound(host.plan);
+  const HostMemoryCheck all_host = host_of(host.plan, hw);
   CHECK(nvme_stage_count(host.plan) == 0);
-  CHECK(all_host.total > 90 * kGiB);  // ~16 B per parameter + runtime
+  CHECK(all_host.needed > 90 * kGiB);  // ~16 B per parameter + the process
   SUBCASE("over the budget without --nvme") {
     j.host_budget_gib = 48;
-    CHECK_THROWS_WITH_AS(compile(j), doctest::Contains("GiB missing); give --nvme"), InputError);
+    CHECK_THROWS_WITH_AS(compile(j), doctest::Contains("GiB missing; give --nvme"), HostMemoryError);
   }
   SUBCASE("within the budget with --nvme: the fewest stages") {
     j.host_budget_gib = 48;
     j.nvme = {"/nonexistent-nvme0/mmoc"};
     const CompileResult r = compile(j);
-    const HostBound h = host_memory_bound(r.plan);
-    CHECK(h.total <= 48 * kGiB);
+    const HostMemoryCheck h = host_of(r.plan, hw);
+    CHECK(h.ok);
+    CHECK(h.by_budget);
+    CHECK(h.needed <= 48 * kGiB);
+    REQUIRE(r.plan.host_bytes.size() == 1);
+    CHECK(r.plan.host_bytes[0] == h.needed);  // the header's prediction is the placement's
     const int n = nvme_stage_count(r.plan);
     CHECK(n > 0);
     CHECK(n < r.plan.num_stages());
     CHECK(r.plan.host_budget_bytes == 48 * kGiB);
-    // a larger budget takes fewer stages; with the all-in-host bound as the budget, none
+    // a larger budget takes fewer stages; with the all-in-host need as the budget, none
     JobConfig j2 = j;
     j2.host_budget_gib = 64;
     const int n2 = nvme_stage_count(compile(j2).plan);
     CHECK(n2 < n);
     CHECK(n2 > 0);
-    j2.host_budget_gib = (double)all_host.total / kGiB + 0.01;
+    j2.host_budget_gib = (double)all_host.needed / kGiB + 0.01;
     CHECK(nvme_stage_count(compile(j2).plan) == 0);
     // the simulator moves the tier's bytes both ways
-    CHECK(r.sim.tier_read_bytes == h.nvme_bytes);
-    CHECK(r.sim.tier_write_bytes == h.nvme_bytes);
+    CHECK(r.sim.tier_read_bytes == nvme_of(r.plan, hw));
+    CHECK(r.sim.tier_write_bytes == nvme_of(r.plan, hw));
     CHECK(r.sim.step_ms >= host.sim.step_ms - 1e-6);  // the disk only adds time here
   }
   SUBCASE("too small even with everything on the tier") {
     j.host_budget_gib = 20;
     j.nvme = {"/nonexistent-nvme0/mmoc"};
-    CHECK_THROWS_WITH_AS(compile(j), doctest::Contains("even with the optimizer state of all"), InputError);
+    CHECK_THROWS_WITH_AS(compile(j), doctest::Contains("even with the optimizer state of all"), HostMemoryError);
   }
+}
+
+TEST_CASE("tier: with --nvme the search keeps a candidate the tier makes fit (13B on one H200, no --host-budget)") {
+  // LLaMA-2-13B at 48 GiB on h200x1 needs more than the node's 125 GiB with all state in host memory: refused
+  // naming host memory without --nvme (test_host_memory.cpp), compiled with the tier within host_mem_gib with it
+  JobConfig j;
+  j.model = "llama2-13b";
+  j.hardware = "h200x1";
+  j.gpus = 1;
+  j.v = "auto";
+  j.schedule = "grouped";
+  j.budget_gib = 48;
+  j.micro_batch_size = 8;
+  j.microbatches = 4;
+  j.seq_len = 1024;
+  j.nvme = {"/nonexistent-nvme0/mmoc"};
+  const HardwareSpec hw = hardware(j.hardware);
+  const CompileResult r = compile(j);
+  const HostMemoryCheck h = host_of(r.plan, hw);
+  CHECK(h.ok);
+  CHECK_FALSE(h.by_budget);
+  CHECK(h.needed <= (int64_t)(hw.host_mem_gib * kGiB));
+  CHECK(nvme_stage_count(r.plan) > 0);
+  REQUIRE(r.plan.host_bytes.size() == 1);
+  CHECK(r.plan.host_bytes[0] == h.needed);
+  j.nvme.clear();
+  CHECK_THROWS_WITH_AS(compile(j), doctest::Contains("host memory: the plan needs"), HostMemoryError);
 }
 
 TEST_CASE("tier: the simulator times the tier by the paths' bandwidth") {

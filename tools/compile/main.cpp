@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "common/fs.hpp"
+#include "common/size.hpp"
 #include "compiler/pipeline.hpp"
 #include "passes/pass.hpp"
 
@@ -22,7 +23,7 @@ int main(int argc, char** argv) {
   bool print_after_all = false, quiet = false, verbose = false, passes_doc = false;
   std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
   std::optional<int> gpus, mbs, microbatches, seq_len;
-  std::optional<double> budget, host_budget;
+  std::optional<std::string> budget, host_budget;
   std::optional<std::string> nvme, nvme_place;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
   app.add_option("-o,--output", out_path, "write the plan here");
@@ -32,10 +33,10 @@ int main(int argc, char** argv) {
   app.add_option("--hardware", hardware, "hardware name (configs/hardware) or path");
   app.add_option("--gpus", gpus, "number of GPUs (pipeline ranks)");
   app.add_option("--v", v, "virtual stages per GPU, or auto");
-  app.add_option("--budget", budget, "memory budget per GPU in GiB");
-  app.add_option("--host-budget", host_budget, "host memory cap of the node in GiB (job host_budget_gib); optimizer state beyond it goes to --nvme");
+  app.add_option("--budget", budget, "memory budget per GPU: GiB as a number (48), or with a unit (48GiB, 48 GiB, 48GB = 10^9 bytes)");
+  app.add_option("--host-budget", host_budget, "host memory cap of the node (job host_budget_gib), in the forms of --budget; optimizer state beyond it goes to --nvme");
   app.add_option("--nvme", nvme, "NVMe tier directories, comma-separated (job nvme): each is one I/O path");
-  app.add_option("--nvme-place", nvme_place, "auto (only what --host-budget needs on the tier) or all (every offloaded stage's optimizer state)")
+  app.add_option("--nvme-place", nvme_place, "auto (only what the host memory needs on the tier) or all (every offloaded stage's optimizer state)")
       ->check(CLI::IsMember({"auto", "all"}));
   app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
   app.add_option("--microbatches", microbatches, "micro-batches per step");
@@ -90,11 +91,8 @@ int main(int argc, char** argv) {
     if (hardware) job.hardware = *hardware;
     if (gpus) job.gpus = *gpus;
     if (v) job.v = *v;
-    if (budget) job.budget_gib = *budget;
-    if (host_budget) {
-      if (!(*host_budget >= 0) || !std::isfinite(*host_budget)) throw InputError("--host-budget must be a number of GiB >= 0");
-      job.host_budget_gib = *host_budget;
-    }
+    if (budget) job.budget_gib = parse_gib(*budget, "--budget");
+    if (host_budget) job.host_budget_gib = parse_gib(*host_budget, "--host-budget");
     if (nvme_place) job.nvme_place = *nvme_place;
     if (nvme) {
       job.nvme.clear();

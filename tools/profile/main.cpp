@@ -651,6 +651,21 @@ int main(int argc, char** argv) {
       }
     }
 
+    // GPU memory outside the caching allocator (CUDA context, cuBLAS workspaces, kernels loaded), after the layers
+    // ran: the reserve a plan must leave inside its budget (one process alone; NCCL adds to it on several GPUs)
+    double outside_gib = -1;
+    if (c.cuda) {
+      cudaDeviceSynchronize();
+      size_t fr = 0, tot = 0;
+      if (cudaMemGetInfo(&fr, &tot) == cudaSuccess && tot > 0) {
+        const auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(0);
+        outside_gib = std::max<double>(0.0, (double)(tot - fr) - (double)st.reserved_bytes[0].current) / mmoc::GiB;
+        rows.push_back({"GPU memory outside the allocator", fmt(outside_gib, 2), "GiB", "CUDA context, cuBLAS, kernels"});
+      } else {
+        cudaGetLastError();
+      }
+    }
+
     // (3) CPU AdamW
     std::cout << "  measuring CPU AdamW (" << n_adam / 1e6 << "M params, " << nthreads << " threads)...\n" << std::flush;
     AdamResult ar = measure_adam(c, pool, n_adam);
@@ -686,8 +701,22 @@ int main(int argc, char** argv) {
       const double share = std::min(1.0, (double)std::max(ar.threads, 1) / hw.adam_threads_to_saturate());
       hw.host_mem_gbps = round_sig((double)n_adam * hw.adam_bytes_per_param / (ar.ms * 1e6 * share), 5);
     }
+    // the reserve: measured when a plan's process is alone on its GPU (one GPU); with several, NCCL's buffers come on
+    // top of what one process alone holds, so the base file's figure stays unless the measurement is larger
+    std::string reserve_note = "kept from base (not measured: --device cpu)";
+    if (outside_gib >= 0) {
+      const double measured = std::ceil(outside_gib * 10) / 10;  // rounded up to 0.1 GiB
+      if (hw.gpus <= 1 || measured > hw.reserve_gib) {
+        hw.reserve_gib = measured;
+        reserve_note = "measured outside the allocator, rounded up";
+      } else {
+        reserve_note = "kept from base: " + fmt(hw.reserve_gib, 2) + " GiB with NCCL >= " + fmt(measured, 2) + " GiB measured alone";
+      }
+      hw.reserve_fraction = 0;
+    }
     rows.push_back({"-> gpu_tflops", fmt(hw.gpu_tflops, 4), "TFLOP/s", tflops_note});
     rows.push_back({"-> host_mem_gbps", fmt(hw.host_mem_gbps, 2), "GB/s", "reproduces the AdamW time in CostModel::adam_ms"});
+    rows.push_back({"-> reserve_gib", fmt(hw.reserve_gib, 2), "GiB", reserve_note});
 
     // (5) NVMe tier paths
     ojson storage;
@@ -702,7 +731,7 @@ int main(int argc, char** argv) {
                       (c.cuda ? "" : ", --device cpu (reduced CPU mode: the layer times are fp32 on the CPU)") + ".");
     comment.push_back("Measured: h2d/d2h/duplex_gbps, gpu_mem_gbps, gpu_tflops (" + tflops_from + "), host_mem_gbps (from " +
                       fmt(n_adam / 1e6, 0) + "M-param CPU AdamW, " + fmt(ar.ms, 2) + " ms, " + std::to_string(ar.threads) +
-                      " threads), cpu_cores, host_mem_gib" + (c.cuda ? ", gpu_mem_gib" : "") +
+                      " threads), cpu_cores, host_mem_gib" + (c.cuda ? ", gpu_mem_gib, reserve_gib (" + reserve_note + ")" : "") +
                       (singleton_groups ? ", group_link_gbps (= max(h2d, d2h))" : "") + ", calibrated_ms. Other keys: from the base.");
     comment.push_back("Also measured (not in the cost model): host memcpy " + sig(memcpy_gbps) + " GB/s (read+write), matmul " +
                       std::to_string(mm_n) + "^3 " + sig(mm_tflops) + " TFLOP/s" + (c.cuda ? " (bf16)" : " (fp32)") + ".");
@@ -721,6 +750,10 @@ int main(int argc, char** argv) {
     out["host_mem_gib"] = hw.host_mem_gib;
     out["cpu_cores"] = hw.cpu_cores;
     out["host_mem_gbps"] = hw.host_mem_gbps;
+    if (outside_gib >= 0) {
+      out["reserve_gib"] = hw.reserve_gib;
+      out["reserve_fraction"] = hw.reserve_fraction;
+    }
     if (!storage.is_null()) {
       out["storage"] = storage;
       out["comment"].push_back("Measured by --nvme: storage (" + storage_note + ").");

@@ -97,9 +97,14 @@ ir::Plan validate(const Args& a) {
   } catch (const arch::ConfigError& e) {
     throw UsageError(e.what());
   }
-  if (p.model.tied_embeddings && p.num_stages() > 1)
-    throw UsageError(a.plan + ": " + p.model.name + " has tied embeddings in " + std::to_string(p.num_stages()) +
-                     " stages; tied embeddings across pipeline stages are not supported yet (compile it for one stage)");
+  if (p.model.tied_embeddings && p.num_stages() > 1) {  // the tied-embeddings pass's plumbing (older plans lack it)
+    bool adds = false;
+    for (const auto& prog : p.programs)
+      for (const auto& in : prog.instrs) adds = adds || in.op == ir::Op::AddGrad;
+    if (!adds || !p.find_buffer(ir::BufKind::Tie, p.num_stages() - 1))
+      throw UsageError(a.plan + ": " + p.model.name + " has tied embeddings in " + std::to_string(p.num_stages()) +
+                       " stages, but the plan does not carry the tied embedding (tie/tiegrad, addgrad): compile it again");
+  }
   if (a.steps < 0) throw UsageError("--steps must be >= 0");
   if (a.data.empty()) throw UsageError("--data is required");
   if (!io::path_exists(a.data)) throw UsageError("--data " + a.data + ": no such file");
@@ -345,6 +350,13 @@ int worker_body(const Args& a, const std::string& device_hint) {
   };
   auto max_over_ranks = [&](double v) { auto a = per_rank(v); return *std::max_element(a.begin(), a.end()); };
   auto sum_over_ranks = [&](double v) { return tr ? tr->allreduce_sum_double(v) : v; };
+  // this process's peak resident set so far (bytes): the host memory the plan's host_bytes predicts
+  auto peak_rss = [] {
+    struct rusage ru {};
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? double(ru.ru_maxrss) * 1024.0 : 0.0;
+  };
+  std::vector<double> host_predicted(plan.gpus, 0.0);
+  for (int g = 0; g < plan.gpus && g < (int)plan.host_bytes.size(); ++g) host_predicted[g] = (double)plan.host_bytes[g];
   const double setup_s = max_over_ranks(since(t_start));  // process start to here: CUDA, transports, host memory, data
   // ---- weights: random, an HF checkpoint, or an mmoc checkpoint to resume --------------------------------------
   int64_t start = 0;
@@ -471,9 +483,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
     const std::vector<double> peaks = per_rank((double)r.peak_bytes);
     const std::vector<double> allocs = per_rank((double)r.peak_allocated);
     const std::vector<double> outside = per_rank((double)r.outside_bytes);
-    struct rusage ru_self {};
-    getrusage(RUSAGE_SELF, &ru_self);
-    const std::vector<double> rss = per_rank(double(ru_self.ru_maxrss) * 1024.0);
+    const std::vector<double> rss = per_rank(peak_rss());
     std::vector<double> tier_rb, tier_wb, tier_rs, tier_ws;
     if (!plan.nvme.empty()) {
       tier_rb = per_rank((double)r.tier_read_bytes);
@@ -526,6 +536,8 @@ int worker_body(const Args& a, const std::string& device_hint) {
         for (int g = 0; g < plan.gpus; ++g) dev[g] = peaks[g] + outside[g];
         m["device_peak_bytes"] = dev;
       }
+      m["host_peak_rss_bytes"] = rss;  // per rank, peak so far
+      if (!plan.host_bytes.empty()) m["host_predicted_bytes"] = host_predicted;
       m["grad_norm"] = r.grad_norm;  // NaN and inf are written as null
       if (!plan.nvme.empty()) {  // NVMe tier: this step's traffic and time per rank
         m["tier_read_bytes"] = tier_rb;
@@ -533,7 +545,6 @@ int worker_body(const Args& a, const std::string& device_hint) {
         m["tier_read_s"] = tier_rs;
         m["tier_write_s"] = tier_ws;
       }
-      m["host_peak_rss_bytes"] = rss;  // each rank's peak resident set so far (getrusage)
       if (!r.finite) m["nonfinite"] = true;
       if (skipped) m["skipped"] = true;
       if (skipped_total > 0) m["skipped_steps"] = skipped_total;
@@ -553,6 +564,24 @@ int worker_body(const Args& a, const std::string& device_hint) {
   }
   if (pending) finish_save();                                                  // none after the last step, but be sure
   if (!a.save.empty() && start >= a.steps) { begin_save(start, false); finish_save(); }  // nothing to run: save as is
+  {  // host memory: each rank's peak resident set against the plan's prediction (cost/host_memory.hpp)
+    const std::vector<double> rss = per_rank(peak_rss());
+    if (w.rank == 0 && !a.quiet) {
+      std::ostringstream os;
+      os << "host memory: peak resident set per rank";
+      for (int g = 0; g < plan.gpus; ++g) {
+        os << (g ? ", " : " ") << "g" << g << " " << mmoc::gib(rss[g]);
+        if (host_predicted[g] > 0) {
+          char buf[96];
+          std::snprintf(buf, sizeof buf, " (plan predicts %s, %+.1f%%)", mmoc::gib(host_predicted[g]).c_str(),
+                        100.0 * (rss[g] - host_predicted[g]) / host_predicted[g]);
+          os << buf;
+        }
+      }
+      if (plan.host_bytes.empty()) os << " (the plan predicts none: compiled before host-memory predictions)";
+      std::cout << os.str() << "\n" << std::flush;
+    }
+  }
   if (!a.trace.empty()) {
     const std::string part = a.trace + ".rank" + std::to_string(w.rank) + ".json";
     {
@@ -667,9 +696,7 @@ int run_main(int argc, char** argv) {
     lo.print_failure = false;  // printed below, except for a divergence on one node (the worker said it in one line)
     int rc = comm::launch_node(node, argv_v, env, &rep, lo);
     if (rc != 0 && !(rc == kExitDiverged && node.nnodes == 1) && !rep.message.empty()) std::cerr << "mmoc-run: " << rep.message << "\n";
-    struct rusage ru {};
-    if (rc == 0 && !a.quiet && getrusage(RUSAGE_CHILDREN, &ru) == 0)
-      std::cout << "host memory: peak resident set of the largest worker " << mmoc::gib(double(ru.ru_maxrss) * 1024.0) << "\n";
+    // (each rank's peak resident set is printed by rank 0 at the end of the run, next to the plan's prediction)
     return rc == 0 ? 0 : rc == 2 ? 2 : rc == kExitDiverged ? kExitDiverged : 1;  // 2: a worker found bad input
   } catch (const UsageError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
