@@ -61,8 +61,9 @@ struct StageState {
 
 struct FwdRecord {
   at::Tensor input;                  // stage input (ids for stage 0)
-  at::Tensor w_leaf, in_leaf, out;   // autograd graph when not recomputing
+  at::Tensor w_leaf, in_leaf, out;   // autograd graph of the layers that keep their stash (in_leaf: their input)
   at::Tensor loss;                   // last stage: loss sum (graph)
+  c10::intrusive_ptr<FlatGradTarget> target;  // where that graph's weight gradient is added (the stage's wgrad)
 };
 
 struct Worker::Impl {
@@ -183,8 +184,10 @@ struct Worker::Impl {
   void free_batch(int m);
   const at::Tensor& batch_ids(int m, const char* why);
   const at::Tensor& batch_labels(int m);
-  at::Tensor run_stage(const StageState& st, const at::Tensor& w, const at::Tensor& in) {
-    return stage_forward(plan.model, st.layout, w, in, rope);
+  // Model layers [from, to) of a local stage (stage_forward_layers); target: where the weight gradient goes.
+  at::Tensor run_layers(const StageState& st, const at::Tensor& w, const at::Tensor& in, int from, int to,
+                        c10::intrusive_ptr<FlatGradTarget> target = {}) {
+    return stage_forward_layers(plan.model, st.layout, w, in, rope, from, to, at::Tensor(), false, std::move(target));
   }
 
   void forward(int s, int m);
