@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | tier | nvme-7b | startup | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | tier | nvme-7b | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
 #                                   | h200x2-peer | h200x4 | peers | fsdp2 | ds-zero2 | ds-zero3 | ds-nvme | limits  (bench/README.md)
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
@@ -64,6 +64,9 @@ simpk = [float(x) for x in re.findall(r"simulated peak ([0-9.]+) GiB", c)]
 steady = sorted(x["step_s"] for x in r[1:])[len(r[1:]) // 2]
 G = 2**30
 print("SUMMARY %s: step %.3f s measured (median of steps 2..%d) vs %.3f s predicted (%+.1f%%)" % (sys.argv[3], steady, len(r), pred, 100 * (pred - steady) / steady))
+med = lambda k: sorted(x.get(k, 0) for x in r[1:])[len(r[1:]) // 2]
+print("SUMMARY %s: %.0f tokens/s, MFU %.1f%%, HFU %.1f%% of %.0f TFLOP/s bf16 peak per GPU (medians of steps 2..%d)"
+      % (sys.argv[3], med("tokens_per_s"), 100 * med("mfu"), 100 * med("hfu"), r[-1].get("peak_tflops", 0), len(r)))
 last = r[-1]
 for g, (res, al) in enumerate(zip(last["peak_bytes"], last.get("peak_allocated_bytes", last["peak_bytes"]))):
     dev = last.get("device_peak_bytes", [0] * len(last["peak_bytes"]))[g]
@@ -458,6 +461,21 @@ ds-nvme)
   mkdir -p "${NVME:-$OUT/nvme}"
   ds ds-nvme "--stage 3 --nvme ${NVME:-$OUT/nvme}"
   rm -rf "${NVME:-$OUT/nvme}"
+  ;;
+limit)
+  # issue 14 on nvidia-h200, one call: LLaMA-2-7B (8 x 1024 tokens x 4 micro-batches, bf16, auto v/schedule/offload/
+  # recompute) at budgets BUDGETS (default 20 48 80 130 GiB), after limits.py once at the job's shape (alone on the GPU);
+  # per budget: tokens/s, MFU, the recompute-inclusive limit L x M x (fwd+bwd + fwd) and the no-recompute limit
+  # L x M x (fwd+bwd) from limits.py's layer, the fraction of each, the measured peak memory against the budget and the
+  # simulator's step against the measured one (bench/README.md)
+  log "limits.py at the job's shape"
+  timeout 200 python3 bench/peers/limits.py --model llama2-7b --mbs 8 --seq 1024 --transfer-mib 512 --adam-params 2e7 \
+    --memcpy-mib 256 > "$OUT/limits.log" 2>&1; echo "limits.py exit $?"; grep -E "layer|RESULT" "$OUT/limits.log"
+  gen_data "$OUT/tok.jsonl" 160 1024
+  for b in ${BUDGETS:-20 48 80 130}; do
+    TAIL=${TAIL:-4} mmoc_job 7b-$b "--model llama2-7b --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget $b --micro-batch-size 8 --microbatches 4 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
+  done
+  python3 bench/limit_summary.py "$OUT" 32 4 ${BUDGETS:-20 48 80 130}
   ;;
 limits)
   # the machine's limits at the job's shape (pinned H2D/D2H, bf16 matmul, one decoder layer, CPU AdamW, host memcpy)

@@ -278,10 +278,13 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
   os << buf;
   os << "stages:\n";
   for (const auto& s : p.stages) {
-    std::snprintf(buf, sizeof buf, "  S%-3d rank g%d (GPU %d)  layers %3d-%-3d %7.3fB params  %-8s %s  fwd %8.2f ms  bwd %8.2f ms\n",
+    // partial recompute: "rc k/n" (the first k of its n layers recompute)
+    const std::string rc = !s.recompute ? "         " : s.keep_layers == 0 ? "recompute"
+                           : "rc " + std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers());
+    std::snprintf(buf, sizeof buf, "  S%-3d rank g%d (GPU %d)  layers %3d-%-3d %7.3fB params  %-8s %-9s  fwd %8.2f ms  bwd %8.2f ms\n",
                   s.id, s.gpu, p.gpu_order.empty() ? s.gpu : p.gpu_order[s.gpu], s.layer_begin, s.layer_end - 1,
                   s.params / 1e9, s.weights == ir::Residency::Resident ? "resident" : "offload",
-                  s.recompute ? "recompute" : "         ", s.fwd_ms, s.bwd_ms);
+                  rc.c_str(), s.fwd_ms, s.bwd_ms);
     os << buf;
   }
   std::snprintf(buf, sizeof buf, "predicted: step %.3f s, %.0f tokens/s, bubble %.1f%%\n", r.sim.step_ms / 1000.0,

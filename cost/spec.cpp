@@ -313,6 +313,7 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
   r.read("gpus", hw.gpus, 1);
   r.read("gpu_mem_gib", hw.gpu_mem_gib, finite_min(0));
   r.read("gpu_tflops", hw.gpu_tflops, finite_min(1e-6));
+  r.read("peak_bf16_tflops", hw.peak_bf16_tflops, finite_min(1e-6));
   r.read("gpu_mem_gbps", hw.gpu_mem_gbps, finite_min(1e-6));
   r.read("mfu_small", hw.mfu_small, finite_min(1e-3));
   r.read("mfu_small_tokens", hw.mfu_small_tokens, finite_min(1));

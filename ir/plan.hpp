@@ -102,7 +102,14 @@ struct Stage {
   int64_t fwd_ws = 0;        // transient GPU workspace bytes while forward runs
   int64_t bwd_ws = 0;        // transient GPU workspace bytes while backward runs
   double fwd_ms = 0, bwd_ms = 0;  // modelled times per micro-batch (bwd includes recompute)
+  // Partial recompute: with `recompute` set, the stage's last keep_layers layers keep their forward's stash anyway and
+  // only its first layers() - keep_layers recompute in backward (0: the whole stage recomputes). 0 without recompute.
+  // Text: recompute=<recomputed>/<layers> when partial; JSON: "recompute": <recomputed layers> (docs/plan-format.md).
+  int keep_layers = 0;
   bool operator==(const Stage&) const = default;
+  int layers() const { return layer_end - layer_begin; }
+  // How many of its first layers recompute their forward in backward: 0 (none) .. layers() (all).
+  int recompute_layers() const { return recompute ? layers() - keep_layers : 0; }
 };
 
 // ---- instructions --------------------------------------------------------------------------

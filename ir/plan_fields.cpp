@@ -267,6 +267,51 @@ Field<Stage> layers_field() {
         s.layer_end = text_int(v.substr(dash + 1), k);
       }};
 }
+// A stage's recompute choice (after "layers", which it reads): JSON false | true | <k>, text 0 | 1 | <k>/<layers>, where
+// k (0 < k < layers) is the number of the stage's first layers that recompute; the others keep their stash
+// (Stage::keep_layers). Whole-stage choices print as before partial recompute existed.
+void set_recompute_layers(Stage& s, int64_t k, int64_t n, const std::string& what) {
+  if (n != s.layers()) throw ParseError(what + ": " + std::to_string(n) + " layers, but the stage has " + std::to_string(s.layers()));
+  if (k < 0 || k > n) throw ParseError(what + ": recomputed layers " + std::to_string(k) + " outside 0.." + std::to_string(n));
+  s.recompute = k > 0;
+  s.keep_layers = k > 0 ? (int)(n - k) : 0;
+}
+Field<Stage> recompute_field() {
+  return Field<Stage>{
+      "recompute",
+      [](const Stage& s, ojson& o, const char* k) {
+        if (s.recompute && s.keep_layers != 0) o[k] = s.recompute_layers();
+        else o[k] = s.recompute;
+      },
+      [](Stage& s, const ojson& v, const std::string& where) {
+        if (v.is_boolean()) {
+          s.recompute = v.get<bool>();
+          s.keep_layers = 0;
+          return;
+        }
+        if (!v.is_number_integer()) json_fail(where, "expected true, false or the number of recomputed layers, got " + json_describe(v));
+        try {
+          set_recompute_layers(s, v.get<int64_t>(), s.layers(), "recompute");
+        } catch (const ParseError& e) {
+          json_fail(where, e.what());
+        }
+      },
+      [](const Stage& s) {
+        if (!s.recompute) return std::string("0");
+        if (s.keep_layers == 0) return std::string("1");
+        return std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers());
+      },
+      [](Stage& s, const std::string& v, const char* k) {
+        auto slash = v.find('/');
+        if (slash == std::string::npos) {
+          s.recompute = text_bool(v, k);
+          s.keep_layers = 0;
+          return;
+        }
+        const std::string what = std::string("'") + k + "'";
+        set_recompute_layers(s, text_int(v.substr(0, slash), k), text_int(v.substr(slash + 1), k), what);
+      }};
+}
 }  // namespace
 
 // ============================================================================================
@@ -326,7 +371,7 @@ const std::vector<Field<TrainConfig>>& train_fields() {
 const std::vector<Field<Stage>>& stage_fields() {
   static const std::vector<Field<Stage>> f = {
       field<&Stage::gpu>("gpu"),         layers_field(),
-      field<&Stage::recompute>("recompute"), field<&Stage::weights>("weights"),
+      recompute_field(),                 field<&Stage::weights>("weights"),
       field<&Stage::optim>("optim"),     field<&Stage::params>("params"),
       field<&Stage::fwd_ws>("fwd_ws"),   field<&Stage::bwd_ws>("bwd_ws"),
       field<&Stage::fwd_ms>("fwd_ms"),   field<&Stage::bwd_ms>("bwd_ms"),

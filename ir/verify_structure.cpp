@@ -45,6 +45,9 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
     if (s.layer_begin != expect_begin)
       add(pre + "layers start at " + std::to_string(s.layer_begin) + ", expected " + std::to_string(expect_begin) +
           (i == 0 ? "" : " (end of the previous stage)"));
+    if (s.keep_layers < 0 || (s.keep_layers > 0 && (!s.recompute || s.keep_layers >= s.layers())))
+      add(pre + "keeps the stash of " + std::to_string(s.keep_layers) + " of its " + std::to_string(s.layers()) +
+          " layers, which needs recompute and 0 <= kept < layers");
   }
   if (S > 0 && p.stages.back().layer_end != p.model.layers + 2)
     add("stage " + std::to_string(S - 1) + ": last stage ends at layer " + std::to_string(p.stages.back().layer_end) +

@@ -29,6 +29,9 @@ struct OffloadConfig {
   std::vector<char> resident;  // per stage
   bool recompute = true;
   int window = 1;
+  // With recompute, per stage: how many of its last layers keep their stash (partial recompute; >= its layers: no
+  // recompute at all). Ignored for stages the schedule forces to recompute. Empty: 0 everywhere (whole stages).
+  std::vector<int> keep;
   std::vector<char> nvme;      // per stage (empty = none): its opt(S) lives on the NVMe tier (docs/nvme-tier.md)
   bool operator==(const OffloadConfig&) const = default;
 };
@@ -147,6 +150,9 @@ std::string passes_markdown();
 // Offload lowering (offload_insertion.cpp): the plan `base` with residency/recompute/window applied, and its inverse
 // (the plan as comm-lowering left it, from a lowered plan) and the configuration a lowered plan was made with.
 ir::Plan lower_offload(const PassContext&, const ir::Plan& base, const OffloadConfig&);
+// Whether stage s must recompute whole under cfg (grouped: an offloaded stage whose weights leave the GPU between its
+// forward and backward runs, and the head); such a stage keeps no stash.
+bool recompute_forced(const ir::Plan&, const OffloadConfig&, int s);
 ir::Plan strip_offload(const PassContext&, const ir::Plan& lowered);
 OffloadConfig offload_config_of(const PassContext&, const ir::Plan& lowered);
 // NVMe tier (passes/tier_placement.cpp): moves the opt(S) of offloaded stages to the plan's nvme paths until every

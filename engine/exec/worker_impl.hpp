@@ -63,9 +63,10 @@ struct StageState {
 
 struct FwdRecord {
   at::Tensor input;                  // stage input (ids for stage 0)
-  at::Tensor w_leaf, in_leaf, out;   // autograd graph when not recomputing
+  at::Tensor w_leaf, in_leaf, out;   // autograd graph of the layers that keep their stash (in_leaf: their input)
   at::Tensor loss;                   // last stage: loss sum (graph)
   at::Tensor tie_leaf;               // tied head over stages: the embedding matrix tie(S) (graph)
+  c10::intrusive_ptr<FlatGradTarget> target;  // where that graph's weight gradient is added (the stage's wgrad)
 };
 
 struct Worker::Impl {
@@ -187,8 +188,11 @@ struct Worker::Impl {
   void free_batch(int m);
   const at::Tensor& batch_ids(int m, const char* why);
   const at::Tensor& batch_labels(int m);
-  at::Tensor run_stage(const StageState& st, const at::Tensor& w, const at::Tensor& in, const at::Tensor& tie = at::Tensor()) {
-    return stage_forward(plan.model, st.layout, w, in, rope, tie);
+  // Model layers [from, to) of a local stage (stage_forward_layers); target: where the weight gradient goes; tie: the
+  // embedding matrix for a tied head on a stage without the embedding (tie(S)), when [from, to) ends with the head.
+  at::Tensor run_layers(const StageState& st, const at::Tensor& w, const at::Tensor& in, int from, int to,
+                        c10::intrusive_ptr<FlatGradTarget> target = {}, const at::Tensor& tie = at::Tensor()) {
+    return stage_forward_layers(plan.model, st.layout, w, in, rope, from, to, tie, false, std::move(target));
   }
   // A tied lm_head on a stage without the embedding: tie(S<last>) is the matrix, tiegrad(S<last>) its gradient.
   bool tied_head(int s) const { return plan.model.tied_embeddings && s == last && last > 0; }

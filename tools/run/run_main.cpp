@@ -23,6 +23,7 @@
 
 #include "common/format.hpp"
 #include "common/fs.hpp"
+#include "cost/spec.hpp"
 #include "engine/comm/job.hpp"
 #include "engine/comm/transport.hpp"
 #include "engine/comm/world.hpp"
@@ -50,6 +51,7 @@ constexpr int kExitDiverged = 4;
 struct Args {
   std::string plan, data, tokenizer, init = "random", save, resume, metrics, trace, device = "auto", fit, save_dtype = "fp32";
   std::string on_nonfinite;  // stop | skip; empty: the plan's train.on_nonfinite
+  std::string hardware;      // the hardware file whose peak_bf16_tflops MFU/HFU use; empty: the plan's hardware by name
   std::string nvme;          // NVMe tier directories instead of the plan's (comma-separated, the same count)
   int steps = 1, save_every = 0, optim_threads = 0, max_skips = 10;
   uint64_t seed = 0, data_seed = 0;
@@ -87,6 +89,25 @@ data::DataConfig data_config(const Args& a, const ir::Plan& p) {
 
 std::string nonfinite_mode(const Args& a, const ir::Plan& p) { return a.on_nonfinite.empty() ? p.train.on_nonfinite : a.on_nonfinite; }
 
+// The peak bf16 TFLOP/s per GPU that MFU and HFU divide by: --hardware's peak_bf16_tflops, else that of the plan's
+// hardware (by name, in the configs folder); when that file is not there, HardwareSpec's default (`note` says so).
+double peak_bf16_tflops(const Args& a, const ir::Plan& p, std::string* note = nullptr) {
+  if (!a.hardware.empty()) {
+    try {
+      return load_hardware(a.hardware, default_configs_dir()).peak_bf16_tflops;
+    } catch (const std::exception& e) {
+      throw UsageError(std::string("--hardware: ") + e.what());
+    }
+  }
+  try {
+    return load_hardware(p.hardware, default_configs_dir()).peak_bf16_tflops;
+  } catch (const std::exception&) {
+    const double d = HardwareSpec{}.peak_bf16_tflops;
+    if (note) *note = "hardware '" + p.hardware + "' not found in the configs folder: MFU/HFU against " + fmt1(d) + " TFLOP/s (--hardware sets it)";
+    return d;
+  }
+}
+
 // Checks done once, before any worker starts, so bad input fails fast with one message.
 ir::Plan validate(const Args& a) {
   ir::Plan p = ir::load_plan_file(a.plan);
@@ -97,6 +118,7 @@ ir::Plan validate(const Args& a) {
   } catch (const arch::ConfigError& e) {
     throw UsageError(e.what());
   }
+  if (!a.hardware.empty()) peak_bf16_tflops(a, p);
   if (p.model.tied_embeddings && p.num_stages() > 1) {  // the tied-embeddings pass's plumbing (older plans lack it)
     bool adds = false;
     for (const auto& prog : p.programs)
@@ -407,6 +429,13 @@ int worker_body(const Args& a, const std::string& device_hint) {
     if (!metrics) throw UsageError("--metrics " + a.metrics + ": cannot write");
   }
   const int64_t tokens_per_step = (int64_t)plan.microbatches * plan.micro_batch_size * plan.seq_len;
+  // MFU and HFU: the plan's FLOPs per step (model: no recompute; hardware: with the plan's recompute) per second over
+  // the GPUs' peak bf16 rate
+  std::string peak_note;
+  const double peak_tflops = peak_bf16_tflops(a, plan, &peak_note);
+  const StepFlops step_fl = step_flops(plan);
+  const int flop_gpus = plan.gpus * std::max(1, plan.dp);
+  if (w.rank == 0 && !a.quiet && !peak_note.empty()) std::cout << peak_note << "\n" << std::flush;
 
   // ---- checkpoints: every rank writes its stages into <save>.staging, rank 0 completes and swaps it in ----------
   const bool bf16_weights = a.save_dtype == "bf16";
@@ -503,6 +532,8 @@ int worker_body(const Args& a, const std::string& device_hint) {
     json m;
     if (w.rank == 0) {
       const double tps = tokens_per_step / std::max(r.seconds, 1e-9);
+      const double mfu = flops_utilization(step_fl.model, r.seconds, flop_gpus, peak_tflops);
+      const double hfu = flops_utilization(step_fl.hardware, r.seconds, flop_gpus, peak_tflops);
       const double eta = (a.steps - s - 1) * (total_s / double(s - start + 1));
       if (!a.quiet) {
         std::ostringstream os;
@@ -525,12 +556,13 @@ int worker_body(const Args& a, const std::string& device_hint) {
             os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : std::string(buf));
           }
         }
-        std::snprintf(buf, sizeof buf, "  ETA %.0f s", eta);
+        std::snprintf(buf, sizeof buf, "  MFU %.1f%%  HFU %.1f%%  ETA %.0f s", 100 * mfu, 100 * hfu, eta);
         os << buf;
         std::cout << os.str() << "\n" << std::flush;
       }
       m = {{"step", s + 1}, {"loss", r.loss}, {"tokens", r.tokens}, {"tokens_per_s", tps}, {"step_s", r.seconds},
-           {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}};
+           {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}, {"mfu", mfu}, {"hfu", hfu},
+           {"model_flops", step_fl.model}, {"hardware_flops", step_fl.hardware}, {"peak_tflops", peak_tflops}};
       if (device == "cuda") {  // everything the process held on each GPU at its peak: allocator + context + NCCL
         std::vector<double> dev(plan.gpus);
         for (int g = 0; g < plan.gpus; ++g) dev[g] = peaks[g] + outside[g];
@@ -645,6 +677,7 @@ int run_main(int argc, char** argv) {
   app.add_option("--metrics", a.metrics, "write one JSON line of metrics per step");
   app.add_option("--trace", a.trace, "write the measured timeline of the last step (Chrome/Perfetto JSON)");
   app.add_option("--device", a.device, "auto, cpu or cuda");
+  app.add_option("--hardware", a.hardware, "hardware name or file whose peak_bf16_tflops MFU/HFU divide by (default: the plan's)");
   app.add_option("--nvme", a.nvme, "NVMe tier directories instead of the plan's (comma-separated, as many as the plan names)");
   app.add_option("--optim-threads", a.optim_threads, "CPU optimizer threads per rank (0: cores / ranks)");
   app.add_option("--on-nonfinite", a.on_nonfinite,
