@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | tier | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | tier | nvme-7b | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
 #                                   | h200x2-peer | h200x4 | peers | fsdp2 | ds-zero2 | ds-zero3 | ds-nvme | limits  (bench/README.md)
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
@@ -268,6 +268,50 @@ tier)
   ninja -C "$build" mmoc_tier_bench mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
   "$build/engine/tier/mmoc_tier_bench" --paths "$paths" --size-mib ${NVME_MIB:-4096} ${SWEEP:+--sweep} 2>&1 | tee "$OUT/bench-tier.log"
   "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" -o "$OUT/hw-storage.json" 2>&1 | tail -12
+  ;;
+nvme-7b)
+  # issue 13 on nvidia-h200: LLaMA-2-7B with --host-budget ${HB:-48} GiB and the NVMe tier on this machine's disk
+  # (NVME_PATHS=dir[,dir], default .bench-nvme in the checkout), in one call:
+  #  - mmoc-profile --storage-only on the paths (direct I/O read/write GB/s, into the hardware file the job compiles for),
+  #  - the tier run: measured peak RSS (getrusage of the worker) vs the budget, NVMe traffic rate (tier bytes / time the
+  #    reads and writes took) vs the profiled bandwidth, predicted vs measured step time,
+  #  - the all-in-host-memory run of the same job: tokens/s of both.
+  # MB micro-batches of 8 x 1024 per step (default 16; the compiler predicts ~50 s/step, I/O-bound: ~45 GiB of optimizer
+  # state each way per step at the default 2 GB/s), STEPS (default 3).
+  paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
+  log "disk: $(df -h "${dirs[0]}" | tail -1)"
+  ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
+  timeout 120 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
+    -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  grep -iE "GB/s|read|write" "$OUT/profile-nvme.log" | tail -6
+  gen_data "$OUT/tok.jsonl" 400 1024
+  job="--model llama2-7b --gpus 1 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches ${MB:-16} --seq-len 1024"
+  mmoc_job nvme7b "$job --hardware $OUT/hw-nvme.json --host-budget ${HB:-48} --nvme $paths" "$OUT/tok.jsonl" ${STEPS:-3}
+  grep -E "^host memory|nvme" "$OUT/compile-nvme7b.log" | head -4
+  mmoc_job host7b "$job --hardware $OUT/hw-nvme.json" "$OUT/tok.jsonl" ${STEPS:-3}
+  python3 - "$OUT/mmoc-nvme7b.jsonl" "$OUT/mmoc-host7b.jsonl" "$OUT/hw-nvme.json" "${HB:-48}" <<'PY'
+import json, sys
+def rows(p):
+    try: return [json.loads(l) for l in open(p)]
+    except OSError: return []
+t, h = rows(sys.argv[1]), rows(sys.argv[2])
+hw = json.load(open(sys.argv[3])); st = hw.get("storage", [])
+G = 2**30
+if not t:
+    print("RESULT nvme-7b: the tier run produced no steps"); sys.exit(0)
+rss = max(r.get("host_peak_rss_bytes", [0])[0] for r in t)
+print("RESULT nvme-7b: peak RSS %.1f GiB with --host-budget %s GiB (%s)" % (rss / G, sys.argv[4], "within" if rss <= float(sys.argv[4]) * G else "OVER"))
+steady = t[1:] or t
+rb = sum(sum(r.get("tier_read_bytes", [0])) for r in steady); wb = sum(sum(r.get("tier_write_bytes", [0])) for r in steady)
+rs = sum(sum(r.get("tier_read_s", [0])) for r in steady); ws = sum(sum(r.get("tier_write_s", [0])) for r in steady)
+pr = sum(p.get("read_gbps", 0) for p in st); pw = sum(p.get("write_gbps", 0) for p in st)
+if rs > 0 and ws > 0 and pr > 0 and pw > 0:
+    print("RESULT nvme-7b: NVMe read %.1f GB/step at %.2f GB/s (%.0f%% of profiled %.2f), write %.1f GB/step at %.2f GB/s (%.0f%% of profiled %.2f)"
+          % (rb / 1e9 / len(steady), rb / 1e9 / rs, 100 * rb / 1e9 / rs / pr, pr, wb / 1e9 / len(steady), wb / 1e9 / ws, 100 * wb / 1e9 / ws / pw, pw))
+tps = lambda r: sorted(x["tokens_per_s"] for x in (r[1:] or r))[len(r[1:] or r) // 2] if r else 0
+print("RESULT nvme-7b: tokens/s with the tier %.0f, all in host memory %.0f (ratio %.2f)" % (tps(t), tps(h), tps(t) / max(tps(h), 1e-9)))
+PY
+  [ "${KEEP_NVME:-0}" = 1 ] || rm -rf "${dirs[@]}"
   ;;
 startup)
   # issue 10 item 4 on nvidia-h200, one call: the disk's write and read bandwidth (dd, O_DIRECT, 8 GiB), then

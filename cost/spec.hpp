@@ -132,6 +132,10 @@ struct JobConfig {
   std::string offload = "auto";      // auto | all | none
   std::string cross_map = "auto";    // auto | off
   int dp = 1;
+  // NVMe tier (docs/nvme-tier.md): the node's host memory cap (0 = none) and the tier's directories
+  double host_budget_gib = 0;
+  std::vector<std::string> nvme;
+  std::string nvme_place = "auto";  // auto: only what --host-budget needs | all: every offloaded stage's opt(S)
   ir::TrainConfig train;
 };
 // Parses a job JSON; unknown keys and wrong types throw InputError naming the key.

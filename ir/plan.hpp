@@ -26,11 +26,14 @@ enum class Op {
   GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
   Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
   AddGrad,    // addgrad B -> S          : add gradient B into wgrad(S) (a tied lm_head's into the embedding's rows)
+  TierRead,   // read opt(S) <- nvme     : allocate opt(S) in host memory and read it from the NVMe tier (io stream)
+  TierWrite,  // write opt(S) -> nvme    : write opt(S) to the NVMe tier, then drop its host copy (io stream)
 };
 // Adding an op: append it above, count it here, and give it its entry in ir/ops.cpp's op table (the syntax, streams,
 // timing class and memory effects), then its handler in the engine. The table's test checks the count.
-constexpr int kNumOps = (int)Op::AddGrad + 1;
-enum class Stream { Comp, H2D, D2H, P2P, Cpu };
+constexpr int kNumOps = (int)Op::TierWrite + 1;
+enum class Stream { Comp, H2D, D2H, P2P, Cpu, Io };  // io: the NVMe tier's I/O threads (host side)
+constexpr int kNumStreams = (int)Stream::Io + 1;
 enum class Tier { Gpu, Host, Nvme };
 enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt, Tie, TieGrad };
 constexpr int kNumBufKinds = (int)BufKind::TieGrad + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
@@ -179,6 +182,11 @@ struct Plan {
   int64_t budget_bytes = 0;  // per GPU
   std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
   std::vector<int64_t> host_bytes;  // per rank: predicted host memory (cost/host_memory.hpp); empty in older plans
+  // NVMe tier (docs/nvme-tier.md): host memory cap of the node (0 = none given), the tier's directories and the
+  // relative share of every object on each (tier::path_weight of the measured bandwidths). Optional in both forms.
+  int64_t host_budget_bytes = 0;
+  std::vector<std::string> nvme;
+  std::vector<double> nvme_weights;
   ModelArch model;
   TrainConfig train;
   std::vector<Stage> stages;

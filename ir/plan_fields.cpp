@@ -143,6 +143,54 @@ template <>
 struct Codec<std::vector<int>> : IntsCodec<int> {};
 template <>
 struct Codec<std::vector<int64_t>> : IntsCodec<int64_t> {};
+// Lists of paths and of numbers: JSON arrays; text comma-separated (a path holding a comma cannot be listed, as on
+// the command line's --nvme A,B).
+std::vector<std::string> split_commas(const std::string& v) {
+  std::vector<std::string> out;
+  if (v.empty()) return out;
+  size_t b = 0;
+  for (;;) {
+    auto c = v.find(',', b);
+    out.push_back(v.substr(b, c == std::string::npos ? std::string::npos : c - b));
+    if (c == std::string::npos) break;
+    b = c + 1;
+  }
+  return out;
+}
+template <>
+struct Codec<std::vector<std::string>> {
+  static ojson to_json(const std::vector<std::string>& x) { return x; }
+  static std::vector<std::string> from_json(const ojson& v, const std::string& where) {
+    return json_array<std::string>(v, where, [](const ojson& e, const std::string& w) { return json_string(e, w); });
+  }
+  static std::string print(const std::vector<std::string>& x) {
+    std::string s;
+    for (size_t i = 0; i < x.size(); ++i) s += (i ? "," : "") + x[i];
+    return text_str(s);
+  }
+  static std::vector<std::string> parse(const std::string& v, const char* key) { return split_commas(decode_text_str(v, key)); }
+};
+template <>
+struct Codec<std::vector<double>> {
+  static ojson to_json(const std::vector<double>& x) {
+    ojson a = ojson::array();
+    for (double d : x) a.push_back(json_double(d));
+    return a;
+  }
+  static std::vector<double> from_json(const ojson& v, const std::string& where) {
+    return json_array<double>(v, where, [](const ojson& e, const std::string& w) { return Codec<double>::from_json(e, w); });
+  }
+  static std::string print(const std::vector<double>& x) {
+    std::string s;
+    for (size_t i = 0; i < x.size(); ++i) s += (i ? "," : "") + format_double(x[i]);
+    return s;
+  }
+  static std::vector<double> parse(const std::string& v, const char* key) {
+    std::vector<double> out;
+    for (const auto& part : split_commas(v)) out.push_back(text_double(part, key));
+    return out;
+  }
+};
 // Enums: by name (ir::to_string / ir::parse_*).
 template <class E, E (*Parse)(const std::string&)>
 struct EnumCodec {
@@ -277,6 +325,10 @@ const std::vector<Field<Plan>>& plan_fields() {
       field<&Plan::micro_batch_size>("mbs"),  field<&Plan::seq_len>("seq"),
       field<&Plan::budget_bytes>("budget"),   field<&Plan::gpu_order>("order"),
       optional_field<&Plan::host_bytes>("host"),  // absent in plans made before it: they load with none
+      // the NVMe tier (written only when used, so other plans print as before)
+      optional_field<&Plan::host_budget_bytes>("host_budget"),
+      optional_field<&Plan::nvme>("nvme"),
+      optional_field<&Plan::nvme_weights>("nvme_weights"),
   };
   return f;
 }

@@ -118,7 +118,7 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
       const bool need_stage = op.operands & kOpStage, need_mb = op.operands & kOpMb, need_buf = op.operands & kOpBuf;
       if (!(op.streams & stream_bit(in.stream))) {
         std::string allowed;
-        for (int k = 0; k <= (int)Stream::Cpu; ++k)
+        for (int k = 0; k < kNumStreams; ++k)
           if (op.streams & stream_bit((Stream)k)) allowed += std::string(allowed.empty() ? "@" : " or @") + to_string((Stream)k);
         add(pre + "runs on @" + to_string(in.stream) + ", not on " + allowed);
       }
@@ -133,6 +133,12 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
           check_buf(pre, *in.buf);
       }
       if ((op.operands & kOpGroup) && in.group.empty()) add(pre + "missing group");
+      // the NVMe tier's reads and writes move opt(S) of a stage whose home is nvme, in a plan that names the tier
+      if ((in.op == Op::TierRead || in.op == Op::TierWrite) && in.buf) {
+        const BufferDecl* d = in.buf->kind == BufKind::Opt ? p.find_buffer(BufKind::Opt, in.buf->stage) : nullptr;
+        if (!d || d->home != Tier::Nvme) add(pre + in.buf->str() + " is not optimizer state whose home is nvme");
+        if (p.nvme.empty()) add(pre + "the plan names no nvme path");
+      }
       if (op.operands & kOpPeer) {
         if (in.peer < 0 || in.peer >= G)
           add(pre + "peer g" + std::to_string(in.peer) + " out of range 0.." + std::to_string(G - 1));

@@ -29,6 +29,9 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   - grouped schedules: offloaded stages whose weights leave the GPU between forward and backward recompute, and so
     does the head;
   - `load_batch m` before the first use of micro-batch m's ids/labels, `free batch(m)` after the last.
+  - NVMe tier (with `--nvme`): stages whose `opt(S)` has home `nvme` get `read opt(S) <- nvme` @io before their
+    `optim S` (which waits for it) and `write opt(S) -> nvme` @io right after it; the first two reads at the start,
+    each later one after the write two optimizer steps earlier, so at most two stages' state is in host memory.
 - **Decides** (against the budget, with the timing-independent memory bound of verify-memory): recompute: the job's
   on/off, or auto = per stage and partial: a stage recomputes its first k layers and keeps the stash of the others
   (`recompute=k/n`). Greedy: keep one more layer's stash at a time (a stage's last recomputed layer), always the one
@@ -36,15 +39,19 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   that choice made after the residency, before it, and with recompute off or whole compete by simulated step time;
   residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first: their gradients
   complete last, so their CPU optimizer step would be the step's tail) that keeps the bound within the budget.
-  offload=all keeps everything on the host; offload=none keeps everything on the GPU. A choice whose host memory
-  (cost/host_memory.hpp, per node against host_mem_gib) does not fit is refused. Nothing fits the GPU: BudgetError
-  naming (and carrying) the smallest budget that would; the GPU fits but not the host: HostMemoryError naming the
-  host memory needed and available. The choice (residency, recompute, kept layers per stage, window 1) is the
-  context's `offload`.
+  offload=all keeps everything on the host; offload=none keeps everything on the GPU. Host memory
+  (cost/host_memory.hpp, per node against host_mem_gib and `--host-budget`) with the NVMe tier's placement
+  (passes/tier_placement.cpp), for each choice: when the choice does not fit and `--nvme` paths are given, the fewest
+  offloaded stages whose `opt(S)` moves to the tier so that it fits, taken lowest ids first or highest first,
+  whichever simulates faster (`--nvme-place all`: every offloaded stage); a choice that does not fit even so (or
+  without paths) is refused. Nothing fits the GPU: BudgetError naming (and carrying) the smallest budget that would;
+  the GPU fits but not the host: HostMemoryError naming the host memory needed and available; a path without the
+  space the tier needs there: InputError naming it and the missing bytes. The choice (residency, recompute, kept
+  layers per stage, window 1, the tier's stages) is the context's `offload`.
 - **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute and the kept layers from the
-  stages the schedule does not force, the window from the prefetches' dependencies) and the plan as comm-lowering
-  left it (the lowered plan without the instructions this pass adds: its inverse, `strip_offload`; from a linearized
-  plan, in linearize's order).
+  stages the schedule does not force, the window from the prefetches' dependencies, the tier's stages from the buffer
+  table's `opt` homes) and the plan as comm-lowering left it (the lowered plan without the instructions this pass
+  adds: its inverse, `strip_offload`; from a linearized plan, in linearize's order).
 )md";
 
 using ir::BufKind;
@@ -103,6 +110,59 @@ struct Builder {
   }
 };
 
+// ---- NVMe tier (issue 13, docs/nvme-tier.md) ------------------------------------------------------------------
+// The CPU optimizer steps of stages whose opt(S) is on the tier, in program order o_1..o_n, get
+//   read opt(o_k) <- nvme @io                      (k <= kTierSlots: at the start of the program, no dependency)
+//   optim o_k @cpu after(read o_k)
+//   write opt(o_k) -> nvme @io after(optim o_k)    (right behind the optim)
+//   read opt(o_{k+kTierSlots}) <- nvme @io after(write o_k)
+// so at most kTierSlots stages' state is in host memory at once, and the reads of the next stages overlap the
+// optimizer steps and the backward passes before them.
+constexpr int kTierSlots = 2;
+
+void add_tier_io(Builder& b, const OffloadConfig& cfg) {
+  if (cfg.nvme.empty() || b.old.empty()) return;
+  auto on_tier = [&](int s) { return s >= 0 && s < (int)cfg.nvme.size() && cfg.nvme[s] && !cfg.resident[s]; };
+  // where each new op was placed: (list, position) in program order
+  std::vector<std::vector<int>*> lists;
+  for (size_t i = 0; i < b.old.size(); ++i) { lists.push_back(&b.before[i]); lists.push_back(&b.behind[i]); }
+  lists.push_back(&b.tail);
+  struct At { std::vector<int>* list; int id; };
+  std::vector<At> optims;
+  for (auto* l : lists)
+    for (int id : *l) {
+      const ir::Instr& in = b.ops[id].in;
+      if (in.op == Op::Optim && in.stream == Stream::Cpu && on_tier(in.stage)) optims.push_back({l, id});
+    }
+  const int n = (int)optims.size();
+  auto io_op = [](Op op, int s) {
+    ir::Instr in;
+    in.op = op;
+    in.stream = Stream::Io;
+    in.buf = BufRef{BufKind::Opt, s, -1};
+    return in;
+  };
+  auto insert_behind = [](std::vector<int>& l, int after_id, int id) {
+    auto it = std::find(l.begin(), l.end(), after_id);
+    l.insert(it + 1, id);
+  };
+  std::vector<int> reads(n, -1), writes(n, -1);
+  for (int k = 0; k < n && k < kTierSlots; ++k) {
+    reads[k] = b.add(io_op(Op::TierRead, b.ops[optims[k].id].in.stage));
+    b.before[0].push_back(reads[k]);
+  }
+  for (int k = 0; k < n; ++k) {
+    const int oid = optims[k].id, s = b.ops[oid].in.stage;
+    b.ops[oid].after_new.push_back(reads[k]);
+    writes[k] = b.add(io_op(Op::TierWrite, s), {}, {oid});
+    insert_behind(*optims[k].list, oid, writes[k]);
+    if (k + kTierSlots < n) {
+      reads[k + kTierSlots] = b.add(io_op(Op::TierRead, b.ops[optims[k + kTierSlots].id].in.stage), {}, {writes[k]});
+      insert_behind(*optims[k].list, writes[k], reads[k + kTierSlots]);
+    }
+  }
+}
+
 }  // namespace
 
 bool recompute_forced(const ir::Plan& p, const OffloadConfig& cfg, int s) {
@@ -140,7 +200,8 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     ir::Tier home = cfg.resident[s] ? ir::Tier::Gpu : ir::Tier::Host;
     p.buffers.push_back({BufKind::W, s, st.params * wb, home});
     p.buffers.push_back({BufKind::WGrad, s, st.params * wb, home});
-    p.buffers.push_back({BufKind::Opt, s, st.params * 12, home});
+    const bool opt_on_nvme = s < (int)cfg.nvme.size() && cfg.nvme[s] && !cfg.resident[s];  // NVMe tier
+    p.buffers.push_back({BufKind::Opt, s, st.params * 12, opt_on_nvme ? ir::Tier::Nvme : home});
     if (s < last) {
       p.buffers.push_back({BufKind::Act, s, boundary_bytes(c), ir::Tier::Gpu});
       p.buffers.push_back({BufKind::Grad, s, boundary_bytes(c), ir::Tier::Gpu});
@@ -253,6 +314,7 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
       b.before[fl.first].push_back(b.add(lb));
       b.behind[fl.second].push_back(b.add(make_buf_op(Op::Free, Stream::Comp, {BufKind::Batch, -1, m})));
     }
+    add_tier_io(b, cfg);  // NVMe tier: reads and writes of opt(S) around the CPU optimizer steps
     prog.instrs = b.build();
   }
   return p;
@@ -356,17 +418,27 @@ void offload_insertion_pass(PassContext& c) {
     return cfg;
   };
 
-  struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; };
+  struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; std::string tier_note; };
   std::vector<Cand> cands;
-  std::optional<HostMemoryCheck> host_refusal;  // a choice that fits the GPU but not the host
-  auto add_cand = [&](const OffloadConfig& cfg) {
-    for (const auto& k : cands) if (k.cfg == cfg) return;
+  std::optional<HostMemoryError> host_refusal;  // a choice that fits the GPU but not the host (the smallest need)
+  std::vector<OffloadConfig> seen;               // the choices tried (before tier placement)
+  auto add_cand = [&](const OffloadConfig& choice) {
+    for (const auto& k : seen) if (k == choice) return;
+    seen.push_back(choice);
+    OffloadConfig cfg = choice;
     ir::Plan pl = lower_offload(c, base, cfg);
-    // host memory (cost/host_memory.hpp): the most resident choice on the GPU is the least on the host
-    const HostMemoryCheck hc = check_host_memory(predict_host_memory(pl, host_memory_options(c.hw)), c.hw);
-    if (!hc.ok) { host_refusal = hc; return; }
+    // host memory (cost/host_memory.hpp): the most resident choice on the GPU is the least on the host. With --nvme
+    // paths the tier placement moves optimizer state to the tier until it fits (passes/tier_placement.cpp); the
+    // choice is refused only when even that cannot make it fit (or without paths, when it does not fit as it is).
+    std::string tier_note;
+    try {
+      tier_note = place_on_tier(c, base, cfg, pl);
+    } catch (const HostMemoryError& e) {
+      if (!host_refusal || e.needed < host_refusal->needed) host_refusal = e;
+      return;
+    }
     double step = simulate(pl, c.hw, c.model).step_ms;
-    cands.push_back({cfg, std::move(pl), step});
+    cands.push_back({cfg, std::move(pl), step, std::move(tier_note)});
   };
   int64_t smallest = -1;
   std::string smallest_desc;
@@ -399,7 +471,7 @@ void offload_insertion_pass(PassContext& c) {
     }
   }
   if (cands.empty() && host_refusal)
-    throw HostMemoryError("offload-insertion: " + host_refusal->message, host_refusal->needed, host_refusal->available);
+    throw HostMemoryError("offload-insertion: " + std::string(host_refusal->what()), host_refusal->needed, host_refusal->available);
   if (cands.empty()) {
     throw BudgetError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
@@ -409,6 +481,7 @@ void offload_insertion_pass(PassContext& c) {
   }
   size_t best = 0;
   for (size_t i = 1; i < cands.size(); ++i) if (cands[i].step_ms < cands[best].step_ms) best = i;
+  if (!cands[best].tier_note.empty()) c.notes.push_back(cands[best].tier_note);
   c.plan = std::move(cands[best].plan);
   c.offload = cands[best].cfg;
   c.memory_complete = true;
@@ -434,6 +507,7 @@ bool added_by_offload(const ir::Instr& in) {
   switch (in.op) {
     case Op::Prefetch: return !in.buf || !is_tie_kind(in.buf->kind);  // tied-embeddings' prefetch stays
     case Op::Evict: case Op::LoadBatch: case Op::Optim: case Op::GradNorm: return true;
+    case Op::TierRead: case Op::TierWrite: return true;
     case Op::Free: return in.buf && in.buf->kind == BufKind::Batch;
     default: return false;
   }
@@ -575,6 +649,13 @@ OffloadConfig offload_config_of(const PassContext& c, const ir::Plan& p) {
       }
   }
   cfg.window = window_of(p);
+  for (int s = 0; s < P; ++s) {  // NVMe tier: from the buffer table
+    const ir::BufferDecl* d = p.find_buffer(BufKind::Opt, s);
+    if (d && d->home == ir::Tier::Nvme) {
+      cfg.nvme.resize(P, 0);
+      cfg.nvme[s] = 1;
+    }
+  }
   return cfg;
 }
 

@@ -241,12 +241,19 @@ void Worker::Impl::optim(const ir::Instr& in) {
     // without a gradnorm instruction the norm is summed here, per stage, before the update (checked at step end)
     if (!has_gradnorm) gsq_host += sum_of_squares(grad.data_ptr(), grad_type(), st.layout.numel, pool.get());
     AdamWBuffers b;
-    b.param = st.master.data_ptr<float>();
-    b.exp_avg = st.exp_avg.data_ptr<float>();
-    b.exp_avg_sq = st.exp_avg_sq.data_ptr<float>();
+    b.param = st.master.defined() ? st.master.data_ptr<float>() : nullptr;
+    b.exp_avg = st.exp_avg.defined() ? st.exp_avg.data_ptr<float>() : nullptr;
+    b.exp_avg_sq = st.exp_avg_sq.defined() ? st.exp_avg_sq.data_ptr<float>() : nullptr;
     b.grad = grad.data_ptr();
     b.grad_type = grad_type();
     if (cdtype == at::kBFloat16) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kBFloat16; }
+    if (st.on_tier) {  // NVMe tier: the state read for this step (tier.cpp); the weights out to their own copy
+      float* o = tier_get(in.stage, "optim").data_ptr<float>();
+      b.param = o;
+      b.exp_avg = o + st.layout.numel;
+      b.exp_avg_sq = o + 2 * st.layout.numel;
+      if (cdtype == at::kFloat) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kFloat32; }
+    }
     b.n = st.layout.numel;
     adamw_step(b, hyper(), st.step, clip, pool.get());
   } else {
@@ -295,6 +302,8 @@ void Worker::Impl::exec(int i) {
     case Op::Optim: optim(in); break;
     case Op::GradNorm: gradnorm(resident_grads()); break;
     case Op::AddGrad: add_grad(in); break;
+    case Op::TierRead: tier_read(*in.buf); break;
+    case Op::TierWrite: tier_write(*in.buf); break;
     case Op::AllReduce: {
       at::Tensor& t = bufs.at(*in.buf);
       tr->allreduce_sum(t, in.group);

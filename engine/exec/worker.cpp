@@ -85,6 +85,12 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
       st.master = host(at::kFloat, st.layout.numel, false);
       st.exp_avg = host(at::kFloat, st.layout.numel, false);
       st.exp_avg_sq = host(at::kFloat, st.layout.numel, false);
+    } else if (const ir::BufferDecl* od = plan.find_buffer(BufKind::Opt, s.id); od && od->home == ir::Tier::Nvme) {
+      // NVMe tier: master and moments on the tier (tier.cpp); the compute-dtype copy the prefetches read is its own
+      // buffer also in fp32 runs (the optimizer writes it), and the gradient landing zone as usual
+      st.on_tier = true;
+      st.host_lowp = host(I.cdtype, st.layout.numel, true);
+      st.host_grad = host(I.cdtype, st.layout.numel, true);
     } else {
       // fp32 master and moments in host memory; the low-precision copy and the gradient landing zone pinned
       st.master = host(at::kFloat, st.layout.numel, /*pinned=*/I.cdtype == at::kFloat);
@@ -95,6 +101,7 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     }
     I.stages[s.id] = std::move(st);
   }
+  I.open_tier(opts.nvme);  // NVMe tier: paths, space for every object (errors before training)
   I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
   I.gsq_dev = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
   ir::Plan mine = plan;  // does this rank's every update wait for the global norm?
@@ -144,6 +151,7 @@ const std::vector<TraceEvent>& Worker::trace() const { return impl_->trace; }
 
 static void refresh_device_copies(Worker::Impl& I) {
   for (auto& [s, st] : I.stages) {
+    if (st.on_tier) continue;  // set by fill_tier_stages
     if (st.resident) {
       I.bufs.erase({BufKind::W, s, -1});
       I.put({BufKind::W, s, -1}, st.master.to(I.cdtype, false, true));
@@ -159,6 +167,21 @@ static void refresh_device_copies(Worker::Impl& I) {
   }
 }
 
+// NVMe tier: the state of each on_tier stage, one stage at a time in a staging buffer: `fill` sets master (and the
+// moments, zeros otherwise) from StageTensors of views into it; then the compute-dtype copy, then the tier.
+static void fill_tier_stages(Worker::Impl& I, const std::function<void(StageTensors&)>& fill) {
+  for (auto& [s, st] : I.stages) {
+    if (!st.on_tier) continue;
+    at::Tensor buf = I.tier_new_buffer(s);
+    const int64_t n = st.layout.numel;
+    StageTensors t{s, st.layout, buf.narrow(0, 0, n), buf.narrow(0, n, n), buf.narrow(0, 2 * n, n), st.step};
+    fill(t);
+    st.step = t.step;
+    st.host_lowp.copy_(t.master);
+    I.tier_store(s, buf);
+  }
+}
+
 LoadReport Worker::init_random(uint64_t seed) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
@@ -166,7 +189,9 @@ LoadReport Worker::init_random(uint64_t seed) {
   const ParallelFor pfor = [&I](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     I.pool->parallel_for(n, grain, fn);
   };
-  for (auto& [s, st] : I.stages) init_weights(I.plan.model, st.layout, st.master, seed, 0.02, pfor);
+  fill_tier_stages(I, [&](StageTensors& t) { init_weights(I.plan.model, t.layout, t.master, seed, 0.02, pfor); });
+  for (auto& [s, st] : I.stages)
+    if (!st.on_tier) init_weights(I.plan.model, st.layout, st.master, seed, 0.02, pfor);
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -178,8 +203,16 @@ LoadReport Worker::load_hf(const std::string& dir) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<StageLayout> layouts;
   std::vector<at::Tensor> flats;
-  for (auto& [s, st] : I.stages) { layouts.push_back(st.layout); flats.push_back(st.master); }
-  const IoStats io = load_hf_parallel(dir, I.plan.model, layouts, flats, I.io);
+  for (auto& [s, st] : I.stages)
+    if (!st.on_tier) { layouts.push_back(st.layout); flats.push_back(st.master); }
+  IoStats io{};
+  if (!layouts.empty()) io = load_hf_parallel(dir, I.plan.model, layouts, flats, I.io);
+  fill_tier_stages(I, [&](StageTensors& t) {
+    std::vector<at::Tensor> f{t.master};
+    const IoStats one = load_hf_parallel(dir, I.plan.model, {t.layout}, f, I.io);
+    io.bytes += one.bytes;
+    io.seconds += one.seconds;
+  });
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -192,8 +225,16 @@ LoadReport Worker::load_checkpoint(const std::string& dir) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
   auto v = I.stage_tensors();
-  const IoStats io = load_training_state(dir, I.plan, v, I.io);
+  IoStats io{};
+  if (!v.empty()) io = load_training_state(dir, I.plan, v, I.io);
   for (const auto& t : v) I.stages.at(t.id).step = t.step;
+  fill_tier_stages(I, [&](StageTensors& t) {
+    std::vector<StageTensors> one{t};
+    const IoStats r = load_training_state(dir, I.plan, one, I.io);
+    t.step = one[0].step;
+    io.bytes += r.bytes;
+    io.seconds += r.seconds;
+  });
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -205,7 +246,8 @@ LoadReport Worker::load_checkpoint(const std::string& dir) {
 // ---- checkpoints -------------------------------------------------------------------------------
 std::vector<StageTensors> Worker::Impl::stage_tensors() {
   std::vector<StageTensors> v;
-  for (auto& [s, st] : stages) v.push_back({s, st.layout, st.master, st.exp_avg, st.exp_avg_sq, st.step});
+  for (auto& [s, st] : stages)
+    if (!st.on_tier) v.push_back({s, st.layout, st.master, st.exp_avg, st.exp_avg_sq, st.step});  // NVMe tier: apart
   return v;
 }
 
@@ -221,7 +263,20 @@ void Worker::begin_save(const std::string& dir, bool bf16_weights, bool backgrou
   };
   std::stable_sort(v.begin(), v.end(), [&](const StageTensors& a, const StageTensors& b) { return first_optim(a.id) < first_optim(b.id); });
   I.save_wait_s = 0;
-  I.writer->start(dir, std::move(v), bf16_weights ? at::kBFloat16 : at::kFloat, background);
+  // NVMe tier: each on_tier stage read back and written now, one at a time (the checkpoint stays complete; its host
+  // memory is one stage's state); the host stages then as asked
+  I.tier_save = IoStats{};
+  for (auto& [s, st] : I.stages) {
+    if (!st.on_tier) continue;
+    at::Tensor buf = I.tier_fetch(s);
+    const int64_t n = st.layout.numel;
+    I.writer->start(dir, {{s, st.layout, buf.narrow(0, 0, n), buf.narrow(0, n, n), buf.narrow(0, 2 * n, n), st.step}},
+                    bf16_weights ? at::kBFloat16 : at::kFloat, false);
+    const IoStats one = I.writer->wait();
+    I.tier_save.bytes += one.bytes;
+    I.tier_save.seconds += one.seconds;
+  }
+  if (!v.empty()) I.writer->start(dir, std::move(v), bf16_weights ? at::kBFloat16 : at::kFloat, background);
 }
 
 bool Worker::save_active() const { return impl_->writer->active(); }
@@ -229,9 +284,11 @@ bool Worker::save_active() const { return impl_->writer->active(); }
 SaveReport Worker::finish_save() {
   auto& I = *impl_;
   SaveReport r;
-  const IoStats io = I.writer->wait();
-  r.bytes = io.bytes;
-  r.seconds = io.seconds;
+  IoStats io{};
+  if (I.writer->active()) io = I.writer->wait();
+  r.bytes = io.bytes + I.tier_save.bytes;
+  r.seconds = io.seconds + I.tier_save.seconds;
+  I.tier_save = IoStats{};
   r.optimizer_wait_s = I.save_wait_s;
   return r;
 }

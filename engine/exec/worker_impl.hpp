@@ -36,6 +36,7 @@
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/lr_schedule.hpp"
 #include "engine/optim/thread_pool.hpp"
+#include "engine/tier/store.hpp"
 #include "ir/ops.hpp"
 
 namespace mmoc::engine {
@@ -57,6 +58,7 @@ struct StageState {
   at::Tensor host_lowp;                    // compute-dtype host copy that prefetches read (== master for fp32)
   at::Tensor host_grad;                    // compute-dtype host buffer that gradients land in
   int64_t step = 0;
+  bool on_tier = false;  // opt(S) on the NVMe tier: master and moments undefined outside read..write (host_lowp separate)
 };
 
 struct FwdRecord {
@@ -140,6 +142,7 @@ struct Worker::Impl {
   IoOptions io;
   std::unique_ptr<CheckpointWriter> writer;
   double save_wait_s = 0;  // time optimizer steps waited for a background save
+  IoStats tier_save{};     // NVMe tier stages of the save in progress (written in begin_save)
   int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
   std::vector<TraceEvent> trace;
 
@@ -216,6 +219,25 @@ struct Worker::Impl {
   void gradnorm(const std::vector<at::Tensor>& rgrads);
   void exec(int i);
   std::vector<StageTensors> stage_tensors();  // worker.cpp
+
+  // ---- NVMe tier (tier.cpp, docs/nvme-tier.md) ------------------------------------------------------
+  // opt(S) of on_tier stages is one object per stage on the store: [master | exp_avg | exp_avg_sq], fp32. Between
+  // `read opt(S) <- nvme` and `write opt(S) -> nvme` it is in host memory (tier_staged), in a page-aligned
+  // host_tensor that goes straight to the disk (O_DIRECT).
+  std::unique_ptr<tier::TierStore> tier;
+  std::mutex tier_mu;                    // tier_staged (the io and cpu threads)
+  std::map<int, at::Tensor> tier_staged;
+  std::unique_ptr<CpuStream> io_thread;  // CUDA: the io stream's thread (reads and writes wait there); joined first
+  int64_t tier_read_bytes = 0, tier_write_bytes = 0;  // this step
+  double tier_read_s = 0, tier_write_s = 0;           // this step: time the io ops took (submit to done)
+  void open_tier(const std::vector<std::string>& paths_override);  // constructor: store, space; throws before training
+  at::Tensor tier_new_buffer(int stage) const;       // zeros, page-aligned
+  at::Tensor tier_get(int stage, const char* why);   // the staged buffer (throws when absent)
+  void tier_read(const BufRef& b);
+  void tier_write(const BufRef& b);
+  // Whole-state access outside steps (init, load, checkpoints): one stage at a time.
+  at::Tensor tier_fetch(int stage);                  // a new buffer with the stage's state
+  void tier_store(int stage, const at::Tensor& buf); // writes it (waits)
 
   // Is `b` on the device as the engine keeps its books? (batch(m) and stash(S,m) are kept apart from the tensors.)
   bool present(const BufRef& b) const;

@@ -11,13 +11,14 @@ using namespace mmoc::ir::test;
 
 TEST_CASE("enum names match docs/plan-format.md and parse back") {
   const char* ops[] = {"load_batch", "prefetch", "forward", "backward", "send", "recv",
-                       "evict",      "free",     "allreduce", "gradnorm", "optim"};
-  for (int i = 0; i < 11; ++i) {
+                       "evict",      "free",     "allreduce", "gradnorm", "optim", "addgrad", "read", "write"};
+  static_assert(sizeof(ops) / sizeof(ops[0]) == kNumOps);
+  for (int i = 0; i < kNumOps; ++i) {
     CHECK(std::string(to_string(static_cast<Op>(i))) == ops[i]);
     CHECK(parse_op(ops[i]) == static_cast<Op>(i));
   }
-  const char* streams[] = {"comp", "h2d", "d2h", "p2p", "cpu"};
-  for (int i = 0; i < 5; ++i) {
+  const char* streams[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io"};
+  for (int i = 0; i < 6; ++i) {
     CHECK(std::string(to_string(static_cast<Stream>(i))) == streams[i]);
     CHECK(parse_stream(streams[i]) == static_cast<Stream>(i));
   }

@@ -35,6 +35,7 @@
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
 #include "engine/model/train_checkpoint.hpp"
+#include "engine/tier/path.hpp"
 #include "ir/plan.hpp"
 
 using json = nlohmann::json;
@@ -51,6 +52,7 @@ struct Args {
   std::string plan, data, tokenizer, init = "random", save, resume, metrics, trace, device = "auto", fit, save_dtype = "fp32";
   std::string on_nonfinite;  // stop | skip; empty: the plan's train.on_nonfinite
   std::string hardware;      // the hardware file whose peak_bf16_tflops MFU/HFU use; empty: the plan's hardware by name
+  std::string nvme;          // NVMe tier directories instead of the plan's (comma-separated, the same count)
   int steps = 1, save_every = 0, optim_threads = 0, max_skips = 10;
   uint64_t seed = 0, data_seed = 0;
   bool quiet = false;
@@ -281,7 +283,8 @@ int worker_main(const Args& a) {
 [[noreturn]] void worker_die(const std::exception& e) {
   int code = 3;
   if (dynamic_cast<const UsageError*>(&e) || dynamic_cast<const data::DataError*>(&e) || dynamic_cast<const io::FormatError*>(&e) ||
-      dynamic_cast<const ir::ParseError*>(&e) || dynamic_cast<const comm::ConfigError*>(&e))
+      dynamic_cast<const ir::ParseError*>(&e) || dynamic_cast<const comm::ConfigError*>(&e) ||
+      dynamic_cast<const tier::SetupError*>(&e))
     code = 2;
   comm::exit_rank("mmoc-run", code, e.what());  // publishes the failure to the other ranks, one stderr line, _Exit
 }
@@ -301,6 +304,12 @@ int worker_body(const Args& a, const std::string& device_hint) {
   if (a.launch.fail_timeout_s > 0) w.fail_timeout_s = a.launch.fail_timeout_s;
   wo.optim_threads = a.optim_threads;
   wo.trace = !a.trace.empty();
+  for (size_t b = 0; !a.nvme.empty();) {  // --nvme A,B
+    const size_t c = a.nvme.find(',', b);
+    wo.nvme.push_back(a.nvme.substr(b, c == std::string::npos ? std::string::npos : c - b));
+    if (c == std::string::npos) break;
+    b = c + 1;
+  }
   const double start_s = since(t_start);  // process start: libraries, plan
   Worker worker(plan, w.rank, nullptr, wo);  // CUDA context, streams, host memory of the training state
   const double worker_s = since(t_start) - start_s;
@@ -504,6 +513,13 @@ int worker_body(const Args& a, const std::string& device_hint) {
     const std::vector<double> allocs = per_rank((double)r.peak_allocated);
     const std::vector<double> outside = per_rank((double)r.outside_bytes);
     const std::vector<double> rss = per_rank(peak_rss());
+    std::vector<double> tier_rb, tier_wb, tier_rs, tier_ws;
+    if (!plan.nvme.empty()) {
+      tier_rb = per_rank((double)r.tier_read_bytes);
+      tier_wb = per_rank((double)r.tier_write_bytes);
+      tier_rs = per_rank(r.tier_read_s);
+      tier_ws = per_rank(r.tier_write_s);
+    }
     last_peaks = peaks;
     last_allocs = allocs;
     const bool skipped = !r.finite && r.skipped && on_nonfinite == "skip";
@@ -555,6 +571,12 @@ int worker_body(const Args& a, const std::string& device_hint) {
       m["host_peak_rss_bytes"] = rss;  // per rank, peak so far
       if (!plan.host_bytes.empty()) m["host_predicted_bytes"] = host_predicted;
       m["grad_norm"] = r.grad_norm;  // NaN and inf are written as null
+      if (!plan.nvme.empty()) {  // NVMe tier: this step's traffic and time per rank
+        m["tier_read_bytes"] = tier_rb;
+        m["tier_write_bytes"] = tier_wb;
+        m["tier_read_s"] = tier_rs;
+        m["tier_write_s"] = tier_ws;
+      }
       if (!r.finite) m["nonfinite"] = true;
       if (skipped) m["skipped"] = true;
       if (skipped_total > 0) m["skipped_steps"] = skipped_total;
@@ -656,6 +678,7 @@ int run_main(int argc, char** argv) {
   app.add_option("--trace", a.trace, "write the measured timeline of the last step (Chrome/Perfetto JSON)");
   app.add_option("--device", a.device, "auto, cpu or cuda");
   app.add_option("--hardware", a.hardware, "hardware name or file whose peak_bf16_tflops MFU/HFU divide by (default: the plan's)");
+  app.add_option("--nvme", a.nvme, "NVMe tier directories instead of the plan's (comma-separated, as many as the plan names)");
   app.add_option("--optim-threads", a.optim_threads, "CPU optimizer threads per rank (0: cores / ranks)");
   app.add_option("--on-nonfinite", a.on_nonfinite,
                  "stop (exit 4, no checkpoint of the step) or skip (no update; needs a plan compiled with --on-nonfinite skip "
@@ -721,6 +744,10 @@ int run_main(int argc, char** argv) {
     return 2;
   } catch (const io::FormatError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const tier::SetupError& e) {  // the NVMe tier's paths: missing, unwritable, full (before training)
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
+              << "error: " << e.what() << "\n";
     return 2;
   } catch (const comm::ConfigError& e) {
     std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
