@@ -476,6 +476,10 @@ limit)
     TAIL=${TAIL:-4} mmoc_job 7b-$b "--model llama2-7b --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget $b --micro-batch-size 8 --microbatches 4 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
   done
   python3 bench/limit_summary.py "$OUT" 32 4 ${BUDGETS:-20 48 80 130}
+  # what the engine adds to a layer: the one-layer stages' forward/backward in the measured trace vs limits.py's layer
+  for b in ${BUDGETS:-20 48 80 130}; do
+    echo "budget $b GiB:"; python3 bench/layer_overhead.py "$OUT/measured-7b-$b.json" "$OUT/plan-7b-$b.json" "$OUT/limits.log"
+  done
   ;;
 limits)
   # the machine's limits at the job's shape (pinned H2D/D2H, bf16 matmul, one decoder layer, CPU AdamW, host memcpy)

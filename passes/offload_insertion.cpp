@@ -420,11 +420,11 @@ void offload_insertion_pass(PassContext& c) {
 
   struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; std::string tier_note; };
   std::vector<Cand> cands;
-  std::vector<OffloadConfig> tried;             // the choices as made, before tier placement
   std::optional<HostMemoryError> host_refusal;  // a choice that fits the GPU but not the host (the smallest need)
+  std::vector<OffloadConfig> seen;               // the choices tried (before tier placement)
   auto add_cand = [&](const OffloadConfig& choice) {
-    for (const auto& t : tried) if (t == choice) return;
-    tried.push_back(choice);
+    for (const auto& k : seen) if (k == choice) return;
+    seen.push_back(choice);
     OffloadConfig cfg = choice;
     ir::Plan pl = lower_offload(c, base, cfg);
     // host memory (cost/host_memory.hpp): the most resident choice on the GPU is the least on the host. With --nvme
