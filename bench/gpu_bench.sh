@@ -413,8 +413,8 @@ sv = [x for x in lines(out + "/save-19.jsonl") if "save_step" in x]
 for x in sv:  # the final save end to end (writes, fsyncs, the swap); a background one by its writing time
     t = x["save_write_s"] if x["save_background"] else x["save_s"]
     rate = x["save_bytes"] / t
-    print("RESULT 1.9B save (%s, step %d): %.2f GB in %.1f s (%.1f s of it writing), %.2f GB/s = %.0f%% of the disk's write bandwidth (goal >= 80%%)%s"
-          % ("background" if x["save_background"] else "final", x["save_step"], x["save_bytes"] / 1e9, t, x["save_write_s"], rate / 1e9, 100 * rate / w,
+    print("RESULT 1.9B save (%s, step %d): %.2f GB in %.1f s (%.1f s of it writing, %.1f s completing the folder), %.2f GB/s = %.0f%% of the disk's write bandwidth (goal >= 80%%)%s"
+          % ("background" if x["save_background"] else "final", x["save_step"], x["save_bytes"] / 1e9, t, x["save_write_s"], x.get("save_finalize_s", -1), rate / 1e9, 100 * rate / w,
              "; the next step's updates waited %.1f s for it" % x.get("save_optimizer_wait_s", 0) if x["save_background"] else ""))
 for name, f in (("resume", "/resume-19.jsonl"), ("HF --init (fp32 shards)", "/init-19.jsonl")):
     x = first(out + f)

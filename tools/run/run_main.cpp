@@ -462,16 +462,20 @@ int worker_body(const Args& a, const std::string& device_hint) {
   auto finish_save = [&]() {
     const SaveReport r = worker.finish_save();  // this rank's files are written and fsynced (or it throws)
     const double bytes = sum_over_ranks((double)r.bytes), write_s = max_over_ranks(r.seconds), wait_s = max_over_ranks(r.optimizer_wait_s);
+    // rank 0 completes the folder (config, index, trainer state, fsyncs) and swaps it in, removing the previous one
+    const auto tf = Clock::now();
     if (w.rank == 0) finalize_checkpoint(plan, staging_dir(a.save), a.save, bf16_weights ? at::kBFloat16 : at::kFloat, pending->trainer_state);
+    const double finalize_s = since(tf);
     if (tr) tr->barrier();
     const double total_s = since(pending->t0);
     json m = {{"save_step", pending->step}, {"save_s", total_s}, {"save_write_s", write_s}, {"save_bytes", bytes},
               {"save_background", pending->background}};
+    if (w.rank == 0) m["save_finalize_s"] = finalize_s;
     if (pending->background) m["save_optimizer_wait_s"] = wait_s;
     if (w.rank == 0 && !a.quiet) {
       char buf[512];
-      std::snprintf(buf, sizeof buf, "saved checkpoint %s (step %lld) in %.1f s: %.2f GB written at %.2f GB/s%s\n", a.save.c_str(),
-                    (long long)pending->step, total_s, bytes / 1e9, bytes / 1e9 / std::max(write_s, 1e-9),
+      std::snprintf(buf, sizeof buf, "saved checkpoint %s (step %lld) in %.1f s: %.2f GB written at %.2f GB/s (writing %.1f s, completing %.1f s)%s\n",
+                    a.save.c_str(), (long long)pending->step, total_s, bytes / 1e9, bytes / 1e9 / std::max(write_s, 1e-9), write_s, finalize_s,
                     pending->background ? (" in the background; optimizer steps waited " + fmt1(wait_s) + " s for it").c_str() : "");
       std::cout << buf << std::flush;
     }
