@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | tier | startup | h100-7b | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | tier | nvme-7b | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
 #                                   | h200x2-peer | h200x4 | peers | fsdp2 | ds-zero2 | ds-zero3 | ds-nvme | limits  (bench/README.md)
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
@@ -64,6 +64,9 @@ simpk = [float(x) for x in re.findall(r"simulated peak ([0-9.]+) GiB", c)]
 steady = sorted(x["step_s"] for x in r[1:])[len(r[1:]) // 2]
 G = 2**30
 print("SUMMARY %s: step %.3f s measured (median of steps 2..%d) vs %.3f s predicted (%+.1f%%)" % (sys.argv[3], steady, len(r), pred, 100 * (pred - steady) / steady))
+med = lambda k: sorted(x.get(k, 0) for x in r[1:])[len(r[1:]) // 2]
+print("SUMMARY %s: %.0f tokens/s, MFU %.1f%%, HFU %.1f%% of %.0f TFLOP/s bf16 peak per GPU (medians of steps 2..%d)"
+      % (sys.argv[3], med("tokens_per_s"), 100 * med("mfu"), 100 * med("hfu"), r[-1].get("peak_tflops", 0), len(r)))
 last = r[-1]
 for g, (res, al) in enumerate(zip(last["peak_bytes"], last.get("peak_allocated_bytes", last["peak_bytes"]))):
     dev = last.get("device_peak_bytes", [0] * len(last["peak_bytes"]))[g]
@@ -266,6 +269,50 @@ tier)
   "$build/engine/tier/mmoc_tier_bench" --paths "$paths" --size-mib ${NVME_MIB:-4096} ${SWEEP:+--sweep} 2>&1 | tee "$OUT/bench-tier.log"
   "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" -o "$OUT/hw-storage.json" 2>&1 | tail -12
   ;;
+nvme-7b)
+  # issue 13 on nvidia-h200: LLaMA-2-7B with --host-budget ${HB:-48} GiB and the NVMe tier on this machine's disk
+  # (NVME_PATHS=dir[,dir], default .bench-nvme in the checkout), in one call:
+  #  - mmoc-profile --storage-only on the paths (direct I/O read/write GB/s, into the hardware file the job compiles for),
+  #  - the tier run: measured peak RSS (getrusage of the worker) vs the budget, NVMe traffic rate (tier bytes / time the
+  #    reads and writes took) vs the profiled bandwidth, predicted vs measured step time,
+  #  - the all-in-host-memory run of the same job: tokens/s of both.
+  # MB micro-batches of 8 x 1024 per step (default 16; the compiler predicts ~50 s/step, I/O-bound: ~45 GiB of optimizer
+  # state each way per step at the default 2 GB/s), STEPS (default 3).
+  paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
+  log "disk: $(df -h "${dirs[0]}" | tail -1)"
+  ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
+  timeout 120 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
+    -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  grep -iE "GB/s|read|write" "$OUT/profile-nvme.log" | tail -6
+  gen_data "$OUT/tok.jsonl" 400 1024
+  job="--model llama2-7b --gpus 1 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches ${MB:-16} --seq-len 1024"
+  mmoc_job nvme7b "$job --hardware $OUT/hw-nvme.json --host-budget ${HB:-48} --nvme $paths" "$OUT/tok.jsonl" ${STEPS:-3}
+  grep -E "^host memory|nvme" "$OUT/compile-nvme7b.log" | head -4
+  mmoc_job host7b "$job --hardware $OUT/hw-nvme.json" "$OUT/tok.jsonl" ${STEPS:-3}
+  python3 - "$OUT/mmoc-nvme7b.jsonl" "$OUT/mmoc-host7b.jsonl" "$OUT/hw-nvme.json" "${HB:-48}" <<'PY'
+import json, sys
+def rows(p):
+    try: return [json.loads(l) for l in open(p)]
+    except OSError: return []
+t, h = rows(sys.argv[1]), rows(sys.argv[2])
+hw = json.load(open(sys.argv[3])); st = hw.get("storage", [])
+G = 2**30
+if not t:
+    print("RESULT nvme-7b: the tier run produced no steps"); sys.exit(0)
+rss = max(r.get("host_peak_rss_bytes", [0])[0] for r in t)
+print("RESULT nvme-7b: peak RSS %.1f GiB with --host-budget %s GiB (%s)" % (rss / G, sys.argv[4], "within" if rss <= float(sys.argv[4]) * G else "OVER"))
+steady = t[1:] or t
+rb = sum(sum(r.get("tier_read_bytes", [0])) for r in steady); wb = sum(sum(r.get("tier_write_bytes", [0])) for r in steady)
+rs = sum(sum(r.get("tier_read_s", [0])) for r in steady); ws = sum(sum(r.get("tier_write_s", [0])) for r in steady)
+pr = sum(p.get("read_gbps", 0) for p in st); pw = sum(p.get("write_gbps", 0) for p in st)
+if rs > 0 and ws > 0 and pr > 0 and pw > 0:
+    print("RESULT nvme-7b: NVMe read %.1f GB/step at %.2f GB/s (%.0f%% of profiled %.2f), write %.1f GB/step at %.2f GB/s (%.0f%% of profiled %.2f)"
+          % (rb / 1e9 / len(steady), rb / 1e9 / rs, 100 * rb / 1e9 / rs / pr, pr, wb / 1e9 / len(steady), wb / 1e9 / ws, 100 * wb / 1e9 / ws / pw, pw))
+tps = lambda r: sorted(x["tokens_per_s"] for x in (r[1:] or r))[len(r[1:] or r) // 2] if r else 0
+print("RESULT nvme-7b: tokens/s with the tier %.0f, all in host memory %.0f (ratio %.2f)" % (tps(t), tps(h), tps(t) / max(tps(h), 1e-9)))
+PY
+  [ "${KEEP_NVME:-0}" = 1 ] || rm -rf "${dirs[@]}"
+  ;;
 startup)
   # issue 10 item 4 on nvidia-h200, one call: the disk's write and read bandwidth (dd, O_DIRECT, 8 GiB), then
   #  - 7B ready to train from random init (goal: within 15 s of launch),
@@ -327,6 +374,8 @@ PY
   timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan-19.json" --data "$OUT/tok.jsonl" --steps 2 --device cuda --save "$D/ck19" --save-every 1 \
      --metrics "$OUT/save-19.jsonl" > "$OUT/save-19.log" 2>&1
   echo "exit $?"; grep -E "ready after|^step|saved|error" "$OUT/save-19.log"
+  # the disk again right after the saves (this virtual disk's rate drifts between and within calls)
+  dd if=/dev/zero of="$D/dd.bin" bs=16M count=512 oflag=direct conv=fsync 2> "$OUT/dd-write2.log"; tail -1 "$OUT/dd-write2.log"; rm -f "$D/dd.bin"
   log "1.9B: resume (weights + AdamW state), then --init of its HF shards (fp32)"
   timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan-19.json" --data "$OUT/tok.jsonl" --steps 3 --device cuda --resume "$D/ck19" --metrics "$OUT/resume-19.jsonl" > "$OUT/resume-19.log" 2>&1
   echo "exit $?"; grep -E "ready after|^step|error" "$OUT/resume-19.log"
@@ -347,6 +396,10 @@ def lines(path):
     except (OSError, ValueError): return []
 w, r = dd(out + "/dd-write.log"), dd(out + "/dd-read.log")
 print("RESULT disk: write %.2f GB/s, read %.2f GB/s (dd, O_DIRECT, 16 MiB blocks, 8 GiB)" % (w / 1e9, r / 1e9))
+w2 = dd(out + "/dd-write2.log")
+if w2 == w2:  # the write rate measured again right after the saves; the saves are compared with the higher of the two
+    print("RESULT disk after the saves: write %.2f GB/s (dd as above)" % (w2 / 1e9))
+    w = max(w, w2)
 i7 = first(out + "/init-7b.jsonl")
 if i7: print("RESULT 7B random init: ready %.1f s after launch (goal <= 15 s; %s), of which set-up %.1f s and init %.1f s"
            % (i7.get("launch_ready_s", i7.get("ready_s", -1)), "met" if i7.get("launch_ready_s", 99) <= 15 else "NOT met", i7.get("setup_s", -1), i7.get("init_s", -1)))
@@ -360,8 +413,8 @@ sv = [x for x in lines(out + "/save-19.jsonl") if "save_step" in x]
 for x in sv:  # the final save end to end (writes, fsyncs, the swap); a background one by its writing time
     t = x["save_write_s"] if x["save_background"] else x["save_s"]
     rate = x["save_bytes"] / t
-    print("RESULT 1.9B save (%s, step %d): %.2f GB in %.1f s (%.1f s of it writing), %.2f GB/s = %.0f%% of the disk's write bandwidth (goal >= 80%%)%s"
-          % ("background" if x["save_background"] else "final", x["save_step"], x["save_bytes"] / 1e9, t, x["save_write_s"], rate / 1e9, 100 * rate / w,
+    print("RESULT 1.9B save (%s, step %d): %.2f GB in %.1f s (%.1f s of it writing, %.1f s completing the folder), %.2f GB/s = %.0f%% of the disk's write bandwidth (goal >= 80%%)%s"
+          % ("background" if x["save_background"] else "final", x["save_step"], x["save_bytes"] / 1e9, t, x["save_write_s"], x.get("save_finalize_s", -1), rate / 1e9, 100 * rate / w,
              "; the next step's updates waited %.1f s for it" % x.get("save_optimizer_wait_s", 0) if x["save_background"] else ""))
 for name, f in (("resume", "/resume-19.jsonl"), ("HF --init (fp32 shards)", "/init-19.jsonl")):
     x = first(out + f)
@@ -414,6 +467,25 @@ ds-nvme)
   mkdir -p "${NVME:-$OUT/nvme}"
   ds ds-nvme "--stage 3 --nvme ${NVME:-$OUT/nvme}"
   rm -rf "${NVME:-$OUT/nvme}"
+  ;;
+limit)
+  # issue 14 on nvidia-h200, one call: LLaMA-2-7B (8 x 1024 tokens x 4 micro-batches, bf16, auto v/schedule/offload/
+  # recompute) at budgets BUDGETS (default 20 48 80 130 GiB), after limits.py once at the job's shape (alone on the GPU);
+  # per budget: tokens/s, MFU, the recompute-inclusive limit L x M x (fwd+bwd + fwd) and the no-recompute limit
+  # L x M x (fwd+bwd) from limits.py's layer, the fraction of each, the measured peak memory against the budget and the
+  # simulator's step against the measured one (bench/README.md)
+  log "limits.py at the job's shape"
+  timeout 200 python3 bench/peers/limits.py --model llama2-7b --mbs 8 --seq 1024 --transfer-mib 512 --adam-params 2e7 \
+    --memcpy-mib 256 > "$OUT/limits.log" 2>&1; echo "limits.py exit $?"; grep -E "layer|RESULT" "$OUT/limits.log"
+  gen_data "$OUT/tok.jsonl" 160 1024
+  for b in ${BUDGETS:-20 48 80 130}; do
+    TAIL=${TAIL:-4} mmoc_job 7b-$b "--model llama2-7b --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget $b --micro-batch-size 8 --microbatches 4 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
+  done
+  python3 bench/limit_summary.py "$OUT" 32 4 ${BUDGETS:-20 48 80 130}
+  # what the engine adds to a layer: the one-layer stages' forward/backward in the measured trace vs limits.py's layer
+  for b in ${BUDGETS:-20 48 80 130}; do
+    echo "budget $b GiB:"; python3 bench/layer_overhead.py "$OUT/measured-7b-$b.json" "$OUT/plan-7b-$b.json" "$OUT/limits.log"
+  done
   ;;
 limits)
   # the machine's limits at the job's shape (pinned H2D/D2H, bf16 matmul, one decoder layer, CPU AdamW, host memcpy)

@@ -28,6 +28,9 @@ void validate_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw
     throw InputError("layout pp x dp x tp = " + std::to_string(j.gpus) + " x " + std::to_string(j.dp) + " x " + std::to_string(j.tp) +
                      " = " + std::to_string(j.gpus * j.dp * j.tp) + " ranks, but hardware '" + hw.name + "' has " +
                      std::to_string(hw.gpus) + " GPU(s)");
+  if (!j.nvme.empty() && (j.dp > 1 || j.tp > 1))
+    throw InputError("--nvme (the NVMe tier) with --dp " + std::to_string(j.dp) + " --tp " + std::to_string(j.tp) +
+                     " is not supported: the tier holds whole stages of one pipeline (use --dp 1 --tp 1, or leave out --nvme)");
   if (j.tp > 1) (void)with_tp(m, j.tp);  // tp divides heads, kv heads and ffn (InputError naming the HF key)
   if (j.microbatches % j.dp != 0)
     throw InputError("--dp " + std::to_string(j.dp) + " does not divide the batch: " + std::to_string(j.microbatches) +
@@ -68,6 +71,18 @@ ir::Plan initial_plan(const JobConfig& j, const ModelSpec& m, const HardwareSpec
   p.seq_len = j.seq_len;
   double budget = j.budget_gib > 0 ? j.budget_gib : hw.gpu_mem_gib;
   p.budget_bytes = (int64_t)(budget * GiB);
+  // NVMe tier: each path's share of an object is 1 / (1/read + 1/write) of its measured bandwidths
+  // (engine/tier/stripe.hpp's path_weight); a path the hardware file has not measured gets weight 1
+  p.host_budget_bytes = (int64_t)(j.host_budget_gib * GiB);
+  p.nvme = j.nvme;
+  if (!j.nvme.empty()) {
+    for (const auto& path : j.nvme) {
+      double w = 1.0;
+      for (const auto& sp : hw.storage)
+        if (sp.path == path && sp.read_gbps > 0 && sp.write_gbps > 0) w = 1.0 / (1.0 / sp.read_gbps + 1.0 / sp.write_gbps);
+      p.nvme_weights.push_back(w);
+    }
+  }
   p.model = m.arch();
   p.train = j.train;
   return p;
@@ -99,7 +114,7 @@ CompileResult run_pipeline(PassContext& c, const std::string& start_after, const
   }
   c.plan.host_bytes.clear();
   if (c.memory_complete)  // the plan records each rank's predicted host memory (verify-memory checked it)
-    for (const auto& h : predict_host_memory(c.plan, host_memory_options(c.hw))) c.plan.host_bytes.push_back(h.total());
+    for (const auto& h : predict_host_memory(c.plan, host_memory_options(c.hw, c.plan))) c.plan.host_bytes.push_back(h.total());
   r.plan = std::move(c.plan);
   r.notes = std::move(c.notes);
   r.compile_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -127,6 +142,8 @@ JobConfig job_of_plan(const JobConfig& knobs, const ir::Plan& p) {
   j.micro_batch_size = p.micro_batch_size;
   j.seq_len = p.seq_len;
   j.budget_gib = (double)p.budget_bytes / GiB;
+  j.host_budget_gib = (double)p.host_budget_bytes / GiB;
+  j.nvme = p.nvme;
   j.train = p.train;
   return j;
 }
@@ -359,15 +376,27 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
   }
   os << "stages:\n";
   for (const auto& s : p.stages) {
-    std::snprintf(buf, sizeof buf, "  S%-3d rank g%d (GPU %d)  layers %3d-%-3d %7.3fB params  %-8s %s  fwd %8.2f ms  bwd %8.2f ms\n",
+    // partial recompute: "rc k/n" (the first k of its n layers recompute)
+    const std::string rc = !s.recompute ? "         " : s.keep_layers == 0 ? "recompute"
+                           : "rc " + std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers());
+    std::snprintf(buf, sizeof buf, "  S%-3d rank g%d (GPU %d)  layers %3d-%-3d %7.3fB params  %-8s %-9s  fwd %8.2f ms  bwd %8.2f ms\n",
                   s.id, s.gpu, p.gpu_order.empty() ? s.gpu : p.gpu_order[s.gpu], s.layer_begin, s.layer_end - 1,
                   s.params / 1e9, s.weights == ir::Residency::Resident ? "resident" : "offload",
-                  s.recompute ? "recompute" : "         ", s.fwd_ms, s.bwd_ms);
+                  rc.c_str(), s.fwd_ms, s.bwd_ms);
     os << buf;
   }
   std::snprintf(buf, sizeof buf, "predicted: step %.3f s, %.0f tokens/s, bubble %.1f%%\n", r.sim.step_ms / 1000.0,
                 r.sim.tokens_per_s, 100.0 * r.sim.bubble);
   os << buf;
+  if (!p.nvme.empty()) {  // NVMe tier (docs/nvme-tier.md)
+    int on = 0;
+    int64_t bytes = 0;
+    for (const auto& d : p.buffers)
+      if (d.kind == ir::BufKind::Opt && d.home == ir::Tier::Nvme) { ++on; bytes += d.bytes; }
+    std::snprintf(buf, sizeof buf, "nvme tier: optimizer state of %d stage(s) on %zu path(s) (%s), %.2f GB read + %.2f GB written per step\n",
+                  on, p.nvme.size(), gib((double)bytes).c_str(), r.sim.tier_read_bytes / 1e9, r.sim.tier_write_bytes / 1e9);
+    os << buf;
+  }
   os << "memory per GPU (budget " << gib((double)p.budget_bytes) << "):\n";
   for (int g = 0; g < p.gpus; ++g) {
     std::snprintf(buf, sizeof buf, "  g%d  simulated peak %s  bound %s  (%.0f%% of budget)\n", g,
@@ -376,13 +405,19 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
                   p.budget_bytes > 0 && g < (int)r.bound.size() ? 100.0 * r.bound[g] / p.budget_bytes : 0.0);
     os << buf;
   }
-  if (!p.host_bytes.empty()) {
-    const auto host = predict_host_memory(p, host_memory_options(hw));
+  if (!p.host_bytes.empty()) {  // the one host-memory model (cost/host_memory.hpp), with the NVMe tier's staging
+    const auto host = predict_host_memory(p, host_memory_options(hw, p));
     os << "host memory per rank (node has " << gib(hw.host_mem_gib * GiB)
+       << (p.host_budget_bytes > 0 ? ", --host-budget " + gib((double)p.host_budget_bytes) : std::string())
        << (p.dp > 1 ? "; each of the " + std::to_string(p.dp) + " replicas of a pipeline rank, with 1/" + std::to_string(p.dp) +
                           " of the offloaded stages' optimizer state" : std::string())
        << "):\n";
     for (const auto& h : host) os << "  g" << h.rank << "  predicted " << gib((double)h.total()) << "  (" << h.describe() << ")\n";
+    if (p.host_budget_bytes > 0 || !p.nvme.empty()) {
+      const HostMemoryCheck hc = check_host_memory(host, hw, &p);
+      os << "host memory: at most " << gib((double)hc.needed) << " per node, within " << gib((double)hc.available)
+         << (hc.by_budget ? " (--host-budget)" : " (host_mem_gib)") << "\n";
+    }
   }
   std::snprintf(buf, sizeof buf, "compile time: %.1f ms (%d candidate%s)\n", r.compile_ms, r.candidates, r.candidates == 1 ? "" : "s");
   os << buf;

@@ -126,6 +126,26 @@ double CostModel::adam_pool_rate(int threads) const {
   return bytes_per_ms(hw.host_mem_gbps) * std::min(1.0, (double)threads / hw.adam_threads_to_saturate());
 }
 double CostModel::adam_traffic_bytes(int64_t params) const { return (double)params * hw.adam_bytes_per_param; }
+StepFlops step_flops(const ir::Plan& p) {
+  ModelSpec m;
+  static_cast<ir::ModelArch&>(m) = p.model;
+  const double reps = (double)p.microbatches * std::max(1, p.dp);
+  StepFlops f;
+  for (const auto& st : p.stages)
+    for (int l = st.layer_begin; l < st.layer_end; ++l) {
+      const double fwd = m.layer_fwd_flops(l, p.micro_batch_size, p.seq_len);
+      const double train = fwd + m.layer_bwd_flops(l, p.micro_batch_size, p.seq_len);
+      f.model += reps * train;
+      f.hardware += reps * (train + (l < st.layer_begin + st.recompute_layers() ? fwd : 0.0));
+    }
+  return f;
+}
+
+double flops_utilization(double flops, double seconds, int gpus, double peak_tflops) {
+  if (!(flops > 0) || !(seconds > 0) || gpus <= 0 || !(peak_tflops > 0)) return 0;
+  return flops / seconds / ((double)gpus * peak_tflops * 1e12);
+}
+
 int CostModel::optim_threads_per_gpu(int gpus) const { return std::max(1, hw.cpu_cores / std::max(1, gpus)); }
 
 }  // namespace mmoc

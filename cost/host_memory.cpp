@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 
 #include "common/format.hpp"
 
@@ -36,7 +37,7 @@ std::vector<HostMemory> predict_host_memory(const ir::Plan& p, const HostMemoryO
     // pinned_ids and pinned_labels: [microbatches, mbs * seq] int64 each
     h.batch = 2 * pow2_at_least((int64_t)p.microbatches * p.micro_batch_size * p.seq_len * 8);
     h.io_staging = std::max(o.save ? o.save_staging_bytes : 0, o.load_staging_bytes);
-    h.nvme_staging = o.nvme_staging_bytes;
+    if (r < (int)o.nvme_staging_bytes.size()) h.nvme_staging = o.nvme_staging_bytes[r];
     if (!o.cuda && r < (int)device_bound.size()) h.device = device_bound[r];
   }
   for (const auto& s : p.stages) {
@@ -46,10 +47,19 @@ std::vector<HostMemory> predict_host_memory(const ir::Plan& p, const HostMemoryO
     st.gpu = s.gpu;
     const int64_t n = s.params;
     const bool offloaded = s.weights == ir::Residency::Offload;
-    if (offloaded && p.dp > 1) {
+    const ir::BufferDecl* opt = p.find_buffer(ir::BufKind::Opt, s.id);
+    const bool on_tier = offloaded && opt && opt->home == ir::Tier::Nvme;
+    if (on_tier) {  // master and moments on the NVMe tier; the compute-precision copy and the gradients stay
+      if ((int)o.nvme_staging_bytes.size() < (int)out.size())
+        throw std::logic_error("predict_host_memory: stage S" + std::to_string(s.id) +
+                               "'s state is on the NVMe tier but the tier's staging per rank was not given (passes' host_memory_options(hw, plan))");
+      st.nvme = opt->bytes;
+      st.lowp = cbytes * n;
+      st.grads = cbytes * n;
+    } else if (offloaded && p.dp > 1) {
       // ZeRO (data-parallel pass): each replica keeps 1/dp of the fp32 master, the moments and the gradient landing
       // zone (replica 0 the largest, ceil(n/dp)); the compute-precision copy prefetches read stays whole (fp32: the
-      // whole copy, of which the master shard is a part)
+      // whole copy, of which the master shard is a part). (The NVMe tier with dp > 1 is refused by the compiler.)
       const int64_t shard = (n + p.dp - 1) / p.dp;
       st.master = 4 * shard;
       st.moments = 8 * shard;
@@ -64,20 +74,12 @@ std::vector<HostMemory> predict_host_memory(const ir::Plan& p, const HostMemoryO
       st.master = 4 * n;
       st.moments = 8 * n;
     }
-    if (s.id >= 0 && s.id < (int)o.nvme_bytes.size() && o.nvme_bytes[s.id] > 0) {
-      int64_t left = o.nvme_bytes[s.id];
-      const int64_t from_moments = std::min(left, st.moments);
-      st.moments -= from_moments;
-      left -= from_moments;
-      const int64_t from_master = std::min(left, st.master);
-      st.master -= from_master;
-      st.nvme = from_moments + from_master;
-    }
     HostMemory& h = out[s.gpu];
     h.master += st.master;
     h.moments += st.moments;
     h.grads += st.grads;
     h.lowp += st.lowp;
+    h.nvme += st.nvme;
     h.stages.push_back(st);
   }
   return out;
@@ -91,10 +93,12 @@ std::string HostMemory::describe() const {
   if (nvme_staging) s += ", NVMe staging " + gib((double)nvme_staging);
   if (device) s += ", device buffers " + gib((double)device);
   s += ", process " + gib((double)base);
+  if (nvme) s += "; on the NVMe tier " + gib((double)nvme);
   return s;
 }
 
-HostMemoryCheck check_host_memory(const std::vector<HostMemory>& per_pipe, const HardwareSpec& hw, const ir::Plan* layout) {
+HostMemoryCheck check_host_memory(const std::vector<HostMemory>& per_pipe, const HardwareSpec& hw, int64_t host_budget_bytes,
+                                  const ir::Plan* layout) {
   // every process of the layout: world rank r holds what its pipeline rank's prediction says
   std::vector<HostMemory> ranks;
   if (layout && ir::world_size(*layout) > (int)per_pipe.size()) {
@@ -109,6 +113,10 @@ HostMemoryCheck check_host_memory(const std::vector<HostMemory>& per_pipe, const
   }
   HostMemoryCheck c;
   c.available = (int64_t)std::llround(hw.host_mem_gib * GiB);
+  if (host_budget_bytes > 0 && (hw.host_mem_gib <= 0 || host_budget_bytes < c.available)) {
+    c.available = host_budget_bytes;
+    c.by_budget = true;
+  }
   const int per_node = std::max(1, hw.gpus);
   std::vector<int64_t> node_total;
   for (const auto& h : ranks) {
@@ -118,7 +126,7 @@ HostMemoryCheck check_host_memory(const std::vector<HostMemory>& per_pipe, const
   }
   for (int n = 0; n < (int)node_total.size(); ++n)
     if (n == 0 || node_total[n] > c.needed) { c.node = n; c.needed = node_total[n]; }
-  c.ok = hw.host_mem_gib <= 0 || c.needed <= c.available;
+  c.ok = (hw.host_mem_gib <= 0 && !c.by_budget) || c.needed <= c.available;
   if (!c.ok) {
     const HostMemory* big = nullptr;
     int on_node = 0;
@@ -127,10 +135,13 @@ HostMemoryCheck check_host_memory(const std::vector<HostMemory>& per_pipe, const
         ++on_node;
         if (!big || h.total() > big->total()) big = &h;
       }
-    c.message = "host memory: the plan needs " + gib_at_least(c.needed) + " of host memory" +
+    c.head = "host memory: the plan needs " + gib_at_least(c.needed) + " of host memory" +
                 (on_node > 1 ? " on node " + std::to_string(c.node) + " (" + std::to_string(on_node) + " ranks)" : "") +
-                " but '" + hw.name + "' has " + gib((double)c.available) + " (host_mem_gib)";
-    if (big) c.message += "; rank " + std::to_string(big->rank) + ": " + big->describe();
+                (c.by_budget ? " but --host-budget is " + gib((double)c.available)
+                             : " but '" + hw.name + "' has " + gib((double)c.available) + " (host_mem_gib)") +
+                ", " + gib_at_least(c.needed - c.available) + " missing";
+    if (big) c.breakdown = "rank " + std::to_string(big->rank) + ": " + big->describe();
+    c.message = c.head + (c.breakdown.empty() ? "" : "; " + c.breakdown);
   }
   return c;
 }

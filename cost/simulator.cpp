@@ -46,7 +46,7 @@ using ir::Stream;
 
 namespace {
 
-constexpr int kStreams = (int)Stream::Cpu + 1;
+constexpr int kStreams = ir::kNumStreams;
 
 struct Node {
   double start = 0, end = 0;
@@ -89,6 +89,48 @@ struct Sim {
   int r_group_down(int grp) const { return 3 * G + 2 * grp + 1; }
   int r_host_mem = 0;
   int cpu_threads = 1;
+  // NVMe tier (docs/nvme-tier.md): the node's reads, its writes, and both together. An object is striped over the
+  // plan's paths by nvme_weights, so a transfer runs at min over devices of (device bandwidth / its share of the
+  // object); paths with the same device (hw.storage) share it. Reads and writes of one disk together are capped at
+  // its faster direction. Paths the hardware file has not measured: kTierDefaultGbps.
+  int r_tier_rd = -1, r_tier_wr = -1, r_tier_any = -1;
+  static constexpr double kTierDefaultGbps = 2.0;
+  void setup_tier() {
+    if (p.nvme.empty()) return;
+    const size_t n = p.nvme.size();
+    double tot = 0;
+    std::vector<double> w(n, 1.0);
+    for (size_t i = 0; i < n && i < p.nvme_weights.size(); ++i) w[i] = p.nvme_weights[i];
+    for (double x : w) tot += x;
+    std::map<std::string, std::tuple<double, double, double>> dev;  // device -> (share, read, write)
+    for (size_t i = 0; i < n; ++i) {
+      double rd = kTierDefaultGbps, wr = kTierDefaultGbps;
+      std::string key = "path:" + p.nvme[i];
+      for (const auto& sp : hw.storage)
+        if (sp.path == p.nvme[i]) {
+          if (sp.read_gbps > 0) rd = sp.read_gbps;
+          if (sp.write_gbps > 0) wr = sp.write_gbps;
+          if (!sp.device.empty()) key = "dev:" + sp.device;
+        }
+      auto& e = dev[key];
+      std::get<0>(e) += tot > 0 ? w[i] / tot : 1.0 / n;
+      std::get<1>(e) = std::max(std::get<1>(e), rd);
+      std::get<2>(e) = std::max(std::get<2>(e), wr);
+    }
+    double rd = std::numeric_limits<double>::infinity(), wr = rd, any = rd;
+    for (const auto& [k, e] : dev) {
+      const double f = std::max(std::get<0>(e), 1e-12);
+      rd = std::min(rd, std::get<1>(e) / f);
+      wr = std::min(wr, std::get<2>(e) / f);
+      any = std::min(any, std::max(std::get<1>(e), std::get<2>(e)) / f);
+    }
+    r_tier_rd = (int)res_cap.size();
+    res_cap.push_back(rd * 1e6);  // GB/s -> bytes/ms
+    r_tier_wr = (int)res_cap.size();
+    res_cap.push_back(wr * 1e6);
+    r_tier_any = (int)res_cap.size();
+    res_cap.push_back(any * 1e6);
+  }
 
   // memory
   std::vector<std::set<BufRef>> present;
@@ -133,6 +175,7 @@ struct Sim {
     }
     r_host_mem = 3 * G + 2 * ngroups;
     res_cap[r_host_mem] = cost.host_mem_rate() / copies;
+    setup_tier();
     cpu_threads = opt.cpu_optim_threads > 0 ? opt.cpu_optim_threads : cost.optim_threads_per_gpu(W);
     if (opt.implicit_transfers) find_producers();
     init_memory();
@@ -232,6 +275,8 @@ struct Sim {
       case ir::Timing::GradNorm: return cost.gradnorm_ms();
       case ir::Timing::HostToDevice:
       case ir::Timing::DeviceToHost: return bytes > 0 ? -1 : 0;
+      case ir::Timing::TierRead:
+      case ir::Timing::TierWrite: return bytes > 0 && r_tier_any >= 0 ? -1 : 0;
       case ir::Timing::Optimizer:
         if (in.stream == Stream::Cpu || (st && st->optim == ir::OptimPlace::Cpu)) return st && st->params > 0 ? -1 : 0;
         return cost.gpu_adam_ms(st ? st->params : 0);
@@ -263,6 +308,9 @@ struct Sim {
         f.remaining = (double)n.bytes;
         f.res = {r_d2h(g), r_duplex(g)};
         if (grp >= 0) f.res.push_back(r_group_down(grp));
+      } else if (timing == ir::Timing::TierRead || timing == ir::Timing::TierWrite) {
+        f.remaining = (double)n.bytes;
+        f.res = {timing == ir::Timing::TierRead ? r_tier_rd : r_tier_wr, r_tier_any};
       } else {  // CPU optimizer
         const ir::Stage* st = stage(in.stage);
         // dp > 1: the data-parallel pass shards an offloaded stage's CPU optimizer over the replicas (ZeRO)
@@ -298,6 +346,8 @@ struct Sim {
     const ir::Timing timing = ir::op_info(in.op).timing;
     if (timing == ir::Timing::HostToDevice) R.h2d_util[g] += (double)n.bytes;
     if (timing == ir::Timing::DeviceToHost) R.d2h_util[g] += (double)n.bytes;
+    if (timing == ir::Timing::TierRead) R.tier_read_bytes += n.bytes;
+    if (timing == ir::Timing::TierWrite) R.tier_write_bytes += n.bytes;
   }
 
   // Starts whatever can start now. Returns true if something started.
@@ -504,12 +554,12 @@ SimResult simulate(const ir::Plan& plan, const HardwareSpec& hw, const ModelSpec
 std::string trace_json(const ir::Plan& p, const SimResult& r) {
   using nlohmann::json;
   json ev = json::array();
-  static const char* lane_names[] = {"comp", "h2d", "d2h", "p2p", "cpu"};
+  static const char* lane_names[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io"};
   const int G = (int)p.programs.size();
   for (int g = 0; g < G; ++g) {
     ev.push_back({{"ph", "M"}, {"name", "process_name"}, {"pid", g}, {"tid", 0}, {"args", {{"name", "GPU " + std::to_string(g)}}}});
     ev.push_back({{"ph", "M"}, {"name", "process_sort_index"}, {"pid", g}, {"tid", 0}, {"args", {{"sort_index", g}}}});
-    for (int l = 0; l < 5; ++l)
+    for (int l = 0; l < (p.nvme.empty() ? 5 : 6); ++l)
       ev.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", g}, {"tid", l}, {"args", {{"name", lane_names[l]}}}});
   }
   for (const auto& iv : r.intervals) {

@@ -30,6 +30,7 @@ struct SimResult {
   std::vector<double> compute_busy;     // per GPU fraction of step the comp stream is busy
   double bubble = 0;                    // 1 - mean compute busy fraction
   std::vector<double> h2d_util, d2h_util;  // per GPU fraction of link capacity used
+  int64_t tier_read_bytes = 0, tier_write_bytes = 0;  // NVMe tier traffic of the step (all GPUs)
   std::vector<SimInterval> intervals;
   // memory timeline per GPU: (time_ms, bytes) after each change
   std::vector<std::vector<std::pair<double, int64_t>>> memory;

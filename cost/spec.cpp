@@ -353,6 +353,7 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
   r.read("gpus", hw.gpus, 1);
   r.read("gpu_mem_gib", hw.gpu_mem_gib, finite_min(0));
   r.read("gpu_tflops", hw.gpu_tflops, finite_min(1e-6));
+  r.read("peak_bf16_tflops", hw.peak_bf16_tflops, finite_min(1e-6));
   r.read("gpu_mem_gbps", hw.gpu_mem_gbps, finite_min(1e-6));
   r.read("mfu_small", hw.mfu_small, finite_min(1e-3));
   r.read("mfu_small_tokens", hw.mfu_small_tokens, finite_min(1));
@@ -466,11 +467,14 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
       json_fail(r.at("v"), "expected a positive integer or \"auto\", got " + json_describe(*v));
     }
   }
-  if (auto* b = r.get("budget_gib")) {  // GiB: a number, or a string with a unit (common/size.hpp)
-    if (b->is_number()) r.read("budget_gib", c.budget_gib, finite_min(0));
-    else if (b->is_string()) c.budget_gib = parse_gib(b->get<std::string>(), origin + ": key 'budget_gib'");
-    else json_fail(r.at("budget_gib"), "expected GiB as a number or a string such as \"48GiB\" or \"48GB\", got " + json_describe(*b));
-  }
+  auto read_gib = [&](const char* key, double& out) {  // GiB: a number, or a string with a unit (common/size.hpp)
+    if (auto* b = r.get(key)) {
+      if (b->is_number()) r.read(key, out, finite_min(0));
+      else if (b->is_string()) out = parse_gib(b->get<std::string>(), origin + ": key '" + key + "'");
+      else json_fail(r.at(key), "expected GiB as a number or a string such as \"48GiB\" or \"48GB\", got " + json_describe(*b));
+    }
+  };
+  read_gib("budget_gib", c.budget_gib);
   r.read("micro_batch_size", c.micro_batch_size, 1);
   r.read("microbatches", c.microbatches, 1);
   r.read("seq_len", c.seq_len, 1);
@@ -481,6 +485,30 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
   r.read("dp", c.dp, 1);
   r.read("tp", c.tp, 1);
   r.read("layout", c.layout, {"", "auto"});
+  read_gib("host_budget_gib", c.host_budget_gib);  // the node's host memory cap (NVMe tier)
+  r.read("nvme_place", c.nvme_place, {"auto", "all"});
+  if (auto* nv = r.get("nvme")) {  // "a,b" or ["a", "b"]
+    auto bad = [&] { json_fail(r.at("nvme"), "expected a directory, a comma-separated list or an array of directories, got " + json_describe(*nv)); };
+    std::vector<std::string> parts;
+    if (nv->is_string()) {
+      std::string v = nv->get<std::string>();
+      size_t b = 0;
+      for (;;) {
+        auto c2 = v.find(',', b);
+        parts.push_back(v.substr(b, c2 == std::string::npos ? std::string::npos : c2 - b));
+        if (c2 == std::string::npos) break;
+        b = c2 + 1;
+      }
+    } else if (nv->is_array()) {
+      for (const auto& e : *nv) {
+        if (!e.is_string()) bad();
+        parts.push_back(e.get<std::string>());
+      }
+    } else bad();
+    for (const auto& x : parts)
+      if (x.empty()) bad();
+    c.nvme = parts;
+  }
   if (auto* t = r.get("train")) {
     ObjReader tr(*t, origin + ": train", JsonNaming::Key);
     ir::TrainConfig& T = c.train;

@@ -72,6 +72,9 @@ struct HardwareSpec {
   int gpus = 1;
   double gpu_mem_gib = 80;
   double gpu_tflops = 100;       // achievable dense bf16 TFLOP/s for large matmuls
+  // The GPU's peak dense bf16 TFLOP/s from its data sheet (no sparsity): the denominator of MFU and HFU. Optional in
+  // the file; the default is the H100/H200 SXM figure (989), so set it for any other GPU (L20: 119.5).
+  double peak_bf16_tflops = 989;
   double gpu_mem_gbps = 2000;    // device memory bandwidth, GB/s
   double mfu_small = 0.5;        // efficiency at small micro-batches (see cost model)
   double h2d_gbps = 25, d2h_gbps = 25;   // pinned host<->device per GPU, one direction alone
@@ -114,6 +117,17 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
 // micro-batch of one such layer; bwd without recompute). mmoc-profile writes these.
 std::string calibration_key(const std::string& model, int layer_kind /*0 embed,1 decoder,2 head*/, bool fwd, int mbs, int seq);
 
+// FLOPs of one training step of a plan (all its GPUs, all data-parallel replicas): `model` counts every layer's
+// forward and backward for every micro-batch (ModelSpec::layer_fwd_flops/layer_bwd_flops: ~6 x params x tokens plus
+// attention), without recompute; `hardware` adds the forward of the layers the plan recomputes (Stage::recompute_layers).
+// MFU = model / step time / (GPUs x peak_bf16_tflops), HFU the same with `hardware`.
+struct StepFlops {
+  double model = 0, hardware = 0;
+};
+StepFlops step_flops(const ir::Plan&);
+// The fraction of peak: flops / seconds / (gpus x peak TFLOP/s); 0 when any of them is not positive.
+double flops_utilization(double flops, double seconds, int gpus, double peak_tflops);
+
 // ---- job -----------------------------------------------------------------------------------
 struct JobConfig {
   std::string model = "tiny-gqa", hardware = "h100x1";
@@ -130,6 +144,10 @@ struct JobConfig {
   // "" (gpus, dp and tp as given) or "auto": the compiler chooses pp x dp x tp over the job's `gpus` GPUs by
   // simulated step time under the budget (compile_job)
   std::string layout;
+  // NVMe tier (docs/nvme-tier.md): the node's host memory cap (0 = none) and the tier's directories
+  double host_budget_gib = 0;
+  std::vector<std::string> nvme;
+  std::string nvme_place = "auto";  // auto: only what --host-budget needs | all: every offloaded stage's opt(S)
   ir::TrainConfig train;
 };
 // Parses a job JSON; unknown keys and wrong types throw InputError naming the key.

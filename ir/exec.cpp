@@ -8,7 +8,7 @@
 namespace mmoc::ir {
 
 namespace {
-constexpr int kStreams = (int)Stream::Cpu + 1;
+constexpr int kStreams = kNumStreams;
 // What pairs a source with its sink: the tag, or (untagged) the buffer's name.
 std::string pair_key(const Instr& in) { return in.tag.empty() ? (in.buf ? in.buf->str() : std::string()) : in.tag; }
 }  // namespace

@@ -103,6 +103,16 @@ const std::vector<OpInfo>& op_table() {
        stream_bit(Stream::Comp), Stream::Comp, 0, false, Sync::None, Timing::Instant,
        {{A::Require, R::Operand}, {A::Require, R::WGrad}, {A::Free, R::Operand}}, Workspace::None,
        "add gradient B into wgrad(S) and drop B (tiegrad(S<last>) into the embedding rows of wgrad(S0))"},
+      // the NVMe tier (docs/nvme-tier.md): opt(S) of a stage whose buffer-table home is nvme is in host memory only
+      // between its read and its write; both run on the io stream (the engine's I/O thread)
+      {Op::TierRead, "read", kOpBuf, "{buf} <- nvme",  //
+       stream_bit(Stream::Io), Stream::Io, 0, false, Sync::None, Timing::TierRead,
+       {{A::Alloc, R::Operand, W::Host}}, Workspace::None,
+       "allocate B (opt(S) of a stage whose home is nvme) in host memory and read it from the NVMe tier"},
+      {Op::TierWrite, "write", kOpBuf, "{buf} -> nvme",  //
+       stream_bit(Stream::Io), Stream::Io, 0, false, Sync::None, Timing::TierWrite,
+       {{A::Free, R::Operand, W::Host}}, Workspace::None,
+       "write B to the NVMe tier, then drop its host copy"},
       {Op::ReduceScatter, "reduce_scatter", kOpBuf | kOpGroup, "{buf}",  //
        stream_bit(Stream::P2P) | stream_bit(Stream::Comp), Stream::P2P, 0, false, Sync::None, Timing::Collective,
        {{A::Require, R::Operand}}, Workspace::None,
@@ -168,7 +178,8 @@ Stream natural_stream(const Instr& in) {
   return o.natural;
 }
 
-Effects effects(const Plan& p, const Instr& in) {
+namespace {
+Effects effects_where(const Plan& p, const Instr& in, bool host) {
   const OpInfo& o = op_info(in.op);
   Effects e;
   const int S = in.stage, m = in.mb, last = p.num_stages() - 1;
@@ -181,7 +192,9 @@ Effects effects(const Plan& p, const Instr& in) {
       case When::FirstOrLastStage: on = S == 0 || S == last; break;
       case When::OffCpu: on = in.stream != Stream::Cpu; break;
       case When::TiedHead: on = S == last && last > 0 && p.model.tied_embeddings; break;
+      case When::Host: on = host; break;
     }
+    if (host != (r.when == When::Host)) continue;
     if (!on) continue;
     BufRef b;
     switch (r.ref) {
@@ -208,6 +221,14 @@ Effects effects(const Plan& p, const Instr& in) {
   }
   return e;
 }
+}  // namespace
+
+Effects effects(const Plan& p, const Instr& in) { return effects_where(p, in, false); }
+Effects host_effects(const Plan& p, const Instr& in) {
+  Effects e = effects_where(p, in, true);
+  e.transient = 0;
+  return e;
+}
 
 std::vector<BufRef> persistent_buffers(const Plan& p, int gpu) {
   std::vector<BufRef> out;
@@ -229,7 +250,9 @@ int64_t transfer_bytes(const Plan& p, const Instr& in) {
   switch (op_info(in.op).timing) {
     case Timing::HostToDevice:
     case Timing::PeerToPeer:
-    case Timing::Collective: return p.buffer_bytes(*in.buf);
+    case Timing::Collective:
+    case Timing::TierRead:
+    case Timing::TierWrite: return p.buffer_bytes(*in.buf);
     case Timing::DeviceToHost: return in.to_host ? p.buffer_bytes(*in.buf) : 0;
     default: return 0;
   }

@@ -56,6 +56,8 @@ enum class Timing : uint8_t {
   Collective,     // a collective over the buffer (allreduce)
   Optimizer,      // AdamW of the stage: on the cpu stream host-memory bound, on a GPU stream device-memory bound
   GradNorm,       // the global gradient norm
+  TierRead,       // the buffer's bytes from the NVMe tier (each path's read bandwidth, shared by the node)
+  TierWrite,      // the buffer's bytes to the NVMe tier (each path's write bandwidth, shared by the node)
 };
 
 // How the executors pair an op with ops of other programs.
@@ -93,6 +95,7 @@ enum class When : uint8_t {
   FirstOrLastStage,  // S == 0 or S == last (the ids; the labels)
   OffCpu,            // the instruction is not on the cpu stream
   TiedHead,          // S == last > 0 and the model's lm_head is tied to the embedding (stage 0's)
+  Host,              // the effect is on the node's host memory, not on the GPU (host_effects; effects skips it)
 };
 struct EffectRule {
   Access access;
@@ -146,6 +149,9 @@ struct Effects {
 // The effects of `in` on its GPU, from the op table, the stage table (first/last stage, workspaces) and the
 // instruction's stream. Operands are taken as they are (the structural verifier checks their ranges first).
 Effects effects(const Plan&, const Instr& in);
+
+// The instruction's effects on host memory (the rules marked When::Host): the NVMe tier's staging of opt(S).
+Effects host_effects(const Plan&, const Instr& in);
 
 // Buffers on the GPU all step (not allocated by any op): the buffer-table entries with home=gpu of the kinds that
 // are persistent there (w, opt), on the GPU of their stage.

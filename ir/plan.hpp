@@ -26,13 +26,16 @@ enum class Op {
   GradNorm,   // gradnorm                : global gradient norm over all stages and ranks (clipping)
   Optim,      // optim S                 : AdamW step of stage S (on cpu: host master; on comp: GPU state)
   AddGrad,    // addgrad B -> S          : add gradient B into wgrad(S) (a tied lm_head's into the embedding's rows)
+  TierRead,   // read opt(S) <- nvme     : allocate opt(S) in host memory and read it from the NVMe tier (io stream)
+  TierWrite,  // write opt(S) -> nvme    : write opt(S) to the NVMe tier, then drop its host copy (io stream)
   ReduceScatter,  // reduce_scatter B group=G : sum B over G; this rank keeps its 1/|G| shard (ZeRO gradients)
   AllGather,      // allgather B group=G      : the ranks' shards of B's host copy gathered on all of G (ZeRO weights)
 };
 // Adding an op: append it above, count it here, and give it its entry in ir/ops.cpp's op table (the syntax, streams,
 // timing class and memory effects), then its handler in the engine. The table's test checks the count.
 constexpr int kNumOps = (int)Op::AllGather + 1;
-enum class Stream { Comp, H2D, D2H, P2P, Cpu };
+enum class Stream { Comp, H2D, D2H, P2P, Cpu, Io };  // io: the NVMe tier's I/O threads (host side)
+constexpr int kNumStreams = (int)Stream::Io + 1;
 enum class Tier { Gpu, Host, Nvme };
 enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt, Tie, TieGrad };
 constexpr int kNumBufKinds = (int)BufKind::TieGrad + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
@@ -101,7 +104,14 @@ struct Stage {
   int64_t fwd_ws = 0;        // transient GPU workspace bytes while forward runs
   int64_t bwd_ws = 0;        // transient GPU workspace bytes while backward runs
   double fwd_ms = 0, bwd_ms = 0;  // modelled times per micro-batch (bwd includes recompute)
+  // Partial recompute: with `recompute` set, the stage's last keep_layers layers keep their forward's stash anyway and
+  // only its first layers() - keep_layers recompute in backward (0: the whole stage recomputes). 0 without recompute.
+  // Text: recompute=<recomputed>/<layers> when partial; JSON: "recompute": <recomputed layers> (docs/plan-format.md).
+  int keep_layers = 0;
   bool operator==(const Stage&) const = default;
+  int layers() const { return layer_end - layer_begin; }
+  // How many of its first layers recompute their forward in backward: 0 (none) .. layers() (all).
+  int recompute_layers() const { return recompute ? layers() - keep_layers : 0; }
 };
 
 // ---- instructions --------------------------------------------------------------------------
@@ -178,6 +188,11 @@ struct Plan {
   int64_t budget_bytes = 0;  // per GPU
   std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
   std::vector<int64_t> host_bytes;  // per rank: predicted host memory (cost/host_memory.hpp); empty in older plans
+  // NVMe tier (docs/nvme-tier.md): host memory cap of the node (0 = none given), the tier's directories and the
+  // relative share of every object on each (tier::path_weight of the measured bandwidths). Optional in both forms.
+  int64_t host_budget_bytes = 0;
+  std::vector<std::string> nvme;
+  std::vector<double> nvme_weights;
   ModelArch model;
   TrainConfig train;
   std::vector<Stage> stages;

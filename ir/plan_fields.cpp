@@ -143,6 +143,54 @@ template <>
 struct Codec<std::vector<int>> : IntsCodec<int> {};
 template <>
 struct Codec<std::vector<int64_t>> : IntsCodec<int64_t> {};
+// Lists of paths and of numbers: JSON arrays; text comma-separated (a path holding a comma cannot be listed, as on
+// the command line's --nvme A,B).
+std::vector<std::string> split_commas(const std::string& v) {
+  std::vector<std::string> out;
+  if (v.empty()) return out;
+  size_t b = 0;
+  for (;;) {
+    auto c = v.find(',', b);
+    out.push_back(v.substr(b, c == std::string::npos ? std::string::npos : c - b));
+    if (c == std::string::npos) break;
+    b = c + 1;
+  }
+  return out;
+}
+template <>
+struct Codec<std::vector<std::string>> {
+  static ojson to_json(const std::vector<std::string>& x) { return x; }
+  static std::vector<std::string> from_json(const ojson& v, const std::string& where) {
+    return json_array<std::string>(v, where, [](const ojson& e, const std::string& w) { return json_string(e, w); });
+  }
+  static std::string print(const std::vector<std::string>& x) {
+    std::string s;
+    for (size_t i = 0; i < x.size(); ++i) s += (i ? "," : "") + x[i];
+    return text_str(s);
+  }
+  static std::vector<std::string> parse(const std::string& v, const char* key) { return split_commas(decode_text_str(v, key)); }
+};
+template <>
+struct Codec<std::vector<double>> {
+  static ojson to_json(const std::vector<double>& x) {
+    ojson a = ojson::array();
+    for (double d : x) a.push_back(json_double(d));
+    return a;
+  }
+  static std::vector<double> from_json(const ojson& v, const std::string& where) {
+    return json_array<double>(v, where, [](const ojson& e, const std::string& w) { return Codec<double>::from_json(e, w); });
+  }
+  static std::string print(const std::vector<double>& x) {
+    std::string s;
+    for (size_t i = 0; i < x.size(); ++i) s += (i ? "," : "") + format_double(x[i]);
+    return s;
+  }
+  static std::vector<double> parse(const std::string& v, const char* key) {
+    std::vector<double> out;
+    for (const auto& part : split_commas(v)) out.push_back(text_double(part, key));
+    return out;
+  }
+};
 // Enums: by name (ir::to_string / ir::parse_*).
 template <class E, E (*Parse)(const std::string&)>
 struct EnumCodec {
@@ -219,6 +267,51 @@ Field<Stage> layers_field() {
         s.layer_end = text_int(v.substr(dash + 1), k);
       }};
 }
+// A stage's recompute choice (after "layers", which it reads): JSON false | true | <k>, text 0 | 1 | <k>/<layers>, where
+// k (0 < k < layers) is the number of the stage's first layers that recompute; the others keep their stash
+// (Stage::keep_layers). Whole-stage choices print as before partial recompute existed.
+void set_recompute_layers(Stage& s, int64_t k, int64_t n, const std::string& what) {
+  if (n != s.layers()) throw ParseError(what + ": " + std::to_string(n) + " layers, but the stage has " + std::to_string(s.layers()));
+  if (k < 0 || k > n) throw ParseError(what + ": recomputed layers " + std::to_string(k) + " outside 0.." + std::to_string(n));
+  s.recompute = k > 0;
+  s.keep_layers = k > 0 ? (int)(n - k) : 0;
+}
+Field<Stage> recompute_field() {
+  return Field<Stage>{
+      "recompute",
+      [](const Stage& s, ojson& o, const char* k) {
+        if (s.recompute && s.keep_layers != 0) o[k] = s.recompute_layers();
+        else o[k] = s.recompute;
+      },
+      [](Stage& s, const ojson& v, const std::string& where) {
+        if (v.is_boolean()) {
+          s.recompute = v.get<bool>();
+          s.keep_layers = 0;
+          return;
+        }
+        if (!v.is_number_integer()) json_fail(where, "expected true, false or the number of recomputed layers, got " + json_describe(v));
+        try {
+          set_recompute_layers(s, v.get<int64_t>(), s.layers(), "recompute");
+        } catch (const ParseError& e) {
+          json_fail(where, e.what());
+        }
+      },
+      [](const Stage& s) {
+        if (!s.recompute) return std::string("0");
+        if (s.keep_layers == 0) return std::string("1");
+        return std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers());
+      },
+      [](Stage& s, const std::string& v, const char* k) {
+        auto slash = v.find('/');
+        if (slash == std::string::npos) {
+          s.recompute = text_bool(v, k);
+          s.keep_layers = 0;
+          return;
+        }
+        const std::string what = std::string("'") + k + "'";
+        set_recompute_layers(s, text_int(v.substr(0, slash), k), text_int(v.substr(slash + 1), k), what);
+      }};
+}
 }  // namespace
 
 // ============================================================================================
@@ -233,6 +326,10 @@ const std::vector<Field<Plan>>& plan_fields() {
       field<&Plan::budget_bytes>("budget"),   field<&Plan::gpu_order>("order"),
       optional_field<&Plan::tp>("tp"),
       optional_field<&Plan::host_bytes>("host"),  // absent in plans made before it: they load with none
+      // the NVMe tier (written only when used, so other plans print as before)
+      optional_field<&Plan::host_budget_bytes>("host_budget"),
+      optional_field<&Plan::nvme>("nvme"),
+      optional_field<&Plan::nvme_weights>("nvme_weights"),
   };
   return f;
 }
@@ -275,7 +372,7 @@ const std::vector<Field<TrainConfig>>& train_fields() {
 const std::vector<Field<Stage>>& stage_fields() {
   static const std::vector<Field<Stage>> f = {
       field<&Stage::gpu>("gpu"),         layers_field(),
-      field<&Stage::recompute>("recompute"), field<&Stage::weights>("weights"),
+      recompute_field(),                 field<&Stage::weights>("weights"),
       field<&Stage::optim>("optim"),     field<&Stage::params>("params"),
       field<&Stage::fwd_ws>("fwd_ws"),   field<&Stage::bwd_ws>("bwd_ws"),
       field<&Stage::fwd_ms>("fwd_ms"),   field<&Stage::bwd_ms>("bwd_ms"),

@@ -26,6 +26,11 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
   if (M < 1) add("plan: microbatches=" + std::to_string(M) + " (must be >= 1)");
   if (p.dp < 1) add("plan: dp=" + std::to_string(p.dp) + " (must be >= 1)");
   if (p.tp < 1) add("plan: tp=" + std::to_string(p.tp) + " (must be >= 1)");
+  // the NVMe tier's state files, staging and host-memory model are per pipeline rank with whole stages: not with
+  // data-parallel replicas (ZeRO shards) or tensor-parallel shards
+  if (!p.nvme.empty() && (p.dp > 1 || p.tp > 1))
+    add("plan: the NVMe tier (nvme=) with dp=" + std::to_string(p.dp) + " tp=" + std::to_string(p.tp) +
+        " is not supported (the tier needs dp=1 and tp=1)");
   if (p.tp > 1) {  // every tensor-parallel rank holds whole heads, kv heads and an equal part of the MLP
     const int t = p.tp;
     if (p.model.heads % t || p.model.kv_heads % t || p.model.ffn % t)
@@ -53,6 +58,9 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
     if (s.layer_begin != expect_begin)
       add(pre + "layers start at " + std::to_string(s.layer_begin) + ", expected " + std::to_string(expect_begin) +
           (i == 0 ? "" : " (end of the previous stage)"));
+    if (s.keep_layers < 0 || (s.keep_layers > 0 && (!s.recompute || s.keep_layers >= s.layers())))
+      add(pre + "keeps the stash of " + std::to_string(s.keep_layers) + " of its " + std::to_string(s.layers()) +
+          " layers, which needs recompute and 0 <= kept < layers");
   }
   if (S > 0 && p.stages.back().layer_end != p.model.layers + 2)
     add("stage " + std::to_string(S - 1) + ": last stage ends at layer " + std::to_string(p.stages.back().layer_end) +
@@ -131,7 +139,7 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
       const bool need_stage = op.operands & kOpStage, need_mb = op.operands & kOpMb, need_buf = op.operands & kOpBuf;
       if (!(op.streams & stream_bit(in.stream))) {
         std::string allowed;
-        for (int k = 0; k <= (int)Stream::Cpu; ++k)
+        for (int k = 0; k < kNumStreams; ++k)
           if (op.streams & stream_bit((Stream)k)) allowed += std::string(allowed.empty() ? "@" : " or @") + to_string((Stream)k);
         add(pre + "runs on @" + to_string(in.stream) + ", not on " + allowed);
       }
@@ -157,6 +165,12 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
           if (!member) add(pre + "group '" + in.group + "' has no rank that runs g" + std::to_string(g));
           else coll_seq[in.group][g].push_back({i, &in});
         }
+      }
+      // the NVMe tier's reads and writes move opt(S) of a stage whose home is nvme, in a plan that names the tier
+      if ((in.op == Op::TierRead || in.op == Op::TierWrite) && in.buf) {
+        const BufferDecl* d = in.buf->kind == BufKind::Opt ? p.find_buffer(BufKind::Opt, in.buf->stage) : nullptr;
+        if (!d || d->home != Tier::Nvme) add(pre + in.buf->str() + " is not optimizer state whose home is nvme");
+        if (p.nvme.empty()) add(pre + "the plan names no nvme path");
       }
       if (op.operands & kOpPeer) {
         if (in.peer < 0 || in.peer >= G)

@@ -29,18 +29,29 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   - grouped schedules: offloaded stages whose weights leave the GPU between forward and backward recompute, and so
     does the head;
   - `load_batch m` before the first use of micro-batch m's ids/labels, `free batch(m)` after the last.
+  - NVMe tier (with `--nvme`): stages whose `opt(S)` has home `nvme` get `read opt(S) <- nvme` @io before their
+    `optim S` (which waits for it) and `write opt(S) -> nvme` @io right after it; the first two reads at the start,
+    each later one after the write two optimizer steps earlier, so at most two stages' state is in host memory.
 - **Decides** (against the budget, with the timing-independent memory bound of verify-memory): recompute: the job's
-  on/off, or auto = off when the all-offloaded plan fits without it and the result simulates faster, else on;
+  on/off, or auto = per stage and partial: a stage recomputes its first k layers and keeps the stash of the others
+  (`recompute=k/n`). Greedy: keep one more layer's stash at a time (a stage's last recomputed layer), always the one
+  whose recompute costs the most time per byte of stash, while its GPU's bound stays within the budget; the plans with
+  that choice made after the residency, before it, and with recompute off or whole compete by simulated step time;
   residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first: their gradients
   complete last, so their CPU optimizer step would be the step's tail) that keeps the bound within the budget.
-  offload=all keeps everything on the host; offload=none keeps everything on the GPU. A choice whose host memory
-  (cost/host_memory.hpp, per node against host_mem_gib) does not fit is refused. Nothing fits the GPU: BudgetError
-  naming (and carrying) the smallest budget that would; the GPU fits but not the host: HostMemoryError naming the
-  host memory needed and available. The choice (residency, recompute, window 1) is the context's `offload`.
-- **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute from a stage the schedule
-  does not force, the window from the prefetches' dependencies) and the plan as comm-lowering left it (the lowered
-  plan without the instructions this pass adds: its inverse, `strip_offload`; from a linearized plan, in
-  linearize's order).
+  offload=all keeps everything on the host; offload=none keeps everything on the GPU. Host memory
+  (cost/host_memory.hpp, per node against host_mem_gib and `--host-budget`) with the NVMe tier's placement
+  (passes/tier_placement.cpp), for each choice: when the choice does not fit and `--nvme` paths are given, the fewest
+  offloaded stages whose `opt(S)` moves to the tier so that it fits, taken lowest ids first or highest first,
+  whichever simulates faster (`--nvme-place all`: every offloaded stage); a choice that does not fit even so (or
+  without paths) is refused. Nothing fits the GPU: BudgetError naming (and carrying) the smallest budget that would;
+  the GPU fits but not the host: HostMemoryError naming the host memory needed and available; a path without the
+  space the tier needs there: InputError naming it and the missing bytes. The choice (residency, recompute, kept
+  layers per stage, window 1, the tier's stages) is the context's `offload`.
+- **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute and the kept layers from the
+  stages the schedule does not force, the window from the prefetches' dependencies, the tier's stages from the buffer
+  table's `opt` homes) and the plan as comm-lowering left it (the lowered plan without the instructions this pass
+  adds: its inverse, `strip_offload`; from a linearized plan, in linearize's order).
 )md";
 
 using ir::BufKind;
@@ -99,7 +110,70 @@ struct Builder {
   }
 };
 
+// ---- NVMe tier (issue 13, docs/nvme-tier.md) ------------------------------------------------------------------
+// The CPU optimizer steps of stages whose opt(S) is on the tier, in program order o_1..o_n, get
+//   read opt(o_k) <- nvme @io                      (k <= kTierSlots: at the start of the program, no dependency)
+//   optim o_k @cpu after(read o_k)
+//   write opt(o_k) -> nvme @io after(optim o_k)    (right behind the optim)
+//   read opt(o_{k+kTierSlots}) <- nvme @io after(write o_k)
+// so at most kTierSlots stages' state is in host memory at once, and the reads of the next stages overlap the
+// optimizer steps and the backward passes before them.
+constexpr int kTierSlots = 2;
+
+void add_tier_io(Builder& b, const OffloadConfig& cfg) {
+  if (cfg.nvme.empty() || b.old.empty()) return;
+  auto on_tier = [&](int s) { return s >= 0 && s < (int)cfg.nvme.size() && cfg.nvme[s] && !cfg.resident[s]; };
+  // where each new op was placed: (list, position) in program order
+  std::vector<std::vector<int>*> lists;
+  for (size_t i = 0; i < b.old.size(); ++i) { lists.push_back(&b.before[i]); lists.push_back(&b.behind[i]); }
+  lists.push_back(&b.tail);
+  struct At { std::vector<int>* list; int id; };
+  std::vector<At> optims;
+  for (auto* l : lists)
+    for (int id : *l) {
+      const ir::Instr& in = b.ops[id].in;
+      if (in.op == Op::Optim && in.stream == Stream::Cpu && on_tier(in.stage)) optims.push_back({l, id});
+    }
+  const int n = (int)optims.size();
+  auto io_op = [](Op op, int s) {
+    ir::Instr in;
+    in.op = op;
+    in.stream = Stream::Io;
+    in.buf = BufRef{BufKind::Opt, s, -1};
+    return in;
+  };
+  auto insert_behind = [](std::vector<int>& l, int after_id, int id) {
+    auto it = std::find(l.begin(), l.end(), after_id);
+    l.insert(it + 1, id);
+  };
+  std::vector<int> reads(n, -1), writes(n, -1);
+  for (int k = 0; k < n && k < kTierSlots; ++k) {
+    reads[k] = b.add(io_op(Op::TierRead, b.ops[optims[k].id].in.stage));
+    b.before[0].push_back(reads[k]);
+  }
+  for (int k = 0; k < n; ++k) {
+    const int oid = optims[k].id, s = b.ops[oid].in.stage;
+    b.ops[oid].after_new.push_back(reads[k]);
+    writes[k] = b.add(io_op(Op::TierWrite, s), {}, {oid});
+    insert_behind(*optims[k].list, oid, writes[k]);
+    if (k + kTierSlots < n) {
+      reads[k + kTierSlots] = b.add(io_op(Op::TierRead, b.ops[optims[k + kTierSlots].id].in.stage), {}, {writes[k]});
+      insert_behind(*optims[k].list, writes[k], reads[k + kTierSlots]);
+    }
+  }
+}
+
 }  // namespace
+
+bool recompute_forced(const ir::Plan& p, const OffloadConfig& cfg, int s) {
+  const int P = p.num_stages();
+  if (p.schedule != "grouped") return false;
+  // grouped: an offloaded stage's weights leave the GPU between its forward and backward runs (all but each rank's
+  // last stage), and a saved autograd graph would keep them alive: such stages recompute.
+  if (!cfg.resident[s] && s + p.gpus < P) return true;
+  // the head's saved logits (fp32, vocab-wide) for all micro-batches cost far more than its recompute
+  return s == P - 1;
+}
 
 ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const OffloadConfig& cfg) {
   ir::Plan p = base;
@@ -108,11 +182,14 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
   for (int s = 0; s < P; ++s) {
     auto& st = p.stages[s];
     st.recompute = cfg.recompute;
-    // grouped: an offloaded stage's weights leave the GPU between its forward and backward runs (all but each
-    // rank's last stage), and a saved autograd graph would keep them alive: such stages recompute.
-    if (p.schedule == "grouped" && !cfg.resident[s] && s + p.gpus < P) st.recompute = true;
-    // the head's saved logits (fp32, vocab-wide) for all micro-batches cost far more than its recompute
-    if (p.schedule == "grouped" && s == P - 1) st.recompute = true;
+    st.keep_layers = 0;
+    if (recompute_forced(p, cfg, s)) {
+      st.recompute = true;
+    } else if (st.recompute && s < (int)cfg.keep.size() && cfg.keep[s] > 0) {
+      // partial recompute: the stage's last keep[s] layers keep their stash; all of them: no recompute
+      if (cfg.keep[s] >= st.layers()) st.recompute = false;
+      else st.keep_layers = cfg.keep[s];
+    }
     st.weights = cfg.resident[s] ? ir::Residency::Resident : ir::Residency::Offload;
     st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
@@ -123,7 +200,8 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     ir::Tier home = cfg.resident[s] ? ir::Tier::Gpu : ir::Tier::Host;
     p.buffers.push_back({BufKind::W, s, st.params * wb, home});
     p.buffers.push_back({BufKind::WGrad, s, st.params * wb, home});
-    p.buffers.push_back({BufKind::Opt, s, st.params * 12, home});
+    const bool opt_on_nvme = s < (int)cfg.nvme.size() && cfg.nvme[s] && !cfg.resident[s];  // NVMe tier
+    p.buffers.push_back({BufKind::Opt, s, st.params * 12, opt_on_nvme ? ir::Tier::Nvme : home});
     if (s < last) {
       p.buffers.push_back({BufKind::Act, s, boundary_bytes(c), ir::Tier::Gpu});
       p.buffers.push_back({BufKind::Grad, s, boundary_bytes(c), ir::Tier::Gpu});
@@ -236,9 +314,29 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
       b.before[fl.first].push_back(b.add(lb));
       b.behind[fl.second].push_back(b.add(make_buf_op(Op::Free, Stream::Comp, {BufKind::Batch, -1, m})));
     }
+    add_tier_io(b, cfg);  // NVMe tier: reads and writes of opt(S) around the CPU optimizer steps
     prog.instrs = b.build();
   }
   return p;
+}
+
+// Normal form of a configuration (what offload_config_of recovers from the lowered plan): keep only with recompute,
+// 0 for forced stages, at most the stage's layers; all zero: empty; every free stage keeping all: recompute off.
+void normalize_keep(const ir::Plan& base, OffloadConfig& cfg) {
+  const int P = base.num_stages();
+  if (!cfg.recompute) cfg.keep.clear();
+  if (cfg.keep.empty()) return;
+  cfg.keep.resize(P, 0);
+  bool any = false, all = true, free_any = false;
+  for (int s = 0; s < P; ++s) {
+    if (recompute_forced(base, cfg, s)) { cfg.keep[s] = 0; continue; }
+    free_any = true;
+    cfg.keep[s] = std::clamp(cfg.keep[s], 0, base.stages[s].layers());
+    any |= cfg.keep[s] > 0;
+    all &= cfg.keep[s] == base.stages[s].layers();
+  }
+  if (!any) cfg.keep.clear();
+  else if (all && free_any) { cfg.recompute = false; cfg.keep.clear(); }
 }
 
 void offload_insertion_pass(PassContext& c) {
@@ -246,16 +344,104 @@ void offload_insertion_pass(PassContext& c) {
   c.pre_offload = base;
   const int P = base.num_stages(), N = base.gpus;
   const int64_t budget = c.hw.usable_bytes(base.budget_bytes);  // what the plan may use of the budget
+  auto fits = [&](const MemoryBound& mb, int g) { return budget == 0 || mb.bound[g] <= budget; };
   std::vector<bool> rc_options;
   if (c.job.recompute == "on") rc_options = {true};
   else if (c.job.recompute == "off") rc_options = {false};
   else rc_options = {false, true};
 
-  struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; };
+  // Residency (offload=auto): per GPU, the largest k such that its k lowest-id stages resident keeps its bound within
+  // the budget, with everything else of cfg as it is.
+  auto residency_search = [&](OffloadConfig cfg) {
+    std::vector<std::vector<int>> local(N);
+    for (int s = 0; s < P; ++s) local[base.stages[s].gpu].push_back(s);
+    std::vector<int> lo(N, 0), hi(N);
+    for (int g = 0; g < N; ++g) hi[g] = (int)local[g].size();
+    auto apply = [&](const std::vector<int>& k) {
+      OffloadConfig t = cfg;
+      for (int g = 0; g < N; ++g)
+        for (int j = 0; j < (int)local[g].size(); ++j) t.resident[local[g][j]] = j < k[g];
+      return t;
+    };
+    bool any = true;
+    while (any) {
+      any = false;
+      std::vector<int> mid(N);
+      for (int g = 0; g < N; ++g) { mid[g] = lo[g] < hi[g] ? (lo[g] + hi[g] + 1) / 2 : lo[g]; any |= lo[g] < hi[g]; }
+      if (!any) break;
+      OffloadConfig t = apply(mid);
+      MemoryBound b2 = memory_bound(lower_offload(c, base, t));
+      for (int g = 0; g < N; ++g) {
+        if (lo[g] >= hi[g]) continue;
+        if (fits(b2, g)) lo[g] = mid[g]; else hi[g] = mid[g] - 1;
+      }
+    }
+    cfg = apply(lo);
+    // the per-GPU searches interact only weakly; back off any GPU that ended over budget
+    for (int guard = 0; guard < 4 * P; ++guard) {
+      MemoryBound b3 = memory_bound(lower_offload(c, base, cfg));
+      bool over = false;
+      for (int g = 0; g < N; ++g)
+        if (!fits(b3, g) && lo[g] > 0) { lo[g]--; over = true; }
+      if (!over) break;
+      cfg = apply(lo);
+    }
+    return cfg;
+  };
+  // Partial recompute (recompute=auto): with the residency of cfg fixed, keep the stash of one more layer at a time
+  // (a stage's last recomputed layer), always the one whose recompute costs the most time per byte of stash, while
+  // its GPU's bound stays within the budget.
+  const int mbs = base.micro_batch_size, seq = base.seq_len;
+  auto keep_search = [&](OffloadConfig cfg) {
+    cfg.keep.assign(P, 0);
+    std::vector<char> open(P, 0);
+    for (int s = 0; s < P; ++s) open[s] = !recompute_forced(base, cfg, s);
+    for (;;) {
+      int best = -1;
+      double best_ratio = -1;
+      for (int s = 0; s < P; ++s) {
+        if (!open[s] || cfg.keep[s] >= base.stages[s].layers()) continue;
+        const int l = base.stages[s].layer_end - 1 - cfg.keep[s];
+        const double saved = c.cost.layer_fwd_ms(l, mbs, seq);
+        const int64_t bytes = c.model.layer_stash_bytes(l, mbs, seq, false, c.act_bytes());
+        const double ratio = bytes > 0 ? saved / (double)bytes : 1e300;
+        if (ratio > best_ratio) { best_ratio = ratio; best = s; }
+      }
+      if (best < 0) break;
+      cfg.keep[best]++;
+      if (!fits(memory_bound(lower_offload(c, base, cfg)), base.stages[best].gpu)) {
+        cfg.keep[best]--;
+        open[best] = 0;
+      }
+    }
+    normalize_keep(base, cfg);
+    return cfg;
+  };
+
+  struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; std::string tier_note; };
   std::vector<Cand> cands;
+  std::optional<HostMemoryError> host_refusal;  // a choice that fits the GPU but not the host (the smallest need)
+  std::vector<OffloadConfig> seen;               // the choices tried (before tier placement)
+  auto add_cand = [&](const OffloadConfig& choice) {
+    for (const auto& k : seen) if (k == choice) return;
+    seen.push_back(choice);
+    OffloadConfig cfg = choice;
+    ir::Plan pl = lower_offload(c, base, cfg);
+    // host memory (cost/host_memory.hpp): the most resident choice on the GPU is the least on the host. With --nvme
+    // paths the tier placement moves optimizer state to the tier until it fits (passes/tier_placement.cpp); the
+    // choice is refused only when even that cannot make it fit (or without paths, when it does not fit as it is).
+    std::string tier_note;
+    try {
+      tier_note = place_on_tier(c, base, cfg, pl);
+    } catch (const HostMemoryError& e) {
+      if (!host_refusal || e.needed < host_refusal->needed) host_refusal = e;
+      return;
+    }
+    double step = simulate(pl, c.hw, c.model).step_ms;
+    cands.push_back({cfg, std::move(pl), step, std::move(tier_note)});
+  };
   int64_t smallest = -1;
   std::string smallest_desc;
-  std::optional<HostMemoryCheck> host_refusal;  // a choice that fits the GPU but not the host
   for (bool rc : rc_options) {
     OffloadConfig cfg;
     cfg.recompute = rc;
@@ -270,52 +456,22 @@ void offload_insertion_pass(PassContext& c) {
                       (c.job.offload == "none" ? ", everything resident on the GPU" : ", all weights and optimizer state offloaded");
     }
     if (budget > 0 && worst > budget) continue;
+    const bool partial = rc && c.job.recompute == "auto";
     if (c.job.offload == "auto") {
-      // per GPU: largest k such that its k lowest-id stages resident keeps its bound within budget
-      std::vector<std::vector<int>> local(N);
-      for (int s = 0; s < P; ++s) local[base.stages[s].gpu].push_back(s);
-      std::vector<int> lo(N, 0), hi(N);
-      for (int g = 0; g < N; ++g) hi[g] = (int)local[g].size();
-      auto apply = [&](const std::vector<int>& k) {
-        OffloadConfig t = cfg;
-        for (int g = 0; g < N; ++g)
-          for (int j = 0; j < (int)local[g].size(); ++j) t.resident[local[g][j]] = j < k[g];
-        return t;
-      };
-      bool any = true;
-      while (any) {
-        any = false;
-        std::vector<int> mid(N);
-        for (int g = 0; g < N; ++g) { mid[g] = lo[g] < hi[g] ? (lo[g] + hi[g] + 1) / 2 : lo[g]; any |= lo[g] < hi[g]; }
-        if (!any) break;
-        OffloadConfig t = apply(mid);
-        MemoryBound b2 = memory_bound(lower_offload(c, base, t));
-        for (int g = 0; g < N; ++g) {
-          if (lo[g] >= hi[g]) continue;
-          if (budget == 0 || b2.bound[g] <= budget) lo[g] = mid[g]; else hi[g] = mid[g] - 1;
-        }
+      OffloadConfig res = residency_search(cfg);
+      // the budget left over after residency goes to stashes; or stashes first, then residency: the faster one wins
+      if (partial) {
+        add_cand(keep_search(res));
+        add_cand(residency_search(keep_search(cfg)));
       }
-      cfg = apply(lo);
-      pl = lower_offload(c, base, cfg);
-      // the per-GPU searches interact only weakly; back off any GPU that ended over budget
-      for (int guard = 0; guard < 4 * P; ++guard) {
-        MemoryBound b3 = memory_bound(pl);
-        bool over = false;
-        for (int g = 0; g < N; ++g)
-          if (budget > 0 && b3.bound[g] > budget && lo[g] > 0) { lo[g]--; over = true; }
-        if (!over) break;
-        cfg = apply(lo);
-        pl = lower_offload(c, base, cfg);
-      }
+      add_cand(res);
+    } else {
+      if (partial) add_cand(keep_search(cfg));
+      add_cand(cfg);
     }
-    // host memory (cost/host_memory.hpp): the most resident choice on the GPU is the least on the host
-    const HostMemoryCheck hc = check_host_memory(predict_host_memory(pl, host_memory_options(c.hw)), c.hw, &pl);
-    if (!hc.ok) { host_refusal = hc; continue; }
-    double step = simulate(pl, c.hw, c.model).step_ms;
-    cands.push_back({cfg, std::move(pl), step});
   }
   if (cands.empty() && host_refusal)
-    throw HostMemoryError("offload-insertion: " + host_refusal->message, host_refusal->needed, host_refusal->available);
+    throw HostMemoryError("offload-insertion: " + std::string(host_refusal->what()), host_refusal->needed, host_refusal->available);
   if (cands.empty()) {
     throw BudgetError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +
@@ -325,13 +481,20 @@ void offload_insertion_pass(PassContext& c) {
   }
   size_t best = 0;
   for (size_t i = 1; i < cands.size(); ++i) if (cands[i].step_ms < cands[best].step_ms) best = i;
+  if (!cands[best].tier_note.empty()) c.notes.push_back(cands[best].tier_note);
   c.plan = std::move(cands[best].plan);
   c.offload = cands[best].cfg;
   c.memory_complete = true;
   int nres = 0;
   for (char r : c.offload->resident) nres += r;
-  c.notes.push_back(std::string("offload-insertion: recompute ") + (cands[best].cfg.recompute ? "on" : "off") + ", " +
-                    std::to_string(nres) + " of " + std::to_string(P) + " stages resident on their GPU");
+  std::string rc = c.offload->recompute ? "on" : "off";
+  if (!c.offload->keep.empty()) {
+    int kept = 0, total = 0;
+    for (const auto& st : c.plan.stages) { kept += st.recompute ? st.keep_layers : st.layers(); total += st.layers(); }
+    rc = "partial (" + std::to_string(kept) + " of " + std::to_string(total) + " layers keep their stash)";
+  }
+  c.notes.push_back("offload-insertion: recompute " + rc + ", " + std::to_string(nres) + " of " + std::to_string(P) +
+                    " stages resident on their GPU");
 }
 
 }  // namespace mmoc
@@ -345,6 +508,7 @@ bool added_by_offload(const ir::Instr& in) {
     case Op::Prefetch: return !in.buf || !is_tie_kind(in.buf->kind);  // tied-embeddings' prefetch stays
     case Op::Evict: case Op::LoadBatch: case Op::Optim: case Op::GradNorm: return true;
     case Op::AllReduce: case Op::ReduceScatter: case Op::AllGather: return true;  // data-parallel's (a later pass)
+    case Op::TierRead: case Op::TierWrite: return true;
     case Op::Free: return in.buf && in.buf->kind == BufKind::Batch;
     default: return false;
   }
@@ -430,6 +594,7 @@ ir::Plan strip_offload(const PassContext& c, const ir::Plan& lowered) {
   p.predicted.reset();
   for (auto& st : p.stages) {  // as partition left them
     st.recompute = c.job.recompute != "off";
+    st.keep_layers = 0;
     st.weights = ir::Residency::Offload;
     st.optim = ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
@@ -459,16 +624,39 @@ OffloadConfig offload_config_of(const PassContext& c, const ir::Plan& p) {
   cfg.resident.assign(P, 0);
   for (int s = 0; s < P; ++s) cfg.resident[s] = p.stages[s].weights == ir::Residency::Resident;
   // recompute: any stage the schedule does not force (lower_offload); when all are forced either choice makes the
-  // same plan, and offload-insertion keeps its first candidate
+  // same plan, and offload-insertion keeps its first candidate. Partial recompute: each free stage's kept layers
+  // (all of them for one that does not recompute), in offload-insertion's normal form.
   cfg.recompute = c.job.recompute == "on";
+  // per stage (some free stages recompute, others not) or partial (a stage keeps some of its layers)
+  bool partial = false;
+  int first_free = -1;
   for (int s = 0; s < P; ++s) {
-    const bool forced = p.schedule == "grouped" && ((!cfg.resident[s] && s + p.gpus < P) || s == P - 1);
-    if (!forced) {
-      cfg.recompute = p.stages[s].recompute;
-      break;
-    }
+    partial |= p.stages[s].keep_layers > 0;
+    if (recompute_forced(p, cfg, s)) continue;
+    if (first_free < 0) first_free = s;
+    else partial |= p.stages[s].recompute != p.stages[first_free].recompute;
+  }
+  if (partial) {
+    cfg.recompute = true;
+    cfg.keep.assign(P, 0);
+    for (int s = 0; s < P; ++s)
+      if (!recompute_forced(p, cfg, s)) cfg.keep[s] = p.stages[s].recompute ? p.stages[s].keep_layers : p.stages[s].layers();
+    normalize_keep(p, cfg);
+  } else {
+    for (int s = 0; s < P; ++s)
+      if (!recompute_forced(p, cfg, s)) {
+        cfg.recompute = p.stages[s].recompute;
+        break;
+      }
   }
   cfg.window = window_of(p);
+  for (int s = 0; s < P; ++s) {  // NVMe tier: from the buffer table
+    const ir::BufferDecl* d = p.find_buffer(BufKind::Opt, s);
+    if (d && d->home == ir::Tier::Nvme) {
+      cfg.nvme.resize(P, 0);
+      cfg.nvme[s] = 1;
+    }
+  }
   return cfg;
 }
 

@@ -32,28 +32,34 @@ void fill_stage_costs(const PassContext& c, ir::Stage& st) {
   const auto& m = c.model;
   const int mbs = c.plan.micro_batch_size, seq = c.plan.seq_len, ab = c.act_bytes();
   st.params = 0; st.fwd_ms = 0; st.bwd_ms = 0; st.fwd_ws = 0; st.bwd_ws = 0;
-  int64_t stash_all = 0, bwd_ws_max = 0;
+  // partial recompute: layers [begin, rc_end) recompute, [rc_end, end) keep their stash (Stage::keep_layers)
+  const int rc_end = st.layer_begin + st.recompute_layers();
+  double rc_fwd_ms = 0;
+  int64_t stash_rc = 0, bwd_ws_max = 0;
   for (int l = st.layer_begin; l < st.layer_end; ++l) {
     st.params += m.layer_params(l);
-    st.fwd_ms += c.cost.layer_fwd_ms(l, mbs, seq);
+    const double f = c.cost.layer_fwd_ms(l, mbs, seq);
+    st.fwd_ms += f;
     st.bwd_ms += c.cost.layer_bwd_ms(l, mbs, seq);
     st.fwd_ws = std::max(st.fwd_ws, m.layer_fwd_workspace(l, mbs, seq, ab));
     bwd_ws_max = std::max(bwd_ws_max, m.layer_bwd_workspace(l, mbs, seq, ab));
-    stash_all += m.layer_stash_bytes(l, mbs, seq, false, ab);
+    if (l < rc_end) {
+      rc_fwd_ms += f;
+      stash_rc += m.layer_stash_bytes(l, mbs, seq, false, ab);
+    }
   }
   // The weight gradient: autograd holds the gradient of every parameter of the stage until they are gathered into one
   // flat gradient (params x act_bytes each), which is then added into wgrad(S).
   st.bwd_ws = bwd_ws_max + 2 * st.params * ab;
   if (st.recompute) {
-    st.bwd_ms += st.fwd_ms;       // the forward runs again inside backward
-    st.bwd_ws += stash_all;       // and materialises the whole stage's stash while it runs
+    st.bwd_ms += rc_fwd_ms;  // the recomputed layers' forward runs again inside backward
+    st.bwd_ws += stash_rc;   // and materialises their stash while it runs
   }
 }
 
 int64_t stage_stash_bytes(const PassContext& c, const ir::Stage& st) {
-  if (st.recompute) return 0;
   int64_t s = 0;
-  for (int l = st.layer_begin; l < st.layer_end; ++l)
+  for (int l = st.layer_begin + st.recompute_layers(); l < st.layer_end; ++l)
     s += c.model.layer_stash_bytes(l, c.plan.micro_batch_size, c.plan.seq_len, false, c.act_bytes());
   return s;
 }

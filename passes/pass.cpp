@@ -119,7 +119,8 @@ std::vector<InvariantChecker> default_invariant_checkers() {
       {"memory", [](const PassContext& c) { return c.memory_complete; },
        [](const PassContext& c, const std::string&) { verify_memory(c); },
        "verify-memory: every GPU's timing-independent memory bound within the usable budget (an InputError naming "
-       "the budget that would do), and every node's predicted host memory within its host_mem_gib (naming needed and "
+       "the budget that would do), and every node's predicted host memory (with the NVMe tier's placement and staging; "
+       "the tier's reads and writes paired) within its host_mem_gib and the plan's host budget (naming needed and "
        "available), once the plan's memory is explicit"},
   };
 }

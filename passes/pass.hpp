@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cost/host_memory.hpp"
 #include "cost/spec.hpp"
 #include "ir/plan.hpp"
 
@@ -29,6 +30,10 @@ struct OffloadConfig {
   std::vector<char> resident;  // per stage
   bool recompute = true;
   int window = 1;
+  // With recompute, per stage: how many of its last layers keep their stash (partial recompute; >= its layers: no
+  // recompute at all). Ignored for stages the schedule forces to recompute. Empty: 0 everywhere (whole stages).
+  std::vector<int> keep;
+  std::vector<char> nvme;      // per stage (empty = none): its opt(S) lives on the NVMe tier (docs/nvme-tier.md)
   bool operator==(const OffloadConfig&) const = default;
 };
 
@@ -105,6 +110,12 @@ struct MemoryBound {
   std::vector<int64_t> persistent;  // per GPU: resident buffers
 };
 MemoryBound memory_bound(const ir::Plan&);
+// The NVMe tier's host staging per rank (passes/tier_staging.cpp): the worst set of opt(S) buffers between their
+// `read` and `write` that may be in host memory at once under the dependencies (ir::VerifyError when a read and a
+// write do not pair up). host_memory_options(hw, plan): cost/host_memory.hpp's options with it filled in, for
+// predict_host_memory of a plan that may have state on the tier (the one host-memory model).
+std::vector<int64_t> tier_staging_bytes(const ir::Plan&);
+HostMemoryOptions host_memory_options(const HardwareSpec&, const ir::Plan&);
 // Throws InputError naming the smallest budget or the knob to change when a GPU's bound exceeds the budget.
 void verify_memory(const PassContext&);
 
@@ -144,8 +155,17 @@ std::string passes_markdown();
 // Offload lowering (offload_insertion.cpp): the plan `base` with residency/recompute/window applied, and its inverse
 // (the plan as comm-lowering left it, from a lowered plan) and the configuration a lowered plan was made with.
 ir::Plan lower_offload(const PassContext&, const ir::Plan& base, const OffloadConfig&);
+// Whether stage s must recompute whole under cfg (grouped: an offloaded stage whose weights leave the GPU between its
+// forward and backward runs, and the head); such a stage keeps no stash.
+bool recompute_forced(const ir::Plan&, const OffloadConfig&, int s);
 ir::Plan strip_offload(const PassContext&, const ir::Plan& lowered);
 OffloadConfig offload_config_of(const PassContext&, const ir::Plan& lowered);
+// NVMe tier (passes/tier_placement.cpp): moves the opt(S) of offloaded stages to the plan's nvme paths until every
+// node's predicted host memory (cost/host_memory.hpp) fits its host_mem_gib and the plan's host budget (cfg and plan
+// updated; --nvme-place all: every offloaded stage). Returns the decision for --verbose. HostMemoryError naming the
+// missing host memory when even every offloaded stage on the tier does not fit (or there are no paths);
+// InputError naming the path and the missing bytes when a path that exists here lacks the space.
+std::string place_on_tier(const PassContext&, const ir::Plan& base, OffloadConfig& cfg, ir::Plan& plan);
 // Stage cost fields (partition.cpp) from its layers and recompute flag; stash bytes per micro-batch.
 void fill_stage_costs(const PassContext&, ir::Stage&);
 int64_t stage_stash_bytes(const PassContext&, const ir::Stage&);

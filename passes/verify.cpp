@@ -66,8 +66,11 @@ void verify_memory(const PassContext& c) {
                        "; raise --budget to at least " + gib_at_least(c.hw.budget_for(mb.bound[g])) +
                        " or lower --micro-batch-size", c.hw.budget_for(mb.bound[g]));
     }
-  // host memory: every rank's predicted host state, per node against host_mem_gib (cost/host_memory.hpp)
-  const HostMemoryCheck hc = check_host_memory(predict_host_memory(c.plan, host_memory_options(c.hw), mb.bound), c.hw, &c.plan);
+  // host memory: every rank's predicted host state with the NVMe tier's placement and staging (the tier's reads and
+  // writes must pair up), per node against host_mem_gib and the plan's host budget, every world rank of the layout
+  // counted (cost/host_memory.hpp)
+  const HostMemoryCheck hc =
+      check_host_memory(predict_host_memory(c.plan, host_memory_options(c.hw, c.plan), mb.bound), c.hw, &c.plan);
   if (!hc.ok) throw HostMemoryError("verify-memory: " + hc.message, hc.needed, hc.available);
 }
 

@@ -32,29 +32,37 @@ const at::Tensor& Worker::Impl::batch_labels(int m) {
   return it->second;
 }
 
+// Partial recompute (Stage::keep_layers): the stage's first recompute_layers() layers run without autograd here and
+// again inside backward; the others keep their autograd stash, with the split's hidden state as their input leaf.
 void Worker::Impl::forward(int s, int m) {
   StageState& st = stages.at(s);
   if (rec.count({s, m})) throw ExecError("forward S" + std::to_string(s) + " m" + std::to_string(m) + " ran twice");
   at::Tensor w = stage_weights(s);
   at::Tensor input = s == 0 ? batch_ids(m, "forward of the first stage") : need({BufKind::Act, s - 1, m}, "stage input missing");
   const at::Tensor tie = tied_head(s) ? need({BufKind::Tie, s, -1}, "tied lm_head") : at::Tensor();
+  const ir::Stage& ps = plan.stages[s];
+  const int split = ps.layer_begin + ps.recompute_layers();  // [begin, split) recompute, [split, end) keep
   FwdRecord r;
   r.input = input;
-  at::Tensor out;
-  if (plan.stages[s].recompute) {
+  at::Tensor out, mid = input;
+  if (split > ps.layer_begin) {
     at::NoGradGuard ng;
-    out = run_stage(st, w, input, tie);
-  } else {
+    // the tied head is in this part only when the whole stage recomputes
+    mid = run_layers(st, w, input, ps.layer_begin, split, {}, split == ps.layer_end ? tie : at::Tensor());
+    out = mid;
+  }
+  if (split < ps.layer_end) {
+    r.target = c10::make_intrusive<FlatGradTarget>();
     r.w_leaf = w.detach().requires_grad_(true);
-    r.in_leaf = s > 0 ? input.detach().requires_grad_(true) : input;
+    r.in_leaf = split > 0 ? mid.detach().requires_grad_(true) : mid;
     if (tie.defined()) r.tie_leaf = tie.detach().requires_grad_(true);
-    out = run_stage(st, r.w_leaf, r.in_leaf, r.tie_leaf);
+    out = run_layers(st, r.w_leaf, r.in_leaf, split, ps.layer_end, r.target, r.tie_leaf);
     r.out = out;
   }
   if (s == last) {
     at::Tensor l = loss_of(out, batch_labels(m));
     if (shard == 0) loss_acc.add_(l.detach().to(at::kDouble));  // tp shards compute the same loss: counted once
-    if (!plan.stages[s].recompute) r.loss = l;
+    if (split < ps.layer_end) r.loss = l;
   } else {
     put({BufKind::Act, s, m}, out.detach());
   }
@@ -68,39 +76,66 @@ void Worker::Impl::backward(int s, int m) {
   FwdRecord r = std::move(it->second);
   rec.erase(it);
   at::Tensor w = stage_weights(s);
-  at::Tensor out, loss;
-  if (plan.stages[s].recompute) {
-    r.w_leaf = w.detach().requires_grad_(true);
-    r.in_leaf = s > 0 ? r.input.detach().requires_grad_(true) : r.input;
-    if (tied_head(s)) r.tie_leaf = need({BufKind::Tie, s, -1}, "tied lm_head").detach().requires_grad_(true);
-    out = run_stage(st, r.w_leaf, r.in_leaf, r.tie_leaf);
-    if (s == last) loss = loss_of(out, batch_labels(m));
-  } else {
-    out = r.out;
-    loss = r.loss;
-  }
-  torch::autograd::variable_list outputs, grad_outputs, inputs{r.w_leaf};
-  if (s == last) {
-    if (s == 0) batch_ids(m, "backward");
-    outputs.push_back(loss);
-    grad_outputs.push_back(at::full({}, 1.0 / double(count), loss.options()));
-  } else {
-    outputs.push_back(out);
-    grad_outputs.push_back(take({BufKind::Grad, s, m}));
-  }
-  if (s > 0) inputs.push_back(r.in_leaf);
-  if (r.tie_leaf.defined()) inputs.push_back(r.tie_leaf);
-  auto grads = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false);
-  auto accumulate = [&](BufRef b, const at::Tensor& g) {  // allocated by the first backward of the step
-    auto it = bufs.find(b);
-    if (it == bufs.end()) put(b, g);
-    else it->second.add_(g);
+  const ir::Stage& ps = plan.stages[s];
+  const int split = ps.layer_begin + ps.recompute_layers();
+  // the weight gradient is added in place into wgrad(S) by the backward itself (FlatGradTarget): the first
+  // micro-batch's backward allocates it
+  BufRef wg{BufKind::WGrad, s, -1};
+  auto wit = bufs.find(wg);
+  const bool had_wgrad = wit != bufs.end();
+  auto target = c10::make_intrusive<FlatGradTarget>();
+  if (had_wgrad) target->grad = wit->second;
+  at::Tensor grad_out;  // gradient w.r.t. the output of the part run next (undefined: the loss)
+  if (s != last) grad_out = take({BufKind::Grad, s, m});
+  if (s == 0 && s == last) batch_ids(m, "backward");
+  at::Tensor tie_grad;  // tied head over stages: the gradient of tie(S), added into tiegrad(S)
+  auto run_backward = [&](const at::Tensor& out, const at::Tensor& loss, const at::Tensor& w_leaf, const at::Tensor& in_leaf,
+                          bool want_input_grad, const at::Tensor& tie_leaf) {
+    torch::autograd::variable_list outputs, grad_outputs, inputs{w_leaf};
+    if (loss.defined()) {
+      outputs.push_back(loss);
+      grad_outputs.push_back(at::full({}, 1.0 / double(count), loss.options()));
+    } else {
+      outputs.push_back(out);
+      grad_outputs.push_back(grad_out);
+    }
+    if (want_input_grad) inputs.push_back(in_leaf);
+    if (tie_leaf.defined()) inputs.push_back(tie_leaf);
+    auto g = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/false, /*create_graph=*/false,
+                                   /*allow_unused=*/true);
+    if (tie_leaf.defined()) tie_grad = g.back();
+    return want_input_grad ? g[1] : at::Tensor();
   };
-  accumulate({BufKind::WGrad, s, -1}, grads[0]);
-  if (r.tie_leaf.defined()) accumulate({BufKind::TieGrad, s, -1}, grads.back());
+  if (split < ps.layer_end) {  // the layers that kept their stash
+    r.target->grad = target->grad;
+    grad_out = run_backward(r.out, r.loss, r.w_leaf, r.in_leaf, split > 0, r.tie_leaf);
+    target->grad = r.target->grad;
+    FwdRecord rest;  // their saved tensors go now
+    rest.input = r.input;
+    r = std::move(rest);
+  }
+  if (split > ps.layer_begin) {  // recompute the first layers, then their backward
+    at::Tensor w_leaf = w.detach().requires_grad_(true);
+    at::Tensor in_leaf = s > 0 ? r.input.detach().requires_grad_(true) : r.input;
+    at::Tensor tie_leaf;  // the tied head is in this part only when the whole stage recomputes
+    if (split == ps.layer_end && tied_head(s)) tie_leaf = need({BufKind::Tie, s, -1}, "tied lm_head").detach().requires_grad_(true);
+    at::Tensor out = run_layers(st, w_leaf, in_leaf, ps.layer_begin, split, target, tie_leaf);
+    at::Tensor loss;
+    if (split == ps.layer_end && s == last) loss = loss_of(out, batch_labels(m));
+    grad_out = run_backward(out, loss, w_leaf, in_leaf, s > 0, tie_leaf);
+  }
+  if (!target->grad.defined()) throw ExecError("backward S" + std::to_string(s) + " m" + std::to_string(m) + " produced no weight gradient");
+  if (!had_wgrad) put(wg, target->grad);
+  if (tied_head(s)) {
+    if (!tie_grad.defined()) throw ExecError("backward S" + std::to_string(s) + " m" + std::to_string(m) + " produced no tied-embedding gradient");
+    BufRef tg{BufKind::TieGrad, s, -1};  // allocated by the first backward of the step
+    auto tit = bufs.find(tg);
+    if (tit == bufs.end()) put(tg, tie_grad);
+    else tit->second.add_(tie_grad);
+  }
   if (s > 0) {
     take({BufKind::Act, s - 1, m});  // the input is consumed
-    put({BufKind::Grad, s - 1, m}, grads[1]);
+    put({BufKind::Grad, s - 1, m}, grad_out);
   }
 }
 
@@ -268,12 +303,19 @@ void Worker::Impl::optim(const ir::Instr& in) {
     // (a sharded stage's shard on every replica; a replicated one once, on replica 0)
     if (!has_gradnorm && (st.sharded || replica == 0)) gsq_host += grad_sq(st, grad, st.lo, st.n, /*host=*/true);
     AdamWBuffers b;
-    b.param = st.master.data_ptr<float>();  // sharded: this replica's shard (grad, moments alike)
-    b.exp_avg = st.exp_avg.data_ptr<float>();
-    b.exp_avg_sq = st.exp_avg_sq.data_ptr<float>();
+    b.param = st.master.defined() ? st.master.data_ptr<float>() : nullptr;  // sharded: this replica's shard (grad, moments alike)
+    b.exp_avg = st.exp_avg.defined() ? st.exp_avg.data_ptr<float>() : nullptr;
+    b.exp_avg_sq = st.exp_avg_sq.defined() ? st.exp_avg_sq.data_ptr<float>() : nullptr;
     b.grad = grad.data_ptr();
     b.grad_type = grad_type();
     if (cdtype == at::kBFloat16) { b.out = st.host_lowp.narrow(0, st.lo, st.n).data_ptr(); b.out_type = OutType::kBFloat16; }
+    if (st.on_tier) {  // NVMe tier: the state read for this step (tier.cpp); the weights out to their own copy (never sharded)
+      float* o = tier_get(in.stage, "optim").data_ptr<float>();
+      b.param = o;
+      b.exp_avg = o + st.layout.numel;
+      b.exp_avg_sq = o + 2 * st.layout.numel;
+      if (cdtype == at::kFloat) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kFloat32; }
+    }
     b.n = st.n;
     adamw_step(b, hyper(), st.step, clip, pool.get());
   } else {
@@ -349,6 +391,8 @@ void Worker::Impl::exec(int i) {
     case Op::Optim: optim(in); break;
     case Op::GradNorm: gradnorm(resident_grads()); break;
     case Op::AddGrad: add_grad(in); break;
+    case Op::TierRead: tier_read(*in.buf); break;
+    case Op::TierWrite: tier_write(*in.buf); break;
     case Op::AllReduce: allreduce(in); break;
     case Op::ReduceScatter: allreduce(in); break;  // the whole sum (no reduce-scatter in the transports yet); the
                                                    // stage's evict copies only this replica's shard

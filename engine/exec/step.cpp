@@ -26,6 +26,8 @@ void Worker::Impl::begin_step(const data::StepBatch& b, int64_t step_index) {
   this->step_index = step_index;
   skip_updates = false;
   gsq_host = 0;
+  tier_read_bytes = tier_write_bytes = 0;
+  tier_read_s = tier_write_s = 0;
   auto sched = parse_lr_schedule(plan.train.lr_schedule);
   lr = lr_at(plan.train.lr, sched ? *sched : LrSchedule::kConstant, plan.train.warmup_steps, std::max<int64_t>(plan.train.total_steps, 1),
              step_index);
@@ -83,18 +85,18 @@ void Worker::Impl::issue(int i) {
     if (opts.trace) trace.push_back({i, (int)in.stream, ts, now_us() - ts, in.buf ? plan.buffer_bytes(*in.buf) : 0});
     return;
   }
-  if (in.stream == ir::Stream::Cpu) {
+  if (in.stream == ir::Stream::Cpu || in.stream == ir::Stream::Io) {  // host threads: cpu (optimizer), io (NVMe tier)
     std::vector<at::cuda::CUDAEvent*> evs;
     std::vector<std::shared_future<void>> fs;
     for (int a : in.after) {
-      if (prog[a].stream == ir::Stream::Cpu) fs.push_back(fut[a]);
+      if (prog[a].stream == ir::Stream::Cpu || prog[a].stream == ir::Stream::Io) fs.push_back(fut[a]);
       else if (ev[a]) evs.push_back(&*ev[a]);
     }
     std::vector<at::Tensor> rg;
     if (in.op == Op::GradNorm) rg = resident_grads();
     Impl* ip = this;
     const bool tr = opts.trace;
-    fut[i] = cpu->submit([ip, i, evs, fs, rg, tr] {
+    fut[i] = (in.stream == ir::Stream::Io ? io_thread : cpu)->submit([ip, i, evs, fs, rg, tr] {
       c10::cuda::CUDAGuard dg((c10::DeviceIndex)ip->cuda_index);
       for (auto* e : evs) e->synchronize();
       for (const auto& f : fs) f.get();
@@ -117,7 +119,7 @@ void Worker::Impl::issue(int i) {
     comp_ahead.pop_front();
   }
   for (int a : in.after) {
-    if (prog[a].stream == ir::Stream::Cpu) fut[a].get();
+    if (prog[a].stream == ir::Stream::Cpu || prog[a].stream == ir::Stream::Io) fut[a].get();
     else if (prog[a].stream != in.stream && ev[a]) ev[a]->block(stream);
   }
   c10::cuda::CUDAStreamGuard g(stream);
@@ -146,7 +148,7 @@ void Worker::Impl::finish_step() {
     return;
   }
   for (int i = 0; i < (int)prog.size(); ++i)
-    if (prog[i].stream == ir::Stream::Cpu) guarded(i, [&] { fut[i].get(); });
+    if (prog[i].stream == ir::Stream::Cpu || prog[i].stream == ir::Stream::Io) guarded(i, [&] { fut[i].get(); });
   for (int k = 0; k < 4; ++k) streams[k]->synchronize();
   for (auto& w : inflight) w->wait();
   inflight.clear();
@@ -159,8 +161,8 @@ void Worker::Impl::finish_step() {
     for (int i = 0; i < (int)prog.size(); ++i) {
       const auto& in = prog[i];
       int64_t bytes = in.buf ? plan.buffer_bytes(*in.buf) : 0;
-      if (in.stream == ir::Stream::Cpu) {
-        trace.push_back({i, 4, cpu_times[i].first, cpu_times[i].second, bytes});
+      if (in.stream == ir::Stream::Cpu || in.stream == ir::Stream::Io) {
+        trace.push_back({i, (int)in.stream, cpu_times[i].first, cpu_times[i].second, bytes});
       } else if (ev_start[i] && ev[i]) {
         double s0 = t0_event->elapsed_time(*ev_start[i]) * 1000.0, s1 = t0_event->elapsed_time(*ev[i]) * 1000.0;
         trace.push_back({i, (int)in.stream, t0_host_us + s0, s1 - s0, bytes});
@@ -176,6 +178,8 @@ void Worker::Impl::check_no_leak() const {
     const bool persistent = ir::is_persistent(plan, b) && b.stage >= 0 && b.stage < plan.num_stages() && plan.stages[b.stage].gpu == rank;
     if (!persistent) throw std::runtime_error("rank " + std::to_string(world_rank) + ": " + b.str() + " still on the device at the end of the step");
   }
+  if (!tier_staged.empty())
+    throw std::runtime_error("rank " + std::to_string(world_rank) + ": opt(S" + std::to_string(tier_staged.begin()->first) + ") read from nvme and not written back at the end of the step");
   if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(world_rank) + ": forward records or batches left at the end of the step");
 }
 
@@ -206,6 +210,10 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
   r.peak_allocated = I.cuda ? I.peak_alloc : I.peak_bytes;
   r.outside_bytes = I.outside_bytes;
   r.lr = I.lr;
+  r.tier_read_bytes = I.tier_read_bytes;
+  r.tier_write_bytes = I.tier_write_bytes;
+  r.tier_read_s = I.tier_read_s;
+  r.tier_write_s = I.tier_write_s;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }

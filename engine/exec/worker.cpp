@@ -111,6 +111,12 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
       st.exp_avg = host(at::kFloat, st.n, false);
       st.exp_avg_sq = host(at::kFloat, st.n, false);
       st.host_grad = host(I.cdtype, st.n, true);
+    } else if (const ir::BufferDecl* od = plan.find_buffer(BufKind::Opt, s.id); od && od->home == ir::Tier::Nvme) {
+      // NVMe tier: master and moments on the tier (tier.cpp); the compute-dtype copy the prefetches read is its own
+      // buffer also in fp32 runs (the optimizer writes it), and the gradient landing zone as usual
+      st.on_tier = true;
+      st.host_lowp = host(I.cdtype, st.layout.numel, true);
+      st.host_grad = host(I.cdtype, st.layout.numel, true);
     } else {
       // fp32 master and moments in host memory; the low-precision copy and the gradient landing zone pinned
       st.master = host(at::kFloat, st.layout.numel, /*pinned=*/I.cdtype == at::kFloat);
@@ -122,6 +128,7 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
     if (!st.sharded) st.n = st.layout.numel;
     I.stages[s.id] = std::move(st);
   }
+  I.open_tier(opts.nvme);  // NVMe tier: paths, space for every object (errors before training)
   I.loss_acc = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
   I.gsq_dev = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(I.dev));
   ir::Plan mine = plan;  // does this rank's every update wait for the global norm?
@@ -217,6 +224,7 @@ static void set_from_full(StageState& st, const at::Tensor& full) {
 
 static void refresh_device_copies(Worker::Impl& I) {
   for (auto& [s, st] : I.stages) {
+    if (st.on_tier) continue;  // set by fill_tier_stages
     if (st.sharded) {
       // host_lowp is already the whole stage (set_from_full)
     } else if (st.resident) {
@@ -234,6 +242,21 @@ static void refresh_device_copies(Worker::Impl& I) {
   }
 }
 
+// NVMe tier: the state of each on_tier stage, one stage at a time in a staging buffer: `fill` sets master (and the
+// moments, zeros otherwise) from StageTensors of views into it; then the compute-dtype copy, then the tier.
+static void fill_tier_stages(Worker::Impl& I, const std::function<void(StageTensors&)>& fill) {
+  for (auto& [s, st] : I.stages) {
+    if (!st.on_tier) continue;
+    at::Tensor buf = I.tier_new_buffer(s);
+    const int64_t n = st.layout.numel;
+    StageTensors t{s, st.layout, buf.narrow(0, 0, n), buf.narrow(0, n, n), buf.narrow(0, 2 * n, n), st.step};
+    fill(t);
+    st.step = t.step;
+    st.host_lowp.copy_(t.master);
+    I.tier_store(s, buf);
+  }
+}
+
 LoadReport Worker::init_random(uint64_t seed) {
   auto& I = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
@@ -241,7 +264,9 @@ LoadReport Worker::init_random(uint64_t seed) {
   const ParallelFor pfor = [&I](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     I.pool->parallel_for(n, grain, fn);
   };
+  fill_tier_stages(I, [&](StageTensors& t) { init_weights(I.plan.model, t.layout, t.master, seed, 0.02, pfor); });
   for (auto& [s, st] : I.stages) {
+    if (st.on_tier) continue;
     at::Tensor full = full_target(st);
     if (st.layout.tp_size > 1) tp_init_weights(I.plan.model, st.layout, full, seed);  // the slice of the unsharded init
     else init_weights(I.plan.model, st.layout, full, seed, 0.02, pfor);
@@ -258,20 +283,28 @@ LoadReport Worker::load_hf(const std::string& dir) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<StageLayout> layouts;
   std::vector<at::Tensor> flats;
-  for (auto& [s, st] : I.stages) { layouts.push_back(st.layout); flats.push_back(full_target(st)); }
-  IoStats io;
+  for (auto& [s, st] : I.stages)
+    if (!st.on_tier) { layouts.push_back(st.layout); flats.push_back(full_target(st)); }
+  IoStats io{};
   if (I.plan.tp > 1) {  // tensor-parallel shards: each rank reads only its slices of the file's tensors
     const auto t1 = std::chrono::steady_clock::now();
     load_hf_weights(dir, I.plan.model, layouts, flats);
     io.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
     for (const auto& f : flats) io.bytes += f.numel() * 4;
-  } else {
+  } else if (!layouts.empty()) {
     io = load_hf_parallel(dir, I.plan.model, layouts, flats, I.io);
   }
   {
     size_t k = 0;
-    for (auto& [s, st] : I.stages) set_from_full(st, flats[k++]);
+    for (auto& [s, st] : I.stages)
+      if (!st.on_tier) set_from_full(st, flats[k++]);
   }
+  fill_tier_stages(I, [&](StageTensors& t) {  // NVMe tier (never sharded: the compiler refuses it with dp or tp > 1)
+    std::vector<at::Tensor> f{t.master};
+    const IoStats one = load_hf_parallel(dir, I.plan.model, {t.layout}, f, I.io);
+    io.bytes += one.bytes;
+    io.seconds += one.seconds;
+  });
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -301,7 +334,8 @@ LoadReport Worker::load_checkpoint(const std::string& dir) {
     t.exp_avg = at::empty({st.layout.numel}, f32);
     t.exp_avg_sq = at::empty({st.layout.numel}, f32);
   }
-  const IoStats io = load_training_state(dir, I.plan, v, I.io);
+  IoStats io{};
+  if (!v.empty()) io = load_training_state(dir, I.plan, v, I.io);
   for (auto& t : v) {
     StageState& st = I.stages.at(t.id);
     st.step = t.step;
@@ -324,6 +358,13 @@ LoadReport Worker::load_checkpoint(const std::string& dir) {
     st.exp_avg.copy_(t.exp_avg.narrow(0, st.lo, st.n));
     st.exp_avg_sq.copy_(t.exp_avg_sq.narrow(0, st.lo, st.n));
   }
+  fill_tier_stages(I, [&](StageTensors& t) {  // NVMe tier (never sharded)
+    std::vector<StageTensors> one{t};
+    const IoStats r = load_training_state(dir, I.plan, one, I.io);
+    t.step = one[0].step;
+    io.bytes += r.bytes;
+    io.seconds += r.seconds;
+  });
   refresh_device_copies(I);
   LoadReport r;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -335,7 +376,8 @@ LoadReport Worker::load_checkpoint(const std::string& dir) {
 // ---- checkpoints -------------------------------------------------------------------------------
 std::vector<StageTensors> Worker::Impl::stage_tensors() {
   std::vector<StageTensors> v;
-  for (auto& [s, st] : stages) v.push_back({s, st.layout, st.master, st.exp_avg, st.exp_avg_sq, st.step});
+  for (auto& [s, st] : stages)
+    if (!st.on_tier) v.push_back({s, st.layout, st.master, st.exp_avg, st.exp_avg_sq, st.step});  // NVMe tier: apart
   return v;
 }
 
@@ -390,7 +432,20 @@ void Worker::begin_save(const std::string& dir, bool bf16_weights, bool backgrou
   };
   std::stable_sort(v.begin(), v.end(), [&](const StageTensors& a, const StageTensors& b) { return first_optim(a.id) < first_optim(b.id); });
   I.save_wait_s = 0;
-  I.writer->start(dir, std::move(v), bf16_weights ? at::kBFloat16 : at::kFloat, background);
+  // NVMe tier: each on_tier stage read back and written now, one at a time (the checkpoint stays complete; its host
+  // memory is one stage's state); the host stages then as asked
+  I.tier_save = IoStats{};
+  for (auto& [s, st] : I.stages) {
+    if (!st.on_tier) continue;
+    at::Tensor buf = I.tier_fetch(s);
+    const int64_t n = st.layout.numel;
+    I.writer->start(dir, {{s, st.layout, buf.narrow(0, 0, n), buf.narrow(0, n, n), buf.narrow(0, 2 * n, n), st.step}},
+                    bf16_weights ? at::kBFloat16 : at::kFloat, false);
+    const IoStats one = I.writer->wait();
+    I.tier_save.bytes += one.bytes;
+    I.tier_save.seconds += one.seconds;
+  }
+  if (!v.empty()) I.writer->start(dir, std::move(v), bf16_weights ? at::kBFloat16 : at::kFloat, background);
 }
 
 bool Worker::save_active() const { return impl_->writer->active(); }
@@ -398,9 +453,11 @@ bool Worker::save_active() const { return impl_->writer->active(); }
 SaveReport Worker::finish_save() {
   auto& I = *impl_;
   SaveReport r;
-  const IoStats io = I.writer->wait();
-  r.bytes = io.bytes;
-  r.seconds = io.seconds;
+  IoStats io{};
+  if (I.writer->active()) io = I.writer->wait();
+  r.bytes = io.bytes + I.tier_save.bytes;
+  r.seconds = io.seconds + I.tier_save.seconds;
+  I.tier_save = IoStats{};
   r.optimizer_wait_s = I.save_wait_s;
   return r;
 }

@@ -22,6 +22,7 @@ struct WorkerOptions {
   int optim_threads = 0;       // 0: hardware threads / local ranks
   bool trace = false;          // record per-instruction timings (measured trace)
   int max_ahead = -1;          // CUDA: compute instructions the host may issue ahead of the GPU (-1: MMOC_MAX_AHEAD or 2; 0: unbounded)
+  std::vector<std::string> nvme;  // NVMe tier directories instead of the plan's (same count); empty: the plan's
 };
 
 struct StepResult {
@@ -36,6 +37,9 @@ struct StepResult {
   int64_t peak_allocated = 0;  // CUDA: the allocator's peak of allocated (live tensor) bytes; CPU: = peak_bytes
   int64_t outside_bytes = 0;   // CUDA: device memory this process holds outside the allocator (context, NCCL)
   double lr = 0;
+  // NVMe tier (this rank, this step): bytes read and written, and the time the reads and writes took
+  int64_t tier_read_bytes = 0, tier_write_bytes = 0;
+  double tier_read_s = 0, tier_write_s = 0;
 };
 
 struct LoadReport {  // setting up the weights (and optimizer state)

@@ -37,6 +37,7 @@
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/lr_schedule.hpp"
 #include "engine/optim/thread_pool.hpp"
+#include "engine/tier/store.hpp"
 #include "ir/ops.hpp"
 
 namespace mmoc::engine {
@@ -66,13 +67,15 @@ struct StageState {
   // Tensor parallelism (tp > 1): layout is this rank's tp shard of the stage; the gradient norm counts the elements of
   // norm_ranges (arch::grad_norm_ranges: replicated parameters on tp rank 0 only). Empty: the whole flat.
   std::vector<std::pair<int64_t, int64_t>> norm_ranges;
+  bool on_tier = false;  // opt(S) on the NVMe tier: master and moments undefined outside read..write (host_lowp separate)
 };
 
 struct FwdRecord {
   at::Tensor input;                  // stage input (ids for stage 0)
-  at::Tensor w_leaf, in_leaf, out;   // autograd graph when not recomputing
+  at::Tensor w_leaf, in_leaf, out;   // autograd graph of the layers that keep their stash (in_leaf: their input)
   at::Tensor loss;                   // last stage: loss sum (graph)
   at::Tensor tie_leaf;               // tied head over stages: the embedding matrix tie(S) (graph)
+  c10::intrusive_ptr<FlatGradTarget> target;  // where that graph's weight gradient is added (the stage's wgrad)
 };
 
 struct Worker::Impl {
@@ -155,6 +158,7 @@ struct Worker::Impl {
   IoOptions io;
   std::unique_ptr<CheckpointWriter> writer;
   double save_wait_s = 0;  // time optimizer steps waited for a background save
+  IoStats tier_save{};     // NVMe tier stages of the save in progress (written in begin_save)
   int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
   std::vector<TraceEvent> trace;
 
@@ -200,9 +204,13 @@ struct Worker::Impl {
   void free_batch(int m);
   const at::Tensor& batch_ids(int m, const char* why);
   const at::Tensor& batch_labels(int m);
-  at::Tensor run_stage(const StageState& st, const at::Tensor& w, const at::Tensor& in, const at::Tensor& tie = at::Tensor()) {
-    if (tpc) return tp_stage_forward(plan.model, st.layout, w, in, rope, *tpc, tie);
-    return stage_forward(plan.model, st.layout, w, in, rope, tie);
+  // Model layers [from, to) of a local stage (stage_forward_layers; tp > 1: tp_stage_forward_layers over this rank's
+  // tp group); target: where the weight gradient goes; tie: the embedding matrix (this shard's rows under tp) for a
+  // tied head on a stage without the embedding (tie(S)), when [from, to) ends with the head.
+  at::Tensor run_layers(const StageState& st, const at::Tensor& w, const at::Tensor& in, int from, int to,
+                        c10::intrusive_ptr<FlatGradTarget> target = {}, const at::Tensor& tie = at::Tensor()) {
+    if (tpc) return tp_stage_forward_layers(plan.model, st.layout, w, in, rope, *tpc, from, to, tie, false, std::move(target));
+    return stage_forward_layers(plan.model, st.layout, w, in, rope, from, to, tie, false, std::move(target));
   }
   // The summed loss of the head's output (tp > 1: vocabulary-parallel, the same value on every shard).
   at::Tensor loss_of(const at::Tensor& out, const at::Tensor& labels) {
@@ -247,6 +255,25 @@ struct Worker::Impl {
   void gradnorm(const std::vector<at::Tensor>& rgrads);
   void exec(int i);
   std::vector<StageTensors> stage_tensors();  // worker.cpp
+
+  // ---- NVMe tier (tier.cpp, docs/nvme-tier.md) ------------------------------------------------------
+  // opt(S) of on_tier stages is one object per stage on the store: [master | exp_avg | exp_avg_sq], fp32. Between
+  // `read opt(S) <- nvme` and `write opt(S) -> nvme` it is in host memory (tier_staged), in a page-aligned
+  // host_tensor that goes straight to the disk (O_DIRECT).
+  std::unique_ptr<tier::TierStore> tier;
+  std::mutex tier_mu;                    // tier_staged (the io and cpu threads)
+  std::map<int, at::Tensor> tier_staged;
+  std::unique_ptr<CpuStream> io_thread;  // CUDA: the io stream's thread (reads and writes wait there); joined first
+  int64_t tier_read_bytes = 0, tier_write_bytes = 0;  // this step
+  double tier_read_s = 0, tier_write_s = 0;           // this step: time the io ops took (submit to done)
+  void open_tier(const std::vector<std::string>& paths_override);  // constructor: store, space; throws before training
+  at::Tensor tier_new_buffer(int stage) const;       // zeros, page-aligned
+  at::Tensor tier_get(int stage, const char* why);   // the staged buffer (throws when absent)
+  void tier_read(const BufRef& b);
+  void tier_write(const BufRef& b);
+  // Whole-state access outside steps (init, load, checkpoints): one stage at a time.
+  at::Tensor tier_fetch(int stage);                  // a new buffer with the stage's state
+  void tier_store(int stage, const at::Tensor& buf); // writes it (waits)
 
   // Is `b` on the device as the engine keeps its books? (batch(m) and stash(S,m) are kept apart from the tensors.)
   bool present(const BufRef& b) const;

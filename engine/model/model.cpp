@@ -24,8 +24,10 @@ struct Segment {
 
 // flat -> segment views; backward gathers the segments' gradients into one flat gradient.
 struct FlatSplit : torch::autograd::Function<FlatSplit> {
-  static variable_list forward(AutogradContext* ctx, at::Tensor flat, const std::vector<Segment>* segs) {
+  static variable_list forward(AutogradContext* ctx, at::Tensor flat, const std::vector<Segment>* segs,
+                               c10::intrusive_ptr<FlatGradTarget> target) {
     ctx->set_materialize_grads(false);
+    if (target) ctx->saved_data["target"] = c10::IValue::make_capsule(target);
     std::vector<int64_t> offs, numels;
     variable_list out;
     out.reserve(segs->size());
@@ -48,7 +50,18 @@ struct FlatSplit : torch::autograd::Function<FlatSplit> {
     auto opts = at::TensorOptions().dtype(ctx->saved_data["dtype"].toScalarType()).device(ctx->saved_data["device"].toDevice());
     bool any = false;
     for (auto& g : grads) any |= g.defined();
-    if (!any) return {at::Tensor(), at::Tensor()};
+    if (!any) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    c10::intrusive_ptr<FlatGradTarget> target;
+    if (auto it = ctx->saved_data.find("target"); it != ctx->saved_data.end())
+      target = c10::static_intrusive_pointer_cast<FlatGradTarget>(it->second.toCapsule());
+    if (target && target->grad.defined()) {  // accumulate in place: no flat temporary, no second pass over it
+      if (target->grad.numel() != total || target->grad.scalar_type() != opts.dtype().toScalarType())
+        throw std::invalid_argument("FlatGradTarget: the gradient does not match the flat tensor");
+      at::NoGradGuard ng;
+      for (size_t i = 0; i < offs.size(); ++i)
+        if (grads[i].defined()) target->grad.narrow(0, offs[i], numels[i]).add_(grads[i].reshape({-1}));
+      return {at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     at::Tensor g = at::empty({total}, opts);
     int64_t pos = 0;
     for (size_t i = 0; i < offs.size(); ++i) {
@@ -59,7 +72,11 @@ struct FlatSplit : torch::autograd::Function<FlatSplit> {
       pos = offs[i] + numels[i];
     }
     if (total > pos) g.narrow(0, pos, total - pos).zero_();
-    return {g, at::Tensor()};
+    if (target) {
+      target->grad = g;
+      return {at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    return {g, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -126,7 +143,7 @@ std::vector<at::Tensor> param_views(const StageLayout& layout, const at::Tensor&
                                 " elements (got " + (flat.defined() ? std::to_string(flat.numel()) : std::string("undefined")) + ")");
   std::vector<Segment> segs;
   for (const auto& p : layout.params) segs.push_back({p.offset, p.numel, p.shape});
-  return FlatSplit::apply(flat, &segs);
+  return FlatSplit::apply(flat, &segs, c10::intrusive_ptr<FlatGradTarget>());
 }
 
 namespace {
@@ -190,14 +207,31 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
   return detail::forward_stage(a, layout, flat, input, rope, tied_embedding, fused_norm_on_cpu, nullptr);
 }
 
+at::Tensor stage_forward_layers(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat,
+                                const at::Tensor& input, const Rope& rope, int layer_from, int layer_to,
+                                const at::Tensor& tied_embedding, bool fused_norm_on_cpu,
+                                c10::intrusive_ptr<FlatGradTarget> grad_target) {
+  if (layout.tp_size != 1)
+    throw std::invalid_argument("stage_forward_layers: the layout is a tensor-parallel shard (not supported)");
+  if (layer_from < layout.layer_begin || layer_from >= layer_to || layer_to > layout.layer_end)
+    throw std::invalid_argument("stage_forward_layers: layers [" + std::to_string(layer_from) + ", " + std::to_string(layer_to) +
+                                ") are not a non-empty part of the stage's [" + std::to_string(layout.layer_begin) + ", " +
+                                std::to_string(layout.layer_end) + ")");
+  return detail::forward_stage(a, layout, flat, input, rope, tied_embedding, fused_norm_on_cpu, nullptr, layer_from, layer_to,
+                               std::move(grad_target));
+}
+
 at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat,
                                  const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding,
-                                 bool fused_norm_on_cpu, TpComm* comm) {
+                                 bool fused_norm_on_cpu, TpComm* comm, int layer_from, int layer_to,
+                                 c10::intrusive_ptr<FlatGradTarget> grad_target) {
   if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
     throw std::invalid_argument("stage_forward: flat must be a contiguous 1-D tensor of " + std::to_string(layout.numel) + " elements");
+  if (layer_from < 0) layer_from = layout.layer_begin;
+  if (layer_to < 0) layer_to = layout.layer_end;
   std::vector<Slots> slots;
   const std::vector<Segment> segs = segments(a, layout, slots);
-  auto views = FlatSplit::apply(flat, &segs);
+  auto views = FlatSplit::apply(flat, &segs, std::move(grad_target));
   const auto dt = flat.scalar_type();
   const bool gpt2 = arch::is_gpt2(a);
   // Tensor parallelism (comm set): this rank's heads, kv heads, MLP rows and vocabulary rows; f/g around the
@@ -209,7 +243,7 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
                 kvd = nkv * hd;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   at::Tensor h;
-  if (layout.has_embedding()) {
+  if (layer_from == 0) {
     if (input.scalar_type() != at::kLong || input.dim() != 2)
       throw std::invalid_argument("stage_forward: a stage starting at layer 0 takes int64 token ids [B,T]");
   } else {
@@ -235,7 +269,8 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
   };
   auto view = [&](const Slots& s, Role r) { return s[r] >= 0 ? views[s[r]] : at::Tensor(); };
   at::Tensor embed;  // this stage's token embedding view, if any
-  for (int l = layout.layer_begin; l < layout.layer_end; ++l) {
+  if (layer_from > 0 && layout.has_embedding()) embed = view(slots[0], Role::Embed);  // a tied head after a split
+  for (int l = layer_from; l < layer_to; ++l) {
     const Slots& s = slots[l - layout.layer_begin];
     if (l == 0) {
       embed = view(s, Role::Embed);

@@ -8,6 +8,7 @@
 #pragma once
 #include <functional>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 #include <c10/core/Device.h>
 
 #include <cstdint>
@@ -44,6 +45,26 @@ std::vector<at::Tensor> param_views(const StageLayout& layout, const at::Tensor&
 at::Tensor stage_forward(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
                          const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding = at::Tensor(),
                          bool fused_norm_on_cpu = false);
+
+// Where a stage's weight gradient goes when the engine runs it (stage_forward_layers' grad_target): instead of a new
+// zeroed flat gradient per backward that the caller then adds into its accumulator, the backward adds every
+// parameter's gradient into `grad` in place (when `grad` is undefined it allocates it, copying the gradients and
+// zeroing only the padding and unused parameters). The autograd gradient of the flat tensor is then undefined: call
+// autograd::grad with allow_unused. One target serves both halves of a partially recomputed stage.
+struct FlatGradTarget : torch::CustomClassHolder {
+  at::Tensor grad;
+};
+
+// Runs only the model layers [layer_from, layer_to) of the stage (layout.layer_begin <= layer_from < layer_to <=
+// layout.layer_end), as stage_forward would for a stage of just those layers: input token ids when layer_from is 0,
+// else hidden states; output logits when layer_to ends with the head. The parameters are still views of the whole
+// flat tensor: its gradient through this call is zero outside those layers' parameters. Partial recompute splits a
+// stage's forward in two such calls (the engine's first layers recompute, the others keep their autograd stash).
+// A tied head in the second part uses the stage's own embedding view.
+at::Tensor stage_forward_layers(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
+                                const at::Tensor& input, const Rope& rope, int layer_from, int layer_to,
+                                const at::Tensor& tied_embedding = at::Tensor(), bool fused_norm_on_cpu = false,
+                                c10::intrusive_ptr<FlatGradTarget> grad_target = {});
 
 // Tied embeddings across stages (head_needs_embedding): the [V,H] token-embedding view of the flat tensor of the stage
 // holding layer 0 (what the head's stage needs as stage_forward's tied_embedding), and the head stage's gradient of it

@@ -172,6 +172,28 @@ at::Tensor tp_stage_forward(const ir::ModelArch& a, const StageLayout& layout, c
   return detail::forward_stage(a, layout, flat, input, rope, tied_embedding, fused_norm_on_cpu, &comm);
 }
 
+at::Tensor tp_stage_forward_layers(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat,
+                                   const at::Tensor& input, const Rope& rope, TpComm& comm, int layer_from, int layer_to,
+                                   const at::Tensor& tied_embedding, bool fused_norm_on_cpu,
+                                   c10::intrusive_ptr<FlatGradTarget> grad_target) {
+  check_group(layout, comm, "tp_stage_forward_layers");
+  if (layout.tp_size == 1)
+    return stage_forward_layers(a, layout, flat, input, rope, layer_from, layer_to, tied_embedding, fused_norm_on_cpu,
+                                std::move(grad_target));
+  if (layer_from < layout.layer_begin || layer_from >= layer_to || layer_to > layout.layer_end)
+    throw std::invalid_argument("tp_stage_forward_layers: layers [" + std::to_string(layer_from) + ", " + std::to_string(layer_to) +
+                                ") are not a non-empty part of the stage's [" + std::to_string(layout.layer_begin) + ", " +
+                                std::to_string(layout.layer_end) + ")");
+  if (layer_from == 0 && input.defined() && input.device().is_cpu() && input.scalar_type() == at::kLong && input.numel() > 0) {
+    const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();  // as tp_stage_forward
+    if (lo < 0 || hi >= a.vocab)
+      throw std::invalid_argument("tp_stage_forward_layers: token id " + std::to_string(lo < 0 ? lo : hi) +
+                                  " outside the vocabulary [0," + std::to_string(a.vocab) + ")");
+  }
+  return detail::forward_stage(a, layout, flat, input, rope, tied_embedding, fused_norm_on_cpu, &comm, layer_from, layer_to,
+                               std::move(grad_target));
+}
+
 at::Tensor tp_lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab, TpComm& comm) {
   if (comm.size() == 1) return lm_loss_sum(logits, labels);
   const arch::TpVocab voc = arch::tp_vocab(vocab, comm.rank(), comm.size());

@@ -61,6 +61,14 @@ at::Tensor tp_stage_forward(const ir::ModelArch& arch, const StageLayout& layout
                             const at::Tensor& input, const Rope& rope, TpComm& comm,
                             const at::Tensor& tied_embedding = at::Tensor(), bool fused_norm_on_cpu = false);
 
+// tp_stage_forward of only the model layers [layer_from, layer_to) of the stage, as stage_forward_layers (model.hpp)
+// is to stage_forward: partial recompute splits a tensor-parallel stage's forward in two such calls. grad_target:
+// where the shard's flat weight gradient goes (FlatGradTarget). tp 1 runs exactly stage_forward_layers.
+at::Tensor tp_stage_forward_layers(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
+                                   const at::Tensor& input, const Rope& rope, TpComm& comm, int layer_from, int layer_to,
+                                   const at::Tensor& tied_embedding = at::Tensor(), bool fused_norm_on_cpu = false,
+                                   c10::intrusive_ptr<FlatGradTarget> grad_target = {});
+
 // lm_loss_sum over vocabulary-parallel logits (tp_stage_forward's head output): the sum over tokens of next-token
 // cross-entropy in fp32 with HF's shift, labels -100 ignored, the padding columns excluded. The max, the sum of
 // exponentials and the target logit are reduced over the group; the whole-vocabulary logits never exist. The same

@@ -9,9 +9,11 @@ namespace mmoc::engine::detail {
 
 // stage_forward's body. comm == nullptr: the unsharded model (layout.tp_size 1), exactly as before tensor
 // parallelism; else the shard of rank comm->rank() (tp_stage_forward checks the layout against comm).
+// layer_from/layer_to (-1: the layout's ends): run only those model layers of the stage (stage_forward_layers).
 at::Tensor forward_stage(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
                          const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding,
-                         bool fused_norm_on_cpu, TpComm* comm);
+                         bool fused_norm_on_cpu, TpComm* comm, int layer_from = -1, int layer_to = -1,
+                         c10::intrusive_ptr<FlatGradTarget> grad_target = {});
 
 // Megatron's f (identity forward, all-reduce sum backward) and g (all-reduce sum forward, identity backward).
 at::Tensor copy_to_tp(const at::Tensor& x, TpComm& comm);

@@ -72,7 +72,7 @@ def run_all(tmp):
     p = must(sh([RUN, p2, *base, "--steps", 4, "--save", ck, "--save-every", 2, "--metrics", m]), "run with saves")
     check(re.search(r"^rank 0: ready after [0-9.]+ s, [0-9.]+ s after launch \(set-up [0-9.]+ s: start [0-9.]+, device and host state [0-9.]+, transports [0-9.]+; weights random: [0-9.]+ s\)$", p.stdout, re.M),
           "the ready line gives set-up and init times: " + "".join(l for l in p.stdout.splitlines(True) if "ready" in l))
-    saves = re.findall(r"^saved checkpoint \S+ \(step (\d+)\) in [0-9.]+ s: [0-9.]+ GB written at [0-9.]+ GB/s(.*)$", p.stdout, re.M)
+    saves = re.findall(r"^saved checkpoint \S+ \(step (\d+)\) in [0-9.]+ s: [0-9.]+ GB written at [0-9.]+ GB/s \(writing [0-9.]+ s, completing [0-9.]+ s\)(.*)$", p.stdout, re.M)
     check([s[0] for s in saves] == ["2", "4"], f"saves at steps 2 and 4 reported with size and rate: {saves}")
     check(len(saves) == 2 and "in the background" in saves[0][1] and "background" not in saves[1][1], f"step 2 saved in the background, step 4 not: {saves}")
     ms = metrics_of(m)
@@ -82,6 +82,7 @@ def run_all(tmp):
     check(ms[2].get("save_step") == 2 and ms[2].get("save_background") is True and ms[2].get("save_bytes", 0) > 0,
           "the background save of step 2 is recorded when it completes (step 3's line)")
     check(ms[3].get("save_step") == 4 and ms[3].get("save_background") is False and ms[3].get("save_s", -1) >= 0, "the final save is on the last line")
+    check(0 <= ms[3].get("save_finalize_s", -1) <= ms[3]["save_s"], f"the final save's completion time (rank 0) is within its total: {ms[3]}")
     files = sorted(os.listdir(ck))
     shards = [f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5)]
     check(all(s in files for s in shards) and "model.safetensors.index.json" in files and "model.safetensors" not in files,

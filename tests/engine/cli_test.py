@@ -59,6 +59,48 @@ def metrics_of(path):
         return [json.loads(l) for l in f if l.strip()]
 
 
+def plan_flops(plan_path):
+    """FLOPs of one step of a plan, written out here from the formulas of cost/spec.cpp (layer_fwd_flops; backward twice
+    the forward): (model, hardware), hardware adding the forward of every layer its stage recomputes."""
+    with open(plan_path) as f:
+        p = json.load(f)
+    md, hd = p["model"], p["plan"]
+    mbs, seq, M = hd["mbs"], hd["seq"], hd["microbatches"]
+    h, ffn, L, V = md["hidden"], md["ffn"], md["layers"], md["vocab"]
+    head_dim = md.get("head_dim", 0) or h // md["heads"]
+    qd, kvd = md["heads"] * head_dim, md["kv_heads"] * head_dim
+    T = mbs * seq
+
+    def fwd(layer):
+        if layer == 0:
+            return 0.0
+        if layer <= L:
+            return 2.0 * (2 * h * qd + 2 * h * kvd + 3 * h * ffn) * T + 2.0 * mbs * seq * seq * qd
+        return 2.0 * V * h * T + 5.0 * V * T
+
+    model = hw = 0.0
+    for st in p["stages"]:
+        b, e = st["layers"]
+        rc = st["recompute"]
+        k = (e - b if rc else 0) if isinstance(rc, bool) else rc  # true/false, or the number of recomputed first layers
+        for layer in range(b, e):
+            model += M * 3 * fwd(layer)
+            hw += M * (3 * fwd(layer) + (fwd(layer) if layer < b + k else 0.0))
+    return model, hw, hd["gpus"]
+
+
+def check_flops(plan_path, rows):
+    """mmoc-run's mfu/hfu: the plan's FLOPs per second over the GPUs' bf16 peak (cpu8 has none: the default 989)."""
+    model, hw, gpus = plan_flops(plan_path)
+    close = lambda a, b: abs(a - b) <= 1e-9 * abs(b)
+    check(hw > model > 0, f"the plan recomputes (grouped, all offloaded): hardware FLOPs {hw} > model FLOPs {model}")
+    for r in rows:
+        ok = close(r.get("model_flops", 0), model) and close(r.get("hardware_flops", 0), hw) and r.get("peak_tflops") == 989
+        ok = ok and close(r["mfu"], model / r["step_s"] / (gpus * 989e12)) and close(r["hfu"], hw / r["step_s"] / (gpus * 989e12))
+        if not check(ok, f"metrics: mfu/hfu from the plan's FLOPs ({model:.6g}, {hw:.6g}) per second over {gpus} x 989 TFLOP/s: {r}"):
+            break
+
+
 def tree_digest(path):
     """name -> sha256 of every file under path (and the folder names)."""
     out = {}
@@ -97,6 +139,7 @@ def run_all(tmp):
     check(len(lines) == 20, f"20 progress lines on stdout, got {len(lines)}")
     check(all(prog.match(l) for l in lines), "progress lines show step/loss/tokens/s/step time/ETA: " + (lines[0] if lines else "none"))
     check(lines and prog.match(lines[-1]) and prog.match(lines[-1]).group(5) == "0", "ETA of the last step is 0 s")
+    check(all(re.search(r"  MFU [0-9.]+%  HFU [0-9.]+%  ETA", l) for l in lines), "progress lines show MFU and HFU: " + (lines[0] if lines else "none"))
     check(f"saved checkpoint {ck} (step 20)" in p.stdout, "the save is reported")
     ms = metrics_of(m)
     check([r.get("step") for r in ms] == list(range(1, 21)), "metrics: one line per step, steps 1..20")
@@ -114,6 +157,7 @@ def run_all(tmp):
     last = ms[-1] if ms else {}
     check(len(last.get("host_peak_rss_bytes", [])) == 2 and all(x > 0 for x in last["host_peak_rss_bytes"]) and
           last.get("host_predicted_bytes") == predicted, "metrics: host_peak_rss_bytes and host_predicted_bytes per rank")
+    check_flops(plan2, ms)
     losses = [r["loss"] for r in ms]
     check(len(losses) == 20 and losses[-1] < losses[0], f"loss after 20 steps below step 1: {losses[:1]} -> {losses[-1:]}")
     check(len(losses) == 20 and sum(losses[-5:]) / 5 < losses[0] - 0.1, "loss trend: mean of the last 5 steps at least 0.1 below step 1")

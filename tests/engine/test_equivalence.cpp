@@ -217,3 +217,61 @@ TEST_CASE("resuming from a checkpoint gives the same losses and weights as an un
   io::remove_tree(dir.s);
   }
 }
+
+namespace {
+// The plan with partial recompute in every stage of more than one layer: its last `keep` layers (at most all but one)
+// keep their stash, the first ones recompute (Stage::keep_layers; the engine splits the stage's forward there).
+ir::Plan with_partial_recompute(ir::Plan p, int keep) {
+  for (auto& s : p.stages)
+    if (s.layers() > 1) {
+      s.recompute = true;
+      s.keep_layers = std::min(keep, s.layers() - 1);
+    }
+  REQUIRE(ir::verify_structure(p).empty());
+  return p;
+}
+}  // namespace
+
+TEST_CASE("partial recompute (a stage's first layers recompute, the others keep their stash) equals plain training") {
+  // one stage of everything: the embedding and the first decoder layers recompute, the last ones and the head keep
+  check_against_reference(with_partial_recompute(make_plan(1, 1, "gpipe", "none"), 3), "partial-N1-v1-gpipe");
+  // pipelined, offloaded weights and resident ones, split stages in the middle of the model
+  check_against_reference(with_partial_recompute(make_plan(2, 1, "1f1b", "none"), 2), "partial-N2-v1-1f1b");
+  check_against_reference(with_partial_recompute(make_plan(2, 2, "interleaved-1f1b", "all", 0.05, "cosine"), 1),
+                          "partial-N2-v2-interleaved-clip");
+  // tied GPT-2 in one stage: the embedding recomputes, the tied head (the embedding's matrix) keeps its stash
+  check_against_reference(with_partial_recompute(make_plan(1, 1, "gpipe", "all", 0, "constant", "tiny-gpt2-tied"), 2),
+                          "partial-gpt2-tied-N1");
+  // the compiler's own choice: a budget between all-recompute and none gives a partial plan (1f1b: no stage forced)
+  JobConfig j;
+  j.model = "tiny-8l";
+  j.hardware = "cpu8";
+  j.gpus = 2;
+  j.v = "1";
+  j.micro_batch_size = 2;
+  j.microbatches = 4;
+  j.seq_len = 32;
+  j.schedule = "1f1b";
+  j.offload = "none";
+  j.recompute = "auto";
+  j.train.precision = "fp32";
+  j.train.lr = 1e-3;
+  ModelSpec m = load_model(j.model, kConfigs);
+  HardwareSpec hw = load_hardware(j.hardware, kConfigs);
+  bool found = false;
+  for (double b = 0.006; b < 0.02 && !found; b *= 1.05) {  // tiny-8l fits from 0.0065 GiB
+    j.budget_gib = b;
+    ir::Plan p;
+    try {
+      p = compile_job(j, m, hw, {}).plan;
+    } catch (const InputError&) {
+      continue;
+    }
+    for (const auto& s : p.stages) found |= s.recompute && s.keep_layers > 0;
+    if (found) {
+      CAPTURE(b);
+      check_against_reference(p, "partial-compiled-N2-1f1b");
+    }
+  }
+  CHECK_MESSAGE(found, "no budget gave a plan with partial recompute");
+}

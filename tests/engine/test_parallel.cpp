@@ -4,7 +4,7 @@
 // tied gradient reduced with stage 0's); a checkpoint saved under one layout
 // resumes under another (dp 2 -> 1, 1 -> 2) to the uninterrupted run's weights; bad layouts exit 2 naming why.
 // Tensor parallelism: (pp, dp, tp) in {(1,1,2), (2,1,2), (2,2,2), (3,1,2)} x v {1,2} x offload all/none on the same
-// two families, tied heads under tp, and resumes across (dp, tp).
+// two families, tied heads under tp, resumes across (dp, tp), and partial recompute (Stage::keep_layers) under tp.
 #include <ATen/ATen.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -303,6 +303,59 @@ TEST_CASE("tp layout pp1-dp1-tp2: trains as the plain loop") { check_tp_layout(1
 TEST_CASE("tp layout pp2-dp1-tp2: trains as the plain loop") { check_tp_layout(2, 1, 2); }
 TEST_CASE("tp layout pp2-dp2-tp2: trains as the plain loop") { check_tp_layout(2, 2, 2); }
 TEST_CASE("tp layout pp3-dp1-tp2: trains as the plain loop") { check_tp_layout(3, 1, 2); }
+
+// Partial recompute under tensor parallelism (Stage::keep_layers): a stage's first layers run without autograd in
+// forward and again in backward, the others keep their stash; the tp collectives run in both parts, in the same order
+// on every shard (tp_stage_forward_layers).
+ir::Plan with_partial_recompute(ir::Plan p, int keep) {
+  for (auto& s : p.stages)
+    if (s.layers() > 1) {
+      s.recompute = true;
+      s.keep_layers = std::min(keep, s.layers() - 1);
+    }
+  REQUIRE(ir::verify_structure(p).empty());
+  return p;
+}
+
+TEST_CASE("tp layout with partial recompute: trains as the plain loop") {
+  check_against_reference(with_partial_recompute(make_plan(1, 1, 1, "none", "tiny-8l", 0, 4, 2), 3), "partial-tiny-8l-pp1-tp2");
+  check_against_reference(with_partial_recompute(make_plan(2, 2, 1, "all", "tiny-8l", 0.05, 4, 2), 1), "partial-tiny-8l-pp2-dp2-tp2");
+  // GPT-2 with a tied head in one stage: the vocabulary-parallel embedding recomputes, the tied head keeps its stash
+  check_against_reference(with_partial_recompute(make_plan(1, 1, 2, "all", "tiny-gpt2-tied", 0, 4, 2), 2), "partial-gpt2-tied-pp1-tp2");
+  // the compiler's own choice under tp 2: a budget between all-recompute and none gives a partial plan
+  bool found = false;
+  for (double b = 0.002; b < 0.02 && !found; b *= 1.05) {
+    ir::Plan p;
+    try {
+      JobConfig j;
+      j.model = "tiny-8l";
+      j.hardware = "cpu8";
+      j.gpus = 2;
+      j.tp = 2;
+      j.v = "1";
+      j.micro_batch_size = 2;
+      j.microbatches = 4;
+      j.seq_len = 32;
+      j.schedule = "1f1b";
+      j.offload = "none";
+      j.recompute = "auto";
+      j.budget_gib = b;
+      j.train.precision = "fp32";
+      j.train.lr = 1e-3;
+      j.train.eps = 1e-6;  // make_plan's eps for tp (see there)
+      j.train.total_steps = 4;
+      p = compile_job(j, load_model(j.model, kConfigs), load_hardware(j.hardware, kConfigs), {}).plan;
+    } catch (const InputError&) {
+      continue;
+    }
+    for (const auto& s : p.stages) found |= s.recompute && s.keep_layers > 0;
+    if (found) {
+      CAPTURE(b);
+      check_against_reference(p, "partial-compiled-pp2-tp2-1f1b");
+    }
+  }
+  CHECK_MESSAGE(found, "no budget gave a tp 2 plan with partial recompute");
+}
 
 TEST_CASE("tp with tied embeddings: the head's shard of the embedding, its gradient back to the same shard") {
   for (std::string off : {"all", "none"}) {

@@ -11,13 +11,15 @@ using namespace mmoc::ir::test;
 
 TEST_CASE("enum names match docs/plan-format.md and parse back") {
   const char* ops[] = {"load_batch", "prefetch", "forward", "backward", "send", "recv",
-                       "evict",      "free",     "allreduce", "gradnorm", "optim"};
-  for (int i = 0; i < 11; ++i) {
+                       "evict",      "free",     "allreduce", "gradnorm", "optim", "addgrad", "read", "write",
+                       "reduce_scatter", "allgather"};
+  static_assert(sizeof(ops) / sizeof(ops[0]) == kNumOps);
+  for (int i = 0; i < kNumOps; ++i) {
     CHECK(std::string(to_string(static_cast<Op>(i))) == ops[i]);
     CHECK(parse_op(ops[i]) == static_cast<Op>(i));
   }
-  const char* streams[] = {"comp", "h2d", "d2h", "p2p", "cpu"};
-  for (int i = 0; i < 5; ++i) {
+  const char* streams[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io"};
+  for (int i = 0; i < 6; ++i) {
     CHECK(std::string(to_string(static_cast<Stream>(i))) == streams[i]);
     CHECK(parse_stream(streams[i]) == static_cast<Stream>(i));
   }
@@ -179,6 +181,44 @@ TEST_CASE("train.on_nonfinite: absent when 'stop', written and read back in both
   CHECK(from_json_string(to_json_string(p)) == p);
   CHECK(parse_text(print_text(p)) == p);
   CHECK(parse_text(print_text(p)) != hand_plan());
+}
+
+TEST_CASE("partial recompute: recompute=k/n in text, an integer in JSON, whole choices as before") {
+  Plan p = hand_plan();  // S0: layers 0-2, recompute=1
+  const std::string whole_text = print_text(p), whole_json = to_json_string(p);
+  CHECK(whole_text.find(" recompute=1 ") != std::string::npos);
+  p.stages[0].keep_layers = 1;  // the first of its 2 layers recomputes, the second keeps its stash
+  CHECK(p.stages[0].recompute_layers() == 1);
+  CHECK(p.stages[1].recompute_layers() == 0);
+  const std::string text = print_text(p), json = to_json_string(p);
+  CHECK(text.find("stage S0 gpu=0 layers=0-2 recompute=1/2 weights=offload") != std::string::npos);
+  std::string compact;
+  for (char ch : json) if (ch != ' ' && ch != '\n') compact += ch;
+  CHECK(compact.find("\"layers\":[0,2],\"recompute\":1,") != std::string::npos);
+  CHECK(parse_text(text) == p);
+  CHECK(from_json_string(json) == p);
+  CHECK(verify_structure(p).empty());
+  // k = n reads as whole recompute, k = 0 as none
+  auto with = [&](const std::string& v) {
+    std::string t = text;
+    t.replace(t.find("recompute=1/2"), 13, "recompute=" + v);
+    return t;
+  };
+  CHECK(parse_text(with("2/2")).stages[0] == hand_plan().stages[0]);
+  CHECK_FALSE(parse_text(with("0/2")).stages[0].recompute);
+  CHECK_THROWS_AS(parse_text(with("3/2")), ParseError);   // more than its layers
+  CHECK_THROWS_AS(parse_text(with("1/3")), ParseError);   // not the stage's layer count
+  CHECK_THROWS_AS(parse_text(with("x/2")), ParseError);
+  std::string bad = compact;
+  bad.replace(bad.find("\"recompute\":1,"), 14, "\"recompute\":7,");
+  CHECK_THROWS_AS(from_json_string(bad), ParseError);
+  // the verifier: a kept stash needs recompute and fewer kept layers than the stage has
+  Plan q = hand_plan();
+  q.stages[1].keep_layers = 1;  // S1 does not recompute
+  CHECK_FALSE(verify_structure(q).empty());
+  q = hand_plan();
+  q.stages[0].keep_layers = 2;
+  CHECK_FALSE(verify_structure(q).empty());
 }
 
 TEST_CASE("text form: comments, blank lines, CRLF and quoted strings") {

@@ -88,7 +88,7 @@ struct Gen {
   Instr instr(int index) {
     Instr in;
     in.op = static_cast<Op>(uni(0, kNumOps - 1));
-    in.stream = static_cast<Stream>(uni(0, 4));
+    in.stream = static_cast<Stream>(uni(0, kNumStreams - 1));
     bool extra = coin(0.1);  // also set fields that the op does not use
     switch (in.op) {
       case Op::LoadBatch: in.mb = maybe(64); break;
@@ -120,6 +120,10 @@ struct Gen {
       case Op::AddGrad:
         if (!coin(0.05)) in.buf = buf();
         in.stage = maybe(64);
+        break;
+      case Op::TierRead:
+      case Op::TierWrite:
+        if (!coin(0.05)) in.buf = buf();
         break;
     }
     if (extra) {

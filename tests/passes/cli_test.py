@@ -57,6 +57,13 @@ def main():
             ("seq-len above the model's maximum", ["--model", "tiny-8l", "--hardware", "h200x2", "--seq-len", "128"], r"exceeds tiny-8l's maximum 64"),
             ("missing job file", [os.path.join(tmp, "nope.json")], r"cannot read job file"),
             ("unknown --print-after pass", TINY + ["--print-after", "nosuchpass"], r"unknown pass 'nosuchpass'"),
+            # the NVMe tier holds whole stages of one pipeline: refused with data or tensor parallelism
+            ("--nvme with --dp 2", ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "1", "--dp", "2", "--seq-len", "32",
+                                    "--microbatches", "2", "--nvme", "/nonexistent-nvme0/mmoc"],
+             r"--nvme \(the NVMe tier\) with --dp 2 --tp 1 is not supported"),
+            ("--nvme with --tp 2", ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "1", "--tp", "2", "--seq-len", "32",
+                                    "--microbatches", "2", "--nvme", "/nonexistent-nvme0/mmoc"],
+             r"--nvme \(the NVMe tier\) with --dp 1 --tp 2 is not supported"),
         ]
         for name, args, pat in bad:
             for emit in ("json", "text"):
@@ -123,6 +130,36 @@ def main():
               is not None and "smallest budget" not in lines[0], "13B on h200x1: names host memory needed vs available (%r)"
               % (lines[0][:300] if lines else ""))
 
+        # ... and with --nvme the tier makes it fit the host (no --host-budget): the search keeps the candidates the
+        # tier placement rescues, and the plan's host= (with the tier) is within the node's 125 GiB
+        nv = os.path.join(tmp, "nvme-13b.txt")
+        p = run(C, R, ["--model", "llama2-13b"] + NEWCOMER[2:] + ["--budget", "48", "--nvme", "/nonexistent-nvme0/mmoc", "--emit", "text", "-o", nv])
+        check(p.returncode == 0, "13B on h200x1 with --nvme: exit 0 (%s)" % p.stderr.strip()[-300:])
+        if p.returncode == 0:
+            with open(nv) as f:
+                text = f.read()
+            os.remove(nv)
+            hb = re.search(r"^plan .* host=([0-9]+) ", text, re.M)
+            check("home=nvme" in text and hb is not None and int(hb.group(1)) <= 125 << 30,
+                  "13B with --nvme: state on the tier, host= within 125 GiB (%s)" % (hb.group(1) if hb else None))
+            check(re.search(r"^host memory: at most [0-9.]+ GiB per node, within 125\.00 GiB", p.stdout, re.M) is not None,
+                  "13B with --nvme: the summary prints the node's host memory with the tier")
+
+        # --layout auto with --nvme: only the layouts the tier supports (dp 1, tp 1) are candidates; the others are
+        # refused by name on the progress lines, and the plan is a pipeline with the tier's paths
+        la = os.path.join(tmp, "auto-nvme.txt")
+        p = run(C, R, ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "2", "--seq-len", "32", "--microbatches", "4",
+                       "--layout", "auto", "--nvme", "/nonexistent-nvme0/mmoc", "--emit", "text", "-o", la])
+        check(p.returncode == 0, "--layout auto --nvme: exit 0 (%s)" % p.stderr.strip()[-300:])
+        if p.returncode == 0:
+            with open(la) as f:
+                head = re.search(r"^plan .*$", f.read(), re.M).group(0)
+            os.remove(la)
+            check(" gpus=2 " in head and " dp=" not in head.replace(" dp=1 ", " ") and " tp=" not in head.replace(" tp=1 ", " ")
+                  and "nvme=" in head, "--layout auto --nvme: pp 2 x dp 1 x tp 1 with the tier's path (%s)" % head[:300])
+            check("layout pp 1 x dp 2 x tp 1: infeasible" in p.stderr and "layout pp 1 x dp 1 x tp 2: infeasible" in p.stderr,
+                  "--layout auto --nvme: dp 2 and tp 2 refused (%s)" % p.stderr.strip()[-400:])
+
         # budgets: a plain number is GiB; GiB/GB (10^9 bytes) with or without a space; job JSON number or string
         def budget_of(args):
             out = os.path.join(tmp, "b.txt")
@@ -157,6 +194,37 @@ def main():
             lines = [l for l in p.stderr.splitlines() if l.strip()]
             check(p.returncode == 2 and len(lines) == 1 and "budget_gib" in lines[0],
                   "job budget_gib %r: exit 2 naming budget_gib (got %d: %r)" % (value, p.returncode, p.stderr[-200:]))
+        # --host-budget and host_budget_gib: the same forms (common/size parse_gib), recorded as host_budget=
+        def host_budget_of(args):
+            out = os.path.join(tmp, "hb.txt")
+            p = run(C, R, args + ["-q", "--emit", "text", "-o", out])
+            if p.returncode != 0:
+                return None, p
+            with open(out) as f:
+                m = re.search(r"^plan .* host_budget=([0-9]+)", f.read(), re.M)
+            os.remove(out)
+            return (int(m.group(1)) if m else None), p
+        for text, want in [("100", 100 << 30), ("100GiB", 100 << 30), ("100 GiB", 100 << 30), ("100GB", 100 * 10**9)]:
+            b, p = host_budget_of(TINYB + ["--host-budget", text])
+            check(b == want, "--host-budget %r: %s bytes (got %s: %s)" % (text, want, b, p.stderr.strip()[-200:]))
+        for text in ["48G", "abc", "-3"]:
+            p = run(C, R, TINYB + ["--host-budget", text, "-q"])
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(p.returncode == 2 and len(lines) == 1 and "--host-budget" in lines[0],
+                  "--host-budget %r: exit 2 naming --host-budget (got %d: %r)" % (text, p.returncode, p.stderr[-200:]))
+        for value, want in [(100, 100 << 30), ("100GiB", 100 << 30), ("100GB", 100 * 10**9)]:
+            with open(job, "w") as f:
+                json.dump({"model": "tiny-8l", "hardware": "h200x2", "gpus": 2, "seq_len": 32, "v": 1, "schedule": "1f1b",
+                           "microbatches": 2, "host_budget_gib": value}, f)
+            b, p = host_budget_of([job])
+            check(b == want, "job host_budget_gib %r: %s bytes (got %s: %s)" % (value, want, b, p.stderr.strip()[-200:]))
+        for value in ["lots", "48G", True]:
+            with open(job, "w") as f:
+                json.dump({"model": "tiny-8l", "hardware": "h200x2", "gpus": 2, "seq_len": 32, "host_budget_gib": value}, f)
+            p = run(C, R, [job, "-q"])
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(p.returncode == 2 and len(lines) == 1 and "host_budget_gib" in lines[0],
+                  "job host_budget_gib %r: exit 2 naming host_budget_gib (got %d: %r)" % (value, p.returncode, p.stderr[-200:]))
         os.remove(job)
 
         # --print-after=schedule prints the plan after that pass

@@ -1,6 +1,7 @@
 // Host memory per rank (cost/host_memory.hpp): the breakdown follows the engine's allocations, the prediction is
 // within 10% of the resident sets measured on nvidia-h200, plans record it (an optional header field), the
-// compiler refuses a plan the host cannot hold and names host memory, and the NVMe hook subtracts state.
+// compiler refuses a plan the host cannot hold and names host memory, and state on the NVMe tier (the plan's
+// placement) leaves host memory while its staging enters it.
 #include <cmath>
 
 #include "cost/host_memory.hpp"
@@ -83,23 +84,75 @@ TEST_CASE("host memory: an offloaded stage holds 16 bytes per parameter, a resid
   CHECK(hc[1].device == 2000);
 }
 
-TEST_CASE("host memory: the NVMe hook takes a stage's state off the host, moments first") {
+TEST_CASE("host memory: a stage on the NVMe tier keeps 4 B/param in host memory (bf16), 8 (fp32), plus the staging") {
   auto m = model("tiny-8l");
   auto hw = hardware("h200x2");
-  JobConfig j = tiny_job(1, 2, 2, "interleaved-1f1b");
+  for (const char* prec : {"bf16", "fp32"}) {
+    CAPTURE(prec);
+    JobConfig j = tiny_job(1, 2, 2, "interleaved-1f1b");
+    j.offload = "all";
+    j.train.precision = prec;
+    const bool fp32 = std::string(prec) == "fp32";
+    const auto host = compile_job(j, m, hw, {}).plan;
+    j.nvme = {"/nonexistent-nvme0/mmoc"};
+    j.nvme_place = "all";  // every offloaded stage's opt(S) on the tier
+    const auto tier = compile_job(j, m, hw, {}).plan;
+    const auto before = predict_host_memory(host, host_memory_options(hw))[0];
+    // the tier's staging needs the plan's dependencies: without it the model refuses (it would under-count)
+    CHECK_THROWS_AS(predict_host_memory(tier, host_memory_options(hw)), std::logic_error);
+    const auto o = host_memory_options(hw, tier);
+    REQUIRE(o.nvme_staging_bytes.size() == 1);
+    const auto after = predict_host_memory(tier, o)[0];
+    int64_t n = 0, opt_max = 0;
+    for (const auto& st : after.stages) {
+      const int64_t ns = tier.stages[st.stage].params;
+      n += ns;
+      opt_max = std::max(opt_max, 12 * ns);
+      CHECK(st.master == 0);
+      CHECK(st.moments == 0);
+      CHECK(st.nvme == 12 * ns);
+      CHECK(st.lowp == (fp32 ? 4 : 2) * ns);  // the compute-precision copy (fp32: the master is on the tier)
+      CHECK(st.grads == (fp32 ? 4 : 2) * ns);
+      CHECK(st.total() == (fp32 ? 8 : 4) * ns);
+    }
+    CHECK(after.nvme == 12 * n);
+    // the staging: every opt(S) of the rank may be in host memory at once here (2 stages, 2 slots)
+    CHECK(after.nvme_staging == o.nvme_staging_bytes[0]);
+    CHECK(after.nvme_staging >= opt_max);
+    CHECK(after.nvme_staging <= 12 * n);
+    CHECK(after.total() == before.total() - (fp32 ? 8 : 12) * n + after.nvme_staging);
+    // the plan's header records the prediction with the tier
+    REQUIRE(tier.host_bytes.size() == 1);
+    CHECK(tier.host_bytes[0] == after.total());
+    CHECK(after.describe().find("NVMe staging") != std::string::npos);
+    CHECK(after.describe().find("on the NVMe tier") != std::string::npos);
+  }
+}
+
+TEST_CASE("host memory: --host-budget caps the node below host_mem_gib and names itself") {
+  auto m = model("tiny-8l");
+  auto hw = hardware("h200x2");
+  JobConfig j = tiny_job(2, 2, 4, "interleaved-1f1b");
   j.offload = "all";
-  auto p = compile_job(j, m, hw, {}).plan;
-  HostMemoryOptions o = host_memory_options(hw);
-  auto before = predict_host_memory(p, o)[0];
-  const int64_t n0 = p.stages[0].params;
-  o.nvme_bytes = {10 * n0};  // stage 0: all its moments (8n) and half its master
-  o.nvme_staging_bytes = 1 << 20;
-  auto after = predict_host_memory(p, o)[0];
-  CHECK(after.stages[0].moments == 0);
-  CHECK(after.stages[0].master == 2 * n0);
-  CHECK(after.stages[0].nvme == 10 * n0);
-  CHECK(after.stages[1].total() == before.stages[1].total());
-  CHECK(after.total() == before.total() - 10 * n0 + (1 << 20));
+  const auto p = compile_job(j, m, hw, {}).plan;
+  const auto h = predict_host_memory(p, host_memory_options(hw));
+  const int64_t node = h[0].total() + h[1].total();
+  CHECK(check_host_memory(h, hw).ok);
+  CHECK(check_host_memory(h, hw, node).ok);
+  const auto c = check_host_memory(h, hw, node - 1);
+  CHECK_FALSE(c.ok);
+  CHECK(c.by_budget);
+  CHECK(c.available == node - 1);
+  CHECK(c.message.find("--host-budget") != std::string::npos);
+  CHECK(c.message.find("missing") != std::string::npos);
+  // a budget above the machine's memory: the machine's
+  const auto big = check_host_memory(h, hw, (int64_t)(hw.host_mem_gib * GiB) * 2);
+  CHECK_FALSE(big.by_budget);
+  // the compiler refuses it without --nvme, naming the budget and the way out
+  j.host_budget_gib = double(node - 1) / GiB;
+  const std::string e = error_of([&] { (void)compile_job(j, m, hw, {}); });
+  CHECK(e.find("--host-budget") != std::string::npos);
+  CHECK(e.find("give --nvme") != std::string::npos);
 }
 
 TEST_CASE("host memory: LLaMA-2-7B on h200x1 within 10% of the resident sets measured at 48 and 20 GiB") {

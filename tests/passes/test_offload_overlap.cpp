@@ -355,3 +355,102 @@ TEST_CASE("compile: seed 7B with --offload all and v=3 compiles (grouped)") {
   HardwareSpec hw = hardware(j.hardware);
   CHECK_NOTHROW(compile_one(j, m, hw, 3, "grouped", {}));
 }
+
+// ---- partial recompute -----------------------------------------------------------------------------------------------
+namespace {
+// Layers whose stash the plan keeps (a stage without recompute keeps all of its layers').
+int kept_layers(const ir::Plan& p) {
+  int k = 0;
+  for (const auto& s : p.stages) k += s.layers() - s.recompute_layers();
+  return k;
+}
+// LLaMA-2-13B on 4 H200, grouped v=2, 8 micro-batches of 2 x 1024: each rank's last stage (S4..S6, 5 layers each) is
+// free to keep its stash (its forward and backward runs are adjacent), the others and the head recompute whole.
+JobConfig partial_job(const std::string& offload, double budget_gib) {
+  JobConfig j = load_job(std::string(MMOC_CONFIGS_DIR) + "/jobs/seed-llama2-13b-l20x4.json");
+  j.hardware = "h200x4";
+  j.seq_len = 1024;
+  j.micro_batch_size = 2;
+  j.offload = offload;
+  j.budget_gib = budget_gib;
+  return j;
+}
+}  // namespace
+
+TEST_CASE("partial recompute: the kept layers grow with the budget, and the chosen plan stays within it") {
+  const ModelSpec m = model("llama2-13b");
+  const HardwareSpec hw = hardware("h200x4");
+  const int64_t layer_stash = m.layer_stash_bytes(1, 2, 1024, false, 2);
+  int prev = -1, partial = 0, compiled = 0;
+  std::vector<int> kept;
+  for (double b : {24.0, 26.0, 28.0, 30.0, 32.0, 36.0, 40.0, 48.0}) {
+    CAPTURE(b);
+    CompileResult r;
+    try {
+      r = compile_job(partial_job("all", b), m, hw, {});
+    } catch (const InputError&) {
+      CHECK(compiled == 0);  // only the smallest budgets may not fit
+      continue;
+    }
+    ++compiled;
+    const ir::Plan& p = r.plan;
+    const int k = kept_layers(p);
+    kept.push_back(k);
+    CHECK(k >= prev);  // more budget never keeps fewer stashes (offload all: the residency is fixed)
+    prev = k;
+    OffloadConfig cfg;
+    for (const auto& s : p.stages) cfg.resident.push_back(s.weights == ir::Residency::Resident);
+    const int64_t usable = hw.usable_bytes(p.budget_bytes);
+    const MemoryBound mb = memory_bound(p);  // verify-memory's bound, recomputed here
+    for (int64_t x : mb.bound) CHECK(x <= usable);
+    for (const auto& s : p.stages) {
+      partial += s.recompute && s.keep_layers > 0;
+      if (recompute_forced(p, cfg, s.id)) {
+        CHECK(s.recompute);
+        CHECK(s.keep_layers == 0);
+      } else if (s.recompute) {
+        // greedy stopped because one more layer's stash (8 micro-batches of it live in a grouped run) did not fit
+        CHECK(mb.bound[s.gpu] + 8 * layer_stash > usable);
+      }
+    }
+  }
+  REQUIRE(kept.size() >= 4);
+  CHECK(kept.front() < kept.back());
+  CHECK(kept.back() == 15);  // S4..S6 keep everything at the largest budgets
+  CHECK(partial > 0);        // and some budget gave stages that recompute part of their layers
+  // with the residency chosen too (offload=auto), the plan still fits
+  for (double b : {28.0, 40.0}) {
+    CompileResult r = compile_job(partial_job("auto", b), m, hw, {});
+    for (int64_t x : memory_bound(r.plan).bound) CHECK(x <= hw.usable_bytes(r.plan.budget_bytes));
+  }
+}
+
+TEST_CASE("partial recompute: stage costs, stash buffer and the text form follow the kept layers") {
+  const ModelSpec m = model("llama2-13b");
+  const HardwareSpec hw = hardware("h200x4");
+  CompileResult r = compile_job(partial_job("all", 28), m, hw, {});
+  const ir::Plan& p = r.plan;
+  const ir::Stage* st = nullptr;
+  for (const auto& s : p.stages) if (s.recompute && s.keep_layers > 0) st = &s;
+  REQUIRE(st);
+  const int k = st->recompute_layers();
+  REQUIRE(k > 0);
+  REQUIRE(k < st->layers());
+  // the stash buffer holds the kept layers' stash; the backward time adds the recomputed layers' forward
+  int64_t stash = 0;
+  double fwd_rc = 0, fwd = 0, bwd = 0;
+  CostModel cm{m, hw, 2};
+  for (int l = st->layer_begin; l < st->layer_end; ++l) {
+    if (l >= st->layer_begin + k) stash += m.layer_stash_bytes(l, 2, 1024, false, 2);
+    else fwd_rc += cm.layer_fwd_ms(l, 2, 1024);
+    fwd += cm.layer_fwd_ms(l, 2, 1024);
+    bwd += cm.layer_bwd_ms(l, 2, 1024);
+  }
+  CHECK(p.buffer_bytes({ir::BufKind::Stash, st->id, 0}) == stash);
+  CHECK(st->fwd_ms == doctest::Approx(fwd));
+  CHECK(st->bwd_ms == doctest::Approx(bwd + fwd_rc));
+  const std::string text = ir::print_text(p);
+  CHECK(text.find("recompute=" + std::to_string(k) + "/" + std::to_string(st->layers())) != std::string::npos);
+  CHECK(ir::parse_text(text) == p);
+  CHECK(ir::from_json_string(ir::to_json_string(p)) == p);
+}

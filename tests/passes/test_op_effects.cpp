@@ -67,6 +67,7 @@ RefEffects reference(const ir::Plan& p, const ir::Instr& in) {
       r.need.push_back({BufKind::WGrad, S, -1});
       r.free.push_back(*in.buf);
       break;
+    case Op::TierRead: case Op::TierWrite: break;  // none on the GPU (host memory: ir::host_effects)
   }
   return r;
 }
@@ -112,6 +113,15 @@ std::vector<JobConfig> sample_jobs() {
   t1.model = "tiny-tied";
   t1.offload = "all";
   out.push_back(t1);
+  // the NVMe tier (read/write of opt(S) on the io stream), with a tied model's plumbing too
+  for (const char* model : {"tiny-8l", "tiny-tied"}) {
+    JobConfig n = tiny_job(2, 2, 4, "grouped");
+    n.model = model;
+    n.offload = "all";
+    n.nvme = {"/nonexistent-nvme0/mmoc"};
+    n.nvme_place = "all";
+    out.push_back(n);
+  }
   return out;
 }
 }  // namespace

@@ -60,6 +60,7 @@ TEST_CASE("start-after: the context rebuilt from the plan text equals the passes
       if (a->c->offload && b->c->offload) {
         CHECK(b->c->offload->resident == a->c->offload->resident);
         CHECK(b->c->offload->recompute == a->c->offload->recompute);
+        CHECK(b->c->offload->keep == a->c->offload->keep);
         CHECK(b->c->offload->window == a->c->offload->window);
       }
       // the plan as comm-lowering left it, which overlap re-lowers (after linearize no pass reads it, and the
@@ -85,12 +86,14 @@ TEST_CASE("strip_offload undoes lower_offload; offload_config_of reads back a co
     const ir::Plan& base = f->c->pre_offload;
     const int P = base.num_stages();
     for (int mask = 0; mask < (1 << P); mask += std::max(1, (1 << P) / 5))
-      for (bool rc : {false, true})
+      for (int rc : {0, 1, 2})  // off, whole, per stage and partial (stage s keeps s mod (its layers + 1) layers)
         for (int w : {1, 2, 3, 4}) {
           OffloadConfig cfg;
           cfg.resident.assign(P, 0);
           for (int s = 0; s < P; ++s) cfg.resident[s] = (mask >> s) & 1;
-          cfg.recompute = rc;
+          cfg.recompute = rc > 0;
+          if (rc == 2)
+            for (int s = 0; s < P; ++s) cfg.keep.push_back(s % (base.stages[s].layers() + 1));
           cfg.window = w;
           CAPTURE(mask); CAPTURE(rc); CAPTURE(w);
           const ir::Plan lowered = lower_offload(*f->c, base, cfg);

@@ -3,6 +3,7 @@
 // Compiles a training job into a Plan (docs/plan-format.md) and prints a summary. --stop-after writes the plan as
 // that pass left it; --start-after continues a plan written so (docs/passes.md). Bad input: exit 2 with one
 // message, and no output file is written.
+#include <cmath>
 #include <CLI/CLI.hpp>
 #include <fstream>
 #include <iostream>
@@ -22,7 +23,8 @@ int main(int argc, char** argv) {
   bool print_after_all = false, quiet = false, verbose = false, passes_doc = false;
   std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
   std::optional<int> gpus, mbs, microbatches, seq_len, dp, tp;
-  std::optional<std::string> budget, layout;
+  std::optional<std::string> budget, layout, host_budget;
+  std::optional<std::string> nvme, nvme_place;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
   app.add_option("-o,--output", out_path, "write the plan here");
   app.add_option("--emit", emit, "plan file form: json or text")->check(CLI::IsMember({"json", "text"}));
@@ -36,6 +38,10 @@ int main(int argc, char** argv) {
   app.add_option("--layout", layout, "auto: choose pp x dp x tp over --gpus GPUs by simulated step time under the budget")
       ->check(CLI::IsMember({"auto"}));
   app.add_option("--budget", budget, "memory budget per GPU: GiB as a number (48), or with a unit (48GiB, 48 GiB, 48GB = 10^9 bytes)");
+  app.add_option("--host-budget", host_budget, "host memory cap of the node (job host_budget_gib), in the forms of --budget; optimizer state beyond it goes to --nvme");
+  app.add_option("--nvme", nvme, "NVMe tier directories, comma-separated (job nvme): each is one I/O path");
+  app.add_option("--nvme-place", nvme_place, "auto (only what the host memory needs on the tier) or all (every offloaded stage's optimizer state)")
+      ->check(CLI::IsMember({"auto", "all"}));
   app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
   app.add_option("--microbatches", microbatches, "micro-batches per step");
   app.add_option("--seq-len", seq_len, "sequence length");
@@ -93,6 +99,19 @@ int main(int argc, char** argv) {
     if (layout) job.layout = *layout;
     if (v) job.v = *v;
     if (budget) job.budget_gib = parse_gib(*budget, "--budget");
+    if (host_budget) job.host_budget_gib = parse_gib(*host_budget, "--host-budget");
+    if (nvme_place) job.nvme_place = *nvme_place;
+    if (nvme) {
+      job.nvme.clear();
+      size_t b = 0;
+      for (;;) {
+        auto c = nvme->find(',', b);
+        job.nvme.push_back(nvme->substr(b, c == std::string::npos ? std::string::npos : c - b));
+        if (job.nvme.back().empty()) throw InputError("--nvme: an empty path in '" + *nvme + "'");
+        if (c == std::string::npos) break;
+        b = c + 1;
+      }
+    }
     if (mbs) job.micro_batch_size = *mbs;
     if (microbatches) job.microbatches = *microbatches;
     if (seq_len) job.seq_len = *seq_len;

@@ -23,6 +23,7 @@
 
 #include "common/format.hpp"
 #include "common/fs.hpp"
+#include "cost/spec.hpp"
 #include "engine/comm/job.hpp"
 #include "engine/comm/transport.hpp"
 #include "engine/comm/world.hpp"
@@ -34,6 +35,7 @@
 #include "engine/model/checkpoint.hpp"
 #include "engine/model/layout.hpp"
 #include "engine/model/train_checkpoint.hpp"
+#include "engine/tier/path.hpp"
 #include "ir/plan.hpp"
 
 using json = nlohmann::json;
@@ -49,6 +51,8 @@ constexpr int kExitDiverged = 4;
 struct Args {
   std::string plan, data, tokenizer, init = "random", save, resume, metrics, trace, device = "auto", fit, save_dtype = "fp32";
   std::string on_nonfinite;  // stop | skip; empty: the plan's train.on_nonfinite
+  std::string hardware;      // the hardware file whose peak_bf16_tflops MFU/HFU use; empty: the plan's hardware by name
+  std::string nvme;          // NVMe tier directories instead of the plan's (comma-separated, the same count)
   int steps = 1, save_every = 0, optim_threads = 0, max_skips = 10;
   uint64_t seed = 0, data_seed = 0;
   bool quiet = false;
@@ -85,6 +89,25 @@ data::DataConfig data_config(const Args& a, const ir::Plan& p) {
 
 std::string nonfinite_mode(const Args& a, const ir::Plan& p) { return a.on_nonfinite.empty() ? p.train.on_nonfinite : a.on_nonfinite; }
 
+// The peak bf16 TFLOP/s per GPU that MFU and HFU divide by: --hardware's peak_bf16_tflops, else that of the plan's
+// hardware (by name, in the configs folder); when that file is not there, HardwareSpec's default (`note` says so).
+double peak_bf16_tflops(const Args& a, const ir::Plan& p, std::string* note = nullptr) {
+  if (!a.hardware.empty()) {
+    try {
+      return load_hardware(a.hardware, default_configs_dir()).peak_bf16_tflops;
+    } catch (const std::exception& e) {
+      throw UsageError(std::string("--hardware: ") + e.what());
+    }
+  }
+  try {
+    return load_hardware(p.hardware, default_configs_dir()).peak_bf16_tflops;
+  } catch (const std::exception&) {
+    const double d = HardwareSpec{}.peak_bf16_tflops;
+    if (note) *note = "hardware '" + p.hardware + "' not found in the configs folder: MFU/HFU against " + fmt1(d) + " TFLOP/s (--hardware sets it)";
+    return d;
+  }
+}
+
 // Checks done once, before any worker starts, so bad input fails fast with one message.
 ir::Plan validate(const Args& a) {
   ir::Plan p = ir::load_plan_file(a.plan);
@@ -95,6 +118,7 @@ ir::Plan validate(const Args& a) {
   } catch (const arch::ConfigError& e) {
     throw UsageError(e.what());
   }
+  if (!a.hardware.empty()) peak_bf16_tflops(a, p);
   if (p.model.tied_embeddings && p.num_stages() > 1) {  // the tied-embeddings pass's plumbing (older plans lack it)
     bool adds = false;
     for (const auto& prog : p.programs)
@@ -272,7 +296,8 @@ int worker_main(const Args& a) {
 [[noreturn]] void worker_die(const std::exception& e) {
   int code = 3;
   if (dynamic_cast<const UsageError*>(&e) || dynamic_cast<const data::DataError*>(&e) || dynamic_cast<const io::FormatError*>(&e) ||
-      dynamic_cast<const ir::ParseError*>(&e) || dynamic_cast<const comm::ConfigError*>(&e))
+      dynamic_cast<const ir::ParseError*>(&e) || dynamic_cast<const comm::ConfigError*>(&e) ||
+      dynamic_cast<const tier::SetupError*>(&e))
     code = 2;
   comm::exit_rank("mmoc-run", code, e.what());  // publishes the failure to the other ranks, one stderr line, _Exit
 }
@@ -292,6 +317,12 @@ int worker_body(const Args& a, const std::string& device_hint) {
   if (a.launch.fail_timeout_s > 0) w.fail_timeout_s = a.launch.fail_timeout_s;
   wo.optim_threads = a.optim_threads;
   wo.trace = !a.trace.empty();
+  for (size_t b = 0; !a.nvme.empty();) {  // --nvme A,B
+    const size_t c = a.nvme.find(',', b);
+    wo.nvme.push_back(a.nvme.substr(b, c == std::string::npos ? std::string::npos : c - b));
+    if (c == std::string::npos) break;
+    b = c + 1;
+  }
   const double start_s = since(t_start);  // process start: libraries, plan
   Worker worker(plan, w.rank, nullptr, wo);  // CUDA context, streams, host memory of the training state
   const double worker_s = since(t_start) - start_s;
@@ -416,6 +447,13 @@ int worker_body(const Args& a, const std::string& device_hint) {
     if (!metrics) throw UsageError("--metrics " + a.metrics + ": cannot write");
   }
   const int64_t tokens_per_step = (int64_t)plan.microbatches * plan.dp * plan.micro_batch_size * plan.seq_len;
+  // MFU and HFU: the plan's FLOPs per step (model: no recompute; hardware: with the plan's recompute) per second over
+  // the GPUs' peak bf16 rate
+  std::string peak_note;
+  const double peak_tflops = peak_bf16_tflops(a, plan, &peak_note);
+  const StepFlops step_fl = step_flops(plan);
+  const int flop_gpus = ir::world_size(plan);  // every rank of pp x dp x tp
+  if (w.rank == 0 && !a.quiet && !peak_note.empty()) std::cout << peak_note << "\n" << std::flush;
 
   // ---- checkpoints: every rank writes its stages into <save>.staging, rank 0 completes and swaps it in ----------
   const bool bf16_weights = a.save_dtype == "bf16";
@@ -442,16 +480,20 @@ int worker_body(const Args& a, const std::string& device_hint) {
   auto finish_save = [&]() {
     const SaveReport r = worker.finish_save();  // this rank's files are written and fsynced (or it throws)
     const double bytes = sum_over_ranks((double)r.bytes), write_s = max_over_ranks(r.seconds), wait_s = max_over_ranks(r.optimizer_wait_s);
+    // rank 0 completes the folder (config, index, trainer state, fsyncs) and swaps it in, removing the previous one
+    const auto tf = Clock::now();
     if (w.rank == 0) finalize_checkpoint(plan, staging_dir(a.save), a.save, bf16_weights ? at::kBFloat16 : at::kFloat, pending->trainer_state);
+    const double finalize_s = since(tf);
     if (tr) tr->barrier();
     const double total_s = since(pending->t0);
     json m = {{"save_step", pending->step}, {"save_s", total_s}, {"save_write_s", write_s}, {"save_bytes", bytes},
               {"save_background", pending->background}};
+    if (w.rank == 0) m["save_finalize_s"] = finalize_s;
     if (pending->background) m["save_optimizer_wait_s"] = wait_s;
     if (w.rank == 0 && !a.quiet) {
       char buf[512];
-      std::snprintf(buf, sizeof buf, "saved checkpoint %s (step %lld) in %.1f s: %.2f GB written at %.2f GB/s%s\n", a.save.c_str(),
-                    (long long)pending->step, total_s, bytes / 1e9, bytes / 1e9 / std::max(write_s, 1e-9),
+      std::snprintf(buf, sizeof buf, "saved checkpoint %s (step %lld) in %.1f s: %.2f GB written at %.2f GB/s (writing %.1f s, completing %.1f s)%s\n",
+                    a.save.c_str(), (long long)pending->step, total_s, bytes / 1e9, bytes / 1e9 / std::max(write_s, 1e-9), write_s, finalize_s,
                     pending->background ? (" in the background; optimizer steps waited " + fmt1(wait_s) + " s for it").c_str() : "");
       std::cout << buf << std::flush;
     }
@@ -493,6 +535,13 @@ int worker_body(const Args& a, const std::string& device_hint) {
     const std::vector<double> allocs = per_rank((double)r.peak_allocated);
     const std::vector<double> outside = per_rank((double)r.outside_bytes);
     const std::vector<double> rss = per_rank(peak_rss());
+    std::vector<double> tier_rb, tier_wb, tier_rs, tier_ws;
+    if (!plan.nvme.empty()) {
+      tier_rb = per_rank((double)r.tier_read_bytes);
+      tier_wb = per_rank((double)r.tier_write_bytes);
+      tier_rs = per_rank(r.tier_read_s);
+      tier_ws = per_rank(r.tier_write_s);
+    }
     last_peaks = peaks;
     last_allocs = allocs;
     const bool skipped = !r.finite && r.skipped && on_nonfinite == "skip";
@@ -505,6 +554,8 @@ int worker_body(const Args& a, const std::string& device_hint) {
     json m;
     if (w.rank == 0) {
       const double tps = tokens_per_step / std::max(r.seconds, 1e-9);
+      const double mfu = flops_utilization(step_fl.model, r.seconds, flop_gpus, peak_tflops);
+      const double hfu = flops_utilization(step_fl.hardware, r.seconds, flop_gpus, peak_tflops);
       const double eta = (a.steps - s - 1) * (total_s / double(s - start + 1));
       if (!a.quiet) {
         std::ostringstream os;
@@ -527,12 +578,13 @@ int worker_body(const Args& a, const std::string& device_hint) {
             os << (g ? "," : " ") << (small ? std::to_string((int64_t)allocs[g] >> 20) : std::string(buf));
           }
         }
-        std::snprintf(buf, sizeof buf, "  ETA %.0f s", eta);
+        std::snprintf(buf, sizeof buf, "  MFU %.1f%%  HFU %.1f%%  ETA %.0f s", 100 * mfu, 100 * hfu, eta);
         os << buf;
         std::cout << os.str() << "\n" << std::flush;
       }
       m = {{"step", s + 1}, {"loss", r.loss}, {"tokens", r.tokens}, {"tokens_per_s", tps}, {"step_s", r.seconds},
-           {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}};
+           {"lr", r.lr}, {"peak_bytes", peaks}, {"peak_allocated_bytes", allocs}, {"mfu", mfu}, {"hfu", hfu},
+           {"model_flops", step_fl.model}, {"hardware_flops", step_fl.hardware}, {"peak_tflops", peak_tflops}};
       if (device == "cuda") {  // everything the process held on each GPU at its peak: allocator + context + NCCL
         std::vector<double> dev(ir::world_size(plan));
         for (int g = 0; g < ir::world_size(plan); ++g) dev[g] = peaks[g] + outside[g];
@@ -541,6 +593,12 @@ int worker_body(const Args& a, const std::string& device_hint) {
       m["host_peak_rss_bytes"] = rss;  // per rank, peak so far
       if (!plan.host_bytes.empty()) m["host_predicted_bytes"] = host_predicted;
       m["grad_norm"] = r.grad_norm;  // NaN and inf are written as null
+      if (!plan.nvme.empty()) {  // NVMe tier: this step's traffic and time per rank
+        m["tier_read_bytes"] = tier_rb;
+        m["tier_write_bytes"] = tier_wb;
+        m["tier_read_s"] = tier_rs;
+        m["tier_write_s"] = tier_ws;
+      }
       if (!r.finite) m["nonfinite"] = true;
       if (skipped) m["skipped"] = true;
       if (skipped_total > 0) m["skipped_steps"] = skipped_total;
@@ -641,6 +699,8 @@ int run_main(int argc, char** argv) {
   app.add_option("--metrics", a.metrics, "write one JSON line of metrics per step");
   app.add_option("--trace", a.trace, "write the measured timeline of the last step (Chrome/Perfetto JSON)");
   app.add_option("--device", a.device, "auto, cpu or cuda");
+  app.add_option("--hardware", a.hardware, "hardware name or file whose peak_bf16_tflops MFU/HFU divide by (default: the plan's)");
+  app.add_option("--nvme", a.nvme, "NVMe tier directories instead of the plan's (comma-separated, as many as the plan names)");
   app.add_option("--optim-threads", a.optim_threads, "CPU optimizer threads per rank (0: cores / ranks)");
   app.add_option("--on-nonfinite", a.on_nonfinite,
                  "stop (exit 4, no checkpoint of the step) or skip (no update; needs a plan compiled with --on-nonfinite skip "
@@ -706,6 +766,10 @@ int run_main(int argc, char** argv) {
     return 2;
   } catch (const io::FormatError& e) {
     std::cerr << "mmoc-run: error: " << e.what() << "\n";
+    return 2;
+  } catch (const tier::SetupError& e) {  // the NVMe tier's paths: missing, unwritable, full (before training)
+    std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())
+              << "error: " << e.what() << "\n";
     return 2;
   } catch (const comm::ConfigError& e) {
     std::cerr << "mmoc-run: " << (is_worker ? "worker " + std::string(std::getenv("RANK") ? std::getenv("RANK") : "?") + ": " : std::string())

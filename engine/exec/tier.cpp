@@ -1,0 +1,84 @@
+// The NVMe tier in the worker (docs/nvme-tier.md): opening the store before training, the `read opt(S) <- nvme` and
+// `write opt(S) -> nvme` handlers, and whole-state access for init, loads and checkpoints.
+#include "engine/exec/worker_impl.hpp"
+
+namespace mmoc::engine {
+
+namespace {
+int64_t opt_bytes(const StageState& st) { return 3 * st.layout.numel * (int64_t)sizeof(float); }
+}  // namespace
+
+void Worker::Impl::open_tier(const std::vector<std::string>& paths_override) {
+  if (cuda) io_thread = std::make_unique<CpuStream>();  // the io stream (idle without the tier)
+  std::vector<tier::ObjectSpec> objects;
+  for (auto& [s, st] : stages)
+    if (st.on_tier) objects.push_back({(uint64_t)s, opt_bytes(st), "opt(S" + std::to_string(s) + ")"});
+  if (objects.empty()) return;
+  std::vector<std::string> paths = plan.nvme;
+  if (!paths_override.empty()) {
+    if (paths_override.size() != plan.nvme.size())
+      throw tier::SetupError("--nvme: the plan's NVMe tier has " + std::to_string(plan.nvme.size()) + " path(s), " +
+                               std::to_string(paths_override.size()) + " given instead");
+    paths = paths_override;
+  }
+  if (paths.empty()) throw tier::SetupError("the plan puts optimizer state on the NVMe tier but names no nvme path");
+  std::vector<tier::PathSpec> specs;
+  for (size_t i = 0; i < paths.size(); ++i) specs.push_back({paths[i], i < plan.nvme_weights.size() ? plan.nvme_weights[i] : 1.0});
+  try {
+    tier = std::make_unique<tier::TierStore>(specs);
+    tier->reserve_all(objects);  // the space of every object, allocated now: a full disk fails here
+  } catch (const tier::SetupError& e) {
+    throw tier::SetupError(std::string("NVMe tier (rank ") + std::to_string(rank) + "): " + e.what());
+  }
+}
+
+at::Tensor Worker::Impl::tier_new_buffer(int stage) const {
+  const StageState& st = stages.at(stage);
+  // host_tensor: an exact page-aligned mapping of zeros, unmapped when the last reference goes (no allocator cache)
+  return host_tensor(3 * st.layout.numel, at::kFloat, /*pinned=*/false, -1, 1);
+}
+
+at::Tensor Worker::Impl::tier_get(int stage, const char* why) {
+  std::lock_guard<std::mutex> g(tier_mu);
+  auto it = tier_staged.find(stage);
+  if (it == tier_staged.end()) throw ExecError(std::string(why) + ": opt(S" + std::to_string(stage) + ") is not in host memory (no read from nvme)");
+  return it->second;
+}
+
+void Worker::Impl::tier_read(const BufRef& b) {
+  if (b.kind != BufKind::Opt || !stages.count(b.stage) || !stages.at(b.stage).on_tier || !tier)
+    throw ExecError("read " + b.str() + " <- nvme: not optimizer state of a local stage on the NVMe tier");
+  {
+    std::lock_guard<std::mutex> g(tier_mu);
+    if (tier_staged.count(b.stage)) throw ExecError("read " + b.str() + " <- nvme: already in host memory");
+  }
+  at::Tensor buf = tier_new_buffer(b.stage);
+  tier::Ticket t = tier->read_async((uint64_t)b.stage, buf.data_ptr());
+  t.wait();  // on the io thread on CUDA: the optimizer step waits for this instruction
+  {
+    std::lock_guard<std::mutex> g(tier_mu);
+    tier_staged[b.stage] = buf;
+    tier_read_bytes += t.bytes();
+    tier_read_s += t.seconds();
+  }
+}
+
+void Worker::Impl::tier_write(const BufRef& b) {
+  at::Tensor buf = tier_get(b.stage, "write -> nvme");
+  tier::Ticket t = tier->write_async((uint64_t)b.stage, buf.data_ptr());
+  t.wait();  // the buffer is dropped only when the disk has it
+  std::lock_guard<std::mutex> g(tier_mu);
+  tier_staged.erase(b.stage);
+  tier_write_bytes += t.bytes();
+  tier_write_s += t.seconds();
+}
+
+at::Tensor Worker::Impl::tier_fetch(int stage) {
+  at::Tensor buf = tier_new_buffer(stage);
+  tier->read_async((uint64_t)stage, buf.data_ptr()).wait();
+  return buf;
+}
+
+void Worker::Impl::tier_store(int stage, const at::Tensor& buf) { tier->write_async((uint64_t)stage, buf.data_ptr()).wait(); }
+
+}  // namespace mmoc::engine
