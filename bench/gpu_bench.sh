@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | tier | nvme-7b | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | llama31-8b | tier | nvme-7b | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
 #                                   | h200x2-peer | h200x4 | peers | fsdp2 | ds-zero2 | ds-zero3 | ds-nvme | limits  (bench/README.md)
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
@@ -192,6 +192,21 @@ families)
     ratio families-llama3.2-3b llama3.2-3b fsdp2-llama3.2-3b
     peer fsdp2-qwen2.5-3b 1 "--model qwen2.5-3b --mbs 8 --seq 1024 --microbatches 4 --steps 3"
     ratio families-qwen2.5-3b qwen2.5-3b fsdp2-qwen2.5-3b
+  fi
+  ;;
+llama31-8b)
+  # issue 11: Llama-3.1-8B (128,256 vocabulary, GQA, llama3 rope) on one H200, 48 GiB budget, 8 x 1024 x 4 tokens per
+  # step, v/schedule/offload/recompute auto; the compiler predicts ~112 GiB of the 125 GiB host (mmoc-compile prints it).
+  # The run's peak RSS against that prediction, then (NVME=1) the same job with --host-budget ${HB:-64} and the NVMe tier
+  # on NVME_PATHS (default .bench-nvme in the checkout). FSDP2 with CPU offload needs more host memory than the machine
+  # has at this size (118 GiB at 7B): no peer.
+  gen_data "$OUT/tok-8b.jsonl" 160 1024 "$(preset_vocab llama3.1-8b)"
+  job8="--model llama3.1-8b --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget 48 --micro-batch-size 8 --microbatches ${MB:-4} --seq-len 1024"
+  mmoc_job llama31-8b "$job8" "$OUT/tok-8b.jsonl" ${STEPS:-3}
+  if [ "${NVME:-0}" = 1 ]; then
+    paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
+    mmoc_job llama31-8b-nvme "$job8 --host-budget ${HB:-64} --nvme $paths" "$OUT/tok-8b.jsonl" ${STEPS:-3}
+    rm -rf "${dirs[@]}"
   fi
   ;;
 small-3b)

@@ -190,6 +190,9 @@ def main(argv=None):
             host_used_peak_gib=host_peak / G, host_used_start_gib=host.base / G, init_s=init_s), flush=True)
         print("LOSSES " + json.dumps(losses), flush=True)
     if not a.plain:
+        # every rank done with its collectives before any tears gloo down (a rank that leaves early can make a peer's
+        # gloo pair abort: SIGABRT after the results were printed)
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
