@@ -14,6 +14,8 @@
 //     FACTS check: 202M params, 16 threads on the H100 host: 202e6*28/80e9 = 71 ms (measured 65 ms).
 //  GPU AdamW   = params * adam_bytes_per_param / gpu_mem_gbps + launch overhead (same traffic, device memory).
 //  allreduce   = 2 x p2p of the buffer (reduce-scatter + all-gather on two GPUs); gradnorm = kGradNormMs.
+//  tensor parallelism (m.tp > 1): the layer's FLOPs and bytes are one shard's (ModelSpec), calibrated times / tp, and
+//     layer_fwd_ms / layer_bwd_ms add tp_comm_ms: ring all-reduces of allreduce_ms x (tp-1)/tp each (see there).
 //  Rates (bytes/ms) of what the simulator shares: the hardware's GB/s x 1e6; a CPU optimizer's pool of t threads
 //     host_mem_gbps * min(1, t / adam_threads_to_saturate()).
 #include <algorithm>
