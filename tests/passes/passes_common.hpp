@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -25,6 +26,16 @@ namespace mmoc::test {
 
 inline ModelSpec model(const std::string& name) { return load_model(name, MMOC_CONFIGS_DIR); }
 inline HardwareSpec hardware(const std::string& name) { return load_hardware(name, MMOC_CONFIGS_DIR); }
+
+// The message f throws ("" when it does not throw).
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
 
 // An 8-GPU machine built in code: l20x4's numbers, four host links shared by two GPUs each.
 inline HardwareSpec hw8() {

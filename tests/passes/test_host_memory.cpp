@@ -25,14 +25,6 @@ JobConfig job7b(double budget) {
   j.seq_len = 1024;
   return j;
 }
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
 }  // namespace
 
 TEST_CASE("host memory: an offloaded stage holds 16 bytes per parameter, a resident one none; batch, staging, base") {

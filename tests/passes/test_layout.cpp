@@ -19,14 +19,6 @@ JobConfig tp_job(int pp, int dp, int tp, const std::string& model = "tiny-8l", c
 }
 // The parameters of tp rank k's shard of stage [b, e) in the engine's layout (arch/layout.hpp).
 int64_t engine_free_numel(const ModelSpec& m, int b, int e, int k, int tp) { return arch::stage_layout(m, b, e, k, tp).param_count; }
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
 }  // namespace
 
 TEST_CASE("layout: a tp plan's stages are one shard's (parameters, weight buffers) and its header and groups say so") {
