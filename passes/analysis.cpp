@@ -65,7 +65,7 @@ bool HappensBefore::hb(int ga, int a, int gb, int b) const {
   return (anc[nb][na >> 6] >> (na & 63)) & 1ULL;
 }
 
-HappensBefore happens_before(const ir::Plan& p) {
+HappensBefore happens_before(const ir::Plan& p, bool with_descendants) {
   HappensBefore h;
   int total = 0;
   for (const auto& prog : p.programs) { h.offset.push_back(total); total += (int)prog.instrs.size(); }
@@ -109,9 +109,12 @@ HappensBefore happens_before(const ir::Plan& p) {
   const size_t words = (h.nodes + 63) / 64;
   h.anc.assign(h.nodes, std::vector<uint64_t>(words, 0));
   int done = 0;
+  std::vector<int> topo;
+  topo.reserve(h.nodes);
   while (!ready.empty()) {
     int n = ready.front(); ready.pop();
     ++done;
+    topo.push_back(n);
     for (int q : preds[n]) {
       auto& a = h.anc[n];
       const auto& b = h.anc[q];
@@ -121,6 +124,17 @@ HappensBefore happens_before(const ir::Plan& p) {
     for (int s : succ[n]) if (--indeg[s] == 0) ready.push(s);
   }
   h.cyclic = done != h.nodes;
+  if (with_descendants && !h.cyclic) {
+    h.desc.assign(h.nodes, std::vector<uint64_t>(words, 0));
+    for (auto it = topo.rbegin(); it != topo.rend(); ++it) {
+      auto& d = h.desc[*it];
+      for (int s : succ[*it]) {
+        const auto& b = h.desc[s];
+        for (size_t w = 0; w < words; ++w) d[w] |= b[w];
+        d[s >> 6] |= 1ULL << (s & 63);
+      }
+    }
+  }
   return h;
 }
 

@@ -31,10 +31,15 @@ struct HappensBefore {
   std::vector<int> offset;          // per gpu
   std::vector<int> node;            // global instr id -> node
   int nodes = 0;
-  std::vector<std::vector<uint64_t>> anc;  // node -> bitset of strict ancestors
+  std::vector<std::vector<uint64_t>> anc;   // node -> bitset of strict ancestors
+  std::vector<std::vector<uint64_t>> desc;  // node -> bitset of strict descendants (with_descendants only)
   bool cyclic = false;
   bool hb(int gpu_a, int a, int gpu_b, int b) const;
+  int node_of(int gpu, int i) const { return node[offset[gpu] + i]; }
+  static bool has(const std::vector<uint64_t>& set, int n) { return (set[n >> 6] >> (n & 63)) & 1ULL; }
 };
-HappensBefore happens_before(const ir::Plan&);
+// with_descendants: also fill desc, so that "does x happen after a" reads a's row (memory_bound asks it of every
+// buffer at every allocation point)
+HappensBefore happens_before(const ir::Plan&, bool with_descendants = false);
 
 }  // namespace mmoc

@@ -39,6 +39,9 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   that choice made after the residency, before it, and with recompute off or whole compete by simulated step time;
   residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first: their gradients
   complete last, so their CPU optimizer step would be the step's tail) that keeps the bound within the budget.
+  with partial recompute, residency is also bought with recompute: from the most resident choice, one stage fewer
+  resident per GPU at a time, each with the stashes the budget then allows, until two in a row simulate no faster
+  (offloaded stages' CPU optimizer steps trail the backward; recomputing a layer costs its forward per micro-batch).
   offload=all keeps everything on the host; offload=none keeps everything on the GPU. Host memory
   (cost/host_memory.hpp, per node against host_mem_gib and `--host-budget`) with the NVMe tier's placement
   (passes/tier_placement.cpp), for each choice: when the choice does not fit and `--nvme` paths are given, the fewest
@@ -392,8 +395,9 @@ void offload_insertion_pass(PassContext& c) {
   // (a stage's last recomputed layer), always the one whose recompute costs the most time per byte of stash, while
   // its GPU's bound stays within the budget.
   const int mbs = base.micro_batch_size, seq = base.seq_len;
-  auto keep_search = [&](OffloadConfig cfg) {
-    cfg.keep.assign(P, 0);
+  auto keep_search = [&](OffloadConfig cfg, const std::vector<int>& start = {}) {
+    cfg.keep = start;  // a choice known to fit (residency_scan's previous one), or none
+    cfg.keep.resize(P, 0);
     std::vector<char> open(P, 0);
     for (int s = 0; s < P; ++s) open[s] = !recompute_forced(base, cfg, s);
     for (;;) {
@@ -409,7 +413,8 @@ void offload_insertion_pass(PassContext& c) {
       }
       if (best < 0) break;
       cfg.keep[best]++;
-      if (!fits(memory_bound(lower_offload(c, base, cfg)), base.stages[best].gpu)) {
+      const int g = base.stages[best].gpu;
+      if (!fits(memory_bound(lower_offload(c, base, cfg), g), g)) {
         cfg.keep[best]--;
         open[best] = 0;
       }
@@ -422,8 +427,8 @@ void offload_insertion_pass(PassContext& c) {
   std::vector<Cand> cands;
   std::optional<HostMemoryError> host_refusal;  // a choice that fits the GPU but not the host (the smallest need)
   std::vector<OffloadConfig> seen;               // the choices tried (before tier placement)
-  auto add_cand = [&](const OffloadConfig& choice) {
-    for (const auto& k : seen) if (k == choice) return;
+  auto add_cand = [&](const OffloadConfig& choice) -> double {
+    for (const auto& k : seen) if (k == choice) return -1;
     seen.push_back(choice);
     OffloadConfig cfg = choice;
     ir::Plan pl = lower_offload(c, base, cfg);
@@ -435,10 +440,38 @@ void offload_insertion_pass(PassContext& c) {
       tier_note = place_on_tier(c, base, cfg, pl);
     } catch (const HostMemoryError& e) {
       if (!host_refusal || e.needed < host_refusal->needed) host_refusal = e;
-      return;
+      return -1;
     }
     double step = simulate(pl, c.hw, c.model).step_ms;
     cands.push_back({cfg, std::move(pl), step, std::move(tier_note)});
+    return step;
+  };
+  // Residency bought with recompute: from the most resident choice (res), one stage fewer resident per GPU at a time
+  // (its highest-id resident stage), the stash kept where the budget then allows (keep_search); the offloaded stages'
+  // CPU optimizer steps trail the backward, while recompute costs a forward per layer and micro-batch, so the best
+  // trade is often in between. Stops after two candidates in a row that simulate no faster than the best so far.
+  auto residency_scan = [&](OffloadConfig res, std::vector<int> keep) {
+    double best = 1e300;
+    int worse = 0;
+    // keep: the previous choice's kept layers: they still fit with one stage fewer resident
+    for (;;) {
+      bool any = false;
+      std::vector<int> top(N, -1);
+      for (int s = 0; s < P; ++s)
+        if (res.resident[s]) top[base.stages[s].gpu] = s;
+      for (int g = 0; g < N; ++g)
+        if (top[g] >= 0) { res.resident[top[g]] = 0; any = true; }
+      if (!any) break;
+      res.recompute = true;
+      const OffloadConfig k = keep_search(res, keep);
+      keep = k.keep;
+      if (!k.recompute) keep.clear();  // everything kept: nothing to buy any more
+      const double t = add_cand(k);
+      if (!k.recompute) break;
+      if (t < 0) continue;
+      if (t < best) { best = t; worse = 0; }
+      else if (++worse >= 2) break;
+    }
   };
   int64_t smallest = -1;
   std::string smallest_desc;
@@ -461,8 +494,10 @@ void offload_insertion_pass(PassContext& c) {
       OffloadConfig res = residency_search(cfg);
       // the budget left over after residency goes to stashes; or stashes first, then residency: the faster one wins
       if (partial) {
-        add_cand(keep_search(res));
+        const OffloadConfig most_resident = keep_search(res);
+        add_cand(most_resident);
         add_cand(residency_search(keep_search(cfg)));
+        if (most_resident.recompute) residency_scan(res, most_resident.keep);
       }
       add_cand(res);
     } else {

@@ -109,7 +109,8 @@ struct MemoryBound {
   std::vector<int> worst_instr;     // per GPU: allocation point where the bound is reached
   std::vector<int64_t> persistent;  // per GPU: resident buffers
 };
-MemoryBound memory_bound(const ir::Plan&);
+// only_gpu >= 0: that GPU's bound alone (the others' stay 0), for searches that change one GPU's stages
+MemoryBound memory_bound(const ir::Plan&, int only_gpu = -1);
 // The NVMe tier's host staging per rank (passes/tier_staging.cpp): the worst set of opt(S) buffers between their
 // `read` and `write` that may be in host memory at once under the dependencies (ir::VerifyError when a read and a
 // write do not pair up). host_memory_options(hw, plan): cost/host_memory.hpp's options with it filled in, for

@@ -18,9 +18,9 @@
 
 namespace mmoc {
 
-MemoryBound memory_bound(const ir::Plan& p) {
+MemoryBound memory_bound(const ir::Plan& p, int only_gpu) {
   MemoryEvents ev = memory_events(p);
-  HappensBefore hb = happens_before(p);
+  HappensBefore hb = happens_before(p, /*with_descendants=*/true);
   if (hb.cyclic) throw ir::VerifyError("dependency cycle between instructions (the plan cannot run)");
   MemoryBound mb;
   const int G = (int)p.programs.size();
@@ -33,23 +33,40 @@ MemoryBound memory_bound(const ir::Plan& p) {
     if (lt.alloc == -1) mb.persistent[lt.gpu] += lt.bytes;
   }
   for (int g = 0; g < G; ++g) {
+    if (only_gpu >= 0 && g != only_gpu) continue;
     const auto& prog = p.programs[g].instrs;
     std::vector<char> is_point(prog.size(), 0);
     for (const auto* lt : on[g]) if (lt->alloc >= 0) is_point[lt->alloc] = 1;
     std::vector<int> ws_ops;
     for (int i = 0; i < (int)prog.size(); ++i) if (ev.transient[g][i] > 0) { is_point[i] = 1; ws_ops.push_back(i); }
     mb.bound[g] = mb.persistent[g];
+    // node ids once: an allocation (free) at instruction a, or -1 (persistent, never freed)
+    struct Span { int alloc, free, alloc_node, free_node; int64_t bytes; };
+    std::vector<Span> spans;
+    spans.reserve(on[g].size());
+    for (const auto* lt : on[g])
+      spans.push_back({lt->alloc, lt->free, lt->alloc >= 0 ? hb.node_of(g, lt->alloc) : -1,
+                       lt->free >= 0 ? hb.node_of(g, lt->free) : -1, lt->bytes});
+    std::vector<int> ws_nodes;
+    for (int c : ws_ops) ws_nodes.push_back(hb.node_of(g, c));
     for (int a = 0; a < (int)prog.size(); ++a) {
       if (!is_point[a]) continue;
+      const int na = hb.node_of(g, a);
+      const auto& before_a = hb.anc[na];  // happens before a
+      const auto& after_a = hb.desc[na];  // happens after a
       int64_t sum = 0;
-      for (const auto* lt : on[g]) {
-        bool allocated = lt->alloc == -1 || lt->alloc == a || !hb.hb(g, a, g, lt->alloc);
-        bool not_freed = lt->free == -1 || lt->free == a || !hb.hb(g, lt->free, g, a);
-        if (allocated && not_freed) sum += lt->bytes;
+      for (const Span& sp : spans) {
+        // allocated by an instruction that does not happen after a, not freed by one that happens before it
+        bool allocated = sp.alloc == -1 || sp.alloc == a || sp.alloc_node == na || !HappensBefore::has(after_a, sp.alloc_node);
+        bool not_freed = sp.free == -1 || sp.free == a || sp.free_node == na || !HappensBefore::has(before_a, sp.free_node);
+        if (allocated && not_freed) sum += sp.bytes;
       }
       int64_t ws = 0;
-      for (int c : ws_ops)
-        if (c == a || (!hb.hb(g, c, g, a) && !hb.hb(g, a, g, c))) ws = std::max(ws, ev.transient[g][c]);
+      for (size_t k = 0; k < ws_ops.size(); ++k) {
+        const int c = ws_ops[k], nc = ws_nodes[k];
+        if (c == a || nc == na || (!HappensBefore::has(before_a, nc) && !HappensBefore::has(after_a, nc)))
+          ws = std::max(ws, ev.transient[g][c]);
+      }
       if (sum + ws > mb.bound[g]) { mb.bound[g] = sum + ws; mb.worst_instr[g] = a; }
     }
   }
