@@ -12,7 +12,10 @@ void Worker::Impl::open_tier(const std::vector<std::string>& paths_override) {
   if (cuda) io_thread = std::make_unique<CpuStream>();  // the io stream (idle without the tier)
   std::vector<tier::ObjectSpec> objects;
   for (auto& [s, st] : stages)
-    if (st.on_tier) objects.push_back({(uint64_t)s, opt_bytes(st), "opt(S" + std::to_string(s) + ")"});
+    if (st.on_tier) {
+      objects.push_back({(uint64_t)s, opt_bytes(st), "opt(S" + std::to_string(s) + ")"});
+      tier_buffer_numel = std::max(tier_buffer_numel, 3 * st.layout.numel);
+    }
   if (objects.empty()) return;
   std::vector<std::string> paths = plan.nvme;
   if (!paths_override.empty()) {
@@ -52,7 +55,18 @@ void Worker::Impl::tier_read(const BufRef& b) {
     std::lock_guard<std::mutex> g(tier_mu);
     if (tier_staged.count(b.stage)) throw ExecError("read " + b.str() + " <- nvme: already in host memory");
   }
-  at::Tensor buf = tier_new_buffer(b.stage);
+  at::Tensor buf;  // a buffer a write gave back (its pages already in place), else a new one of the largest size
+  {
+    std::lock_guard<std::mutex> g(tier_mu);
+    if (!tier_pool.empty()) {
+      buf = std::move(tier_pool.back());
+      tier_pool.pop_back();
+    }
+  }
+  if (!buf.defined()) {
+    buf = host_tensor(tier_buffer_numel, at::kFloat, /*pinned=*/false, -1, 1);
+    buf.fill_(0.0f);  // fault its pages in here, in parallel, not one by one inside the read's requests
+  }
   tier::Ticket t = tier->read_async((uint64_t)b.stage, buf.data_ptr());
   t.wait();  // on the io thread on CUDA: the optimizer step waits for this instruction
   {
@@ -69,11 +83,16 @@ void Worker::Impl::tier_write(const BufRef& b) {
   t.wait();  // the buffer is dropped only when the disk has it
   std::lock_guard<std::mutex> g(tier_mu);
   tier_staged.erase(b.stage);
+  if (buf.numel() == tier_buffer_numel) tier_pool.push_back(std::move(buf));  // for the next read
   tier_write_bytes += t.bytes();
   tier_write_s += t.seconds();
 }
 
 at::Tensor Worker::Impl::tier_fetch(int stage) {
+  {
+    std::lock_guard<std::mutex> g(tier_mu);
+    tier_pool.clear();  // checkpoints and loads: one stage's buffer at a time, as the host prediction counts them
+  }
   at::Tensor buf = tier_new_buffer(stage);
   tier->read_async((uint64_t)stage, buf.data_ptr()).wait();
   return buf;

@@ -263,6 +263,11 @@ struct Worker::Impl {
   std::unique_ptr<tier::TierStore> tier;
   std::mutex tier_mu;                    // tier_staged (the io and cpu threads)
   std::map<int, at::Tensor> tier_staged;
+  // Staging buffers a `write` gave back, for the next `read` (each holds the largest local stage's state): a read
+  // into a fresh mapping faulted in and zeroed its pages inside the read (on the io thread, between requests), and
+  // the unmap after each write freed them again. Steady state: as many as the plan stages at once (two).
+  std::vector<at::Tensor> tier_pool;
+  int64_t tier_buffer_numel = 0;         // the largest local on_tier stage's 3 x numel (open_tier)
   std::unique_ptr<CpuStream> io_thread;  // CUDA: the io stream's thread (reads and writes wait there); joined first
   int64_t tier_read_bytes = 0, tier_write_bytes = 0;  // this step
   double tier_read_s = 0, tier_write_s = 0;           // this step: time the io ops took (submit to done)
