@@ -23,4 +23,10 @@ struct HostMemoryError : InputError {
   long long needed = 0, available = 0;
 };
 
+// The NVMe tier's paths lack the space a plan's placement needs there (`missing` bytes on the fullest file system).
+struct NvmeSpaceError : InputError {
+  NvmeSpaceError(const std::string& what, long long miss) : InputError(what), missing(miss) {}
+  long long missing = 0;
+};
+
 }  // namespace mmoc

@@ -286,6 +286,7 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
   struct Refusal { int64_t budget = -1; int v = 0; std::string schedule, why; };
   Refusal gpu;
   std::optional<HostMemoryError> host;
+  std::optional<NvmeSpaceError> nvme;  // the smallest lack of NVMe space (the tier's paths) any candidate had
   std::string last_error;
   for (int v : vs)
     for (const auto& s : scheds) {
@@ -307,9 +308,12 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
       } catch (const HostMemoryError& e) {
         if (!host || e.needed < host->needed) host = e;
         if (o.progress) *o.progress << "  candidate v=" << v << " schedule=" << s << ": host memory " << gib_at_least(e.needed) << "\n";
+      } catch (const NvmeSpaceError& e) {
+        if (!nvme || e.missing < nvme->missing) nvme = e;
+        if (o.progress) *o.progress << "  candidate v=" << v << " schedule=" << s << ": NVMe space " << gib_at_least(e.missing) << " short\n";
       } catch (const InputError& e) {
         last_error = e.what();
-        if (o.progress) *o.progress << "  candidate v=" << v << " schedule=" << s << ": infeasible\n";
+        if (o.progress) *o.progress << "  candidate v=" << v << " schedule=" << s << ": infeasible (" << e.what() << ")\n";
       }
     }
   // no (v, schedule) the schedules and the model allow: compile the first as given, for its own error
@@ -342,6 +346,11 @@ CompileResult compile_job(const JobConfig& j, const ModelSpec& m, const Hardware
         if (host_there && (!host || host_there->needed < host->needed)) host = host_there;
       }
     }
+    // a candidate that fits the host but not the tier's disks is the nearer miss: more disk space makes it run
+    if (nvme)
+      throw NvmeSpaceError(among + ": the NVMe tier is too small: " + std::string(nvme->what()) +
+                               (host ? std::string("; the other candidates need more host memory: ") + host->what() : std::string()),
+                           nvme->missing);
     if (host)
       throw HostMemoryError(among + ": the host is too small: " + std::string(host->what()) +
                                 "; use a host with more memory, more GPUs (more state on them), or a larger --budget",

@@ -426,6 +426,7 @@ void offload_insertion_pass(PassContext& c) {
   struct Cand { OffloadConfig cfg; ir::Plan plan; double step_ms; std::string tier_note; };
   std::vector<Cand> cands;
   std::optional<HostMemoryError> host_refusal;  // a choice that fits the GPU but not the host (the smallest need)
+  std::optional<NvmeSpaceError> nvme_refusal;   // a choice whose tier placement lacks disk space (the smallest lack)
   std::vector<OffloadConfig> seen;               // the choices tried (before tier placement)
   auto add_cand = [&](const OffloadConfig& choice) -> double {
     for (const auto& k : seen) if (k == choice) return -1;
@@ -440,6 +441,9 @@ void offload_insertion_pass(PassContext& c) {
       tier_note = place_on_tier(c, base, cfg, pl);
     } catch (const HostMemoryError& e) {
       if (!host_refusal || e.needed < host_refusal->needed) host_refusal = e;
+      return -1;
+    } catch (const NvmeSpaceError& e) {
+      if (!nvme_refusal || e.missing < nvme_refusal->missing) nvme_refusal = e;
       return -1;
     }
     double step = simulate(pl, c.hw, c.model).step_ms;
@@ -505,8 +509,14 @@ void offload_insertion_pass(PassContext& c) {
       add_cand(cfg);
     }
   }
+  // the host refusal is the one to fix first (more host memory puts less on the tier); a disk that is too small for
+  // every choice that fits the host says so
   if (cands.empty() && host_refusal)
-    throw HostMemoryError("offload-insertion: " + std::string(host_refusal->what()), host_refusal->needed, host_refusal->available);
+    throw HostMemoryError("offload-insertion: " + std::string(host_refusal->what()) +
+                              (nvme_refusal ? std::string("; the choices that fit the host lack NVMe space: ") + nvme_refusal->what() : std::string()),
+                          host_refusal->needed, host_refusal->available);
+  if (cands.empty() && nvme_refusal)
+    throw NvmeSpaceError("offload-insertion: " + std::string(nvme_refusal->what()), nvme_refusal->missing);
   if (cands.empty()) {
     throw BudgetError("budget " + gib_at_least(base.budget_bytes) + " per GPU is too small for " + c.model.name + " with micro-batch size " +
                      std::to_string(base.micro_batch_size) + " x seq " + std::to_string(base.seq_len) + " on " +

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 
 #include "common/format.hpp"
@@ -26,7 +27,8 @@ namespace mmoc {
 namespace {
 std::string gib2(int64_t bytes) {
   char b[64];
-  std::snprintf(b, sizeof b, "%.2f GiB", (double)bytes / (double)(1LL << 30));
+  if (bytes > 0 && bytes < (10LL << 20)) std::snprintf(b, sizeof b, "%.2f MiB", (double)bytes / (double)(1LL << 20));  // tiny models
+  else std::snprintf(b, sizeof b, "%.2f GiB", (double)bytes / (double)(1LL << 30));
   return b;
 }
 
@@ -60,13 +62,22 @@ void check_tier_space(const ir::Plan& p) {
     e.second.push_back(p.nvme[i]);
     free_of[st.st_dev] = (int64_t)vs.f_bavail * (int64_t)vs.f_frsize;
   }
+  // MMOC_NVME_FREE_GIB: the free space of each path's file system on the machine the plan is for, when the compile
+  // runs elsewhere (docs/nvme-tier.md); the engine checks the real space again before training
+  if (const char* f = std::getenv("MMOC_NVME_FREE_GIB"); f && *f) {
+    char* end = nullptr;
+    const double gib = std::strtod(f, &end);
+    if (end == f || *end != '\0' || !(gib >= 0)) throw InputError(std::string("MMOC_NVME_FREE_GIB='") + f + "': not a number of GiB >= 0");
+    for (auto& [dev, v] : free_of) v = (int64_t)(gib * 1073741824.0);
+  }
   for (const auto& [dev, e] : per_fs) {
     const int64_t have = free_of[dev];
     if (e.first <= have) continue;
     std::string names;
     for (const auto& n : e.second) names += (names.empty() ? "'" : ", '") + n + "'";
-    throw InputError("nvme path " + names + ": the optimizer state placed on the NVMe tier needs " + gib2(e.first) + " there but only " +
-                     gib2(have) + " is free (" + gib2(e.first - have) + " missing); free space, add --nvme paths or raise --host-budget");
+    throw NvmeSpaceError("nvme path " + names + ": the optimizer state placed on the NVMe tier needs " + gib2(e.first) + " there but only " +
+                         gib2(have) + " is free (" + gib2(e.first - have) + " missing); free space, add --nvme paths or raise --host-budget",
+                         e.first - have);
   }
 }
 }  // namespace

@@ -145,6 +145,31 @@ def main():
             check(re.search(r"^host memory: at most [0-9.]+ GiB per node, within 125\.00 GiB", p.stdout, re.M) is not None,
                   "13B with --nvme: the summary prints the node's host memory with the tier")
 
+        # NVMe space (MMOC_NVME_FREE_GIB: the free space on the machine the plan is for). 13B at 130 GiB with
+        # --host-budget 110: the most offloaded residency choice needs 69 GiB on the tier; with 36 GiB free another
+        # choice (fewer stages offloaded) fits. A choice short of disk space once ended the whole candidate.
+        dev = os.path.join(tmp, "nvme-dev")
+        os.makedirs(dev, exist_ok=True)
+        def run_free(free, args):
+            env = dict(os.environ, MMOC_NVME_FREE_GIB=free)
+            return subprocess.run([C] + args, cwd=R, capture_output=True, text=True, env=env)
+        big = ["--model", "llama2-13b", "--hardware", "h200x1", "--gpus", "1", "--micro-batch-size", "8", "--seq-len", "1024",
+               "--budget", "130", "--microbatches", "8", "--v", "42", "--schedule", "grouped",
+                                                          "--host-budget", "110", "--nvme", dev, "-q", "-o", os.path.join(tmp, "n13.txt"), "--emit", "text"]
+        p = run_free("36", big)
+        check(p.returncode == 0, "13B, --host-budget 110, 36 GiB free on the tier: a choice that fits (%s)" % p.stderr.strip()[-300:])
+        # no space at all, every offloaded stage on the tier: exit 2, one line naming the path and the missing bytes
+        p = run_free("0", ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "2", "--seq-len", "32", "--microbatches", "4",
+                           "--offload", "all", "--nvme", dev, "--nvme-place", "all", "-q", "-o", os.path.join(tmp, "n0.txt")])
+        lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("  ")]
+        check(p.returncode == 2 and len(lines) == 1 and re.search(r"NVMe tier is too small: .*nvme path '.*nvme-dev': .* needs [0-9.]+ .* "
+                                                                     r"but only 0\.00 GiB is free \([0-9.]+ .* missing\)", lines[0]) is not None
+              and not os.path.exists(os.path.join(tmp, "n0.txt")),
+              "no NVMe space: exit 2, one line naming the path and what is missing, no plan file (%r)" % p.stderr[-400:])
+        p = run_free("x", ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "2", "--seq-len", "32", "--microbatches", "4",
+                           "--offload", "all", "--nvme", dev, "--nvme-place", "all", "-q", "-o", os.path.join(tmp, "n0.txt")])
+        check(p.returncode == 2 and "MMOC_NVME_FREE_GIB='x'" in p.stderr, "MMOC_NVME_FREE_GIB=x: exit 2 naming it (%r)" % p.stderr[-300:])
+
         # --layout auto with --nvme: only the layouts the tier supports (dp 1, tp 1) are candidates; the others are
         # refused by name on the progress lines, and the plan is a pipeline with the tier's paths
         la = os.path.join(tmp, "auto-nvme.txt")
