@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | llama31-8b | tier | nvme-7b | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | llama31-8b | tier | nvme-7b | stretch | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
 #                                   | h200x2-peer | h200x4 | peers | fsdp2 | ds-zero2 | ds-zero3 | ds-nvme | limits  (bench/README.md)
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
@@ -326,6 +326,35 @@ if rs > 0 and ws > 0 and pr > 0 and pw > 0:
 tps = lambda r: sorted(x["tokens_per_s"] for x in (r[1:] or r))[len(r[1:] or r) // 2] if r else 0
 print("RESULT nvme-7b: tokens/s with the tier %.0f, all in host memory %.0f (ratio %.2f)" % (tps(t), tps(h), tps(t) / max(tps(h), 1e-9)))
 PY
+  [ "${KEEP_NVME:-0}" = 1 ] || rm -rf "${dirs[@]}"
+  ;;
+stretch)
+  # issue 13's stretch on nvidia-h200: the largest LLaMA on one H200 with host memory and disk. LLaMA-2-13B at --budget 130
+  # with --host-budget ${HB:-64} GiB and the NVMe tier on this disk (the compiler puts ~35 GiB of optimizer state there
+  # at 64), MB micro-batches of 8 x 1024 (default 8), STEPS (default 2); then the compiler's answer for the next size up
+  # (CodeLlama-34B, the LLaMA-2 family's next checkpoint): it needs more host memory than the node has even with all of
+  # its optimizer state on the tier (gradients and weight staging stay in host memory), and says how much.
+  paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
+  log "disk: $(df -h "${dirs[0]}" | tail -1)"
+  ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
+  timeout 120 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
+    -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  gen_data "$OUT/tok.jsonl" 200 1024
+  job="--model llama2-13b --gpus 1 --budget 130 --micro-batch-size 8 --microbatches ${MB:-8} --seq-len 1024"
+  mmoc_job stretch13b "$job --hardware $OUT/hw-nvme.json --host-budget ${HB:-64} --nvme $paths" "$OUT/tok.jsonl" ${STEPS:-2}
+  grep -E "^predicted|^host memory|^nvme tier|  g0  predicted" "$OUT/compile-stretch13b.log" | head -5
+  python3 - "$OUT/mmoc-stretch13b.jsonl" "${HB:-64}" <<'PY'
+import json, sys
+try: r = [json.loads(l) for l in open(sys.argv[1])]
+except OSError: r = []
+if not r: print("RESULT stretch: LLaMA-2-13B produced no steps"); sys.exit(0)
+rss = max(x.get("host_peak_rss_bytes", [0])[0] for x in r); s = r[1:] or r
+print("RESULT stretch: LLaMA-2-13B on one H200, --host-budget %s GiB + NVMe: %d steps, %.0f tokens/s (step %.1f s), loss %s, peak RSS %.1f GiB"
+      % (sys.argv[2], len(r), sorted(x["tokens_per_s"] for x in s)[len(s) // 2], s[-1]["step_s"], r[-1].get("loss"), rss / 2**30))
+PY
+  "$C" --model codellama-34b --hardware "$OUT/hw-nvme.json" --gpus 1 --budget 130 --micro-batch-size 8 --microbatches 8 --seq-len 1024 \
+    --nvme "$paths" -q -o "$OUT/cl34.plan" > "$OUT/compile-cl34.log" 2>&1
+  echo "RESULT stretch: next size up, CodeLlama-34B, mmoc-compile exit $?: $(grep error "$OUT/compile-cl34.log" | cut -c1-400)"
   [ "${KEEP_NVME:-0}" = 1 ] || rm -rf "${dirs[@]}"
   ;;
 startup)

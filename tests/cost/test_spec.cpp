@@ -208,7 +208,7 @@ TEST_CASE("model families: published parameter counts, mmoc's format, cost per l
   const std::pair<const char*, int64_t> published[] = {
       {"llama3.1-8b", 8030261248LL}, {"llama3.2-3b", 3212749824LL}, {"qwen2.5-7b", 7615616512LL},
       {"qwen2.5-3b", 3085938688LL},  {"qwen3-8b", 8190735360LL},    {"mistral-7b", 7241732096LL},
-      {"gpt2-xl", 1557611200LL}};
+      {"gpt2-xl", 1557611200LL},     {"codellama-34b", 33743970304LL}};
   for (auto [name, n] : published) {
     CAPTURE(std::string(name));
     auto m = load_model(name, kConfigs);
