@@ -217,6 +217,8 @@ small-3b)
   for m in ${MODELS:-llama3.2-3b qwen2.5-3b}; do
     gen_data "$OUT/tok-$m.jsonl" 160 1024 "$(preset_vocab $m)"
     mmoc_job $m "--model $m --hardware h200x1 --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget 48 --micro-batch-size 8 --microbatches 4 --seq-len 1024" "$OUT/tok-$m.jsonl" ${STEPS:-4}
+    # where the prediction and the measurement part (the tied presets were 17-24% slower than predicted)
+    python3 bench/trace_compare.py "$OUT/predicted-$m.json" "$OUT/measured-$m.json" --top 10 | tee "$OUT/trace-compare-$m.log"
     if [ "${SKIP_PEER:-0}" != 1 ]; then
       peer fsdp2-$m 1 "--model $m --mbs 8 --seq 1024 --microbatches 4 --steps ${PSTEPS:-3}"
       ratio small-3b-$m $m fsdp2-$m
