@@ -264,7 +264,7 @@ def run_alternate(tmp, d1, d2):
         pred = (int(m.group(1)), int(m.group(2))) if m else None
         want = 2 * total - sum(ob[s] for s in ce) - sum(ob[s] for s in co)
         check(pred == (want, want), f"{name}: the compiler predicts {want} bytes of tier I/O per step (fixed {2 * total}): {pred}")
-        for steps in (3, 4):  # an odd and an even number of steps
+        for steps in ((3, 4) if name == "alt1" else (4,)):  # an odd and an even number of steps (one plan is enough for both)
             ck = {k: j(f"{name}.{k}.{steps}") for k in ("ref", "fixed", "alt")}
             ma = j(f"{name}.alt.{steps}.jsonl")
             must(sh([RUN, j(name + ".ref.txt"), *base, "--steps", steps, "--save", ck["ref"], "-q"]), f"{name} without the tier")
