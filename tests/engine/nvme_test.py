@@ -238,6 +238,12 @@ def run_alternate(tmp, d1, d2):
     j = lambda *p: os.path.join(tmp, *p)
     base = ["--data", TOKENS]
     tier = ["--nvme", f"{d1},{d2}", "--nvme-place", "all"]
+    job = j("bad-order.json")
+    with open(job, "w") as f:
+        json.dump({"model": "tiny-8l", "hardware": "cpu8", "gpus": 1, "seq_len": 32, "update_order": "sideways"}, f)
+    p = sh([COMPILE, job, "-o", j("never.json")])
+    check(p.returncode == 2 and "update_order" in p.stderr and not os.path.exists(j("never.json")),
+          f"job update_order sideways: exit 2 naming the key: {p.stderr.strip()}")
     for name, args in [("alt1", ["--gpus", "1", "--v", "4", "--schedule", "grouped", "--offload", "all"]),
                        ("alt2", ["--gpus", "2", "--v", "4", "--schedule", "gpipe", "--offload", "all", "--on-nonfinite", "skip"])]:
         fixed_t, fo = compile_plan(j(name + ".fixed.txt"), *args, *tier, "--update-order", "fixed")
