@@ -328,6 +328,38 @@ if rs > 0 and ws > 0 and pr > 0 and pw > 0:
 tps = lambda r: sorted(x["tokens_per_s"] for x in (r[1:] or r))[len(r[1:] or r) // 2] if r else 0
 print("RESULT nvme-7b: tokens/s with the tier %.0f, all in host memory %.0f (ratio %.2f)" % (tps(t), tps(h), tps(t) / max(tps(h), 1e-9)))
 PY
+  # the update order (docs/nvme-tier.md, "The alternating update order"): the same tier job with --update-order fixed
+  # and alternate, STEPS_ORDER steps each (default 5: two steady steps of each parity after the first); per step the
+  # tier bytes measured against the compiler's prediction, and tokens/s. ORDERS=0 leaves it out.
+  if [ "${ORDERS:-1}" = 1 ]; then
+    for o in fixed alternate; do
+      mmoc_job "nvme7b-$o" "$job --hardware $OUT/hw-nvme.json --host-budget ${HB:-48} --nvme $paths --update-order $o" "$OUT/tok.jsonl" ${STEPS_ORDER:-5}
+      grep -E "^nvme tier|^update order" "$OUT/compile-nvme7b-$o.log"
+    done
+    python3 - "$OUT" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+res = {}
+for o in ("fixed", "alternate"):
+    try: r = [json.loads(l) for l in open(f"{out}/mmoc-nvme7b-{o}.jsonl")]
+    except OSError: r = []
+    c = open(f"{out}/compile-nvme7b-{o}.log").read()
+    m = re.search(r"([0-9.]+) GB read \+ ([0-9.]+) GB written per step", c)
+    pred_gb = float(m.group(1)) + float(m.group(2)) if m else 0
+    pred_s = float(re.search(r"predicted: step ([0-9.]+) s", c).group(1))
+    steady = r[1:] or r
+    gb = [(sum(x.get("tier_read_bytes", [0])) + sum(x.get("tier_write_bytes", [0]))) / 1e9 for x in steady]
+    tps = sorted(x["tokens_per_s"] for x in steady)
+    res[o] = (pred_gb, gb, pred_s, tps[len(tps) // 2] if tps else 0)
+    print("RESULT nvme-7b order %s: tier I/O per step predicted %.1f GB, measured %s GB; predicted step %.1f s; tokens/s %.0f"
+          % (o, pred_gb, " ".join("%.1f" % g for g in gb), pred_s, res[o][3]))
+if all(res[o][1] for o in res):
+    f, a = res["fixed"], res["alternate"]
+    mean = lambda v: sum(v) / len(v)
+    print("RESULT nvme-7b order: alternate/fixed tier I/O measured %.3f (predicted %.3f), tokens/s %.3f (predicted %.3f)"
+          % (mean(a[1]) / mean(f[1]), a[0] / max(f[0], 1e-9), a[3] / max(f[3], 1e-9), f[2] / max(a[2], 1e-9)))
+PY
+  fi
   [ "${KEEP_NVME:-0}" = 1 ] || rm -rf "${dirs[@]}"
   ;;
 stretch)

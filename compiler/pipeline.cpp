@@ -405,6 +405,14 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
     std::snprintf(buf, sizeof buf, "nvme tier: optimizer state of %d stage(s) on %zu path(s) (%s), %.2f GB read + %.2f GB written per step\n",
                   on, p.nvme.size(), gib((double)bytes).c_str(), r.sim.tier_read_bytes / 1e9, r.sim.tier_write_bytes / 1e9);
     os << buf;
+    if (ir::num_bodies(p) == 2) {  // the alternating update order (passes/update_order.cpp)
+      std::snprintf(buf, sizeof buf,
+                    "update order: alternate (even steps %.3f s, %lld bytes of tier I/O; odd steps %.3f s, %lld bytes; kept in host "
+                    "memory between steps: opt of %zu + %zu stages)\n",
+                    r.sim.even_step_ms / 1000.0, (long long)r.sim.even_tier_bytes, r.sim.odd_step_ms / 1000.0,
+                    (long long)r.sim.odd_tier_bytes, p.carry_odd.size(), p.carry_even.size());
+      os << buf;
+    }
   }
   os << "memory per GPU (budget " << gib((double)p.budget_bytes) << "):\n";
   for (int g = 0; g < p.gpus; ++g) {

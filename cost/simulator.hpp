@@ -31,6 +31,10 @@ struct SimResult {
   double bubble = 0;                    // 1 - mean compute busy fraction
   std::vector<double> h2d_util, d2h_util;  // per GPU fraction of link capacity used
   int64_t tier_read_bytes = 0, tier_write_bytes = 0;  // NVMe tier traffic of the step (all GPUs)
+  // A plan of two step bodies (ir::Plan::odd_programs): each body's step time and tier traffic; step_ms and the
+  // tier bytes above are their mean, the rest of the result is the even step's. 0 for a one-body plan.
+  double even_step_ms = 0, odd_step_ms = 0;
+  int64_t even_tier_bytes = 0, odd_tier_bytes = 0;  // read + written
   std::vector<SimInterval> intervals;
   // memory timeline per GPU: (time_ms, bytes) after each change
   std::vector<std::vector<std::pair<double, int64_t>>> memory;

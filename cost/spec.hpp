@@ -148,6 +148,7 @@ struct JobConfig {
   double host_budget_gib = 0;
   std::vector<std::string> nvme;
   std::string nvme_place = "auto";  // auto: only what --host-budget needs | all: every offloaded stage's opt(S)
+  std::string update_order = "auto";  // NVMe tier stage update order: auto (by simulated time) | fixed | alternate
   ir::TrainConfig train;
 };
 // Parses a job JSON; unknown keys and wrong types throw InputError naming the key.

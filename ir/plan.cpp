@@ -203,6 +203,31 @@ int64_t Plan::buffer_bytes(const BufRef& r) const {
 // ============================================================================================
 // layout (pp x dp x tp)
 // ============================================================================================
+Plan step_body(const Plan& p, int parity) {
+  Plan b;
+  // copy everything but the bodies (a plan's programs are most of its size)
+  b.format_version = p.format_version;
+  b.hardware = p.hardware;
+  b.schedule = p.schedule;
+  b.gpus = p.gpus, b.v = p.v, b.dp = p.dp, b.tp = p.tp;
+  b.microbatches = p.microbatches, b.micro_batch_size = p.micro_batch_size, b.seq_len = p.seq_len;
+  b.budget_bytes = p.budget_bytes;
+  b.gpu_order = p.gpu_order;
+  b.host_bytes = p.host_bytes;
+  b.host_budget_bytes = p.host_budget_bytes;
+  b.nvme = p.nvme;
+  b.nvme_weights = p.nvme_weights;
+  b.model = p.model;
+  b.train = p.train;
+  b.stages = p.stages;
+  b.buffers = p.buffers;
+  b.programs = parity % 2 == 1 && !p.odd_programs.empty() ? p.odd_programs : p.programs;
+  b.predicted = p.predicted;
+  return b;
+}
+
+const std::vector<int>& carry_in(const Plan& p, int parity) { return parity % 2 ? p.carry_odd : p.carry_even; }
+
 int world_size(const Plan& p) { return std::max(1, p.gpus) * std::max(1, p.dp) * std::max(1, p.tp); }
 
 RankCoord rank_coord(const Plan& p, int r) {

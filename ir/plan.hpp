@@ -198,6 +198,12 @@ struct Plan {
   std::vector<Stage> stages;
   std::vector<BufferDecl> buffers;
   std::vector<Program> programs;  // one per GPU (pipeline rank), programs[g].gpu == g
+  // Alternating (cache-friendly) update order of the NVMe tier (docs/nvme-tier.md): a plan of period two steps.
+  // With odd_programs (one per GPU, like programs), even steps (0, 2, ...) run `programs` and odd steps run
+  // `odd_programs`; carry_even / carry_odd list the stages whose opt(S) is in host memory when an even / odd step
+  // starts (read from the tier and not written back by the step before). All empty: every step runs `programs`.
+  std::vector<Program> odd_programs;
+  std::vector<int> carry_even, carry_odd;
   std::optional<Predicted> predicted;
   bool operator==(const Plan&) const = default;
 
@@ -205,6 +211,16 @@ struct Plan {
   int64_t buffer_bytes(const BufRef& r) const;  // 0 if undeclared
   int num_stages() const { return (int)stages.size(); }
 };
+
+// ---- step bodies (the alternating update order) ------------------------------------------------
+// 1, or 2 when the plan has odd_programs.
+inline int num_bodies(const Plan& p) { return p.odd_programs.empty() ? 1 : 2; }
+// The plan that step parity `parity` runs, as a one-body plan (programs = that body; odd_programs and the carries
+// cleared), for the analyses that look at one step (verify-memory, verify-deadlock, the simulator). The tier's host
+// staging (passes/tier_staging.cpp) is the one analysis that needs the carries and reads them from the whole plan.
+Plan step_body(const Plan&, int parity);
+// The stages whose opt(S) is in host memory when a step of this parity starts (carry_even / carry_odd).
+const std::vector<int>& carry_in(const Plan&, int parity);
 
 // ---- layout (pp x dp x tp) ------------------------------------------------------------------
 struct RankCoord {

@@ -330,6 +330,9 @@ const std::vector<Field<Plan>>& plan_fields() {
       optional_field<&Plan::host_budget_bytes>("host_budget"),
       optional_field<&Plan::nvme>("nvme"),
       optional_field<&Plan::nvme_weights>("nvme_weights"),
+      // the alternating update order (two step bodies): written only then
+      optional_field<&Plan::carry_even>("carry_even"),
+      optional_field<&Plan::carry_odd>("carry_odd"),
   };
   return f;
 }

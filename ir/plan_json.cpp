@@ -59,16 +59,20 @@ ojson plan_to_json(const Plan& p) {
   }
   j["buffers"] = std::move(bufs);
   if (p.predicted) write_fields(j["predicted"], *p.predicted, predicted_fields());
-  ojson progs = ojson::array();
-  for (const auto& pr : p.programs) {
-    ojson o;
-    o["gpu"] = pr.gpu;
-    ojson ins = ojson::array();
-    for (const auto& in : pr.instrs) ins.push_back(instr_to_json(in));
-    o["instrs"] = std::move(ins);
-    progs.push_back(std::move(o));
-  }
-  j["programs"] = std::move(progs);
+  auto progs_json = [](const std::vector<Program>& list) {
+    ojson progs = ojson::array();
+    for (const auto& pr : list) {
+      ojson o;
+      o["gpu"] = pr.gpu;
+      ojson ins = ojson::array();
+      for (const auto& in : pr.instrs) ins.push_back(instr_to_json(in));
+      o["instrs"] = std::move(ins);
+      progs.push_back(std::move(o));
+    }
+    return progs;
+  };
+  j["programs"] = progs_json(p.programs);
+  if (!p.odd_programs.empty()) j["odd_programs"] = progs_json(p.odd_programs);  // the alternating update order
   return j;
 }
 
@@ -158,14 +162,16 @@ Plan plan_from_json(const ojson& root) {
     read_fields(o, pr, predicted_fields());
     p.predicted = std::move(pr);
   }
-  p.programs = json_array<Program>(r.req("programs"), "programs", [](const ojson& v, const std::string& path) {
+  auto program_of = [](const ojson& v, const std::string& path) {
     JObj o(v, path);
     Program pr;
     pr.gpu = json_int32(o.req("gpu"), o.at("gpu"));
     pr.instrs = json_array<Instr>(o.req("instrs"), o.at("instrs"), instr_from_json);
     o.done();
     return pr;
-  });
+  };
+  p.programs = json_array<Program>(r.req("programs"), "programs", program_of);
+  if (auto* v = r.get("odd_programs")) p.odd_programs = json_array<Program>(*v, "odd_programs", program_of);
   r.done();
   return p;
 }

@@ -72,11 +72,12 @@ std::string print_text(const Plan& p) {
   for (const auto& b : p.buffers) o += "buffer " + decl_str(b) + print_fields(b, buffer_fields()) + "\n";
   if (p.predicted) o += "predicted" + print_fields(*p.predicted, predicted_fields()) + "\n";
   if (p.programs.empty()) o += "programs none\n";  // a plan before its programs are made (not a truncated one)
-  for (const auto& pg : p.programs) {
-    o += "gpu g" + std::to_string(pg.gpu) + " {\n";
-    for (size_t i = 0; i < pg.instrs.size(); ++i) o += "  " + print_instr(pg.instrs[i], (int)i) + "\n";
-    o += "}\n";
-  }
+  for (int body = 0; body < num_bodies(p); ++body)  // the odd-step bodies (alternating update order): 'gpu gK odd {'
+    for (const auto& pg : body ? p.odd_programs : p.programs) {
+      o += "gpu g" + std::to_string(pg.gpu) + (body ? " odd {\n" : " {\n");
+      for (size_t i = 0; i < pg.instrs.size(); ++i) o += "  " + print_instr(pg.instrs[i], (int)i) + "\n";
+      o += "}\n";
+    }
   return o;
 }
 
@@ -354,11 +355,14 @@ Plan parse_text(const std::string& text) {
         no_programs = true;
       } else if (head == "gpu") {
         if (no_programs) throw LineError("'gpu' block after 'programs none'");
-        if (t.size() != 3 || t[2] != "{") throw LineError("expected 'gpu g<k> {'");
+        const bool odd = t.size() == 4 && t[2] == "odd";
+        if (!(t.size() == 3 || odd) || t.back() != "{") throw LineError("expected 'gpu g<k> {' or 'gpu g<k> odd {'");
+        if (!odd && !p.odd_programs.empty()) throw LineError("'gpu g<k> {' after the odd-step blocks");
         Program pg;
         pg.gpu = prefixed_int(t[1], "g", "gpu");
-        p.programs.push_back(std::move(pg));
-        cur = &p.programs.back();
+        auto& list = odd ? p.odd_programs : p.programs;
+        list.push_back(std::move(pg));
+        cur = &list.back();
         cur_open_line = lineno;
       } else {
         throw LineError("unknown line kind '" + head + "'");
@@ -380,6 +384,9 @@ Plan parse_text(const std::string& text) {
     throw ParseError("line " + std::to_string(lineno) + ": expected " + std::to_string(p.gpus) +
                      " 'gpu' blocks (gpus=" + std::to_string(p.gpus) + "), found " + std::to_string(p.programs.size()) +
                      " (truncated?)");
+  if (!p.odd_programs.empty() && (int)p.odd_programs.size() != p.gpus)
+    throw ParseError("line " + std::to_string(lineno) + ": expected " + std::to_string(p.gpus) + " 'gpu ... odd' blocks (gpus=" +
+                     std::to_string(p.gpus) + "), found " + std::to_string(p.odd_programs.size()) + " (truncated?)");
   return p;
 }
 

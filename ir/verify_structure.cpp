@@ -15,7 +15,36 @@ using namespace detail;
 // ============================================================================================
 std::vector<std::string> verify_structure(const Plan& p) { return verify_structure(p, true); }
 
+namespace {
+std::vector<std::string> verify_one_body(const Plan& p, bool with_programs);
+}
+
+// A two-step plan (odd_programs, the alternating update order): each body as a one-body plan (the odd one's problems
+// prefixed "odd step: "), and the carries: stages with opt(S) on the NVMe tier, each listed once, only with
+// odd_programs.
 std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
+  std::vector<std::string> out = verify_one_body(num_bodies(p) == 2 ? step_body(p, 0) : p, with_programs);
+  if (num_bodies(p) == 2) {
+    if (!with_programs) out.push_back("plan: odd-step programs before the schedule pass");
+    for (auto& m : verify_one_body(step_body(p, 1), with_programs)) out.push_back("odd step: " + m);
+  } else if (!p.carry_even.empty() || !p.carry_odd.empty()) {
+    out.push_back("plan: carry_even / carry_odd without odd-step programs");
+  }
+  for (int parity = 0; parity < 2; ++parity) {
+    const char* key = parity ? "carry_odd" : "carry_even";
+    std::set<int> seen;
+    for (int s : carry_in(p, parity)) {
+      const BufferDecl* d = s >= 0 && s < p.num_stages() ? p.find_buffer(BufKind::Opt, s) : nullptr;
+      if (!d || d->home != Tier::Nvme)
+        out.push_back(std::string("plan: ") + key + " names S" + std::to_string(s) + ", which has no opt(S) on the NVMe tier");
+      if (!seen.insert(s).second) out.push_back(std::string("plan: ") + key + " names S" + std::to_string(s) + " twice");
+    }
+  }
+  return out;
+}
+
+namespace {
+std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
   std::vector<std::string> out;
   const int S = p.num_stages(), M = p.microbatches, G = p.gpus;
   auto add = [&](std::string s) { out.push_back(std::move(s)); };
@@ -282,6 +311,8 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
   }
   return out;
 }
+
+}  // namespace
 
 void verify_structure_or_throw(const Plan& p) {
   auto problems = verify_structure(p);

@@ -17,12 +17,17 @@ extern const char* const kLinearizeContract = R"md(The final issue order of each
   order of stream order and `after` deps, ties by the previous order), with `gradnorm` after every send/recv of its
   program (it is a collective over all ranks); `after` indices are renumbered. Executing every program strictly in
   this order (the CPU engine does) cannot deadlock, and the GPU engine issues work to its streams in the order it will
-  be needed: from here on the checker of sequential semantics runs.
+  be needed: from here on the checker of sequential semantics runs. Then the NVMe tier's update order (job
+  `update_order`, `apply_update_order`): with `alternate`, or `auto` when the simulated mean step is faster, a plan
+  whose ranks update more than two stages from the tier becomes a two-step plan (`odd_programs`, `carry_even`,
+  `carry_odd`: the odd steps update the tier stages after the backward in the reverse order, and each step leaves the
+  last two updated in host memory for the next); `fixed` leaves the plan as it is.
 - **Recovers from the plan**: that the programs are linearized.
 )md";
 
 void linearize_pass(PassContext& c) {
   auto& p = c.plan;
+  if (!p.odd_programs.empty()) throw InputError("linearize: the plan already has odd-step programs (it was linearized)");
   SimResult sim = simulate(p, c.hw, c.model);
   if (sim.deadlock) throw InputError("linearize: the plan deadlocks in simulation:\n" + sim.deadlock_report);
   std::vector<std::vector<double>> start(p.gpus);
@@ -67,6 +72,7 @@ void linearize_pass(PassContext& c) {
     prog = std::move(out);
   }
   c.linearized = true;
+  if (std::string note = apply_update_order(c, p); !note.empty()) c.notes.push_back(note);
 }
 
 void recover_linearize(PassContext& c) { c.linearized = true; }

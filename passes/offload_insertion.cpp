@@ -121,7 +121,6 @@ struct Builder {
 //   read opt(o_{k+kTierSlots}) <- nvme @io after(write o_k)
 // so at most kTierSlots stages' state is in host memory at once, and the reads of the next stages overlap the
 // optimizer steps and the backward passes before them.
-constexpr int kTierSlots = 2;
 
 void add_tier_io(Builder& b, const OffloadConfig& cfg) {
   if (cfg.nvme.empty() || b.old.empty()) return;

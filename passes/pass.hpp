@@ -167,6 +167,17 @@ OffloadConfig offload_config_of(const PassContext&, const ir::Plan& lowered);
 // missing host memory when even every offloaded stage on the tier does not fit (or there are no paths);
 // InputError naming the path and the missing bytes when a path that exists here lacks the space.
 std::string place_on_tier(const PassContext&, const ir::Plan& base, OffloadConfig& cfg, ir::Plan& plan);
+// The NVMe tier's update order (passes/update_order.cpp, docs/nvme-tier.md): the job's update_order (auto | fixed |
+// alternate) applied to a finished plan. alternate makes the plan a two-step one (ir::Plan::odd_programs): even steps
+// update the tier stages as the fixed plan does (highest first, overlapping the backward) and keep the last
+// kTierSlots updated in host memory; odd steps update them after the backward, lowest first, the kept ones first
+// without a read, and keep the last kTierSlots for the next even step. auto takes it when the simulated mean step
+// is faster. Returns the decision for --verbose ("" when there is nothing to decide).
+std::string apply_update_order(const PassContext&, ir::Plan& plan);
+// The alternating plan made from a one-body plan with the NVMe tier (nullopt when no rank has more tier stages than
+// staging slots, so there is nothing to keep).
+std::optional<ir::Plan> alternate_update_order(const ir::Plan& fixed);
+constexpr int kTierSlots = 2;  // opt(S) buffers of a rank in host memory at once (offload_insertion.cpp's add_tier_io)
 // Stage cost fields (partition.cpp) from its layers and recompute flag; stash bytes per micro-batch.
 void fill_stage_costs(const PassContext&, ir::Stage&);
 int64_t stage_stash_bytes(const PassContext&, const ir::Stage&);

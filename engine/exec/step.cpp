@@ -137,6 +137,14 @@ void Worker::Impl::issue(int i) {
   if (in.stream == ir::Stream::Comp) comp_ahead.push_back(i);
 }
 
+// The alternating update order (plan.odd_programs): the step's body by its parity, and the opt(S) that body expects in
+// host memory (after init, a load or a resume they are read now: tier_carry_in).
+void Worker::Impl::select_body(int64_t step_index) {
+  if (plan.odd_programs.empty()) return;
+  const int parity = (int)(step_index % 2);
+  plan.programs = bodies[parity];
+}
+
 // The step ends when every stream and the cpu thread have finished and every send has been delivered.
 void Worker::Impl::finish_step() {
   const auto& prog = plan.programs[rank].instrs;
@@ -178,8 +186,14 @@ void Worker::Impl::check_no_leak() const {
     const bool persistent = ir::is_persistent(plan, b) && b.stage >= 0 && b.stage < plan.num_stages() && plan.stages[b.stage].gpu == rank;
     if (!persistent) throw std::runtime_error("rank " + std::to_string(world_rank) + ": " + b.str() + " still on the device at the end of the step");
   }
-  if (!tier_staged.empty())
-    throw std::runtime_error("rank " + std::to_string(world_rank) + ": opt(S" + std::to_string(tier_staged.begin()->first) + ") read from nvme and not written back at the end of the step");
+  // the alternating update order: the opt(S) the next step's body expects in host memory stay (carry), nothing else
+  const std::vector<int>& keep = ir::carry_in(plan, (int)((step_index + 1) % 2));
+  for (const auto& [s, buf] : tier_staged)
+    if (std::find(keep.begin(), keep.end(), s) == keep.end())
+      throw std::runtime_error("rank " + std::to_string(world_rank) + ": opt(S" + std::to_string(s) + ") read from nvme and not written back at the end of the step");
+  for (int s : keep)
+    if (stages.count(s) && !tier_staged.count(s))
+      throw std::runtime_error("rank " + std::to_string(world_rank) + ": opt(S" + std::to_string(s) + ") should stay in host memory for the next step and is not there");
   if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(world_rank) + ": forward records or batches left at the end of the step");
 }
 
@@ -188,7 +202,9 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
   const auto t0 = std::chrono::steady_clock::now();
   std::optional<c10::cuda::CUDAGuard> dg;
   if (I.cuda) dg.emplace((c10::DeviceIndex)I.cuda_index);
+  I.select_body(step_index);  // the body first: begin_step sizes the step's books by it
   I.begin_step(batch, step_index);
+  if (!I.plan.odd_programs.empty()) I.tier_carry_in((int)(step_index % 2));  // after begin_step: its reads count in this step
   const int n = (int)I.plan.programs[I.rank].instrs.size();
   for (int i = 0; i < n; ++i) I.guarded(i, [&] { I.issue(i); });
   I.finish_step();

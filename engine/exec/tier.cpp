@@ -88,10 +88,35 @@ void Worker::Impl::tier_write(const BufRef& b) {
   tier_write_s += t.seconds();
 }
 
+void Worker::Impl::tier_carry_in(int parity) {
+  const std::vector<int>& want = ir::carry_in(plan, parity);
+  std::lock_guard<std::mutex> g(tier_mu);
+  for (const auto& [s, buf] : tier_staged)
+    if (std::find(want.begin(), want.end(), s) == want.end())
+      throw ExecError("opt(S" + std::to_string(s) + ") is in host memory at the start of a step that does not expect it there");
+  for (int s : want) {
+    if (!stages.count(s) || tier_staged.count(s)) continue;  // another rank's stage, or kept by the step before
+    if (!stages.at(s).on_tier || !tier) throw ExecError("the plan keeps opt(S" + std::to_string(s) + ") in host memory but it is not on the tier");
+    at::Tensor buf = tier_new_buffer(s);
+    tier::Ticket t = tier->read_async((uint64_t)s, buf.data_ptr());
+    t.wait();
+    tier_staged[s] = buf;
+    tier_read_bytes += t.bytes();
+    tier_read_s += t.seconds();
+  }
+}
+
+void Worker::Impl::tier_drop_cache() {
+  std::lock_guard<std::mutex> g(tier_mu);
+  tier_staged.clear();
+}
+
 at::Tensor Worker::Impl::tier_fetch(int stage) {
   {
     std::lock_guard<std::mutex> g(tier_mu);
     tier_pool.clear();  // checkpoints and loads: one stage's buffer at a time, as the host prediction counts them
+    auto it = tier_staged.find(stage);
+    if (it != tier_staged.end()) return it->second;  // kept in host memory by the alternating order: newer than the tier's
   }
   at::Tensor buf = tier_new_buffer(stage);
   tier->read_async((uint64_t)stage, buf.data_ptr()).wait();

@@ -22,6 +22,8 @@ bool updates_wait_for_gradnorm(const ir::Plan& plan) {
 Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const WorkerOptions& opts) : impl_(new Impl) {
   auto& I = *impl_;
   I.plan = plan;
+  I.bodies[0] = plan.programs;  // the alternating update order: the odd steps' body (select_body swaps them in)
+  I.bodies[1] = plan.odd_programs.empty() ? plan.programs : plan.odd_programs;
   I.rank = rank;
   I.tr = transport;
   I.htr = transport;
@@ -245,6 +247,7 @@ static void refresh_device_copies(Worker::Impl& I) {
 // NVMe tier: the state of each on_tier stage, one stage at a time in a staging buffer: `fill` sets master (and the
 // moments, zeros otherwise) from StageTensors of views into it; then the compute-dtype copy, then the tier.
 static void fill_tier_stages(Worker::Impl& I, const std::function<void(StageTensors&)>& fill) {
+  I.tier_drop_cache();  // the tier's contents are new: what the alternating order kept in host memory is stale
   for (auto& [s, st] : I.stages) {
     if (!st.on_tier) continue;
     at::Tensor buf = I.tier_new_buffer(s);

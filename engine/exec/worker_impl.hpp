@@ -276,8 +276,17 @@ struct Worker::Impl {
   at::Tensor tier_get(int stage, const char* why);   // the staged buffer (throws when absent)
   void tier_read(const BufRef& b);
   void tier_write(const BufRef& b);
-  // Whole-state access outside steps (init, load, checkpoints): one stage at a time.
-  at::Tensor tier_fetch(int stage);                  // a new buffer with the stage's state
+  // Alternating update order (plan.odd_programs, docs/nvme-tier.md): both bodies; plan.programs is the running
+  // step's. tier_staged then also holds, between steps, the opt(S) the next step's body expects in host memory
+  // (plan.carry_even / carry_odd): tier_carry_in reads what is missing (after init, a load or a resume) and checks
+  // that nothing else is there; tier_drop_cache forgets the cache when the tier's contents are rewritten.
+  std::vector<ir::Program> bodies[2];
+  void select_body(int64_t step_index);              // step.cpp
+  void tier_carry_in(int parity);                    // tier.cpp
+  void tier_drop_cache();
+  // Whole-state access outside steps (init, load, checkpoints): one stage at a time (a stage held in host memory
+  // across steps by the alternating order: its staged buffer, which is newer than the tier's copy).
+  at::Tensor tier_fetch(int stage);                  // a buffer with the stage's state
   void tier_store(int stage, const at::Tensor& buf); // writes it (waits)
 
   // Is `b` on the device as the engine keeps its books? (batch(m) and stash(S,m) are kept apart from the tensors.)

@@ -88,7 +88,7 @@ def run_all(tmp):
     base = ["--data", TOKENS]
 
     # ---- plans -------------------------------------------------------------------------------------------------
-    txt, _ = compile_plan(j("a.txt"), "--gpus", "1", "--v", "4", "--schedule", "grouped", "--offload", "all", *tier)
+    txt, _ = compile_plan(j("a.txt"), "--gpus", "1", "--v", "4", "--schedule", "grouped", "--offload", "all", *tier, "--update-order", "fixed")
     check(nvme_stages(txt) == [0, 1, 2, 3], f"--nvme-place all: every stage's opt(S) on nvme: {nvme_stages(txt)}")
     check(re.search(r"^plan .* nvme=" + re.escape(f"{d1},{d2}") + r" nvme_weights=1,1$", txt, re.M), "the plan line names the two paths and their weights")
     reads = re.findall(r"= read opt\(S(\d)\) <- nvme @io", txt)
@@ -154,6 +154,8 @@ def run_all(tmp):
     must(sh([RUN, tp, *base, "--steps", 4, "--resume", half, "--save", r2, "--nvme", f"{other1},{other2}", "-q"]), "resume with --nvme elsewhere")
     check(cu.state(full) == cu.state(r2), "mmoc-run --nvme: other directories for the same plan, the same state")
 
+    run_alternate(tmp, d1, d2)
+
     # ---- errors before training ----------------------------------------------------------------------------------
     ro = j("ro")
     os.makedirs(ro)
@@ -200,6 +202,106 @@ def run_all(tmp):
     check(rss_n <= budget_gib * GiB, f"measured peak RSS within --host-budget: {rss_n / 2**20:.0f} MiB <= {budget_gib * 1024:.0f} MiB")
     check(rss_h - rss_n >= 0.5 * predicted,
           f"the tier lowers the measured peak RSS by at least half the predicted saving: {rss_h / 2**20:.0f} -> {rss_n / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB less")
+    # the alternating update order keeps state in the staging slots across steps: the same host memory
+    alt_plan, ma = j("rss.alt.txt"), j("rss.alt.jsonl")
+    out_a = must(sh([COMPILE, *common, "--host-budget", str(budget_gib), "--nvme", f"{d1},{d2}", "--update-order", "alternate", "-o", alt_plan]),
+                 "compile within the host budget, alternating order").stdout
+    with open(alt_plan) as f:
+        check(" odd {" in f.read() and bound(out_a) <= budget_gib * GiB, "the alternating plan within the host budget: " + out_a)
+    must(sh([RUN, alt_plan, *base, "--steps", 3, "--metrics", ma, "-q", "--optim-threads", "2"]), "run with the tier, alternating order")
+    rss_a = max(m["host_peak_rss_bytes"][0] for m in metrics_of(ma))
+    check(rss_a <= budget_gib * GiB, f"alternating order: measured peak RSS within --host-budget: {rss_a / 2**20:.0f} MiB <= {budget_gib * 1024:.0f} MiB")
+
+
+def opt_bytes(text):
+    return {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"^buffer opt\(S(\d+)\) bytes=(\d+) home=nvme$", text, re.M)}
+
+
+def header_ints(text, key):
+    m = re.search(r"^plan .*\b" + key + r"=([0-9,]+)", text, re.M)
+    return [int(x) for x in m.group(1).split(",")] if m else []
+
+
+def body_ops(text, odd):
+    """The tier reads and writes (stage lists) of each gpu block of one body."""
+    out = {}
+    for m in re.finditer(r"^gpu g(\d+)( odd)? \{\n(.*?)^\}", text, re.M | re.S):
+        if bool(m.group(2)) != odd:
+            continue
+        out[int(m.group(1))] = (re.findall(r"= read opt\(S(\d+)\) <- nvme", m.group(3)), re.findall(r"= write opt\(S(\d+)\) -> nvme", m.group(3)),
+                                re.findall(r"= optim S(\d+) @cpu", m.group(3)))
+    return out
+
+
+def run_alternate(tmp, d1, d2):
+    """The alternating (cache-friendly) update order: plans, bit-identity, traffic measured against the prediction, resume."""
+    j = lambda *p: os.path.join(tmp, *p)
+    base = ["--data", TOKENS]
+    tier = ["--nvme", f"{d1},{d2}", "--nvme-place", "all"]
+    job = j("bad-order.json")
+    with open(job, "w") as f:
+        json.dump({"model": "tiny-8l", "hardware": "cpu8", "gpus": 1, "seq_len": 32, "update_order": "sideways"}, f)
+    p = sh([COMPILE, job, "-o", j("never.json")])
+    check(p.returncode == 2 and "update_order" in p.stderr and not os.path.exists(j("never.json")),
+          f"job update_order sideways: exit 2 naming the key: {p.stderr.strip()}")
+    for name, args in [("alt1", ["--gpus", "1", "--v", "4", "--schedule", "grouped", "--offload", "all"]),
+                       ("alt2", ["--gpus", "2", "--v", "4", "--schedule", "gpipe", "--offload", "all", "--on-nonfinite", "skip"])]:
+        fixed_t, fo = compile_plan(j(name + ".fixed.txt"), *args, *tier, "--update-order", "fixed")
+        alt_t, ao = compile_plan(j(name + ".alt.txt"), *args, *tier, "--update-order", "alternate", "--verbose")
+        ref_t, _ = compile_plan(j(name + ".ref.txt"), *args)
+        check(" odd {" not in fixed_t and "carry_" not in fixed_t, f"{name}: --update-order fixed: one body")
+        ce, co = header_ints(alt_t, "carry_even"), header_ints(alt_t, "carry_odd")
+        even, odd, fx = body_ops(alt_t, False), body_ops(alt_t, True), body_ops(fixed_t, False)
+        ok = len(ce) == 2 * len(fx) and len(co) == 2 * len(fx) and set(even) == set(odd) == set(fx)
+        for g, (r, w, o) in fx.items():
+            er, ew, eo = even[g]
+            orr, ow, oo = odd[g]
+            n = len(o)
+            # even: the fixed order, the first two kept from the odd step (no read), the last two kept (no write);
+            # odd: the reverse order, the same rule
+            ok = ok and eo == o and oo == o[::-1] and er == o[2:] and ew == o[:n - 2] and orr == o[::-1][2:] and ow == o[::-1][:n - 2]
+            ok = ok and sorted(map(int, o[-2:])) == sorted(s for s in co if str(s) in o) and sorted(map(int, o[:2])) == sorted(s for s in ce if str(s) in o)
+        check(ok, f"{name}: alternate: odd-step bodies in the reverse order, two stages per rank kept in host memory across each step "
+                  f"(carry_even {ce}, carry_odd {co}): fixed {fx} even {even} odd {odd}")
+        check("update order: fixed" in ao and "alternate (asked)" in ao, f"{name}: --verbose names the decision with both simulations: {ao}")
+        ob = opt_bytes(alt_t)
+        total = sum(ob.values())
+        m = re.search(r"update order: alternate \(even steps [0-9.]+ s, (\d+) bytes of tier I/O; odd steps [0-9.]+ s, (\d+) bytes", ao)
+        pred = (int(m.group(1)), int(m.group(2))) if m else None
+        want = 2 * total - sum(ob[s] for s in ce) - sum(ob[s] for s in co)
+        check(pred == (want, want), f"{name}: the compiler predicts {want} bytes of tier I/O per step (fixed {2 * total}): {pred}")
+        for steps in ((3, 4) if name == "alt1" else (4,)):  # an odd and an even number of steps (one plan is enough for both)
+            ck = {k: j(f"{name}.{k}.{steps}") for k in ("ref", "fixed", "alt")}
+            ma = j(f"{name}.alt.{steps}.jsonl")
+            must(sh([RUN, j(name + ".ref.txt"), *base, "--steps", steps, "--save", ck["ref"], "-q"]), f"{name} without the tier")
+            must(sh([RUN, j(name + ".fixed.txt"), *base, "--steps", steps, "--save", ck["fixed"], "-q"]), f"{name} fixed order")
+            must(sh([RUN, j(name + ".alt.txt"), *base, "--steps", steps, "--save", ck["alt"], "--metrics", ma, "-q"]), f"{name} alternating order")
+            a = cu.state(ck["alt"])
+            check(a == cu.state(ck["ref"]) and a == cu.state(ck["fixed"]),
+                  f"{name}, {steps} steps: alternating order bit-identical to the fixed order and to the run without the tier")
+            check(empty_dirs(d1, d2), f"{name}: nothing left in the tier's directories")
+            if steps == 4:
+                ms = metrics_of(ma)
+                got = [(sum(x["tier_read_bytes"]), sum(x["tier_write_bytes"])) for x in ms]
+                # step 0 also reads what the plan expects kept (nothing was kept before it); from step 1 on the carry
+                # of the step's parity is neither read nor (by the step before) written
+                want_rw = [(total - sum(ob[s] for s in (ce if k % 2 == 0 else co)), total - sum(ob[s] for s in (co if k % 2 == 0 else ce)))
+                           for k in range(4)]
+                want_rw[0] = (total, want_rw[0][1])
+                check(got == want_rw, f"{name}: measured tier bytes (read, written) per step {got} == {want_rw} (fixed: {total} each)")
+    # resume from a checkpoint after an odd and after an even number of steps
+    tp = j("alt1.alt.txt")
+    full = j("altres.full")
+    must(sh([RUN, tp, *base, "--steps", 5, "--save", full, "-q"]), "5 steps, alternating order")
+    for k in (2, 3):
+        half, res = j(f"altres.{k}"), j(f"altres.{k}.resumed")
+        must(sh([RUN, tp, *base, "--steps", k, "--save", half, "-q"]), f"{k} steps, alternating order")
+        must(sh([RUN, tp, *base, "--steps", 5, "--resume", half, "--save", res, "-q"]), f"resume after {k} steps to 5")
+        check(cu.state(full) == cu.state(res), f"alternating order: resume after {k} steps ({'odd' if k % 2 else 'even'}) is exact")
+    # a checkpoint in the middle of the run (--save-every) and the final one: both complete
+    mid = j("altres.every")
+    must(sh([RUN, tp, *base, "--steps", 5, "--save", mid, "--save-every", 2, "-q"]), "5 steps with a checkpoint every 2")
+    check(cu.state(full) == cu.state(mid), "alternating order with checkpoints every 2 steps: the same final state")
 
 
 def main():

@@ -18,6 +18,7 @@ JobConfig tier_job(int gpus, int v, const std::string& sched, const std::string&
   j.offload = "all";
   j.nvme = {"/nonexistent-nvme0/mmoc", "/nonexistent-nvme1/mmoc"};
   j.nvme_place = place;
+  j.update_order = "fixed";  // the alternating order has its own tests (below)
   return j;
 }
 
@@ -186,6 +187,7 @@ TEST_CASE("tier: placement within --host-budget takes the fewest stages; errors 
   j.microbatches = 8;
   j.seq_len = 1024;
   j.offload = "all";
+  j.update_order = "fixed";  // every tier stage read and written each step (the alternating order: tested below)
   const HardwareSpec hw = hardware(j.hardware);
   const CompileResult host = compile(j);
   const HostMemoryCheck all_host = host_of(host.plan, hw);
@@ -269,4 +271,171 @@ TEST_CASE("tier: the simulator times the tier by the paths' bandwidth") {
   const double io_ms = (double)(a.sim.tier_read_bytes + a.sim.tier_write_bytes) / 0.2e6;
   CHECK(a.sim.step_ms >= io_ms * 0.5);  // reads and writes may overlap each other on one disk's faster direction
   CHECK(b.sim.step_ms < a.sim.step_ms);
+}
+
+// ---- the alternating (cache-friendly) update order (passes/update_order.cpp) ----------------------------------------
+
+namespace {
+std::vector<int> tier_optims(const ir::Program& prog) {
+  std::vector<int> o;
+  for (const auto& in : prog.instrs)
+    if (in.op == ir::Op::Optim && in.stream == ir::Stream::Cpu) o.push_back(in.stage);
+  return o;
+}
+std::vector<int> io_stages(const ir::Program& prog, ir::Op op) {
+  std::vector<int> o;
+  for (const auto& in : prog.instrs)
+    if (in.op == op) o.push_back(in.buf->stage);
+  return o;
+}
+}  // namespace
+
+TEST_CASE("tier: the alternating update order: two bodies, the carries, both forms, verifiers, staging, simulated traffic") {
+  int alternated = 0;
+  for (const char* sched : {"grouped", "gpipe", "1f1b", "interleaved-1f1b"})
+    for (int v : {1, 2, 3, 4}) {
+      try { check_schedule(sched, 2, v, 4); } catch (const InputError&) { continue; }
+      CAPTURE(sched); CAPTURE(v);
+      JobConfig j = tier_job(2, v, sched);
+      const CompileResult fixed = compile(j);
+      j.update_order = "alternate";
+      const CompileResult alt = compile(j);
+      const ir::Plan& f = fixed.plan;
+      const ir::Plan& p = alt.plan;
+      if (v <= 2) {  // at most two tier stages per rank: nothing to keep, the plan stays as fixed
+        CHECK(p == f);
+        continue;
+      }
+      ++alternated;
+      REQUIRE(ir::num_bodies(p) == 2);
+      CHECK(ir::verify_structure(p).empty());
+      CHECK(verify_deadlock(p, false) == "");
+      CHECK(verify_deadlock(p, true) == "");
+      CHECK(p.carry_even.size() == 4);
+      CHECK(p.carry_odd.size() == 4);
+      for (int g = 0; g < p.gpus; ++g) {
+        const std::vector<int> o = tier_optims(f.programs[g]);
+        const int n = (int)o.size();
+        std::vector<int> rev(o.rbegin(), o.rend());
+        CHECK(tier_optims(p.programs[g]) == o);
+        CHECK(tier_optims(p.odd_programs[g]) == rev);
+        CHECK(io_stages(p.programs[g], ir::Op::TierRead) == std::vector<int>(o.begin() + 2, o.end()));
+        CHECK(io_stages(p.programs[g], ir::Op::TierWrite) == std::vector<int>(o.begin(), o.begin() + n - 2));
+        CHECK(io_stages(p.odd_programs[g], ir::Op::TierRead) == std::vector<int>(rev.begin() + 2, rev.end()));
+        CHECK(io_stages(p.odd_programs[g], ir::Op::TierWrite) == std::vector<int>(rev.begin(), rev.begin() + n - 2));
+        // the odd step's tier updates come after the rank's last backward
+        int last_bwd = -1, first_tier = -1;
+        for (int i = 0; i < (int)p.odd_programs[g].instrs.size(); ++i) {
+          const auto& in = p.odd_programs[g].instrs[i];
+          if (in.op == ir::Op::Backward) last_bwd = i;
+          if (in.op == ir::Op::Optim && in.stream == ir::Stream::Cpu && first_tier < 0) first_tier = i;
+        }
+        CHECK(first_tier > last_bwd);
+        for (int k = 0; k < 2; ++k) {
+          CHECK(std::count(p.carry_even.begin(), p.carry_even.end(), o[k]) == 1);
+          CHECK(std::count(p.carry_odd.begin(), p.carry_odd.end(), o[n - 1 - k]) == 1);
+        }
+      }
+      // the body views: one-body plans that the analyses see
+      CHECK(ir::step_body(p, 0).programs == p.programs);
+      CHECK(ir::step_body(p, 1).programs == p.odd_programs);
+      CHECK(ir::step_body(p, 1).odd_programs.empty());
+      // both forms read back the same plan
+      const std::string text = ir::print_text(p);
+      CHECK(text.find("gpu g0 odd {") != std::string::npos);
+      CHECK(std::regex_search(text, std::regex(R"(carry_even=\d+,\d+,\d+,\d+ carry_odd=\d+,\d+,\d+,\d+\n)")));
+      CHECK(ir::parse_text(text) == p);
+      CHECK(ir::from_json_string(ir::to_json_string(p)) == p);
+      // staging: still at most two stages per rank, counted across the step boundary; host memory as the fixed plan's
+      const std::vector<int64_t> sa = tier_staging_bytes(p), sf = tier_staging_bytes(f);
+      CHECK(sa == sf);
+      CHECK(p.host_bytes == f.host_bytes);
+      // the simulator times both bodies: each reads and writes two stages per rank fewer
+      int64_t total = 0, carry = 0;
+      for (const auto& d : p.buffers) total += d.kind == ir::BufKind::Opt && d.home == ir::Tier::Nvme ? d.bytes : 0;
+      for (int s : p.carry_even) carry += p.buffer_bytes({ir::BufKind::Opt, s, -1});
+      for (int s : p.carry_odd) carry += p.buffer_bytes({ir::BufKind::Opt, s, -1});
+      CHECK(fixed.sim.tier_read_bytes + fixed.sim.tier_write_bytes == 2 * total);
+      CHECK(alt.sim.even_tier_bytes == 2 * total - carry);
+      CHECK(alt.sim.odd_tier_bytes == 2 * total - carry);
+      CHECK(alt.sim.step_ms == doctest::Approx((alt.sim.even_step_ms + alt.sim.odd_step_ms) / 2));
+      CHECK(p.predicted->step_s == doctest::Approx(alt.sim.step_ms / 1000.0));
+    }
+  CHECK(alternated >= 4);
+}
+
+TEST_CASE("tier: --update-order auto takes the faster of the two by simulation; fixed is today's plan") {
+  JobConfig j = tier_job(1, 4, "grouped");
+  HardwareSpec slow = hardware("h200x2"), fast = slow;
+  slow.storage = {{j.nvme[0], 0.05, 0.05, "1:0", false}, {j.nvme[1], 0.05, 0.05, "1:0", false}};  // the disk is the step
+  fast.storage = {{j.nvme[0], 500, 500, "1:0", false}, {j.nvme[1], 500, 500, "1:1", false}};      // the disk costs nothing
+  const ModelSpec m = model(j.model);
+  for (const HardwareSpec* hw : {&slow, &fast}) {
+    j.update_order = "fixed";
+    const CompileResult f = compile_job(j, m, *hw, {});
+    j.update_order = "alternate";
+    const CompileResult a = compile_job(j, m, *hw, {});
+    j.update_order = "auto";
+    const CompileResult au = compile_job(j, m, *hw, {});
+    CHECK(ir::num_bodies(f.plan) == 1);
+    REQUIRE(ir::num_bodies(a.plan) == 2);
+    const bool alt_faster = a.sim.step_ms < f.sim.step_ms;
+    CHECK(au.plan == (alt_faster ? a.plan : f.plan));
+    if (hw == &slow) CHECK(alt_faster);  // 2 of 4 stages' I/O less per step, where the I/O is the step
+    if (hw == &fast) CHECK(!alt_faster); // odd steps' updates no longer overlap the backward, and I/O saves nothing
+    bool noted = false;
+    for (const auto& n : au.notes) noted = noted || n.rfind("update order: fixed ", 0) == 0;
+    CHECK(noted);
+  }
+}
+
+TEST_CASE("tier: the verifiers reject a malformed two-step plan") {
+  JobConfig j = tier_job(1, 4, "grouped");
+  j.update_order = "alternate";
+  ir::Plan p = compile(j).plan;
+  REQUIRE(ir::num_bodies(p) == 2);
+  SUBCASE("a carry naming a stage that is not on the tier") {
+    p.carry_even[0] = 99;
+    bool named = false;
+    for (const auto& m : ir::verify_structure(p)) named = named || m.find("carry_even names S99") != std::string::npos;
+    CHECK(named);
+  }
+  SUBCASE("carries without odd-step programs") {
+    p.odd_programs.clear();
+    bool named = false;
+    for (const auto& m : ir::verify_structure(p)) named = named || m.find("without odd-step programs") != std::string::npos;
+    CHECK(named);
+  }
+  SUBCASE("a body that keeps in host memory what the next step does not expect") {
+    ir::Plan q = p;
+    q.carry_odd.erase(q.carry_odd.begin());  // the even body leaves it in host memory, the odd body does not expect it
+    CHECK_THROWS_WITH_AS(tier_staging_bytes(q), doctest::Contains("even step: g0: opt(S"), ir::VerifyError);
+    CHECK_THROWS_WITH_AS(tier_staging_bytes(q), doctest::Contains("never written back"), ir::VerifyError);
+  }
+  SUBCASE("a body entered without what it updates first") {
+    ir::Plan q = p;
+    q.carry_even.erase(q.carry_even.begin());  // the even body updates it without a read
+    CHECK_THROWS_WITH_AS(tier_staging_bytes(q), doctest::Contains("written to nvme but not in host memory"), ir::VerifyError);
+  }
+  SUBCASE("an even body that does not keep what the odd step expects") {
+    auto& prog = p.programs[0].instrs;
+    // the last update's state: the even body keeps it (no write); a write there leaves the odd body's carry short
+    int last = -1;
+    for (int i = 0; i < (int)prog.size(); ++i)
+      if (prog[i].op == ir::Op::Optim && prog[i].stream == ir::Stream::Cpu) last = i;
+    REQUIRE(last >= 0);
+    ir::Instr w;
+    w.op = ir::Op::TierWrite;
+    w.stream = ir::Stream::Io;
+    w.buf = ir::BufRef{ir::BufKind::Opt, prog[last].stage, -1};
+    w.after = {last};
+    prog.push_back(w);
+    CHECK_THROWS_WITH_AS(tier_staging_bytes(p), doctest::Contains("should stay in host memory"), ir::VerifyError);
+  }
+  SUBCASE("the odd body's text block count must match gpus") {
+    std::string t = ir::print_text(p);
+    t = t.substr(0, t.find("gpu g0 odd {"));
+    CHECK(ir::parse_text(t).odd_programs.empty());  // no odd blocks at all: read as a plan of one body (then refused)
+    CHECK(!ir::verify_structure(ir::parse_text(t)).empty());
+  }
 }

@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
   std::optional<int> gpus, mbs, microbatches, seq_len, dp, tp;
   std::optional<std::string> budget, layout, host_budget;
-  std::optional<std::string> nvme, nvme_place;
+  std::optional<std::string> nvme, nvme_place, update_order;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
   app.add_option("-o,--output", out_path, "write the plan here");
   app.add_option("--emit", emit, "plan file form: json or text")->check(CLI::IsMember({"json", "text"}));
@@ -42,6 +42,10 @@ int main(int argc, char** argv) {
   app.add_option("--nvme", nvme, "NVMe tier directories, comma-separated (job nvme): each is one I/O path");
   app.add_option("--nvme-place", nvme_place, "auto (only what the host memory needs on the tier) or all (every offloaded stage's optimizer state)")
       ->check(CLI::IsMember({"auto", "all"}));
+  app.add_option("--update-order", update_order,
+                 "NVMe tier stage update order (job update_order): auto (alternate when the simulated step is faster), fixed, or "
+                 "alternate (reverse it every other step, keeping the last-updated state in host memory)")
+      ->check(CLI::IsMember({"auto", "fixed", "alternate"}));
   app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
   app.add_option("--microbatches", microbatches, "micro-batches per step");
   app.add_option("--seq-len", seq_len, "sequence length");
@@ -101,6 +105,7 @@ int main(int argc, char** argv) {
     if (budget) job.budget_gib = parse_gib(*budget, "--budget");
     if (host_budget) job.host_budget_gib = parse_gib(*host_budget, "--host-budget");
     if (nvme_place) job.nvme_place = *nvme_place;
+    if (update_order) job.update_order = *update_order;
     if (nvme) {
       job.nvme.clear();
       size_t b = 0;

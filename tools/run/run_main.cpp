@@ -647,14 +647,16 @@ int worker_body(const Args& a, const std::string& device_hint) {
     if (w.rank == 0) {
       // keep the last step only: that is the steady state
       std::vector<std::vector<TraceEvent>> all(ir::world_size(plan));
+      // the last step's body (a plan of the alternating update order has two)
+      const ir::Plan body = ir::step_body(plan, (int)((std::max<int64_t>(a.steps, 1) - 1) % 2));
       for (int g = 0; g < ir::world_size(plan); ++g) {
         std::ifstream f(a.trace + ".rank" + std::to_string(g) + ".json");
         json j = json::parse(f);
-        const size_t n = plan.programs[ir::rank_coord(plan, g).pipe].instrs.size();
+        const size_t n = body.programs[ir::rank_coord(plan, g).pipe].instrs.size();
         for (size_t k = j.size() >= n ? j.size() - n : 0; k < j.size(); ++k)
           all[g].push_back({j[k][0].get<int>(), j[k][1].get<int>(), j[k][2].get<double>(), j[k][3].get<double>(), j[k][4].get<int64_t>()});
       }
-      write_trace(a.trace, plan, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks, last_allocs);
+      write_trace(a.trace, body, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks, last_allocs);
       for (int g = 0; g < ir::world_size(plan); ++g) io::remove_tree(a.trace + ".rank" + std::to_string(g) + ".json");
     }
     if (tr) tr->barrier();
