@@ -180,6 +180,7 @@ void Worker::Impl::check_no_leak() const {
   }
   if (!tier_staged.empty())
     throw std::runtime_error("rank " + std::to_string(world_rank) + ": opt(S" + std::to_string(tier_staged.begin()->first) + ") read from nvme and not written back at the end of the step");
+  if (!seg_runs.empty()) throw std::runtime_error("rank " + std::to_string(world_rank) + ": a tensor-parallel forward/backward left in the middle of its segments at the end of the step");
   if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(world_rank) + ": forward records or batches left at the end of the step");
 }
 
