@@ -321,6 +321,17 @@ std::vector<std::string> verify_structure(const Plan& p, bool with_programs) {
       }
     for (int k = 0; k <= n; ++k)
       if (at_seg[k] < 0) add("g" + std::to_string(g) + ": " + what + ": no segment seg=" + std::to_string(k) + " (it has " + std::to_string(n + 1) + ")");
+    // one segmented computation at a time (the engine parks one body between its segments; on CUDA a backward's body
+    // holds autograd's device thread): no other forward/backward between its first and last segment
+    if (at_seg[0] >= 0 && at_seg[n] > at_seg[0] && g >= 0 && g < (int)p.programs.size())
+      for (int i = at_seg[0] + 1; i < at_seg[n] && i < (int)p.programs[g].instrs.size(); ++i) {
+        const Instr& o = p.programs[g].instrs[i];
+        if ((o.op == Op::Forward || o.op == Op::Backward) && !(o.op == op && o.stage == s && o.mb == m)) {
+          add(at(g, i) + to_string(o.op) + ": runs between the segments of " + what + " (%" + std::to_string(at_seg[0]) + "..%" +
+              std::to_string(at_seg[n]) + "); segmented computations do not interleave");
+          break;
+        }
+      }
     for (int k = 0; k < n; ++k) {
       if (at_coll[k] < 0) {
         add("g" + std::to_string(g) + ": " + what + ": no `allreduce " + pbuf + " seg=" + std::to_string(k) + "` after its segment " + std::to_string(k));

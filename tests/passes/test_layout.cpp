@@ -375,6 +375,17 @@ TEST_CASE("tp-lowering: the verifier refuses a missing, misplaced or foreign tp 
     bad2.programs[g].instrs[ld].seg = 0;
     CHECK(mentions(ir::verify_structure(bad2), "seg= only marks"));
   }
+  {  // another computation between the segments of one (the engine parks one at a time)
+    ir::Plan bad = p;
+    const int s1 = find_instr(bad, g, [](const ir::Instr& in) { return in.op == ir::Op::Forward && in.stage == 0 && in.mb == 1 && in.seg == 1; });
+    const int other = find_instr(bad, g, [](const ir::Instr& in) { return in.op == ir::Op::Forward && in.stage == 0 && in.mb == 2 && in.seg == 0; });
+    REQUIRE(other > s1);
+    ir::Instr moved = bad.programs[g].instrs[other];
+    moved.after.clear();
+    erase_instr(bad, g, other);
+    insert_instr(bad.programs[g], s1, moved);
+    CHECK(mentions(ir::verify_structure(bad), "runs between the segments of forward S0 m1"));
+  }
   {  // the memory semantics see a missing all-reduce too: the next segment allocates part(S,m) while it is there
     ir::Plan bad = p;
     erase_instr(bad, g, ar);
