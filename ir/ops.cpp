@@ -185,6 +185,9 @@ Stream natural_stream(const Instr& in) {
 }
 
 namespace {
+int64_t tp_part(const Plan& p) {  // one partial sum: tp-lowering's part/partgrad size
+  return (int64_t)p.micro_batch_size * p.seq_len * p.model.hidden * (p.train.precision == "fp32" ? 4 : 2);
+}
 Effects effects_where(const Plan& p, const Instr& in, bool host) {
   const OpInfo& o = op_info(in.op);
   Effects e;
@@ -227,13 +230,18 @@ Effects effects_where(const Plan& p, const Instr& in, bool host) {
     }
     e.list.push_back({r.access, b});
   }
-  if (!host && in.seg >= 0 && (in.op == Op::Forward || in.op == Op::Backward) && in.seg < tp_collectives(p, S, in.op))
-    e.list.push_back({Access::Alloc, {in.op == Op::Forward ? BufKind::Part : BufKind::PartGrad, S, m}});  // its partial sum
-  if (!host && in.op == Op::AllReduce && in.buf && (in.buf->kind == BufKind::Part || in.buf->kind == BufKind::PartGrad))
-    e.list.push_back({Access::Free, *in.buf});  // the next segment reads the sum (it is part of that segment's work)
   if (o.workspace != Workspace::None && S >= 0 && S <= last) {
     const Stage& st = p.stages[S];
     e.transient = o.workspace == Workspace::Forward ? st.fwd_ws : st.bwd_ws;
+    // a tensor-parallel forward/backward, whole or in segments: its partial sums (part/partgrad: mbs x seq x hidden,
+    // tp-lowering declares them) are workspace, one at a time
+    if ((in.op == Op::Forward || in.op == Op::Backward) && tp_collectives(p, S, in.op) > 0) e.transient += tp_part(p);
+  }
+  // the all-reduce of a partial sum: the sum is its workspace (between the segments, no buffer of its own lives on:
+  // a memory bound then cannot count a computation's n sums as if all could be live at once)
+  if (in.op == Op::AllReduce && in.buf && (in.buf->kind == BufKind::Part || in.buf->kind == BufKind::PartGrad)) {
+    e.list.clear();
+    if (!host) e.transient = tp_part(p);
   }
   return e;
 }

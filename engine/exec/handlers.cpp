@@ -487,10 +487,8 @@ bool Worker::Impl::present(const BufRef& b) const {
     case BufKind::Batch: return ids.count(b.mb) != 0;
     case BufKind::Stash: return rec.count({b.stage, b.mb}) != 0;
     case BufKind::Part:
-    case BufKind::PartGrad: {  // a segment's partial sum, parked until its all-reduce
-      auto it = seg_runs.find({(int)(b.kind == BufKind::Part ? Op::Forward : Op::Backward), b.stage, b.mb});
-      return it != seg_runs.end() && it->second->posted();
-    }
+    case BufKind::PartGrad:  // the partial sums of a segmented forward/backward: between its first and last segment
+      return seg_runs.count({(int)(b.kind == BufKind::Part ? Op::Forward : Op::Backward), b.stage, b.mb}) != 0;
     default: return bufs.count(b) != 0;
   }
 }
