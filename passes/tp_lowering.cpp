@@ -38,13 +38,12 @@ void lower_tp(ir::Plan& p) {
   if (p.tp <= 1) return;
   for (auto& prog : p.programs) {
     const auto& old = prog.instrs;
-    std::vector<int> first(old.size()), last(old.size());  // old index -> new index of its first / last instruction
+    std::vector<int> last(old.size());  // old index -> new index of its (last) instruction
     std::vector<ir::Instr> out;
     out.reserve(old.size());
     for (size_t i = 0; i < old.size(); ++i) {
       const ir::Instr& in = old[i];
       const int n = (in.op == Op::Forward || in.op == Op::Backward) && in.seg < 0 ? ir::tp_collectives(p, in.stage, in.op) : 0;
-      first[i] = (int)out.size();
       if (n == 0) {
         out.push_back(in);
       } else {
@@ -67,7 +66,6 @@ void lower_tp(ir::Plan& p) {
     for (auto& in : out)
       for (auto& a : in.after) a = last[a];
     prog.instrs = std::move(out);
-    (void)first;
   }
   for (const auto& st : p.stages)
     for (BufKind k : {BufKind::Part, BufKind::PartGrad}) {
