@@ -15,7 +15,9 @@
 //  GPU AdamW   = params * adam_bytes_per_param / gpu_mem_gbps + launch overhead (same traffic, device memory).
 //  allreduce   = 2 x p2p of the buffer (reduce-scatter + all-gather on two GPUs); gradnorm = kGradNormMs.
 //  tensor parallelism (m.tp > 1): the layer's FLOPs and bytes are one shard's (ModelSpec), calibrated times / tp, and
-//     layer_fwd_ms / layer_bwd_ms add tp_comm_ms: ring all-reduces of allreduce_ms x (tp-1)/tp each (see there).
+//     layer_fwd_ms / layer_bwd_ms add tp_inline_comm_ms, the collectives that stay inside forward/backward (the loss's,
+//     Qwen3's q/k-norm gradients); the [mbs, seq, hidden] ones are instructions (tp-lowering), timed by the simulator
+//     as ring all-reduces of allreduce_ms x (tp-1)/tp each (tp_comm_ms is their sum with the inline ones).
 //  Rates (bytes/ms) of what the simulator shares: the hardware's GB/s x 1e6; a CPU optimizer's pool of t threads
 //     host_mem_gbps * min(1, t / adam_threads_to_saturate()).
 #include <algorithm>
@@ -64,9 +66,16 @@ static double compute_ms(const CostModel& c, int layer, int mbs, int seq, bool f
 }
 
 double CostModel::layer_fwd_ms(int layer, int mbs, int seq) const {
-  return compute_ms(*this, layer, mbs, seq, true) + tp_comm_ms(layer, mbs, seq, true);
+  return compute_ms(*this, layer, mbs, seq, true) + tp_inline_comm_ms(layer, mbs, seq, true);
 }
 double CostModel::layer_bwd_ms(int layer, int mbs, int seq) const {
+  return compute_ms(*this, layer, mbs, seq, false) + tp_inline_comm_ms(layer, mbs, seq, false);
+}
+
+double CostModel::layer_fwd_total_ms(int layer, int mbs, int seq) const {
+  return compute_ms(*this, layer, mbs, seq, true) + tp_comm_ms(layer, mbs, seq, true);
+}
+double CostModel::layer_bwd_total_ms(int layer, int mbs, int seq) const {
   return compute_ms(*this, layer, mbs, seq, false) + tp_comm_ms(layer, mbs, seq, false);
 }
 
@@ -90,6 +99,17 @@ double CostModel::tp_comm_ms(int layer, int mbs, int seq, bool fwd) const {
   }
   if (kind == 0) return fwd ? tp_allreduce_ms(hidden_bytes) : 0.0;
   return fwd ? tp_allreduce_ms(tokens * 4) + tp_allreduce_ms(2 * tokens * 4) : tp_allreduce_ms(hidden_bytes);
+}
+
+// The part of tp_comm_ms that runs inside a segment (not an instruction): the loss's two small reductions (head,
+// forward) and Qwen3's q_norm/k_norm weight gradients (decoder, backward).
+double CostModel::tp_inline_comm_ms(int layer, int mbs, int seq, bool fwd) const {
+  if (m.tp <= 1) return 0.0;
+  const int64_t tokens = (int64_t)mbs * seq;
+  const int kind = layer_kind(layer);
+  if (kind == 1) return !fwd && m.qk_norm ? 2 * tp_allreduce_ms((int64_t)arch::head_dim(m) * 4) : 0.0;
+  if (kind == 2 && fwd) return tp_allreduce_ms(tokens * 4) + tp_allreduce_ms(2 * tokens * 4);
+  return 0.0;
 }
 
 double CostModel::h2d_ms(int64_t bytes) const {

@@ -18,8 +18,10 @@
 //  - Layouts (dp, tp > 1): the programs are one replica's and one tensor-parallel shard's; the other copies run the same
 //    programs at the same time, so the host's shared resources are divided among them: host memory bandwidth and the
 //    cores by world_size / gpus, a host group's link by its world ranks per simulated rank on it; an offloaded stage's
-//    CPU optimizer updates its 1/dp shard (ZeRO). Tensor-parallel collectives are inside forward/backward times
-//    (CostModel::tp_comm_ms), data-parallel ones are collective instructions on their dp group.
+//    CPU optimizer updates its 1/dp shard (ZeRO). Tensor-parallel collectives are instructions (tp-lowering) like the
+//    data-parallel ones: `allreduce part/partgrad` over the tp group's p.tp ranks, a ring of 2(n-1)/n x p2p of the
+//    [mbs, seq, hidden] buffer, on comp between the segments of forward/backward; a segment takes 1/(n+1) of the
+//    stage's fwd_ms/bwd_ms (n its collectives), which hold only the small collectives left inside (tp_inline_comm_ms).
 //  - Deadlock: when nothing runs and instructions remain, the result says so and lists per GPU and stream the first
 //    blocked instruction and what it waits for.
 #include "cost/simulator.hpp"
@@ -265,11 +267,17 @@ struct Sim {
     const ir::Stage* st = stage(in.stage);
     if (opt.unit_costs) return 1.0;
     switch (ir::op_info(in.op).timing) {
-      case ir::Timing::StageForward: return st ? st->fwd_ms : 0;
-      case ir::Timing::StageBackward: return st ? st->bwd_ms : 0;
+      case ir::Timing::StageForward:
+      case ir::Timing::StageBackward: {  // a tensor-parallel segment: its share of the stage's time
+        const double t = !st ? 0 : ir::op_info(in.op).timing == ir::Timing::StageForward ? st->fwd_ms : st->bwd_ms;
+        return in.seg >= 0 ? t / (ir::tp_collectives(p, in.stage, in.op) + 1) : t;
+      }
       case ir::Timing::PeerToPeer: return cost.p2p_ms(bytes);
       case ir::Timing::Collective: {  // a ring over the group's n ranks moves 2(n-1)/n of the buffer per rank
-        const int n = in.group == "world" ? ir::world_size(p) : in.group.rfind("dp.", 0) == 0 ? std::max(1, p.dp) : 2;
+        const int n = in.group == "world"               ? ir::world_size(p)
+                      : in.group.rfind("dp.", 0) == 0   ? std::max(1, p.dp)
+                      : in.group.rfind("tp.", 0) == 0   ? std::max(1, p.tp)
+                                                        : 2;
         return n <= 1 ? 0 : cost.allreduce_ms(bytes) * (n - 1) / n;
       }
       case ir::Timing::GradNorm: return cost.gradnorm_ms();

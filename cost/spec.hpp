@@ -173,8 +173,16 @@ struct CostModel {
   double tp_allreduce_ms(int64_t bytes) const;
   // The tensor-parallel collectives inside one layer's forward / backward for a micro-batch (ModelSpec::tp > 1):
   // decoder 2 + 2 all-reduces of the hidden state, embedding 1 forward, head 1 backward plus the loss's small ones
-  // (engine/model/tp.hpp); included in layer_fwd_ms / layer_bwd_ms.
+  // (engine/model/tp.hpp). The hidden-state ones are plan instructions (tp-lowering: `allreduce part/partgrad`), timed
+  // by the simulator; only tp_inline_comm_ms, those that stay inside a segment (the loss's, Qwen3's q/k-norm
+  // gradients), is included in layer_fwd_ms / layer_bwd_ms.
   double tp_comm_ms(int layer, int mbs, int seq, bool fwd) const;
+  double tp_inline_comm_ms(int layer, int mbs, int seq, bool fwd) const;
+  // The layer's time with its planned (instruction) tp collectives: layer_fwd_ms / layer_bwd_ms + tp_comm_ms -
+  // tp_inline_comm_ms. What partition balances and recompute saves (the collectives serialise with the segments on
+  // comp); the stage table's fwd_ms/bwd_ms hold layer_fwd_ms / layer_bwd_ms.
+  double layer_fwd_total_ms(int layer, int mbs, int seq) const;
+  double layer_bwd_total_ms(int layer, int mbs, int seq) const;
   double gradnorm_ms() const;                // the global gradient norm
   // Rates of the simulator's shared resources, bytes per ms (cost/simulator.cpp shares them max-min fairly).
   double h2d_rate() const;          // one GPU's host-to-device copies

@@ -25,6 +25,12 @@ const std::vector<BufKindInfo>& buf_kind_table() {
        "copied from stage 0's weights each step"},
       {BufKind::TieGrad, "tiegrad", true, false, false,
        "the head stage S's gradient of tie(S), accumulated over the step's micro-batches, added into wgrad(S0)"},
+      {BufKind::Part, "part", true, true, false,
+       "tensor parallelism: the partial sum [B,T,hidden] a forward segment of stage S on m ends with (a row-parallel "
+       "output or the vocabulary-parallel embedding), summed over the tp group by the allreduce that follows it"},
+      {BufKind::PartGrad, "partgrad", true, true, false,
+       "tensor parallelism: the partial gradient [B,T,hidden] of a column-parallel input a backward segment of stage S "
+       "on m ends with, summed over the tp group by the allreduce that follows it"},
   };
   return t;
 }
@@ -179,6 +185,9 @@ Stream natural_stream(const Instr& in) {
 }
 
 namespace {
+int64_t tp_part(const Plan& p) {  // one partial sum: tp-lowering's part/partgrad size
+  return (int64_t)p.micro_batch_size * p.seq_len * p.model.hidden * (p.train.precision == "fp32" ? 4 : 2);
+}
 Effects effects_where(const Plan& p, const Instr& in, bool host) {
   const OpInfo& o = op_info(in.op);
   Effects e;
@@ -213,11 +222,26 @@ Effects effects_where(const Plan& p, const Instr& in, bool host) {
       case Ref::Tie: b = {BufKind::Tie, S, -1}; break;
       case Ref::TieGrad: b = {BufKind::TieGrad, S, -1}; break;
     }
+    // a tensor-parallel segment (seg >= 0, docs/plan-format.md): the stage's inputs are required by its first segment,
+    // what it allocates and frees happens at the end of its last one
+    if (in.seg >= 0 && (in.op == Op::Forward || in.op == Op::Backward)) {
+      const bool first = in.seg == 0, last_seg = in.seg >= tp_collectives(p, S, in.op);
+      if (r.access == Access::Require ? !first : !last_seg) continue;
+    }
     e.list.push_back({r.access, b});
   }
   if (o.workspace != Workspace::None && S >= 0 && S <= last) {
     const Stage& st = p.stages[S];
     e.transient = o.workspace == Workspace::Forward ? st.fwd_ws : st.bwd_ws;
+    // a tensor-parallel forward/backward, whole or in segments: its partial sums (part/partgrad: mbs x seq x hidden,
+    // tp-lowering declares them) are workspace, one at a time
+    if ((in.op == Op::Forward || in.op == Op::Backward) && tp_collectives(p, S, in.op) > 0) e.transient += tp_part(p);
+  }
+  // the all-reduce of a partial sum: the sum is its workspace (between the segments, no buffer of its own lives on:
+  // a memory bound then cannot count a computation's n sums as if all could be live at once)
+  if (in.op == Op::AllReduce && in.buf && (in.buf->kind == BufKind::Part || in.buf->kind == BufKind::PartGrad)) {
+    e.list.clear();
+    if (!host) e.transient = tp_part(p);
   }
   return e;
 }

@@ -248,6 +248,17 @@ int world_rank(const Plan& p, int pipe, int replica, int shard) {
 std::string dp_group_name(const Plan&, int pipe) { return "dp.g" + std::to_string(pipe); }
 std::string tp_group_name(const Plan&, int pipe) { return "tp.g" + std::to_string(pipe); }
 
+int tp_collectives(const Plan& p, int stage, Op op) {
+  if (p.tp <= 1 || stage < 0 || stage >= p.num_stages() || (op != Op::Forward && op != Op::Backward)) return 0;
+  const Stage& st = p.stages[stage];
+  const int L = p.model.layers;
+  auto decoder = [&](int a, int b) { return std::max(0, std::min(b, L + 1) - std::max(a, 1)); };  // layers 1..L in [a,b)
+  auto fwd = [&](int a, int b) { return (a == 0 && b > 0 ? 1 : 0) + 2 * decoder(a, b); };        // g's
+  auto bwd = [&](int a, int b) { return 2 * decoder(a, b) + (a <= L + 1 && L + 1 < b ? 1 : 0); }; // f's
+  if (op == Op::Forward) return fwd(st.layer_begin, st.layer_end);
+  return bwd(st.layer_begin, st.layer_end) + fwd(st.layer_begin, st.layer_begin + st.recompute_layers());
+}
+
 std::string rank_group(const Plan& p, const std::string& name, int r) {
   if (p.tp <= 1 || name == "world" || r < 0 || r >= world_size(p)) return name;
   const RankCoord c = rank_coord(p, r);

@@ -37,8 +37,8 @@ constexpr int kNumOps = (int)Op::AllGather + 1;
 enum class Stream { Comp, H2D, D2H, P2P, Cpu, Io };  // io: the NVMe tier's I/O threads (host side)
 constexpr int kNumStreams = (int)Stream::Io + 1;
 enum class Tier { Gpu, Host, Nvme };
-enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt, Tie, TieGrad };
-constexpr int kNumBufKinds = (int)BufKind::TieGrad + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
+enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt, Tie, TieGrad, Part, PartGrad };
+constexpr int kNumBufKinds = (int)BufKind::PartGrad + 1;  // each has an entry in ir/ops.cpp's buffer-kind table
 // W      weights of stage S in compute precision (bf16 on GPU runs)
 // WGrad  weight gradient of stage S, accumulated over the step's micro-batches
 // Act    output activation of stage S for micro-batch m (= input of stage S+1)
@@ -49,6 +49,10 @@ constexpr int kNumBufKinds = (int)BufKind::TieGrad + 1;  // each has an entry in
 // Tie    tied embeddings split over stages: the token-embedding matrix [vocab, hidden] (compute precision) that the
 //        head stage S uses as its lm_head, copied from stage 0's weights each step (the one master copy)
 // TieGrad  the head stage S's gradient of tie(S), accumulated over the step's micro-batches, added into wgrad(S0)
+// Part     tensor parallelism: the partial sum a forward segment of stage S on m ends with (a row-parallel output, or
+//          the vocabulary-parallel embedding), [B,T,hidden] in compute precision, summed over the tp group by
+//          `allreduce part(S,m) seg=k group=tp.g<p>` before the next segment reads it
+// PartGrad the same for a backward segment: the partial gradient of a column-parallel input (f's backward)
 
 const char* to_string(Op);
 const char* to_string(Stream);
@@ -125,6 +129,10 @@ struct Instr {
   std::string tag;           // Send, Recv: the matching key ("F.S0.m0", "B.S1.m0")
   bool to_host = false;      // Evict: copy to the home tier before dropping
   std::string group;         // AllReduce, ReduceScatter, AllGather: group name (ir::process_groups)
+  // Tensor parallelism (docs/plan-format.md "Tensor-parallel segments"): -1, or on forward/backward of a tp > 1 stage
+  // the segment k of tp_collectives(..) + 1, and on `allreduce part(S,m)` / `allreduce partgrad(S,m)` the collective
+  // k that follows segment k. Text: seg=<k>.
+  int seg = -1;
   std::vector<int> after;    // cross-stream dependencies: indices of earlier instructions, same program
   bool operator==(const Instr&) const = default;
 };
@@ -244,6 +252,14 @@ std::map<std::string, std::vector<int>> program_groups(const Plan&);
 std::string rank_group(const Plan&, const std::string& name, int world_rank);
 std::string dp_group_name(const Plan&, int pipe);
 std::string tp_group_name(const Plan&, int pipe);
+// Tensor parallelism: how many all-reduces over the tp group forward (op Forward) or backward (op Backward) of stage s
+// issues per micro-batch as instructions (0 when tp == 1). Forward: one after the vocabulary-parallel embedding and
+// one after each row-parallel projection (o_proj, down: two per decoder layer). Backward: the gradients of every
+// column-parallel input (f before q/k/v, gate/up and the head: two per decoder layer, one for the head), plus, when
+// the stage recomputes its first layers in backward, the forward all-reduces of those layers again (their replay comes
+// after the backward of the layers that keep their stash). The loss's two small reductions and Qwen3's q_norm/k_norm
+// weight gradients stay inside their segment (engine/model/tp.hpp).
+int tp_collectives(const Plan&, int stage, Op op);
 
 struct ParseError : std::runtime_error { using std::runtime_error::runtime_error; };
 struct VerifyError : std::runtime_error { using std::runtime_error::runtime_error; };

@@ -30,6 +30,7 @@ ojson instr_to_json(const Instr& in) {
   if (in.peer != -1) j["peer"] = in.peer;
   if (!in.tag.empty()) j["tag"] = in.tag;
   if (!in.group.empty()) j["group"] = in.group;
+  if (in.seg != -1) j["seg"] = in.seg;
   if (in.to_host) j["to_host"] = true;
   if (!in.after.empty()) j["after"] = in.after;
   return j;
@@ -109,6 +110,7 @@ Instr instr_from_json(const ojson& j, const std::string& path) {
   if (auto* v = o.get("peer")) in.peer = json_int32(*v, o.at("peer"));
   if (auto* v = o.get("tag")) in.tag = json_string(*v, o.at("tag"));
   if (auto* v = o.get("group")) in.group = json_string(*v, o.at("group"));
+  if (auto* v = o.get("seg")) in.seg = json_int32(*v, o.at("seg"));
   if (auto* v = o.get("to_host")) in.to_host = json_bool(*v, o.at("to_host"));
   if (auto* v = o.get("after")) in.after = json_array<int>(*v, o.at("after"), int32_at);
   o.done();

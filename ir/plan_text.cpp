@@ -29,6 +29,7 @@ std::string print_op(const Instr& in) {
       case SyntaxPart::ToHost: if (in.to_host) s += " -> host"; break;
     }
   }
+  if (in.seg != -1) s += " seg=" + std::to_string(in.seg);  // a tensor-parallel segment or its collective
   return s;
 }
 
@@ -253,6 +254,8 @@ Instr parse_instr_tokens(const std::vector<std::string>& t, int expect_index) {
         in.tag = decode_text_str(val, key);
       } else if (key == "group") {
         in.group = decode_text_str(val, key);
+      } else if (key == "seg") {
+        in.seg = text_int(val, key);
       } else if (key == "stage" && !op_has_stage(in.op)) {
         in.stage = text_int(val, key);
       } else if (key == "mb" && !op_has_mb(in.op)) {

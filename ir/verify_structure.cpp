@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <tuple>
 
 #include "ir/plan.hpp"
 #include "ir/ops.hpp"
@@ -134,6 +135,12 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
     const Instr* in;
   };
   std::map<std::string, std::map<int, std::vector<Coll>>> coll_seq;  // group -> program -> its collectives in order
+  // tensor-parallel segments: (op, stage, mb) -> (seg, gpu, index) of its segments, and of its collectives
+  struct Seg {
+    int seg, gpu, idx;
+  };
+  std::map<std::tuple<int, int, int>, std::vector<Seg>> seg_of, coll_of;
+  std::map<std::tuple<int, int, int>, int> whole;  // (op, stage, mb) -> instructions without seg
 
   auto check_buf = [&](const std::string& pre, const BufRef& b) {
     bool ok = true;
@@ -224,7 +231,39 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
         if (owner != g)
           add(pre + "S" + std::to_string(in.stage) + " belongs to g" + std::to_string(owner) + ", not g" +
               std::to_string(g));
-        if (in.op == Op::Forward || in.op == Op::Backward) (in.op == Op::Forward ? fwd : bwd)[{in.stage, in.mb}].push_back({g, i});
+        if ((in.op == Op::Forward || in.op == Op::Backward) && in.seg <= 0)  // a whole one, or its first segment
+          (in.op == Op::Forward ? fwd : bwd)[{in.stage, in.mb}].push_back({g, i});
+        if (in.op == Op::Forward || in.op == Op::Backward) {
+          if (in.seg >= 0) seg_of[{(int)in.op, in.stage, in.mb}].push_back({in.seg, g, i});
+          else ++whole[{(int)in.op, in.stage, in.mb}];
+        }
+      }
+      // ---- tensor-parallel segments and their collectives (docs/plan-format.md "Tensor-parallel segments") ----
+      const bool part = in.buf && (in.buf->kind == BufKind::Part || in.buf->kind == BufKind::PartGrad);
+      if (in.seg < -1) add(pre + "seg=" + std::to_string(in.seg) + " (must be >= 0)");
+      if (in.seg >= 0 && !(in.op == Op::Forward || in.op == Op::Backward || (in.op == Op::AllReduce && part)))
+        add(pre + "seg= only marks a tensor-parallel segment (forward, backward) or its allreduce of part/partgrad");
+      else if (in.seg >= 0 && p.tp <= 1)
+        add(pre + "seg=" + std::to_string(in.seg) + " in a plan with tp=" + std::to_string(p.tp) + " (segments are tensor-parallel)");
+      if ((in.op == Op::Forward || in.op == Op::Backward) && in.seg >= 0 && p.tp > 1 && in.stage >= 0 && in.stage < S) {
+        const int n = tp_collectives(p, in.stage, in.op);
+        if (in.seg > n)
+          add(pre + "segment " + std::to_string(in.seg) + " of S" + std::to_string(in.stage) + ", which has " +
+              std::to_string(n + 1) + " (" + std::to_string(n) + " tp collective(s) between them)");
+      }
+      if (part && in.op != Op::AllReduce)
+        add(pre + in.buf->str() + " is only named by the allreduce that sums it over the tp group");
+      if (part && in.op == Op::AllReduce && in.buf->stage >= 0 && in.buf->stage < S) {
+        const Op of = in.buf->kind == BufKind::Part ? Op::Forward : Op::Backward;
+        const int n = tp_collectives(p, in.buf->stage, of);
+        if (p.tp > 1 && in.seg >= 0 && in.seg >= n)
+          add(pre + "collective seg=" + std::to_string(in.seg) + " of " + to_string(of) + " S" + std::to_string(in.buf->stage) +
+              ", which has " + std::to_string(n));
+        if (in.seg < 0) add(pre + in.buf->str() + " without seg= (which segment's partial sum it is)");
+        if (in.group != tp_group_name(p, g)) add(pre + in.buf->str() + " is summed over group '" + in.group + "', not '" + tp_group_name(p, g) + "'");
+        if (in.stream != Stream::Comp) add(pre + in.buf->str() + " is summed on @" + to_string(in.stream) + ", not @comp (its segments' stream)");
+        if (p.stages[in.buf->stage].gpu != g) add(pre + in.buf->str() + ": S" + std::to_string(in.buf->stage) + " is not on g" + std::to_string(g));
+        if (in.seg >= 0) coll_of[{(int)of, in.buf->stage, in.buf->mb}].push_back({in.seg, g, i});
       }
     }
   }
@@ -286,6 +325,58 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
             std::to_string(g) + " issues " + std::to_string(mine->size()));
     }
   }
+
+  // ---- tensor-parallel segments: all of them or none, in order, each collective between its segments ----
+  for (const auto& [key, list] : seg_of) {
+    const auto [opi, s, m] = key;
+    const Op op = (Op)opi;
+    const int n = tp_collectives(p, s, op);
+    const std::string what = std::string(to_string(op)) + " S" + std::to_string(s) + " m" + std::to_string(m);
+    const std::string pbuf = BufRef{op == Op::Forward ? BufKind::Part : BufKind::PartGrad, s, m}.str();
+    const int g = list[0].gpu;
+    if (whole.count(key)) add("g" + std::to_string(g) + ": " + what + " is both whole and in segments");
+    std::vector<int> at_seg(n + 1, -1), at_coll(std::max(n, 0), -1);
+    for (const auto& x : list) {
+      if (x.seg > n) continue;  // reported above
+      if (at_seg[x.seg] >= 0) add(at(x.gpu, x.idx) + what + ": segment " + std::to_string(x.seg) + " again (first %" + std::to_string(at_seg[x.seg]) + ")");
+      else at_seg[x.seg] = x.idx;
+    }
+    auto cit = coll_of.find(key);
+    if (cit != coll_of.end())
+      for (const auto& x : cit->second) {
+        if (x.seg >= n) continue;  // reported above
+        if (at_coll[x.seg] >= 0) add(at(x.gpu, x.idx) + "allreduce " + pbuf + " seg=" + std::to_string(x.seg) + " again");
+        else at_coll[x.seg] = x.idx;
+      }
+    for (int k = 0; k <= n; ++k)
+      if (at_seg[k] < 0) add("g" + std::to_string(g) + ": " + what + ": no segment seg=" + std::to_string(k) + " (it has " + std::to_string(n + 1) + ")");
+    // one segmented computation at a time (the engine parks one body between its segments; on CUDA a backward's body
+    // holds autograd's device thread): no other forward/backward between its first and last segment
+    if (at_seg[0] >= 0 && at_seg[n] > at_seg[0] && g >= 0 && g < (int)p.programs.size())
+      for (int i = at_seg[0] + 1; i < at_seg[n] && i < (int)p.programs[g].instrs.size(); ++i) {
+        const Instr& o = p.programs[g].instrs[i];
+        if ((o.op == Op::Forward || o.op == Op::Backward) && !(o.op == op && o.stage == s && o.mb == m)) {
+          add(at(g, i) + to_string(o.op) + ": runs between the segments of " + what + " (%" + std::to_string(at_seg[0]) + "..%" +
+              std::to_string(at_seg[n]) + "); segmented computations do not interleave");
+          break;
+        }
+      }
+    for (int k = 0; k < n; ++k) {
+      if (at_coll[k] < 0) {
+        add("g" + std::to_string(g) + ": " + what + ": no `allreduce " + pbuf + " seg=" + std::to_string(k) + "` after its segment " + std::to_string(k));
+        continue;
+      }
+      if (at_seg[k] >= 0 && at_coll[k] < at_seg[k])
+        add(at(g, at_coll[k]) + "allreduce " + pbuf + " seg=" + std::to_string(k) + " comes before the segment it sums (%" + std::to_string(at_seg[k]) + ")");
+      if (at_seg[k + 1] >= 0 && at_coll[k] > at_seg[k + 1])
+        add(at(g, at_seg[k + 1]) + what + " seg=" + std::to_string(k + 1) + " comes before the allreduce of the partial sum it reads (%" +
+            std::to_string(at_coll[k]) + ")");
+    }
+  }
+  for (const auto& [key, list] : coll_of)
+    if (!seg_of.count(key))
+      add(at(list[0].gpu, list[0].idx) + "allreduce of a partial sum of " + to_string((Op)std::get<0>(key)) + " S" +
+          std::to_string(std::get<1>(key)) + " m" + std::to_string(std::get<2>(key)) + ", which is not in segments");
 
   // ---- forward/backward: exactly one each per (stage, mb), forward first ----
   for (int s = 0; s < S; ++s) {

@@ -405,7 +405,7 @@ void offload_insertion_pass(PassContext& c) {
       for (int s = 0; s < P; ++s) {
         if (!open[s] || cfg.keep[s] >= base.stages[s].layers()) continue;
         const int l = base.stages[s].layer_end - 1 - cfg.keep[s];
-        const double saved = c.cost.layer_fwd_ms(l, mbs, seq);
+        const double saved = c.cost.layer_fwd_total_ms(l, mbs, seq);  // with its tp collectives (replayed)
         const int64_t bytes = c.model.layer_stash_bytes(l, mbs, seq, false, c.act_bytes());
         const double ratio = bytes > 0 ? saved / (double)bytes : 1e300;
         if (ratio > best_ratio) { best_ratio = ratio; best = s; }
@@ -634,6 +634,7 @@ int window_of(const ir::Plan& p) {
 
 ir::Plan strip_offload(const PassContext& c, const ir::Plan& lowered) {
   ir::Plan p = lowered;
+  unlower_tp(p);  // a plan after tp-lowering: its segments as whole instructions (tp-lowering's inverse)
   std::erase_if(p.buffers, [](const ir::BufferDecl& d) { return !is_tie_kind(d.kind); });
   p.predicted.reset();
   for (auto& st : p.stages) {  // as partition left them
@@ -663,6 +664,13 @@ ir::Plan strip_offload(const PassContext& c, const ir::Plan& lowered) {
 }
 
 OffloadConfig offload_config_of(const PassContext& c, const ir::Plan& p) {
+  if (p.tp > 1 && std::any_of(p.programs.begin(), p.programs.end(), [](const ir::Program& g) {
+        return std::any_of(g.instrs.begin(), g.instrs.end(), [](const ir::Instr& in) { return in.seg >= 0; });
+      })) {  // after tp-lowering: read the configuration from the plan before it
+    ir::Plan whole = p;
+    unlower_tp(whole);
+    return offload_config_of(c, whole);
+  }
   OffloadConfig cfg;
   const int P = p.num_stages();
   cfg.resident.assign(P, 0);

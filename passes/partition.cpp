@@ -82,8 +82,9 @@ void partition_pass(PassContext& c) {
   std::vector<double> w(n);
   std::vector<int64_t> bytes(n);
   for (int l = 0; l < n; ++l) {
-    double f = c.cost.layer_fwd_ms(l, mbs, seq);
-    w[l] = f + c.cost.layer_bwd_ms(l, mbs, seq) + (rc ? f : 0.0);
+    // with the layer's tensor-parallel collectives: they run between its segments on comp
+    double f = c.cost.layer_fwd_total_ms(l, mbs, seq);
+    w[l] = f + c.cost.layer_bwd_total_ms(l, mbs, seq) + (rc ? f : 0.0);
     bytes[l] = c.model.layer_params(l);
   }
   std::vector<double> pre(n + 1, 0);

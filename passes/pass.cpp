@@ -64,6 +64,7 @@ std::vector<Pass> default_pipeline() {
       {"offload-insertion", offload_insertion_pass, kOffloadInsertionContract, recover_offload_insertion},
       {"overlap", overlap_pass, kOverlapContract, recover_overlap},
       {"data-parallel", data_parallel_pass, kDataParallelContract, {}},
+      {"tp-lowering", tp_lowering_pass, kTpLoweringContract, {}},
       {"linearize", linearize_pass, kLinearizeContract, recover_linearize},
   };
 }

@@ -6,7 +6,7 @@
 //
 // Pipeline (compiler/pipeline.cpp, top to bottom):
 //   partition -> cross-map -> schedule -> comm-lowering -> tied-embeddings -> offload-insertion -> overlap ->
-//   data-parallel -> linearize
+//   data-parallel -> tp-lowering -> linearize
 // Default checkers: structure (ir::verify_structure) and deadlock in stream semantics (verify_deadlock) whenever the
 // plan has programs; deadlock in sequential semantics once the programs are linearized; memory (verify_memory) once
 // offload-insertion has made the plan's memory explicit.
@@ -82,6 +82,7 @@ extern const char* const kTiedEmbeddingsContract;
 extern const char* const kOffloadInsertionContract;
 extern const char* const kOverlapContract;
 extern const char* const kDataParallelContract;
+extern const char* const kTpLoweringContract;
 extern const char* const kLinearizeContract;
 void recover_offload_insertion(PassContext&);
 void recover_overlap(PassContext&);
@@ -96,7 +97,12 @@ bool tied_over_stages(const ir::Plan&);
 void offload_insertion_pass(PassContext&);
 void overlap_pass(PassContext&);
 void data_parallel_pass(PassContext&);  // dp > 1: gradient allreduce per stage (data_parallel.cpp)
+void tp_lowering_pass(PassContext&);  // tp > 1: the tensor-parallel collectives as instructions (tp_lowering.cpp)
 void linearize_pass(PassContext&);
+// tp-lowering's rewrite of a plan (and its inverse: each segmented forward/backward as one whole instruction, the
+// part/partgrad collectives and buffers gone). lower_tp leaves a plan with tp 1, or already in segments, unchanged.
+void lower_tp(ir::Plan&);
+void unlower_tp(ir::Plan&);
 
 // Verifiers. verify_deadlock: untimed execution of all programs (in-order streams, `after` deps,
 // send/recv rendezvous); `sequential` treats each program as one in-order queue (how the CPU engine runs it).

@@ -195,8 +195,84 @@ void Worker::Impl::recv(const ir::Instr& in) {
   put(*in.buf, t);
 }
 
+// ---- tensor-parallel segments (tp_segments.hpp) ---------------------------------------------------------------
+void Worker::Impl::segment(const ir::Instr& in) {
+  const std::tuple<int, int, int> key{(int)in.op, in.stage, in.mb};
+  const int n = ir::tp_collectives(plan, in.stage, in.op);
+  const std::string what = ir::print_op(in);
+  if (!stc) throw ExecError(what + ": a tensor-parallel segment in a plan run without a tp group");
+  if (in.seg > n) throw ExecError(what + ": S" + std::to_string(in.stage) + " has " + std::to_string(n + 1) + " segments");
+  SegmentRun* run = nullptr;
+  if (in.seg == 0) {
+    if (seg_runs.count(key)) throw ExecError(what + ": its segments have started already");
+    const ir::Op op = in.op;
+    const int s = in.stage, m = in.mb;
+    std::function<void()> setup;
+    if (cuda) {
+      const c10::cuda::CUDAStream cur = c10::cuda::getCurrentCUDAStream();  // the instruction's stream (comp)
+      const int dev_index = cuda_index;
+      setup = [cur, dev_index] {
+        c10::cuda::set_device((c10::DeviceIndex)dev_index);
+        c10::cuda::setCurrentCUDAStream(cur);
+      };
+    }
+    auto r = std::make_unique<SegmentRun>([this, op, s, m] { op == Op::Forward ? forward(s, m) : backward(s, m); }, setup);
+    run = r.get();
+    seg_runs[key] = std::move(r);
+    stc->active = run;
+    run->start();
+  } else {
+    auto it = seg_runs.find(key);
+    if (it == seg_runs.end()) throw ExecError(what + ": its segment 0 has not run");
+    run = it->second.get();
+    if (run->done() != in.seg)
+      throw ExecError(what + ": follows the all-reduce seg=" + std::to_string(in.seg - 1) + ", but " + std::to_string(run->done()) +
+                      " of its all-reduces have run (a missing or misplaced allreduce " +
+                      BufRef{in.op == Op::Forward ? BufKind::Part : BufKind::PartGrad, in.stage, in.mb}.str() + ")");
+    stc->active = run;
+    run->resume();
+  }
+  stc->active = nullptr;
+  if (run->finished()) {
+    std::unique_ptr<SegmentRun> r = std::move(seg_runs.at(key));
+    seg_runs.erase(key);
+    r->finish();  // the body's own error first
+    if (in.seg != n)
+      throw ExecError(what + ": the computation ended after " + std::to_string(r->done()) + " tensor-parallel all-reduce(s), but the plan has " +
+                      std::to_string(n) + " (segments 0.." + std::to_string(n) + ")");
+  } else if (in.seg == n) {
+    seg_runs.erase(key);  // aborts it
+    throw ExecError(what + ": the last segment issues another tensor-parallel all-reduce (the plan has " + std::to_string(n) + ")");
+  }
+}
+
+void Worker::Impl::tp_allreduce(const ir::Instr& in) {
+  const BufRef& b = *in.buf;
+  const ir::Op op = b.kind == BufKind::Part ? Op::Forward : Op::Backward;
+  const std::string what = ir::print_op(in);
+  auto it = seg_runs.find({(int)op, b.stage, b.mb});
+  if (it == seg_runs.end() || !it->second->posted())
+    throw ExecError(what + ": no partial sum of " + ir::to_string(op) + " S" + std::to_string(b.stage) + " m" + std::to_string(b.mb) +
+                    " waits for it (its segment has not run, or its all-reduce has)");
+  SegmentRun& run = *it->second;
+  if (run.done() != in.seg)
+    throw ExecError(what + ": the partial sum waiting is all-reduce seg=" + std::to_string(run.done()));
+  if (!tpc || ir::rank_group(plan, in.group, world_rank) != tpc->group())
+    throw ExecError(what + ": group '" + in.group + "' is not this rank's tensor-parallel group");
+  at::Tensor& t = run.tensor();
+  const auto shape = act_shape();
+  if (t.dim() != 3 || t.size(0) != shape[0] || t.size(1) != shape[1] || t.size(2) != shape[2])
+    throw ExecError(what + ": the partial sum is not [micro-batch size, seq, hidden]");
+  tpc->allreduce_sum(t);  // on this thread and the instruction's stream (the transport orders it with the stream)
+  run.complete();
+}
+
 // Sums the buffer over the named group (data parallelism: a stage's gradient over its replicas), in place.
 void Worker::Impl::allreduce(const ir::Instr& in) {
+  if (in.buf && (in.buf->kind == BufKind::Part || in.buf->kind == BufKind::PartGrad)) {
+    tp_allreduce(in);
+    return;
+  }
   if (!tr) throw ExecError("allreduce over group '" + in.group + "' in a plan run without a transport");
   at::Tensor t = need(*in.buf, "allreduce");
   const std::string group = ir::rank_group(plan, in.group, world_rank);  // tp > 1: this shard's group
@@ -382,8 +458,14 @@ void Worker::Impl::exec(int i) {
   switch (in.op) {
     case Op::LoadBatch: load_batch(in.mb); break;
     case Op::Prefetch: prefetch(*in.buf); break;
-    case Op::Forward: forward(in.stage, in.mb); break;
-    case Op::Backward: backward(in.stage, in.mb); break;
+    case Op::Forward:
+      if (in.seg >= 0) segment(in);
+      else forward(in.stage, in.mb);
+      break;
+    case Op::Backward:
+      if (in.seg >= 0) segment(in);
+      else backward(in.stage, in.mb);
+      break;
     case Op::Send: send(in); break;
     case Op::Recv: recv(in); break;
     case Op::Evict: evict(in); break;
@@ -404,6 +486,9 @@ bool Worker::Impl::present(const BufRef& b) const {
   switch (b.kind) {
     case BufKind::Batch: return ids.count(b.mb) != 0;
     case BufKind::Stash: return rec.count({b.stage, b.mb}) != 0;
+    case BufKind::Part:
+    case BufKind::PartGrad:  // the partial sums of a segmented forward/backward: between its first and last segment
+      return seg_runs.count({(int)(b.kind == BufKind::Part ? Op::Forward : Op::Backward), b.stage, b.mb}) != 0;
     default: return bufs.count(b) != 0;
   }
 }

@@ -194,6 +194,7 @@ void Worker::Impl::check_no_leak() const {
   for (int s : keep)
     if (stages.count(s) && !tier_staged.count(s))
       throw std::runtime_error("rank " + std::to_string(world_rank) + ": opt(S" + std::to_string(s) + ") should stay in host memory for the next step and is not there");
+  if (!seg_runs.empty()) throw std::runtime_error("rank " + std::to_string(world_rank) + ": a tensor-parallel forward/backward left in the middle of its segments at the end of the step");
   if (!rec.empty() || !ids.empty()) throw std::runtime_error("rank " + std::to_string(world_rank) + ": forward records or batches left at the end of the step");
 }
 

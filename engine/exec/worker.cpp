@@ -156,7 +156,7 @@ void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
   std::set<std::string> used;
   for (const auto& prog : plan.programs)
     for (const auto& in : prog.instrs)
-      if (!in.group.empty() && in.group != "world")
+      if (!in.group.empty() && in.group != "world" && in.group != ir::tp_group_name(plan, prog.gpu))  // tp: below
         for (int r = 0; r < ir::world_size(plan); ++r)
           if (ir::rank_coord(plan, r).pipe == prog.gpu) used.insert(ir::rank_group(plan, in.group, r));
   const auto groups = ir::process_groups(plan);
@@ -180,6 +180,7 @@ void Worker::set_transports(comm::Transport* p2p, comm::Transport* host) {
     for (const auto& name : tps) p2p->create_group(name + ".host", groups.at(name));
     const std::string mine = ir::rank_group(plan, ir::tp_group_name(plan, I.rank), I.world_rank);
     I.tpc = std::make_unique<TransportTpComm>(p2p, mine, I.shard, plan.tp, I.cuda, &I.inflight);
+    I.stc = std::make_unique<SegmentTpComm>(I.tpc.get());
     I.tp_host_group = mine + ".host";
   }
 }

@@ -22,12 +22,14 @@
 #include <optional>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "engine/comm/transport.hpp"
 #include "engine/exec/cpu_stream.hpp"
 #include "engine/exec/device_adamw.hpp"
 #include "engine/exec/host_memory.hpp"
 #include "engine/exec/tp_comm.hpp"
+#include "engine/exec/tp_segments.hpp"
 #include "engine/io/test_fault.hpp"
 #include "engine/data/data.hpp"
 #include "engine/model/checkpoint.hpp"
@@ -85,6 +87,7 @@ struct Worker::Impl {
   int replica = 0;     // its data-parallel replica: runs the replica's micro-batches, peers in the same replica
   int shard = 0;       // its tensor-parallel shard (of plan.tp): holds that shard of its stages, peers of the same shard
   std::unique_ptr<TransportTpComm> tpc;  // tp > 1: the collectives of its tp group (forward and backward)
+  std::unique_ptr<SegmentTpComm> stc;    // tp > 1: tpc as the model code calls it (planned all-reduces to segments)
   std::string tp_host_group;             // tp > 1: the same ranks, for host-side gathers (checkpoints)
   comm::Transport* tr = nullptr;   // send/recv
   comm::Transport* htr = nullptr;  // host collectives
@@ -209,12 +212,12 @@ struct Worker::Impl {
   // tied head on a stage without the embedding (tie(S)), when [from, to) ends with the head.
   at::Tensor run_layers(const StageState& st, const at::Tensor& w, const at::Tensor& in, int from, int to,
                         c10::intrusive_ptr<FlatGradTarget> target = {}, const at::Tensor& tie = at::Tensor()) {
-    if (tpc) return tp_stage_forward_layers(plan.model, st.layout, w, in, rope, *tpc, from, to, tie, false, std::move(target));
+    if (stc) return tp_stage_forward_layers(plan.model, st.layout, w, in, rope, *stc, from, to, tie, false, std::move(target));
     return stage_forward_layers(plan.model, st.layout, w, in, rope, from, to, tie, false, std::move(target));
   }
   // The summed loss of the head's output (tp > 1: vocabulary-parallel, the same value on every shard).
   at::Tensor loss_of(const at::Tensor& out, const at::Tensor& labels) {
-    if (tpc) return tp_lm_loss_sum(out, labels, plan.model.vocab, *tpc);
+    if (stc) return tp_lm_loss_sum(out, labels, plan.model.vocab, *stc);
     return lm_loss_sum(out, labels);
   }
   // Sum of squares of a stage's gradient for the global norm: `g` holds the stage's flat elements [lo, lo + count)
@@ -226,6 +229,10 @@ struct Worker::Impl {
 
   void forward(int s, int m);
   void backward(int s, int m);
+  // A tensor-parallel segment (in.seg >= 0) of forward/backward S m, and the all-reduce of its partial sum
+  // (tp_segments.hpp); allreduce() hands part/partgrad buffers to tp_allreduce.
+  void segment(const ir::Instr& in);
+  void tp_allreduce(const ir::Instr& in);
   void prefetch(const BufRef& b);
   void evict(const ir::Instr& in);
   void send(const ir::Instr& in);
@@ -307,6 +314,10 @@ struct Worker::Impl {
   void check_no_leak() const;
 
   std::string context(int i) const;
+
+  // Tensor-parallel segments in progress: (op, stage, mb) -> the run of its forward/backward body. Declared last:
+  // destroyed (aborted and joined) first, while what their bodies touch is still alive.
+  std::map<std::tuple<int, int, int>, std::unique_ptr<SegmentRun>> seg_runs;
 };
 
 // Runs f for instruction i; an exception becomes one error that names the rank, the instruction and its neighbours.

@@ -306,8 +306,10 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
       auto kk = qkv.narrow(-1, qd, kvd).reshape({B, T, nkv, hd});
       auto v = qkv.narrow(-1, qd + kvd, kvd).reshape({B, T, nkv, hd}).transpose(1, 2);
       if (a.qk_norm) {  // Qwen3: RMSNorm over each head's vector, before the rotation
-        q = norm(q, to_tp(view(s, Role::QNorm)), {});  // TP: the weight's partial gradients summed (tp.hpp)
-        kk = norm(kk, to_tp(view(s, Role::KNorm)), {});
+        // TP: the weight's partial gradients summed inside the backward (tp.hpp; not a plan instruction)
+        auto w_tp = [&](const at::Tensor& w) { return comm ? detail::copy_to_tp(w, *comm, /*planned=*/false) : w; };
+        q = norm(q, w_tp(view(s, Role::QNorm)), {});
+        kk = norm(kk, w_tp(view(s, Role::KNorm)), {});
       }
       q = q.transpose(1, 2);
       kk = kk.transpose(1, 2);

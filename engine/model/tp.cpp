@@ -27,21 +27,24 @@ TpComm& comm_of(AutogradContext* ctx) {
 
 // The incoming gradient may be shared with another branch of the graph (an add passes one tensor to both of its
 // inputs): reduce a copy, never the tensor itself.
-at::Tensor summed(const at::Tensor& t, TpComm& comm) {
+// planned: one of the all-reduces a plan names as an instruction (TpComm::allreduce_sum_planned).
+at::Tensor summed(const at::Tensor& t, TpComm& comm, bool planned) {
   at::Tensor y = t.clone(at::MemoryFormat::Contiguous);
-  comm.allreduce_sum(y);
+  if (planned) comm.allreduce_sum_planned(y);
+  else comm.allreduce_sum(y);
   return y;
 }
 
 // f: identity forward, all-reduce sum of the gradient backward.
 struct CopyToTp : torch::autograd::Function<CopyToTp> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, TpComm* comm) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, TpComm* comm, bool planned) {
     ctx->saved_data["comm"] = comm_key(comm);
+    ctx->saved_data["planned"] = planned;
     return x.view_as(x);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
-    return {summed(grads[0], comm_of(ctx)), at::Tensor()};
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    return {summed(grads[0], comm_of(ctx), ctx->saved_data["planned"].toBool()), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -49,7 +52,7 @@ struct CopyToTp : torch::autograd::Function<CopyToTp> {
 struct ReduceFromTp : torch::autograd::Function<ReduceFromTp> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, TpComm* comm) {
     (void)ctx;
-    return summed(x, *comm);
+    return summed(x, *comm, /*planned=*/true);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     (void)ctx;
@@ -143,7 +146,7 @@ void check_group(const StageLayout& layout, TpComm& comm, const char* what) {
 
 }  // namespace
 
-at::Tensor detail::copy_to_tp(const at::Tensor& x, TpComm& comm) { return CopyToTp::apply(x, &comm); }
+at::Tensor detail::copy_to_tp(const at::Tensor& x, TpComm& comm, bool planned) { return CopyToTp::apply(x, &comm, planned); }
 at::Tensor detail::reduce_from_tp(const at::Tensor& x, TpComm& comm) { return ReduceFromTp::apply(x, &comm); }
 
 at::Tensor detail::vocab_parallel_embedding(const at::Tensor& weight, const at::Tensor& ids, int64_t begin,

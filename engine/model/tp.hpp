@@ -45,6 +45,11 @@ class TpComm {
   virtual int size() const = 0;
   // In place: t = the element-wise sum (max) of t over the group's ranks.
   virtual void allreduce_sum(at::Tensor& t) = 0;
+  // The same sum for the all-reduces a plan names as instructions (ir::tp_collectives: g after the embedding and every
+  // row-parallel projection forward, f before every column-parallel projection backward; [B,T,H] in the compute
+  // dtype). The executor's group hands them to the instruction that runs them (engine/exec/tp_segments.hpp); by
+  // default it is allreduce_sum. The loss's and Qwen3's q/k-norm gradients' reductions use allreduce_sum.
+  virtual void allreduce_sum_planned(at::Tensor& t) { allreduce_sum(t); }
   virtual void allreduce_max(at::Tensor& t) = 0;
   // [size(), t.sizes()...]: rank i's t at index i, on every rank.
   virtual at::Tensor allgather(const at::Tensor& t) = 0;

@@ -15,8 +15,10 @@ at::Tensor forward_stage(const ir::ModelArch& arch, const StageLayout& layout, c
                          bool fused_norm_on_cpu, TpComm* comm, int layer_from = -1, int layer_to = -1,
                          c10::intrusive_ptr<FlatGradTarget> grad_target = {});
 
-// Megatron's f (identity forward, all-reduce sum backward) and g (all-reduce sum forward, identity backward).
-at::Tensor copy_to_tp(const at::Tensor& x, TpComm& comm);
+// Megatron's f (identity forward, all-reduce sum backward) and g (all-reduce sum forward, identity backward). Their
+// all-reduces are the plan's (TpComm::allreduce_sum_planned), except an f with planned = false (Qwen3's q/k-norm
+// weights: small gradients summed inside the backward segment).
+at::Tensor copy_to_tp(const at::Tensor& x, TpComm& comm, bool planned = true);
 at::Tensor reduce_from_tp(const at::Tensor& x, TpComm& comm);
 // Embedding of `ids` over the rank's vocabulary rows [begin, begin + valid) of `weight` (the shard, padding rows
 // after them): ids outside give zero rows; the sum over ranks (g) is the whole embedding.

@@ -22,6 +22,7 @@
 #include "engine/model/layout.hpp"
 #include "engine/model/model.hpp"
 #include "ir/ops.hpp"
+#include "passes/pass.hpp"
 #include "tests/engine/reference.hpp"
 
 using namespace mmoc;
@@ -308,11 +309,13 @@ TEST_CASE("tp layout pp3-dp1-tp2: trains as the plain loop") { check_tp_layout(3
 // forward and again in backward, the others keep their stash; the tp collectives run in both parts, in the same order
 // on every shard (tp_stage_forward_layers).
 ir::Plan with_partial_recompute(ir::Plan p, int keep) {
+  unlower_tp(p);  // a recomputing stage's backward replays forward all-reduces: its tp segments change
   for (auto& s : p.stages)
     if (s.layers() > 1) {
       s.recompute = true;
       s.keep_layers = std::min(keep, s.layers() - 1);
     }
+  lower_tp(p);
   REQUIRE(ir::verify_structure(p).empty());
   return p;
 }
@@ -355,6 +358,60 @@ TEST_CASE("tp layout with partial recompute: trains as the plain loop") {
     }
   }
   CHECK_MESSAGE(found, "no budget gave a tp 2 plan with partial recompute");
+}
+
+// The tensor-parallel all-reduces are the plan's instructions (tp-lowering): the engine runs each where its
+// `allreduce part/partgrad` stands (engine/exec/tp_segments.hpp; the equivalence runs above go through them, and a
+// count that differed from what the model issues would stop them). A plan with one missing or moved is refused.
+TEST_CASE("tp collectives are plan instructions: mmoc-run refuses a plan with one missing or moved") {
+  const ir::Plan p = make_plan(1, 1, 1, "none", "tiny-8l", 0, 4, 2);
+  REQUIRE(p.tp == 2);
+  int parts = 0;
+  for (const auto& in : p.programs[0].instrs) parts += in.op == ir::Op::AllReduce && in.seg >= 0;
+  CHECK(parts == p.microbatches * (ir::tp_collectives(p, 0, ir::Op::Forward) + ir::tp_collectives(p, 0, ir::Op::Backward)));
+  auto index_of = [](const ir::Plan& q, ir::Op op, int seg, bool coll) {
+    const auto& v = q.programs[0].instrs;
+    for (int i = 0; i < (int)v.size(); ++i)
+      if (coll ? (v[i].op == ir::Op::AllReduce && v[i].buf && v[i].buf->kind == ir::BufKind::PartGrad && v[i].buf->mb == 1 && v[i].seg == seg)
+               : (v[i].op == op && v[i].mb == 1 && v[i].seg == seg))
+        return i;
+    return -1;
+  };
+  auto drop = [](ir::Plan& q, int i) {
+    auto& v = q.programs[0].instrs;
+    v.erase(v.begin() + i);
+    for (auto& in : v) {
+      std::vector<int> a;
+      for (int x : in.after)
+        if (x != i) a.push_back(x > i ? x - 1 : x);
+      in.after = a;
+    }
+  };
+  const std::string dir = scratch("tp-refused");
+  {  // missing: backward S0 m1's second all-reduce
+    ir::Plan bad = p;
+    const int i = index_of(bad, ir::Op::Backward, 1, true);
+    REQUIRE(i > 0);
+    drop(bad, i);
+    ir::save_file_atomic(dir + "/plan.json", ir::to_json_string(bad));
+    std::string out;
+    CHECK(run(run_cmd(dir, 1), &out) == 2);
+    CHECK_MESSAGE(out.find("no `allreduce partgrad(S0,m1) seg=1`") != std::string::npos, out);
+  }
+  {  // moved after the segment that reads it
+    ir::Plan bad = p;
+    const int i = index_of(bad, ir::Op::Backward, 1, true);
+    ir::Instr moved = bad.programs[0].instrs[i];
+    drop(bad, i);
+    const int next = index_of(bad, ir::Op::Backward, 2, false);
+    REQUIRE(next > 0);
+    insert_instr(bad.programs[0], next + 1, moved);
+    ir::save_file_atomic(dir + "/plan.json", ir::to_json_string(bad));
+    std::string out;
+    CHECK(run(run_cmd(dir, 1), &out) == 2);
+    CHECK_MESSAGE(out.find("comes before the allreduce of the partial sum it reads") != std::string::npos, out);
+  }
+  io::remove_tree(dir);
 }
 
 TEST_CASE("tp with tied embeddings: the head's shard of the embedding, its gradient back to the same shard") {

@@ -12,9 +12,11 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/grad_mode.h>
 
 #include "engine/exec/cpu_stream.hpp"
 #include "engine/exec/device_adamw.hpp"
+#include "engine/exec/tp_segments.hpp"
 #include "engine/model/layout.hpp"
 #include "engine/model/model.hpp"
 #include "engine/model/normal_fill.hpp"
@@ -345,4 +347,79 @@ TEST_CASE("host_tensor: zeroed, exactly sized, freed with its last reference") {
     CHECK(t.sum().item<double>() == 6'000'002.0);
   }
   CHECK(host_tensor_bytes() == before);
+}
+
+// ---- tensor-parallel segments (engine/exec/tp_segments.hpp) -----------------------------------------------------
+TEST_CASE("tp segments: the body parks at each planned all-reduce; the instruction sums it, the next segment resumes it") {
+  std::vector<std::string> log;
+  SegmentRun* self = nullptr;
+  double result = 0;
+  SegmentRun run(
+      [&] {
+        at::Tensor a = at::ones({2});
+        log.push_back("seg0");
+        self->post(a);
+        log.push_back("seg1 reads " + std::to_string((int)a[0].item<float>()));
+        at::Tensor b = a * 3;
+        self->post(b);
+        log.push_back("seg2");
+        result = b[1].item<double>();
+      },
+      {});
+  self = &run;
+  run.start();  // segment 0: up to the first all-reduce
+  REQUIRE(run.posted());
+  CHECK(run.done() == 0);
+  CHECK(log == std::vector<std::string>{"seg0"});
+  run.tensor().add_(10);  // the all-reduce instruction: in place, on this thread
+  run.complete();
+  CHECK(!run.posted());
+  CHECK(log.size() == 1);  // summed, not resumed: the body waits for its next segment
+  run.resume();            // segment 1
+  REQUIRE(run.posted());
+  CHECK(run.done() == 1);
+  CHECK(log.back() == "seg1 reads 11");
+  run.tensor().mul_(2);
+  run.complete();
+  run.resume();  // segment 2: to the end
+  CHECK(run.finished());
+  run.finish();
+  CHECK(log.back() == "seg2");
+  CHECK(result == 66);  // (1 + 10) * 3 * 2: each sum where the instructions put it
+  CHECK_THROWS_AS(run.resume(), std::logic_error);  // nothing to resume
+}
+
+TEST_CASE("tp segments: the body's error reaches the segment, and an unfinished run is aborted without a hang") {
+  SegmentRun* self = nullptr;
+  SegmentRun failing([&] { throw std::runtime_error("boom in segment 0"); }, {});
+  failing.start();
+  CHECK(failing.finished());
+  CHECK_THROWS_WITH(failing.finish(), "boom in segment 0");
+  bool unwound = false;
+  {
+    auto parked = std::make_unique<SegmentRun>(
+        [&] {
+          at::Tensor a = at::ones({1});
+          try {
+            self->post(a);
+          } catch (const std::runtime_error&) {
+            unwound = true;
+            throw;
+          }
+        },
+        std::function<void()>{});
+    self = parked.get();
+    parked->start();
+    CHECK(parked->posted());
+  }  // destroyed while parked: its post throws, the thread is joined
+  CHECK(unwound);
+  // the executor's thread-local state goes with the body (grad mode off here: off there)
+  bool grad_there = true;
+  {
+    at::NoGradGuard ng;
+    SegmentRun r([&] { grad_there = at::GradMode::is_enabled(); }, {});
+    r.start();
+    r.finish();
+  }
+  CHECK(!grad_there);
 }

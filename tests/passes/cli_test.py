@@ -262,7 +262,7 @@ def main():
         check("send " not in p.stdout and "; ---- plan after comm-lowering" not in p.stdout,
               "--print-after=schedule: only that pass (no send/recv yet)")
         p = run(C, R, TINY + PIN + ["--microbatches", "2", "--print-after-all", "-q"])
-        check(p.returncode == 0 and p.stdout.count("; ---- plan after ") == 9, "--print-after-all: nine passes printed")
+        check(p.returncode == 0 and p.stdout.count("; ---- plan after ") == 10, "--print-after-all: ten passes printed")
 
         # --v auto and --schedule auto produce a plan
         for name, extra in [("--v auto", ["--v", "auto", "--schedule", "grouped"]),
