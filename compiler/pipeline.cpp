@@ -9,6 +9,7 @@
 
 #include "common/format.hpp"
 #include "cost/host_memory.hpp"
+#include "ir/ops.hpp"
 #include "passes/pass.hpp"
 
 namespace mmoc {
@@ -382,6 +383,21 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
     os << buf;
     if (p.tp > 1) os << "; each of a pipeline rank's " << p.tp << " tensor-parallel shards holds 1/" << p.tp << " of its stages (params below are per shard)";
     os << ")\n";
+  }
+  if (p.dp > 1) {  // the data-parallel gradient reduction: collectives per step, stages in buckets (data-parallel pass)
+    int colls = 0, bucketed = 0, most = 0;
+    int64_t largest = 0;
+    for (const auto& prog : p.programs)
+      for (const auto& in : prog.instrs)
+        if ((in.op == ir::Op::AllReduce || in.op == ir::Op::ReduceScatter) && in.buf && in.buf->kind == ir::BufKind::WGrad) {
+          ++colls;
+          bucketed += in.buckets > 1 && in.bucket == 0;
+          most = std::max(most, in.buckets);
+          largest = std::max(largest, ir::transfer_bytes(p, in));
+        }
+    std::snprintf(buf, sizeof buf, "gradient reduction: %d collective(s) per step on the dp groups; %d of %d stage(s) in buckets (at most %d, the largest %.1f MiB)\n",
+                  colls, bucketed, p.num_stages(), std::max(most, 1), (double)largest / (1 << 20));
+    os << buf;
   }
   os << "stages:\n";
   for (const auto& s : p.stages) {

@@ -5,7 +5,8 @@
 //    its `after` dependencies have finished. send/recv are a rendezvous: a matching pair (same tag, peers agree) starts
 //    together when both are ready and both end after p2p_ms(bytes), occupying both p2p streams.
 //  - Fixed durations: forward/backward from plan.stages[s].fwd_ms/bwd_ms, GPU optim from gpu_adam_ms, gradnorm 0.05 ms,
-//    allreduce 2(n-1)/n x p2p of the buffer over its group's n ranks (ring), load_batch / free / evict without copy 0.
+//    allreduce 2(n-1)/n x p2p of the buffer over its group's n ranks (ring), load_batch / free / evict without copy 0;
+//    a gradient bucket (wgrad(S)[k/n]) moves its bucket's bytes (ir::transfer_bytes), in its collective and its copy.
 //  - Fluid (bandwidth-shared) operations, rates recomputed by max-min fair sharing whenever one starts or ends:
 //      prefetch (H2D)        : caps h2d_gbps (per GPU), duplex_gbps (per GPU, shared with D2H), group_link_gbps (H2D
 //                              direction of the GPU's host group, shared with the group's other GPUs)
@@ -321,8 +322,15 @@ struct Sim {
         f.res = {timing == ir::Timing::TierRead ? r_tier_rd : r_tier_wr, r_tier_any};
       } else {  // CPU optimizer
         const ir::Stage* st = stage(in.stage);
-        // dp > 1: the data-parallel pass shards an offloaded stage's CPU optimizer over the replicas (ZeRO)
-        f.remaining = cost.adam_traffic_bytes(p.dp > 1 ? (st->params + p.dp - 1) / p.dp : st->params);
+        // dp > 1: the data-parallel pass shards an offloaded stage's CPU optimizer over the replicas (ZeRO); a bucket
+        // of it (optim S[k/n]) updates each replica's part of the bucket: 1/dp of its parameters on average (the
+        // buckets are interleaved over the shards, ir::bucket_range)
+        int64_t params = st->params;
+        if (in.buckets > 1) {
+          const auto [b, e] = ir::bucket_range(st->params, in.bucket, in.buckets, ir::bucket_shards(p, in.stage));
+          params = e - b;
+        }
+        f.remaining = cost.adam_traffic_bytes(p.dp > 1 ? (params + p.dp - 1) / p.dp : params);
         // private cap: this GPU's thread pool
         res_cap.push_back(cost.adam_pool_rate(cpu_threads));
         f.res = {r_host_mem, (int)res_cap.size() - 1};

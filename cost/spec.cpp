@@ -484,6 +484,7 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
   r.read("cross_map", c.cross_map, {"auto", "off"});
   r.read("dp", c.dp, 1);
   r.read("tp", c.tp, 1);
+  r.read("bucket_mib", c.bucket_mib, finite_min(0));
   r.read("layout", c.layout, {"", "auto"});
   read_gib("host_budget_gib", c.host_budget_gib);  // the node's host memory cap (NVMe tier)
   r.read("nvme_place", c.nvme_place, {"auto", "all"});

@@ -141,6 +141,9 @@ struct JobConfig {
   std::string cross_map = "auto";    // auto | off
   int dp = 1;
   int tp = 1;                        // tensor-parallel degree (ranks = gpus x dp x tp)
+  // data-parallel gradient buckets (passes/data_parallel.cpp): a stage's gradient larger than this many MiB is
+  // reduced (and copied to the host) in buckets of about this size; 0 = one bucket per stage
+  double bucket_mib = 25;
   // "" (gpus, dp and tp as given) or "auto": the compiler chooses pp x dp x tp over the job's `gpus` GPUs by
   // simulated step time under the budget (compile_job)
   std::string layout;

@@ -1,6 +1,7 @@
 // The op table and the buffer-kind table (ops.hpp), and what follows from them: effects, persistence, transfers.
 #include "ir/ops.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace mmoc::ir {
@@ -87,8 +88,9 @@ const std::vector<OpInfo>& op_table() {
        "allocate B and receive it from GPU K"},
       {Op::Evict, "evict", kOpBuf | kOpToHost, "{buf} [-> host]",  //
        stream_bit(Stream::Comp) | stream_bit(Stream::D2H), Stream::Comp, 0, true, Sync::None, Timing::DeviceToHost,
-       {{A::Free, R::Operand}}, Workspace::None,
-       "B leaves the GPU; with -> host it is first copied to its home"},
+       {{A::Require, R::Operand, W::NotLastBucket}, {A::Free, R::Operand, W::LastBucket}}, Workspace::None,
+       "B leaves the GPU; with -> host it is first copied to its home (a bucket of wgrad(S): that slice is copied, and "
+       "the buffer leaves with its last bucket)"},
       {Op::Free, "free", kOpBuf, "{buf}",  //
        kGpuStreams, Stream::Comp, kAllStreams, false, Sync::None, Timing::Instant,
        {{A::Free, R::Operand}}, Workspace::None,
@@ -201,6 +203,8 @@ Effects effects_where(const Plan& p, const Instr& in, bool host) {
       case When::FirstOrLastStage: on = S == 0 || S == last; break;
       case When::OffCpu: on = in.stream != Stream::Cpu; break;
       case When::TiedHead: on = S == last && last > 0 && p.model.tied_embeddings; break;
+      case When::LastBucket: on = in.buckets <= 1 || in.bucket == in.buckets - 1; break;
+      case When::NotLastBucket: on = in.buckets > 1 && in.bucket != in.buckets - 1; break;
       case When::Host: on = host; break;
     }
     if (host != (r.when == When::Host)) continue;
@@ -276,9 +280,62 @@ int64_t transfer_bytes(const Plan& p, const Instr& in) {
     case Timing::PeerToPeer:
     case Timing::Collective:
     case Timing::TierRead:
-    case Timing::TierWrite: return p.buffer_bytes(*in.buf);
-    case Timing::DeviceToHost: return in.to_host ? p.buffer_bytes(*in.buf) : 0;
+    case Timing::TierWrite: return operand_bytes(p, in);
+    case Timing::DeviceToHost: return in.to_host ? operand_bytes(p, in) : 0;
     default: return 0;
+  }
+}
+
+std::pair<int64_t, int64_t> zero_shard(int64_t elems, int d, int shards) {
+  if (shards < 1) throw std::invalid_argument("zero_shard: " + std::to_string(shards) + " shards");
+  const int64_t c = (elems + shards - 1) / shards;
+  const int64_t b = std::min<int64_t>(elems, (int64_t)d * c);
+  return {b, std::min<int64_t>(elems, b + c)};
+}
+
+std::pair<int64_t, int64_t> bucket_range(int64_t elems, int k, int n, int shards) {
+  if (shards < 1) throw std::invalid_argument("bucket_range: " + std::to_string(shards) + " shards");
+  if (n <= 1) {
+    if (k != 0) throw std::invalid_argument("bucket_range: bucket " + std::to_string(k) + " of a whole buffer");
+    return {0, elems};
+  }
+  if (k < 0 || k >= n) throw std::invalid_argument("bucket_range: bucket " + std::to_string(k) + " of " + std::to_string(n));
+  // the piece j of m of [lo, hi), its cuts rounded down to kBucketAlign from the flat's start (never below lo)
+  auto cut = [](int64_t lo, int64_t hi, int j, int m) -> int64_t {
+    if (j <= 0) return lo;
+    if (j >= m) return hi;
+    const int64_t x = lo + (int64_t)((__int128)(hi - lo) * j / m);
+    return std::max(lo, x / kBucketAlign * kBucketAlign);
+  };
+  if (shards > 1 && n % shards == 0) {  // interleaved: bucket k is piece k / shards of shard k % shards
+    const int per = n / shards, d = k % shards, j = k / shards;
+    const auto [lo, hi] = zero_shard(elems, d, shards);
+    return {cut(lo, hi, j, per), cut(lo, hi, j + 1, per)};
+  }
+  return {cut(0, elems, k, n), cut(0, elems, k + 1, n)};
+}
+
+int bucket_shards(const Plan& p, int stage) {
+  if (p.dp <= 1) return 1;
+  const BufRef wg{BufKind::WGrad, stage, -1};
+  for (const auto& prog : p.programs)
+    for (const auto& in : prog.instrs)
+      if (in.op == Op::ReduceScatter && in.buf && *in.buf == wg) return p.dp;
+  return 1;
+}
+
+int grad_element_bytes(const Plan& p) { return p.train.precision == "fp32" ? 4 : 2; }
+
+int64_t operand_bytes(const Plan& p, const Instr& in) {
+  if (!in.buf) return 0;
+  const int64_t bytes = p.buffer_bytes(*in.buf);
+  if (in.buckets <= 1) return bytes;
+  const int64_t es = in.buf->kind == BufKind::WGrad ? grad_element_bytes(p) : 1;
+  try {
+    const auto [b, e] = bucket_range(bytes / es, in.bucket, in.buckets, bucket_shards(p, in.buf->stage));
+    return (e - b) * es;
+  } catch (const std::invalid_argument&) {
+    return 0;  // a malformed bucket: the structural verifier reports it
   }
 }
 

@@ -12,6 +12,7 @@
 #include <boost/container/small_vector.hpp>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ir/plan.hpp"
@@ -95,6 +96,8 @@ enum class When : uint8_t {
   FirstOrLastStage,  // S == 0 or S == last (the ids; the labels)
   OffCpu,            // the instruction is not on the cpu stream
   TiedHead,          // S == last > 0 and the model's lm_head is tied to the embedding (stage 0's)
+  LastBucket,        // the instruction works on its whole buffer or on its last bucket (Instr::buckets)
+  NotLastBucket,     // the instruction works on a bucket of its buffer other than the last
   Host,              // the effect is on the node's host memory, not on the GPU (host_effects; effects skips it)
 };
 struct EffectRule {
@@ -158,9 +161,33 @@ Effects host_effects(const Plan&, const Instr& in);
 std::vector<BufRef> persistent_buffers(const Plan&, int gpu);
 bool is_persistent(const Plan&, const BufRef&);
 
-// Bytes an instruction moves (its buffer's size) when it transfers: prefetch, send, recv, allreduce, and evict with
-// -> host; else 0.
+// Bytes an instruction moves (its buffer's size, or its bucket's) when it transfers: prefetch, send, recv,
+// allreduce, reduce_scatter, and evict with -> host; else 0.
 int64_t transfer_bytes(const Plan&, const Instr& in);
+
+// ---- gradient buckets (Instr::bucket / buckets) -----------------------------------------------
+// Bucket boundaries are multiples of kBucketAlign elements from the flat's start (128 bytes in bf16), except where a
+// bucket ends at the flat's end or at a ZeRO shard's end.
+constexpr int64_t kBucketAlign = 64;
+// Elements [begin, end) of bucket k (0-based) of n of a flat of `elems` elements. `shards`: how the flat is split
+// over the data-parallel replicas for the sharded CPU optimizer (ZeRO; 1 = not sharded): replica d owns elements
+// [d c, (d+1) c) with c = ceil(elems / shards) (zero_shard), and when n is a multiple of shards every bucket lies
+// inside one shard, n / shards per shard, interleaved: bucket k is piece k / shards (in order) of shard k % shards, so
+// that buckets taken in order reach every replica's shard at the same pace (each replica's CPU update of its part of
+// bucket k can start as soon as bucket k is reduced and copied) and a bucket's copy to the host is all or nothing per
+// replica. Otherwise the flat is cut into n near-equal aligned pieces, in order. The buckets cover the flat exactly;
+// n = 0 or 1 is the whole flat. Throws std::invalid_argument for k out of range or a non-positive shard count.
+std::pair<int64_t, int64_t> bucket_range(int64_t elems, int k, int n, int shards);
+// Replica d's ZeRO shard of a flat of `elems` elements over `shards` replicas: [begin, end) (maybe empty at the end).
+std::pair<int64_t, int64_t> zero_shard(int64_t elems, int d, int shards);
+// The shard count a stage's gradient buckets are aligned to: the plan's dp when some program reduce-scatters
+// wgrad(S) (the sharded CPU optimizer), else 1.
+int bucket_shards(const Plan&, int stage);
+// Element size of wgrad(S) in the plan's compute precision (bf16: 2, fp32: 4).
+int grad_element_bytes(const Plan&);
+// The buffer's bytes that `in` works on: its bucket's when it has one (bucket_range of the buffer's elements), else
+// the whole buffer's.
+int64_t operand_bytes(const Plan&, const Instr& in);
 
 // ---- sizes fixed by the format -------------------------------------------------------------------
 // batch(m): the input ids and the labels of one micro-batch, int64 each.

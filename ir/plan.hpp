@@ -133,6 +133,11 @@ struct Instr {
   // the segment k of tp_collectives(..) + 1, and on `allreduce part(S,m)` / `allreduce partgrad(S,m)` the collective
   // k that follows segment k. Text: seg=<k>.
   int seg = -1;
+  // A bucket of a stage's gradient (data-parallel gradient bucketing): AllReduce, ReduceScatter and Evict -> host of
+  // wgrad(S), and a cpu Optim of S, may work on bucket `bucket` (0-based) of `buckets` slices of the stage's flat
+  // (ir::bucket_range); buckets = 0: the whole. Text: wgrad(S8)[2/4], optim S8[2/4] (1-based: the 2nd of 4); JSON
+  // "bucket": [2, 4].
+  int bucket = 0, buckets = 0;
   std::vector<int> after;    // cross-stream dependencies: indices of earlier instructions, same program
   bool operator==(const Instr&) const = default;
 };

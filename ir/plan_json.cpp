@@ -27,6 +27,7 @@ ojson instr_to_json(const Instr& in) {
   if (in.stage != -1) j["stage"] = in.stage;
   if (in.mb != -1) j["mb"] = in.mb;
   if (in.buf) j["buf"] = in.buf->str();
+  if (in.buckets != 0 || in.bucket != 0) j["bucket"] = {in.bucket + 1, in.buckets};  // 1-based, as the text form
   if (in.peer != -1) j["peer"] = in.peer;
   if (!in.tag.empty()) j["tag"] = in.tag;
   if (!in.group.empty()) j["group"] = in.group;
@@ -107,6 +108,12 @@ Instr instr_from_json(const ojson& j, const std::string& path) {
   if (auto* v = o.get("stage")) in.stage = json_int32(*v, o.at("stage"));
   if (auto* v = o.get("mb")) in.mb = json_int32(*v, o.at("mb"));
   if (auto* v = o.get("buf")) in.buf = by_name(*v, o.at("buf"), BufRef::parse);
+  if (auto* v = o.get("bucket")) {  // [k, n], k 1-based
+    auto kn = json_array<int>(*v, o.at("bucket"), int32_at);
+    if (kn.size() != 2) json_fail(o.at("bucket"), "expected [k, n] (bucket k of n, k from 1), got " + std::to_string(kn.size()) + " values");
+    in.bucket = kn[0] - 1;
+    in.buckets = kn[1];
+  }
   if (auto* v = o.get("peer")) in.peer = json_int32(*v, o.at("peer"));
   if (auto* v = o.get("tag")) in.tag = json_string(*v, o.at("tag"));
   if (auto* v = o.get("group")) in.group = json_string(*v, o.at("group"));

@@ -16,13 +16,20 @@ using namespace detail;
 // text form
 // ============================================================================================
 
+static std::string bucket_suffix(const Instr& in) {
+  if (in.buckets == 0 && in.bucket == 0) return "";
+  return "[" + std::to_string(in.bucket + 1) + "/" + std::to_string(in.buckets) + "]";
+}
+
 std::string print_op(const Instr& in) {
   std::string s = to_string(in.op);
   for (const SyntaxToken& tok : syntax_tokens(in.op)) {
     switch (tok.part) {
-      case SyntaxPart::Stage: s += " S" + std::to_string(in.stage); break;
+      case SyntaxPart::Stage:  // an op without a buffer operand carries its bucket here (optim S3[2/8])
+        s += " S" + std::to_string(in.stage) + (op_has_buf(in.op) ? std::string() : bucket_suffix(in));
+        break;
       case SyntaxPart::Mb: s += " m" + std::to_string(in.mb); break;
-      case SyntaxPart::Buf: s += " " + (in.buf ? in.buf->str() : std::string("?")); break;
+      case SyntaxPart::Buf: s += " " + (in.buf ? in.buf->str() : std::string("?")) + bucket_suffix(in); break;
       case SyntaxPart::Peer: s += " g" + std::to_string(in.peer); break;
       case SyntaxPart::SourceTier: s += " host"; break;
       case SyntaxPart::Word: s += " " + tok.word; break;
@@ -48,6 +55,7 @@ std::string print_instr(const Instr& in, int index) {
   if (!op_has_stage(in.op) && in.stage != -1) s += " stage=" + std::to_string(in.stage);
   if (!op_has_mb(in.op) && in.mb != -1) s += " mb=" + std::to_string(in.mb);
   if (!op_has_buf(in.op) && in.buf) s += " buf=" + in.buf->str();
+  if (!op_has_buf(in.op) && !op_has_stage(in.op) && (in.buckets != 0 || in.bucket != 0)) s += " bucket=" + bucket_suffix(in);
   if (!op_has_peer(in.op) && in.peer != -1) s += " peer=" + std::to_string(in.peer);
   if (!(op_info(in.op).operands & kOpToHost) && in.to_host) s += " to_host=1";
   return s;
@@ -182,6 +190,19 @@ BufRef to_buf(const std::string& tok) {
   }
 }
 
+// "[k/n]" (1-based k) into in.bucket (0-based) and in.buckets
+void parse_bucket(const std::string& v, Instr& in) {
+  auto slash = v.find('/');
+  if (v.size() < 5 || v.front() != '[' || v.back() != ']' || slash == std::string::npos)
+    throw LineError("bad bucket '" + v + "' (expected [<k>/<n>], e.g. [2/4])");
+  try {
+    in.bucket = text_int(v.substr(1, slash - 1), "bucket") - 1;
+    in.buckets = text_int(v.substr(slash + 1, v.size() - slash - 2), "bucket");
+  } catch (const ParseError& e) {
+    throw LineError(e.what());
+  }
+}
+
 Instr parse_instr_tokens(const std::vector<std::string>& t, int expect_index) {
   if (t.size() < 3 || t[1] != "=") throw LineError("expected '%<i> = <op> ...'");
   int idx = prefixed_int(t[0], "%", "instruction index");
@@ -205,10 +226,22 @@ Instr parse_instr_tokens(const std::vector<std::string>& t, int expect_index) {
   };
   for (const SyntaxToken& tok : syntax_tokens(in.op)) {
     switch (tok.part) {
-      case SyntaxPart::Stage: in.stage = prefixed_int(next("stage"), "S", "stage"); break;
+      case SyntaxPart::Stage: {
+        std::string st = next("stage");
+        if (auto br = st.find('['); br != std::string::npos && !op_has_buf(in.op)) {  // optim S3[2/8]
+          parse_bucket(st.substr(br), in);
+          st.resize(br);
+        }
+        in.stage = prefixed_int(st, "S", "stage");
+        break;
+      }
       case SyntaxPart::Mb: in.mb = prefixed_int(next("micro-batch"), "m", "micro-batch"); break;
       case SyntaxPart::Buf: {
-        const std::string& b = next("buffer");
+        std::string b = next("buffer");
+        if (auto br = b.find('['); br != std::string::npos) {  // a bucket of the buffer: wgrad(S8)[2/4]
+          parse_bucket(b.substr(br), in);
+          b.resize(br);
+        }
         if (b != "?") in.buf = to_buf(b);
         break;
       }
@@ -262,6 +295,8 @@ Instr parse_instr_tokens(const std::vector<std::string>& t, int expect_index) {
         in.mb = text_int(val, key);
       } else if (key == "buf" && !op_has_buf(in.op)) {
         in.buf = to_buf(val);
+      } else if (key == "bucket" && !op_has_buf(in.op) && !op_has_stage(in.op)) {
+        parse_bucket(val, in);
       } else if (key == "peer" && !op_has_peer(in.op)) {
         in.peer = text_int(val, key);
       } else if (key == "to_host" && !(op_info(in.op).operands & kOpToHost)) {

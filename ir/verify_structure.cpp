@@ -164,6 +164,9 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
   for (size_t gi = 0; gi < p.programs.size(); ++gi) {
     const Program& pg = p.programs[gi];
     const int g = pg.gpu;
+    // (op, wgrad(S)) -> its reductions / copies to the host in program order: the whole buffer once, or its buckets
+    // 1..n in order, each once
+    std::map<std::pair<Op, BufRef>, std::vector<Coll>> bucket_seq;
     for (size_t ii = 0; ii < pg.instrs.size(); ++ii) {
       const Instr& in = pg.instrs[ii];
       const int i = (int)ii;
@@ -201,6 +204,26 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
           if (!member) add(pre + "group '" + in.group + "' has no rank that runs g" + std::to_string(g));
           else coll_seq[in.group][g].push_back({i, &in});
         }
+      }
+      // a bucket of a stage's gradient: its reduction (allreduce, reduce_scatter) or its copy to the host
+      // (an optim on the cpu: of the stage's gradient on the host, keyed by wgrad(S) too)
+      const bool cpu_optim = in.op == Op::Optim && in.stream == Stream::Cpu && in.stage >= 0 && in.stage < S;
+      const std::optional<BufRef> bucketable =
+          cpu_optim ? std::optional<BufRef>(BufRef{BufKind::WGrad, in.stage, -1})
+          : in.buf && in.buf->kind == BufKind::WGrad && (in.op == Op::AllReduce || in.op == Op::ReduceScatter || (in.op == Op::Evict && in.to_host))
+              ? in.buf : std::nullopt;
+      if (in.buckets != 0 || in.bucket != 0) {
+        if (!bucketable)
+          add(pre + "a bucket [" + std::to_string(in.bucket + 1) + "/" + std::to_string(in.buckets) +
+              "] is only for the reduction (allreduce, reduce_scatter), the copy to the host (evict -> host) or the cpu "
+              "update (optim @cpu) of a stage's gradient wgrad(S)");
+        else if (in.buckets < 2 || in.bucket < 0 || in.bucket >= in.buckets)
+          add(pre + "bucket [" + std::to_string(in.bucket + 1) + "/" + std::to_string(in.buckets) +
+              "] out of range (k from 1 to n, n >= 2; a whole buffer has no bucket)");
+        else
+          bucket_seq[{in.op, *bucketable}].push_back({i, &in});
+      } else if (bucketable) {
+        bucket_seq[{in.op, *bucketable}].push_back({i, &in});
       }
       // the NVMe tier's reads and writes move opt(S) of a stage whose home is nvme, in a plan that names the tier
       if ((in.op == Op::TierRead || in.op == Op::TierWrite) && in.buf) {
@@ -266,6 +289,18 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
         if (in.seg >= 0) coll_of[{(int)of, in.buf->stage, in.buf->mb}].push_back({in.seg, g, i});
       }
     }
+    for (const auto& [key, seq] : bucket_seq) {
+      if (std::none_of(seq.begin(), seq.end(), [](const Coll& c) { return c.in->buckets != 0; })) continue;  // whole only
+      const int n = seq.front().in->buckets;
+      const std::string what = std::string(to_string(key.first)) + " " + key.second.str();
+      bool ok = (int)seq.size() == std::max(1, n);
+      for (size_t k = 0; k < seq.size() && ok; ++k) ok = seq[k].in->buckets == n && seq[k].in->bucket == (int)k;
+      if (!ok) {
+        std::string got;
+        for (const auto& c : seq) got += (got.empty() ? "%" : ", %") + std::to_string(c.idx) + (c.in->buckets ? "[" + std::to_string(c.in->bucket + 1) + "/" + std::to_string(c.in->buckets) + "]" : std::string(" whole"));
+        add(at(g, seq.front().idx) + what + ": a bucketed buffer is worked on in its buckets 1..n in order, each once; got " + got);
+      }
+    }
   }
 
   // ---- send/recv matching ----
@@ -316,7 +351,7 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
       for (size_t k = 0; k < n; ++k) {
         const Instr& a = *(*ref)[k].in;
         const Instr& b = *(*mine)[k].in;
-        if (a.op != b.op || a.buf != b.buf)
+        if (a.op != b.op || a.buf != b.buf || a.bucket != b.bucket || a.buckets != b.buckets)
           add(at(g, (*mine)[k].idx) + to_string(b.op) + ": collective #" + std::to_string(k) + " on group '" + name + "' is " +
               print_op(b) + ", but g" + std::to_string(ref_g) + "'s (%" + std::to_string((*ref)[k].idx) + ") is " + print_op(a));
       }

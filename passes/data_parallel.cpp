@@ -1,6 +1,7 @@
 // data-parallel: the gradient reduction of replicated pipelines (dp > 1). The contract below is the pass's
 // documentation (docs/passes.md is generated from it).
 #include <algorithm>
+#include <cmath>
 
 #include "ir/ops.hpp"
 #include "passes/pass.hpp"
@@ -16,8 +17,14 @@ extern const char* const kDataParallelContract = R"md(Gradient reduction across 
   `ir::rank_group`) right after the stage's last backward (and the send
   of that backward's input gradient; for stage 0 of a tied model split over stages, after the `addgrad` of the
   head's tied gradient, so the shared weight's whole gradient is reduced), on the p2p stream, so it overlaps the rest of the backward pass; every later user of the gradient (its copy to the host, the
-  stage's optimizer step, the gradient norm) waits for it. One bucket per stage (a stage's gradient is one flat
-  buffer). GPU-resident stages: `allreduce wgrad(S)`, every replica updates the whole stage. Offloaded stages (CPU
+  stage's optimizer step, the gradient norm) waits for it. Buckets (job `bucket_mib`, `--bucket-mib`, default 25; 0 = one per
+  stage): a stage's flat gradient larger than the bucket size is reduced in n buckets of about that size
+  (`wgrad(S)[k/n]`, ir::bucket_range; with the ZeRO split n is a multiple of dp and each bucket lies in one replica's
+  shard, interleaved over the shards), one collective each, in order on the p2p stream; an offloaded stage's copy
+  to the host and its sharded CPU update are cut in the same buckets (`evict wgrad(S)[k/n] -> host` after bucket k's
+  reduction, the buffer leaving with the last; `optim S[k/n]` after bucket k's copy): bucket k's reduction overlaps
+  bucket k-1's copy and the update of the ones before (with clipping the updates wait for the global norm, so for
+  every bucket). GPU-resident stages: `allreduce wgrad(S)`, every replica updates the whole stage. Offloaded stages (CPU
   optimizer), ZeRO style: `reduce_scatter wgrad(S)` (each replica keeps and copies to the host its 1/dp shard),
   `optim S` updates that shard of the fp32 master and AdamW moments only, then `allgather w(S)` on the cpu stream
   gathers the updated weights' shards into every replica's host copy (what the next step prefetches). With dp = 1
@@ -28,9 +35,29 @@ extern const char* const kDataParallelContract = R"md(Gradient reduction across 
 using ir::BufKind;
 using ir::Op;
 
+namespace {
+// How many buckets of about bucket_bytes a stage's gradient is reduced in: 1 when it fits in one (or bucketing is
+// off); with the ZeRO split over `shards` replicas a multiple of shards, so that each bucket lies in one replica's
+// shard (ir::bucket_range); at most 4096 (larger buckets beyond that).
+int bucket_count(const ir::Plan& p, int stage, int shards, int64_t bucket_bytes) {
+  const int64_t bytes = p.buffer_bytes({BufKind::WGrad, stage, -1});
+  if (bucket_bytes <= 0 || bytes <= bucket_bytes) return 1;
+  const int64_t es = ir::grad_element_bytes(p), elems = bytes / es;
+  const int64_t per_bucket = std::max<int64_t>(ir::kBucketAlign, bucket_bytes / es);
+  const int64_t shard = (elems + shards - 1) / shards;
+  const int64_t per_shard = (shard + per_bucket - 1) / per_bucket;
+  // at most kMaxBuckets collectives per stage (the bucket size grows beyond that): instruction count and latency
+  constexpr int64_t kMaxBuckets = 4096;
+  const int64_t n = shards * std::min(per_shard, std::max<int64_t>(1, kMaxBuckets / shards));
+  return (int)n;
+}
+}  // namespace
+
 void data_parallel_pass(PassContext& c) {
   ir::Plan& p = c.plan;
   if (p.dp <= 1) return;
+  const int64_t bucket_bytes = (int64_t)std::llround(c.job.bucket_mib * 1048576.0);
+  int bucketed = 0, collectives = 0;
   for (auto& prog : p.programs) {
     for (const auto& st : p.stages) {
       if (st.gpu != prog.gpu) continue;
@@ -44,6 +71,7 @@ void data_parallel_pass(PassContext& c) {
         if (prog.instrs[i].op == Op::AddGrad && prog.instrs[i].stage == st.id) anchor = i;
       const ir::BufRef wg{BufKind::WGrad, st.id, -1};
       const bool zero = st.optim == ir::OptimPlace::Cpu;  // sharded CPU optimizer
+      const int n = bucket_count(p, st.id, zero ? p.dp : 1, bucket_bytes);
       ir::Instr ar = make_buf_op(zero ? Op::ReduceScatter : Op::AllReduce, ir::Stream::P2P, wg);
       ar.group = ir::dp_group_name(p, prog.gpu);
       ar.after = {anchor};
@@ -59,12 +87,61 @@ void data_parallel_pass(PassContext& c) {
         if (in.op == Op::Send && std::find(in.after.begin(), in.after.end(), last_bwd) != in.after.end()) pos = i + 1;
         if (uses(in)) first_use = std::min(first_use, i);
       }
-      const int at = insert_instr(prog, std::min(pos, first_use), ar);
+      // the buckets, in order on the p2p stream: bucket k's reduction overlaps bucket k-1's copy to the host
+      const int first = std::min(pos, first_use);
+      for (int k = 0; k < n; ++k) {
+        ir::Instr b = ar;
+        if (n > 1) b.bucket = k, b.buckets = n;
+        insert_instr(prog, first + k, b);
+      }
+      const int at = first + n - 1;  // the last bucket: the stream runs them in order
       for (int i = at + 1; i < (int)prog.instrs.size(); ++i) {
         auto& in = prog.instrs[i];
         if (uses(in) && std::find(in.after.begin(), in.after.end(), at) == in.after.end()) {
           in.after.push_back(at);
           std::sort(in.after.begin(), in.after.end());
+        }
+      }
+      if (zero && n > 1) {  // the copy to the host in the same buckets, each after its own reduction
+        int ev = -1;
+        for (int i = at + 1; i < (int)prog.instrs.size() && ev < 0; ++i)
+          if (prog.instrs[i].op == Op::Evict && prog.instrs[i].to_host && prog.instrs[i].buf == wg) ev = i;
+        if (ev < 0) throw std::logic_error("data-parallel: offloaded S" + std::to_string(st.id) + " has no evict of its gradient to the host");
+        ir::Instr base = prog.instrs[ev];
+        std::erase(base.after, at);
+        for (int k = 0; k < n - 1; ++k) {
+          ir::Instr e = base;
+          e.bucket = k, e.buckets = n;
+          e.after.push_back(first + k);
+          std::sort(e.after.begin(), e.after.end());
+          e.after.erase(std::unique(e.after.begin(), e.after.end()), e.after.end());
+          insert_instr(prog, ev + k, e);
+        }
+        auto& lastev = prog.instrs[ev + n - 1];  // the original: the last bucket, after the last reduction
+        lastev.bucket = n - 1, lastev.buckets = n;
+        // and the sharded CPU update in the same buckets, each after its own bucket's copy (the buckets are interleaved
+        // over the replicas' shards: every replica's update starts with the first buckets)
+        const int last_ev = ev + n - 1;
+        int op = -1;
+        for (int i = last_ev + 1; i < (int)prog.instrs.size() && op < 0; ++i)
+          if (prog.instrs[i].op == Op::Optim && prog.instrs[i].stage == st.id && prog.instrs[i].stream == ir::Stream::Cpu) op = i;
+        if (op < 0) throw std::logic_error("data-parallel: offloaded S" + std::to_string(st.id) + " has no cpu optim after its gradient's copy");
+        ir::Instr ob = prog.instrs[op];
+        std::erase(ob.after, last_ev);
+        std::erase(ob.after, at);  // the last reduction: bucket k's copy is what its update waits for
+        for (int k = 0; k < n - 1; ++k) {
+          ir::Instr o = ob;
+          o.bucket = k, o.buckets = n;
+          o.after.push_back(ev + k);
+          std::sort(o.after.begin(), o.after.end());
+          o.after.erase(std::unique(o.after.begin(), o.after.end()), o.after.end());
+          insert_instr(prog, op + k, o);
+        }
+        auto& lastop = prog.instrs[op + n - 1];
+        lastop.bucket = n - 1, lastop.buckets = n;
+        if (std::find(lastop.after.begin(), lastop.after.end(), last_ev) == lastop.after.end()) {
+          lastop.after.push_back(last_ev);
+          std::sort(lastop.after.begin(), lastop.after.end());
         }
       }
       if (zero) {  // the updated shards of the host weights, gathered right after the stage's (cpu) update
@@ -77,11 +154,15 @@ void data_parallel_pass(PassContext& c) {
         ag.group = ar.group;
         insert_instr(prog, opt + 1, ag);
       }
+      bucketed += n > 1;
+      collectives += n;
     }
   }
   c.notes.push_back("data-parallel: " + std::to_string(p.dp) + " replicas of the " + std::to_string(p.gpus) +
                     "-rank pipeline; per stage after its last backward a gradient allreduce (resident) or "
-                    "reduce_scatter + sharded CPU update + allgather of the weights (offloaded)");
+                    "reduce_scatter + sharded CPU update + allgather of the weights (offloaded); buckets of " +
+                    ir::format_double(c.job.bucket_mib) + " MiB: " + std::to_string(bucketed) + " stage(s) in buckets, " +
+                    std::to_string(collectives) + " gradient collective(s) per step");
 }
 
 }  // namespace mmoc

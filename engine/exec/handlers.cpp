@@ -164,14 +164,24 @@ void Worker::Impl::prefetch(const BufRef& b) {
   put(b, st.host_lowp.to(dev, /*non_blocking=*/true, /*copy=*/true));
 }
 
+// Elements [begin, end) of the instruction's bucket of a stage's flat gradient (the whole flat without one).
+std::pair<int64_t, int64_t> Worker::Impl::bucket_of(const ir::Instr& in, const StageState& st, int64_t numel) const {
+  if (in.buckets <= 1) return {0, numel};
+  return ir::bucket_range(numel, in.bucket, in.buckets, st.sharded ? plan.dp : 1);
+}
+
 void Worker::Impl::evict(const ir::Instr& in) {
   const BufRef& b = *in.buf;
-  at::Tensor t = take(b);
+  // a bucket of the gradient other than the last: that slice is copied, the buffer stays (the op table's effects)
+  const bool last_bucket = in.buckets <= 1 || in.bucket == in.buckets - 1;
+  at::Tensor t = last_bucket ? take(b) : need(b, "evict of a bucket");
   if (!in.to_host) return;
   if (b.kind != BufKind::WGrad) throw ExecError("evict " + b.str() + " -> host: only gradients are copied out");
   StageState& st = stages.at(b.stage);
-  if (st.sharded) st.host_grad.copy_(t.narrow(0, st.lo, st.n), /*non_blocking=*/true);  // this replica's shard (reduced)
-  else st.host_grad.copy_(t, /*non_blocking=*/true);
+  const auto [a, e] = bucket_of(in, st, t.numel());
+  // this replica's shard of the bucket (reduced) when sharded, else the bucket
+  const int64_t x = std::max(a, st.lo), y = std::min(e, st.lo + st.n);
+  if (x < y) st.host_grad.narrow(0, x - st.lo, y - x).copy_(t.narrow(0, x, y - x), /*non_blocking=*/true);
 }
 
 void Worker::Impl::send(const ir::Instr& in) {
@@ -275,6 +285,10 @@ void Worker::Impl::allreduce(const ir::Instr& in) {
   }
   if (!tr) throw ExecError("allreduce over group '" + in.group + "' in a plan run without a transport");
   at::Tensor t = need(*in.buf, "allreduce");
+  if (in.buckets > 1) {  // a bucket of a stage's gradient: its slice of the flat
+    const auto [a, e] = bucket_of(in, stages.at(in.buf->stage), t.numel());
+    t = t.narrow(0, a, e - a);
+  }
   const std::string group = ir::rank_group(plan, in.group, world_rank);  // tp > 1: this shard's group
   if (!cuda) {
     tr->allreduce_sum(t, group);
@@ -365,26 +379,38 @@ void Worker::Impl::optim(const ir::Instr& in) {
   const bool on_cpu = in.stream == ir::Stream::Cpu;
   if (on_cpu == st.resident)
     throw ExecError("optim S" + std::to_string(in.stage) + (on_cpu ? " on the cpu for a GPU-resident stage" : " on the GPU for an offloaded stage"));
-  at::Tensor grad = on_cpu ? st.host_grad : take({BufKind::WGrad, in.stage, -1});
-  if (!has_gradnorm) maybe_poison(in.stage, on_cpu ? std::vector<at::Tensor>{} : std::vector<at::Tensor>{grad});
+  if (in.buckets > 1 && (!on_cpu || st.on_tier))
+    throw ExecError("optim S" + std::to_string(in.stage) + " in buckets: only an offloaded stage's cpu update (not on the NVMe tier) is bucketed");
+  // a bucket of the stage's flat: its part in this replica's shard [x, y) (maybe none); the step's first bucket counts
+  // the step
+  const bool first_bucket = in.buckets <= 1 || in.bucket == 0;
+  int64_t x = st.lo, y = st.lo + st.n;
+  if (in.buckets > 1) {
+    const auto [a, e] = bucket_of(in, st, st.layout.numel);
+    x = std::clamp(a, st.lo, st.lo + st.n), y = std::clamp(e, x, st.lo + st.n);
+  }
+  at::Tensor grad = on_cpu ? st.host_grad.narrow(0, x - st.lo, y - x) : take({BufKind::WGrad, in.stage, -1});
+  if (!has_gradnorm && first_bucket) maybe_poison(in.stage, on_cpu ? std::vector<at::Tensor>{} : std::vector<at::Tensor>{grad});
   if (skip_updates) return;  // the global norm is non-finite: no update, the step count stays
   if (writer->active()) {  // a background save of this stage's state must be done before the state changes
     const double w0 = now_us();
     writer->wait_stage(in.stage);
     save_wait_s += (now_us() - w0) * 1e-6;  // one writer of it at a time: the cpu thread or the host thread
   }
-  st.step += 1;
+  if (first_bucket) st.step += 1;
   if (on_cpu) {
-    // without a gradnorm instruction the norm is summed here, per stage, before the update (checked at step end)
-    // (a sharded stage's shard on every replica; a replicated one once, on replica 0)
-    if (!has_gradnorm && (st.sharded || replica == 0)) gsq_host += grad_sq(st, grad, st.lo, st.n, /*host=*/true);
+    if (y == x) return;  // a bucket outside this replica's shard
+    // without a gradnorm instruction the norm is summed here, per stage (or bucket), before the update (checked at step
+    // end) (a sharded stage's shard on every replica; a replicated one once, on replica 0)
+    if (!has_gradnorm && (st.sharded || replica == 0)) gsq_host += grad_sq(st, grad, x, y - x, /*host=*/true);
+    const int64_t off = x - st.lo;  // in this replica's shard (grad, master, moments alike)
     AdamWBuffers b;
-    b.param = st.master.defined() ? st.master.data_ptr<float>() : nullptr;  // sharded: this replica's shard (grad, moments alike)
-    b.exp_avg = st.exp_avg.defined() ? st.exp_avg.data_ptr<float>() : nullptr;
-    b.exp_avg_sq = st.exp_avg_sq.defined() ? st.exp_avg_sq.data_ptr<float>() : nullptr;
+    b.param = st.master.defined() ? st.master.data_ptr<float>() + off : nullptr;
+    b.exp_avg = st.exp_avg.defined() ? st.exp_avg.data_ptr<float>() + off : nullptr;
+    b.exp_avg_sq = st.exp_avg_sq.defined() ? st.exp_avg_sq.data_ptr<float>() + off : nullptr;
     b.grad = grad.data_ptr();
     b.grad_type = grad_type();
-    if (cdtype == at::kBFloat16) { b.out = st.host_lowp.narrow(0, st.lo, st.n).data_ptr(); b.out_type = OutType::kBFloat16; }
+    if (cdtype == at::kBFloat16) { b.out = st.host_lowp.narrow(0, x, y - x).data_ptr(); b.out_type = OutType::kBFloat16; }
     if (st.on_tier) {  // NVMe tier: the state read for this step (tier.cpp); the weights out to their own copy (never sharded)
       float* o = tier_get(in.stage, "optim").data_ptr<float>();
       b.param = o;
@@ -392,7 +418,7 @@ void Worker::Impl::optim(const ir::Instr& in) {
       b.exp_avg_sq = o + 2 * st.layout.numel;
       if (cdtype == at::kFloat) { b.out = st.host_lowp.data_ptr(); b.out_type = OutType::kFloat32; }
     }
-    b.n = st.n;
+    b.n = y - x;
     adamw_step(b, hyper(), st.step, clip, pool.get());
   } else {
     at::Tensor w = need({BufKind::W, in.stage, -1}, "optim");

@@ -103,10 +103,11 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
                }()) {
       // ZeRO: this replica's 1/dp of the fp32 master and moments and of the gradient landing zone; the whole stage in
       // compute precision (what prefetches read, gathered after every update)
-      const int64_t N = st.layout.numel, chunk = (N + plan.dp - 1) / plan.dp;
+      const int64_t N = st.layout.numel;
+      const auto [lo, hi] = ir::zero_shard(N, coord.replica, plan.dp);  // the split gradient buckets align to
       st.sharded = true;
-      st.lo = std::min<int64_t>(N, (int64_t)coord.replica * chunk);
-      st.n = std::min<int64_t>(N, st.lo + chunk) - st.lo;
+      st.lo = lo;
+      st.n = hi - lo;
       st.group = ir::rank_group(plan, ir::dp_group_name(plan, coord.pipe), rank);  // this tp shard's replicas
       st.host_lowp = host(I.cdtype, N, true);
       st.master = I.cdtype == at::kFloat ? st.host_lowp.narrow(0, st.lo, st.n) : host(at::kFloat, st.n, false);

@@ -235,6 +235,7 @@ struct Worker::Impl {
   void tp_allreduce(const ir::Instr& in);
   void prefetch(const BufRef& b);
   void evict(const ir::Instr& in);
+  std::pair<int64_t, int64_t> bucket_of(const ir::Instr& in, const StageState& st, int64_t numel) const;
   void send(const ir::Instr& in);
   void recv(const ir::Instr& in);
   void free_buf(const BufRef& b);

@@ -172,6 +172,11 @@ TEST_CASE("parse_job") {
   CHECK(j.train.total_steps == 100);
   CHECK(j.train.seed == 7);
   CHECK(parse_job(R"({"v":2})", "j").v == "2");
+  // data-parallel gradient buckets: MiB, default 25, 0 = one per stage, negative refused naming the key
+  CHECK(parse_job(R"({})", "j").bucket_mib == 25);
+  CHECK(parse_job(R"({"bucket_mib":0})", "j").bucket_mib == 0);
+  CHECK(parse_job(R"({"bucket_mib":0.5})", "j").bucket_mib == 0.5);
+  CHECK(error_of([] { parse_job(R"({"bucket_mib":-1})", "job.json"); }).find("'bucket_mib'") != std::string::npos);
 
   auto e1 = error_of([] { parse_job(R"({"gpus":2,"microbatch":4})", "job.json"); });
   CHECK(e1.find("unknown key 'microbatch'") != std::string::npos);

@@ -45,8 +45,9 @@ std::string scratch(const std::string& name) {
 }
 
 ir::Plan make_plan(int pp, int dp, int v, const std::string& offload, const std::string& model, double clip = 0,
-                   int microbatches = 4, int tp = 1) {
+                   int microbatches = 4, int tp = 1, double bucket_mib = JobConfig{}.bucket_mib) {
   JobConfig j;
+  j.bucket_mib = bucket_mib;
   j.model = model;
   j.hardware = "cpu8";
   j.gpus = pp;
@@ -208,6 +209,154 @@ TEST_CASE("offloaded stages of a dp plan: reduce_scatter after the last backward
     }
   CHECK(ir::parse_text(ir::print_text(p)) == p);
   CHECK(ir::from_json_string(ir::to_json_string(p)) == p);
+}
+
+// Gradient buckets (JobConfig::bucket_mib): a stage's wgrad(S) reduced and copied to the host in slices.
+struct Buckets {
+  int n = 0;                                 // buckets of the stage (0: none, the whole buffer)
+  std::vector<int> red, evict;               // their reductions, copies to the host (instruction indices)
+};
+Buckets buckets_of(const ir::Program& prog, int stage, ir::Op red_op) {
+  Buckets b;
+  const ir::BufRef wg{ir::BufKind::WGrad, stage, -1};
+  for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+    const auto& in = prog.instrs[i];
+    if (!in.buf || *in.buf != wg) continue;
+    if (in.op == red_op) { b.red.push_back(i); b.n = in.buckets; }
+    if (in.op == ir::Op::Evict && in.to_host) b.evict.push_back(i);
+  }
+  return b;
+}
+
+TEST_CASE("gradient buckets of a dp plan: each its own collective on a slice, the copies to the host cut the same") {
+  // 0.1 MiB buckets: tiny-8l's decoder stages (~0.7 MiB of fp32 gradient) are cut in several, the embedding's not
+  for (std::string off : {"all", "none"}) {
+    CAPTURE(off);
+    ir::Plan p = make_plan(2, 2, 1, off, "tiny-8l", 0, 4, 1, 0.1);
+    const ir::Op red_op = off == "all" ? ir::Op::ReduceScatter : ir::Op::AllReduce;
+    int bucketed = 0;
+    for (const auto& st : p.stages) {
+      CAPTURE(st.id);
+      const auto& prog = p.programs[st.gpu];
+      Buckets b = buckets_of(prog, st.id, red_op);
+      const int64_t bytes = p.buffer_bytes({ir::BufKind::WGrad, st.id, -1});
+      if (bytes <= int64_t(0.1 * 1048576)) {  // fits in one bucket: the whole buffer, as without buckets
+        CHECK(b.n == 0);
+        CHECK(b.red.size() == 1);
+        continue;
+      }
+      ++bucketed;
+      REQUIRE(b.n >= 3);
+      REQUIRE((int)b.red.size() == b.n);
+      if (off == "all") CHECK(b.n % p.dp == 0);  // aligned to the ZeRO shards
+      int64_t sum = 0;
+      for (int k = 0; k < b.n; ++k) {
+        const auto& in = prog.instrs[b.red[k]];
+        CHECK(in.bucket == k);
+        CHECK(in.stream == ir::Stream::P2P);
+        CHECK(in.group == "dp.g" + std::to_string(prog.gpu));
+        if (k > 0) CHECK(b.red[k] > b.red[k - 1]);  // in order on the p2p stream
+        sum += ir::transfer_bytes(p, in);
+      }
+      CHECK(sum == bytes);  // the buckets cover the gradient exactly
+      if (off == "all") {
+        REQUIRE((int)b.evict.size() == b.n);
+        for (int k = 0; k < b.n; ++k) {
+          const auto& ev = prog.instrs[b.evict[k]];
+          CHECK(ev.bucket == k);
+          CHECK(ev.buckets == b.n);
+          CHECK(ev.stream == ir::Stream::D2H);
+          // each copy waits for its own bucket's reduction, not the last one's
+          CHECK(std::find(ev.after.begin(), ev.after.end(), b.red[k]) != ev.after.end());
+          if (k < b.n - 1) CHECK(std::find(ev.after.begin(), ev.after.end(), b.red.back()) == ev.after.end());
+          // the buffer leaves with the last bucket only
+          bool frees = false;
+          for (const auto& e : ir::effects(p, ev)) frees = frees || e.access == ir::Access::Free;
+          CHECK(frees == (k == b.n - 1));
+        }
+      } else {
+        CHECK(b.evict.empty());
+      }
+      // the stage's update: offloaded, on the cpu in the same buckets, each after its own bucket's copy (then the
+      // allgather of the weights after the last); resident, on the GPU after the last bucket
+      std::vector<int> opts;
+      int ag = -1;
+      for (int i = 0; i < (int)prog.instrs.size(); ++i) {
+        if (prog.instrs[i].op == ir::Op::Optim && prog.instrs[i].stage == st.id) opts.push_back(i);
+        if (prog.instrs[i].op == ir::Op::AllGather && prog.instrs[i].buf->stage == st.id) ag = i;
+      }
+      if (off == "all") {
+        REQUIRE((int)opts.size() == b.n);
+        for (int k = 0; k < b.n; ++k) {
+          const auto& o = prog.instrs[opts[k]];
+          CHECK(o.stream == ir::Stream::Cpu);
+          CHECK(o.bucket == k);
+          CHECK(std::find(o.after.begin(), o.after.end(), b.evict[k]) != o.after.end());
+        }
+        CHECK(ag > opts.back());
+      } else {
+        REQUIRE(opts.size() == 1);
+        const auto& o = prog.instrs[opts[0]];
+        CHECK(o.buckets == 0);
+        CHECK(std::find(o.after.begin(), o.after.end(), b.red.back()) != o.after.end());
+      }
+    }
+    CHECK(bucketed >= 1);
+    CHECK(ir::verify_structure(p).empty());
+    CHECK(ir::parse_text(ir::print_text(p)) == p);
+    CHECK(ir::from_json_string(ir::to_json_string(p)) == p);
+    CHECK(ir::print_text(p).find("wgrad(S1)[2/") != std::string::npos);
+    if (off == "all") CHECK(ir::print_text(p).find("optim S1[2/") != std::string::npos);
+    // the verifier: buckets out of order, and a bucket left out
+    for (const auto& st : p.stages) {
+      Buckets b = buckets_of(p.programs[st.gpu], st.id, red_op);
+      if (b.n < 3) continue;
+      ir::Plan bad = p;
+      std::swap(bad.programs[st.gpu].instrs[b.red[0]].bucket, bad.programs[st.gpu].instrs[b.red[1]].bucket);
+      auto problems = ir::verify_structure(bad);
+      REQUIRE(!problems.empty());
+      CHECK(problems[0].find("in its buckets 1..n in order") != std::string::npos);
+      bad = p;
+      bad.programs[st.gpu].instrs[b.red[1]].buckets = b.n + 1;
+      CHECK(!ir::verify_structure(bad).empty());
+      bad = p;
+      bad.programs[st.gpu].instrs[b.red[1]].bucket = b.n;  // [n+1/n]
+      problems = ir::verify_structure(bad);
+      REQUIRE(!problems.empty());
+      CHECK(problems[0].find("out of range") != std::string::npos);
+      break;
+    }
+  }
+  // 0: one bucket per stage (the plan as before buckets)
+  ir::Plan whole = make_plan(2, 2, 1, "all", "tiny-8l", 0, 4, 1, 0);
+  CHECK(count_ops(whole, ir::Op::ReduceScatter) == whole.num_stages());
+  for (const auto& prog : whole.programs)
+    for (const auto& in : prog.instrs) CHECK(in.buckets == 0);
+}
+
+// The most buckets any stage's gradient is reduced in.
+int max_buckets(const ir::Plan& p) {
+  int n = 0;
+  for (const auto& prog : p.programs)
+    for (const auto& in : prog.instrs)
+      if (in.op == ir::Op::AllReduce || in.op == ir::Op::ReduceScatter) n = std::max(n, in.buckets);
+  return n;
+}
+
+TEST_CASE("dp training with gradient buckets (>= 3 per stage) equals plain training (offload all/none)") {
+  auto check = [](const ir::Plan& p, const std::string& label) {
+    CAPTURE(label);
+    REQUIRE(max_buckets(p) >= 3);
+    check_against_reference(p, label);
+  };
+  // 0.1 MiB buckets: several per decoder stage; the copies to the host per bucket (offload all) land in the shards
+  check(make_plan(2, 2, 1, "all", "tiny-8l", 0, 4, 1, 0.1), "buckets-pp2-dp2-offload-all");
+  check(make_plan(1, 2, 2, "none", "tiny-8l", 0, 4, 1, 0.1), "buckets-pp1-dp2-v2-offload-none");
+  // clipping by the global norm (gradnorm waits for every bucket), 4 replicas (4 shards per stage), GPT-2
+  check(make_plan(1, 4, 1, "all", "tiny-gpt2", 0.05, 8, 1, 0.05), "buckets-pp1-dp4-offload-all-clip");
+  check(make_plan(2, 2, 2, "none", "tiny-gpt2", 0.05, 4, 1, 0.05), "buckets-pp2-dp2-v2-offload-none-clip");
+  // dp x tp: each tp shard's gradient in buckets over its own replicas
+  check(make_plan(1, 2, 1, "all", "tiny-8l", 0, 4, 2, 0.05), "buckets-pp1-dp2-tp2-offload-all");
 }
 
 TEST_CASE("pp x dp training equals plain training ((1,2), (2,2) x v 1,2 x offload all/none x GQA llama, GPT-2)") {

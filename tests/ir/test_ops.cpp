@@ -3,6 +3,7 @@
 // here by hand); the untimed executor and the program replay on the hand plan and on planted faults.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -242,4 +243,118 @@ TEST_CASE("untimed executor and program replay on the hand plan and planted faul
   REQUIRE_FALSE(r.problems.empty());
   CHECK(r.problems[0] == "g0 %1: needs w(S0) on the GPU, but it is not present");
   CHECK(r.problems.back().find("w(S0) freed but not present") != std::string::npos);  // its evict
+}
+
+TEST_CASE("gradient buckets: bucket_range covers the flat exactly, aligned, each bucket inside one ZeRO shard (interleaved)") {
+  for (int64_t elems : {int64_t(1), int64_t(63), int64_t(64), int64_t(1000), int64_t(6464), int64_t(46337), int64_t(1) << 20,
+                        int64_t(6738415616)})
+    for (int shards : {1, 2, 3, 4, 8})
+      for (int n : {1, 2, 3, 4, 5, 8, 12, 64}) {
+        CAPTURE(elems);
+        CAPTURE(shards);
+        CAPTURE(n);
+        std::vector<std::pair<int64_t, int64_t>> got;
+        for (int k = 0; k < std::max(1, n); ++k) {
+          const auto [b, e] = bucket_range(elems, k, n, shards);
+          REQUIRE(e >= b);
+          got.push_back({b, e});
+          // cuts at multiples of kBucketAlign from the flat's start, or at the end of the flat or of a shard
+          bool shard_end = false;
+          for (int d = 0; d < shards; ++d) shard_end = shard_end || zero_shard(elems, d, shards).second == e;
+          CHECK((e % kBucketAlign == 0 || e == elems || (shards > 1 && n % shards == 0 && shard_end)));
+          if (shards > 1 && n % shards == 0 && n > 1) {  // inside the shard of replica k % shards, interleaved
+            const auto [lo, hi] = zero_shard(elems, k % shards, shards);
+            CHECK(b >= lo);
+            CHECK(e <= hi);
+            if (k >= shards) CHECK(b == bucket_range(elems, k - shards, n, shards).second);  // the shard's next piece
+          } else if (k > 0) {
+            CHECK(b == bucket_range(elems, k - 1, n, shards).second);  // in order
+          }
+          // no bucket is empty when the flat has room for n aligned ones per shard
+          if (elems / shards >= int64_t(n) * kBucketAlign) CHECK(e > b);
+        }
+        std::sort(got.begin(), got.end());
+        int64_t at = 0;
+        for (const auto& [b, e] : got) {
+          CHECK(b == at);  // no gap, no overlap
+          at = e;
+        }
+        CHECK(at == elems);  // the whole flat
+      }
+  // the shards cover the flat; bucket k of a 2-way split of 1000 elements in 4: two per shard, cut aligned
+  CHECK(zero_shard(1000, 0, 2) == std::pair<int64_t, int64_t>{0, 500});
+  CHECK(zero_shard(1000, 1, 2) == std::pair<int64_t, int64_t>{500, 1000});
+  CHECK(zero_shard(10, 3, 4) == std::pair<int64_t, int64_t>{9, 10});
+  CHECK(bucket_range(1000, 0, 4, 2) == std::pair<int64_t, int64_t>{0, 192});    // shard 0: 250 rounded down to 64s
+  CHECK(bucket_range(1000, 1, 4, 2) == std::pair<int64_t, int64_t>{500, 704});  // shard 1: 750 rounded down
+  CHECK(bucket_range(1000, 2, 4, 2) == std::pair<int64_t, int64_t>{192, 500});  // shard 0, up to its end
+  CHECK(bucket_range(1000, 3, 4, 2) == std::pair<int64_t, int64_t>{704, 1000});
+  CHECK(bucket_range(1000, 1, 3, 2) == std::pair<int64_t, int64_t>{320, 640});  // 3 is not a multiple of 2: even cuts
+  CHECK(bucket_range(1000, 0, 0, 2) == std::pair<int64_t, int64_t>{0, 1000});   // no buckets: the whole flat
+  CHECK_THROWS_AS(bucket_range(1000, 4, 4, 2), std::invalid_argument);
+  CHECK_THROWS_AS(bucket_range(1000, -1, 4, 2), std::invalid_argument);
+  CHECK_THROWS_AS(bucket_range(1000, 0, 4, 0), std::invalid_argument);
+}
+
+TEST_CASE("gradient buckets: the text and JSON forms, the memory effects of a copy to the host in buckets") {
+  Plan p = hand_plan();
+  // a 3-bucket copy to the host of an offloaded stage's gradient: the buffer stays until the last bucket
+  int ev = -1;
+  for (int i = 0; i < (int)p.programs[0].instrs.size(); ++i) {
+    const auto& in = p.programs[0].instrs[i];
+    if (in.op == Op::Evict && in.to_host && in.buf && in.buf->kind == BufKind::WGrad) ev = i;
+  }
+  REQUIRE(ev >= 0);
+  Instr base = p.programs[0].instrs[ev];
+  for (int k = 0; k < 3; ++k) {
+    Instr e = base;
+    e.bucket = k;
+    e.buckets = 3;
+    CHECK(print_op(e) == "evict " + base.buf->str() + "[" + std::to_string(k + 1) + "/3] -> host");
+    const std::string fx = effects_str(effects(p, e));
+    CHECK(fx == (k < 2 ? "require " : "free ") + base.buf->str() + "; ");
+  }
+  p.programs[0].instrs[ev].bucket = 0;
+  p.programs[0].instrs[ev].buckets = 2;
+  Instr second = p.programs[0].instrs[ev];
+  second.bucket = 1;
+  second.after.push_back(ev);
+  for (auto& in : p.programs[0].instrs)
+    for (auto& a : in.after) if (a > ev) ++a;
+  p.programs[0].instrs.insert(p.programs[0].instrs.begin() + ev + 1, second);
+  CHECK(verify_structure(p).empty());
+  const std::string text = print_text(p);
+  CHECK(text.find("[1/2] -> host") != std::string::npos);
+  CHECK(text.find("[2/2] -> host") != std::string::npos);
+  CHECK(parse_text(text) == p);
+  CHECK(from_json_string(to_json_string(p)) == p);
+  CHECK(to_json_string(p).find("\"bucket\"") != std::string::npos);
+  // malformed buckets in the text
+  for (const auto& [bad, expect] : std::vector<std::pair<std::string, std::string>>{
+           {"[1/2x]", "bucket"}, {"[1-2]", "expected [<k>/<n>]"}, {"[1/2", "expected [<k>/<n>]"}}) {
+    std::string t = text;
+    t.replace(t.find("[1/2]"), 5, bad);
+    std::string err;
+    try {
+      parse_text(t);
+    } catch (const ParseError& e) {
+      err = e.what();
+    }
+    CAPTURE(bad);
+    CHECK(err.find(expect) != std::string::npos);
+  }
+  // the verifier: a bucket on an op that has none, a bucket of a buffer that is not a gradient, one left out
+  Plan q = p;
+  for (auto& in : q.programs[0].instrs)
+    if (in.op == Op::Forward) { in.buckets = 2; break; }
+  auto problems = verify_structure(q);
+  REQUIRE(!problems.empty());
+  CHECK(problems[0].find("only for the reduction") != std::string::npos);
+  q = p;
+  q.programs[0].instrs.erase(q.programs[0].instrs.begin() + ev + 1);
+  for (auto& in : q.programs[0].instrs)
+    for (auto& a : in.after) if (a > ev) --a;
+  problems = verify_structure(q);
+  REQUIRE(!problems.empty());
+  CHECK(problems[0].find("in its buckets 1..n in order") != std::string::npos);
 }

@@ -64,6 +64,7 @@ def main():
             ("--nvme with --tp 2", ["--model", "tiny-8l", "--hardware", "h200x2", "--gpus", "1", "--tp", "2", "--seq-len", "32",
                                     "--microbatches", "2", "--nvme", "/nonexistent-nvme0/mmoc"],
              r"--nvme \(the NVMe tier\) with --dp 1 --tp 2 is not supported"),
+            ("negative --bucket-mib", TINY + ["--bucket-mib", "-1"], r"--bucket-mib must be a size in MiB >= 0 .*got -1"),
         ]
         for name, args, pat in bad:
             for emit in ("json", "text"):

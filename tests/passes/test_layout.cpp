@@ -428,4 +428,39 @@ TEST_CASE("tp-lowering: the simulator times each tp all-reduce on the link: the 
   for (auto& d : big.buffers)
     if (d.kind == ir::BufKind::Part || d.kind == ir::BufKind::PartGrad) d.bytes *= 8;
   CHECK(simulate(big, hw, m2).step_ms > base);
+TEST_CASE("layout: gradient buckets on 7B dp=2 plans: several per stage, the simulated step not slower, the summary says so") {
+  auto m = model("llama2-7b");
+  for (auto [hwname, pp] : {std::pair<std::string, int>{"h200x2", 1}, std::pair<std::string, int>{"l20x4", 2}}) {
+    CAPTURE(hwname);
+    auto hw = hardware(hwname);
+    JobConfig j;
+    j.model = "llama2-7b";
+    j.hardware = hwname;
+    j.gpus = pp;
+    j.dp = 2;
+    j.v = "1";
+    j.schedule = "1f1b";
+    j.offload = "all";
+    j.micro_batch_size = 1;
+    j.microbatches = 8;
+    j.seq_len = 1024;
+    j.bucket_mib = 0;  // one bucket per stage
+    const CompileResult whole = compile_job(j, m, hw, {});
+    j.bucket_mib = 25;  // the default
+    const CompileResult bucketed = compile_job(j, m, hw, {});
+    int buckets = 0;
+    for (const auto& in : bucketed.plan.programs[0].instrs)
+      if (in.op == ir::Op::ReduceScatter) buckets = std::max(buckets, in.buckets);
+    CHECK(buckets >= 3);
+    REQUIRE(whole.plan.predicted);
+    REQUIRE(bucketed.plan.predicted);
+    const double t0 = whole.plan.predicted->step_s, t1 = bucketed.plan.predicted->step_s;
+    MESSAGE(hwname << " pp" << pp << " dp2 7B offload all: step " << t0 << " s in one bucket per stage, " << t1
+                   << " s in buckets of 25 MiB (at most " << buckets << " per stage)");
+    CHECK(t1 <= t0 * (1 + 1e-9));
+    const std::string s = summary(bucketed, m, hw);
+    CHECK(s.find("gradient reduction: ") != std::string::npos);
+    CHECK(s.find(std::to_string(bucketed.plan.num_stages()) + " of " + std::to_string(bucketed.plan.num_stages()) + " stage(s) in buckets") != std::string::npos);
+    CHECK(summary(whole, m, hw).find("0 of ") != std::string::npos);
+  }
 }

@@ -32,7 +32,10 @@ RefEffects reference(const ir::Plan& p, const ir::Instr& in) {
     case Op::AllReduce: r.need.push_back(*in.buf); break;
     case Op::ReduceScatter: r.need.push_back(*in.buf); break;  // the whole buffer stays (this rank uses its shard)
     case Op::AllGather: break;                                  // host copies only
-    case Op::Evict: r.free.push_back(*in.buf); break;
+    case Op::Evict:  // a bucket of wgrad(S) copied out: the buffer leaves with the last one
+      if (in.buckets <= 1 || in.bucket == in.buckets - 1) r.free.push_back(*in.buf);
+      else r.need.push_back(*in.buf);
+      break;
     case Op::Free: r.free.push_back(*in.buf); break;
     case Op::Forward:
       r.need.push_back({BufKind::W, S, -1});

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
   std::optional<int> gpus, mbs, microbatches, seq_len, dp, tp;
   std::optional<std::string> budget, layout, host_budget;
+  std::optional<double> bucket_mib;
   std::optional<std::string> nvme, nvme_place, update_order;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
   app.add_option("-o,--output", out_path, "write the plan here");
@@ -35,6 +36,7 @@ int main(int argc, char** argv) {
   app.add_option("--v", v, "virtual stages per GPU, or auto");
   app.add_option("--dp", dp, "data-parallel replicas of the pipeline (ranks = gpus x dp x tp; divides --microbatches)");
   app.add_option("--tp", tp, "tensor-parallel shards of every pipeline rank (divides heads, kv heads and ffn)");
+  app.add_option("--bucket-mib", bucket_mib, "data-parallel gradient buckets of about this many MiB (job bucket_mib, default 25; 0 = one per stage)");
   app.add_option("--layout", layout, "auto: choose pp x dp x tp over --gpus GPUs by simulated step time under the budget")
       ->check(CLI::IsMember({"auto"}));
   app.add_option("--budget", budget, "memory budget per GPU: GiB as a number (48), or with a unit (48GiB, 48 GiB, 48GB = 10^9 bytes)");
@@ -100,6 +102,11 @@ int main(int argc, char** argv) {
     if (gpus) job.gpus = *gpus;
     if (dp) job.dp = *dp;
     if (tp) job.tp = *tp;
+    if (bucket_mib) {
+      if (!(std::isfinite(*bucket_mib) && *bucket_mib >= 0))
+        throw InputError("--bucket-mib must be a size in MiB >= 0 (0 = one bucket per stage), got " + ir::format_double(*bucket_mib));
+      job.bucket_mib = *bucket_mib;
+    }
     if (layout) job.layout = *layout;
     if (v) job.v = *v;
     if (budget) job.budget_gib = parse_gib(*budget, "--budget");
