@@ -428,6 +428,8 @@ TEST_CASE("tp-lowering: the simulator times each tp all-reduce on the link: the 
   for (auto& d : big.buffers)
     if (d.kind == ir::BufKind::Part || d.kind == ir::BufKind::PartGrad) d.bytes *= 8;
   CHECK(simulate(big, hw, m2).step_ms > base);
+}
+
 TEST_CASE("layout: gradient buckets on 7B dp=2 plans: several per stage, the simulated step not slower, the summary says so") {
   auto m = model("llama2-7b");
   for (auto [hwname, pp] : {std::pair<std::string, int>{"h200x2", 1}, std::pair<std::string, int>{"l20x4", 2}}) {
