@@ -55,7 +55,13 @@ void Worker::Impl::tier_read(const BufRef& b) {
     std::lock_guard<std::mutex> g(tier_mu);
     if (tier_staged.count(b.stage)) throw ExecError("read " + b.str() + " <- nvme: already in host memory");
   }
-  at::Tensor buf;  // a buffer a write gave back (its pages already in place), else a new one of the largest size
+  tier_stage_in(b.stage);
+}
+
+// opt(S) from the tier into a staging buffer: one a write gave back (its pages already in place), else a new one of
+// the largest size; counted in this step's tier traffic. tier_mu must not be held.
+void Worker::Impl::tier_stage_in(int stage) {
+  at::Tensor buf;
   {
     std::lock_guard<std::mutex> g(tier_mu);
     if (!tier_pool.empty()) {
@@ -67,14 +73,12 @@ void Worker::Impl::tier_read(const BufRef& b) {
     buf = host_tensor(tier_buffer_numel, at::kFloat, /*pinned=*/false, -1, 1);
     buf.fill_(0.0f);  // fault its pages in here, in parallel, not one by one inside the read's requests
   }
-  tier::Ticket t = tier->read_async((uint64_t)b.stage, buf.data_ptr());
+  tier::Ticket t = tier->read_async((uint64_t)stage, buf.data_ptr());
   t.wait();  // on the io thread on CUDA: the optimizer step waits for this instruction
-  {
-    std::lock_guard<std::mutex> g(tier_mu);
-    tier_staged[b.stage] = buf;
-    tier_read_bytes += t.bytes();
-    tier_read_s += t.seconds();
-  }
+  std::lock_guard<std::mutex> g(tier_mu);
+  tier_staged[stage] = buf;
+  tier_read_bytes += t.bytes();
+  tier_read_s += t.seconds();
 }
 
 void Worker::Impl::tier_write(const BufRef& b) {
@@ -90,20 +94,19 @@ void Worker::Impl::tier_write(const BufRef& b) {
 
 void Worker::Impl::tier_carry_in(int parity) {
   const std::vector<int>& want = ir::carry_in(plan, parity);
-  std::lock_guard<std::mutex> g(tier_mu);
-  for (const auto& [s, buf] : tier_staged)
-    if (std::find(want.begin(), want.end(), s) == want.end())
-      throw ExecError("opt(S" + std::to_string(s) + ") is in host memory at the start of a step that does not expect it there");
-  for (int s : want) {
-    if (!stages.count(s) || tier_staged.count(s)) continue;  // another rank's stage, or kept by the step before
-    if (!stages.at(s).on_tier || !tier) throw ExecError("the plan keeps opt(S" + std::to_string(s) + ") in host memory but it is not on the tier");
-    at::Tensor buf = tier_new_buffer(s);
-    tier::Ticket t = tier->read_async((uint64_t)s, buf.data_ptr());
-    t.wait();
-    tier_staged[s] = buf;
-    tier_read_bytes += t.bytes();
-    tier_read_s += t.seconds();
+  std::vector<int> missing;
+  {
+    std::lock_guard<std::mutex> g(tier_mu);
+    for (const auto& [s, buf] : tier_staged)
+      if (std::find(want.begin(), want.end(), s) == want.end())
+        throw ExecError("opt(S" + std::to_string(s) + ") is in host memory at the start of a step that does not expect it there");
+    for (int s : want) {
+      if (!stages.count(s) || tier_staged.count(s)) continue;  // another rank's stage, or kept by the step before
+      if (!stages.at(s).on_tier || !tier) throw ExecError("the plan keeps opt(S" + std::to_string(s) + ") in host memory but it is not on the tier");
+      missing.push_back(s);
+    }
   }
+  for (int s : missing) tier_stage_in(s);  // before the step: no io instruction runs yet
 }
 
 void Worker::Impl::tier_drop_cache() {

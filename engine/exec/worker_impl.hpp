@@ -283,6 +283,7 @@ struct Worker::Impl {
   at::Tensor tier_new_buffer(int stage) const;       // zeros, page-aligned
   at::Tensor tier_get(int stage, const char* why);   // the staged buffer (throws when absent)
   void tier_read(const BufRef& b);
+  void tier_stage_in(int stage);                     // tier_read's and tier_carry_in's read into staging
   void tier_write(const BufRef& b);
   // Alternating update order (plan.odd_programs, docs/nvme-tier.md): both bodies; plan.programs is the running
   // step's. tier_staged then also holds, between steps, the opt(S) the next step's body expects in host memory
