@@ -10,7 +10,7 @@ namespace mmoc::engine {
 
 namespace {
 constexpr int64_t kChunk = int64_t(1) << 25;     // AdamW: 32M elements, 128 MiB per fp32 temporary
-constexpr int64_t kSumsqChunk = int64_t(1) << 24;  // sum of squares: 16M elements, 128 MiB of fp64
+constexpr int64_t kSumsqChunk = int64_t(1) << 24;  // sum of squares: one reduction per 16M elements
 
 void check(const at::Tensor& t, int64_t n, const char* what, bool fp32) {
   if (!t.defined() || t.dim() != 1 || t.numel() != n || !t.is_contiguous() || (fp32 && t.scalar_type() != at::kFloat))
@@ -21,11 +21,15 @@ void check(const at::Tensor& t, int64_t n, const char* what, bool fp32) {
 
 at::Tensor sum_of_squares_tensor(const at::Tensor& g) {
   if (!g.is_cuda()) return g.to(at::kDouble).pow(2).sum();
+  // on a GPU: one fp32-accumulating reduction per chunk (the 2-norm, squared in fp64), reading the gradient once; an
+  // fp64 copy of each chunk for a dot product read and wrote 5x the gradient's bytes, which made the resident stages'
+  // update 3.4x its predicted time at 130 GiB (bench/results/2026-12-01-h200-s3). fp32 partial sums over a chunk of
+  // 16M elements are accurate to ~1e-6 relative, far inside what clipping and the non-finite check need.
   at::Tensor acc = at::zeros({}, g.options().dtype(at::kDouble));
   const at::Tensor flat = g.reshape({-1});
   for (int64_t off = 0; off < flat.numel(); off += kSumsqChunk) {
-    at::Tensor x = flat.narrow(0, off, std::min(kSumsqChunk, flat.numel() - off)).to(at::kDouble);
-    acc.add_(at::dot(x, x));
+    const at::Tensor x = flat.narrow(0, off, std::min(kSumsqChunk, flat.numel() - off));
+    acc.add_(at::linalg_vector_norm(x, 2, c10::nullopt, false, at::kFloat).to(at::kDouble).square());
   }
   return acc;
 }

@@ -29,8 +29,9 @@ void adamw_step_tensors(const at::Tensor& master, const at::Tensor& exp_avg, con
                         float grad_scale, DeviceAdamWKernel kernel = DeviceAdamWKernel::kAuto,
                         const at::Tensor* grad_sumsq = nullptr);
 
-// Sum of squares of g (any float dtype, any device) in fp64, as a 0-dim fp64 tensor on g's device; in chunks on a
-// GPU (a 128 MiB fp64 temporary at most), in one reduction on the CPU.
+// Sum of squares of g (any float dtype, any device) as a 0-dim fp64 tensor on g's device: on a GPU, the sum over
+// chunks of 16M elements of each chunk's squared 2-norm (fp32 accumulation, no temporary); on the CPU, in fp64 in one
+// reduction.
 at::Tensor sum_of_squares_tensor(const at::Tensor& g);
 
 }  // namespace mmoc::engine
