@@ -108,6 +108,16 @@ const std::byte* BulkFile::read_at(uint64_t off, std::size_t n, std::byte* scrat
   }
 }
 
+void BulkFile::preallocate(uint64_t size) {
+  if (size == 0) return;
+  for (;;) {
+    if (::fallocate(fd_, 0, 0, (off_t)size) == 0) return;
+    if (errno == EINTR) continue;
+    if (errno == ENOSPC) throw std::runtime_error(path_ + ": no space left on the device for " + std::to_string(size) + " bytes");
+    return;  // EOPNOTSUPP and the like: the writes allocate as they go
+  }
+}
+
 void BulkFile::finish(uint64_t size) {
   if (::ftruncate(fd_, (off_t)size) != 0) throw std::runtime_error(path_ + ": cannot set the size: " + err());
   if (::fsync(fd_) != 0) throw std::runtime_error(path_ + ": fsync failed: " + err());

@@ -50,6 +50,9 @@ class BulkFile {
   // Reads [off, off + n) and returns where it starts inside `scratch` (aligned to kIoAlign, at least
   // align_up(n) + kIoAlign bytes). Throws on a short read.
   const std::byte* read_at(uint64_t off, std::size_t n, std::byte* scratch, std::size_t scratch_size);
+  // Writer: reserves the file's blocks up to `size` (one allocation instead of one per write; a full disk fails here,
+  // before any data is written). Best effort where the file system has no fallocate.
+  void preallocate(uint64_t size);
   // Writer: sets the final size, fsyncs and closes.
   void finish(uint64_t size);
 

@@ -7,7 +7,7 @@ namespace mmoc::io {
 
 namespace {
 TestFault parse(const std::string& s) {
-  auto bad = [&] { return std::runtime_error("MMOC_TEST_FAULT: bad entry '" + s + "' (nonfinite:<rank>:<step>[-<last>], crash-in-save:<rank>, slow-save:<rank>:<ms>)"); };
+  auto bad = [&] { return std::runtime_error("MMOC_TEST_FAULT: bad entry '" + s + "' (nonfinite:<rank>:<step>[-<last>], crash-in-save:<rank>, crash-after-swap:<rank>, slow-save:<rank>:<ms>)"); };
   TestFault f;
   const auto c1 = s.find(':');
   if (c1 == std::string::npos) throw bad();
@@ -24,7 +24,7 @@ TestFault parse(const std::string& s) {
   } catch (const std::logic_error&) {
     throw bad();
   }
-  const bool ok = (f.kind == "nonfinite" && c2 != std::string::npos) || (f.kind == "crash-in-save" && c2 == std::string::npos) ||
+  const bool ok = (f.kind == "nonfinite" && c2 != std::string::npos) || ((f.kind == "crash-in-save" || f.kind == "crash-after-swap") && c2 == std::string::npos) ||
                   (f.kind == "slow-save" && c2 != std::string::npos);
   if (!ok) throw bad();
   return f;

@@ -1,6 +1,7 @@
 // MMOC_TEST_FAULT: faults that tests inject into the engine, a comma-separated list (torch-free):
 //   nonfinite:<rank>:<step>[-<last step>]  that rank's gradients become NaN at those steps (1-based)
 //   crash-in-save:<rank>                   that rank's process ends after its first data chunk of a save
+//   crash-after-swap:<rank>                rank 0 ends once a save is in place, before the previous one is removed
 //   slow-save:<rank>:<ms>                  each of that rank's chunk writes takes <ms> longer (a slow disk)
 // Not for users: it exists so that tests can reach the paths that guard against divergence, slow disks and crashes.
 #pragma once

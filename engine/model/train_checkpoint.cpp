@@ -151,22 +151,47 @@ void rename_or_throw(const std::string& from, const std::string& to) {
     throw std::runtime_error("cannot rename " + from + " to " + to + ": " + std::strerror(errno));
 }
 
-// `fresh` replaces `target`: one atomic exchange where the file system has it (the old checkpoint then sits at
-// `fresh` and is removed), else two renames (the old one moved aside first).
-void swap_in(const std::string& fresh, const std::string& target) {
+// The previous checkpoint, moved aside to "<dir>.old" by finalize_checkpoint and removed by a background thread
+// (unlinking tens of GB takes seconds, with discards on some disks); at most one removal runs at a time.
+struct OldRemoval {
+  std::mutex mu;
+  std::thread th;
+  ~OldRemoval() { wait(); }
+  void wait() {
+    std::lock_guard<std::mutex> g(mu);
+    if (th.joinable()) th.join();
+  }
+  void start(const std::string& path) {
+    std::lock_guard<std::mutex> g(mu);
+    if (th.joinable()) th.join();
+    th = std::thread([path] {
+      if (!io::remove_tree(path))
+        std::fprintf(stderr, "mmoc-run: warning: cannot remove the previous checkpoint %s (remove it by hand)\n", path.c_str());
+    });
+  }
+};
+OldRemoval& old_removal() {
+  static OldRemoval r;
+  return r;
+}
+
+// `fresh` replaces `target`: one atomic exchange where the file system has it, else two renames (the old one moved
+// aside first). Returns where the previous checkpoint now is ("" when there was none), for the caller to remove.
+std::string swap_in(const std::string& fresh, const std::string& target) {
   if (!io::path_exists(target)) {
     rename_or_throw(fresh, target);
-    return;
+    return "";
   }
+  const std::string old = old_checkpoint_dir(target);
+  old_removal().wait();
+  io::remove_tree(old);  // what a crash after an earlier swap left
   if (::renameat2(AT_FDCWD, fresh.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
-    io::remove_tree(fresh);
-    return;
+    rename_or_throw(fresh, old);  // a crash before this leaves it at `fresh`, the staging folder the next save clears
+    return old;
   }
-  const std::string old = target + ".old";
-  io::remove_tree(old);
   rename_or_throw(target, old);
   rename_or_throw(fresh, target);
-  io::remove_tree(old);
+  return old;
 }
 
 // ---- reading ---------------------------------------------------------------------------------------------------
@@ -226,6 +251,15 @@ std::string hf_weights_file(const ir::Plan& plan, int stage) {
 }
 std::string state_file(int stage) { return "mmoc_state/S" + std::to_string(stage) + ".safetensors"; }
 std::string staging_dir(const std::string& dir) { return io::strip_trailing_slashes(dir) + ".staging"; }
+std::string old_checkpoint_dir(const std::string& dir) { return io::strip_trailing_slashes(dir) + ".old"; }
+
+void wait_checkpoint_cleanup() { old_removal().wait(); }
+
+void clear_save_leftovers(const std::string& dir) {
+  wait_checkpoint_cleanup();
+  io::remove_tree(staging_dir(dir));
+  io::remove_tree(old_checkpoint_dir(dir));
+}
 
 int IoOptions::resolved_threads(bool write) const { return threads > 0 ? threads : env_int("MMOC_IO_THREADS", write ? 4 : 8); }
 int64_t IoOptions::resolved_chunk() const {
@@ -311,10 +345,15 @@ void CheckpointWriter::Impl::run() {
   std::vector<std::unique_ptr<std::atomic<int>>> left;  // chunks (and the header) per file still to write
   try {
     const int64_t C = o.resolved_chunk();
+    // every file's blocks reserved at once (MMOC_IO_FALLOCATE=0: allocated by the writes as they come): one
+    // allocation per file, and a full disk fails here, before any data is written
+    const char* fa = std::getenv("MMOC_IO_FALLOCATE");
+    const bool prealloc = !(fa && std::string(fa) == "0");
     for (auto& j : jobs) {
       j->files_left = (int)j->files.size();
       for (auto& f : j->files) {
         f.file = io::BulkFile::create(f.path);
+        if (prealloc) f.file->preallocate(f.prefix.size() + io::align_up(f.data_bytes));
         const int64_t chunks = (int64_t)((f.data_bytes + C - 1) / C);
         left.push_back(std::make_unique<std::atomic<int>>((int)chunks + 1));
         for (int64_t k = -1; k < chunks; ++k) tasks.push_back({j.get(), &f, k, left.back().get()});
@@ -466,8 +505,7 @@ IoStats CheckpointWriter::wait() {
   return impl_->stats;
 }
 
-void finalize_checkpoint(const ir::Plan& plan, const std::string& staging, const std::string& dir, c10::ScalarType wdt,
-                         const std::string& trainer_state_json) {
+void write_checkpoint_meta(const ir::Plan& plan, const std::string& staging, c10::ScalarType wdt, const std::string& trainer_state_json) {
   io::HfConfig cfg;
   cfg.arch = plan.model;
   cfg.dtype = wdt == at::kBFloat16 ? "bfloat16" : "float32";
@@ -490,12 +528,28 @@ void finalize_checkpoint(const ir::Plan& plan, const std::string& staging, const
   }
   io::write_file_atomic(io::join_path(staging, "mmoc_state/trainer_state.json"), trainer_state_json);
   io::write_file_atomic(io::join_path(staging, "mmoc_state/plan.json"), ir::to_json_string(plan));
+}
+
+void finalize_checkpoint(const ir::Plan& plan, const std::string& staging, const std::string& dir, c10::ScalarType wdt,
+                         const std::string& trainer_state_json) {
+  write_checkpoint_meta(plan, staging, wdt, trainer_state_json);
+  commit_checkpoint(staging, dir);
+}
+
+void commit_checkpoint(const std::string& staging, const std::string& dir) {
   io::fsync_dir(io::join_path(staging, "mmoc_state"));
   io::fsync_dir(staging);
   const std::string target = io::strip_trailing_slashes(dir);
-  swap_in(staging, target);
+  const std::string old = swap_in(staging, target);
   const std::string parent = io::parent_dir(target);
   io::fsync_dir(parent.empty() ? std::string(".") : parent);
+  if (old.empty()) return;
+  if (io::test_fault("crash-after-swap", 0)) {  // engine/io/test_fault.hpp
+    std::fprintf(stderr, "mmoc-run: MMOC_TEST_FAULT: rank 0 ends after the swap, before the previous checkpoint is removed\n");
+    std::fflush(stderr);
+    std::_Exit(9);
+  }
+  old_removal().start(old);  // off the critical path: training (or the run's end) goes on
 }
 
 // ---- loading ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@
 // Writing: each rank writes its stages' files into "<dir>.staging" (headers padded so the data starts at 4 KiB),
 // in chunks of MMOC_IO_CHUNK_MIB (32) MiB by MMOC_IO_THREADS (4) threads with O_DIRECT, every file fsynced. Rank 0
 // then adds the small files and swaps the folder in atomically (renameat2 RENAME_EXCHANGE): at every moment the
-// target is either the previous complete checkpoint or the new complete one. Nothing non-finite is ever written.
+// target is either the previous complete checkpoint or the new complete one. The previous one is renamed to
+// "<dir>.old" and removed in the background (a leftover is cleared by the next save). Nothing non-finite is ever
+// written.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -44,6 +46,7 @@ struct StageTensors {
 std::string hf_weights_file(const ir::Plan& plan, int stage);
 std::string state_file(int stage);  // "mmoc_state/S<k>.safetensors"
 std::string staging_dir(const std::string& dir);
+std::string old_checkpoint_dir(const std::string& dir);  // "<dir>.old": the previous checkpoint while it is removed
 
 struct IoOptions {
   int threads = 0;            // 0: MMOC_IO_THREADS or 4 (writes), 8 (reads)
@@ -84,9 +87,20 @@ class CheckpointWriter {
 };
 
 // Rank 0, once every rank's writer has finished `staging`: config.json, generation_config.json, the shard index,
-// trainer_state.json and plan.json, fsync, then `staging` replaces `dir` atomically.
+// trainer_state.json and plan.json, fsync, then `staging` replaces `dir` atomically and the previous checkpoint,
+// renamed to old_checkpoint_dir(dir), is removed by a background thread (wait_checkpoint_cleanup() waits for it).
 void finalize_checkpoint(const ir::Plan& plan, const std::string& staging, const std::string& dir,
                          c10::ScalarType weights_dtype, const std::string& trainer_state_json);
+// finalize_checkpoint in two parts: the small files (rank 0 writes them while the ranks' large files are written),
+// then, once every rank's writer has finished, the fsyncs and the swap.
+void write_checkpoint_meta(const ir::Plan& plan, const std::string& staging, c10::ScalarType weights_dtype,
+                           const std::string& trainer_state_json);
+void commit_checkpoint(const std::string& staging, const std::string& dir);
+// Waits for the background removal of a previous checkpoint (if any); the process's exit waits for it too.
+void wait_checkpoint_cleanup();
+// Before a save into `dir`: what an earlier save left behind when its process ended early (the staging folder, a
+// previous checkpoint renamed aside but not yet removed).
+void clear_save_leftovers(const std::string& dir);
 
 // Reads master, moments and step of `stages` from checkpoint `dir` (the HF shard for masters saved in fp32), in
 // parallel. Errors name the file. `stages` have unsharded layouts; a stage whose layers the checkpoint saved as one

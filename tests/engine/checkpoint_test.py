@@ -11,6 +11,8 @@
 - Resuming from a background checkpoint, or from one with bf16 weights, gives the uninterrupted run's state bit for
   bit.
 - A crash in the middle of a save leaves the previous checkpoint as it was and usable; the next save cleans up.
+- A crash after a save is swapped in, before the previous checkpoint (set aside, removed in the background) is gone,
+  leaves the new checkpoint complete; the next save clears the leftover.
 - Each run prints and records its set-up, init / load and save times.
 """
 import json
@@ -150,6 +152,18 @@ def run_all(tmp):
     must(sh([RUN, p2, *base, "--steps", 5, "--resume", ck, "--save", ck, "-q"]), "crash: the next save")
     check(sorted(os.listdir(j("out"))) == ["ck"], f"crash: the next save cleaned up: {os.listdir(j('out'))}")
     check(json.load(open(os.path.join(ck, "mmoc_state/trainer_state.json")))["step"] == 5, "crash: the next save is in place")
+
+    # ---- a crash after a save is in place, while the previous checkpoint is still being removed --------------
+    # the previous checkpoint is renamed to <ck>.old and removed in the background; rank 0 ends right after the swap
+    full6b = j("full6b")
+    must(sh([RUN, p2, *base, "--steps", 6, "--save", full6b, "-q"]), "uninterrupted 6 steps (2 ranks)")
+    p = sh([RUN, p2, *base, "--steps", 7, "--resume", ck, "--save", ck, "--save-every", 1, "-q"], fault="crash-after-swap:0")
+    check(p.returncode != 0 and "ends after the swap" in p.stderr, f"crash after the swap: the run fails there (rc {p.returncode}, {p.stderr.strip()!r})")
+    ts = lambda d: json.load(open(os.path.join(d, "mmoc_state/trainer_state.json")))["step"]
+    check(ts(ck) == 6 and cu.state(ck) == cu.state(full6b), "crash after the swap: the new checkpoint is in place, complete (the uninterrupted step-6 state)")
+    check(os.path.isdir(ck + ".old") and ts(ck + ".old") == 5, f"crash after the swap: the previous one sits aside: {sorted(os.listdir(j('out')))}")
+    must(sh([RUN, p2, *base, "--steps", 7, "--resume", ck, "--save", ck, "-q"]), "crash after the swap: resume and save")
+    check(sorted(os.listdir(j("out"))) == ["ck"] and ts(ck) == 7, f"crash after the swap: the next save cleared the leftover: {os.listdir(j('out'))}")
 
 
 if __name__ == "__main__":

@@ -261,6 +261,11 @@ TEST_CASE("checkpoint writer: exact round trip through small chunks, and no non-
     CHECK(io.bytes > (int64_t)(L.numel * 8));
     finalize_checkpoint(plan, staging, dir, dt, "{\"step\": 12}");
     CHECK_FALSE(io::path_exists(staging));
+    // the files were reserved past their end (whole blocks): each is cut back to its last tensor's last byte
+    for (const char* name : {"model.safetensors", "mmoc_state/S0.safetensors"}) {
+      const auto f = io::SafetensorsFile::open(dir + "/" + name);
+      CHECK(f.file_size() == f.data_begin() + f.tensors().back().end);
+    }
     // the HF weights load with the generic reader, in the save dtype
     at::Tensor hf = load_hf_weights(dir, plan.model, {L})[0];
     CHECK(at::equal(hf, dt == at::kFloat ? st.master : st.master.to(at::kBFloat16).to(at::kFloat)));
@@ -278,6 +283,15 @@ TEST_CASE("checkpoint writer: exact round trip through small chunks, and no non-
     std::vector<at::Tensor> flats{at::full({L.numel}, 9.0f)};
     load_hf_parallel(dir, plan.model, {L}, flats, ro);
     CHECK(at::equal(flats[0], hf));
+    // a second save replaces it: the previous one is set aside and removed in the background
+    io::make_dirs(staging + "/mmoc_state");
+    w.start(staging, {st}, dt, /*background=*/false);
+    w.wait();
+    finalize_checkpoint(plan, staging, dir, dt, "{\"step\": 13}");
+    wait_checkpoint_cleanup();
+    CHECK_FALSE(io::path_exists(old_checkpoint_dir(dir)));
+    CHECK_FALSE(io::path_exists(staging));
+    CHECK(mmoc::read_file(dir + "/mmoc_state/trainer_state.json") == "{\"step\": 13}");
   }
   // a NaN in the state: the save fails naming the tensor, and the checkpoint in place stays as it was
   const std::string dir = scratch_dir("fp32-nan");

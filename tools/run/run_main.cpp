@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <future>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <iomanip>
@@ -462,27 +463,34 @@ int worker_body(const Args& a, const std::string& device_hint) {
     std::string trainer_state;
     Clock::time_point t0;
     bool background = false;
+    std::future<void> meta;  // rank 0: the small files
   };
   std::optional<PendingSave> pending;
   auto begin_save = [&](int64_t step_done, bool background) {
     const std::string staging = staging_dir(a.save);
     if (w.rank == 0) {
-      io::remove_tree(staging);  // what a crashed save left
+      clear_save_leftovers(a.save);  // what a crashed save left: its staging folder, a previous checkpoint set aside
       io::make_dirs(staging + "/mmoc_state");
     }
     if (tr) tr->barrier();
     json st = {{"step", step_done}, {"data", data::to_json(it.state())}, {"seed", a.seed}, {"plan", io::real_path(a.plan)},
                {"weights_dtype", a.save_dtype}};
-    pending = PendingSave{step_done, st.dump(1), Clock::now(), background};
+    pending = PendingSave{step_done, st.dump(1), Clock::now(), background, {}};
+    // rank 0 writes the small files (config, index, trainer state, plan) on a thread while the large ones are written
+    if (w.rank == 0)
+      pending->meta = std::async(std::launch::async, [&plan, staging, wdt = bf16_weights ? at::kBFloat16 : at::kFloat, ts = pending->trainer_state] {
+        write_checkpoint_meta(plan, staging, wdt, ts);
+      });
     worker.begin_save(staging, bf16_weights, background);
   };
   // waits for every rank's part, then rank 0 swaps the checkpoint in; returns the save's metrics
   auto finish_save = [&]() {
     const SaveReport r = worker.finish_save();  // this rank's files are written and fsynced (or it throws)
+    if (pending->meta.valid()) pending->meta.get();
     const double bytes = sum_over_ranks((double)r.bytes), write_s = max_over_ranks(r.seconds), wait_s = max_over_ranks(r.optimizer_wait_s);
-    // rank 0 completes the folder (config, index, trainer state, fsyncs) and swaps it in, removing the previous one
+    // rank 0 completes the folder (fsyncs) and swaps it in; the previous one is removed in the background
     const auto tf = Clock::now();
-    if (w.rank == 0) finalize_checkpoint(plan, staging_dir(a.save), a.save, bf16_weights ? at::kBFloat16 : at::kFloat, pending->trainer_state);
+    if (w.rank == 0) commit_checkpoint(staging_dir(a.save), a.save);
     const double finalize_s = since(tf);
     if (tr) tr->barrier();
     const double total_s = since(pending->t0);
@@ -662,6 +670,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
     if (tr) tr->barrier();
   }
   if (monitor) monitor->finish();
+  wait_checkpoint_cleanup();  // the previous checkpoint's removal (rank 0), off the saves' critical path
   return 0;
   } catch (const Diverged& e) {
     // every rank is here at the same step: rank 0 says it once, the others leave after it has
@@ -672,6 +681,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
     std::fflush(stdout);
     if (tr) tr->barrier();
     if (monitor) monitor->finish();  // an agreed end: no rank's leaving reads as a failure to the others
+    wait_checkpoint_cleanup();
     if (device == "cuda") std::_Exit(kExitDiverged);
     throw;
   } catch (const std::exception& e) {
