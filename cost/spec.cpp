@@ -354,6 +354,8 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
   r.read("gpu_mem_gib", hw.gpu_mem_gib, finite_min(0));
   r.read("gpu_tflops", hw.gpu_tflops, finite_min(1e-6));
   r.read("peak_bf16_tflops", hw.peak_bf16_tflops, finite_min(1e-6));
+  r.read("gemm_k0", hw.gemm_k0, finite_min(0));
+  r.read("attn_efficiency", hw.attn_efficiency, finite_min(1e-3));
   r.read("gpu_mem_gbps", hw.gpu_mem_gbps, finite_min(1e-6));
   r.read("mfu_small", hw.mfu_small, finite_min(1e-3));
   r.read("mfu_small_tokens", hw.mfu_small_tokens, finite_min(1));
@@ -418,6 +420,7 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
   r.done();
   if (!r.has("gpus")) throw InputError(origin + ": missing required key 'gpus'");
   if (hw.mfu_small > 1) throw InputError(origin + ": mfu_small must be <= 1");
+  if (hw.attn_efficiency > 1) throw InputError(origin + ": attn_efficiency must be <= 1");
   if (hw.mfu_full_tokens < hw.mfu_small_tokens) throw InputError(origin + ": mfu_full_tokens must be >= mfu_small_tokens");
   if (!groups_given)
     for (int g = 0; g < hw.gpus; ++g) hw.host_groups.push_back({g});

@@ -71,11 +71,17 @@ struct HardwareSpec {
   std::string name;
   int gpus = 1;
   double gpu_mem_gib = 80;
-  double gpu_tflops = 100;       // achievable dense bf16 TFLOP/s for large matmuls
+  // Achievable dense bf16 TFLOP/s of a matmul whose inner dimension is large (the limit K -> infinity of the GEMM
+  // model below; the cost model's compute rate). A GEMM [M x K] x [K x N] takes 2*M*N*(K + gemm_k0) / gpu_tflops:
+  // gemm_k0 is a fixed cost per output element (the kernel's prologue/epilogue and tile ramp), so a GEMM with a short
+  // inner dimension (a 3072-wide layer's projections) reaches a lower fraction of the rate than a 4096- or 5120-wide
+  // one. attn_efficiency: the fraction of gpu_tflops flash attention (SDPA) reaches.
+  double gpu_tflops = 100;
+  double gemm_k0 = 1000, attn_efficiency = 0.45;
   // The GPU's peak dense bf16 TFLOP/s from its data sheet (no sparsity): the denominator of MFU and HFU. Optional in
   // the file; the default is the H100/H200 SXM figure (989), so set it for any other GPU (L20: 119.5).
   double peak_bf16_tflops = 989;
-  double gpu_mem_gbps = 2000;    // device memory bandwidth, GB/s
+  double gpu_mem_gbps = 2000;    // achievable device memory traffic of a streaming kernel (read+write), GB/s
   double mfu_small = 0.5;        // efficiency at small micro-batches (see cost model)
   double h2d_gbps = 25, d2h_gbps = 25;   // pinned host<->device per GPU, one direction alone
   double duplex_gbps = 40;       // H2D + D2H at once, one GPU, total
@@ -169,7 +175,11 @@ struct CostModel {
   double d2h_ms(int64_t bytes) const;
   double p2p_ms(int64_t bytes) const;
   double adam_ms(int64_t params, int threads) const;  // CPU AdamW over params
-  double gpu_adam_ms(int64_t params) const;
+  double gpu_adam_ms(int64_t params) const;  // the engine's device AdamW: see gpu_adam_bytes_per_param
+  // Device memory traffic per parameter of the engine's GPU AdamW step (engine/exec/device_adamw.cpp): the fused
+  // kernel's adam_bytes_per_param, the gradient's conversion to fp32, its fp64 sum of squares (the global norm) and the
+  // compute-precision weight copy.
+  double gpu_adam_bytes_per_param() const;
   double allreduce_ms(int64_t bytes) const;  // a collective over the buffer (2x its p2p time)
   // A ring all-reduce of `bytes` over the model's m.tp tensor-parallel ranks: 2(n-1)/n of the buffer over the p2p link
   // (NVLink or PCIe: hw.p2p_gbps) plus its latency; 0 at tp 1.
@@ -196,6 +206,17 @@ struct CostModel {
   double adam_pool_rate(int threads) const;      // one GPU's CPU optimizer thread pool of `threads`
   double adam_traffic_bytes(int64_t params) const;  // host memory traffic of a CPU AdamW step over params
   int optim_threads_per_gpu(int gpus) const;        // the host's cores split among the GPUs' CPU optimizers
+  // The parts of a layer's time (cost/cost.cpp): matmul and attention time at gpu_tflops (before the small-batch
+  // efficiency), and the memory-bound passes (elementwise ops, norms, the head's fp32 logits, the weight-gradient
+  // accumulation) at gpu_mem_gbps. Without calibration, layer time = max(compute_ms / efficiency(T), weight traffic)
+  // + memory_ms + launch_overhead_ms.
+  struct LayerParts {
+    double compute_ms = 0, memory_ms = 0, weight_ms = 0;
+  };
+  LayerParts layer_parts(int layer, int mbs, int seq, bool fwd) const;
+  // The gpu_tflops with which the formula (without calibration) gives `fwd_plus_bwd_ms` for this layer at this shape
+  // (mmoc-profile's --tflops-from layer); 0 when the memory-bound part alone exceeds it.
+  double tflops_reproducing(int layer, int mbs, int seq, double fwd_plus_bwd_ms) const;
   // Fraction of gpu_tflops reached at `tokens` tokens per micro-batch (continuous, in [mfu_small, 1]).
   double efficiency(double tokens) const;
   // 0 embedding, 1 decoder, 2 head, for a model layer index.

@@ -59,3 +59,106 @@ TEST_CASE("transfers and optimizer") {
   CostModel cl{m, l20};
   CHECK(cl.p2p_ms(20000000) == doctest::Approx(1.02).epsilon(0.01));
 }
+
+// ---- the shape-aware layer model (issue 11) ---------------------------------------------------------------------
+namespace {
+double achieved_tflops(const CostModel& c, int layer, int mbs, int seq) {
+  const double flops = c.m.layer_fwd_flops(layer, mbs, seq) + c.m.layer_bwd_flops(layer, mbs, seq);
+  return flops / ((c.layer_fwd_ms(layer, mbs, seq) + c.layer_bwd_ms(layer, mbs, seq)) * 1e9);
+}
+}  // namespace
+
+TEST_CASE("a narrower decoder layer reaches a lower fraction of the GEMM rate") {
+  auto hw = load_hardware("h200x1", kConfigs);
+  auto m7 = load_model("llama2-7b", kConfigs), m13 = load_model("llama2-13b", kConfigs);
+  auto m3 = load_model("llama3.2-3b", kConfigs), q3 = load_model("qwen2.5-3b", kConfigs);
+  CostModel c7{m7, hw}, c13{m13, hw}, c3{m3, hw}, cq{q3, hw};
+  const double t7 = achieved_tflops(c7, 1, 8, 1024), t13 = achieved_tflops(c13, 1, 8, 1024);
+  const double t3 = achieved_tflops(c3, 1, 8, 1024), tq = achieved_tflops(cq, 1, 8, 1024);
+  // hidden 5120 > 4096 > 3072 (GQA) > 2048 (GQA 16/2): the GEMMs' inner dimensions and the memory-bound passes per FLOP
+  CHECK(t13 > t7);
+  CHECK(t7 > 1.05 * t3);
+  CHECK(t3 > tq);
+  // the 7B layer stays what it measured inside the step on the H200 (6.68 / 6.39 ms forward, 14.20 / 13.64 ms backward
+  // with the stash: bench/layer_overhead.py on the 48 and 130 GiB limit traces)
+  CHECK(c7.layer_fwd_ms(1, 8, 1024) + c7.layer_bwd_ms(1, 8, 1024) == doctest::Approx(6.54 + 13.92).epsilon(0.03));
+  CHECK(c7.layer_fwd_ms(1, 8, 1024) == doctest::Approx(6.54).epsilon(0.08));
+  CHECK(c7.layer_bwd_ms(1, 8, 1024) == doctest::Approx(13.92).epsilon(0.08));
+  // 13B inside the step on 2 H200s (docs/results.md, 2026-11-27): forward 9.73 ms, backward with recompute 30.1 ms
+  CHECK(c13.layer_fwd_ms(1, 8, 1024) == doctest::Approx(9.73).epsilon(0.06));
+  CHECK(c13.layer_fwd_ms(1, 8, 1024) + c13.layer_bwd_ms(1, 8, 1024) == doctest::Approx(30.1).epsilon(0.06));
+  // the shape terms are what slow the 3B layer: without gemm_k0 and the memory-bound passes it would run at the 7B's
+  // rate (the old model: one rate for every shape)
+  auto flat = hw;
+  flat.gemm_k0 = 0;
+  flat.gpu_mem_gbps = 1e9;
+  CostModel f7{m7, flat}, f3{m3, flat};
+  CHECK(achieved_tflops(f3, 1, 8, 1024) == doctest::Approx(achieved_tflops(f7, 1, 8, 1024)).epsilon(0.03));
+  // a larger gemm_k0 costs a short inner dimension more
+  auto k0 = hw;
+  k0.gemm_k0 = 2 * hw.gemm_k0;
+  CostModel k7{m7, k0}, k3{m3, k0};
+  CHECK(k3.layer_fwd_ms(1, 8, 1024) / c3.layer_fwd_ms(1, 8, 1024) > k7.layer_fwd_ms(1, 8, 1024) / c7.layer_fwd_ms(1, 8, 1024));
+}
+
+TEST_CASE("the head's time grows with the vocabulary: the fp32 logits' passes") {
+  auto hw = load_hardware("h200x1", kConfigs);
+  auto m = load_model("llama3.2-3b", kConfigs);
+  const int H = m.layers + 1;
+  CostModel c{m, hw};
+  // 128,256 x 8192 fp32 logits (4.2 GB): far from its GEMM time alone, and above the old FLOP-only estimate (12.5 /
+  // 24.9 ms); the tied head stage's backward with recompute measured 84-114 ms for its first micro-batches and below
+  // ~51 ms for the others (bench/results/2026-12-01-h200-s3/s3b.log)
+  const auto pf = c.layer_parts(H, 8, 1024, true), pb = c.layer_parts(H, 8, 1024, false);
+  CHECK(pf.memory_ms > 0.5 * pf.compute_ms);
+  CHECK(pb.memory_ms > 0.4 * pb.compute_ms);
+  const double rc = c.layer_fwd_ms(H, 8, 1024) + c.layer_bwd_ms(H, 8, 1024);
+  CHECK(rc > 42);
+  CHECK(rc < 51);
+  // doubling the vocabulary doubles the head's time (matmuls and logits alike), more than doubling hidden does
+  auto m2 = m;
+  m2.vocab *= 2;
+  CostModel c2{m2, hw};
+  CHECK(c2.layer_fwd_ms(H, 8, 1024) == doctest::Approx(2 * c.layer_fwd_ms(H, 8, 1024)).epsilon(0.02));
+  CHECK(c2.layer_bwd_ms(H, 8, 1024) > 1.9 * c.layer_bwd_ms(H, 8, 1024));
+  auto mh = m;
+  mh.hidden *= 2;
+  CostModel ch{mh, hw};
+  CHECK(ch.layer_fwd_ms(H, 8, 1024) < c2.layer_fwd_ms(H, 8, 1024));
+  // the LLaMA-2-7B head (32,000 x 4096) inside the step on the H200: 5.37 ms forward, 8.58 ms backward (limit48 trace);
+  // 13B alone: 6.00 / 9.80 ms (mmoc-profile, 2026-11-27)
+  auto m7 = load_model("llama2-7b", kConfigs), m13 = load_model("llama2-13b", kConfigs);
+  CostModel c7{m7, hw}, c13{m13, hw};
+  CHECK(c7.layer_fwd_ms(m7.layers + 1, 8, 1024) == doctest::Approx(5.37).epsilon(0.08));
+  CHECK(c7.layer_bwd_ms(m7.layers + 1, 8, 1024) == doctest::Approx(8.58).epsilon(0.10));
+  CHECK(c13.layer_fwd_ms(m13.layers + 1, 8, 1024) == doctest::Approx(6.00).epsilon(0.08));
+  CHECK(c13.layer_bwd_ms(m13.layers + 1, 8, 1024) == doctest::Approx(9.80).epsilon(0.10));
+}
+
+TEST_CASE("tflops_reproducing inverts the layer formula; the GPU AdamW counts the engine's passes") {
+  auto hw = load_hardware("h200x1", kConfigs);
+  auto m = load_model("llama3.2-3b", kConfigs);
+  CostModel c{m, hw};
+  for (int mbs : {1, 8}) {
+    const double t = c.layer_fwd_ms(1, mbs, 1024) + c.layer_bwd_ms(1, mbs, 1024);
+    CHECK(c.tflops_reproducing(1, mbs, 1024, t) == doctest::Approx(hw.gpu_tflops).epsilon(1e-9));
+    CHECK(c.tflops_reproducing(1, mbs, 1024, 1.1 * t) < hw.gpu_tflops);
+  }
+  CHECK(c.tflops_reproducing(1, 8, 1024, 1e-3) == 0);  // below the memory-bound part alone
+  // bf16: 28 (fused kernel) + 6 (gradient to fp32) + 20 (fp64 sum of squares) + 6 (weights) bytes per parameter;
+  // measured on the H200: 0.74B resident parameters in 15.6 ms, 0.80B in 16.5 ms (the trace_compare runs)
+  CHECK(c.gpu_adam_bytes_per_param() == 60);
+  CHECK(c.gpu_adam_ms(737000000) == doctest::Approx(15.6).epsilon(0.15));
+  CHECK(c.gpu_adam_ms(797000000) == doctest::Approx(16.5).epsilon(0.15));
+  CostModel c32{m, hw, 4};
+  CHECK(c32.gpu_adam_bytes_per_param() == 28 + 20 + 8);
+}
+
+TEST_CASE("hardware keys of the layer model") {
+  auto hw = parse_hardware(R"({"gpus": 1, "gemm_k0": 512, "attn_efficiency": 0.3})", "t.json");
+  CHECK(hw.gemm_k0 == 512);
+  CHECK(hw.attn_efficiency == 0.3);
+  CHECK(parse_hardware(R"({"gpus": 1})", "t.json").gemm_k0 == 1000);
+  CHECK_THROWS_AS(parse_hardware(R"({"gpus": 1, "attn_efficiency": 1.5})", "t.json"), InputError);
+  CHECK_THROWS_AS(parse_hardware(R"({"gpus": 1, "gemm_k0": -1})", "t.json"), InputError);
+}

@@ -139,7 +139,10 @@ TEST_CASE("layout: a tensor-parallel rank's layer time is its share of the compu
   // compute-bound at 8k tokens: half the FLOPs (the decoder layer's collectives are outside its time)
   CHECK(m2.layer_fwd_flops(1, mbs, seq) == doctest::Approx(m.layer_fwd_flops(1, mbs, seq) / 2));
   const double f1 = c1.layer_fwd_ms(1, mbs, seq), f2 = c2.layer_fwd_ms(1, mbs, seq);
-  CHECK(f2 == doctest::Approx((f1 - hw.launch_overhead_ms) / 2 + hw.launch_overhead_ms).epsilon(0.02));
+  // half the matmuls and attention, plus what every rank repeats on the whole hidden state (norms, residual adds) and
+  // the row-parallel GEMMs' shorter inner dimension (cost/cost.cpp): a little above half
+  CHECK(f2 > (f1 - hw.launch_overhead_ms) / 2 + hw.launch_overhead_ms);
+  CHECK(f2 < 0.6 * f1);
   // the head's logits, stash and workspace: the rank's vocabulary rows
   CHECK(m2.layer_fwd_workspace(m.layers + 1, mbs, seq, 2) == m.layer_fwd_workspace(m.layers + 1, mbs, seq, 2) / 2);
   CHECK(m2.layer_stash_bytes(1, mbs, seq, false, 2) < m.layer_stash_bytes(1, mbs, seq, false, 2));

@@ -624,7 +624,8 @@ int main(int argc, char** argv) {
     std::vector<Shape> shapes;
     for (int b : mbs_list) for (int s : seq_list) shapes.push_back({b, s});
     std::map<std::string, double> calib;
-    double best_layer_tflops = 0, best_tokens = -1;
+    double best_layer_tflops = 0, best_tokens = -1, best_ms = 0;
+    int best_mbs = 0, best_seq = 0;
     static const char* kinds[] = {"embedding", "decoder", "head+loss"};
     for (const auto& sh : shapes) {
       for (int kind = 0; kind < 3; ++kind) {
@@ -646,7 +647,10 @@ int main(int argc, char** argv) {
         if (kind == 1) {
           const double tokens = (double)sh.mbs * sh.seq;
           const double achieved = (lt.flops_fwd + lt.flops_bwd) / ((lt.fwd + lt.bwd) * 1e9);
-          if (tokens > best_tokens) { best_tokens = tokens; best_layer_tflops = achieved; }
+          if (tokens > best_tokens) {
+            best_tokens = tokens; best_layer_tflops = achieved;
+            best_ms = f + b; best_mbs = sh.mbs; best_seq = sh.seq;
+          }
         }
       }
     }
@@ -692,10 +696,13 @@ int main(int argc, char** argv) {
       hw.gpu_tflops = std::max(1e-6, round_sig(mm_tflops, 4));
       tflops_note = "matmul rate";
     } else if (tflops_from == "layer" && best_layer_tflops > 0) {
-      mmoc::CostModel cm{m, hw};  // the base's efficiency curve
-      hw.gpu_tflops = std::max(1e-6, round_sig(best_layer_tflops / cm.efficiency(best_tokens), 4));  // parser's minimum
+      // the GEMM rate with which the cost model's formula (the base's gemm_k0, efficiency curve and attention share,
+      // the measured gpu_mem_gbps for its memory-bound passes) gives the measured decoder fwd+bwd at the largest shape
+      mmoc::CostModel cm{m, hw};
+      const double t = cm.tflops_reproducing(1, best_mbs, best_seq, best_ms);
+      hw.gpu_tflops = std::max(1e-6, round_sig(t > 0 ? t : best_layer_tflops / cm.efficiency(best_tokens), 4));  // parser's minimum
       tflops_note = "decoder fwd+bwd " + fmt(best_layer_tflops, 3) + " TFLOP/s at " + fmt(best_tokens, 0) +
-                    " tokens / efficiency " + fmt(cm.efficiency(best_tokens), 3);
+                    " tokens: the cost model's GEMM rate that reproduces " + fmt(best_ms, 4) + " ms";
     }
     {  // host_mem_gbps such that CostModel::adam_ms(n_adam, threads) == measured
       const double share = std::min(1.0, (double)std::max(ar.threads, 1) / hw.adam_threads_to_saturate());
