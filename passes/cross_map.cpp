@@ -29,9 +29,9 @@ extern const char* const kCrossMapContract = R"md(World ranks -> physical GPUs, 
   sum_{i<j} w_ij shared(a_i, a_j) over the world ranks' GPUs a, where shared is the size of the link group when two
   GPUs share one and 1 otherwise and w_ij = 1 / |pipe_i - pipe_j|, or 2 for two ranks of the same pipeline rank
   (replicas and shards run the same program at the same time), so ranks whose host transfers overlap in time sit
-  under different links (with dp = tp = 1: sum shared / (j - i), consecutive ranks apart, as in Mobius). Exact search over all assignments
-  (and subsets, when fewer GPUs than the machine has are used) up to 8 GPUs; greedy with pairwise-swap improvement
-  beyond. Ties go to the lexicographically smallest mapping, so with uniform links and no shared host link the
+  under different links (with dp = tp = 1: sum shared / (j - i), consecutive ranks apart, as in Mobius). Exact
+  search over all assignments (and subsets, when fewer GPUs than the machine has are used) up to 8 GPUs; greedy with
+  pairwise-swap improvement beyond. Ties go to the lexicographically smallest mapping, so with uniform links and no shared host link the
   identity is kept. `cross_map: off` keeps 0..W-1.
 - **Recovers from the plan**: nothing beyond `order`.
 )md";
