@@ -377,6 +377,10 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
                 m.name.c_str(), hw.name.c_str(), p.gpus, order.c_str(), p.schedule.c_str(), p.v, p.microbatches,
                 p.micro_batch_size, p.seq_len);
   os << buf;
+  if (ir::world_size(p) > 1) {  // the links of the mapping (cross-map): each group's GPUs and its slowest link
+    const std::string links = describe_layout_links(hw, p);
+    if (!links.empty()) os << "links (slowest per group): " << links << "\n";
+  }
   if (p.dp > 1 || p.tp > 1) {
     std::snprintf(buf, sizeof buf, "layout: pp %d x dp %d x tp %d = %d ranks (each replica runs the programs below on %d of the step's %d micro-batches",
                   p.gpus, p.dp, p.tp, ir::world_size(p), p.microbatches, p.microbatches * p.dp);
@@ -405,7 +409,7 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
     const std::string rc = !s.recompute ? "         " : s.keep_layers == 0 ? "recompute"
                            : "rc " + std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers());
     std::snprintf(buf, sizeof buf, "  S%-3d rank g%d (GPU %d)  layers %3d-%-3d %7.3fB params  %-8s %-9s  fwd %8.2f ms  bwd %8.2f ms\n",
-                  s.id, s.gpu, p.gpu_order.empty() ? s.gpu : p.gpu_order[s.gpu], s.layer_begin, s.layer_end - 1,
+                  s.id, s.gpu, ir::physical_gpu(p, ir::world_rank(p, s.gpu, 0, 0)), s.layer_begin, s.layer_end - 1,
                   s.params / 1e9, s.weights == ir::Residency::Resident ? "resident" : "offload",
                   rc.c_str(), s.fwd_ms, s.bwd_ms);
     os << buf;

@@ -223,9 +223,10 @@ double CostModel::d2h_ms(int64_t bytes) const {
   if (bytes <= 0) return 0;
   return kTransferLatencyMs + (double)bytes / (std::min(hw.d2h_gbps, hw.group_link_gbps) * 1e9) * 1e3;
 }
-double CostModel::p2p_ms(int64_t bytes) const {
+double CostModel::p2p_ms(int64_t bytes) const { return p2p_ms(bytes, hw.p2p_gbps); }
+double CostModel::p2p_ms(int64_t bytes, double gbps) const {
   if (bytes <= 0) return kP2PLatencyMs;
-  return kP2PLatencyMs + (double)bytes / (hw.p2p_gbps * 1e9) * 1e3;
+  return kP2PLatencyMs + (double)bytes / (gbps * 1e9) * 1e3;
 }
 
 double CostModel::adam_ms(int64_t params, int threads) const {
@@ -245,6 +246,7 @@ double CostModel::gpu_adam_ms(int64_t params) const {
 }
 
 double CostModel::allreduce_ms(int64_t bytes) const { return 2 * p2p_ms(bytes); }
+double CostModel::allreduce_ms(int64_t bytes, double gbps) const { return 2 * p2p_ms(bytes, gbps); }
 double CostModel::gradnorm_ms() const { return kGradNormMs; }
 
 double CostModel::h2d_rate() const { return bytes_per_ms(hw.h2d_gbps); }

@@ -3,9 +3,12 @@
 // Model:
 //  - Each (gpu, stream) is an in-order queue. An instruction starts when its stream predecessor has finished and all of
 //    its `after` dependencies have finished. send/recv are a rendezvous: a matching pair (same tag, peers agree) starts
-//    together when both are ready and both end after p2p_ms(bytes), occupying both p2p streams.
+//    together when both are ready and both end after p2p_ms(bytes) over the link of their two physical GPUs
+//    (HardwareSpec::link_gbps: p2p_links, else p2p_gbps; the plan's order maps ranks to GPUs), occupying both p2p
+//    streams.
 //  - Fixed durations: forward/backward from plan.stages[s].fwd_ms/bwd_ms, GPU optim from gpu_adam_ms, gradnorm 0.05 ms,
-//    allreduce 2(n-1)/n x p2p of the buffer over its group's n ranks (ring), load_batch / free / evict without copy 0;
+//    allreduce 2(n-1)/n x p2p of the buffer over its group's n ranks (a ring in rank order over their physical GPUs,
+//    at its slowest link: HardwareSpec::ring_gbps), load_batch / free / evict without copy 0;
 //    a gradient bucket (wgrad(S)[k/n]) moves its bucket's bytes (ir::transfer_bytes), in its collective and its copy.
 //  - Fluid (bandwidth-shared) operations, rates recomputed by max-min fair sharing whenever one starts or ends:
 //      prefetch (H2D)        : caps h2d_gbps (per GPU), duplex_gbps (per GPU, shared with D2H), group_link_gbps (H2D
@@ -165,13 +168,13 @@ struct Sim {
     }
     // Layouts with dp or tp > 1: the programs are one replica's and one tp shard's; every other copy runs the same
     // program at the same time (symmetry), so shared host resources are split with them: a host group's link among
-    // the world ranks on its GPUs (world rank r runs on GPU r mod gpus, as mmoc-run places them), host memory
+    // the world ranks on its GPUs (world rank r runs on the plan's GPU ir::physical_gpu, as mmoc-run places it), host memory
     // bandwidth and the host's cores among all world ranks.
     const int W = ir::world_size(p), copies = std::max(1, W / std::max(1, G));
     for (int k = 0; k < ngroups; ++k) {
       int sims = 0, worlds = 0;
       for (int g = 0; g < G; ++g) sims += hw.group_of(phys(g)) == k;
-      for (int r = 0; r < W; ++r) worlds += hw.group_of(r % std::max(1, hw.gpus)) == k;
+      for (int r = 0; r < W; ++r) worlds += hw.group_of(ir::physical_gpu(p, r)) == k;
       const double share = copies > 1 && sims > 0 ? std::max(1.0, double(worlds) / sims) : 1.0;
       res_cap[r_group_up(k)] = cost.group_link_rate() / share;
       res_cap[r_group_down(k)] = cost.group_link_rate() / share;
@@ -184,8 +187,45 @@ struct Sim {
     init_memory();
   }
 
-  // Physical GPU of rank g (host groups are physical).
-  int phys(int g) const { return g < (int)p.gpu_order.size() ? p.gpu_order[g] : g; }
+  // Physical GPU of simulated rank g, the program of pipeline rank g as replica 0's shard 0 runs it (host groups and
+  // links are physical; ir::physical_gpu).
+  int phys(int g) const { return ir::physical_gpu(p, ir::world_rank(p, g, 0, 0)); }
+  // The link between pipeline ranks g and h: the slowest over the replicas and shards, which all send at once (each
+  // replica's shard k to the same replica's shard k).
+  std::map<std::pair<int, int>, double> pair_gbps_;
+  double pair_gbps(int g, int h) {
+    auto [it, fresh] = pair_gbps_.try_emplace({g, h}, hw.p2p_gbps);
+    if (!fresh) return it->second;
+    const int dp = std::max(1, p.dp), tp = std::max(1, p.tp);
+    double bw = std::numeric_limits<double>::infinity();
+    if (g < 0 || h < 0 || g >= std::max(1, p.gpus) || h >= std::max(1, p.gpus)) return it->second;
+    for (int r = 0; r < dp; ++r)
+      for (int t = 0; t < tp; ++t)
+        bw = std::min(bw, hw.link_gbps(ir::physical_gpu(p, ir::world_rank(p, g, r, t)), ir::physical_gpu(p, ir::world_rank(p, h, r, t))));
+    return it->second = bw;
+  }
+  // The ring a collective of program g on group `name` runs over: the slowest of the concrete groups (ir::rank_group)
+  // of every world rank that runs program g (they reduce at the same time), each a ring in rank order
+  // (HardwareSpec::ring_gbps of its physical GPUs).
+  std::map<std::pair<int, std::string>, double> group_gbps_;
+  std::map<std::string, std::vector<int>> groups_;
+  double group_gbps(int g, const std::string& name) {
+    auto [it, fresh] = group_gbps_.try_emplace({g, name}, hw.p2p_gbps);
+    if (!fresh) return it->second;
+    if (groups_.empty()) groups_ = ir::process_groups(p);
+    double bw = std::numeric_limits<double>::infinity();
+    const int W = ir::world_size(p);
+    for (int r = 0; r < W; ++r) {
+      if (ir::rank_coord(p, r).pipe != g) continue;
+      auto gi = groups_.find(ir::rank_group(p, name, r));
+      if (gi == groups_.end() || gi->second.size() < 2) continue;
+      std::vector<int> gpus;
+      for (int m : gi->second) gpus.push_back(ir::physical_gpu(p, m));
+      bw = std::min(bw, hw.ring_gbps(gpus));
+    }
+    if (bw < std::numeric_limits<double>::infinity()) it->second = bw;
+    return it->second;
+  }
 
   // Implicit transfers: each buffer an instruction requires or frees waits for the instruction that allocates it;
   // from another GPU it also takes the p2p time of its bytes (unbounded buffering, no contention).
@@ -204,7 +244,7 @@ struct Sim {
           auto it = made.find(e.buf);
           if (it == made.end()) continue;
           auto [pg, pi] = it->second;
-          producers[g][i].push_back({pg, pi, pg == g ? 0.0 : cost.p2p_ms(p.buffer_bytes(e.buf))});
+          producers[g][i].push_back({pg, pi, pg == g ? 0.0 : cost.p2p_ms(p.buffer_bytes(e.buf), pair_gbps(pg, g))});
         }
     }
   }
@@ -273,13 +313,13 @@ struct Sim {
         const double t = !st ? 0 : ir::op_info(in.op).timing == ir::Timing::StageForward ? st->fwd_ms : st->bwd_ms;
         return in.seg >= 0 ? t / (ir::tp_collectives(p, in.stage, in.op) + 1) : t;
       }
-      case ir::Timing::PeerToPeer: return cost.p2p_ms(bytes);
+      case ir::Timing::PeerToPeer: return cost.p2p_ms(bytes, pair_gbps(g, in.peer));  // the link of the two GPUs
       case ir::Timing::Collective: {  // a ring over the group's n ranks moves 2(n-1)/n of the buffer per rank
         const int n = in.group == "world"               ? ir::world_size(p)
                       : in.group.rfind("dp.", 0) == 0   ? std::max(1, p.dp)
                       : in.group.rfind("tp.", 0) == 0   ? std::max(1, p.tp)
                                                         : 2;
-        return n <= 1 ? 0 : cost.allreduce_ms(bytes) * (n - 1) / n;
+        return n <= 1 ? 0 : cost.allreduce_ms(bytes, group_gbps(g, in.group)) * (n - 1) / n;  // its slowest link
       }
       case ir::Timing::GradNorm: return cost.gradnorm_ms();
       case ir::Timing::HostToDevice:

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <fstream>
 #include <set>
@@ -344,6 +345,26 @@ int HardwareSpec::group_of(int gpu) const {
   return -1;
 }
 
+const HardwareSpec::P2PLink* HardwareSpec::link(int a, int b) const {
+  if (a > b) std::swap(a, b);
+  for (const auto& l : p2p_links)
+    if (l.a == a && l.b == b) return &l;
+  return nullptr;
+}
+
+double HardwareSpec::link_gbps(int a, int b) const {
+  const P2PLink* l = link(a, b);
+  return l ? l->gbps : p2p_gbps;
+}
+
+double HardwareSpec::ring_gbps(const std::vector<int>& gpus) const {
+  const size_t n = gpus.size();
+  if (n < 2) return p2p_gbps;
+  double bw = std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < n; ++i) bw = std::min(bw, link_gbps(gpus[i], gpus[(i + 1) % n]));
+  return bw;
+}
+
 HardwareSpec parse_hardware(const std::string& json_text, const std::string& origin) {
   json j = parse_json_text(json_text, origin);
   HardwareSpec hw;
@@ -417,8 +438,38 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
       hw.storage.push_back(sp);
     }
   }
+  const json* links = r.get("p2p_links");
   r.done();
   if (!r.has("gpus")) throw InputError(origin + ": missing required key 'gpus'");
+  if (links) {  // after `gpus` is known: each pair's ids are checked against it
+    const std::string want = "a list of {\"gpus\": [a, b], \"gbps\": x[, \"kind\": \"...\"]} objects";
+    if (!links->is_array()) json_fail(r.at("p2p_links"), "expected " + want + ", got " + json_describe(*links));
+    for (size_t i = 0; i < links->size(); ++i) {
+      const std::string where = origin + ": p2p_links[" + std::to_string(i) + "]";
+      const json& e = (*links)[i];
+      ObjReader s(e, where, JsonNaming::Key);
+      HardwareSpec::P2PLink l;
+      s.read("gbps", l.gbps, finite_min(0));
+      s.read("kind", l.kind);
+      const json* g = s.get("gpus");
+      s.done();
+      if (!g) throw InputError(where + ": missing required key 'gpus'");
+      if (!s.has("gbps")) throw InputError(where + ": missing required key 'gbps'");
+      if (!(l.gbps > 0)) throw InputError(where + ".gbps: must be > 0 (got " + ir::format_double(l.gbps) + ")");
+      if (!g->is_array() || g->size() != 2 || !(*g)[0].is_number_integer() || !(*g)[1].is_number_integer())
+        throw InputError(where + ".gpus: expected two GPU ids [a, b], got " + json_describe(*g));
+      l.a = (*g)[0].get<int>();
+      l.b = (*g)[1].get<int>();
+      for (int x : {l.a, l.b})
+        if (x < 0 || x >= hw.gpus)
+          throw InputError(where + ".gpus: names GPU " + std::to_string(x) + " but gpus = " + std::to_string(hw.gpus));
+      if (l.a == l.b) throw InputError(where + ".gpus: a link joins two different GPUs (got [" + std::to_string(l.a) + ", " + std::to_string(l.b) + "])");
+      if (l.a > l.b) std::swap(l.a, l.b);
+      if (hw.link(l.a, l.b))
+        throw InputError(where + ".gpus: the pair [" + std::to_string(l.a) + ", " + std::to_string(l.b) + "] is listed twice");
+      hw.p2p_links.push_back(l);
+    }
+  }
   if (hw.mfu_small > 1) throw InputError(origin + ": mfu_small must be <= 1");
   if (hw.attn_efficiency > 1) throw InputError(origin + ": attn_efficiency must be <= 1");
   if (hw.mfu_full_tokens < hw.mfu_small_tokens) throw InputError(origin + ": mfu_full_tokens must be >= mfu_small_tokens");

@@ -88,7 +88,21 @@ struct HardwareSpec {
   // GPUs sharing one host link (PCIe switch / root complex), and that link's capacity per direction.
   std::vector<std::vector<int>> host_groups;
   double group_link_gbps = 25;   // per direction, shared by the group's GPUs
-  double p2p_gbps = 20;          // GPU<->GPU
+  double p2p_gbps = 20;          // GPU<->GPU, every pair that p2p_links does not list
+  // Per-pair GPU links overriding p2p_gbps (JSON "p2p_links": [{"gpus": [0, 2], "gbps": 40, "kind": "pcie-switch"}]):
+  // one entry per unordered pair, both directions (mmoc-profile measures them on > 1 GPU).
+  struct P2PLink {
+    int a = 0, b = 0;          // GPU ids, a < b
+    double gbps = 0;           // per direction
+    std::string kind;          // "nvlink", "pcie-switch", "pcie-host", "measured", ... (documentation only)
+  };
+  std::vector<P2PLink> p2p_links;
+  // The GPU<->GPU bandwidth between physical GPUs a and b (GB/s): their p2p_links entry, else p2p_gbps.
+  double link_gbps(int a, int b) const;
+  const P2PLink* link(int a, int b) const;  // the p2p_links entry of the pair, or nullptr
+  // The bandwidth a ring over `gpus` (in this order, the last back to the first) runs at: its slowest link; p2p_gbps
+  // for fewer than two GPUs.
+  double ring_gbps(const std::vector<int>& gpus) const;
   double host_mem_gib = 256;     // per node: the ranks on one host share it (cost/host_memory.hpp checks plans against it)
   // Host memory of one worker process beyond its training state: CUDA context, LibTorch, NCCL and cuBLAS on the host.
   // 3.0: LLaMA-2-7B on nvidia-h200 at a 20 GiB budget peaked at 109.4 GiB resident when pinned buffers were still
@@ -174,6 +188,7 @@ struct CostModel {
   double h2d_ms(int64_t bytes) const;
   double d2h_ms(int64_t bytes) const;
   double p2p_ms(int64_t bytes) const;
+  double p2p_ms(int64_t bytes, double gbps) const;  // over a link of `gbps` (HardwareSpec::link_gbps / ring_gbps)
   double adam_ms(int64_t params, int threads) const;  // CPU AdamW over params
   double gpu_adam_ms(int64_t params) const;  // the engine's device AdamW: see gpu_adam_bytes_per_param
   // Device memory traffic per parameter of the engine's GPU AdamW step (engine/exec/device_adamw.cpp): the fused
@@ -181,6 +196,7 @@ struct CostModel {
   // compute-precision weight copy.
   double gpu_adam_bytes_per_param() const;
   double allreduce_ms(int64_t bytes) const;  // a collective over the buffer (2x its p2p time)
+  double allreduce_ms(int64_t bytes, double gbps) const;  // the same over a ring whose slowest link has `gbps`
   // A ring all-reduce of `bytes` over the model's m.tp tensor-parallel ranks: 2(n-1)/n of the buffer over the p2p link
   // (NVLink or PCIe: hw.p2p_gbps) plus its latency; 0 at tp 1.
   double tp_allreduce_ms(int64_t bytes) const;

@@ -245,6 +245,10 @@ int world_rank(const Plan& p, int pipe, int replica, int shard) {
   return (replica * std::max(1, p.gpus) + pipe) * std::max(1, p.tp) + shard;
 }
 
+int physical_gpu(const Plan& p, int r) {
+  return (int)p.gpu_order.size() == world_size(p) && r >= 0 && r < (int)p.gpu_order.size() ? p.gpu_order[r] : r;
+}
+
 std::string dp_group_name(const Plan&, int pipe) { return "dp.g" + std::to_string(pipe); }
 std::string tp_group_name(const Plan&, int pipe) { return "tp.g" + std::to_string(pipe); }
 

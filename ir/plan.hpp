@@ -199,7 +199,10 @@ struct Plan {
   int gpus = 1, v = 1, dp = 1, tp = 1;
   int microbatches = 1, micro_batch_size = 1, seq_len = 128;
   int64_t budget_bytes = 0;  // per GPU
-  std::vector<int> gpu_order; // physical GPU id of each pipeline rank (cross mapping)
+  // Physical GPU of each world rank (cross mapping; text/JSON key `order`): world_size entries. With dp = tp = 1 that is
+  // one per pipeline rank; plans written before the layouts had their own mapping may hold one per pipeline rank with
+  // dp or tp > 1 (physical_gpu then falls back to the world rank). Empty: world rank r on GPU r.
+  std::vector<int> gpu_order;
   std::vector<int64_t> host_bytes;  // per rank: predicted host memory (cost/host_memory.hpp); empty in older plans
   // NVMe tier (docs/nvme-tier.md): host memory cap of the node (0 = none given), the tier's directories and the
   // relative share of every object on each (tier::path_weight of the measured bandwidths). Optional in both forms.
@@ -242,6 +245,8 @@ struct RankCoord {
 int world_size(const Plan&);                       // gpus * dp * tp: the processes of the job
 RankCoord rank_coord(const Plan&, int world_rank);  // throws std::out_of_range outside the world
 int world_rank(const Plan&, int pipe, int replica, int shard = 0);
+// The physical GPU (on its node) that world rank r runs on: gpu_order[r] when the order has world_size entries, else r.
+int physical_gpu(const Plan&, int world_rank);
 // Every world rank runs the program of its pipeline rank (replicas on their own micro-batches, tp shards on their
 // shard of the weights), so a program's collective names a group relative to the rank that runs it:
 //   "dp.g<p>"  pipeline rank p's data-parallel group: its dp replicas (with tp > 1, those of the rank's own tp shard)

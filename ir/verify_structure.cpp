@@ -68,8 +68,10 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
           "), kv heads (" + std::to_string(p.model.kv_heads) + ") and ffn (" + std::to_string(p.model.ffn) + ")");
   }
   if (!p.gpu_order.empty()) {
-    if ((int)p.gpu_order.size() != G)
-      add("plan: order has " + std::to_string(p.gpu_order.size()) + " entries, gpus=" + std::to_string(G));
+    const int W = world_size(p);  // one physical GPU per world rank (one per pipeline rank: older dp/tp plans)
+    if ((int)p.gpu_order.size() != W && (int)p.gpu_order.size() != G)
+      add("plan: order has " + std::to_string(p.gpu_order.size()) + " entries, the layout has " + std::to_string(W) +
+          " ranks (gpus=" + std::to_string(G) + ")");
     std::set<int> seen;
     for (int d : p.gpu_order)
       if (d < 0 || !seen.insert(d).second) add("plan: order entry " + std::to_string(d) + " is negative or repeated");

@@ -189,9 +189,22 @@ void fill_stage_costs(const PassContext&, ir::Stage&);
 int64_t stage_stash_bytes(const PassContext&, const ir::Stage&);
 // Bytes of one activation (and of its gradient) handed between stages: mbs x seq x hidden in compute precision.
 int64_t boundary_bytes(const PassContext&);
-// Cross mapping (cross_map.cpp): best order of physical GPUs for n pipeline ranks, and its Mobius cost.
+// Cross mapping (cross_map.cpp): the physical GPU of each world rank of a layout pp x dp x tp (the pass's contract
+// says by which keys), the same for n pipeline ranks alone (dp = tp = 1), and an order's Mobius cost (dp = tp = 1).
+std::vector<int> cross_map_layout(const HardwareSpec&, int gpus, int dp, int tp);
 std::vector<int> cross_map_order(const HardwareSpec&, int n);
 double cross_map_cost(const HardwareSpec&, const std::vector<int>& order);
+// The links of a plan's process groups (ir::process_groups but "world") on its mapping: each group's physical GPUs in
+// rank order, the slowest link of its ring (HardwareSpec::ring_gbps; of a pipeline "pp.r<d>": of its neighbour pairs)
+// and that link's kind ("" when p2p_links does not list it). describe_layout_links: one line of them for the summary ("tp.g0.r0 GPUs 0,2 40 GB/s (nvlink); ...").
+struct GroupLink {
+  std::string name;
+  std::vector<int> gpus;
+  double gbps = 0;
+  std::string kind;
+};
+std::vector<GroupLink> layout_links(const HardwareSpec&, const ir::Plan&);
+std::string describe_layout_links(const HardwareSpec&, const ir::Plan&);
 // Schedules (schedule.cpp).
 const std::vector<std::string>& schedule_names();
 void check_schedule(const std::string& schedule, int gpus, int v, int microbatches);

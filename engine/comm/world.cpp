@@ -398,6 +398,19 @@ int cuda_device_for(const WorldInfo& w, int visible) {
                     std::to_string(visible) + " visible on this node; run at most that many ranks per node");
 }
 
+int cuda_device_for(const WorldInfo& w, int visible, const std::vector<int>& plan_gpus) {
+  if (visible == 1 || plan_gpus.empty() || w.nnodes > 1) return cuda_device_for(w, visible);
+  if (w.rank < 0 || w.rank >= (int)plan_gpus.size())
+    throw ConfigError("rank " + std::to_string(w.rank) + " has no GPU in the plan's mapping (order= lists " +
+                      std::to_string(plan_gpus.size()) + " ranks)");
+  const int d = plan_gpus[w.rank];
+  if (d < 0 || d >= visible)
+    throw ConfigError("rank " + std::to_string(w.rank) + " runs on GPU " + std::to_string(d) + " per the plan's mapping (order=), but " +
+                      std::to_string(visible) + " GPU(s) are visible on this node; compile for this machine's hardware file or "
+                      "with --cross-map off");
+  return d;
+}
+
 NodeLaunch resolve_node_launch(const LauncherRequest& req, int total_ranks, const Env& env) {
   NodeLaunch nl;
   if (total_ranks < 1) throw ConfigError("the plan has no ranks");

@@ -92,6 +92,11 @@ int slurm_master_port(long long job_id);
 // rank through CUDA_VISIBLE_DEVICES, e.g. srun --gpus-per-task=1) that device. Throws ConfigError when the local
 // rank has no device of its own (visible devices > 1 but <= local rank).
 int cuda_device_for(const WorldInfo& w, int visible_devices);
+// The same following a plan's mapping (ir::physical_gpu of every world rank: the cross-map pass's choice, so that
+// tensor-parallel groups sit on the best-connected GPUs): on one node with more than one visible device, rank r runs
+// on plan_gpus[r] (a ConfigError when that device is not visible); with one visible device, on it; across nodes, or
+// with no mapping (empty), as above.
+int cuda_device_for(const WorldInfo& w, int visible_devices, const std::vector<int>& plan_gpus);
 
 // mmoc-run's own launcher: the options as given (0 / -1 / "" = not given) ...
 struct LauncherRequest {

@@ -1033,3 +1033,26 @@ int main(int argc, char** argv) {
   doctest::Context ctx(argc, argv);
   return ctx.run();
 }
+
+TEST_CASE("node launch: on one node a rank's CUDA device follows the plan's mapping (cross-map)") {
+  // pp 2 x tp 2 on a machine whose fast pairs are {0,2} and {1,3}: order=0,2,1,3 (ir::physical_gpu of each rank)
+  const std::vector<int> order{0, 2, 1, 3};
+  std::vector<int> got;
+  for (int r = 0; r < 4; ++r) {
+    std::map<std::string, std::string> env{{"RANK", std::to_string(r)}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", std::to_string(r)},
+                                           {"LOCAL_WORLD_SIZE", "4"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29500"}};
+    WorldInfo w = world_from_env(env);
+    got.push_back(cuda_device_for(w, 4, order));
+  }
+  DOCTEST_CHECK(got == order);
+  WorldInfo w;
+  w.rank = 1;
+  w.local_rank = 1;
+  DOCTEST_CHECK(cuda_device_for(w, 4, {}) == 1);            // no mapping: the local rank
+  DOCTEST_CHECK(cuda_device_for(w, 1, order) == 0);         // one GPU bound per rank: that one
+  DOCTEST_CHECK(cuda_device_for(w, 4, {3, 2, 1, 0}) == 2);
+  DOCTEST_CHECK_THROWS_WITH_AS(cuda_device_for(w, 2, order), doctest::Contains("rank 1 runs on GPU 2 per the plan's mapping (order=), but 2 GPU(s) are visible"),
+                               ConfigError);
+  w.nnodes = 2;  // across nodes the plan's GPU ids are not this node's: the local rank
+  DOCTEST_CHECK(cuda_device_for(w, 4, order) == 1);
+}

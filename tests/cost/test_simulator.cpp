@@ -376,3 +376,70 @@ TEST_CASE("GPipe pipeline: step time matches the closed form") {
   auto u = simulate(p, hw, m, SimOptions{0, true});
   CHECK_FALSE(u.deadlock);
 }
+
+TEST_CASE("links: send/recv on its two GPUs' link, a collective at its ring's slowest link") {
+  auto m = tiny();
+  HardwareSpec hw = hw2({{0}, {1}, {2}, {3}});
+  hw.gpus = 4;
+  hw.p2p_gbps = 10;  // every pair but those below
+  hw.p2p_links = {{0, 2, 100, "nvlink"}, {1, 3, 100, "nvlink"}};
+  const CostModel cost{m, hw};
+  const int64_t B = 1000000000;  // 1 GB: 100 ms at 10 GB/s, 10 ms at 100 GB/s
+
+  // send/recv between pipeline ranks 0 and 1: the link of the physical GPUs the plan's order puts them on
+  auto sr = [&](std::vector<int> order) {
+    auto p = base_plan(2);
+    p.gpu_order = std::move(order);
+    p.stages = {stage(0, 0, 0, 2, 5.0), stage(1, 1, 2, 4, 3.0)};
+    p.buffers = {decl(BufKind::Act, 0, B, ir::Tier::Gpu)};
+    BufRef a{BufKind::Act, 0, 0};
+    p.programs[0].instrs = {fwd(0, 0), sendrecv(Op::Send, a, 1, "F.S0.m0", {0})};
+    p.programs[1].instrs = {sendrecv(Op::Recv, a, 0, "F.S0.m0"), fwd(1, 0, {0})};
+    auto r = simulate(p, hw, m);
+    REQUIRE_FALSE(r.deadlock);
+    return interval(r, 1, 0).end_ms - interval(r, 1, 0).start_ms;
+  };
+  CHECK(sr({0, 2}) == doctest::Approx(cost.p2p_ms(B, 100)));
+  CHECK(sr({0, 2}) == doctest::Approx(10.02));
+  CHECK(sr({0, 1}) == doctest::Approx(cost.p2p_ms(B, 10)));
+  CHECK(sr({0, 1}) == doctest::Approx(cost.p2p_ms(B)));  // the unlisted pair: p2p_gbps
+  CHECK(sr({3, 1}) == doctest::Approx(sr({0, 2})));
+
+  // an all-reduce over a data-parallel group of 2 (one pipeline rank, dp 2): 2(n-1)/n x 2 x p2p over its link
+  auto coll = [&](int dp, int tp, std::vector<int> order, const std::string& group) {
+    auto p = base_plan(1);
+    p.dp = dp;
+    p.tp = tp;
+    p.microbatches = 1;
+    p.gpu_order = std::move(order);
+    p.stages = {stage(0, 0, 0, 4)};
+    p.buffers = {decl(BufKind::WGrad, 0, B, ir::Tier::Gpu)};
+    Instr ar = buf_op(Op::AllReduce, Stream::P2P, BufRef{BufKind::WGrad, 0, -1});
+    ar.group = group;
+    p.programs[0].instrs = {ar};
+    auto r = simulate(p, hw, m);
+    REQUIRE_FALSE(r.deadlock);
+    return interval(r, 0, 0).end_ms - interval(r, 0, 0).start_ms;
+  };
+  const double fast2 = coll(2, 1, {0, 2}, "dp.g0"), slow2 = coll(2, 1, {0, 1}, "dp.g0");
+  CHECK(fast2 == doctest::Approx(cost.allreduce_ms(B, 100) / 2));
+  CHECK(slow2 == doctest::Approx(cost.allreduce_ms(B, 10) / 2));
+  CHECK(slow2 / fast2 == doctest::Approx(100.02 / 10.02));  // latency 0.02 ms per link crossing
+  // a ring of 4 (dp 4): one slow link bounds it, whatever the others
+  hw.p2p_links = {{0, 1, 100, ""}, {1, 2, 100, ""}, {2, 3, 100, ""}, {0, 3, 100, ""}};  // ring 0-1-2-3-0 all fast
+  const double ring_fast = coll(4, 1, {0, 1, 2, 3}, "dp.g0");
+  const double ring_slow = coll(4, 1, {0, 2, 1, 3}, "dp.g0");  // 0-2 and 1-3 are at 10 GB/s
+  CHECK(ring_fast == doctest::Approx(cost.allreduce_ms(B, 100) * 3 / 4));
+  CHECK(ring_slow == doctest::Approx(cost.allreduce_ms(B, 10) * 3 / 4));
+  hw.p2p_links.pop_back();  // 3-0 slow: the same ring in rank order is now bounded by it
+  CHECK(coll(4, 1, {0, 1, 2, 3}, "dp.g0") == doctest::Approx(ring_slow));
+  // a tensor-parallel group (tp 2, dp 2): the slowest of the replicas' groups bounds every replica's collective
+  hw.p2p_links = {{0, 1, 100, ""}, {2, 3, 100, ""}};
+  CHECK(coll(2, 2, {0, 1, 2, 3}, "tp.g0") == doctest::Approx(cost.allreduce_ms(B, 100) / 2));  // tp.g0.r0 {0,1}, .r1 {2,3}
+  CHECK(coll(2, 2, {0, 1, 3, 2}, "tp.g0") == doctest::Approx(cost.allreduce_ms(B, 100) / 2));
+  CHECK(coll(2, 2, {0, 2, 1, 3}, "tp.g0") == doctest::Approx(cost.allreduce_ms(B, 10) / 2));
+  CHECK(coll(2, 2, {0, 1, 2, 3}, "dp.g0") == doctest::Approx(cost.allreduce_ms(B, 10) / 2));  // dp pairs {0,2}, {1,3}
+  // uniform links (no p2p_links): the same times as before per-pair links existed
+  hw.p2p_links.clear();
+  CHECK(coll(2, 1, {1, 0}, "dp.g0") == cost.allreduce_ms(B) / 2);
+}

@@ -343,3 +343,49 @@ TEST_CASE("job defaults: v, schedule, recompute and offload are auto") {
   CHECK(k.v == "2");
   CHECK(k.schedule == "grouped");
 }
+
+TEST_CASE("p2p_links: per-pair GPU links override p2p_gbps; bad entries name the field") {
+  auto hw = parse_hardware(R"({"gpus":4,"p2p_gbps":10,"p2p_links":[{"gpus":[2,0],"gbps":100,"kind":"nvlink"},
+                                                                   {"gpus":[1,3],"gbps":40}]})", "hw.json");
+  REQUIRE(hw.p2p_links.size() == 2);
+  CHECK(hw.p2p_links[0].a == 0);  // stored as an unordered pair, a < b
+  CHECK(hw.p2p_links[0].b == 2);
+  CHECK(hw.p2p_links[0].kind == "nvlink");
+  CHECK(hw.link_gbps(0, 2) == 100);
+  CHECK(hw.link_gbps(2, 0) == 100);
+  CHECK(hw.link_gbps(3, 1) == 40);
+  CHECK(hw.link_gbps(0, 1) == 10);  // not listed: p2p_gbps
+  REQUIRE(hw.link(1, 3) != nullptr);
+  CHECK(hw.link(1, 3)->kind.empty());
+  CHECK(hw.link(0, 3) == nullptr);
+  // a ring in the given order, bounded by its slowest link (the last GPU back to the first)
+  CHECK(hw.ring_gbps({0, 2}) == 100);
+  CHECK(hw.ring_gbps({0, 2, 1, 3}) == 10);
+  CHECK(hw.ring_gbps({0}) == 10);
+  // without p2p_links every pair is at p2p_gbps (the existing files)
+  for (auto name : {"l20x4", "h200x2", "h200x4"}) {
+    auto h = load_hardware(name, kConfigs);
+    CHECK(h.p2p_links.empty());
+    CHECK(h.link_gbps(0, 1) == h.p2p_gbps);
+  }
+  auto err = [](const char* links) {
+    return error_of([&] { parse_hardware(std::string(R"({"gpus":4,"p2p_links":)") + links + "}", "hw.json"); });
+  };
+  CHECK(err(R"([{"gpus":[0,4],"gbps":1}])").find("hw.json: p2p_links[0].gpus: names GPU 4 but gpus = 4") != std::string::npos);
+  CHECK(err(R"([{"gpus":[-1,2],"gbps":1}])").find("p2p_links[0].gpus: names GPU -1") != std::string::npos);
+  CHECK(err(R"([{"gpus":[0,1],"gbps":1},{"gpus":[1,0],"gbps":2}])").find("p2p_links[1].gpus: the pair [0, 1] is listed twice") !=
+        std::string::npos);
+  CHECK(err(R"([{"gpus":[1,1],"gbps":1}])").find("p2p_links[0].gpus: a link joins two different GPUs") != std::string::npos);
+  CHECK(err(R"([{"gpus":[0,1],"gbps":0}])").find("p2p_links[0].gbps: must be > 0") != std::string::npos);
+  CHECK(err(R"([{"gpus":[0,1],"gbps":-3}])").find("p2p_links[0]") != std::string::npos);
+  CHECK(err(R"([{"gpus":[0,1]}])").find("p2p_links[0]: missing required key 'gbps'") != std::string::npos);
+  CHECK(err(R"([{"gbps":5}])").find("p2p_links[0]: missing required key 'gpus'") != std::string::npos);
+  CHECK(err(R"([{"gpus":[0,1,2],"gbps":5}])").find("p2p_links[0].gpus: expected two GPU ids") != std::string::npos);
+  CHECK(err(R"([{"gpus":[0,1],"gbps":5,"speed":1}])").find("speed") != std::string::npos);
+  CHECK(err(R"({"gpus":[0,1]})").find("p2p_links") != std::string::npos);
+  // the test hardware file of the golden plan
+  auto pairs = load_hardware(std::string(kConfigs) + "/../tests/golden/hardware/pairs4.json", kConfigs);
+  CHECK(pairs.link_gbps(0, 2) == 100);
+  CHECK(pairs.link_gbps(1, 3) == 100);
+  CHECK(pairs.link_gbps(0, 1) == 10);
+}

@@ -207,3 +207,125 @@ TEST_CASE("cross-map: on l20x4 the simulated step is shorter with cross mapping;
   CHECK(a.plan.gpu_order == b.plan.gpu_order);
   CHECK(a.sim.step_ms == b.sim.step_ms);
 }
+
+namespace {
+// tests/golden/hardware/pairs4.json: 4 GPUs, fast links only between {0,2} and {1,3} (100 GB/s), the rest 10 GB/s.
+HardwareSpec pairs4() {
+  return load_hardware(std::string(MMOC_CONFIGS_DIR) + "/../tests/golden/hardware/pairs4.json", MMOC_CONFIGS_DIR);
+}
+// The slowest ring link of each tp group (tp.g<p>.r<d>) of a layout's mapping.
+std::vector<double> tp_links(const HardwareSpec& hw, int gpus, int dp, int tp, const std::vector<int>& order) {
+  ir::Plan p;
+  p.gpus = gpus;
+  p.dp = dp;
+  p.tp = tp;
+  p.gpu_order = order;
+  std::vector<double> out;
+  for (const auto& g : layout_links(hw, p))
+    if (g.name.rfind("tp.", 0) == 0) out.push_back(g.gbps);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("cross-map: tensor-parallel groups on the best-connected GPUs, then dp groups, then pipeline neighbours") {
+  const HardwareSpec hw = pairs4();
+  // pp 2 x tp 2: world ranks 0,1 (pipe 0's shards) and 2,3 (pipe 1's) on the fast pairs {0,2} and {1,3}
+  const auto tp2 = cross_map_layout(hw, 2, 1, 2);
+  CHECK(tp2 == std::vector<int>{0, 2, 1, 3});
+  CHECK(tp_links(hw, 2, 1, 2, tp2) == std::vector<double>{100, 100});
+  CHECK(tp_links(hw, 2, 1, 2, {0, 1, 2, 3}) == std::vector<double>{10, 10});  // the identity would put them on slow pairs
+  // dp 2 x tp 2 (one pipeline rank): the tp groups first ({r0,r1}, {r2,r3}), the dp groups then get what is left
+  CHECK(cross_map_layout(hw, 1, 2, 2) == std::vector<int>{0, 2, 1, 3});
+  // dp 2 alone: the replicas on a fast pair; pipeline 2 alone: the neighbours on a fast pair
+  CHECK(cross_map_layout(hw, 1, 2, 1) == std::vector<int>{0, 2});
+  CHECK(cross_map_layout(hw, 2, 1, 1) == std::vector<int>{0, 2});
+  CHECK(cross_map_order(hw, 2) == std::vector<int>{0, 2});
+  // 4 pipeline ranks: a path through both fast links (the slowest neighbour link is 10 whatever the order; then the
+  // next slowest is maximised)
+  CHECK(cross_map_layout(hw, 4, 1, 1) == std::vector<int>{0, 2, 1, 3});
+  // tp 4: one ring over all four GPUs; 0-2-?-? closes with a slow link whatever the order: ties keep the identity's
+  // Mobius value and the smallest mapping
+  CHECK(cross_map_layout(hw, 1, 1, 4).size() == 4);
+  // uniform links (every existing hardware file): nothing but the host links decides, as before
+  CHECK(cross_map_layout(hardware("h200x4"), 2, 1, 2) == std::vector<int>{0, 1, 2, 3});
+  CHECK(cross_map_layout(hardware("h200x4"), 1, 2, 2) == std::vector<int>{0, 1, 2, 3});
+  CHECK(cross_map_layout(hardware("l20x4"), 4, 1, 1) == std::vector<int>{0, 2, 1, 3});
+  HardwareSpec same = hardware("h200x4");
+  same.p2p_links = {{0, 2, same.p2p_gbps, "nvlink"}};  // listed at the default figure: no pair differs
+  CHECK(cross_map_layout(same, 2, 1, 2) == std::vector<int>{0, 1, 2, 3});
+  // l20x4 with tp 2 and uniform links: the shards of one pipeline rank (whose host copies overlap) under different host
+  // links
+  const auto l20 = cross_map_layout(hardware("l20x4"), 2, 1, 2);
+  const HardwareSpec l20hw = hardware("l20x4");
+  CHECK(l20hw.group_of(l20[0]) != l20hw.group_of(l20[1]));
+  CHECK(l20hw.group_of(l20[2]) != l20hw.group_of(l20[3]));
+  CHECK_THROWS_WITH_AS(cross_map_layout(hw, 2, 2, 2), doctest::Contains("8 ranks but hardware pairs4 has 4 GPUs"), InputError);
+}
+
+TEST_CASE("cross-map: 8 GPUs with fast pairs (g, g+4): every tp group on one, exhaustively") {
+  HardwareSpec hw = hw8();
+  hw.p2p_gbps = 10;
+  for (int g = 0; g < 4; ++g) hw.p2p_links.push_back({g, g + 4, 100, "nvlink"});
+  const auto m = cross_map_layout(hw, 4, 1, 2);
+  REQUIRE(m.size() == 8);
+  CHECK(std::set<int>(m.begin(), m.end()).size() == 8);
+  CHECK(tp_links(hw, 4, 1, 2, m) == std::vector<double>{100, 100, 100, 100});
+  for (int r = 0; r < 8; r += 2) CHECK(std::abs(m[r] - m[r + 1]) == 4);
+  // 2 x dp 2 x tp 2 likewise
+  CHECK(tp_links(hw, 2, 2, 2, cross_map_layout(hw, 2, 2, 2)) == std::vector<double>{100, 100, 100, 100});
+}
+
+TEST_CASE("cross-map pass: --tp 2 on pairs4 maps the shards to the fast pairs; the simulated step is shorter") {
+  const HardwareSpec hw = pairs4();
+  auto run = [&](const std::string& cross) {
+    JobConfig j = tiny_job(2, 2, 4, "interleaved-1f1b", "pairs4");
+    j.tp = 2;
+    j.offload = "none";
+    j.cross_map = cross;
+    return compile_job(j, model(j.model), hw, {});
+  };
+  CompileResult with = run("auto"), naive = run("off");
+  CHECK(with.plan.gpu_order == std::vector<int>{0, 2, 1, 3});
+  CHECK(naive.plan.gpu_order == std::vector<int>{0, 1, 2, 3});
+  CHECK(with.sim.step_ms < naive.sim.step_ms);
+  MESSAGE("tiny-8l pp2 x tp2 on pairs4: " << with.sim.step_ms << " ms mapped, " << naive.sim.step_ms << " ms identity");
+  const std::string links = describe_layout_links(hw, with.plan);
+  CHECK(links.find("tp.g0.r0 GPUs 0,2 100 GB/s (nvlink)") != std::string::npos);
+  CHECK(links.find("tp.g1.r0 GPUs 1,3 100 GB/s (nvlink)") != std::string::npos);
+  CHECK(links.find("pp.r0 GPUs 0,1 10 GB/s") != std::string::npos);
+  // the summary shows the mapping and the slowest link per group
+  const std::string s = summary(with, model("tiny-8l"), hw);
+  CHECK(s.find("physical order 0,2,1,3") != std::string::npos);
+  CHECK(s.find("links (slowest per group): ") != std::string::npos);
+  CHECK(s.find("rank g1 (GPU 1)") != std::string::npos);
+}
+
+TEST_CASE("plan forms: the mapping of every world rank round-trips; the verifier checks its size") {
+  JobConfig j = tiny_job(2, 2, 4, "interleaved-1f1b", "pairs4");
+  j.tp = 2;
+  j.dp = 1;
+  j.offload = "none";
+  CompileResult r = compile_job(j, model(j.model), pairs4(), {});
+  const ir::Plan& p = r.plan;
+  REQUIRE(p.gpu_order == std::vector<int>{0, 2, 1, 3});
+  CHECK(ir::physical_gpu(p, 1) == 2);
+  CHECK(ir::physical_gpu(p, 2) == 1);
+  const std::string text = ir::print_text(p);
+  CHECK(text.find(" order=0,2,1,3 ") != std::string::npos);
+  CHECK(ir::parse_text(text) == p);
+  CHECK(ir::print_text(ir::parse_text(text)) == text);
+  CHECK(ir::from_json_string(ir::to_json_string(p)) == p);
+  CHECK(ir::verify_structure(p).empty());
+  ir::Plan bad = p;
+  bad.gpu_order = {0, 2, 1};
+  auto probs = ir::verify_structure(bad);
+  REQUIRE_FALSE(probs.empty());
+  CHECK(probs[0].find("order has 3 entries, the layout has 4 ranks") != std::string::npos);
+  bad.gpu_order = {0, 2, 2, 3};
+  CHECK_FALSE(ir::verify_structure(bad).empty());
+  // an older plan with one entry per pipeline rank still loads; its ranks then run on GPU = world rank
+  ir::Plan old = p;
+  old.gpu_order = {0, 1};
+  CHECK(ir::verify_structure(old).empty());
+  CHECK(ir::physical_gpu(old, 3) == 3);
+}

@@ -16,6 +16,8 @@
 //   host_mem_gbps                     chosen so that CostModel::adam_ms(P, threads) equals the measured fused
 //                                     CPU AdamW time (adam_bytes_per_param stays as in the base, 28)
 //   cpu_cores, host_mem_gib           of this host
+//   p2p_links                         on more than one GPU: each pair's cudaMemcpyPeerAsync bandwidth (the slower
+//                                     direction), {"gpus": [a, b], "gbps", "kind": "peer" | "via-host"}
 //   storage                           with --nvme PATH[,PATH...]: each path's direct-I/O write and read GB/s through
 //                                     engine/tier (docs/nvme-tier.md); --storage-only measures only that (no --model)
 // Exit codes: 0 done, 2 bad input (message on stderr), 3 anything else (e.g. out of memory).
@@ -147,6 +149,87 @@ double time_median(const Ctx& c, const std::function<void()>& fn, int warmup, in
 
 // ---- (1) transfers ------------------------------------------------------------------------
 struct Transfers { double h2d = 0, d2h = 0, duplex = 0, dev_copy = 0; int64_t bytes = 0; };
+
+// ---- GPU-to-GPU links (more than one GPU) ----------------------------------------------------------
+// One pair's bandwidth: cudaMemcpyPeerAsync of `n` bytes each way on a stream of the sending GPU, timed by CUDA events
+// (median after warm-up); the pair's figure is the slower direction (p2p_links' gbps is per direction). "peer" when the
+// two GPUs can address each other (NVLink or a PCIe peer path), "via-host" when the copy is staged through host memory.
+struct PairLink { int a = 0, b = 0; double gbps = 0, ab = 0, ba = 0; std::string kind; };
+
+void cuda_ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("GPU-to-GPU measurement: ") + what + ": " + cudaGetErrorString(e));
+}
+
+double peer_copy_gbps(const Ctx& c, int src, int dst, void* from, void* to, int64_t n) {
+  cuda_ok(cudaSetDevice(src), "cudaSetDevice");
+  cudaStream_t s = nullptr;
+  cudaEvent_t a = nullptr, b = nullptr;
+  cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda_ok(cudaEventCreate(&a), "cudaEventCreate");
+  cuda_ok(cudaEventCreate(&b), "cudaEventCreate");
+  std::vector<double> ts;
+  for (int i = 0; i < c.warmup + c.repeats; ++i) {
+    cuda_ok(cudaEventRecord(a, s), "cudaEventRecord");
+    cuda_ok(cudaMemcpyPeerAsync(to, dst, from, src, (size_t)n, s), "cudaMemcpyPeerAsync");
+    cuda_ok(cudaEventRecord(b, s), "cudaEventRecord");
+    cuda_ok(cudaEventSynchronize(b), "cudaEventSynchronize");
+    float ms = 0;
+    cuda_ok(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
+    if (i >= c.warmup) ts.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaStreamDestroy(s);
+  const double t = median(ts);
+  return t > 0 ? n / (t * 1e6) : 0;
+}
+
+// Every pair of the first `gpus` visible devices.
+std::vector<PairLink> measure_p2p_links(const Ctx& c, int gpus, int64_t n) {
+  std::vector<void*> buf(gpus, nullptr), buf2(gpus, nullptr);
+  for (int d = 0; d < gpus; ++d) {
+    cuda_ok(cudaSetDevice(d), "cudaSetDevice");
+    cuda_ok(cudaMalloc(&buf[d], (size_t)n), "cudaMalloc");
+    cuda_ok(cudaMalloc(&buf2[d], (size_t)n), "cudaMalloc");
+    cuda_ok(cudaMemset(buf[d], d + 1, (size_t)n), "cudaMemset");
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  }
+  std::vector<PairLink> out;
+  for (int a = 0; a < gpus; ++a)
+    for (int b = a + 1; b < gpus; ++b) {
+      int ab = 0, ba = 0;
+      cuda_ok(cudaDeviceCanAccessPeer(&ab, a, b), "cudaDeviceCanAccessPeer");
+      cuda_ok(cudaDeviceCanAccessPeer(&ba, b, a), "cudaDeviceCanAccessPeer");
+      auto enable = [](int from, int to) {  // peer access for the pair (already enabled is fine)
+        cuda_ok(cudaSetDevice(from), "cudaSetDevice");
+        const cudaError_t e = cudaDeviceEnablePeerAccess(to, 0);
+        if (e == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+        else cuda_ok(e, "cudaDeviceEnablePeerAccess");
+      };
+      if (ab && ba) { enable(a, b); enable(b, a); }
+      PairLink l;
+      l.a = a;
+      l.b = b;
+      l.kind = ab && ba ? "peer" : "via-host";
+      l.ab = peer_copy_gbps(c, a, b, buf[a], buf2[b], n);
+      l.ba = peer_copy_gbps(c, b, a, buf[b], buf2[a], n);
+      l.gbps = std::min(l.ab, l.ba);
+      out.push_back(l);
+      if (ab && ba) {  // leave the pair as it was found for the measurements after this one
+        cudaSetDevice(a); cudaDeviceDisablePeerAccess(b);
+        cudaSetDevice(b); cudaDeviceDisablePeerAccess(a);
+        cudaGetLastError();
+      }
+    }
+  for (int d = 0; d < gpus; ++d) {
+    cudaSetDevice(d);
+    cudaFree(buf[d]);
+    cudaFree(buf2[d]);
+  }
+  cuda_ok(cudaSetDevice(0), "cudaSetDevice");
+  return out;
+}
+
 
 Transfers measure_transfers_cuda(const Ctx& c, int64_t n) {
   Transfers r;
@@ -612,6 +695,17 @@ int main(int argc, char** argv) {
     const double memcpy_gbps = measure_host_memcpy(c, pool, memcpy_bytes);
     rows.push_back({"host memcpy", fmt(memcpy_gbps, 2), "GB/s", "read+write, " + std::to_string(nthreads) + " threads"});
     if (c.cuda) rows.push_back({"device copy", fmt(tr.dev_copy, 1), "GB/s", "read+write"});
+    // GPU-to-GPU links: every pair of the base file's GPUs that are visible here (p2p_links)
+    std::vector<PairLink> links;
+    const int link_gpus = c.cuda ? std::min<int>(base_hw.gpus, (int)c10::cuda::device_count()) : 0;
+    const int64_t p2p_bytes = (quick ? 64 : 256) * (int64_t)kMiB;
+    if (link_gpus > 1) {
+      std::cout << "  measuring GPU-to-GPU links (" << link_gpus << " GPUs, " << p2p_bytes / kMiB << " MiB each way)...\n" << std::flush;
+      links = measure_p2p_links(c, link_gpus, p2p_bytes);
+      for (const auto& l : links)
+        rows.push_back({"GPU " + std::to_string(l.a) + " <-> " + std::to_string(l.b), fmt(l.gbps, 2), "GB/s",
+                        l.kind + ", " + fmt(l.ab, 2) + " / " + fmt(l.ba, 2) + " each way"});
+    }
 
     // (4) matmul
     std::cout << "  measuring matmul " << mm_n << "^3...\n" << std::flush;
@@ -760,6 +854,14 @@ int main(int argc, char** argv) {
     if (outside_gib >= 0) {
       out["reserve_gib"] = hw.reserve_gib;
       out["reserve_fraction"] = hw.reserve_fraction;
+    }
+    if (!links.empty()) {  // per-pair links replace the base's (mmoc-compile's cross-map places groups by them)
+      ojson arr = ojson::array();
+      for (const auto& l : links)
+        arr.push_back({{"gpus", {l.a, l.b}}, {"gbps", round_sig(l.gbps, 4)}, {"kind", l.kind}});
+      out["p2p_links"] = arr;
+      out["comment"].push_back("Measured: p2p_links (cudaMemcpyPeerAsync of " + fmt(p2p_bytes / kMiB, 0) +
+                               " MiB each way per pair, the slower direction; kind peer = direct access, via-host = staged).");
     }
     if (!storage.is_null()) {
       out["storage"] = storage;

@@ -245,12 +245,15 @@ int cuda_devices() {
 // local_ranks: the ranks this node runs (0: all the plan's).
 std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker, int local_ranks = 0) {
   if (d != "auto" && d != "cpu" && d != "cuda") throw UsageError("--device must be auto, cpu or cuda (got '" + d + "')");
-  const int n = cuda_devices(), need = local_ranks > 0 ? local_ranks : ir::world_size(p);
+  const int n = cuda_devices();
+  int need = local_ranks > 0 ? local_ranks : ir::world_size(p);
+  if (local_ranks <= 0)  // one node: the GPUs the plan's mapping names (cross-map may pick a subset of the machine's)
+    for (int r = 0; r < ir::world_size(p); ++r) need = std::max(need, ir::physical_gpu(p, r) + 1);
   if (d == "auto") return n > 0 && (worker || n >= need) ? "cuda" : "cpu";
   if (d == "cuda") {
     if (n == 0) throw UsageError("--device cuda: no CUDA GPU is visible");
     if (!worker && n < need)
-      throw UsageError((need == ir::world_size(p) ? "the plan has " : "this node runs ") + std::to_string(need) + " GPU ranks but this machine has " +
+      throw UsageError((local_ranks <= 0 ? "the plan runs on " : "this node runs ") + std::to_string(need) + " GPU ranks but this machine has " +
                        std::to_string(n) + " GPU(s); compile for --gpus " + std::to_string(n) + " or run across nodes (--nnodes, torchrun, Slurm)");
   }
   return d;
@@ -313,7 +316,10 @@ int worker_body(const Args& a, const std::string& device_hint) {
   at::set_num_threads(std::max(1, (int)std::thread::hardware_concurrency() / std::max(1, ir::world_size(plan))));
   WorkerOptions wo;
   wo.device = device;
-  wo.cuda_device = device == "cuda" ? comm::cuda_device_for(w, cuda_devices()) : -1;
+  // rank r on the plan's GPU for it (cross-map: tensor-parallel groups on the best-connected GPUs)
+  std::vector<int> plan_gpus;
+  for (int r = 0; r < ir::world_size(plan); ++r) plan_gpus.push_back(ir::physical_gpu(plan, r));
+  wo.cuda_device = device == "cuda" ? comm::cuda_device_for(w, cuda_devices(), plan_gpus) : -1;
   if (a.launch.rdzv_timeout_s > 0) w.rdzv_timeout_s = a.launch.rdzv_timeout_s;
   if (a.launch.fail_timeout_s > 0) w.fail_timeout_s = a.launch.fail_timeout_s;
   wo.optim_threads = a.optim_threads;
