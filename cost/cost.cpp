@@ -36,8 +36,9 @@
 //     FACTS check: 202M params, 16 threads on the H100 host: 202e6*28/80e9 = 71 ms (measured 65 ms).
 //  GPU AdamW   = params * gpu_adam_bytes_per_param() / gpu_mem_gbps + launch overhead: the fused kernel's
 //     adam_bytes_per_param plus the engine's other passes (engine/exec/device_adamw.cpp): the gradient to fp32
-//     (act_bytes + 4), its fp64 sum of squares for the global norm (20), the weights' copy (4 + act_bytes): 60 bytes per
-//     parameter in bf16 (measured on the H200: 15.6 ms for 0.74B parameters, 16.5 ms for 0.80B).
+//     (act_bytes + 4), its sum of squares for the global norm (4: one fp32 read), the weights' copy (4 + act_bytes):
+//     44 bytes per parameter in bf16 (measured on the H200 at 130 GiB: 3.0 ms per 202M-parameter stage; 4.2 ms when the
+//     sum of squares went through an fp64 copy, 20 bytes).
 //  allreduce   = 2 x p2p of the buffer (reduce-scatter + all-gather on two GPUs); gradnorm = kGradNormMs.
 //  tensor parallelism (m.tp > 1): the layer's FLOPs and bytes are one shard's (ModelSpec), calibrated times / tp, and
 //     layer_fwd_ms / layer_bwd_ms add tp_inline_comm_ms, the collectives that stay inside forward/backward (the loss's,
@@ -237,7 +238,7 @@ double CostModel::adam_ms(int64_t params, int threads) const {
 
 double CostModel::gpu_adam_bytes_per_param() const {
   const double e = act_bytes;
-  return hw.adam_bytes_per_param + (e == 4 ? 0.0 : e + 4) + 20 + (4 + e);
+  return hw.adam_bytes_per_param + (e == 4 ? 0.0 : e + 4) + 4 + (4 + e);
 }
 
 double CostModel::gpu_adam_ms(int64_t params) const {
