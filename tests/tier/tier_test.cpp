@@ -282,7 +282,10 @@ TEST_CASE("striping follows the weights and uses all paths at once") {
     Buf a(n), b(n);
     fill_pattern(a.p, n, 3);
     Ticket t = store.write_async(1, a.p);
-    CHECK(store.bytes_in_flight() == n);  // not done yet: 24 MiB in 64 KiB requests
+    // counted per part until that part completes: all of it just after the submission, unless a part (the 6 MiB one,
+    // a few ms) finished before this line ran on a loaded machine
+    const int64_t inflight = store.bytes_in_flight();
+    CHECK((inflight == n || inflight == n - ext[0].bytes || inflight == n - ext[1].bytes || inflight == 0));
     t.wait();
     CHECK(store.bytes_in_flight() == 0);
     CHECK(t.seconds() > 0);
