@@ -32,6 +32,7 @@ def summary(log, name):
                 if m:
                     return float(m.group(1))
         raise ValueError("%s: no SUMMARY line for %s" % (log, name))
+    read.src = log
     return read
 
 
@@ -44,50 +45,57 @@ def steps(log, first=2):
         if not xs:
             raise ValueError("%s: no step lines" % log)
         return statistics.median(xs)
+    read.src = "%s (steps %d on)" % (log, first)
+    return read
+
+
+def quoted(value, src):
+    """A measured step kept only as text (no log): the value and where it is written."""
+    read = lambda: value
+    read.src = src
     return read
 
 
 # name, mmoc-compile arguments (as the bench ran them), where the measured step comes from
 JOBS = [
     ("7b-h100file-48", J7 + " --hardware h100x1 --v auto --schedule grouped --budget 48 --precision bf16",
-     "2026-12-01-h200-s3/h100-7b.log (steps 2-4)", steps("2026-12-01-h200-s3/h100-7b.log")),
+     steps("2026-12-01-h200-s3/h100-7b.log")),
     ("7b-h200-20", J7 + " --hardware h200x1 --v auto --schedule auto --budget 20",
-     "2026-12-01-h200-s2/limit.log", summary("2026-12-01-h200-s2/limit.log", "7b-20")),
+     summary("2026-12-01-h200-s2/limit.log", "7b-20")),
     ("7b-h200-48", J7 + " --hardware h200x1 --v auto --schedule auto --budget 48",
-     "2026-12-01-h200-s2/limit.log", summary("2026-12-01-h200-s2/limit.log", "7b-48")),
+     summary("2026-12-01-h200-s2/limit.log", "7b-48")),
     ("7b-h200-80", J7 + " --hardware h200x1 --v auto --schedule auto --budget 80",
-     "2026-12-01-h200-s2/limit.log", summary("2026-12-01-h200-s2/limit.log", "7b-80")),
+     summary("2026-12-01-h200-s2/limit.log", "7b-80")),
     ("7b-h200-130", J7 + " --hardware h200x1 --v auto --schedule auto --budget 130",
-     "2026-12-01-h200-s3/limit130.log", summary("2026-12-01-h200-s3/limit130.log", "7b-130")),
+     summary("2026-12-01-h200-s3/limit130.log", "7b-130")),
     ("7b-h200-host16mb", "--model llama2-7b --gpus 1 --v auto --schedule grouped --budget 48 --micro-batch-size 8 "
      "--microbatches 16 --seq-len 1024 --hardware h200x1",
-     "2026-12-01-h200-s2/nvme-7b.log", summary("2026-12-01-h200-s2/nvme-7b.log", "host7b")),
+     summary("2026-12-01-h200-s2/nvme-7b.log", "host7b")),
     ("7b-h200x2", "--model llama2-7b --hardware h200x2 --gpus 2 --v auto --schedule grouped --budget 48 "
      "--micro-batch-size 8 --microbatches 8 --seq-len 1024",
-     "h200x2-2026-11-27/bench.log", summary("h200x2-2026-11-27/bench.log", "7b")),
+     summary("h200x2-2026-11-27/bench.log", "7b")),
     ("13b-h200x2", "--model llama2-13b --hardware h200x2 --gpus 2 --v auto --schedule grouped --budget 48 "
      "--micro-batch-size 8 --microbatches 8 --seq-len 1024",
-     "h200x2-2026-11-27/bench.log", summary("h200x2-2026-11-27/bench.log", "13b")),
+     summary("h200x2-2026-11-27/bench.log", "13b")),
     ("seed-7b-h200x2", "configs/jobs/seed-llama2-7b-l20x4.json --gpus 2 --hardware h200x2",
-     "h200x2-2026-11-27/bench.log", summary("h200x2-2026-11-27/bench.log", "seed")),
+     summary("h200x2-2026-11-27/bench.log", "seed")),
     ("llama3.2-3b", "--model llama3.2-3b --hardware h200x1 --gpus 1 --v auto --schedule auto --budget 48 "
      "--micro-batch-size 8 --microbatches 4 --seq-len 1024",
-     "2026-12-01-h200-s3/s3b.log", summary("2026-12-01-h200-s3/s3b.log", "llama3.2-3b")),
+     summary("2026-12-01-h200-s3/s3b.log", "llama3.2-3b")),
     ("llama3.2-3b-s1", "--model llama3.2-3b --hardware h200x1 --gpus 1 --v auto --schedule auto --budget 48 "
      "--micro-batch-size 8 --microbatches 4 --seq-len 1024",
-     "2026-12-01-h200/mmoc-llama3.2-3b.log (steps 2-3)", steps("2026-12-01-h200/mmoc-llama3.2-3b.log")),
+     steps("2026-12-01-h200/mmoc-llama3.2-3b.log")),
     # the first session kept no log of this run: docs/results.md ("measured 1.977 s and 2.081 s", 15,748-15,946
     # tokens/s for 32,768 tokens per step)
     ("qwen2.5-3b-s1", "--model qwen2.5-3b --hardware h200x1 --gpus 1 --v auto --schedule auto --budget 48 "
      "--micro-batch-size 8 --microbatches 4 --seq-len 1024",
-     "docs/results.md (2026-12-01, first session)", lambda: 2.081),
+     quoted(2.081, "docs/results.md (2026-12-01, first session)")),
 ]
 
 
 def predict(binary, configs, args):
-    cmd = [binary] + args.split() + ["--configs", configs, "-q", "-o", os.devnull]
-    # -q leaves out the summary: run without it and read the `predicted: step X s` line
-    cmd.remove("-q")
+    # without -q: the summary holds the `predicted: step X s` line
+    cmd = [binary] + args.split() + ["--configs", configs, "-o", os.devnull]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     m = re.search(r"^predicted: step ([0-9.]+) s", p.stdout, re.M)
     if p.returncode != 0 or not m:
@@ -121,7 +129,7 @@ def main():
         head += " %9s %7s %-18s" % (n, "error", "plan")
     print(head + "  measured in")
     errs = {n: [] for n, _, _ in cols}
-    for name, args, src, measured in JOBS:
+    for name, args, measured in JOBS:
         if (want and name not in want) or name in skip:
             continue
         meas = measured()
@@ -135,7 +143,7 @@ def main():
             err = (pred - meas) / meas
             errs[n].append(abs(err))
             line += " %8.3fs %+6.1f%% %-18s" % (pred, 100 * err, plan)
-        print(line + "  " + src)
+        print(line + "  " + measured.src)
     for n, e in errs.items():
         if e:
             print("%s: mean |error| %.1f%%, largest %.1f%%" % (n, 100 * sum(e) / len(e), 100 * max(e)))

@@ -2,6 +2,7 @@
 // documentation (docs/passes.md is generated from it).
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 
 #include "ir/ops.hpp"
 #include "passes/pass.hpp"
@@ -50,6 +51,25 @@ int bucket_count(const ir::Plan& p, int stage, int shards, int64_t bucket_bytes)
   constexpr int64_t kMaxBuckets = 4096;
   const int64_t n = shards * std::min(per_shard, std::max<int64_t>(1, kMaxBuckets / shards));
   return (int)n;
+}
+
+// Splits instruction i into n buckets: n - 1 copies go in before it, copy k (bucket k of n) waiting for instruction
+// dep0 + k instead of those in `drop`; the original, now at i + n - 1 and unchanged otherwise, is the last bucket.
+// Returns its index.
+int split_into_buckets(ir::Program& prog, int i, int n, int dep0, std::initializer_list<int> drop) {
+  ir::Instr base = prog.instrs[i];
+  for (int d : drop) std::erase(base.after, d);
+  for (int k = 0; k < n - 1; ++k) {
+    ir::Instr b = base;
+    b.bucket = k, b.buckets = n;
+    b.after.push_back(dep0 + k);
+    std::sort(b.after.begin(), b.after.end());
+    b.after.erase(std::unique(b.after.begin(), b.after.end()), b.after.end());
+    insert_instr(prog, i + k, b);
+  }
+  ir::Instr& last = prog.instrs[i + n - 1];
+  last.bucket = n - 1, last.buckets = n;
+  return i + n - 1;
 }
 }  // namespace
 
@@ -107,38 +127,15 @@ void data_parallel_pass(PassContext& c) {
         for (int i = at + 1; i < (int)prog.instrs.size() && ev < 0; ++i)
           if (prog.instrs[i].op == Op::Evict && prog.instrs[i].to_host && prog.instrs[i].buf == wg) ev = i;
         if (ev < 0) throw std::logic_error("data-parallel: offloaded S" + std::to_string(st.id) + " has no evict of its gradient to the host");
-        ir::Instr base = prog.instrs[ev];
-        std::erase(base.after, at);
-        for (int k = 0; k < n - 1; ++k) {
-          ir::Instr e = base;
-          e.bucket = k, e.buckets = n;
-          e.after.push_back(first + k);
-          std::sort(e.after.begin(), e.after.end());
-          e.after.erase(std::unique(e.after.begin(), e.after.end()), e.after.end());
-          insert_instr(prog, ev + k, e);
-        }
-        auto& lastev = prog.instrs[ev + n - 1];  // the original: the last bucket, after the last reduction
-        lastev.bucket = n - 1, lastev.buckets = n;
+        const int last_ev = split_into_buckets(prog, ev, n, first, {at});  // the last one after the last reduction
         // and the sharded CPU update in the same buckets, each after its own bucket's copy (the buckets are interleaved
         // over the replicas' shards: every replica's update starts with the first buckets)
-        const int last_ev = ev + n - 1;
         int op = -1;
         for (int i = last_ev + 1; i < (int)prog.instrs.size() && op < 0; ++i)
           if (prog.instrs[i].op == Op::Optim && prog.instrs[i].stage == st.id && prog.instrs[i].stream == ir::Stream::Cpu) op = i;
         if (op < 0) throw std::logic_error("data-parallel: offloaded S" + std::to_string(st.id) + " has no cpu optim after its gradient's copy");
-        ir::Instr ob = prog.instrs[op];
-        std::erase(ob.after, last_ev);
-        std::erase(ob.after, at);  // the last reduction: bucket k's copy is what its update waits for
-        for (int k = 0; k < n - 1; ++k) {
-          ir::Instr o = ob;
-          o.bucket = k, o.buckets = n;
-          o.after.push_back(ev + k);
-          std::sort(o.after.begin(), o.after.end());
-          o.after.erase(std::unique(o.after.begin(), o.after.end()), o.after.end());
-          insert_instr(prog, op + k, o);
-        }
-        auto& lastop = prog.instrs[op + n - 1];
-        lastop.bucket = n - 1, lastop.buckets = n;
+        // (not after the last copy or the last reduction: bucket k's copy is what its update waits for)
+        auto& lastop = prog.instrs[split_into_buckets(prog, op, n, ev, {last_ev, at})];
         if (std::find(lastop.after.begin(), lastop.after.end(), last_ev) == lastop.after.end()) {
           lastop.after.push_back(last_ev);
           std::sort(lastop.after.begin(), lastop.after.end());

@@ -243,17 +243,6 @@ bool mentions(const std::vector<std::string>& problems, const std::string& what)
     if (s.find(what) != std::string::npos) return true;
   return false;
 }
-// Removes instruction i of program g (dependencies on it move to its predecessor on the same program, or go).
-void erase_instr(ir::Plan& p, int g, int i) {
-  auto& v = p.programs[g].instrs;
-  v.erase(v.begin() + i);
-  for (auto& in : v) {
-    std::vector<int> a;
-    for (int x : in.after)
-      if (x != i) a.push_back(x > i ? x - 1 : x);
-    in.after = a;
-  }
-}
 }  // namespace
 
 TEST_CASE("tp-lowering: every forward and backward of a tp stage in segments, an all-reduce of the tp group between them") {
@@ -338,7 +327,7 @@ TEST_CASE("tp-lowering: the verifier refuses a missing, misplaced or foreign tp 
   REQUIRE(ar > 0);
   {  // missing
     ir::Plan bad = p;
-    erase_instr(bad, g, ar);
+    erase_instr(bad.programs[g], ar);
     const auto v = ir::verify_structure(bad);
     CHECK(mentions(v, "no `allreduce part(S0,m1) seg=1`"));
   }
@@ -347,7 +336,7 @@ TEST_CASE("tp-lowering: the verifier refuses a missing, misplaced or foreign tp 
     const int next = find_instr(bad, g, [](const ir::Instr& in) { return in.op == ir::Op::Forward && in.stage == 0 && in.mb == 1 && in.seg == 2; });
     REQUIRE(next > ar);
     ir::Instr moved = bad.programs[g].instrs[ar];
-    erase_instr(bad, g, ar);
+    erase_instr(bad.programs[g], ar);
     insert_instr(bad.programs[g], next, moved);  // now right after segment 2
     CHECK(mentions(ir::verify_structure(bad), "comes before the allreduce of the partial sum it reads"));
   }
@@ -371,7 +360,7 @@ TEST_CASE("tp-lowering: the verifier refuses a missing, misplaced or foreign tp 
   {  // a segment missing, and seg= where it means nothing
     ir::Plan bad = p;
     const int s1 = find_instr(bad, g, [](const ir::Instr& in) { return in.op == ir::Op::Forward && in.stage == 0 && in.mb == 1 && in.seg == 1; });
-    erase_instr(bad, g, s1);
+    erase_instr(bad.programs[g], s1);
     CHECK(mentions(ir::verify_structure(bad), "forward S0 m1: no segment seg=1"));
     ir::Plan bad2 = p;
     const int ld = find_instr(bad2, g, [](const ir::Instr& in) { return in.op == ir::Op::LoadBatch; });
@@ -385,7 +374,7 @@ TEST_CASE("tp-lowering: the verifier refuses a missing, misplaced or foreign tp 
     REQUIRE(other > s1);
     ir::Instr moved = bad.programs[g].instrs[other];
     moved.after.clear();
-    erase_instr(bad, g, other);
+    erase_instr(bad.programs[g], other);
     insert_instr(bad.programs[g], s1, moved);
     CHECK(mentions(ir::verify_structure(bad), "runs between the segments of forward S0 m1"));
   }
