@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mmoc vs the FSDP2+CPU-offload peer on one device machine, in one call. Run from the repo root on the device:
-#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | llama31-8b | tier | nvme-7b | stretch | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
+#   bash bench/gpu_bench.sh <what> ; what = smoke | hfcheck | families | small-3b | llama31-8b | tier | nvme-7b | nvme-peer | stretch | startup | h100-7b | limit | h200x2 (= h200x2-7b + h200x2-13b + h200x2-seed)
 #                                   | h200x2-peer | h200x4 | peers | fsdp2 | ds-zero2 | ds-zero3 | ds-nvme | limits  (bench/README.md)
 # SKIP_PEER=1 leaves the peer out of h100-7b and h200x2-7b; NOTAR=1 leaves the logs unpacked in $OUT (for several runs in one call)
 # CALIBRATE=1 compiles each h200x2/h200x4 job for its hardware file as calibrated here by mmoc-profile at the job's shape.
@@ -294,15 +294,23 @@ nvme-7b)
   #    reads and writes took) vs the profiled bandwidth, predicted vs measured step time,
   #  - the all-in-host-memory run of the same job: tokens/s of both.
   # MB micro-batches of 8 x 1024 per step (default 16; the compiler predicts ~50 s/step, I/O-bound: ~45 GiB of optimizer
-  # state each way per step at the default 2 GB/s), STEPS (default 3).
+  # state each way per step at the default 2 GB/s), STEPS (default 3), BUDGET GiB per GPU (default 48).
+  # The I/O hidden under compute (bench/README.md): BUDGET=130 MB=48 ORDERS=0 STEPS=2 (the grouped schedule updates each
+  # stage after its own backward, so the tier's reads and writes run while the lower stages compute; the compiler
+  # predicts the tier plan within 1% of the all-in-host-memory plan).
+  # The profile's probe is NVME_MIB (default 4096) MiB per path, the size of the tier's objects (GB-sized stage states),
+  # not a burst a disk's cache absorbs; dd with direct I/O (8 GiB, 16 MiB blocks) is reported beside it.
   paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
   log "disk: $(df -h "${dirs[0]}" | tail -1)"
   ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
-  timeout 120 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
-    -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  dd if=/dev/zero of="${dirs[0]}/dd.bin" bs=16M count=512 oflag=direct conv=fsync 2> "$OUT/dd-write.log"
+  dd if="${dirs[0]}/dd.bin" of=/dev/null bs=16M iflag=direct 2> "$OUT/dd-read.log"; rm -f "${dirs[0]}/dd.bin"
+  log "dd (direct I/O, 8 GiB): write $(tail -1 "$OUT/dd-write.log" | awk -F, '{print $NF}'), read $(tail -1 "$OUT/dd-read.log" | awk -F, '{print $NF}')"
+  timeout 200 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
+    --nvme-mib ${NVME_MIB:-4096} -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
   grep -iE "GB/s|read|write" "$OUT/profile-nvme.log" | tail -6
   gen_data "$OUT/tok.jsonl" 400 1024
-  job="--model llama2-7b --gpus 1 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 --microbatches ${MB:-16} --seq-len 1024"
+  job="--model llama2-7b --gpus 1 --v ${V:-auto} --schedule grouped --budget ${BUDGET:-48} --micro-batch-size 8 --microbatches ${MB:-16} --seq-len 1024"
   mmoc_job nvme7b "$job --hardware $OUT/hw-nvme.json --host-budget ${HB:-48} --nvme $paths" "$OUT/tok.jsonl" ${STEPS:-3}
   grep -E "^host memory|nvme" "$OUT/compile-nvme7b.log" | head -4
   mmoc_job host7b "$job --hardware $OUT/hw-nvme.json" "$OUT/tok.jsonl" ${STEPS:-3}
@@ -362,6 +370,29 @@ PY
   fi
   [ "${KEEP_NVME:-0}" = 1 ] || rm -rf "${dirs[@]}"
   ;;
+nvme-peer)
+  # issue 13's peer in one call: DeepSpeed ZeRO-Infinity (bench/peers/ds_offload.py --stage 3 --nvme: parameters and
+  # optimizer state on NVMe) against mmoc with every stage offloaded and all optimizer state on the NVMe tier
+  # (--offload all --nvme-place all; the weights stay in host memory), the same job on the same disk. The model is LLaMA-2-7B's shape with LAYERS (default 12) decoder layers
+  # (2.7B): the full 7B's ZeRO-Infinity swap files (~95 GB: fp32 master and moments plus bf16 parameters) do not fit
+  # the GPU machine's 64 GB disk. MB micro-batches of 8 x 1024 (default 4), STEPS (default 3), PSTEPS (default 2).
+  paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
+  log "disk: $(df -h "${dirs[0]}" | tail -1)"
+  ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
+  timeout 200 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
+    --nvme-mib ${NVME_MIB:-4096} -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  grep -iE "GB/s" "$OUT/profile-nvme.log" | tail -2
+  L=${LAYERS:-12}
+  python3 -c "import json,sys; m=json.load(open('configs/models/llama2-7b.json')); m.update(name='llama2-7b-l$L', layers=$L, comment='LLaMA-2-7B shape, $L layers'); json.dump(m, open(sys.argv[1], 'w'))" "$OUT/llama2-7b-l$L.json"
+  gen_data "$OUT/tok.jsonl" 200 1024
+  mmoc_job nvmepeer "--model $OUT/llama2-7b-l$L.json --gpus 1 --v auto --schedule grouped --budget 48 --micro-batch-size 8 --microbatches ${MB:-4} --seq-len 1024 --offload all --hardware $OUT/hw-nvme.json --nvme $paths --nvme-place all" "$OUT/tok.jsonl" ${STEPS:-3}
+  grep -E "^nvme tier" "$OUT/compile-nvmepeer.log"
+  rm -rf "${dirs[@]}"; mkdir -p "${dirs[0]}/ds"
+  PEER_TIMEOUT=${PEER_TIMEOUT:-360} PSTEPS=${PSTEPS:-2} MODEL=llama2-7b LAYERS=$L MB=${MB:-4} ds ds-nvme "--stage 3 --nvme ${dirs[0]}/ds"
+  m=$(median_tps "$OUT/mmoc-nvmepeer.jsonl" 2>/dev/null || echo 0); f=$(grep RESULT "$OUT/ds-nvme.log" 2>/dev/null | sed 's/.*tokens_per_s=\([0-9.]*\).*/\1/')
+  python3 -c "print('RESULT nvme-peer (LLaMA-2-7B shape, $L layers): mmoc with the NVMe tier %.0f tokens/s, DeepSpeed ZeRO-Infinity NVMe %s tokens/s, ratio %.2f' % (float('${m:-0}' or 0), '${f:-n/a}', float('${m:-0}' or 0)/max(1.0, float('${f:-0}' or 0))))"
+  [ "${KEEP_NVME:-0}" = 1 ] || rm -rf "${dirs[@]}"
+  ;;
 stretch)
   # issue 13's stretch on nvidia-h200: the largest LLaMA on one H200 with host memory and disk. LLaMA-2-13B at --budget 130
   # with --host-budget ${HB:-64} GiB and the NVMe tier on this disk (the compiler puts ~35 GiB of optimizer state there
@@ -371,8 +402,8 @@ stretch)
   paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
   log "disk: $(df -h "${dirs[0]}" | tail -1)"
   ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
-  timeout 120 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
-    -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  timeout 200 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
+    --nvme-mib ${NVME_MIB:-4096} -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
   gen_data "$OUT/tok.jsonl" 200 1024
   job="--model llama2-13b --gpus 1 --budget 130 --micro-batch-size 8 --microbatches ${MB:-8} --seq-len 1024"
   mmoc_job stretch13b "$job --hardware $OUT/hw-nvme.json --host-budget ${HB:-64} --nvme $paths" "$OUT/tok.jsonl" ${STEPS:-2}
@@ -554,7 +585,8 @@ limit)
   # simulator's step against the measured one (bench/README.md)
   # HW=<hardware file> compiles for another file (e.g. a larger reserve_gib: the plan leaves the caching allocator
   # headroom under the engine's cap, which stays budget - memory outside the allocator); LIMITS_LOG=<file> reuses a
-  # limits.py log of the same call instead of measuring again
+  # limits.py log of the same call instead of measuring again; LIMIT_ARGS adds mmoc-compile options (e.g.
+  # "--gpu-optim-stream comp": the resident stages' AdamW in line on the compute stream, as before its own stream)
   if [ -n "${LIMITS_LOG:-}" ]; then cp "$LIMITS_LOG" "$OUT/limits.log"; else
     log "limits.py at the job's shape"
     timeout 200 python3 bench/peers/limits.py --model llama2-7b --mbs 8 --seq 1024 --transfer-mib 512 --adam-params 2e7 \
@@ -562,7 +594,7 @@ limit)
   fi; grep -E "layer|RESULT" "$OUT/limits.log"
   gen_data "$OUT/tok.jsonl" 160 1024
   for b in ${BUDGETS:-20 48 80 130}; do
-    TAIL=${TAIL:-4} mmoc_job 7b-$b "--model llama2-7b --hardware ${HW:-h200x1} --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget $b --micro-batch-size 8 --microbatches 4 --seq-len 1024" "$OUT/tok.jsonl" ${STEPS:-3}
+    TAIL=${TAIL:-4} mmoc_job 7b-$b "--model llama2-7b --hardware ${HW:-h200x1} --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget $b --micro-batch-size 8 --microbatches 4 --seq-len 1024 ${LIMIT_ARGS:-}" "$OUT/tok.jsonl" ${STEPS:-3}
   done
   python3 bench/limit_summary.py "$OUT" 32 4 ${BUDGETS:-20 48 80 130}
   # what the engine adds to a layer: the one-layer stages' forward/backward in the measured trace vs limits.py's layer

@@ -543,6 +543,7 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
   read_gib("host_budget_gib", c.host_budget_gib);  // the node's host memory cap (NVMe tier)
   r.read("nvme_place", c.nvme_place, {"auto", "all"});
   r.read("update_order", c.update_order, {"auto", "fixed", "alternate"});
+  r.read("gpu_optim_stream", c.gpu_optim_stream, {"opt", "comp"});
   if (auto* nv = r.get("nvme")) {  // "a,b" or ["a", "b"]
     auto bad = [&] { json_fail(r.at("nvme"), "expected a directory, a comma-separated list or an array of directories, got " + json_describe(*nv)); };
     std::vector<std::string> parts;

@@ -104,9 +104,9 @@ const std::vector<OpInfo>& op_table() {
        {}, Workspace::None,
        "global gradient norm over all stages and ranks (clipping)"},
       {Op::Optim, "optim", kOpStage, "{stage}",  //
-       stream_bit(Stream::Cpu) | stream_bit(Stream::Comp), Stream::Comp, stream_bit(Stream::Cpu), false, Sync::None,
-       Timing::Optimizer, {{A::Free, R::WGrad, W::OffCpu}}, Workspace::None,
-       "AdamW step of stage S (on cpu: host master; on comp: GPU state)"},
+       stream_bit(Stream::Cpu) | stream_bit(Stream::Comp) | stream_bit(Stream::Opt), Stream::Comp, stream_bit(Stream::Cpu) | stream_bit(Stream::Opt), false,
+       Sync::None, Timing::Optimizer, {{A::Free, R::WGrad, W::OffCpu}}, Workspace::None,
+       "AdamW step of stage S (on cpu: host master; on comp or opt: GPU state, opt being the optimizer's own CUDA stream)"},
       {Op::AddGrad, "addgrad", kOpBuf | kOpStage, "{buf} -> {stage}",  //
        stream_bit(Stream::Comp), Stream::Comp, 0, false, Sync::None, Timing::Instant,
        {{A::Require, R::Operand}, {A::Require, R::WGrad}, {A::Free, R::Operand}}, Workspace::None,

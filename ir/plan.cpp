@@ -18,7 +18,7 @@ using namespace detail;
 // enums
 // ============================================================================================
 namespace {
-constexpr const char* kStreamNames[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io"};
+constexpr const char* kStreamNames[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io", "opt"};
 constexpr const char* kTierNames[] = {"gpu", "host", "nvme"};
 constexpr const char* kResidencyNames[] = {"offload", "resident"};
 constexpr const char* kOptimPlaceNames[] = {"cpu", "gpu"};

@@ -34,8 +34,10 @@ enum class Op {
 // Adding an op: append it above, count it here, and give it its entry in ir/ops.cpp's op table (the syntax, streams,
 // timing class and memory effects), then its handler in the engine. The table's test checks the count.
 constexpr int kNumOps = (int)Op::AllGather + 1;
-enum class Stream { Comp, H2D, D2H, P2P, Cpu, Io };  // io: the NVMe tier's I/O threads (host side)
-constexpr int kNumStreams = (int)Stream::Io + 1;
+// io: the NVMe tier's I/O threads (host side); opt: the GPU optimizer's own CUDA stream (resident stages' AdamW beside
+// the compute stream's backward, docs/plan-format.md)
+enum class Stream { Comp, H2D, D2H, P2P, Cpu, Io, Opt };
+constexpr int kNumStreams = (int)Stream::Opt + 1;
 enum class Tier { Gpu, Host, Nvme };
 enum class BufKind { W, WGrad, Act, Grad, Stash, Batch, Opt, Tie, TieGrad, Part, PartGrad };
 constexpr int kNumBufKinds = (int)BufKind::PartGrad + 1;  // each has an entry in ir/ops.cpp's buffer-kind table

@@ -24,7 +24,9 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
     waiting (after) on the evict of the run that ended window+1 runs earlier, so at most window+1 runs' weights are
     on the GPU; gradients `evict wgrad(S) -> host` @d2h after the stage's last backward, then `optim S` @cpu, so the
     CPU optimizer of a stage overlaps the backward of the stages after it;
-  - resident stages: weights and AdamW state on the GPU all step, `optim S` @comp after its last backward;
+  - resident stages: weights and AdamW state on the GPU all step, `optim S` @opt (the GPU optimizer's own stream)
+    `after` its last backward, so the backward of the stages below runs beside it (job `gpu_optim_stream` comp: in
+    line on @comp instead);
   - with gradient clipping: `gradnorm` @cpu after every gradient is complete, and every optim after it;
   - grouped schedules: offloaded stages whose weights leave the GPU between forward and backward recompute, and so
     does the head;
@@ -271,12 +273,15 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
     std::vector<int> grad_ready_new, grad_ready_old;
     std::vector<std::pair<int, int>> cpu_optims;  // (stage, evict id)
     std::vector<int> gpu_optim_stages;
+    // a resident stage's AdamW: on the optimizer's own stream (after its last backward, explicitly), so the backward of
+    // the stages below does not wait for it; or in line on the compute stream (job gpu_optim_stream)
+    const Stream gpu_opt = c.job.gpu_optim_stream == "comp" ? Stream::Comp : Stream::Opt;
     for (auto [s, lb] : last_bwd) {
       if (cfg.resident[s]) {
         grad_ready_old.push_back(lb);
         if (!clip) {
-          ir::Instr o; o.op = Op::Optim; o.stream = Stream::Comp; o.stage = s;
-          b.behind[lb].push_back(b.add(o));
+          ir::Instr o; o.op = Op::Optim; o.stream = gpu_opt; o.stage = s;
+          b.behind[lb].push_back(gpu_opt == Stream::Comp ? b.add(o) : b.add(o, {lb}));
         } else gpu_optim_stages.push_back(s);
       } else {
         int ev = b.add(make_buf_op(Op::Evict, Stream::D2H, {BufKind::WGrad, s, -1}), {lb});
@@ -298,7 +303,7 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
         b.tail.push_back(b.add(o, {}, {}));
       }
       for (int s : gpu_optim_stages) {
-        ir::Instr o; o.op = Op::Optim; o.stream = Stream::Comp; o.stage = s;
+        ir::Instr o; o.op = Op::Optim; o.stream = gpu_opt; o.stage = s;
         b.tail.push_back(b.add(o, {}, {gid}));
       }
     }

@@ -109,7 +109,7 @@ void Worker::Impl::issue(int i) {
     if (in.op == Op::AllGather && in.buf) pending_optim[in.buf->stage] = fut[i];  // prefetches read the gathered copy
     return;
   }
-  const int sidx = (int)in.stream;
+  const int sidx = cuda_slot(in.stream);
   auto& stream = *streams[sidx];
   watchdog->at(i);
   // bounded run-ahead: the host issues (and allocates for) at most max_ahead compute instructions ahead of the
@@ -157,7 +157,7 @@ void Worker::Impl::finish_step() {
   }
   for (int i = 0; i < (int)prog.size(); ++i)
     if (prog[i].stream == ir::Stream::Cpu || prog[i].stream == ir::Stream::Io) guarded(i, [&] { fut[i].get(); });
-  for (int k = 0; k < 4; ++k) streams[k]->synchronize();
+  for (int k = 0; k < kCudaStreams; ++k) streams[k]->synchronize();
   for (auto& w : inflight) w->wait();
   inflight.clear();
   pending_optim.clear();

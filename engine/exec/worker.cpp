@@ -46,7 +46,8 @@ Worker::Worker(const ir::Plan& plan, int rank, comm::Transport* transport, const
                                std::to_string(n) + " are visible");
     I.dev = at::Device(at::kCUDA, (c10::DeviceIndex)I.cuda_index);
     c10::cuda::set_device((c10::DeviceIndex)I.cuda_index);
-    for (int k = 0; k < 4; ++k) I.streams[k] = c10::cuda::getStreamFromPool(/*isHighPriority=*/k == 3, (c10::DeviceIndex)I.cuda_index);
+    for (int k = 0; k < (int)std::size(I.streams); ++k)
+      I.streams[k] = c10::cuda::getStreamFromPool(/*isHighPriority=*/k == 3, (c10::DeviceIndex)I.cuda_index);
     I.cpu = std::make_unique<CpuStream>();
     // the plan's budget is the ceiling of everything this process holds on the GPU (refined by apply_budget() once
     // NCCL is up)

@@ -93,7 +93,10 @@ struct Worker::Impl {
   comm::Transport* htr = nullptr;  // host collectives
   bool cuda = false;
   int cuda_index = -1;
-  std::optional<c10::cuda::CUDAStream> streams[4];  // comp, h2d, d2h, p2p
+  // the CUDA streams, by slot: comp, h2d, d2h, p2p, opt (the GPU optimizer's); cuda_slot(ir stream) -> slot
+  static constexpr int kCudaStreams = 5;
+  std::optional<c10::cuda::CUDAStream> streams[kCudaStreams];
+  static int cuda_slot(ir::Stream s) { return s == ir::Stream::Opt ? 4 : (int)s; }
   std::unique_ptr<CpuStream> cpu;
   std::vector<std::optional<at::cuda::CUDAEvent>> ev;  // per instruction (GPU streams)
   std::vector<std::shared_future<void>> fut;           // per instruction (cpu stream)
@@ -111,12 +114,12 @@ struct Worker::Impl {
     if (!cuda) return "";
     std::lock_guard<std::mutex> g(ev_mu);
     const auto& prog = plan.programs[rank].instrs;
-    static const char* names[] = {"comp", "h2d", "d2h", "p2p"};
+    static const char* names[] = {"comp", "h2d", "d2h", "p2p", "opt"};
     std::string s;
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kCudaStreams; ++k) {
       int done = -1, pending = -1;
       for (int j = 0; j <= upto && j < (int)ev.size() && j < (int)prog.size(); ++j) {
-        if ((int)prog[j].stream != k || !ev[j]) continue;
+        if (prog[j].stream == ir::Stream::Cpu || prog[j].stream == ir::Stream::Io || cuda_slot(prog[j].stream) != k || !ev[j]) continue;
         if (ev[j]->query()) done = j;
         else if (pending < 0) pending = j;
       }

@@ -18,8 +18,9 @@ TEST_CASE("enum names match docs/plan-format.md and parse back") {
     CHECK(std::string(to_string(static_cast<Op>(i))) == ops[i]);
     CHECK(parse_op(ops[i]) == static_cast<Op>(i));
   }
-  const char* streams[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io"};
-  for (int i = 0; i < 6; ++i) {
+  const char* streams[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io", "opt"};
+  static_assert(sizeof(streams) / sizeof(streams[0]) == kNumStreams);
+  for (int i = 0; i < kNumStreams; ++i) {
     CHECK(std::string(to_string(static_cast<Stream>(i))) == streams[i]);
     CHECK(parse_stream(streams[i]) == static_cast<Stream>(i));
   }

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <regex>
 
+#include "cost/simulator.hpp"
 #include "passes_common.hpp"
 
 using namespace mmoc;
@@ -98,10 +99,13 @@ TEST_CASE("offload-insertion, offload=all: prefetch before each weight run, evic
     }
 }
 
-TEST_CASE("offload-insertion, offload=none: everything resident, no prefetch, optim @comp after the last backward") {
-  for (const char* sched : {"grouped", "1f1b"}) {
+TEST_CASE("offload-insertion, offload=none: everything resident, no prefetch, optim @opt (or @comp) after the last backward") {
+  for (const char* sched : {"grouped", "1f1b"})
+  for (const char* os : {"opt", "comp"}) {
+    CAPTURE(sched); CAPTURE(os);
     JobConfig j = tiny_job(2, 1, 4, sched);
     j.offload = "none";
+    j.gpu_optim_stream = os;
     auto f = fixture(j, 1, sched);
     f->run_until("offload-insertion");
     const auto& p = f->plan();
@@ -117,9 +121,15 @@ TEST_CASE("offload-insertion, offload=none: everything resident, no prefetch, op
       const auto& prog = p.programs[s.gpu];
       int opt = find_op(prog, ir::Op::Optim, std::nullopt, s.id);
       REQUIRE(opt >= 0);
-      CHECK(prog.instrs[opt].stream == ir::Stream::Comp);
+      CHECK(prog.instrs[opt].stream == (std::string(os) == "opt" ? ir::Stream::Opt : ir::Stream::Comp));
+      int last_bwd = -1;
       for (int i = 0; i < (int)prog.instrs.size(); ++i)
-        if (prog.instrs[i].op == ir::Op::Backward && prog.instrs[i].stage == s.id) CHECK(hb.hb(s.gpu, i, s.gpu, opt));
+        if (prog.instrs[i].op == ir::Op::Backward && prog.instrs[i].stage == s.id) {
+          CHECK(hb.hb(s.gpu, i, s.gpu, opt));
+          last_bwd = i;
+        }
+      // on its own stream it waits for its stage's last backward explicitly, and for nothing else
+      if (std::string(os) == "opt") CHECK(prog.instrs[opt].after == std::vector<int>{last_bwd});
     }
     auto ev = memory_events(p);
     // w and opt of every stage are persistent on their GPU
@@ -127,6 +137,36 @@ TEST_CASE("offload-insertion, offload=none: everything resident, no prefetch, op
     for (const auto& lt : ev.lifetimes) persistent += lt.alloc == -1;
     CHECK(persistent == 2 * p.num_stages());
   }
+}
+
+TEST_CASE("the GPU optimizer's own stream: the backward below runs beside it, so the simulated step is shorter") {
+  // one GPU, four resident stages: on @comp every AdamW waits in line before the next stage's backward; on @opt only
+  // the last one (stage 0's, after the step's last backward) is on the critical path
+  auto step = [](const char* os, double* adam_ms) {
+    JobConfig j = tiny_job(1, 4, 4, "grouped");
+    j.offload = "none";
+    j.gpu_optim_stream = os;
+    auto f = fixture(j, 4, "grouped");
+    f->run_until("linearize");
+    const auto& p = f->plan();
+    CHECK(count_op(p, ir::Op::Optim) == 4);
+    CHECK(verify_deadlock(p, true) == "");
+    CHECK(verify_deadlock(p, false) == "");
+    SimResult r = simulate(p, f->hw, f->m);
+    *adam_ms = 0;
+    for (const auto& iv : r.intervals)
+      if (p.programs[iv.gpu].instrs[iv.instr].op == ir::Op::Optim) {
+        CHECK(iv.stream == (std::string(os) == "opt" ? ir::Stream::Opt : ir::Stream::Comp));
+        *adam_ms += iv.end_ms - iv.start_ms;
+      }
+    return r.step_ms;
+  };
+  double a_comp = 0, a_opt = 0;
+  const double comp = step("comp", &a_comp), opt = step("opt", &a_opt);
+  CHECK(a_comp > 0);
+  CHECK(a_opt == doctest::Approx(a_comp));
+  CHECK(opt < comp);
+  CHECK(comp - opt > 0.5 * a_comp);  // three of the four updates leave the critical path
 }
 
 TEST_CASE("offload-insertion with clipping: a gradnorm after every gradient, before every optim") {
@@ -276,7 +316,7 @@ TEST_CASE("overlap and linearize: streams by kind, deadlock-free in both modes, 
             case ir::Op::Forward: case ir::Op::Backward: case ir::Op::LoadBatch: CHECK(in.stream == ir::Stream::Comp); break;
             case ir::Op::GradNorm: CHECK(in.stream == ir::Stream::Cpu); break;
             case ir::Op::Optim:
-              CHECK(in.stream == (p.stages[in.stage].optim == ir::OptimPlace::Cpu ? ir::Stream::Cpu : ir::Stream::Comp));
+              CHECK(in.stream == (p.stages[in.stage].optim == ir::OptimPlace::Cpu ? ir::Stream::Cpu : ir::Stream::Opt));
               break;
             default: break;
           }

@@ -375,7 +375,7 @@ def check_interaction(chrome, page_path, work, align=False):
 
 
 # ---- real inputs (mmoc-compile / mmoc-run) -------------------------------------------------------
-STREAM_TID = {"comp": 0, "h2d": 1, "d2h": 2, "p2p": 3, "cpu": 4}
+STREAM_TID = {"comp": 0, "h2d": 1, "d2h": 2, "p2p": 3, "cpu": 4, "opt": 6}
 
 
 def plan_expect(plan_path):
@@ -404,8 +404,8 @@ def check_real_lanes(d, name, role, lanes):
     bad = [(k, n, got.get(k)) for k, n in sorted(lanes.items()) if got.get(k) != n]
     check(not bad, f"{name}/{role}: boxes per lane == plan instructions per GPU/stream {bad[:4]}")
     names = {(int(a["data-gpu"]), int(a["data-tid"])): a["data-lane"] for a in labels}
-    check(all(names[k] == ("comp", "h2d", "d2h", "p2p", "cpu")[min(k[1], 4)] for k in names),
-          f"{name}/{role}: lanes named comp/h2d/d2h/p2p/cpu")
+    check(all(names[k] == ("comp", "h2d", "d2h", "p2p", "cpu", "io", "opt")[k[1]] for k in names),
+          f"{name}/{role}: lanes named comp/h2d/d2h/p2p/cpu/io/opt by their stream")
     total = sum(got.values())
     check(total == sum(lanes.values()), f"{name}/{role}: {total} boxes == {sum(lanes.values())} plan instructions")
 

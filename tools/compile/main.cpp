@@ -25,7 +25,7 @@ int main(int argc, char** argv) {
   std::optional<int> gpus, mbs, microbatches, seq_len, dp, tp;
   std::optional<std::string> budget, layout, host_budget;
   std::optional<double> bucket_mib;
-  std::optional<std::string> nvme, nvme_place, update_order;
+  std::optional<std::string> nvme, nvme_place, update_order, gpu_optim_stream;
   app.add_option("job", job_path, "job config JSON (configs/jobs/*.json); optional when --model is given");
   app.add_option("-o,--output", out_path, "write the plan here");
   app.add_option("--emit", emit, "plan file form: json or text")->check(CLI::IsMember({"json", "text"}));
@@ -48,6 +48,10 @@ int main(int argc, char** argv) {
                  "NVMe tier stage update order (job update_order): auto (alternate when the simulated step is faster), fixed, or "
                  "alternate (reverse it every other step, keeping the last-updated state in host memory)")
       ->check(CLI::IsMember({"auto", "fixed", "alternate"}));
+  app.add_option("--gpu-optim-stream", gpu_optim_stream,
+                 "where GPU-resident stages' AdamW runs (job gpu_optim_stream): opt (its own CUDA stream, beside the backward; "
+                 "default) or comp (the compute stream)")
+      ->check(CLI::IsMember({"opt", "comp"}));
   app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
   app.add_option("--microbatches", microbatches, "micro-batches per step");
   app.add_option("--seq-len", seq_len, "sequence length");
@@ -113,6 +117,7 @@ int main(int argc, char** argv) {
     if (host_budget) job.host_budget_gib = parse_gib(*host_budget, "--host-budget");
     if (nvme_place) job.nvme_place = *nvme_place;
     if (update_order) job.update_order = *update_order;
+    if (gpu_optim_stream) job.gpu_optim_stream = *gpu_optim_stream;
     if (nvme) {
       job.nvme.clear();
       size_t b = 0;

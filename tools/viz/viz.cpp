@@ -100,6 +100,9 @@ std::string fmt_delta(double a, double b) {  // b relative to a
   return fmt("%+.1f%%", 100.0 * (b - a) / a);
 }
 
+// the program table's columns: the plan's streams (the cpu column counts the io thread's instructions too)
+constexpr int kTableLanes[] = {kComp, kH2D, kD2H, kP2P, kCpu0, kOpt};
+
 std::string lane_default_name(int tid) {
   switch (tid) {
     case kComp: return "comp";
@@ -107,6 +110,8 @@ std::string lane_default_name(int tid) {
     case kD2H: return "d2h";
     case kP2P: return "p2p";
     case kCpu0: return "cpu";
+    case kCpu0 + 1: return "io";   // the NVMe tier's I/O thread (ir::Stream::Io)
+    case kCpu0 + 2: return "opt";  // the GPU optimizer's CUDA stream (ir::Stream::Opt)
     default: return "cpu" + std::to_string(tid - kCpu0);
   }
 }
@@ -265,8 +270,8 @@ PlanInfo load_plan(const std::string& path) {
   for (const auto& pr : pl.programs) {
     auto& lanes = p.instr_lane[pr.gpu];
     for (const auto& in : pr.instrs) {
-      // the streams are the trace's first lanes (comp 0, h2d 1, d2h 2, p2p 3, cpu 4)
-      const int l = std::min((int)in.stream, (int)kCpu0);
+      // the streams are the trace's lanes (comp 0, h2d 1, d2h 2, p2p 3, cpu 4 with io, opt 6)
+      const int l = plan_lane((int)in.stream);
       lanes.push_back(l);
       ++p.stream_counts[{pr.gpu, l}];
     }
@@ -281,7 +286,7 @@ std::vector<std::string> compare_with_plan(const Trace& t, const PlanInfo& plan)
   int bad_instr = 0, wrong_lane = 0;
   std::string first_bad, first_wrong;
   for (const auto& b : t.boxes) {
-    const int lane = std::min(b.lane, (int)kCpu0);  // every CPU thread lane is the plan's one cpu stream
+    const int lane = plan_lane(b.lane);  // every CPU thread lane is the plan's one cpu stream
     ++got[{b.gpu, lane}];
     if (b.instr < 0) continue;
     auto it = plan.instr_lane.find(b.gpu);
@@ -420,7 +425,7 @@ json page_data(const Trace& t, const PlanInfo* plan) {
             {"budget", t.budget}, {"gpus", json::array()}};
   std::set<int> used_cpu_tids;
   for (const auto& b : t.boxes)
-    if (b.lane >= kCpu0) used_cpu_tids.insert(b.lane);
+    if (b.lane >= kCpu0 && b.lane != kOpt) used_cpu_tids.insert(b.lane);
   size_t bi = 0;
   for (int g : t.gpus) {
     std::map<int, json> lanes;
@@ -429,6 +434,7 @@ json page_data(const Trace& t, const PlanInfo* plan) {
       if (k.first == g && k.second >= kCpu0 && !plan && used_cpu_tids.count(k.second))
         lanes.try_emplace(k.second, json::array());
     if (plan && plan->stream_counts.count({g, kCpu0})) lanes.try_emplace(kCpu0, json::array());
+    if (plan && plan->stream_counts.count({g, kOpt})) lanes.try_emplace(kOpt, json::array());
     while (bi < t.boxes.size() && t.boxes[bi].gpu < g) ++bi;
     for (; bi < t.boxes.size() && t.boxes[bi].gpu == g; ++bi) {
       const Box& b = t.boxes[bi];
@@ -580,16 +586,16 @@ void plan_tables(std::ostringstream& o, const PlanInfo& p) {
   if (!ninstr.empty()) {
     // instructions per GPU and stream (= boxes per lane of a complete trace of this plan)
     o << "<table class=\"tbl\" id=\"program-table\"><thead><tr><th>program</th><th>instructions</th>";
-    for (int l = 0; l <= kCpu0; ++l) o << "<th>@" << (l == kCpu0 ? std::string("cpu") : lane_default_name(l)) << "</th>";
+    for (int l : kTableLanes) o << "<th>@" << lane_default_name(l) << "</th>";
     o << "</tr></thead><tbody>\n";
     for (auto& [g, n] : ninstr) {
       o << "<tr data-gpu=\"" << g << "\" data-instrs=\"" << n << "\"";
-      for (int l = 0; l <= kCpu0; ++l) {
+      for (int l : kTableLanes) {
         auto it = p.stream_counts.find({g, l});
-        o << " data-" << (l == kCpu0 ? std::string("cpu") : lane_default_name(l)) << "=\"" << (it == p.stream_counts.end() ? 0 : it->second) << "\"";
+        o << " data-" << lane_default_name(l) << "=\"" << (it == p.stream_counts.end() ? 0 : it->second) << "\"";
       }
       o << "><td>g" << g << "</td><td>" << n << "</td>";
-      for (int l = 0; l <= kCpu0; ++l) {
+      for (int l : kTableLanes) {
         auto it = p.stream_counts.find({g, l});
         o << "<td>" << (it == p.stream_counts.end() ? 0 : it->second) << "</td>";
       }

@@ -19,7 +19,10 @@ namespace mmoc::viz {
 // Bad user input: the message names the file and the problem. main() maps it to exit code 2.
 struct InputError : std::runtime_error { using std::runtime_error::runtime_error; };
 
-enum Lane { kComp = 0, kH2D = 1, kD2H = 2, kP2P = 3, kCpu0 = 4 };
+// the plan's streams are the trace's lanes (ir::Stream's order): comp, h2d, d2h, p2p, the CPU thread lanes from 4 (cpu,
+// io; a measured trace may have more), and kOpt, the GPU optimizer's CUDA stream: a GPU lane, never merged with the CPU's
+enum Lane { kComp = 0, kH2D = 1, kD2H = 2, kP2P = 3, kCpu0 = 4, kOpt = 6 };
+inline int plan_lane(int stream_or_tid) { return stream_or_tid == kOpt ? kOpt : stream_or_tid < kCpu0 ? stream_or_tid : kCpu0; }
 
 struct Box {
   int gpu = 0, lane = 0;
