@@ -59,8 +59,10 @@ def main(argv):
         peak = max(max(x.get("device_peak_bytes", x["peak_bytes"])) for x in steady) / G
         line = f"LIMIT {name}: {tps:.0f} tokens/s ({step:.3f} s/step), MFU {100 * mfu:.1f}%, HFU {100 * hfu:.1f}%"
         if fwd is not None:
-            line += f"; limits {rc:.3f} s with recompute ({100 * rc / step:.0f}% of it), {norc:.3f} s without ({100 * norc / step:.0f}%)"
+            line += f"; limits {rc:.3f} s with recompute ({100 * rc / step:.1f}% of it), {norc:.3f} s without ({100 * norc / step:.1f}%)"
         line += f"; peak {peak:.1f} of {float(b):.0f} GiB ({100 * peak / float(b):.0f}%)"
+        if any("alloc_retries" in x for x in steady):  # the caching allocator at its cap: cache released, retried
+            line += "; allocator retries per step " + "/".join(str(int(sum(x.get("alloc_retries", [0])))) for x in steady)
         try:
             pm = re.search(r"predicted: step ([0-9.]+) s", open(f"{out}/compile-{name}.log").read())
             pred = float(pm.group(1)) if pm else None

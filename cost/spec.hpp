@@ -172,8 +172,9 @@ struct JobConfig {
   std::vector<std::string> nvme;
   std::string nvme_place = "auto";  // auto: only what --host-budget needs | all: every offloaded stage's opt(S)
   std::string update_order = "auto";  // NVMe tier stage update order: auto (by simulated time) | fixed | alternate
-  // GPU-resident stages' AdamW: on its own CUDA stream (opt, beside the backward) or on the compute stream (comp)
-  std::string gpu_optim_stream = "opt";
+  // GPU-resident stages' AdamW: on the compute stream (comp) or on its own CUDA stream (opt, beside the backward: on
+  // one H200 it ran 5x slower there and slowed the backward as much as it saved, docs/plan-format.md)
+  std::string gpu_optim_stream = "comp";
   ir::TrainConfig train;
 };
 // Parses a job JSON; unknown keys and wrong types throw InputError naming the key.

@@ -24,9 +24,9 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
     waiting (after) on the evict of the run that ended window+1 runs earlier, so at most window+1 runs' weights are
     on the GPU; gradients `evict wgrad(S) -> host` @d2h after the stage's last backward, then `optim S` @cpu, so the
     CPU optimizer of a stage overlaps the backward of the stages after it;
-  - resident stages: weights and AdamW state on the GPU all step, `optim S` @opt (the GPU optimizer's own stream)
-    `after` its last backward, so the backward of the stages below runs beside it (job `gpu_optim_stream` comp: in
-    line on @comp instead);
+  - resident stages: weights and AdamW state on the GPU all step, `optim S` @comp after its last backward (job
+    `gpu_optim_stream` opt: on the GPU optimizer's own stream @opt, `after` its last backward, beside the backward of
+    the stages below);
   - with gradient clipping: `gradnorm` @cpu after every gradient is complete, and every optim after it;
   - grouped schedules: offloaded stages whose weights leave the GPU between forward and backward recompute, and so
     does the head;

@@ -165,6 +165,8 @@ void Worker::Impl::finish_step() {
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)cuda_index);
   peak_bytes = stats.reserved_bytes[0].peak;
   peak_alloc = stats.allocated_bytes[0].peak;
+  alloc_retries_step = stats.num_alloc_retries - alloc_retries_total;
+  alloc_retries_total = stats.num_alloc_retries;
   if (opts.trace) {
     for (int i = 0; i < (int)prog.size(); ++i) {
       const auto& in = prog[i];
@@ -226,6 +228,7 @@ StepResult Worker::step(const data::StepBatch& batch, int64_t step_index) {
   r.peak_bytes = I.peak_bytes;
   r.peak_allocated = I.cuda ? I.peak_alloc : I.peak_bytes;
   r.outside_bytes = I.outside_bytes;
+  r.alloc_retries = I.cuda ? I.alloc_retries_step : 0;
   r.lr = I.lr;
   r.tier_read_bytes = I.tier_read_bytes;
   r.tier_write_bytes = I.tier_write_bytes;

@@ -36,6 +36,9 @@ struct StepResult {
   int64_t peak_bytes = 0;      // this rank's peak device bytes (plan-accounted buffers on CPU; allocator reserved on CUDA)
   int64_t peak_allocated = 0;  // CUDA: the allocator's peak of allocated (live tensor) bytes; CPU: = peak_bytes
   int64_t outside_bytes = 0;   // CUDA: device memory this process holds outside the allocator (context, NCCL)
+  // CUDA: allocations in this step that found no cached block under the cap, so the caching allocator released its
+  // cached memory (a device-wide synchronisation) and retried: each one stalls the streams (0 on the CPU)
+  int64_t alloc_retries = 0;
   double lr = 0;
   // NVMe tier (this rank, this step): bytes read and written, and the time the reads and writes took
   int64_t tier_read_bytes = 0, tier_write_bytes = 0;

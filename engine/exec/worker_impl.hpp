@@ -166,6 +166,7 @@ struct Worker::Impl {
   double save_wait_s = 0;  // time optimizer steps waited for a background save
   IoStats tier_save{};     // NVMe tier stages of the save in progress (written in begin_save)
   int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
+  int64_t alloc_retries_total = 0, alloc_retries_step = 0;  // the caching allocator's num_alloc_retries: so far, this step
   std::vector<TraceEvent> trace;
 
   int64_t bytes_of(const at::Tensor& t) const { return t.defined() ? (int64_t)t.numel() * (int64_t)t.element_size() : 0; }

@@ -316,7 +316,7 @@ TEST_CASE("overlap and linearize: streams by kind, deadlock-free in both modes, 
             case ir::Op::Forward: case ir::Op::Backward: case ir::Op::LoadBatch: CHECK(in.stream == ir::Stream::Comp); break;
             case ir::Op::GradNorm: CHECK(in.stream == ir::Stream::Cpu); break;
             case ir::Op::Optim:
-              CHECK(in.stream == (p.stages[in.stage].optim == ir::OptimPlace::Cpu ? ir::Stream::Cpu : ir::Stream::Opt));
+              CHECK(in.stream == (p.stages[in.stage].optim == ir::OptimPlace::Cpu ? ir::Stream::Cpu : ir::Stream::Comp));
               break;
             default: break;
           }

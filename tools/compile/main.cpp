@@ -49,8 +49,8 @@ int main(int argc, char** argv) {
                  "alternate (reverse it every other step, keeping the last-updated state in host memory)")
       ->check(CLI::IsMember({"auto", "fixed", "alternate"}));
   app.add_option("--gpu-optim-stream", gpu_optim_stream,
-                 "where GPU-resident stages' AdamW runs (job gpu_optim_stream): opt (its own CUDA stream, beside the backward; "
-                 "default) or comp (the compute stream)")
+                 "where GPU-resident stages' AdamW runs (job gpu_optim_stream): comp (in line on the compute stream; default) or "
+                 "opt (its own CUDA stream, beside the backward)")
       ->check(CLI::IsMember({"opt", "comp"}));
   app.add_option("--micro-batch-size", mbs, "sequences per micro-batch");
   app.add_option("--microbatches", microbatches, "micro-batches per step");

@@ -606,6 +606,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
         std::vector<double> dev(ir::world_size(plan));
         for (int g = 0; g < ir::world_size(plan); ++g) dev[g] = peaks[g] + outside[g];
         m["device_peak_bytes"] = dev;
+        m["alloc_retries"] = per_rank((double)r.alloc_retries);  // the allocator at its cap: released its cache and retried
       }
       m["host_peak_rss_bytes"] = rss;  // per rank, peak so far
       if (!plan.host_bytes.empty()) m["host_predicted_bytes"] = host_predicted;
