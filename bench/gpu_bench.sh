@@ -130,6 +130,13 @@ ds() {
   ds_setup || { echo "RESULT $1: DeepSpeed could not be installed"; return 1; }
   PEER_TIMEOUT=${PEER_TIMEOUT:-540} peer "$1" ${GPUS:-$ngpu} "$(peer_args) $2" ds_offload.py
 }
+# profile_nvme PATHS: mmoc-profile --storage-only on the NVMe tier's paths into $OUT/hw-nvme.json (the hardware file the
+# tier jobs compile for), probing NVME_MIB (default 4096) MiB per path: the size of the tier's objects
+profile_nvme() {
+  ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
+  timeout 200 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$1" \
+    --nvme-mib ${NVME_MIB:-4096} -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+}
 # ratio LABEL MMOC_NAME PEER_NAME
 ratio() {
   local m f
@@ -302,12 +309,10 @@ nvme-7b)
   # not a burst a disk's cache absorbs; dd with direct I/O (8 GiB, 16 MiB blocks) is reported beside it.
   paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
   log "disk: $(df -h "${dirs[0]}" | tail -1)"
-  ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
   dd if=/dev/zero of="${dirs[0]}/dd.bin" bs=16M count=512 oflag=direct conv=fsync 2> "$OUT/dd-write.log"
   dd if="${dirs[0]}/dd.bin" of=/dev/null bs=16M iflag=direct 2> "$OUT/dd-read.log"; rm -f "${dirs[0]}/dd.bin"
   log "dd (direct I/O, 8 GiB): write $(tail -1 "$OUT/dd-write.log" | awk -F, '{print $NF}'), read $(tail -1 "$OUT/dd-read.log" | awk -F, '{print $NF}')"
-  timeout 200 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
-    --nvme-mib ${NVME_MIB:-4096} -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  profile_nvme "$paths"
   grep -iE "GB/s|read|write" "$OUT/profile-nvme.log" | tail -6
   gen_data "$OUT/tok.jsonl" 400 1024
   job="--model llama2-7b --gpus 1 --v ${V:-auto} --schedule grouped --budget ${BUDGET:-48} --micro-batch-size 8 --microbatches ${MB:-16} --seq-len 1024"
@@ -378,9 +383,7 @@ nvme-peer)
   # the GPU machine's 64 GB disk. MB micro-batches of 8 x 1024 (default 4), STEPS (default 3), PSTEPS (default 2).
   paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
   log "disk: $(df -h "${dirs[0]}" | tail -1)"
-  ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
-  timeout 200 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
-    --nvme-mib ${NVME_MIB:-4096} -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  profile_nvme "$paths"
   grep -iE "GB/s" "$OUT/profile-nvme.log" | tail -2
   L=${LAYERS:-12}
   python3 -c "import json,sys; m=json.load(open('configs/models/llama2-7b.json')); m.update(name='llama2-7b-l$L', layers=$L, comment='LLaMA-2-7B shape, $L layers'); json.dump(m, open(sys.argv[1], 'w'))" "$OUT/llama2-7b-l$L.json"
@@ -401,9 +404,7 @@ stretch)
   # its optimizer state on the tier (gradients and weight staging stay in host memory), and says how much.
   paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
   log "disk: $(df -h "${dirs[0]}" | tail -1)"
-  ninja -C "$build" mmoc-profile > "$OUT/build-tier.log" 2>&1 || { tail -20 "$OUT/build-tier.log"; exit 1; }
-  timeout 200 "$build/tools/profile/mmoc-profile" --storage-only --base configs/hardware/h200x1.json --nvme "$paths" \
-    --nvme-mib ${NVME_MIB:-4096} -o "$OUT/hw-nvme.json" > "$OUT/profile-nvme.log" 2>&1 || { tail -20 "$OUT/profile-nvme.log"; exit 1; }
+  profile_nvme "$paths"
   gen_data "$OUT/tok.jsonl" 200 1024
   job="--model llama2-13b --gpus 1 --budget 130 --micro-batch-size 8 --microbatches ${MB:-8} --seq-len 1024"
   mmoc_job stretch13b "$job --hardware $OUT/hw-nvme.json --host-budget ${HB:-64} --nvme $paths" "$OUT/tok.jsonl" ${STEPS:-2}
