@@ -41,6 +41,7 @@ peak_gib() { python3 -c "
 import json; r=[json.loads(l) for l in open('$1')]; print(' '.join('%.1f'%(b/2**30) for b in r[-1]['peak_bytes']))"; }
 
 # mmoc_job NAME "COMPILE ARGS" DATA STEPS: compile (prediction printed), run with a measured trace, print the run's tail
+# (RUN_ARGS: more mmoc-run options, e.g. "--prefetch-pool comp")
 mmoc_job() {
   local name=$1 cargs=$2 data=$3 steps=$4
   log "mmoc $name: mmoc-compile $cargs"
@@ -48,7 +49,7 @@ mmoc_job() {
     || { cat "$OUT/compile-$name.log"; return 1; }
   grep -v "^  S\|candidate" "$OUT/compile-$name.log"
   MMOC_WATCHDOG_S=${WATCHDOG:-60} timeout ${RUN_TIMEOUT:-300} $R "$OUT/plan-$name.json" --data "$data" --steps $steps --device ${DEVICE:-cuda} \
-    --metrics "$OUT/mmoc-$name.jsonl" --trace "$OUT/measured-$name.json" > "$OUT/mmoc-$name.log" 2>&1
+    --metrics "$OUT/mmoc-$name.jsonl" --trace "$OUT/measured-$name.json" ${RUN_ARGS:-} > "$OUT/mmoc-$name.log" 2>&1
   echo "mmoc-run $name exit $?"; grep -v "^     %" "$OUT/mmoc-$name.log" | tail -${TAIL:-14}
   python3 - "$OUT/mmoc-$name.jsonl" "$OUT/compile-$name.log" "$name" <<'PY'
 import json, re, sys

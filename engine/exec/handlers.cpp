@@ -161,6 +161,21 @@ void Worker::Impl::prefetch(const BufRef& b) {
     auto it = pending_optim.find(b.stage);  // the previous step's update of these weights must be done
     if (it != pending_optim.end()) { it->second.get(); pending_optim.erase(it); }
   }
+  if (cuda && opts.prefetch_pool == "comp" && cur_stream != 0) {
+    // allocated from the compute stream's pool: that memory may still be read by compute work already queued (the
+    // allocator reuses a block its stream freed at once), so this stream waits for the compute stream first
+    at::Tensor dst;
+    {
+      c10::cuda::CUDAStreamGuard g(*streams[0]);
+      dst = at::empty(st.host_lowp.sizes(), st.host_lowp.options().device(dev).pinned_memory(false));
+    }
+    at::cuda::CUDAEvent queued;
+    queued.record(*streams[0]);
+    queued.block(*streams[cur_stream]);
+    dst.copy_(st.host_lowp, /*non_blocking=*/true);  // on this (the h2d) stream; take() records it for the free
+    put(b, std::move(dst));
+    return;
+  }
   put(b, st.host_lowp.to(dev, /*non_blocking=*/true, /*copy=*/true));
 }
 

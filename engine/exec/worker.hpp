@@ -23,6 +23,11 @@ struct WorkerOptions {
   bool trace = false;          // record per-instruction timings (measured trace)
   int max_ahead = -1;          // CUDA: compute instructions the host may issue ahead of the GPU (-1: MMOC_MAX_AHEAD or 2; 0: unbounded)
   std::vector<std::string> nvme;  // NVMe tier directories instead of the plan's (same count); empty: the plan's
+  // CUDA: the caching allocator's pool of prefetched weights: "h2d" (the copy's own stream) or "comp" (the compute
+  // stream's, which holds every other large buffer: memory a stream frees can only serve that stream's allocations
+  // until the allocator releases its cache at the cap, a device-wide synchronisation; the copy then waits for the
+  // compute stream's work issued before it)
+  std::string prefetch_pool = "h2d";
 };
 
 struct StepResult {

@@ -226,6 +226,7 @@ def run_all(tmp):
     os.makedirs(empty)
     bad("--init folder without weights", ["--data", TOKENS, "--init", empty], "empty", "model.safetensors")
     bad("--init of no folder", ["--data", TOKENS, "--init", j("nowhere")], "--init", "nowhere")
+    bad("--prefetch-pool of no pool", ["--data", TOKENS, "--prefetch-pool", "gpu"], "--prefetch-pool", "gpu")
 
     # a checkpoint of another model
     bad("tiny-8l checkpoint into a tiny-gqa plan (4 layers)", ["--data", TOKENS, "--init", ck], "num_hidden_layers 8", plan=plan_gqa)

@@ -54,6 +54,7 @@ struct Args {
   std::string on_nonfinite;  // stop | skip; empty: the plan's train.on_nonfinite
   std::string hardware;      // the hardware file whose peak_bf16_tflops MFU/HFU use; empty: the plan's hardware by name
   std::string nvme;          // NVMe tier directories instead of the plan's (comma-separated, the same count)
+  std::string prefetch_pool = "h2d";  // CUDA: the allocator pool of prefetched weights (WorkerOptions::prefetch_pool)
   int steps = 1, save_every = 0, optim_threads = 0, max_skips = 10;
   uint64_t seed = 0, data_seed = 0;
   bool quiet = false;
@@ -326,6 +327,7 @@ int worker_body(const Args& a, const std::string& device_hint) {
   if (a.launch.rdzv_timeout_s > 0) w.rdzv_timeout_s = a.launch.rdzv_timeout_s;
   if (a.launch.fail_timeout_s > 0) w.fail_timeout_s = a.launch.fail_timeout_s;
   wo.optim_threads = a.optim_threads;
+  wo.prefetch_pool = a.prefetch_pool;
   wo.trace = !a.trace.empty();
   for (size_t b = 0; !a.nvme.empty();) {  // --nvme A,B
     const size_t c = a.nvme.find(',', b);
@@ -724,6 +726,10 @@ int run_main(int argc, char** argv) {
   app.add_option("--hardware", a.hardware, "hardware name or file whose peak_bf16_tflops MFU/HFU divide by (default: the plan's)");
   app.add_option("--nvme", a.nvme, "NVMe tier directories instead of the plan's (comma-separated, as many as the plan names)");
   app.add_option("--optim-threads", a.optim_threads, "CPU optimizer threads per rank (0: cores / ranks)");
+  app.add_option("--prefetch-pool", a.prefetch_pool,
+                 "CUDA: the caching allocator's pool of prefetched weights: h2d (the copy stream's; default) or comp (the compute "
+                 "stream's, shared with every other large buffer; the copy waits for the compute work queued before it)")
+      ->check(CLI::IsMember({"h2d", "comp"}));
   app.add_option("--on-nonfinite", a.on_nonfinite,
                  "stop (exit 4, no checkpoint of the step) or skip (no update; needs a plan compiled with --on-nonfinite skip "
                  "or clipping) when a step's loss or gradient norm is not finite; default: the plan's train.on_nonfinite");
