@@ -379,14 +379,15 @@ PY
 nvme-peer)
   # issue 13's peer in one call: DeepSpeed ZeRO-Infinity (bench/peers/ds_offload.py --stage 3 --nvme: parameters and
   # optimizer state on NVMe) against mmoc with every stage offloaded and all optimizer state on the NVMe tier
-  # (--offload all --nvme-place all; the weights stay in host memory), the same job on the same disk. The model is LLaMA-2-7B's shape with LAYERS (default 12) decoder layers
-  # (2.7B): the full 7B's ZeRO-Infinity swap files (~95 GB: fp32 master and moments plus bf16 parameters) do not fit
-  # the GPU machine's 64 GB disk. MB micro-batches of 8 x 1024 (default 4), STEPS (default 3), PSTEPS (default 2).
+  # (--offload all --nvme-place all; the weights stay in host memory), the same job on the same disk. The model is
+  # LLaMA-2-7B's shape with LAYERS (default 8) decoder layers, 1.9B parameters: ZeRO-Infinity puts at least 14 B/param
+  # on the disk (fp32 master weights and AdamW moments, bf16 parameters), ~95 GB for the full 7B, more than the GPU
+  # machine's 64 GB disk. MB micro-batches of 8 x 1024 (default 4), STEPS (default 3), PSTEPS (default 2).
   paths="${NVME_PATHS:-$root/.bench-nvme}"; IFS=, read -ra dirs <<< "$paths"; mkdir -p "${dirs[@]}"
   log "disk: $(df -h "${dirs[0]}" | tail -1)"
   profile_nvme "$paths"
   grep -iE "GB/s" "$OUT/profile-nvme.log" | tail -2
-  L=${LAYERS:-12}
+  L=${LAYERS:-8}
   python3 -c "import json,sys; m=json.load(open('configs/models/llama2-7b.json')); m.update(name='llama2-7b-l$L', layers=$L, comment='LLaMA-2-7B shape, $L layers'); json.dump(m, open(sys.argv[1], 'w'))" "$OUT/llama2-7b-l$L.json"
   gen_data "$OUT/tok.jsonl" 200 1024
   mmoc_job nvmepeer "--model $OUT/llama2-7b-l$L.json --gpus 1 --v auto --schedule grouped --budget 48 --micro-batch-size 8 --microbatches ${MB:-4} --seq-len 1024 --offload all --hardware $OUT/hw-nvme.json --nvme $paths --nvme-place all" "$OUT/tok.jsonl" ${STEPS:-3}
