@@ -624,14 +624,13 @@ SimResult simulate(const ir::Plan& plan, const HardwareSpec& hw, const ModelSpec
 std::string trace_json(const ir::Plan& p, const SimResult& r) {
   using nlohmann::json;
   json ev = json::array();
-  static const char* lane_names[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io", "opt"};
   const int G = (int)p.programs.size();
   for (int g = 0; g < G; ++g) {
     ev.push_back({{"ph", "M"}, {"name", "process_name"}, {"pid", g}, {"tid", 0}, {"args", {{"name", "GPU " + std::to_string(g)}}}});
     ev.push_back({{"ph", "M"}, {"name", "process_sort_index"}, {"pid", g}, {"tid", 0}, {"args", {{"sort_index", g}}}});
     for (int l = 0; l < kStreams; ++l)
       if (l < 5 || std::any_of(p.programs[g].instrs.begin(), p.programs[g].instrs.end(), [&](const Instr& in) { return (int)in.stream == l; }))
-        ev.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", g}, {"tid", l}, {"args", {{"name", lane_names[l]}}}});
+        ev.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", g}, {"tid", l}, {"args", {{"name", ir::to_string((ir::Stream)l)}}}});
   }
   for (const auto& iv : r.intervals) {
     if (iv.gpu < 0 || iv.gpu >= G || iv.instr < 0 || iv.instr >= (int)p.programs[iv.gpu].instrs.size()) continue;

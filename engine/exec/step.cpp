@@ -50,6 +50,7 @@ void Worker::Impl::begin_step(const data::StepBatch& b, int64_t step_index) {
     return;
   }
   c10::cuda::CUDACachingAllocator::resetPeakStats((c10::DeviceIndex)cuda_index);
+  alloc_retries_at_start = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)cuda_index).num_alloc_retries;
   {
     c10::cuda::CUDAStreamGuard g(*streams[0]);
     loss_acc.zero_();
@@ -165,8 +166,7 @@ void Worker::Impl::finish_step() {
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats((c10::DeviceIndex)cuda_index);
   peak_bytes = stats.reserved_bytes[0].peak;
   peak_alloc = stats.allocated_bytes[0].peak;
-  alloc_retries_step = stats.num_alloc_retries - alloc_retries_total;
-  alloc_retries_total = stats.num_alloc_retries;
+  alloc_retries_step = stats.num_alloc_retries - alloc_retries_at_start;
   if (opts.trace) {
     for (int i = 0; i < (int)prog.size(); ++i) {
       const auto& in = prog[i];

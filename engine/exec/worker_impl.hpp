@@ -93,10 +93,15 @@ struct Worker::Impl {
   comm::Transport* htr = nullptr;  // host collectives
   bool cuda = false;
   int cuda_index = -1;
-  // the CUDA streams, by slot: comp, h2d, d2h, p2p, opt (the GPU optimizer's); cuda_slot(ir stream) -> slot
-  static constexpr int kCudaStreams = 5;
+  // the CUDA streams, by slot: the plan's GPU streams (cpu and io are host threads and have no slot: -1)
+  static constexpr ir::Stream kSlotStream[] = {ir::Stream::Comp, ir::Stream::H2D, ir::Stream::D2H, ir::Stream::P2P, ir::Stream::Opt};
+  static constexpr int kCudaStreams = (int)std::size(kSlotStream);
   std::optional<c10::cuda::CUDAStream> streams[kCudaStreams];
-  static int cuda_slot(ir::Stream s) { return s == ir::Stream::Opt ? 4 : (int)s; }
+  static int cuda_slot(ir::Stream s) {
+    for (int k = 0; k < kCudaStreams; ++k)
+      if (kSlotStream[k] == s) return k;
+    return -1;
+  }
   std::unique_ptr<CpuStream> cpu;
   std::vector<std::optional<at::cuda::CUDAEvent>> ev;  // per instruction (GPU streams)
   std::vector<std::shared_future<void>> fut;           // per instruction (cpu stream)
@@ -114,16 +119,15 @@ struct Worker::Impl {
     if (!cuda) return "";
     std::lock_guard<std::mutex> g(ev_mu);
     const auto& prog = plan.programs[rank].instrs;
-    static const char* names[] = {"comp", "h2d", "d2h", "p2p", "opt"};
     std::string s;
     for (int k = 0; k < kCudaStreams; ++k) {
       int done = -1, pending = -1;
       for (int j = 0; j <= upto && j < (int)ev.size() && j < (int)prog.size(); ++j) {
-        if (prog[j].stream == ir::Stream::Cpu || prog[j].stream == ir::Stream::Io || cuda_slot(prog[j].stream) != k || !ev[j]) continue;
+        if (cuda_slot(prog[j].stream) != k || !ev[j]) continue;
         if (ev[j]->query()) done = j;
         else if (pending < 0) pending = j;
       }
-      s += std::string("  gpu stream ") + names[k] + ": last done " + (done >= 0 ? ir::print_instr(prog[done], done) : std::string("none")) +
+      s += std::string("  gpu stream ") + ir::to_string(kSlotStream[k]) + ": last done " + (done >= 0 ? ir::print_instr(prog[done], done) : std::string("none")) +
            "; first pending " + (pending >= 0 ? ir::print_instr(prog[pending], pending) : std::string("none")) + "\n";
     }
     return s;
@@ -166,7 +170,7 @@ struct Worker::Impl {
   double save_wait_s = 0;  // time optimizer steps waited for a background save
   IoStats tier_save{};     // NVMe tier stages of the save in progress (written in begin_save)
   int64_t cur_bytes = 0, peak_bytes = 0, peak_alloc = 0;
-  int64_t alloc_retries_total = 0, alloc_retries_step = 0;  // the caching allocator's num_alloc_retries: so far, this step
+  int64_t alloc_retries_at_start = 0, alloc_retries_step = 0;  // the caching allocator's num_alloc_retries: at the step's start, in it
   std::vector<TraceEvent> trace;
 
   int64_t bytes_of(const at::Tensor& t) const { return t.defined() ? (int64_t)t.numel() * (int64_t)t.element_size() : 0; }

@@ -263,15 +263,14 @@ std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker,
 void write_trace(const std::string& path, const ir::Plan& plan, const std::vector<std::vector<TraceEvent>>& per_rank,
                  double step_s, double tokens_per_s, const std::vector<double>& peaks, const std::vector<double>& allocs) {
   json ev = json::array();
-  static const char* lanes[] = {"comp", "h2d", "d2h", "p2p", "cpu", "io", "opt"};  // by ir::Stream
   double t0 = 1e300;
   for (const auto& r : per_rank) for (const auto& e : r) t0 = std::min(t0, e.start_us);
   for (int g = 0; g < (int)per_rank.size(); ++g) {
     ev.push_back({{"ph", "M"}, {"name", "process_name"}, {"pid", g}, {"args", {{"name", "GPU " + std::to_string(g)}}}});
     std::set<int> used;
     for (const auto& e : per_rank[g]) used.insert(e.lane);
-    for (int l = 0; l < (int)std::size(lanes); ++l)
-      if (l < 5 || used.count(l)) ev.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", g}, {"tid", l}, {"args", {{"name", lanes[l]}}}});
+    for (int l = 0; l < ir::kNumStreams; ++l)  // a trace lane per stream (ir::Stream's order)
+      if (l < 5 || used.count(l)) ev.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", g}, {"tid", l}, {"args", {{"name", ir::to_string((ir::Stream)l)}}}});
     for (const auto& e : per_rank[g]) {
       const auto& in = plan.programs[ir::rank_coord(plan, g).pipe].instrs[e.instr];
       std::string deps;

@@ -111,7 +111,7 @@ std::string lane_default_name(int tid) {
     case kP2P: return "p2p";
     case kCpu0: return "cpu";
     case kCpu0 + 1: return "io";   // the NVMe tier's I/O thread (ir::Stream::Io)
-    case kCpu0 + 2: return "opt";  // the GPU optimizer's CUDA stream (ir::Stream::Opt)
+    case kOpt: return "opt";       // the GPU optimizer's CUDA stream (ir::Stream::Opt)
     default: return "cpu" + std::to_string(tid - kCpu0);
   }
 }
