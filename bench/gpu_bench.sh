@@ -129,7 +129,10 @@ peer_args() { echo "--model ${MODEL:-llama2-7b} ${LAYERS:+--layers $LAYERS} --mb
 # ds NAME "EXTRA ARGS": the DeepSpeed peer (installed first)
 ds() {
   ds_setup || { echo "RESULT $1: DeepSpeed could not be installed"; return 1; }
-  PEER_TIMEOUT=${PEER_TIMEOUT:-540} peer "$1" ${GPUS:-$ngpu} "$(peer_args) $2" ds_offload.py
+  # DeepSpeed's JIT op builders (async_io for the NVMe swap) parse TORCH_CUDA_ARCH_LIST as numbers: an entry like 9.0a
+  # (as set on the GPU machine) fails int('0a'), so name the GPUs' plain compute capability
+  TORCH_CUDA_ARCH_LIST="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | sort -u | tr '\n' ';' | sed 's/;$//')" \
+    PEER_TIMEOUT=${PEER_TIMEOUT:-540} peer "$1" ${GPUS:-$ngpu} "$(peer_args) $2" ds_offload.py
 }
 # profile_nvme PATHS: mmoc-profile --storage-only on the NVMe tier's paths into $OUT/hw-nvme.json (the hardware file the
 # tier jobs compile for), probing NVME_MIB (default 4096) MiB per path: the size of the tier's objects

@@ -77,7 +77,14 @@ def ds_config(a, largest_param):
            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
            "optimizer": {"type": "AdamW", "params": {"lr": a.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}}}
     if a.nvme:
-        zero["offload_param"].update({"buffer_count": 5, "buffer_size": int(max(1e8, largest_param))})
+        # every parameter swapped in occupies one buffer until it is released: the live and prefetched parameters
+        # (up to stage3_max_live_parameters elements, a LLaMA layer's 7 matrices are 16.8-45.1M each) need that many
+        # buffers, or DeepSpeed stops with "Not enough swap in buffers" (5, its default, failed on LLaMA-2-7B's shape)
+        # Prefetch off: with it, DeepSpeed 0.19.8's NVMe parameter prefetch swaps in a parameter that already holds a
+        # buffer ("param 59 already assigned swap buffer id 21", nvidia-h200, 2026-12-02; the same stack as
+        # deepspeedai/Megatron-DeepSpeed#196), so ZeRO-Infinity runs here without parameter prefetch
+        zero.update({"stage3_max_live_parameters": 3e8, "stage3_prefetch_bucket_size": 0})
+        zero["offload_param"].update({"buffer_count": 32, "buffer_size": int(max(1e8, largest_param))})
         zero["offload_optimizer"].update({"buffer_count": 4, "fast_init": False})
         cfg["aio"] = {"block_size": 1 << 20, "queue_depth": 16, "thread_count": a.aio_threads,
                       "single_submit": False, "overlap_events": True}

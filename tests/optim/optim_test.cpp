@@ -4,6 +4,11 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <chrono>
+#include <thread>
+#include <mutex>
+#include <map>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -55,24 +60,26 @@ TEST_CASE("lr_at matches HF schedules (hand-computed values)") {
   CHECK_FALSE(parse_lr_schedule("exp").has_value());
 }
 
-TEST_CASE("thread pool: static contiguous chunks cover [0, n) exactly once") {
-  for (int threads : {1, 2, 3, 4, 7}) {
-    ThreadPool pool(threads);
-    CHECK(pool.num_threads() == threads);
-    for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{5}, int64_t{4096}, int64_t{100003}}) {
-      for (int64_t chunk : {int64_t{1}, int64_t{64}, int64_t{4096}}) {
-        std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
-        std::atomic<int> calls{0};
-        pool.parallel_for(n, chunk, [&](int64_t b, int64_t e) {
-          CHECK(b % chunk == 0);
-          CHECK(b < e);
-          calls.fetch_add(1);
-          for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)].fetch_add(1);
-        });
-        int bad = 0;
-        for (auto& h : hits) bad += h.load() != 1;
-        CHECK(bad == 0);
-        CHECK(calls.load() <= threads);
+TEST_CASE("thread pool: both schedules cover [0, n) exactly once with runs of whole chunks") {
+  for (auto sched : {ThreadPool::Schedule::kStatic, ThreadPool::Schedule::kDynamic}) {
+    for (int threads : {1, 2, 3, 4, 7}) {
+      ThreadPool pool(threads, {}, sched);
+      CHECK(pool.num_threads() == threads);
+      for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{5}, int64_t{4096}, int64_t{100003}}) {
+        for (int64_t chunk : {int64_t{1}, int64_t{64}, int64_t{4096}}) {
+          std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+          std::atomic<int> calls{0};
+          pool.parallel_for(n, chunk, [&](int64_t b, int64_t e) {
+            CHECK(b % chunk == 0);
+            CHECK(b < e);
+            calls.fetch_add(1);
+            for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)].fetch_add(1);
+          });
+          int bad = 0;
+          for (auto& h : hits) bad += h.load() != 1;
+          CHECK(bad == 0);
+          if (pool.schedule() == ThreadPool::Schedule::kStatic) CHECK(calls.load() <= threads);
+        }
       }
     }
   }
@@ -80,6 +87,34 @@ TEST_CASE("thread pool: static contiguous chunks cover [0, n) exactly once") {
   ThreadPool::static_range(10, 2, 1, 2, &b, &e);  // 5 chunks over 2 threads: [0,2) chunks, [2,5) chunks
   CHECK(b == 4);
   CHECK(e == 10);
+}
+
+// The dynamic schedule's point: a thread held up (in mmoc-run, by the issuing thread spinning on its core) takes fewer
+// runs, and the others take the rest, instead of every thread waiting for its fixed share.
+TEST_CASE("thread pool: under the dynamic schedule a slow thread takes fewer runs") {
+  if (const char* e = std::getenv("MMOC_POOL_SCHEDULE"); e && std::string(e) == "static") return;
+  ThreadPool pool(4);
+  REQUIRE(pool.schedule() == ThreadPool::Schedule::kDynamic);
+  std::mutex mu;
+  std::map<std::thread::id, int> runs;
+  std::thread::id slow;
+  pool.parallel_for(int64_t{1} << 20, 64, [&](int64_t b, int64_t) {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      ++runs[std::this_thread::get_id()];
+      if (b == 0) slow = std::this_thread::get_id();
+    }
+    if (b == 0) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  });
+  int total = 0;
+  for (const auto& [id, k] : runs) total += k;
+  CHECK(total == 32);  // 16384 chunks, runs of 16384 / (8 x 4) = 512 chunks
+  CHECK(runs[slow] == 1);
+  // the static schedule gives the same thread all of its share: one run per thread
+  ThreadPool st(4, {}, ThreadPool::Schedule::kStatic);
+  std::atomic<int> calls{0};
+  st.parallel_for(int64_t{1} << 20, 64, [&](int64_t, int64_t) { calls.fetch_add(1); });
+  CHECK(calls.load() == 4);
 }
 
 TEST_CASE("thread pool: exceptions propagate; pinning to a bad CPU only warns") {
@@ -102,7 +137,7 @@ TEST_CASE("thread pool: exceptions propagate; pinning to a bad CPU only warns") 
   CHECK(good.pinned());
 }
 
-TEST_CASE("sum_of_squares: double reference, identical for any thread count") {
+TEST_CASE("sum_of_squares: double reference, identical for any thread count and schedule") {
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   const int64_t n = 3 * kReduceBlock + 12345;
@@ -123,10 +158,12 @@ TEST_CASE("sum_of_squares: double reference, identical for any thread count") {
   const double s_h = sum_of_squares(h.data(), GradType::kBFloat16, n, nullptr);
   CHECK(s_f == doctest::Approx(ref_f).epsilon(1e-12));
   CHECK(s_h == doctest::Approx(ref_h).epsilon(1e-12));
-  for (int threads : {1, 2, 3, 4}) {
-    ThreadPool pool(threads);
-    CHECK(sum_of_squares(f.data(), GradType::kFloat32, n, &pool) == s_f);
-    CHECK(sum_of_squares(h.data(), GradType::kBFloat16, n, &pool) == s_h);
+  for (auto sched : {ThreadPool::Schedule::kStatic, ThreadPool::Schedule::kDynamic}) {
+    for (int threads : {1, 2, 3, 4}) {
+      ThreadPool pool(threads, {}, sched);
+      CHECK(sum_of_squares(f.data(), GradType::kFloat32, n, &pool) == s_f);
+      CHECK(sum_of_squares(h.data(), GradType::kBFloat16, n, &pool) == s_h);
+    }
   }
   CHECK(sum_of_squares(f.data(), GradType::kFloat32, 0, nullptr) == 0.0);
   CHECK(sum_of_squares(f.data(), GradType::kFloat32, 3, nullptr) ==
