@@ -313,6 +313,10 @@ int64_t ModelSpec::layer_output_bytes(int layer, int mbs, int seq, int act_bytes
 //               must add the layer's layer_stash_bytes(recompute=false) (the recomputed forward is alive during backward).
 //  head fwd:    bf16 logits + fp32 logits: T*vocab*(act_bytes + 4).
 //  head bwd:    fp32 softmax and its gradient (2 x T*vocab*4) + bf16 logits gradient (T*vocab*act_bytes).
+//  (The head's figures here and in layer_stash_bytes are what cross_entropy over the whole fp32 copy held. Since
+//  2026-12-02 the engine's lm_loss_sum works in pieces of at most 2^25 fp32 logits and keeps the logits in their own
+//  dtype, so for a 32K vocabulary at 8 x 1024 tokens these are upper bounds by about 1.5-2.5 GB: headroom for the
+//  caching allocator until a GPU measurement re-fits them.)
 //  embedding:   fwd 0; bwd T*hidden*4 (fp32 scatter-add of the incoming gradient), and for GPT-2 the position
 //               table's gradient (max_positions*hidden*act_bytes).
 // Tensor parallelism (tp > 1): the MLP intermediates and the head's logits are one rank's 1/tp; attention's

@@ -7,6 +7,9 @@
 
 #include <array>
 #include <cmath>
+#include <cstdlib>
+#include <vector>
+#include <algorithm>
 #include <stdexcept>
 
 namespace mmoc::engine {
@@ -382,14 +385,92 @@ void add_tied_embedding_grad(const ir::ModelArch& a, const StageLayout& layout, 
   v.add_(grad.to(v.device(), v.scalar_type()));
 }
 
+namespace {
+
+// Rows of fp32 logits per piece of the chunked loss: a piece's fp32 temporaries are at most 2^25 elements (128 MiB)
+// each. MMOC_LOSS_CHUNK_ROWS overrides it (tests: force several pieces on a tiny model).
+int64_t loss_rows_per_piece(int64_t V) {
+  if (const char* e = std::getenv("MMOC_LOSS_CHUNK_ROWS")) {
+    const long long r = std::atoll(e);
+    if (r > 0) return r;
+  }
+  return std::max<int64_t>(1, (int64_t(1) << 25) / std::max<int64_t>(1, V));
+}
+
+// The pieces of the shifted logits logits[:, :-1] (B x (T-1) rows of V) as views: one piece holding all rows when
+// they fit (then the rows are copied into one [B*(T-1), V] tensor, as a plain reshape would), otherwise runs of rows
+// of one sequence each (a run of one sequence's rows is a view: the shift only drops each sequence's last row).
+struct Piece {
+  int64_t b, t0, rows;  // b < 0: all rows at once
+};
+std::vector<Piece> loss_pieces(int64_t B, int64_t T1, int64_t V) {
+  const int64_t per = loss_rows_per_piece(V);
+  if (B * T1 <= per) return {{-1, 0, B * T1}};
+  std::vector<Piece> out;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T1; t += per) out.push_back({b, t, std::min(per, T1 - t)});
+  return out;
+}
+at::Tensor piece_rows(const at::Tensor& t3, const Piece& p, int64_t T1) {  // [rows, last dim] of t3 [B, T, ...]
+  if (p.b < 0) return t3.narrow(1, 0, T1).reshape({-1, t3.size(2)});
+  return t3[p.b].narrow(0, p.t0, p.rows);
+}
+at::Tensor piece_labels(const at::Tensor& lb2, const Piece& p) {  // lb2: the shifted labels [B, T-1]
+  if (p.b < 0) return lb2.reshape({-1});
+  return lb2[p.b].narrow(0, p.t0, p.rows);
+}
+
+// Next-token cross-entropy summed in fp32, computed piece by piece: nothing vocabulary-wide in fp32 outlives a piece.
+// The same operations as cross_entropy over the whole fp32 copy (log_softmax of the fp32 rows, nll_loss summed), so
+// every element of the gradient is what that gives, bit for bit (both are row-wise); only the loss's sum is taken
+// piece by piece. Forward saves the logits as they came (the head's output, bf16 in training: half the bytes of the
+// fp32 log-softmax that cross_entropy keeps); backward recomputes each piece's log-softmax and writes its gradient
+// (nll_loss_backward, log_softmax backward, the cast back) into the logits' dtype. Before this the head held the fp32
+// copy, its log-softmax and in backward their gradients at once, 4-5 x T x V x 4 bytes: the allocator's retries at a
+// full 130 GiB budget fell on the head's forward (issue 14).
+struct ChunkedLmLoss : torch::autograd::Function<ChunkedLmLoss> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& lb2) {
+    const int64_t B = logits.size(0), T1 = lb2.size(1), V = logits.size(2);
+    at::Tensor loss;
+    for (const Piece& p : loss_pieces(B, T1, V)) {
+      const at::Tensor x = piece_rows(logits, p, T1).to(at::kFloat);
+      const at::Tensor part = at::nll_loss(at::log_softmax(x, 1), piece_labels(lb2, p), /*weight=*/{},
+                                           at::Reduction::Sum, /*ignore_index=*/-100);
+      loss = loss.defined() ? loss + part : part;
+    }
+    ctx->save_for_backward({logits, lb2});
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor logits = saved[0], lb2 = saved[1];
+    const int64_t B = logits.size(0), T1 = lb2.size(1), V = logits.size(2);
+    at::Tensor g = at::zeros_like(logits);  // the last position of each sequence has no label: gradient zero
+    const at::Tensor gout = grads[0].to(at::kFloat);
+    for (const Piece& p : loss_pieces(B, T1, V)) {
+      const at::Tensor x = piece_rows(logits, p, T1).to(at::kFloat);
+      const at::Tensor lsm = at::log_softmax(x, 1);
+      const at::Tensor lb = piece_labels(lb2, p);
+      auto [l, total_weight] = at::nll_loss_forward(lsm, lb, /*weight=*/{}, at::Reduction::Sum, -100);
+      (void)l;
+      const at::Tensor gl = at::nll_loss_backward(gout, lsm, lb, /*weight=*/{}, at::Reduction::Sum, -100, total_weight);
+      const at::Tensor gx = at::_log_softmax_backward_data(gl, lsm, 1, at::kFloat);
+      if (p.b < 0) g.narrow(1, 0, T1).copy_(gx.view({B, T1, V}));
+      else g[p.b].narrow(0, p.t0, p.rows).copy_(gx);
+    }
+    return {g, at::Tensor()};
+  }
+};
+
+}  // namespace
+
 at::Tensor lm_loss_sum(const at::Tensor& logits, const at::Tensor& labels) {
   if (logits.dim() != 3 || labels.dim() != 2 || logits.size(0) != labels.size(0) || logits.size(1) != labels.size(1))
     throw std::invalid_argument("lm_loss_sum: logits [B,T,V] and labels [B,T] expected");
-  const int64_t T = logits.size(1), V = logits.size(2);
+  const int64_t T = logits.size(1);
   if (T < 2) return (logits.sum() * 0).to(at::kFloat);
-  auto lg = logits.narrow(1, 0, T - 1).to(at::kFloat).reshape({-1, V});
-  auto lb = labels.narrow(1, 1, T - 1).to(logits.device(), at::kLong).reshape({-1});
-  return at::cross_entropy_loss(lg, lb, /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/-100);
+  const at::Tensor lb2 = labels.narrow(1, 1, T - 1).to(logits.device(), at::kLong).contiguous();
+  return ChunkedLmLoss::apply(logits.contiguous(), lb2);
 }
 
 int64_t count_tokens(const at::Tensor& labels) {

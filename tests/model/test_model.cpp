@@ -391,3 +391,60 @@ TEST_CASE("a decoder layer's forward keeps no weight copies: saved bytes are lin
     CHECK(double(k2) <= 1.5 * double(model));
   }
 }
+
+// lm_loss_sum computes the loss piece by piece (rows of the shifted logits) so that no vocabulary-wide fp32 tensor
+// outlives a piece. Against cross_entropy over the whole fp32 copy (what it replaced): every gradient element equal,
+// bit for bit, in fp32 and bf16, for a single piece and for pieces that split sequences; the loss equal to rounding
+// (only its sum is taken piece by piece); ignored labels (-100) ignored; and the graph keeps the logits in their own
+// dtype, not an fp32 log-softmax.
+TEST_CASE("lm_loss_sum in pieces: gradients bit-identical to cross_entropy over the whole fp32 logits") {
+  auto reference = [](const at::Tensor& logits, const at::Tensor& labels) {
+    const int64_t T = logits.size(1), V = logits.size(2);
+    auto lg = logits.narrow(1, 0, T - 1).to(at::kFloat).reshape({-1, V});
+    auto lb = labels.narrow(1, 1, T - 1).to(at::kLong).reshape({-1});
+    return at::cross_entropy_loss(lg, lb, {}, at::Reduction::Sum, -100);
+  };
+  at::manual_seed(3);
+  const int64_t B = 3, T = 7, V = 50;
+  at::Tensor labels = at::randint(0, V, {B, T}, at::kLong);
+  labels.index_put_({1, 3}, -100);
+  labels.index_put_({2, 6}, -100);
+  for (auto dt : {at::kFloat, at::kBFloat16}) {
+    const at::Tensor base = (at::randn({B, T, V}) * 3).to(dt);
+    for (const char* rows : {"", "2", "6", "100"}) {  // default (one piece), pieces within and across sequences
+      const std::string what = std::string(c10::toString(dt)) + " rows " + (*rows ? rows : "default");
+      CAPTURE(what);
+      if (*rows) setenv("MMOC_LOSS_CHUNK_ROWS", rows, 1);
+      else unsetenv("MMOC_LOSS_CHUNK_ROWS");
+      at::Tensor a = base.clone().requires_grad_(true), b = base.clone().requires_grad_(true);
+      at::Tensor la = lm_loss_sum(a, labels), lb = reference(b, labels);
+      CHECK((la.scalar_type() == at::kFloat));
+      CHECK(la.item<double>() == doctest::Approx(lb.item<double>()).epsilon(1e-6));
+      (la * 0.37).backward();
+      (lb * 0.37).backward();
+      CHECK((a.grad().scalar_type() == dt));
+      CHECK(at::equal(a.grad(), b.grad()));
+      CHECK(at::all(a.grad().select(1, T - 1) == 0).item<bool>());  // the last position has no label
+      if (*rows == '\0') CHECK(la.item<double>() == lb.item<double>());  // one piece: the same sum
+    }
+  }
+  unsetenv("MMOC_LOSS_CHUNK_ROWS");
+  // what the graph keeps: bf16 logits [2, 512, 8000] (16 MB) come in; cross_entropy over the fp32 copy keeps its fp32
+  // log-softmax (33 MB), lm_loss_sum only the labels beside the logits it was given
+  {
+    at::Tensor big = at::randn({2, 512, 8000}).to(at::kBFloat16).requires_grad_(true);
+    at::Tensor bl = at::randint(0, 8000, {2, 512}, at::kLong);
+    auto kept = [&](bool pieces) {
+      (void)(pieces ? lm_loss_sum(big, bl) : reference(big, bl));  // warm-up
+      const int64_t before = heap_in_use();
+      at::Tensor l = pieces ? lm_loss_sum(big, bl) : reference(big, bl);
+      return heap_in_use() - before;
+    };
+    const int64_t mine = kept(true), theirs = kept(false), fp32 = int64_t(2) * 511 * 8000 * 4;
+    INFO("kept by the graph: lm_loss_sum " << mine << " bytes, cross_entropy " << theirs);
+    CHECK(theirs >= fp32);
+    CHECK(mine < fp32 / 50);
+  }
+  // an out-of-vocabulary label is refused as by cross_entropy
+  CHECK_THROWS(lm_loss_sum(at::zeros({1, 3, V}), at::full({1, 3}, V + 5, at::kLong)));
+}
