@@ -35,8 +35,10 @@ with open(path, "w") as f:
 PY
 }
 preset_vocab() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab'])" "configs/models/$1.json"; }
+# median_tps JSONL: tokens/s at the median step time of steps 2.. (the mean of the two middle ones for an even count)
 median_tps() { python3 -c "
-import json,sys; r=[json.loads(l) for l in open('$1')][1:]; t=sorted(x['tokens_per_s'] for x in r); print(t[len(t)//2] if t else 0)"; }
+import json,sys; r=[json.loads(l) for l in open('$1')][1:]; t=sorted(x['step_s'] for x in r); n=len(t)
+m=(t[n//2] if n%2 else (t[n//2-1]+t[n//2])/2) if n else 0; print(r[0]['tokens_per_s']*r[0]['step_s']/m if n else 0)"; }
 peak_gib() { python3 -c "
 import json; r=[json.loads(l) for l in open('$1')]; print(' '.join('%.1f'%(b/2**30) for b in r[-1]['peak_bytes']))"; }
 
@@ -62,11 +64,12 @@ c = open(sys.argv[2]).read()
 pred = float(re.search(r"predicted: step ([0-9.]+) s", c).group(1))
 bound = [float(x) for x in re.findall(r"bound ([0-9.]+) GiB", c)]
 simpk = [float(x) for x in re.findall(r"simulated peak ([0-9.]+) GiB", c)]
-steady = sorted(x["step_s"] for x in r[1:])[len(r[1:]) // 2]
+t = sorted(x["step_s"] for x in r[1:]); n = len(t)
+steady = t[n // 2] if n % 2 else (t[n // 2 - 1] + t[n // 2]) / 2  # the median (mean of the middle two when even)
 G = 2**30
 print("SUMMARY %s: step %.3f s measured (median of steps 2..%d) vs %.3f s predicted (%+.1f%%)" % (sys.argv[3], steady, len(r), pred, 100 * (pred - steady) / steady))
-med = lambda k: sorted(x.get(k, 0) for x in r[1:])[len(r[1:]) // 2]
-print("SUMMARY %s: %.0f tokens/s, MFU %.1f%%, HFU %.1f%% of %.0f TFLOP/s bf16 peak per GPU (medians of steps 2..%d)"
+med = lambda k: r[1].get(k, 0) * r[1]["step_s"] / steady  # tokens and FLOPs per step are fixed: the median step's rate
+print("SUMMARY %s: %.0f tokens/s, MFU %.1f%%, HFU %.1f%% of %.0f TFLOP/s bf16 peak per GPU (at the median step of steps 2..%d)"
       % (sys.argv[3], med("tokens_per_s"), 100 * med("mfu"), 100 * med("hfu"), r[-1].get("peak_tflops", 0), len(r)))
 last = r[-1]
 for g, (res, al) in enumerate(zip(last["peak_bytes"], last.get("peak_allocated_bytes", last["peak_bytes"]))):

@@ -9,7 +9,9 @@ budget:
   LIMIT 7b-B: tokens/s, MFU, HFU; limit with recompute LAYERS x MB x (fwd+bwd + fwd) and without LAYERS x MB x
   (fwd+bwd), mmoc's fraction of each (limit / measured step); measured peak GPU memory (the process's: allocator
   reserved + context/NCCL) against the budget; the simulator's step against the measured one and its error.
-Steps after the first count (median); a missing file gives a line saying so. Exit 0 always (a summary, not a check).
+Steps after the first count: the median step time (the mean of the two middle ones for an even count), and tokens/s,
+MFU and HFU of that step time (so tokens/s and s/step always agree). A missing file gives a line saying so. Exit 0
+always (a summary, not a check).
 """
 import json
 import re
@@ -20,7 +22,10 @@ G = 2**30
 
 def median(xs):
     xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else float("nan")
+    if not xs:
+        return float("nan")
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def main(argv):
@@ -54,8 +59,9 @@ def main(argv):
             continue
         steady = r[1:]
         step = median([x["step_s"] for x in steady])
-        tps = median([x["tokens_per_s"] for x in steady])
-        mfu, hfu = median([x.get("mfu", 0) for x in steady]), median([x.get("hfu", 0) for x in steady])
+        # per step: tokens and FLOPs are fixed, so the rates of the median step are each rate x its step / the median
+        rate = lambda k: median([x.get(k, 0) * x["step_s"] for x in steady]) / step
+        tps, mfu, hfu = rate("tokens_per_s"), rate("mfu"), rate("hfu")
         peak = max(max(x.get("device_peak_bytes", x["peak_bytes"])) for x in steady) / G
         line = f"LIMIT {name}: {tps:.0f} tokens/s ({step:.3f} s/step), MFU {100 * mfu:.1f}%, HFU {100 * hfu:.1f}%"
         if fwd is not None:
