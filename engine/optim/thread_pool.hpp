@@ -11,6 +11,9 @@
 // partial results (see sum_of_squares) can be combined in chunk order, independent of both.
 // MMOC_POOL_SCHEDULE=static|dynamic (read when a pool is made) overrides the constructor's choice, for A/B runs.
 //
+// The calling thread takes part as thread 0; the pool owns num_threads - 1 workers. Calls to
+// parallel_for from several threads are serialised. The first exception thrown by fn is rethrown to the
+// caller after all threads have finished (under the dynamic schedule the others then claim no further runs).
 #pragma once
 
 #include <atomic>
