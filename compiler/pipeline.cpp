@@ -50,6 +50,8 @@ void validate_job(const JobConfig& j, const ModelSpec& m, const HardwareSpec& hw
   }
   if (j.recompute != "auto" && j.recompute != "on" && j.recompute != "off")
     throw InputError("recompute must be auto, on or off (got '" + j.recompute + "')");
+  if (j.selective != "auto" && j.selective != "on" && j.selective != "off")
+    throw InputError("selective must be auto, on or off (got '" + j.selective + "')");
   if (j.offload != "auto" && j.offload != "all" && j.offload != "none")
     throw InputError("offload must be auto, all or none (got '" + j.offload + "')");
   if (j.cross_map != "auto" && j.cross_map != "off") throw InputError("cross_map must be auto or off (got '" + j.cross_map + "')");
@@ -187,7 +189,8 @@ CompileResult compile_from(const JobConfig& j, const ModelSpec& m, const Hardwar
 namespace {
 // What the search chose from: "v auto, schedule auto, recompute auto, offload auto" (fixed knobs named as given).
 std::string describe_search(const JobConfig& j) {
-  return "v " + j.v + ", schedule " + j.schedule + ", recompute " + j.recompute + ", offload " + j.offload;
+  return "v " + j.v + ", schedule " + j.schedule + ", recompute " + j.recompute + ", selective " + j.selective +
+         ", offload " + j.offload;
 }
 }  // namespace
 
@@ -406,8 +409,10 @@ std::string summary(const CompileResult& r, const ModelSpec& m, const HardwareSp
   os << "stages:\n";
   for (const auto& s : p.stages) {
     // partial recompute: "rc k/n" (the first k of its n layers recompute)
-    const std::string rc = !s.recompute ? "         " : s.keep_layers == 0 ? "recompute"
-                           : "rc " + std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers());
+    // selective recompute inside the kept layers: "+sel"
+    const std::string rc = (!s.recompute ? std::string() : s.keep_layers == 0 ? std::string("recompute")
+                            : "rc " + std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers())) +
+                           (s.selective ? (s.recompute ? "+sel" : "sel") : "");
     std::snprintf(buf, sizeof buf, "  S%-3d rank g%d (GPU %d)  layers %3d-%-3d %7.3fB params  %-8s %-9s  fwd %8.2f ms  bwd %8.2f ms\n",
                   s.id, s.gpu, ir::physical_gpu(p, ir::world_rank(p, s.gpu, 0, 0)), s.layer_begin, s.layer_end - 1,
                   s.params / 1e9, s.weights == ir::Residency::Resident ? "resident" : "offload",

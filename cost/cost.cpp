@@ -176,6 +176,11 @@ double CostModel::layer_bwd_ms(int layer, int mbs, int seq) const {
   return compute_ms(*this, layer, mbs, seq, false) + tp_inline_comm_ms(layer, mbs, seq, false);
 }
 
+double CostModel::layer_selective_ms(int layer, int mbs, int seq) const {
+  if (!m.layer_can_select(layer)) return 0.0;
+  return (double)mbs * seq * 5.0 * (double)m.ffn * act_bytes / (hw.gpu_mem_gbps * 1e9) * 1e3 + hw.launch_overhead_ms;
+}
+
 double CostModel::layer_fwd_total_ms(int layer, int mbs, int seq) const {
   return compute_ms(*this, layer, mbs, seq, true) + tp_comm_ms(layer, mbs, seq, true);
 }

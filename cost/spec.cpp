@@ -273,10 +273,17 @@ double ModelSpec::layer_bwd_flops(int layer, int mbs, int seq) const { return 2.
 //           cross-entropy keeps (vocab*4).
 //  embedding: nothing (the token ids are batch(m)).
 // recompute=true: 0 (forward keeps only the stage input, counted as the previous layer's output / the batch).
+// selective=true (a LLaMA-style decoder layer without tensor parallelism, layer_can_select): the engine's SwiGluDown node
+// keeps the fused gate|up output only and recomputes silu(gate) and silu(gate)*up in backward (selective recompute
+// inside the layer, Stage::selective): 2*ffn instead of 4*ffn; no effect on other layers.
 // Tensor parallelism (tp > 1): what depends on heads, kv heads, ffn or the vocabulary is one rank's 1/tp (its heads,
 // its MLP columns, its vocabulary rows); the replicated hidden-state tensors (x, the norms' outputs, the residuals)
 // stay whole.
-int64_t ModelSpec::layer_stash_bytes(int layer, int mbs, int seq, bool recompute, int act_bytes) const {
+bool ModelSpec::layer_can_select(int layer) const {
+  return layer >= 1 && layer <= layers && !arch::is_gpt2(*this) && tp <= 1;
+}
+
+int64_t ModelSpec::layer_stash_bytes(int layer, int mbs, int seq, bool recompute, int act_bytes, bool selective) const {
   if (recompute) return 0;
   const int64_t n = std::max(1, tp);
   const int64_t T = (int64_t)mbs * seq, h = hidden, f = ffn / n, qd = arch::q_dim(*this) / n, kvd = arch::kv_dim(*this) / n;
@@ -292,7 +299,8 @@ int64_t ModelSpec::layer_stash_bytes(int layer, int mbs, int seq, bool recompute
       small += (nh + nkv) * 4;
     }
     const int64_t mask = windowed(*this, seq) ? (int64_t)seq * seq : 0;
-    return T * ((4 * h + qd + attn + 4 * f) * act_bytes + small) + mask;
+    const int64_t mlp = selective && layer_can_select(layer) ? 2 * f : 4 * f;
+    return T * ((4 * h + qd + attn + mlp) * act_bytes + small) + mask;
   }
   if (layer == layers + 1) {
     const int64_t v = n > 1 ? arch::tp_vocab(vocab, 0, (int)n).rows : vocab;
@@ -538,6 +546,7 @@ JobConfig parse_job(const std::string& json_text, const std::string& origin) {
   r.read("seq_len", c.seq_len, 1);
   r.read("schedule", c.schedule, {"gpipe", "1f1b", "interleaved-1f1b", "grouped", "auto"});
   r.read("recompute", c.recompute, {"auto", "on", "off"});
+  r.read("selective", c.selective, {"auto", "on", "off"});
   r.read("offload", c.offload, {"auto", "all", "none"});
   r.read("cross_map", c.cross_map, {"auto", "off"});
   r.read("dp", c.dp, 1);

@@ -34,7 +34,12 @@ struct ModelSpec : ir::ModelArch {
   double layer_bwd_flops(int layer, int mbs, int seq) const;
   // Bytes saved by forward for backward of one micro-batch at `act_bytes` per element (2 for bf16).
   // recompute=true: nothing beyond the layer's input (counted separately as the stage input).
-  int64_t layer_stash_bytes(int layer, int mbs, int seq, bool recompute, int act_bytes) const;
+  // selective=true: selective recompute inside the layer (Stage::selective) where layer_can_select: the SwiGLU's
+  // silu(gate) and product are recomputed in backward instead of kept (2*ffn elements per token less).
+  int64_t layer_stash_bytes(int layer, int mbs, int seq, bool recompute, int act_bytes, bool selective = false) const;
+  // Whether selective recompute inside the layer applies: a LLaMA-style (gated MLP) decoder layer without tensor
+  // parallelism (the engine's SwiGluDown node runs on the unsharded MLP only).
+  bool layer_can_select(int layer) const;
   // Output activation of a layer (hidden state) for one micro-batch; the head's is 0.
   int64_t layer_output_bytes(int layer, int mbs, int seq, int act_bytes) const;
   // Peak transient bytes while the layer runs forward / backward (logits for the head, MLP intermediates, ...).
@@ -157,6 +162,9 @@ struct JobConfig {
   int micro_batch_size = 1, microbatches = 1, seq_len = 128;
   std::string schedule = "auto";     // gpipe | 1f1b | interleaved-1f1b | grouped (overrides) | auto
   std::string recompute = "auto";    // auto | on | off
+  // selective recompute inside the layer (Stage::selective): auto (per stage, where the budget limits the stash),
+  // on (every stage whose kept layers can), off
+  std::string selective = "auto";
   std::string offload = "auto";      // auto | all | none
   std::string cross_map = "auto";    // auto | off
   int dp = 1;
@@ -188,6 +196,9 @@ struct CostModel {
   int act_bytes = 2;  // bf16
   double layer_fwd_ms(int layer, int mbs, int seq) const;
   double layer_bwd_ms(int layer, int mbs, int seq) const;  // without recompute
+  // What selective recompute inside the layer adds to its backward (ModelSpec::layer_can_select; else 0): SwiGluDown
+  // recomputes silu(gate) * up, forward's elementwise pass over 5*ffn elements per token.
+  double layer_selective_ms(int layer, int mbs, int seq) const;
   double h2d_ms(int64_t bytes) const;
   double d2h_ms(int64_t bytes) const;
   double p2p_ms(int64_t bytes) const;

@@ -114,6 +114,11 @@ struct Stage {
   // only its first layers() - keep_layers recompute in backward (0: the whole stage recomputes). 0 without recompute.
   // Text: recompute=<recomputed>/<layers> when partial; JSON: "recompute": <recomputed layers> (docs/plan-format.md).
   int keep_layers = 0;
+  // Selective recompute inside the layer: the stage's decoder layers that keep their stash (all without recompute,
+  // the last keep_layers with partial recompute) keep only part of it: the SwiGLU's fused gate|up output, not
+  // silu(gate) and silu(gate)*up, which their backward recomputes (engine/model/model.cpp SwiGluDown; LLaMA-style
+  // layers at tp 1, ModelSpec::layer_can_select). Text and JSON: selective=1 / "selective": true, written only when set.
+  bool selective = false;
   bool operator==(const Stage&) const = default;
   int layers() const { return layer_end - layer_begin; }
   // How many of its first layers recompute their forward in backward: 0 (none) .. layers() (all).

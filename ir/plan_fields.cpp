@@ -375,7 +375,8 @@ const std::vector<Field<TrainConfig>>& train_fields() {
 const std::vector<Field<Stage>>& stage_fields() {
   static const std::vector<Field<Stage>> f = {
       field<&Stage::gpu>("gpu"),         layers_field(),
-      recompute_field(),                 field<&Stage::weights>("weights"),
+      recompute_field(),                 optional_field<&Stage::selective>("selective"),
+      field<&Stage::weights>("weights"),
       field<&Stage::optim>("optim"),     field<&Stage::params>("params"),
       field<&Stage::fwd_ws>("fwd_ws"),   field<&Stage::bwd_ws>("bwd_ws"),
       field<&Stage::fwd_ms>("fwd_ms"),   field<&Stage::bwd_ms>("bwd_ms"),

@@ -93,6 +93,12 @@ std::vector<std::string> verify_one_body(const Plan& p, bool with_programs) {
     if (s.keep_layers < 0 || (s.keep_layers > 0 && (!s.recompute || s.keep_layers >= s.layers())))
       add(pre + "keeps the stash of " + std::to_string(s.keep_layers) + " of its " + std::to_string(s.layers()) +
           " layers, which needs recompute and 0 <= kept < layers");
+    if (s.selective) {
+      const int kept_from = s.layer_begin + s.recompute_layers();
+      const bool decoder_kept = std::max(kept_from, 1) < std::min(s.layer_end, p.model.layers + 1);
+      if (p.tp > 1) add(pre + "selective recompute inside the layer needs tp 1 (the plan has tp " + std::to_string(p.tp) + ")");
+      else if (!decoder_kept) add(pre + "selective, but none of its decoder layers keeps its stash");
+    }
   }
   if (S > 0 && p.stages.back().layer_end != p.model.layers + 2)
     add("stage " + std::to_string(S - 1) + ": last stage ends at layer " + std::to_string(p.stages.back().layer_end) +

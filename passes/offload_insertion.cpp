@@ -39,6 +39,10 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   (`recompute=k/n`). Greedy: keep one more layer's stash at a time (a stage's last recomputed layer), always the one
   whose recompute costs the most time per byte of stash, while its GPU's bound stays within the budget; the plans with
   that choice made after the residency, before it, and with recompute off or whole compete by simulated step time;
+  selective recompute inside the layer (job `selective`, `selective=1` on a stage): its kept LLaMA-style layers keep
+  the SwiGLU's gate|up output only and recompute the rest in backward; with auto every candidate above is made once
+  without it and once with every stage starting selective, where the greedy also un-selects a stage (its kept layers'
+  SwiGLU recompute bought back with the bytes of its two tensors) by the same time-per-byte ratio; on: never un-selects;
   residency (offload=auto): per GPU, the largest number of its stages (lowest stage ids first: their gradients
   complete last, so their CPU optimizer step would be the step's tail) that keeps the bound within the budget.
   with partial recompute, residency is also bought with recompute: from the most resident choice, one stage fewer
@@ -52,9 +56,9 @@ extern const char* const kOffloadInsertionContract = R"md(Where every stage's we
   without paths) is refused. Nothing fits the GPU: BudgetError naming (and carrying) the smallest budget that would;
   the GPU fits but not the host: HostMemoryError naming the host memory needed and available; a path without the
   space the tier needs there: InputError naming it and the missing bytes. The choice (residency, recompute, kept
-  layers per stage, window 1, the tier's stages) is the context's `offload`.
+  layers per stage, selective stages, window 1, the tier's stages) is the context's `offload`.
 - **Recovers from the plan**: the choice (residency from the stages' `weights`, recompute and the kept layers from the
-  stages the schedule does not force, the window from the prefetches' dependencies, the tier's stages from the buffer
+  stages the schedule does not force, selective from the stages' `selective`, the window from the prefetches' dependencies, the tier's stages from the buffer
   table's `opt` homes) and the plan as comm-lowering left it (the lowered plan without the instructions this pass
   adds: its inverse, `strip_offload`; from a linearized plan, in linearize's order).
 )md";
@@ -179,6 +183,37 @@ bool recompute_forced(const ir::Plan& p, const OffloadConfig& cfg, int s) {
   return s == P - 1;
 }
 
+namespace {
+// The first layer of stage s that keeps its forward's stash under cfg (the stage's layer_end: none).
+int kept_from(const ir::Plan& base, const OffloadConfig& cfg, int s) {
+  const ir::Stage& st = base.stages[s];
+  if (recompute_forced(base, cfg, s)) return st.layer_end;
+  if (!cfg.recompute) return st.layer_begin;
+  const int k = s < (int)cfg.keep.size() ? std::clamp(cfg.keep[s], 0, st.layers()) : 0;
+  return st.layer_end - k;
+}
+bool selects(const OffloadConfig& cfg, int s) { return s < (int)cfg.selective.size() && cfg.selective[s]; }
+}  // namespace
+
+bool stage_can_select(const PassContext& c, const ir::Plan& base, const OffloadConfig& cfg, int s) {
+  for (int l = kept_from(base, cfg, s); l < base.stages[s].layer_end; ++l)
+    if (c.model.layer_can_select(l)) return true;
+  return false;
+}
+
+// Normal form of cfg.selective: set only where it has an effect (stage_can_select); none set: empty.
+void normalize_selective(const PassContext& c, const ir::Plan& base, OffloadConfig& cfg) {
+  if (cfg.selective.empty()) return;
+  const int P = base.num_stages();
+  cfg.selective.resize(P, 0);
+  bool any = false;
+  for (int s = 0; s < P; ++s) {
+    cfg.selective[s] = cfg.selective[s] && stage_can_select(c, base, cfg, s);
+    any |= cfg.selective[s] != 0;
+  }
+  if (!any) cfg.selective.clear();
+}
+
 ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const OffloadConfig& cfg) {
   ir::Plan p = base;
   const int P = p.num_stages(), last = P - 1;
@@ -194,6 +229,7 @@ ir::Plan lower_offload(const PassContext& c, const ir::Plan& base, const Offload
       if (cfg.keep[s] >= st.layers()) st.recompute = false;
       else st.keep_layers = cfg.keep[s];
     }
+    st.selective = selects(cfg, s) && stage_can_select(c, base, cfg, s);
     st.weights = cfg.resident[s] ? ir::Residency::Resident : ir::Residency::Offload;
     st.optim = cfg.resident[s] ? ir::OptimPlace::Gpu : ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
@@ -397,33 +433,65 @@ void offload_insertion_pass(PassContext& c) {
   };
   // Partial recompute (recompute=auto): with the residency of cfg fixed, keep the stash of one more layer at a time
   // (a stage's last recomputed layer), always the one whose recompute costs the most time per byte of stash, while
-  // its GPU's bound stays within the budget.
+  // its GPU's bound stays within the budget. Selective recompute inside the layer (cfg.selective set: every stage
+  // starts selective): a kept layer of a selective stage costs its selective stash and saves its forward less the
+  // SwiGLU's recompute; with selective=auto a further move un-selects a stage (its kept layers keep their whole stash:
+  // the bytes of the SwiGLU's two tensors buy back its recompute), competing by the same ratio. keep_moves=false: only
+  // those (recompute off or whole: no layer to keep).
   const int mbs = base.micro_batch_size, seq = base.seq_len;
-  auto keep_search = [&](OffloadConfig cfg, const std::vector<int>& start = {}) {
+  const bool unselect_moves = c.job.selective == "auto";
+  auto keep_search = [&](OffloadConfig cfg, const std::vector<int>& start = {}, bool keep_moves = true) {
     cfg.keep = start;  // a choice known to fit (residency_scan's previous one), or none
     cfg.keep.resize(P, 0);
-    std::vector<char> open(P, 0);
-    for (int s = 0; s < P; ++s) open[s] = !recompute_forced(base, cfg, s);
+    std::vector<char> open(P, 0), sel_open(P, 0);
+    for (int s = 0; s < P; ++s) {
+      open[s] = keep_moves && cfg.recompute && !recompute_forced(base, cfg, s);
+      sel_open[s] = unselect_moves && selects(cfg, s);
+    }
+    const int ab = c.act_bytes();
     for (;;) {
       int best = -1;
+      bool best_unselect = false;
       double best_ratio = -1;
       for (int s = 0; s < P; ++s) {
         if (!open[s] || cfg.keep[s] >= base.stages[s].layers()) continue;
         const int l = base.stages[s].layer_end - 1 - cfg.keep[s];
-        const double saved = c.cost.layer_fwd_total_ms(l, mbs, seq);  // with its tp collectives (replayed)
-        const int64_t bytes = c.model.layer_stash_bytes(l, mbs, seq, false, c.act_bytes());
+        const bool sel = selects(cfg, s) && c.model.layer_can_select(l);
+        // with its tp collectives (replayed); a selective layer still recomputes its SwiGLU
+        const double saved = c.cost.layer_fwd_total_ms(l, mbs, seq) - (sel ? c.cost.layer_selective_ms(l, mbs, seq) : 0.0);
+        const int64_t bytes = c.model.layer_stash_bytes(l, mbs, seq, false, ab, sel);
         const double ratio = bytes > 0 ? saved / (double)bytes : 1e300;
-        if (ratio > best_ratio) { best_ratio = ratio; best = s; }
+        if (ratio > best_ratio) { best_ratio = ratio; best = s; best_unselect = false; }
+      }
+      for (int s = 0; s < P; ++s) {
+        if (!sel_open[s] || !selects(cfg, s)) continue;
+        double saved = 0;
+        int64_t bytes = 0;
+        for (int l = kept_from(base, cfg, s); l < base.stages[s].layer_end; ++l) {
+          if (!c.model.layer_can_select(l)) continue;
+          saved += c.cost.layer_selective_ms(l, mbs, seq);
+          bytes += c.model.layer_stash_bytes(l, mbs, seq, false, ab) - c.model.layer_stash_bytes(l, mbs, seq, false, ab, true);
+        }
+        if (bytes <= 0) continue;  // no kept layer (yet)
+        const double ratio = saved / (double)bytes;
+        if (ratio > best_ratio) { best_ratio = ratio; best = s; best_unselect = true; }
       }
       if (best < 0) break;
-      cfg.keep[best]++;
       const int g = base.stages[best].gpu;
+      if (best_unselect) {
+        cfg.selective[best] = 0;
+        if (!fits(memory_bound(lower_offload(c, base, cfg), g), g)) cfg.selective[best] = 1;
+        sel_open[best] = 0;  // either way: its stage is decided
+        continue;
+      }
+      cfg.keep[best]++;
       if (!fits(memory_bound(lower_offload(c, base, cfg), g), g)) {
         cfg.keep[best]--;
         open[best] = 0;
       }
     }
     normalize_keep(base, cfg);
+    normalize_selective(c, base, cfg);
     return cfg;
   };
 
@@ -432,7 +500,8 @@ void offload_insertion_pass(PassContext& c) {
   std::optional<HostMemoryError> host_refusal;  // a choice that fits the GPU but not the host (the smallest need)
   std::optional<NvmeSpaceError> nvme_refusal;   // a choice whose tier placement lacks disk space (the smallest lack)
   std::vector<OffloadConfig> seen;               // the choices tried (before tier placement)
-  auto add_cand = [&](const OffloadConfig& choice) -> double {
+  auto add_cand = [&](OffloadConfig choice) -> double {
+    normalize_selective(c, base, choice);
     for (const auto& k : seen) if (k == choice) return -1;
     seen.push_back(choice);
     OffloadConfig cfg = choice;
@@ -483,21 +552,32 @@ void offload_insertion_pass(PassContext& c) {
   };
   int64_t smallest = -1;
   std::string smallest_desc;
+  // selective recompute inside the layer: every candidate below without it and (selective=auto) again with every
+  // stage starting selective, keep_search un-selecting stages where the budget allows; selective=on: only the latter
+  // (no un-selecting). The candidates without it are exactly those of a job with selective=off.
+  std::vector<bool> sel_options;
+  if (c.job.selective == "off") sel_options = {false};
+  else if (c.job.selective == "on") sel_options = {true};
+  else sel_options = {false, true};
+  for (bool sel : sel_options)
   for (bool rc : rc_options) {
     OffloadConfig cfg;
     cfg.recompute = rc;
     cfg.window = 1;
     cfg.resident.assign(P, c.job.offload == "none" ? 1 : 0);
+    if (sel) cfg.selective.assign(P, 1);
     ir::Plan pl = lower_offload(c, base, cfg);
     MemoryBound mb = memory_bound(pl);
     int64_t worst = *std::max_element(mb.bound.begin(), mb.bound.end());
     if (smallest < 0 || worst < smallest) {
       smallest = worst;
-      smallest_desc = std::string("recompute ") + (rc ? "on" : "off") +
+      smallest_desc = std::string("recompute ") + (rc ? "on" : "off") + (sel && !rc ? ", selective" : "") +
                       (c.job.offload == "none" ? ", everything resident on the GPU" : ", all weights and optimizer state offloaded");
     }
     if (budget > 0 && worst > budget) continue;
     const bool partial = rc && c.job.recompute == "auto";
+    // the choice as it is; with selective, after un-selecting what the budget allows
+    auto as_is = [&](const OffloadConfig& k) { return sel ? keep_search(k, {}, false) : k; };
     if (c.job.offload == "auto") {
       OffloadConfig res = residency_search(cfg);
       // the budget left over after residency goes to stashes; or stashes first, then residency: the faster one wins
@@ -507,10 +587,10 @@ void offload_insertion_pass(PassContext& c) {
         add_cand(residency_search(keep_search(cfg)));
         if (most_resident.recompute) residency_scan(res, most_resident.keep);
       }
-      add_cand(res);
+      add_cand(as_is(res));
     } else {
       if (partial) add_cand(keep_search(cfg));
-      add_cand(cfg);
+      add_cand(as_is(cfg));
     }
   }
   // the host refusal is the one to fix first (more host memory puts less on the tier); a disk that is too small for
@@ -542,8 +622,11 @@ void offload_insertion_pass(PassContext& c) {
     for (const auto& st : c.plan.stages) { kept += st.recompute ? st.keep_layers : st.layers(); total += st.layers(); }
     rc = "partial (" + std::to_string(kept) + " of " + std::to_string(total) + " layers keep their stash)";
   }
+  int nsel = 0;
+  for (const auto& st : c.plan.stages) nsel += st.selective;
   c.notes.push_back("offload-insertion: recompute " + rc + ", " + std::to_string(nres) + " of " + std::to_string(P) +
-                    " stages resident on their GPU");
+                    " stages resident on their GPU" +
+                    (nsel ? ", " + std::to_string(nsel) + " selective (their kept layers recompute the SwiGLU)" : ""));
 }
 
 }  // namespace mmoc
@@ -645,6 +728,7 @@ ir::Plan strip_offload(const PassContext& c, const ir::Plan& lowered) {
   for (auto& st : p.stages) {  // as partition left them
     st.recompute = c.job.recompute != "off";
     st.keep_layers = 0;
+    st.selective = false;
     st.weights = ir::Residency::Offload;
     st.optim = ir::OptimPlace::Cpu;
     fill_stage_costs(c, st);
@@ -706,6 +790,11 @@ OffloadConfig offload_config_of(const PassContext& c, const ir::Plan& p) {
         break;
       }
   }
+  for (int s = 0; s < P; ++s)  // selective recompute inside the layer: from the stages (normal form by construction)
+    if (p.stages[s].selective) {
+      cfg.selective.resize(P, 0);
+      cfg.selective[s] = 1;
+    }
   cfg.window = window_of(p);
   for (int s = 0; s < P; ++s) {  // NVMe tier: from the buffer table
     const ir::BufferDecl* d = p.find_buffer(BufKind::Opt, s);

@@ -51,6 +51,8 @@ void fill_stage_costs(const PassContext& c, ir::Stage& st) {
   // The weight gradient: autograd holds the gradient of every parameter of the stage until they are gathered into one
   // flat gradient (params x act_bytes each), which is then added into wgrad(S).
   st.bwd_ws = bwd_ws_max + 2 * st.params * ab;
+  if (st.selective)  // the kept layers' backward recomputes their SwiGLU (ModelSpec::layer_can_select)
+    for (int l = rc_end; l < st.layer_end; ++l) st.bwd_ms += c.cost.layer_selective_ms(l, mbs, seq);
   if (st.recompute) {
     st.bwd_ms += rc_fwd_ms;  // the recomputed layers' forward runs again inside backward
     st.bwd_ws += stash_rc;   // and materialises their stash while it runs
@@ -60,7 +62,7 @@ void fill_stage_costs(const PassContext& c, ir::Stage& st) {
 int64_t stage_stash_bytes(const PassContext& c, const ir::Stage& st) {
   int64_t s = 0;
   for (int l = st.layer_begin + st.recompute_layers(); l < st.layer_end; ++l)
-    s += c.model.layer_stash_bytes(l, c.plan.micro_batch_size, c.plan.seq_len, false, c.act_bytes());
+    s += c.model.layer_stash_bytes(l, c.plan.micro_batch_size, c.plan.seq_len, false, c.act_bytes(), st.selective);
   return s;
 }
 

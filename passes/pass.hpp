@@ -34,6 +34,9 @@ struct OffloadConfig {
   // recompute at all). Ignored for stages the schedule forces to recompute. Empty: 0 everywhere (whole stages).
   std::vector<int> keep;
   std::vector<char> nvme;      // per stage (empty = none): its opt(S) lives on the NVMe tier (docs/nvme-tier.md)
+  // per stage (empty = none): its layers that keep their stash keep only part of it (Stage::selective); set only where
+  // it applies (stage_selects), in offload-insertion's normal form
+  std::vector<char> selective;
   bool operator==(const OffloadConfig&) const = default;
 };
 
@@ -165,6 +168,9 @@ ir::Plan lower_offload(const PassContext&, const ir::Plan& base, const OffloadCo
 // Whether stage s must recompute whole under cfg (grouped: an offloaded stage whose weights leave the GPU between its
 // forward and backward runs, and the head); such a stage keeps no stash.
 bool recompute_forced(const ir::Plan&, const OffloadConfig&, int s);
+// Whether stage s of `base` under cfg has a layer that keeps its stash and can keep it selectively
+// (ModelSpec::layer_can_select): where cfg.selective[s] has an effect.
+bool stage_can_select(const PassContext&, const ir::Plan& base, const OffloadConfig& cfg, int s);
 ir::Plan strip_offload(const PassContext&, const ir::Plan& lowered);
 OffloadConfig offload_config_of(const PassContext&, const ir::Plan& lowered);
 // NVMe tier (passes/tier_placement.cpp): moves the opt(S) of offloaded stages to the plan's nvme paths until every

@@ -56,7 +56,7 @@ void Worker::Impl::forward(int s, int m) {
     r.w_leaf = w.detach().requires_grad_(true);
     r.in_leaf = split > 0 ? mid.detach().requires_grad_(true) : mid;
     if (tie.defined()) r.tie_leaf = tie.detach().requires_grad_(true);
-    out = run_layers(st, r.w_leaf, r.in_leaf, split, ps.layer_end, r.target, r.tie_leaf);
+    out = run_layers(st, r.w_leaf, r.in_leaf, split, ps.layer_end, r.target, r.tie_leaf, ps.selective);
     r.out = out;
   }
   if (s == last) {

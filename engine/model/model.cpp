@@ -11,6 +11,7 @@
 #include <vector>
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 
 namespace mmoc::engine {
 using torch::autograd::AutogradContext;
@@ -23,6 +24,37 @@ namespace {
 struct Segment {
   int64_t offset = 0, numel = 0;
   std::vector<int64_t> shape;
+};
+
+// SwiGLU and the down projection as one autograd node: out = linear(silu(g) * u, W) for gu = [g | u] (the fused
+// gate/up projection's output). It keeps gu (alive anyway until here) and W (a view of the flat weights); backward
+// recomputes silu(g) * u, an elementwise pass, instead of keeping it. Autograd's own graph of the same ops keeps gu,
+// silu(g) and the product, 4F bytes per token and element size; this node 2F (selective recompute inside the layer,
+// issue 14; the plan's Stage::selective, stage_forward_layers' `selective`). Every gradient is computed by the ops autograd would run (mm in the same arrangement, silu_backward), so
+// they are bit-identical to the plain graph's.
+struct SwiGluDown : torch::autograd::Function<SwiGluDown> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, const at::Tensor& w) {
+    const int64_t F = gu.size(-1) / 2;
+    const at::Tensor act = at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);
+    ctx->save_for_backward({gu, w});
+    return at::linear(act, w);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor gu = saved[0], w = saved[1];
+    const at::Tensor& dout = grads[0];
+    const int64_t F = gu.size(-1) / 2, H = dout.size(-1);
+    const at::Tensor g = gu.narrow(-1, 0, F), u = gu.narrow(-1, F, F);
+    const at::Tensor sg = at::silu(g);
+    const at::Tensor d2 = dout.reshape({-1, H});
+    // linear's backward as matmul's mm: d(act) = dout . W, dW = dout^T . act
+    const at::Tensor dact = d2.mm(w).view(g.sizes());
+    const at::Tensor dw = d2.t().mm((sg * u).reshape({-1, F}));
+    // the product's and silu's backward
+    const at::Tensor dg = at::silu_backward(dact * u, g);
+    const at::Tensor du = dact * sg;
+    return {at::cat({dg, du}, -1), dw};
+  }
 };
 
 // flat -> segment views; backward gathers the segments' gradients into one flat gradient.
@@ -213,7 +245,7 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
 at::Tensor stage_forward_layers(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat,
                                 const at::Tensor& input, const Rope& rope, int layer_from, int layer_to,
                                 const at::Tensor& tied_embedding, bool fused_norm_on_cpu,
-                                c10::intrusive_ptr<FlatGradTarget> grad_target) {
+                                c10::intrusive_ptr<FlatGradTarget> grad_target, bool selective) {
   if (layout.tp_size != 1)
     throw std::invalid_argument("stage_forward_layers: the layout is a tensor-parallel shard (not supported)");
   if (layer_from < layout.layer_begin || layer_from >= layer_to || layer_to > layout.layer_end)
@@ -221,13 +253,13 @@ at::Tensor stage_forward_layers(const ir::ModelArch& a, const StageLayout& layou
                                 ") are not a non-empty part of the stage's [" + std::to_string(layout.layer_begin) + ", " +
                                 std::to_string(layout.layer_end) + ")");
   return detail::forward_stage(a, layout, flat, input, rope, tied_embedding, fused_norm_on_cpu, nullptr, layer_from, layer_to,
-                               std::move(grad_target));
+                               std::move(grad_target), selective);
 }
 
 at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat,
                                  const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding,
                                  bool fused_norm_on_cpu, TpComm* comm, int layer_from, int layer_to,
-                                 c10::intrusive_ptr<FlatGradTarget> grad_target) {
+                                 c10::intrusive_ptr<FlatGradTarget> grad_target, bool selective) {
   if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
     throw std::invalid_argument("stage_forward: flat must be a contiguous 1-D tensor of " + std::to_string(layout.numel) + " elements");
   if (layer_from < 0) layer_from = layout.layer_begin;
@@ -353,6 +385,12 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
       } else {
         at::Tensor w_gu = s.gate_up ? view(s, Role::Gate) : at::cat({view(s, Role::Gate), view(s, Role::Up)}, 0);
         auto gu = at::linear(x, w_gu);
+        if (selective && !comm) {  // SwiGLU and the down projection in one node: 2F per token kept, not 4F
+          x = SwiGluDown::apply(gu, view(s, Role::Down));
+          if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
+          h = residual + x;
+          continue;
+        }
         act = at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);
       }
       if (comm) {  // row-parallel: the sum over ranks, then the bias once

@@ -61,10 +61,14 @@ struct FlatGradTarget : torch::CustomClassHolder {
 // flat tensor: its gradient through this call is zero outside those layers' parameters. Partial recompute splits a
 // stage's forward in two such calls (the engine's first layers recompute, the others keep their autograd stash).
 // A tied head in the second part uses the stage's own embedding view.
+// selective: selective recompute inside the layer (the plan's Stage::selective): each LLaMA-style decoder layer's
+// SwiGLU and down projection run as one autograd node that keeps the gate|up output only and recomputes
+// silu(gate) * up in its backward (2 x ffn elements per token less kept; gradients bit-identical). GPT-2 layers
+// (no SwiGLU) run as without it.
 at::Tensor stage_forward_layers(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
                                 const at::Tensor& input, const Rope& rope, int layer_from, int layer_to,
                                 const at::Tensor& tied_embedding = at::Tensor(), bool fused_norm_on_cpu = false,
-                                c10::intrusive_ptr<FlatGradTarget> grad_target = {});
+                                c10::intrusive_ptr<FlatGradTarget> grad_target = {}, bool selective = false);
 
 // Tied embeddings across stages (head_needs_embedding): the [V,H] token-embedding view of the flat tensor of the stage
 // holding layer 0 (what the head's stage needs as stage_forward's tied_embedding), and the head stage's gradient of it

@@ -10,10 +10,11 @@ namespace mmoc::engine::detail {
 // stage_forward's body. comm == nullptr: the unsharded model (layout.tp_size 1), exactly as before tensor
 // parallelism; else the shard of rank comm->rank() (tp_stage_forward checks the layout against comm).
 // layer_from/layer_to (-1: the layout's ends): run only those model layers of the stage (stage_forward_layers).
+// selective (comm == nullptr only): the SwiGLU MLPs as one SwiGluDown node each (stage_forward_layers).
 at::Tensor forward_stage(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
                          const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding,
                          bool fused_norm_on_cpu, TpComm* comm, int layer_from = -1, int layer_to = -1,
-                         c10::intrusive_ptr<FlatGradTarget> grad_target = {});
+                         c10::intrusive_ptr<FlatGradTarget> grad_target = {}, bool selective = false);
 
 // Megatron's f (identity forward, all-reduce sum backward) and g (all-reduce sum forward, identity backward). Their
 // all-reduces are the plan's (TpComm::allreduce_sum_planned), except an f with planned = false (Qwen3's q/k-norm

@@ -111,6 +111,25 @@ TEST_CASE("memory formulas") {
   int64_t st = m.layer_stash_bytes(3, 8, 1024, false, 2);
   CHECK(st > 16 * T * 4096 * 2);  // ~18.75 hidden-sized tensors per token
   CHECK(st < 22 * T * 4096 * 2);
+  // selective recompute inside the layer: the SwiGLU's silu(gate) and product (2 x ffn per token) not kept; only on
+  // decoder layers, not under tensor parallelism, not for GPT-2; recomputing them costs a little of the backward
+  CHECK(st - m.layer_stash_bytes(3, 8, 1024, false, 2, true) == 2 * T * 11008 * 2);
+  CHECK(m.layer_stash_bytes(33, 8, 1024, false, 2, true) == m.layer_stash_bytes(33, 8, 1024, false, 2));
+  CHECK_FALSE(m.layer_can_select(0));
+  CHECK_FALSE(m.layer_can_select(33));
+  const ModelSpec m2 = with_tp(m, 2);
+  CHECK_FALSE(m2.layer_can_select(3));
+  CHECK(m2.layer_stash_bytes(3, 8, 1024, false, 2, true) == m2.layer_stash_bytes(3, 8, 1024, false, 2));
+  CHECK_FALSE(load_model("gpt2-xl", kConfigs).layer_can_select(3));
+  {
+    const HardwareSpec hw = load_hardware("h200x1", kConfigs);
+    CostModel cm{m, hw, 2}, cm2{m2, hw, 2};
+    const double sel = cm.layer_selective_ms(3, 8, 1024);
+    CHECK(sel > 0.0);
+    CHECK(sel < 0.05 * cm.layer_bwd_ms(3, 8, 1024));
+    CHECK(cm.layer_selective_ms(33, 8, 1024) == 0.0);
+    CHECK(cm2.layer_selective_ms(3, 8, 1024) == 0.0);
+  }
   CHECK(m.layer_fwd_workspace(33, 8, 1024, 2) >= T * 32000 * 4);   // fp32 logits
   CHECK(m.layer_bwd_workspace(33, 8, 1024, 2) >= 2 * T * 32000 * 4);
   auto t = load_model("tiny-tied", kConfigs);

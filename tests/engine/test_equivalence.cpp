@@ -275,3 +275,63 @@ TEST_CASE("partial recompute (a stage's first layers recompute, the others keep 
   }
   CHECK_MESSAGE(found, "no budget gave a plan with partial recompute");
 }
+
+namespace {
+// The plan with selective recompute inside the layer in every stage that keeps the stash of a decoder layer
+// (Stage::selective: the engine runs those layers' SwiGLU and down projection as one node that recomputes the SwiGLU).
+ir::Plan with_selective(ir::Plan p) {
+  int n = 0;
+  for (auto& s : p.stages) {
+    const int kept_from = std::max(s.layer_begin + s.recompute_layers(), 1);
+    s.selective = kept_from < std::min(s.layer_end, p.model.layers + 1);
+    n += s.selective;
+  }
+  REQUIRE(n > 0);
+  REQUIRE(ir::verify_structure(p).empty());
+  return p;
+}
+}  // namespace
+
+TEST_CASE("selective recompute inside the layer equals plain training") {
+  // every layer kept, one stage; pipelined with offloaded weights; with partial recompute (only the kept layers
+  // select) and clipping; GQA
+  check_against_reference(with_selective(make_plan(1, 1, "gpipe", "none")), "selective-N1-v1-gpipe");
+  check_against_reference(with_selective(make_plan(2, 1, "1f1b", "all")), "selective-N2-v1-1f1b-offload-all");
+  check_against_reference(with_selective(with_partial_recompute(make_plan(2, 2, "interleaved-1f1b", "all", 0.05, "cosine"), 1)),
+                          "selective-partial-N2-v2-interleaved-clip");
+  check_against_reference(with_selective(make_plan(2, 1, "1f1b", "none", 0, "constant", "tiny-gqa")), "selective-gqa-N2");
+  // the compiler's own choice (selective=auto): a budget where some stages select and others do not
+  JobConfig j;
+  j.model = "tiny-8l";
+  j.hardware = "cpu8";
+  j.gpus = 2;
+  j.v = "2";
+  j.micro_batch_size = 2;
+  j.microbatches = 4;
+  j.seq_len = 32;
+  j.schedule = "interleaved-1f1b";
+  j.offload = "none";
+  j.recompute = "off";
+  j.train.precision = "fp32";
+  j.train.lr = 1e-3;
+  ModelSpec m = load_model(j.model, kConfigs);
+  HardwareSpec hw = load_hardware(j.hardware, kConfigs);
+  bool found = false;
+  for (double b = 0.006; b < 0.05 && !found; b *= 1.03) {
+    j.budget_gib = b;
+    ir::Plan p;
+    try {
+      p = compile_job(j, m, hw, {}).plan;
+    } catch (const InputError&) {
+      continue;
+    }
+    int sel = 0;
+    for (const auto& s : p.stages) sel += s.selective;
+    found = sel > 0 && sel < p.num_stages() - 2;  // the embedding's and the head's stages never select
+    if (found) {
+      CAPTURE(b);
+      check_against_reference(p, "selective-compiled-N2-v2");
+    }
+  }
+  CHECK_MESSAGE(found, "no budget gave a plan where some stages select and others do not");
+}

@@ -448,3 +448,63 @@ TEST_CASE("lm_loss_sum in pieces: gradients bit-identical to cross_entropy over 
   // an out-of-vocabulary label is refused as by cross_entropy
   CHECK_THROWS(lm_loss_sum(at::zeros({1, 3, V}), at::full({1, 3}, V + 5, at::kLong)));
 }
+
+// Selective recompute inside the layer (stage_forward_layers' `selective`, the plan's Stage::selective): the decoder's
+// SwiGLU and down projection as one autograd node (SwiGluDown). Against the same layer without it: the output and the
+// gradients of the weights and the input are bit-identical, and the graph keeps 2 x tokens x ffn elements less
+// (silu(gate) and the product, recomputed in backward), which is what the compiler's ModelSpec::layer_stash_bytes
+// subtracts for a selective layer. A GPT-2 layer (no SwiGLU) is unaffected.
+TEST_CASE("selective recompute inside the layer: gradients bit-identical, 2F per token less kept, as the model says") {
+  for (int kv : {8, 2}) {
+    mmoc::ModelSpec m;
+    m.name = "probe";
+    m.layers = 2; m.hidden = 512; m.ffn = 1376; m.heads = 8; m.kv_heads = kv; m.vocab = 1000; m.max_seq = 512;
+    const ir::ModelArch a = m.arch();
+    const StageLayout lay = stage_layout(a, 1, 2);  // one decoder layer
+    at::Tensor flat = at::zeros({lay.numel}, at::kFloat);
+    init_weights(a, lay, flat, 1);
+    for (auto dt : {at::kFloat, at::kBFloat16}) {
+      const int T = 256;
+      const Rope rope = make_rope(a, T);
+      at::manual_seed(5);
+      const at::Tensor x0 = at::randn({2, T, a.hidden}).to(dt), dout = at::randn({2, T, a.hidden}).to(dt);
+      struct R { at::Tensor out, gw, gx; int64_t kept; };
+      auto run = [&](bool selective) {
+        at::Tensor w = flat.to(dt).detach().requires_grad_(true), x = x0.clone().requires_grad_(true);
+        auto fwd = [&] { return stage_forward_layers(a, lay, w, x, rope, 1, 2, {}, true, {}, selective); };
+        (void)fwd();  // warm-up (one-time allocations)
+        const int64_t before = heap_in_use();
+        at::Tensor out = fwd();
+        const int64_t kept = heap_in_use() - before;
+        auto g = torch::autograd::grad({out}, {w, x}, {dout});
+        return R{out.detach(), g[0], g[1], kept};
+      };
+      const R node = run(true), plain = run(false);
+      const std::string what = "kv_heads " + std::to_string(kv) + " " + c10::toString(dt);
+      CAPTURE(what);
+      CHECK(at::equal(node.out, plain.out));
+      CHECK(at::equal(node.gw, plain.gw));
+      CHECK(at::equal(node.gx, plain.gx));
+      const double less = double(plain.kept - node.kept), expect = 2.0 * 2 * T * a.ffn * at::elementSize(dt);
+      INFO("kept: selective " << node.kept << " bytes, without " << plain.kept << "; expected difference " << expect);
+      CHECK(std::abs(less - expect) < 0.05 * expect);
+      const int ab = (int)at::elementSize(dt);
+      CHECK(m.layer_stash_bytes(1, 2, T, false, ab) - m.layer_stash_bytes(1, 2, T, false, ab, true) == (int64_t)expect);
+    }
+  }
+  // GPT-2: no SwiGLU, nothing to select (the compiler's model agrees: layer_can_select is false)
+  mmoc::ModelSpec g;
+  g.name = "probe-gpt2"; g.family = "gpt2";
+  g.layers = 2; g.hidden = 256; g.ffn = 1024; g.heads = 4; g.kv_heads = 4; g.vocab = 1000; g.max_seq = 256;
+  g.max_positions = 256;
+  CHECK_FALSE(g.layer_can_select(1));
+  CHECK(g.layer_stash_bytes(1, 2, 64, false, 2, true) == g.layer_stash_bytes(1, 2, 64, false, 2));
+  const ir::ModelArch ga = g.arch();
+  const StageLayout gl = stage_layout(ga, 1, 2);
+  at::Tensor gf = at::zeros({gl.numel}, at::kFloat);
+  init_weights(ga, gl, gf, 1);
+  const Rope rope = make_rope(ga, 64);
+  const at::Tensor x = at::randn({2, 64, ga.hidden});
+  CHECK(at::equal(stage_forward_layers(ga, gl, gf, x, rope, 1, 2, {}, false, {}, true),
+                  stage_forward_layers(ga, gl, gf, x, rope, 1, 2, {}, false, {}, false)));
+}

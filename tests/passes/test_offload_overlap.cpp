@@ -476,13 +476,18 @@ TEST_CASE("partial recompute: stage costs, stash buffer and the text form follow
   const int k = st->recompute_layers();
   REQUIRE(k > 0);
   REQUIRE(k < st->layers());
-  // the stash buffer holds the kept layers' stash; the backward time adds the recomputed layers' forward
+  // the stash buffer holds the kept layers' stash (selective: without the SwiGLU's two tensors); the backward time adds
+  // the recomputed layers' forward (and a selective stage's kept layers' SwiGLU)
   int64_t stash = 0;
   double fwd_rc = 0, fwd = 0, bwd = 0;
   CostModel cm{m, hw, 2};
   for (int l = st->layer_begin; l < st->layer_end; ++l) {
-    if (l >= st->layer_begin + k) stash += m.layer_stash_bytes(l, 2, 1024, false, 2);
-    else fwd_rc += cm.layer_fwd_ms(l, 2, 1024);
+    if (l >= st->layer_begin + k) {
+      stash += m.layer_stash_bytes(l, 2, 1024, false, 2, st->selective);
+      if (st->selective) fwd_rc += cm.layer_selective_ms(l, 2, 1024);
+    } else {
+      fwd_rc += cm.layer_fwd_ms(l, 2, 1024);
+    }
     fwd += cm.layer_fwd_ms(l, 2, 1024);
     bwd += cm.layer_bwd_ms(l, 2, 1024);
   }
@@ -493,4 +498,73 @@ TEST_CASE("partial recompute: stage costs, stash buffer and the text form follow
   CHECK(text.find("recompute=" + std::to_string(k) + "/" + std::to_string(st->layers())) != std::string::npos);
   CHECK(ir::parse_text(text) == p);
   CHECK(ir::from_json_string(ir::to_json_string(p)) == p);
+}
+
+TEST_CASE("selective recompute inside the layer: chosen per stage where the budget limits the stash; text, JSON, verify") {
+  const ModelSpec m = model("llama2-7b");
+  const HardwareSpec hw = hardware("h200x1");
+  JobConfig j;
+  j.model = "llama2-7b";
+  j.hardware = "h200x1";
+  j.gpus = 1;
+  j.v = "34";
+  j.schedule = "interleaved-1f1b";
+  j.micro_batch_size = 8;
+  j.microbatches = 4;
+  j.seq_len = 1024;
+  j.budget_gib = 130;
+  auto compile = [&](const std::string& sel) {
+    JobConfig k = j;
+    k.selective = sel;
+    return compile_job(k, m, hw, {});
+  };
+  const CompileResult off = compile("off"), on = compile("on"), aut = compile("auto");
+  auto count = [](const ir::Plan& p) {
+    int n = 0;
+    for (const auto& s : p.stages) n += s.selective;
+    return n;
+  };
+  CHECK(count(off.plan) == 0);
+  // on: every stage that keeps a decoder layer's stash (not the embedding's, not the head's)
+  int keeps = 0;
+  for (const auto& s : on.plan.stages) keeps += s.layer_begin >= 1 && s.layer_begin <= m.layers && s.recompute_layers() < s.layers();
+  CHECK(count(on.plan) == keeps);
+  // auto: at 130 GiB the stash limits the plan (without it two layers recompute), so it selects, and the simulated
+  // step is the fastest of the three (off is one of its candidates)
+  CHECK(count(aut.plan) > 0);
+  CHECK(aut.sim.step_ms < off.sim.step_ms);
+  CHECK(aut.sim.step_ms <= on.sim.step_ms + 1e-9);
+  for (const CompileResult* r : {&off, &on, &aut})
+    for (int64_t x : memory_bound(r->plan).bound) CHECK(x <= hw.usable_bytes(r->plan.budget_bytes));
+  // a selective stage: its stash buffer without the SwiGLU's two tensors, its backward with their recompute
+  CostModel cm{m, hw, 2};
+  for (const auto& s : aut.plan.stages) {
+    if (!s.selective) continue;
+    int64_t stash = 0;
+    double bwd = 0;
+    for (int l = s.layer_begin; l < s.layer_end; ++l) {
+      bwd += cm.layer_bwd_ms(l, 8, 1024) + (l < s.layer_begin + s.recompute_layers() ? cm.layer_fwd_ms(l, 8, 1024) : cm.layer_selective_ms(l, 8, 1024));
+      if (l >= s.layer_begin + s.recompute_layers()) stash += m.layer_stash_bytes(l, 8, 1024, false, 2, true);
+    }
+    CHECK(aut.plan.buffer_bytes({ir::BufKind::Stash, s.id, 0}) == stash);
+    CHECK(s.bwd_ms == doctest::Approx(bwd));
+    CHECK(stash < m.layer_stash_bytes(s.layer_begin, 8, 1024, false, 2) * s.layers());
+  }
+  // the IR's text and JSON forms carry it; a plan without it prints as before (no selective key)
+  const std::string text = ir::print_text(aut.plan);
+  CHECK(text.find(" selective=1 ") != std::string::npos);
+  CHECK(ir::print_text(off.plan).find("selective") == std::string::npos);
+  CHECK(ir::parse_text(text) == aut.plan);
+  CHECK(ir::from_json_string(ir::to_json_string(aut.plan)) == aut.plan);
+  // verify: selective needs a kept decoder layer and tp 1
+  ir::Plan bad = aut.plan;
+  for (auto& s : bad.stages)
+    if (s.layer_begin == 0) s.selective = true;  // the embedding's stage
+  bool named = false;
+  for (const auto& e : ir::verify_structure(bad)) named |= e.find("none of its decoder layers keeps its stash") != std::string::npos;
+  CHECK(named);
+  // a bad job value is refused with the key named
+  JobConfig k = j;
+  k.selective = "sometimes";
+  CHECK_THROWS_WITH_AS(compile_job(k, m, hw, {}), doctest::Contains("selective must be auto, on or off"), InputError);
 }

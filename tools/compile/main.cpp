@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   std::string job_path, out_path, emit = "json", trace_path, configs, stop_after, start_after, input_path;
   std::vector<std::string> print_after;
   bool print_after_all = false, quiet = false, verbose = false, passes_doc = false;
-  std::optional<std::string> model, hardware, v, schedule, recompute, offload, cross_map, precision, on_nonfinite;
+  std::optional<std::string> model, hardware, v, schedule, recompute, selective, offload, cross_map, precision, on_nonfinite;
   std::optional<int> gpus, mbs, microbatches, seq_len, dp, tp;
   std::optional<std::string> budget, layout, host_budget;
   std::optional<double> bucket_mib;
@@ -57,6 +57,10 @@ int main(int argc, char** argv) {
   app.add_option("--seq-len", seq_len, "sequence length");
   app.add_option("--schedule", schedule, "gpipe, 1f1b, interleaved-1f1b, grouped or auto");
   app.add_option("--recompute", recompute, "auto, on or off");
+  app.add_option("--selective", selective,
+                 "selective recompute inside the layers that keep their stash (the SwiGLU recomputed in backward): auto "
+                 "(per stage, where the budget limits the stash), on or off")
+      ->check(CLI::IsMember({"auto", "on", "off"}));
   app.add_option("--offload", offload, "auto, all or none");
   app.add_option("--cross-map", cross_map, "auto or off");
   app.add_option("--precision", precision, "bf16 or fp32");
@@ -134,6 +138,7 @@ int main(int argc, char** argv) {
     if (seq_len) job.seq_len = *seq_len;
     if (schedule) job.schedule = *schedule;
     if (recompute) job.recompute = *recompute;
+    if (selective) job.selective = *selective;
     if (offload) job.offload = *offload;
     if (cross_map) job.cross_map = *cross_map;
     if (precision) job.train.precision = *precision;

@@ -578,7 +578,7 @@ void plan_tables(std::ostringstream& o, const PlanInfo& p) {
     o << "<tr data-stage=\"" << s.id << "\"><td>S" << s.id << "</td><td>g" << s.gpu << "</td><td>[" << s.layer_begin << ", "
       << s.layer_end << ")</td><td>" << mmoc::ir::to_string(s.weights) << "</td><td>" << mmoc::ir::to_string(s.optim)
       << "</td><td>" << (!s.recompute ? std::string("no") : s.keep_layers == 0 ? std::string("yes")
-          : std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers())) << "</td><td>" << fmt("%.3g", (double)s.params) << "</td><td>"
+          : std::to_string(s.recompute_layers()) + "/" + std::to_string(s.layers())) << (s.selective ? " +selective" : "") << "</td><td>" << fmt("%.3g", (double)s.params) << "</td><td>"
       << fmt("%.3f", s.fwd_ms) << "</td><td>" << fmt("%.3f", s.bwd_ms) << "</td><td>" << fmt_bytes((double)s.fwd_ws)
       << "</td><td>" << fmt_bytes((double)s.bwd_ws) << "</td></tr>\n";
   }
