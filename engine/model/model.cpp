@@ -15,6 +15,15 @@
 
 namespace mmoc::engine {
 using torch::autograd::AutogradContext;
+
+namespace {
+// MMOC_SWIGLU_GRAPH=plain: the decoder's MLP as separate autograd ops (the graph SwiGluDown replaces; then
+// `selective` has no effect), for the tests that compare the two.
+bool swiglu_plain_graph() {
+  const char* e = std::getenv("MMOC_SWIGLU_GRAPH");
+  return e && std::string(e) == "plain";
+}
+}  // namespace
 using torch::autograd::variable_list;
 
 namespace {
@@ -27,16 +36,23 @@ struct Segment {
 };
 
 // SwiGLU and the down projection as one autograd node: out = linear(silu(g) * u, W) for gu = [g | u] (the fused
-// gate/up projection's output). It keeps gu (alive anyway until here) and W (a view of the flat weights); backward
-// recomputes silu(g) * u, an elementwise pass, instead of keeping it. Autograd's own graph of the same ops keeps gu,
-// silu(g) and the product, 4F bytes per token and element size; this node 2F (selective recompute inside the layer,
-// issue 14; the plan's Stage::selective, stage_forward_layers' `selective`). Every gradient is computed by the ops autograd would run (mm in the same arrangement, silu_backward), so
-// they are bit-identical to the plain graph's.
+// gate/up projection's output), its backward assembling the gradient of gu with one cat. The graph of the same ops
+// under autograd (two narrows of gu, silu, mul, linear) keeps the same tensors, but each narrow's backward
+// zero-fills a gu-sized gradient and the two are then summed: ~10 x ffn elements per token of memory traffic the
+// cat does not have (the engine's layer was 3-4% slower in backward than HF's, which projects gate and up
+// separately: bench/results/2026-12-02-h200-s7).
+// recompute = false keeps gu, silu(g) and the product (4F per token and element size, as autograd would); recompute =
+// true keeps gu only (2F) and recomputes silu(g) * u, an elementwise pass, in backward: selective recompute inside the
+// layer (issue 14; the plan's Stage::selective, stage_forward_layers' `selective`). W is a view of the flat weights
+// (no copy). Every gradient is computed by the ops autograd would run (mm in the same arrangement, silu_backward), so
+// they are bit-identical to the plain graph's (test_model.cpp).
 struct SwiGluDown : torch::autograd::Function<SwiGluDown> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, const at::Tensor& w) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, const at::Tensor& w, bool recompute) {
     const int64_t F = gu.size(-1) / 2;
-    const at::Tensor act = at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);
-    ctx->save_for_backward({gu, w});
+    const at::Tensor sg = at::silu(gu.narrow(-1, 0, F));
+    const at::Tensor act = sg * gu.narrow(-1, F, F);
+    if (recompute) ctx->save_for_backward({gu, w});
+    else ctx->save_for_backward({gu, w, sg, act});
     return at::linear(act, w);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -45,15 +61,17 @@ struct SwiGluDown : torch::autograd::Function<SwiGluDown> {
     const at::Tensor& dout = grads[0];
     const int64_t F = gu.size(-1) / 2, H = dout.size(-1);
     const at::Tensor g = gu.narrow(-1, 0, F), u = gu.narrow(-1, F, F);
-    const at::Tensor sg = at::silu(g);
+    const bool kept = saved.size() == 4;
+    const at::Tensor sg = kept ? saved[2] : at::silu(g);
+    const at::Tensor act = kept ? saved[3] : sg * u;
     const at::Tensor d2 = dout.reshape({-1, H});
     // linear's backward as matmul's mm: d(act) = dout . W, dW = dout^T . act
     const at::Tensor dact = d2.mm(w).view(g.sizes());
-    const at::Tensor dw = d2.t().mm((sg * u).reshape({-1, F}));
+    const at::Tensor dw = d2.t().mm(act.reshape({-1, F}));
     // the product's and silu's backward
     const at::Tensor dg = at::silu_backward(dact * u, g);
     const at::Tensor du = dact * sg;
-    return {at::cat({dg, du}, -1), dw};
+    return {at::cat({dg, du}, -1), dw, at::Tensor()};
   }
 };
 
@@ -385,8 +403,8 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
       } else {
         at::Tensor w_gu = s.gate_up ? view(s, Role::Gate) : at::cat({view(s, Role::Gate), view(s, Role::Up)}, 0);
         auto gu = at::linear(x, w_gu);
-        if (selective && !comm) {  // SwiGLU and the down projection in one node: 2F per token kept, not 4F
-          x = SwiGluDown::apply(gu, view(s, Role::Down));
+        if (!comm && !swiglu_plain_graph()) {  // SwiGLU and down in one node; selective: 2F per token kept, not 4F
+          x = SwiGluDown::apply(gu, view(s, Role::Down), selective);
           if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
           h = residual + x;
           continue;

@@ -449,11 +449,12 @@ TEST_CASE("lm_loss_sum in pieces: gradients bit-identical to cross_entropy over 
   CHECK_THROWS(lm_loss_sum(at::zeros({1, 3, V}), at::full({1, 3}, V + 5, at::kLong)));
 }
 
-// Selective recompute inside the layer (stage_forward_layers' `selective`, the plan's Stage::selective): the decoder's
-// SwiGLU and down projection as one autograd node (SwiGluDown). Against the same layer without it: the output and the
-// gradients of the weights and the input are bit-identical, and the graph keeps 2 x tokens x ffn elements less
-// (silu(gate) and the product, recomputed in backward), which is what the compiler's ModelSpec::layer_stash_bytes
-// subtracts for a selective layer. A GPT-2 layer (no SwiGLU) is unaffected.
+// The decoder's SwiGLU and down projection run as one autograd node (SwiGluDown); selective recompute inside the layer
+// (stage_forward_layers' `selective`, the plan's Stage::selective) makes it recompute the SwiGLU in backward. Against
+// the plain autograd graph of the same ops (MMOC_SWIGLU_GRAPH=plain), with and without selective: the output and the
+// gradients of the weights and the input are bit-identical; without selective the graph keeps what the plain one
+// keeps, with it 2 x tokens x ffn elements less (silu(gate) and the product), which is what the compiler's
+// ModelSpec::layer_stash_bytes subtracts for a selective layer. A GPT-2 layer (no SwiGLU) is unaffected.
 TEST_CASE("selective recompute inside the layer: gradients bit-identical, 2F per token less kept, as the model says") {
   for (int kv : {8, 2}) {
     mmoc::ModelSpec m;
@@ -469,7 +470,8 @@ TEST_CASE("selective recompute inside the layer: gradients bit-identical, 2F per
       at::manual_seed(5);
       const at::Tensor x0 = at::randn({2, T, a.hidden}).to(dt), dout = at::randn({2, T, a.hidden}).to(dt);
       struct R { at::Tensor out, gw, gx; int64_t kept; };
-      auto run = [&](bool selective) {
+      auto run = [&](bool selective, bool plain = false) {
+        if (plain) setenv("MMOC_SWIGLU_GRAPH", "plain", 1);
         at::Tensor w = flat.to(dt).detach().requires_grad_(true), x = x0.clone().requires_grad_(true);
         auto fwd = [&] { return stage_forward_layers(a, lay, w, x, rope, 1, 2, {}, true, {}, selective); };
         (void)fwd();  // warm-up (one-time allocations)
@@ -477,17 +479,22 @@ TEST_CASE("selective recompute inside the layer: gradients bit-identical, 2F per
         at::Tensor out = fwd();
         const int64_t kept = heap_in_use() - before;
         auto g = torch::autograd::grad({out}, {w, x}, {dout});
+        unsetenv("MMOC_SWIGLU_GRAPH");
         return R{out.detach(), g[0], g[1], kept};
       };
-      const R node = run(true), plain = run(false);
+      const R sel = run(true), node = run(false), plain = run(false, true);
       const std::string what = "kv_heads " + std::to_string(kv) + " " + c10::toString(dt);
       CAPTURE(what);
-      CHECK(at::equal(node.out, plain.out));
-      CHECK(at::equal(node.gw, plain.gw));
-      CHECK(at::equal(node.gx, plain.gx));
-      const double less = double(plain.kept - node.kept), expect = 2.0 * 2 * T * a.ffn * at::elementSize(dt);
-      INFO("kept: selective " << node.kept << " bytes, without " << plain.kept << "; expected difference " << expect);
-      CHECK(std::abs(less - expect) < 0.05 * expect);
+      for (const R* r : {&sel, &node}) {
+        CHECK(at::equal(r->out, plain.out));
+        CHECK(at::equal(r->gw, plain.gw));
+        CHECK(at::equal(r->gx, plain.gx));
+      }
+      const double expect = 2.0 * 2 * T * a.ffn * at::elementSize(dt);
+      INFO("kept: selective " << sel.kept << " bytes, node " << node.kept << ", plain graph " << plain.kept
+                              << "; expected difference " << expect);
+      CHECK(std::abs(double(node.kept - plain.kept)) < 0.05 * expect);
+      CHECK(std::abs(double(plain.kept - sel.kept) - expect) < 0.05 * expect);
       const int ab = (int)at::elementSize(dt);
       CHECK(m.layer_stash_bytes(1, 2, T, false, ab) - m.layer_stash_bytes(1, 2, T, false, ab, true) == (int64_t)expect);
     }
