@@ -11,22 +11,21 @@
 #include <vector>
 #include <algorithm>
 #include <stdexcept>
+#include <cstring>
 #include <string>
 
 namespace mmoc::engine {
 using torch::autograd::AutogradContext;
-
-namespace {
-// MMOC_SWIGLU_GRAPH=plain: the decoder's MLP as separate autograd ops (the graph SwiGluDown replaces; then
-// `selective` has no effect), for the tests that compare the two.
-bool swiglu_plain_graph() {
-  const char* e = std::getenv("MMOC_SWIGLU_GRAPH");
-  return e && std::string(e) == "plain";
-}
-}  // namespace
 using torch::autograd::variable_list;
 
 namespace {
+// MMOC_SWIGLU_GRAPH=plain: the decoder's MLP as separate autograd ops (the graph SwiGluDown replaces; then
+// `selective` has no effect), for the tests that compare the two. Read at each layer's forward (tests switch it).
+bool swiglu_plain_graph() {
+  const char* e = std::getenv("MMOC_SWIGLU_GRAPH");
+  return e && std::strcmp(e, "plain") == 0;
+}
+
 
 // A piece of the flat tensor handed to the model as one view: one parameter, or several parameters that sit back to
 // back (q/k/v, gate/up) so that they are used as one matrix without a copy.
@@ -406,12 +405,13 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
         if (!comm && !swiglu_plain_graph()) {  // SwiGLU and down in one node; selective: 2F per token kept, not 4F
           x = SwiGluDown::apply(gu, view(s, Role::Down), selective);
           if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
-          h = residual + x;
-          continue;
+        } else {
+          act = at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);
         }
-        act = at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);
       }
-      if (comm) {  // row-parallel: the sum over ranks, then the bias once
+      if (!act.defined()) {
+        // SwiGluDown projected down already
+      } else if (comm) {  // row-parallel: the sum over ranks, then the bias once
         x = detail::reduce_from_tp(at::linear(act, view(s, Role::Down)), *comm);
         if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
       } else {

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -230,6 +231,42 @@ ir::Plan with_partial_recompute(ir::Plan p, int keep) {
   REQUIRE(ir::verify_structure(p).empty());
   return p;
 }
+
+// The compiler's own choice: tiny-8l on cpu8 (2 GPUs, 4 micro-batches of 2 x 32 tokens, weights resident, fp32),
+// compiled at budgets from 0.006 GiB (tiny-8l fits from 0.0065) up by `factor` while below `hi`, until a plan has
+// what `want` asks; that plan is checked against plain training. False when no budget gave one.
+bool check_first_compiled(const std::string& v, const std::string& sched, const std::string& recompute, double hi,
+                          double factor, const std::function<bool(const ir::Plan&)>& want, const std::string& label) {
+  JobConfig j;
+  j.model = "tiny-8l";
+  j.hardware = "cpu8";
+  j.gpus = 2;
+  j.v = v;
+  j.micro_batch_size = 2;
+  j.microbatches = 4;
+  j.seq_len = 32;
+  j.schedule = sched;
+  j.offload = "none";
+  j.recompute = recompute;
+  j.train.precision = "fp32";
+  j.train.lr = 1e-3;
+  const ModelSpec m = load_model(j.model, kConfigs);
+  const HardwareSpec hw = load_hardware(j.hardware, kConfigs);
+  for (double b = 0.006; b < hi; b *= factor) {
+    j.budget_gib = b;
+    ir::Plan p;
+    try {
+      p = compile_job(j, m, hw, {}).plan;
+    } catch (const InputError&) {
+      continue;
+    }
+    if (!want(p)) continue;
+    CAPTURE(b);
+    check_against_reference(p, label);
+    return true;
+  }
+  return false;
+}
 }  // namespace
 
 TEST_CASE("partial recompute (a stage's first layers recompute, the others keep their stash) equals plain training") {
@@ -243,36 +280,11 @@ TEST_CASE("partial recompute (a stage's first layers recompute, the others keep 
   check_against_reference(with_partial_recompute(make_plan(1, 1, "gpipe", "all", 0, "constant", "tiny-gpt2-tied"), 2),
                           "partial-gpt2-tied-N1");
   // the compiler's own choice: a budget between all-recompute and none gives a partial plan (1f1b: no stage forced)
-  JobConfig j;
-  j.model = "tiny-8l";
-  j.hardware = "cpu8";
-  j.gpus = 2;
-  j.v = "1";
-  j.micro_batch_size = 2;
-  j.microbatches = 4;
-  j.seq_len = 32;
-  j.schedule = "1f1b";
-  j.offload = "none";
-  j.recompute = "auto";
-  j.train.precision = "fp32";
-  j.train.lr = 1e-3;
-  ModelSpec m = load_model(j.model, kConfigs);
-  HardwareSpec hw = load_hardware(j.hardware, kConfigs);
-  bool found = false;
-  for (double b = 0.006; b < 0.02 && !found; b *= 1.05) {  // tiny-8l fits from 0.0065 GiB
-    j.budget_gib = b;
-    ir::Plan p;
-    try {
-      p = compile_job(j, m, hw, {}).plan;
-    } catch (const InputError&) {
-      continue;
-    }
-    for (const auto& s : p.stages) found |= s.recompute && s.keep_layers > 0;
-    if (found) {
-      CAPTURE(b);
-      check_against_reference(p, "partial-compiled-N2-1f1b");
-    }
-  }
+  const bool found = check_first_compiled("1", "1f1b", "auto", 0.02, 1.05, [](const ir::Plan& p) {
+    bool partial = false;
+    for (const auto& s : p.stages) partial |= s.recompute && s.keep_layers > 0;
+    return partial;
+  }, "partial-compiled-N2-1f1b");
   CHECK_MESSAGE(found, "no budget gave a plan with partial recompute");
 }
 
@@ -301,37 +313,10 @@ TEST_CASE("selective recompute inside the layer equals plain training") {
                           "selective-partial-N2-v2-interleaved-clip");
   check_against_reference(with_selective(make_plan(2, 1, "1f1b", "none", 0, "constant", "tiny-gqa")), "selective-gqa-N2");
   // the compiler's own choice (selective=auto): a budget where some stages select and others do not
-  JobConfig j;
-  j.model = "tiny-8l";
-  j.hardware = "cpu8";
-  j.gpus = 2;
-  j.v = "2";
-  j.micro_batch_size = 2;
-  j.microbatches = 4;
-  j.seq_len = 32;
-  j.schedule = "interleaved-1f1b";
-  j.offload = "none";
-  j.recompute = "off";
-  j.train.precision = "fp32";
-  j.train.lr = 1e-3;
-  ModelSpec m = load_model(j.model, kConfigs);
-  HardwareSpec hw = load_hardware(j.hardware, kConfigs);
-  bool found = false;
-  for (double b = 0.006; b < 0.05 && !found; b *= 1.03) {
-    j.budget_gib = b;
-    ir::Plan p;
-    try {
-      p = compile_job(j, m, hw, {}).plan;
-    } catch (const InputError&) {
-      continue;
-    }
+  const bool found = check_first_compiled("2", "interleaved-1f1b", "off", 0.05, 1.03, [](const ir::Plan& p) {
     int sel = 0;
     for (const auto& s : p.stages) sel += s.selective;
-    found = sel > 0 && sel < p.num_stages() - 2;  // the embedding's and the head's stages never select
-    if (found) {
-      CAPTURE(b);
-      check_against_reference(p, "selective-compiled-N2-v2");
-    }
-  }
+    return sel > 0 && sel < p.num_stages() - 2;  // the embedding's and the head's stages never select
+  }, "selective-compiled-N2-v2");
   CHECK_MESSAGE(found, "no budget gave a plan where some stages select and others do not");
 }
