@@ -240,10 +240,11 @@ small-3b)
   done
   ;;
 h100-7b)
-  # LLaMA-2-7B shape, 1 GPU, 48 GiB budget, 8 x 1024 tokens per micro-batch, 4 micro-batches (32,768 tokens/step)
+  # LLaMA-2-7B shape, 1 GPU, 48 GiB budget, 8 x 1024 tokens per micro-batch, 4 micro-batches (32,768 tokens/step); HW=<hardware
+  # file> (default h100x1, the case's first machine) and SCHED=<schedule> (default grouped) change the compile
   if [ "${SKIP_PEER:-0}" != 1 ]; then python3 bench/peers/limits.py --model llama2-7b --mbs 8 --seq 1024 > "$OUT/limits.log" 2>&1 & lim=$!; fi
   gen_data "$OUT/tok.jsonl" 160 1024
-  $C --model llama2-7b --hardware h100x1 --gpus 1 --v ${V:-auto} --schedule grouped --budget 48 --micro-batch-size 8 \
+  $C --model llama2-7b --hardware ${HW:-h100x1} --gpus 1 --v ${V:-auto} --schedule ${SCHED:-grouped} --budget 48 --micro-batch-size 8 \
      --microbatches 4 --seq-len 1024 --precision bf16 -o "$OUT/plan.json" --trace "$OUT/predicted.json" | grep -v "^  S"
   if [ "${SKIP_PEER:-0}" != 1 ]; then wait $lim; cat "$OUT/limits.log"; fi
   timeout ${RUN_TIMEOUT:-400} $R "$OUT/plan.json" --data "$OUT/tok.jsonl" --steps ${STEPS:-4} --device cuda --metrics "$OUT/mmoc.jsonl" \

@@ -181,6 +181,17 @@ double CostModel::layer_selective_ms(int layer, int mbs, int seq) const {
   return (double)mbs * seq * 5.0 * (double)m.ffn * act_bytes / (hw.gpu_mem_gbps * 1e9) * 1e3 + hw.launch_overhead_ms;
 }
 
+double CostModel::layer_recompute_ms(int layer, int mbs, int seq, bool output_used) const {
+  const double f = layer_fwd_ms(layer, mbs, seq);
+  if (output_used || !m.layer_can_select(layer)) return f;
+  // the down projection's share of the modelled forward, applied to layer_fwd_ms (which may be a calibrated figure)
+  const LayerParts p = layer_parts(layer, mbs, seq, true);
+  const double T = (double)mbs * seq, eff = efficiency(T);
+  const double modelled = std::max(p.compute_ms / eff, p.weight_ms) + p.memory_ms + hw.launch_overhead_ms;
+  const double down = gemm_ms(hw, T, (double)m.hidden, (double)m.ffn / std::max(1, m.tp)) / eff;
+  return modelled > 0 ? f * std::max(0.0, 1.0 - down / modelled) : f;
+}
+
 double CostModel::layer_fwd_total_ms(int layer, int mbs, int seq) const {
   return compute_ms(*this, layer, mbs, seq, true) + tp_comm_ms(layer, mbs, seq, true);
 }
@@ -274,7 +285,12 @@ StepFlops step_flops(const ir::Plan& p) {
       const double fwd = m.layer_fwd_flops(l, p.micro_batch_size, p.seq_len);
       const double train = fwd + m.layer_bwd_flops(l, p.micro_batch_size, p.seq_len);
       f.model += reps * train;
-      f.hardware += reps * (train + (l < st.layer_begin + st.recompute_layers() ? fwd : 0.0));
+      const int rc_end = st.layer_begin + st.recompute_layers();
+      double rc = l < rc_end ? fwd : 0.0;
+      // the last recomputed layer skips its down projection (CostModel::layer_recompute_ms; tp 1 LLaMA-style layers)
+      if (l + 1 == rc_end && p.tp <= 1 && m.layer_can_select(l))
+        rc -= 2.0 * p.micro_batch_size * p.seq_len * (double)m.hidden * m.ffn;
+      f.hardware += reps * (train + rc);
     }
   return f;
 }

@@ -264,8 +264,11 @@ double ModelSpec::layer_bwd_flops(int layer, int mbs, int seq) const { return 2.
 //           q and the repeated k and v (3*q_dim), and with qk_norm (qwen3) also the qkv output the norms read
 //           (q_dim + 2*kv_dim) -- all times act_bytes; plus fp32 small terms: attention log-sum-exp (heads*4), two
 //           RMSNorm inverse-rms (2*4) and with qk_norm one per head of q and k ((heads + kv_heads)*4). With a sliding
-//           window shorter than seq, the boolean mask (seq^2 bytes per micro-batch) too. For LLaMA-2-7B that is
-//           10*hidden + 4*ffn = ~20.75*hidden elements per token.
+//           window shorter than seq, the boolean mask (seq^2 bytes per micro-batch) too. That is the plain autograd
+//           graph's (tp > 1); at tp 1 (layer_can_select) the engine's NormLinear nodes keep the norms' inputs only (x and
+//           the mid residual: 2*hidden, not 4*hidden), and with MHA and no q/k norms v is copied out of qkv, so
+//           attention keeps the rotated q and k and v (q_dim + 2*kv_dim). For LLaMA-2-7B that is 6*hidden + 4*ffn
+//           = ~16.75*hidden elements per token (10*hidden + 4*ffn under the plain graph).
 //  GPT-2 block: x, ln_1(x), the qkv output (q, k, v are views of it), the attention output, mid residual, ln_2 (8*hidden),
 //           the c_fc output and its GELU (2*ffn), times act_bytes; plus log-sum-exp (heads*4) and two LayerNorms'
 //           mean and inverse std (16).
@@ -300,7 +303,12 @@ int64_t ModelSpec::layer_stash_bytes(int layer, int mbs, int seq, bool recompute
     }
     const int64_t mask = windowed(*this, seq) ? (int64_t)seq * seq : 0;
     const int64_t mlp = selective && layer_can_select(layer) ? 2 * f : 4 * f;
-    return T * ((4 * h + qd + attn + mlp) * act_bytes + small) + mask;
+    int64_t hs = 4 * h;
+    if (layer_can_select(layer)) {  // tp 1: NormLinear recomputes the norms' outputs; MHA: v copied out of qkv
+      hs = 2 * h;
+      if (kv_heads == heads && !qk_norm) attn = qd + 2 * kvd;
+    }
+    return T * ((hs + qd + attn + mlp) * act_bytes + small) + mask;
   }
   if (layer == layers + 1) {
     const int64_t v = n > 1 ? arch::tp_vocab(vocab, 0, (int)n).rows : vocab;

@@ -144,7 +144,8 @@ std::string calibration_key(const std::string& model, int layer_kind /*0 embed,1
 
 // FLOPs of one training step of a plan (all its GPUs, all data-parallel replicas): `model` counts every layer's
 // forward and backward for every micro-batch (ModelSpec::layer_fwd_flops/layer_bwd_flops: ~6 x params x tokens plus
-// attention), without recompute; `hardware` adds the forward of the layers the plan recomputes (Stage::recompute_layers).
+// attention), without recompute; `hardware` adds the forward of the layers the plan recomputes (Stage::recompute_layers),
+// less the down projection the last one of each stage skips (CostModel::layer_recompute_ms).
 // MFU = model / step time / (GPUs x peak_bf16_tflops), HFU the same with `hardware`.
 struct StepFlops {
   double model = 0, hardware = 0;
@@ -199,6 +200,11 @@ struct CostModel {
   // What selective recompute inside the layer adds to its backward (ModelSpec::layer_can_select; else 0): SwiGluDown
   // recomputes silu(gate) * up, forward's elementwise pass over 5*ffn elements per token.
   double layer_selective_ms(int layer, int mbs, int seq) const;
+  // The layer's forward run again inside backward (recompute). output_used = false: the last layer of a recomputed
+  // range, whose output only carries the incoming gradient (its value is never read); a LLaMA-style decoder layer at
+  // tp 1 (ModelSpec::layer_can_select) then skips its down projection (SwiGluDown's output_unused), the rest is
+  // layer_fwd_ms.
+  double layer_recompute_ms(int layer, int mbs, int seq, bool output_used) const;
   double h2d_ms(int64_t bytes) const;
   double d2h_ms(int64_t bytes) const;
   double p2p_ms(int64_t bytes) const;

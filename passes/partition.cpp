@@ -12,7 +12,8 @@ extern const char* const kPartitionContract = R"md(Model layers -> v*N contiguou
 - **Requires**: the plan header (gpus, v, microbatches, mbs, seq, budget).
 - **Guarantees**: `plan.stages` holds v*N stages covering layers [0, L+2) in order, stage s on pipeline rank s % N,
   each with its parameter count, modelled forward/backward times per micro-batch (backward includes the recompute
-  forward when recompute is on) and transient workspaces. The split minimises the slowest stage (an exact dynamic
+  forward when recompute is on, less the last recomputed layer's down projection, whose output value is never read)
+  and transient workspaces. The split minimises the slowest stage (an exact dynamic
   programme over the contiguous splits), then the largest stage's weight bytes among equally fast splits.
 - **Decides**: recompute as the job says (on/off); `auto` starts on (offload-insertion may turn it off).
 - **Recovers from the plan**: nothing beyond the stage table.
@@ -44,7 +45,8 @@ void fill_stage_costs(const PassContext& c, ir::Stage& st) {
     st.fwd_ws = std::max(st.fwd_ws, m.layer_fwd_workspace(l, mbs, seq, ab));
     bwd_ws_max = std::max(bwd_ws_max, m.layer_bwd_workspace(l, mbs, seq, ab));
     if (l < rc_end) {
-      rc_fwd_ms += f;
+      // the last recomputed layer's output is not needed (only its gradient path): SwiGluDown skips its down GEMM
+      rc_fwd_ms += l + 1 == rc_end ? c.cost.layer_recompute_ms(l, mbs, seq, false) : f;
       stash_rc += m.layer_stash_bytes(l, mbs, seq, false, ab);
     }
   }
@@ -89,6 +91,11 @@ void partition_pass(PassContext& c) {
     w[l] = f + c.cost.layer_bwd_total_ms(l, mbs, seq) + (rc ? f : 0.0);
     bytes[l] = c.model.layer_params(l);
   }
+  // a recomputing stage does not rerun its last layer's down projection (CostModel::layer_recompute_ms): what a stage
+  // ending at layer l takes off its summed cost
+  std::vector<double> skip(n, 0.0);
+  if (rc)
+    for (int l = 0; l < n; ++l) skip[l] = c.cost.layer_fwd_ms(l, mbs, seq) - c.cost.layer_recompute_ms(l, mbs, seq, false);
   std::vector<double> pre(n + 1, 0);
   std::vector<int64_t> preb(n + 1, 0);
   for (int l = 0; l < n; ++l) { pre[l + 1] = pre[l] + w[l]; preb[l + 1] = preb[l] + bytes[l]; }
@@ -100,7 +107,7 @@ void partition_pass(PassContext& c) {
       for (int i = k - 1; i < j; ++i) {
         const Cell& prev = dp[k - 1][i];
         if (prev.split == -1 && !(k - 1 == 0 && i == 0)) continue;
-        double cst = std::max(prev.cost, pre[j] - pre[i]);
+        double cst = std::max(prev.cost, pre[j] - pre[i] - skip[j - 1]);
         int64_t b = std::max(prev.bytes, preb[j] - preb[i]);
         if (dp[k][j].split == -1 || better(cst, b, dp[k][j].cost, dp[k][j].bytes)) dp[k][j] = {cst, b, i};
       }

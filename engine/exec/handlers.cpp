@@ -119,9 +119,12 @@ void Worker::Impl::backward(int s, int m) {
     at::Tensor in_leaf = s > 0 ? r.input.detach().requires_grad_(true) : r.input;
     at::Tensor tie_leaf;  // the tied head is in this part only when the whole stage recomputes
     if (split == ps.layer_end && tied_head(s)) tie_leaf = need({BufKind::Tie, s, -1}, "tied lm_head").detach().requires_grad_(true);
-    at::Tensor out = run_layers(st, w_leaf, in_leaf, ps.layer_begin, split, target, tie_leaf);
+    // the recomputed part's output value is read only when it ends with the head (the loss); else only the gradient
+    // through it is wanted, so its last layer skips the down projection (stage_forward_layers' output_unused)
+    const bool head = split == ps.layer_end && s == last;
+    at::Tensor out = run_layers(st, w_leaf, in_leaf, ps.layer_begin, split, target, tie_leaf, false, !head);
     at::Tensor loss;
-    if (split == ps.layer_end && s == last) loss = loss_of(out, batch_labels(m));
+    if (head) loss = loss_of(out, batch_labels(m));
     grad_out = run_backward(out, loss, w_leaf, in_leaf, s > 0, tie_leaf);
   }
   if (!target->grad.defined()) throw ExecError("backward S" + std::to_string(s) + " m" + std::to_string(m) + " produced no weight gradient");

@@ -219,11 +219,13 @@ struct Worker::Impl {
   // tp group); target: where the weight gradient goes; tie: the embedding matrix (this shard's rows under tp) for a
   // tied head on a stage without the embedding (tie(S)), when [from, to) ends with the head.
   // selective: the plan's Stage::selective for layers that keep their stash (tp 1 only: verify_structure).
+  // output_unused: only the gradient through the output is wanted (recompute inside backward; stage_forward_layers).
   at::Tensor run_layers(const StageState& st, const at::Tensor& w, const at::Tensor& in, int from, int to,
                         c10::intrusive_ptr<FlatGradTarget> target = {}, const at::Tensor& tie = at::Tensor(),
-                        bool selective = false) {
+                        bool selective = false, bool output_unused = false) {
     if (stc) return tp_stage_forward_layers(plan.model, st.layout, w, in, rope, *stc, from, to, tie, false, std::move(target));
-    return stage_forward_layers(plan.model, st.layout, w, in, rope, from, to, tie, false, std::move(target), selective);
+    return stage_forward_layers(plan.model, st.layout, w, in, rope, from, to, tie, false, std::move(target), selective,
+                                output_unused);
   }
   // The summed loss of the head's output (tp > 1: vocabulary-parallel, the same value on every shard).
   at::Tensor loss_of(const at::Tensor& out, const at::Tensor& labels) {

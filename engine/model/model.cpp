@@ -2,6 +2,7 @@
 #include "engine/model/tp_detail.hpp"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
@@ -19,10 +20,11 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 namespace {
-// MMOC_SWIGLU_GRAPH=plain: the decoder's MLP as separate autograd ops (the graph SwiGluDown replaces; then
-// `selective` has no effect), for the tests that compare the two. Read at each layer's forward (tests switch it).
-bool swiglu_plain_graph() {
-  const char* e = std::getenv("MMOC_SWIGLU_GRAPH");
+// MMOC_LAYER_GRAPH=plain: the decoder layer as plain autograd ops, without the nodes below that trim what it keeps
+// (SwiGluDown, NormLinear, the copy of v out of the fused qkv output; then `selective` and `output_unused` have no
+// effect), for the tests that compare the two. Read at each stage's forward (tests switch it).
+bool plain_layer_graph() {
+  const char* e = std::getenv("MMOC_LAYER_GRAPH");
   return e && std::strcmp(e, "plain") == 0;
 }
 
@@ -45,13 +47,22 @@ struct Segment {
 // layer (issue 14; the plan's Stage::selective, stage_forward_layers' `selective`). W is a view of the flat weights
 // (no copy). Every gradient is computed by the ops autograd would run (mm in the same arrangement, silu_backward), so
 // they are bit-identical to the plain graph's (test_model.cpp).
+// output_unused: the caller never reads the output's value, only sends a gradient through it (the last layer of a
+// range the engine recomputes inside backward: engine/exec/handlers.cpp): the down projection's GEMM is skipped and
+// the output is zeros of its shape; the backward is unchanged (it does not read the output).
 struct SwiGluDown : torch::autograd::Function<SwiGluDown> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, const at::Tensor& w, bool recompute) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, const at::Tensor& w, bool recompute,
+                            bool output_unused) {
     const int64_t F = gu.size(-1) / 2;
     const at::Tensor sg = at::silu(gu.narrow(-1, 0, F));
     const at::Tensor act = sg * gu.narrow(-1, F, F);
     if (recompute) ctx->save_for_backward({gu, w});
     else ctx->save_for_backward({gu, w, sg, act});
+    if (output_unused) {
+      std::vector<int64_t> shape = gu.sizes().vec();
+      shape.back() = w.size(0);
+      return at::zeros(shape, gu.options());
+    }
     return at::linear(act, w);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -70,7 +81,75 @@ struct SwiGluDown : torch::autograd::Function<SwiGluDown> {
     // the product's and silu's backward
     const at::Tensor dg = at::silu_backward(dact * u, g);
     const at::Tensor du = dact * sg;
-    return {at::cat({dg, du}, -1), dw, at::Tensor()};
+    return {at::cat({dg, du}, -1), dw, at::Tensor(), at::Tensor()};
+  }
+};
+
+// HF LlamaRMSNorm (fused: ATen's rms_norm, as bf16 on a GPU runs) followed by a linear projection, as one autograd
+// node that keeps the norm's input, not its output: y = linear(norm(x), W, b). Under plain autograd the norm keeps x
+// and the projection keeps norm(x), a second hidden-sized tensor per token; here backward recomputes norm(x) (an
+// elementwise pass) and runs the norm's own backward on it through autograd. The projection's gradients are the mm
+// calls linear's backward makes (the same arrangement as SwiGluDown's), so every gradient is bit-identical to the
+// plain graph's (test_model.cpp). Used by LLaMA-style layers at tp 1 before q/k/v and before gate/up.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor norm_of(const at::Tensor& x, const at::Tensor& w, bool fused, double eps) {
+  return fused ? at::rms_norm(x, {x.size(-1)}, w, eps) : rms_norm(x, w, eps);
+}
+// (Two nodes, with and without a bias: an undefined tensor cannot be an autograd Function's input.)
+at::Tensor norm_linear_forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& nw, const at::Tensor& w,
+                               const at::Tensor& b, bool fused, double eps) {
+  ctx->save_for_backward({x, nw, w});
+  ctx->saved_data["fused"] = fused;
+  ctx->saved_data["eps"] = eps;
+  return at::linear(norm_of(x, nw, fused, eps), w, b);
+}
+// d(x), d(norm weight), d(W), d(b) (undefined without a bias)
+std::array<at::Tensor, 4> norm_linear_backward(AutogradContext* ctx, const at::Tensor& dy, bool bias) {
+  auto saved = ctx->get_saved_variables();
+  const at::Tensor& w = saved[2];
+  at::Tensor x = saved[0].detach().requires_grad_(ctx->needs_input_grad(0));
+  at::Tensor nw = saved[1].detach().requires_grad_(ctx->needs_input_grad(1));
+  at::Tensor n;
+  {
+    torch::autograd::AutoGradMode on(true);
+    n = norm_of(x, nw, ctx->saved_data["fused"].toBool(), ctx->saved_data["eps"].toDouble());
+  }
+  const int64_t O = dy.size(-1), H = n.size(-1);
+  const at::Tensor d2 = dy.reshape({-1, O});
+  // linear's backward as matmul's mm: d(n) = dy . W, dW = dy^T . n, db = the rows' sum (addmm's sum_to)
+  const at::Tensor dn = d2.mm(w).view(n.sizes());
+  const at::Tensor dw = d2.t().mm(n.detach().reshape({-1, H}));
+  const at::Tensor db = bias ? d2.sum(0) : at::Tensor();
+  torch::autograd::variable_list ins;
+  if (x.requires_grad()) ins.push_back(x);
+  if (nw.requires_grad()) ins.push_back(nw);
+  at::Tensor dx, dnw;
+  if (!ins.empty()) {
+    auto g = torch::autograd::grad({n}, ins, {dn}, /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
+    size_t i = 0;
+    if (x.requires_grad()) dx = g[i++];
+    if (nw.requires_grad()) dnw = g[i++];
+  }
+  return {dx, dnw, dw, db};
+}
+struct NormLinear : torch::autograd::Function<NormLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& nw, const at::Tensor& w, bool fused,
+                            double eps) {
+    return norm_linear_forward(ctx, x, nw, w, {}, fused, eps);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto g = norm_linear_backward(ctx, grads[0], false);
+    return {g[0], g[1], g[2], at::Tensor(), at::Tensor()};
+  }
+};
+struct NormLinearBias : torch::autograd::Function<NormLinearBias> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& nw, const at::Tensor& w,
+                            const at::Tensor& b, bool fused, double eps) {
+    return norm_linear_forward(ctx, x, nw, w, b, fused, eps);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto g = norm_linear_backward(ctx, grads[0], true);
+    return {g[0], g[1], g[2], g[3], at::Tensor(), at::Tensor()};
   }
 };
 
@@ -262,7 +341,7 @@ at::Tensor stage_forward(const ir::ModelArch& a, const StageLayout& layout, cons
 at::Tensor stage_forward_layers(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat,
                                 const at::Tensor& input, const Rope& rope, int layer_from, int layer_to,
                                 const at::Tensor& tied_embedding, bool fused_norm_on_cpu,
-                                c10::intrusive_ptr<FlatGradTarget> grad_target, bool selective) {
+                                c10::intrusive_ptr<FlatGradTarget> grad_target, bool selective, bool output_unused) {
   if (layout.tp_size != 1)
     throw std::invalid_argument("stage_forward_layers: the layout is a tensor-parallel shard (not supported)");
   if (layer_from < layout.layer_begin || layer_from >= layer_to || layer_to > layout.layer_end)
@@ -270,13 +349,13 @@ at::Tensor stage_forward_layers(const ir::ModelArch& a, const StageLayout& layou
                                 ") are not a non-empty part of the stage's [" + std::to_string(layout.layer_begin) + ", " +
                                 std::to_string(layout.layer_end) + ")");
   return detail::forward_stage(a, layout, flat, input, rope, tied_embedding, fused_norm_on_cpu, nullptr, layer_from, layer_to,
-                               std::move(grad_target), selective);
+                               std::move(grad_target), selective, output_unused);
 }
 
 at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layout, const at::Tensor& flat,
                                  const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding,
                                  bool fused_norm_on_cpu, TpComm* comm, int layer_from, int layer_to,
-                                 c10::intrusive_ptr<FlatGradTarget> grad_target, bool selective) {
+                                 c10::intrusive_ptr<FlatGradTarget> grad_target, bool selective, bool output_unused) {
   if (!flat.defined() || flat.dim() != 1 || flat.numel() != layout.numel || !flat.is_contiguous())
     throw std::invalid_argument("stage_forward: flat must be a contiguous 1-D tensor of " + std::to_string(layout.numel) + " elements");
   if (layer_from < 0) layer_from = layout.layer_begin;
@@ -320,6 +399,13 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
     return fused_norm ? at::rms_norm(x, {x.size(-1)}, w, a.norm_eps) : rms_norm(x, w, a.norm_eps);
   };
   auto view = [&](const Slots& s, Role r) { return s[r] >= 0 ? views[s[r]] : at::Tensor(); };
+  // LLaMA-style layers at tp 1 keep less (NormLinear, SwiGluDown, v copied out of qkv: ModelSpec::layer_stash_bytes)
+  const bool trim = !comm && !gpt2 && !plain_layer_graph();
+  auto norm_linear = [&](const at::Tensor& x, const at::Tensor& nw, const at::Tensor& w, const at::Tensor& b) {
+    if (trim) return b.defined() ? NormLinearBias::apply(x, nw, w, b, fused_norm, a.norm_eps)
+                                 : NormLinear::apply(x, nw, w, fused_norm, a.norm_eps);
+    return at::linear(to_tp(norm(x, nw, {})), w, b);
+  };
   at::Tensor embed;  // this stage's token embedding view, if any
   if (layer_from > 0 && layout.has_embedding()) embed = view(slots[0], Role::Embed);  // a tied head after a split
   for (int l = layer_from; l < layer_to; ++l) {
@@ -352,11 +438,20 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
                          : s[Role::QBias] >= 0 ? at::cat({view(s, Role::QBias), view(s, Role::KBias), view(s, Role::VBias)}, 0)
                                                : at::Tensor();
       auto residual = h;
-      auto x = to_tp(norm(h, view(s, Role::AttnNorm), view(s, Role::AttnNormBias)));
-      auto qkv = at::linear(x, w_qkv, b_qkv);
+      at::Tensor x, qkv;
+      if (gpt2) {
+        x = to_tp(norm(h, view(s, Role::AttnNorm), view(s, Role::AttnNormBias)));
+        qkv = at::linear(x, w_qkv, b_qkv);
+      } else {
+        qkv = norm_linear(h, view(s, Role::AttnNorm), w_qkv, b_qkv);
+      }
       auto q = qkv.narrow(-1, 0, qd).reshape({B, T, nh, hd});
       auto kk = qkv.narrow(-1, qd, kvd).reshape({B, T, nkv, hd});
-      auto v = qkv.narrow(-1, qd + kvd, kvd).reshape({B, T, nkv, hd}).transpose(1, 2);
+      // v a view of qkv keeps all of qkv alive in attention's stash; with MHA (no repeat_kv copy) and no q/k norms
+      // (which keep qkv anyway) a copy of v lets the q and k parts go
+      auto v = (trim && nkv == nh && !a.qk_norm ? qkv.narrow(-1, qd + kvd, kvd).contiguous() : qkv.narrow(-1, qd + kvd, kvd))
+                   .reshape({B, T, nkv, hd})
+                   .transpose(1, 2);
       if (a.qk_norm) {  // Qwen3: RMSNorm over each head's vector, before the rotation
         // TP: the weight's partial gradients summed inside the backward (tp.hpp; not a plan instruction)
         auto w_tp = [&](const at::Tensor& w) { return comm ? detail::copy_to_tp(w, *comm, /*planned=*/false) : w; };
@@ -394,16 +489,16 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
         h = residual + at::linear(att, view(s, Role::O), view(s, Role::OBias));
       }
       residual = h;
-      x = to_tp(norm(h, view(s, Role::MlpNorm), view(s, Role::MlpNormBias)));
+      if (gpt2) x = to_tp(norm(h, view(s, Role::MlpNorm), view(s, Role::MlpNormBias)));
       const int64_t F = a.ffn / tp;
       at::Tensor act;
       if (gpt2) {  // GELU (tanh approximation: HF's gelu_new)
         act = at::gelu(at::linear(x, view(s, Role::Up), view(s, Role::UpBias)), "tanh");
       } else {
         at::Tensor w_gu = s.gate_up ? view(s, Role::Gate) : at::cat({view(s, Role::Gate), view(s, Role::Up)}, 0);
-        auto gu = at::linear(x, w_gu);
-        if (!comm && !swiglu_plain_graph()) {  // SwiGLU and down in one node; selective: 2F per token kept, not 4F
-          x = SwiGluDown::apply(gu, view(s, Role::Down), selective);
+        auto gu = norm_linear(h, view(s, Role::MlpNorm), w_gu, {});
+        if (trim) {  // SwiGLU and down in one node; selective: 2F per token kept, not 4F
+          x = SwiGluDown::apply(gu, view(s, Role::Down), selective, output_unused && l + 1 == layer_to);
           if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
         } else {
           act = at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);

@@ -65,10 +65,15 @@ struct FlatGradTarget : torch::CustomClassHolder {
 // SwiGLU and down projection run as one autograd node that keeps the gate|up output only and recomputes
 // silu(gate) * up in its backward (2 x ffn elements per token less kept; gradients bit-identical). GPT-2 layers
 // (no SwiGLU) run as without it.
+// output_unused: the caller reads only the gradients through the output, never its value (the engine's recompute
+// inside backward): the last layer, when LLaMA-style at tp 1, skips its down projection (zeros in its place; the
+// gradients are the same). Every LLaMA-style layer at tp 1 also keeps its norms' inputs rather than their outputs, and
+// with multi-head attention a copy of v rather than the whole fused qkv output (ModelSpec::layer_stash_bytes).
 at::Tensor stage_forward_layers(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
                                 const at::Tensor& input, const Rope& rope, int layer_from, int layer_to,
                                 const at::Tensor& tied_embedding = at::Tensor(), bool fused_norm_on_cpu = false,
-                                c10::intrusive_ptr<FlatGradTarget> grad_target = {}, bool selective = false);
+                                c10::intrusive_ptr<FlatGradTarget> grad_target = {}, bool selective = false,
+                                bool output_unused = false);
 
 // Tied embeddings across stages (head_needs_embedding): the [V,H] token-embedding view of the flat tensor of the stage
 // holding layer 0 (what the head's stage needs as stage_forward's tied_embedding), and the head stage's gradient of it

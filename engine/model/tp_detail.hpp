@@ -14,7 +14,8 @@ namespace mmoc::engine::detail {
 at::Tensor forward_stage(const ir::ModelArch& arch, const StageLayout& layout, const at::Tensor& flat,
                          const at::Tensor& input, const Rope& rope, const at::Tensor& tied_embedding,
                          bool fused_norm_on_cpu, TpComm* comm, int layer_from = -1, int layer_to = -1,
-                         c10::intrusive_ptr<FlatGradTarget> grad_target = {}, bool selective = false);
+                         c10::intrusive_ptr<FlatGradTarget> grad_target = {}, bool selective = false,
+                         bool output_unused = false);
 
 // Megatron's f (identity forward, all-reduce sum backward) and g (all-reduce sum forward, identity backward). Their
 // all-reduces are the plan's (TpComm::allreduce_sum_planned), except an f with planned = false (Qwen3's q/k-norm

@@ -163,3 +163,37 @@ TEST_CASE("hardware keys of the layer model") {
   CHECK_THROWS_AS(parse_hardware(R"({"gpus": 1, "attn_efficiency": 1.5})", "t.json"), InputError);
   CHECK_THROWS_AS(parse_hardware(R"({"gpus": 1, "gemm_k0": -1})", "t.json"), InputError);
 }
+
+// Recompute inside backward: the last recomputed layer's output value is never read, so a LLaMA-style decoder layer at
+// tp 1 skips its down projection there (model.cpp's output_unused). The cost model prices that GEMM out of the
+// forward it repeats, and the hardware FLOPs of a step leave it out.
+TEST_CASE("recompute without the last layer's down projection: cost and hardware FLOPs") {
+  auto m = load_model("llama2-7b", kConfigs);
+  auto hw = load_hardware("h200x1", kConfigs);
+  CostModel c{m, hw};
+  const double f = c.layer_fwd_ms(1, 8, 1024), r = c.layer_recompute_ms(1, 8, 1024, false);
+  CHECK(c.layer_recompute_ms(1, 8, 1024, true) == f);
+  // the down GEMM is 1/3 of the MLP's and ~22% of the layer's matmul FLOPs; the rest of the forward is unchanged
+  CHECK(f - r > 0.12 * f);
+  CHECK(f - r < 0.25 * f);
+  CHECK(c.layer_recompute_ms(0, 8, 1024, false) == c.layer_fwd_ms(0, 8, 1024));    // embedding
+  CHECK(c.layer_recompute_ms(33, 8, 1024, false) == c.layer_fwd_ms(33, 8, 1024));  // head
+  const ModelSpec m2 = with_tp(m, 2);
+  CostModel c2{m2, hw};
+  CHECK(c2.layer_recompute_ms(1, 8, 1024, false) == c2.layer_fwd_ms(1, 8, 1024));  // tp: separate sharded ops
+  CHECK(load_model("gpt2-xl", kConfigs).layer_can_select(1) == false);
+
+  // step_flops: a stage of two decoder layers recomputing both adds one whole forward and one without the down GEMM
+  ir::Plan p;
+  p.model = m.arch();
+  p.micro_batch_size = 8; p.seq_len = 1024; p.microbatches = 4;
+  ir::Stage st;
+  st.layer_begin = 1; st.layer_end = 3; st.recompute = true;
+  p.stages.push_back(st);
+  const StepFlops sf = step_flops(p);
+  const double fwd = m.layer_fwd_flops(1, 8, 1024), down = 2.0 * 8 * 1024 * m.hidden * m.ffn;
+  CHECK(sf.model == doctest::Approx(4 * 2 * 3 * fwd));
+  CHECK(sf.hardware - sf.model == doctest::Approx(4 * (2 * fwd - down)));
+  p.tp = 2;  // under tensor parallelism nothing is skipped
+  CHECK(step_flops(p).hardware - step_flops(p).model == doctest::Approx(4 * 2 * fwd));
+}

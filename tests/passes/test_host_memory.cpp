@@ -150,8 +150,10 @@ TEST_CASE("host memory: --host-budget caps the node below host_mem_gib and names
 TEST_CASE("host memory: LLaMA-2-7B on h200x1 within 10% of the resident sets measured at 48 and 20 GiB") {
   auto m = model("llama2-7b");
   auto hw = hardware("h200x1");
-  // measured peak RSS (nvidia-h200, 2026-12-01): 97.6 GiB at a 48 GiB budget, 109.4 GiB at 20 GiB
-  for (auto [budget, measured] : {std::pair{48.0, 97.6}, std::pair{20.0, 109.4}}) {
+  // measured peak RSS of the plans compiled now (nvidia-h200, 2026-12-02, `bash bench/gpu_bench.sh limit`, the
+  // metrics' host_peak_rss_bytes; bench/results/2026-12-02-h200-s8): 84.9 GiB at a 48 GiB budget, 100.0 GiB at 20 GiB
+  // (97.6 and 109.4 on 2026-12-01 for that day's plans, which kept fewer stages on the GPU)
+  for (auto [budget, measured] : {std::pair{48.0, 84.9}, std::pair{20.0, 100.0}}) {
     CAPTURE(budget);
     CompileResult r = compile_job(job7b(budget), m, hw, {});
     REQUIRE(r.plan.host_bytes.size() == 1);
