@@ -61,13 +61,13 @@ JOBS = [
     ("7b-h100file-48", J7 + " --hardware h100x1 --v auto --schedule grouped --budget 48 --precision bf16",
      steps("2026-12-01-h200-s3/h100-7b.log")),
     ("7b-h200-20", J7 + " --hardware h200x1 --v auto --schedule auto --budget 20",
-     summary("2026-12-01-h200-s2/limit.log", "7b-20")),
+     summary("2026-12-02-h200-s8/call1/limit.out", "7b-20")),
     ("7b-h200-48", J7 + " --hardware h200x1 --v auto --schedule auto --budget 48",
-     summary("2026-12-01-h200-s2/limit.log", "7b-48")),
+     summary("2026-12-02-h200-s8/call1/limit.out", "7b-48")),
     ("7b-h200-80", J7 + " --hardware h200x1 --v auto --schedule auto --budget 80",
-     summary("2026-12-01-h200-s2/limit.log", "7b-80")),
+     summary("2026-12-02-h200-s8/call1/limit.out", "7b-80")),
     ("7b-h200-130", J7 + " --hardware h200x1 --v auto --schedule auto --budget 130",
-     summary("2026-12-01-h200-s3/limit130.log", "7b-130")),
+     summary("2026-12-02-h200-s8/call1/limit.out", "7b-130")),
     ("7b-h200-host16mb", "--model llama2-7b --gpus 1 --v auto --schedule grouped --budget 48 --micro-batch-size 8 "
      "--microbatches 16 --seq-len 1024 --hardware h200x1",
      summary("2026-12-01-h200-s2/nvme-7b.log", "host7b")),
@@ -81,7 +81,7 @@ JOBS = [
      summary("h200x2-2026-11-27/bench.log", "seed")),
     ("llama3.2-3b", "--model llama3.2-3b --hardware h200x1 --gpus 1 --v auto --schedule auto --budget 48 "
      "--micro-batch-size 8 --microbatches 4 --seq-len 1024",
-     summary("2026-12-01-h200-s3/s3b.log", "llama3.2-3b")),
+     summary("2026-12-02-h200-s8/call5/s3b.log", "llama3.2-3b")),
     ("llama3.2-3b-s1", "--model llama3.2-3b --hardware h200x1 --gpus 1 --v auto --schedule auto --budget 48 "
      "--micro-batch-size 8 --microbatches 4 --seq-len 1024",
      steps("2026-12-01-h200/mmoc-llama3.2-3b.log")),

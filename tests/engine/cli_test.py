@@ -61,7 +61,8 @@ def metrics_of(path):
 
 def plan_flops(plan_path):
     """FLOPs of one step of a plan, written out here from the formulas of cost/spec.cpp (layer_fwd_flops; backward twice
-    the forward): (model, hardware), hardware adding the forward of every layer its stage recomputes."""
+    the forward): (model, hardware), hardware adding the forward of every layer its stage recomputes, less the down
+    projection of each stage's last recomputed layer (not rerun)."""
     with open(plan_path) as f:
         p = json.load(f)
     md, hd = p["model"], p["plan"]
@@ -86,6 +87,10 @@ def plan_flops(plan_path):
         for layer in range(b, e):
             model += M * 3 * fwd(layer)
             hw += M * (3 * fwd(layer) + (fwd(layer) if layer < b + k else 0.0))
+        # the last recomputed layer does not rerun its down projection (a LLaMA-style decoder layer at tp 1)
+        last = b + k - 1
+        if k > 0 and 1 <= last <= L and md.get("family", "llama") != "gpt2" and hd.get("tp", 1) <= 1:
+            hw -= M * 2.0 * T * h * ffn
     return model, hw, hd["gpus"]
 
 
