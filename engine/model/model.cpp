@@ -91,7 +91,16 @@ struct SwiGluDown : torch::autograd::Function<SwiGluDown> {
 // elementwise pass) and runs the norm's own backward on it through autograd. The projection's gradients are the mm
 // calls linear's backward makes (the same arrangement as SwiGluDown's), so every gradient is bit-identical to the
 // plain graph's (test_model.cpp). Used by LLaMA-style layers at tp 1 before q/k/v and before gate/up.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+// HF LlamaRMSNorm: fp32 variance, normalise in fp32, cast back to the input dtype, then weight * x.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  auto dt = x.scalar_type();
+  auto h = x.to(at::kFloat);
+  auto var = h.pow(2).mean({-1}, /*keepdim=*/true);
+  h = h * at::rsqrt(var + eps);
+  return w * h.to(dt);
+}
+
+// The decoder's RMSNorm: ATen's fused kernel (bf16/fp16 on a GPU, or fused_norm_on_cpu) or HF's op sequence.
 at::Tensor norm_of(const at::Tensor& x, const at::Tensor& w, bool fused, double eps) {
   return fused ? at::rms_norm(x, {x.size(-1)}, w, eps) : rms_norm(x, w, eps);
 }
@@ -210,15 +219,6 @@ struct FlatSplit : torch::autograd::Function<FlatSplit> {
     return {g, at::Tensor(), at::Tensor()};
   }
 };
-
-// HF LlamaRMSNorm: fp32 variance, normalise in fp32, cast back to the input dtype, then weight * x.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  auto dt = x.scalar_type();
-  auto h = x.to(at::kFloat);
-  auto var = h.pow(2).mean({-1}, /*keepdim=*/true);
-  h = h * at::rsqrt(var + eps);
-  return w * h.to(dt);
-}
 
 at::Tensor rotate_half(const at::Tensor& x) {
   int64_t d = x.size(-1) / 2;
@@ -396,15 +396,17 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
   const bool fused_norm = (flat.is_cuda() || fused_norm_on_cpu) && dt != at::kFloat;
   auto norm = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
     if (gpt2) return at::layer_norm(x, {x.size(-1)}, w, b, a.norm_eps);
-    return fused_norm ? at::rms_norm(x, {x.size(-1)}, w, a.norm_eps) : rms_norm(x, w, a.norm_eps);
+    return norm_of(x, w, fused_norm, a.norm_eps);
   };
   auto view = [&](const Slots& s, Role r) { return s[r] >= 0 ? views[s[r]] : at::Tensor(); };
   // LLaMA-style layers at tp 1 keep less (NormLinear, SwiGluDown, v copied out of qkv: ModelSpec::layer_stash_bytes)
   const bool trim = !comm && !gpt2 && !plain_layer_graph();
-  auto norm_linear = [&](const at::Tensor& x, const at::Tensor& nw, const at::Tensor& w, const at::Tensor& b) {
+  // linear(norm(x)): one NormLinear node when trimming, else the plain ops (GPT-2's LayerNorm with its bias nb)
+  auto norm_linear = [&](const at::Tensor& x, const at::Tensor& nw, const at::Tensor& nb, const at::Tensor& w,
+                         const at::Tensor& b) {
     if (trim) return b.defined() ? NormLinearBias::apply(x, nw, w, b, fused_norm, a.norm_eps)
                                  : NormLinear::apply(x, nw, w, fused_norm, a.norm_eps);
-    return at::linear(to_tp(norm(x, nw, {})), w, b);
+    return at::linear(to_tp(norm(x, nw, nb)), w, b);
   };
   at::Tensor embed;  // this stage's token embedding view, if any
   if (layer_from > 0 && layout.has_embedding()) embed = view(slots[0], Role::Embed);  // a tied head after a split
@@ -438,13 +440,7 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
                          : s[Role::QBias] >= 0 ? at::cat({view(s, Role::QBias), view(s, Role::KBias), view(s, Role::VBias)}, 0)
                                                : at::Tensor();
       auto residual = h;
-      at::Tensor x, qkv;
-      if (gpt2) {
-        x = to_tp(norm(h, view(s, Role::AttnNorm), view(s, Role::AttnNormBias)));
-        qkv = at::linear(x, w_qkv, b_qkv);
-      } else {
-        qkv = norm_linear(h, view(s, Role::AttnNorm), w_qkv, b_qkv);
-      }
+      auto qkv = norm_linear(h, view(s, Role::AttnNorm), view(s, Role::AttnNormBias), w_qkv, b_qkv);
       auto q = qkv.narrow(-1, 0, qd).reshape({B, T, nh, hd});
       auto kk = qkv.narrow(-1, qd, kvd).reshape({B, T, nkv, hd});
       // v a view of qkv keeps all of qkv alive in attention's stash; with MHA (no repeat_kv copy) and no q/k norms
@@ -489,14 +485,14 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
         h = residual + at::linear(att, view(s, Role::O), view(s, Role::OBias));
       }
       residual = h;
-      if (gpt2) x = to_tp(norm(h, view(s, Role::MlpNorm), view(s, Role::MlpNormBias)));
       const int64_t F = a.ffn / tp;
-      at::Tensor act;
+      at::Tensor x, act;
       if (gpt2) {  // GELU (tanh approximation: HF's gelu_new)
-        act = at::gelu(at::linear(x, view(s, Role::Up), view(s, Role::UpBias)), "tanh");
+        act = at::gelu(norm_linear(h, view(s, Role::MlpNorm), view(s, Role::MlpNormBias), view(s, Role::Up), view(s, Role::UpBias)),
+                       "tanh");
       } else {
         at::Tensor w_gu = s.gate_up ? view(s, Role::Gate) : at::cat({view(s, Role::Gate), view(s, Role::Up)}, 0);
-        auto gu = norm_linear(h, view(s, Role::MlpNorm), w_gu, {});
+        auto gu = norm_linear(h, view(s, Role::MlpNorm), {}, w_gu, {});
         if (trim) {  // SwiGLU and down in one node; selective: 2F per token kept, not 4F
           x = SwiGluDown::apply(gu, view(s, Role::Down), selective, output_unused && l + 1 == layer_to);
           if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
@@ -504,13 +500,13 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
           act = at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);
         }
       }
-      if (!act.defined()) {
-        // SwiGluDown projected down already
-      } else if (comm) {  // row-parallel: the sum over ranks, then the bias once
-        x = detail::reduce_from_tp(at::linear(act, view(s, Role::Down)), *comm);
-        if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
-      } else {
-        x = at::linear(act, view(s, Role::Down), view(s, Role::DownBias));
+      if (act.defined()) {  // (else SwiGluDown projected down already)
+        if (comm) {  // row-parallel: the sum over ranks, then the bias once
+          x = detail::reduce_from_tp(at::linear(act, view(s, Role::Down)), *comm);
+          if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
+        } else {
+          x = at::linear(act, view(s, Role::Down), view(s, Role::DownBias));
+        }
       }
       h = residual + x;
     }
