@@ -602,14 +602,22 @@ limit)
     timeout 200 python3 bench/peers/limits.py --model llama2-7b --mbs 8 --seq 1024 --transfer-mib 512 --adam-params 2e7 \
       --memcpy-mib 256 > "$OUT/limits.log" 2>&1; echo "limits.py exit $?"
   fi; grep -E "layer|RESULT" "$OUT/limits.log"
+  # the engine's own layer alone (the reference of "what the engine adds to a layer" below)
+  log "mmoc-profile at the job's shape"
+  timeout 200 "$build/tools/profile/mmoc-profile" --base h200x1 --model llama2-7b --mbs 8 --seq 1024 --device cuda --quick \
+    --repeats 20 --recompute -o "$OUT/profile-layer.json" > "$OUT/profile-layer.log" 2>&1; echo "mmoc-profile exit $?"
+  grep -E "decoder (fwd|bwd)" "$OUT/profile-layer.log"
   gen_data "$OUT/tok.jsonl" 160 1024
   for b in ${BUDGETS:-20 48 80 130}; do
     TAIL=${TAIL:-4} mmoc_job 7b-$b "--model llama2-7b --hardware ${HW:-h200x1} --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget $b --micro-batch-size 8 --microbatches 4 --seq-len 1024 ${LIMIT_ARGS:-}" "$OUT/tok.jsonl" ${STEPS:-3}
   done
   python3 bench/limit_summary.py "$OUT" 32 4 ${BUDGETS:-20 48 80 130}
-  # what the engine adds to a layer: the one-layer stages' forward/backward in the measured trace vs limits.py's layer
+  # what the engine adds to a layer: the one-layer stages' forward/backward in the measured trace vs the engine's layer
+  # alone (mmoc-profile), and vs HF's (limits.py)
   for b in ${BUDGETS:-20 48 80 130}; do
-    echo "budget $b GiB:"; python3 bench/layer_overhead.py "$OUT/measured-7b-$b.json" "$OUT/plan-7b-$b.json" "$OUT/limits.log"
+    echo "budget $b GiB:"
+    python3 bench/layer_overhead.py "$OUT/measured-7b-$b.json" "$OUT/plan-7b-$b.json" "$OUT/profile-layer.log"
+    python3 bench/layer_overhead.py "$OUT/measured-7b-$b.json" "$OUT/plan-7b-$b.json" "$OUT/limits.log"
   done
   ;;
 limits)

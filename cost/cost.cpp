@@ -18,6 +18,9 @@
 //                        assembled into the fused projection's) + 21*ffn (the gate/up slices likewise) [GQA + 2*(q_dim +
 //                        kv_dim), q/k norms + 5*(q_dim + kv_dim); GPT-2: 16*hidden + 8*q_dim + 3*ffn], plus the weight
 //                        gradient added into the flat one (3 x params x act_bytes);
+//       (tp 1 with the engine's own kernels, hw.engine_kernels: SwiGLU 3*ffn forward and 5*ffn backward, one pass each
+//       way; without q/k norms the rotary and split terms are 2*(q_dim + 2*kv_dim) each way, one read and one write of
+//       q, k and v)
 //       head             per fp32 logit (T x vocab): forward 16 bytes + the cast from act_bytes (the shifted view's copy,
 //                        log-softmax: its row reductions hit L2), backward 24 + the cast back (nll's and the shift's
 //                        zero-filled gradients as write-only fills, log-softmax backward, the slice copy), plus the
@@ -133,15 +136,24 @@ CostModel::LayerParts CostModel::layer_parts(int layer, int mbs, int seq, bool f
   r.compute_ms = gemm + attn_flops / (hw.gpu_tflops * 1e12 * hw.attn_efficiency) * 1e3;
   const bool gqa = !gpt2 && m.kv_heads < m.heads;
   double el;  // elements per token read or written by the memory-bound passes
+  // tp 1 LLaMA-style layers run mmoc's kernels (engine/model/kernels.hpp): SwiGLU one pass each way (SwiGluDown) and,
+  // without q/k norms, the rotary and the q/k/v split one pass each way (RopeQKV)
+  const bool fused_mlp = hw.engine_kernels && !gpt2 && tp == 1, fused_rope = fused_mlp && !m.qk_norm;
   if (fwd) {
     el = 10 * h;                                     // two norms (read, write) and two residual adds (2 reads, write)
-    if (!gpt2) el += 10 * (qd + kvd) + 5 * f;        // rotary on q and k (mul, rotate_half, mul, add); silu(gate) * up
+    if (fused_rope) el += 2 * (qd + 2 * kvd);        // qkv read, q/k/v written
+    else if (!gpt2) el += 10 * (qd + kvd);           // rotary on q and k (mul, rotate_half, mul, add)
+    if (fused_mlp) el += 3 * f;                      // gate and up read, silu(gate) * up written
+    else if (!gpt2) el += 5 * f;                     // silu(gate), * up
     else el += 2 * f;                                // GELU
     if (gqa) el += 2 * (qd + kvd);                   // k and v repeated to every head
     if (m.qk_norm) el += 2 * (qd + kvd);
   } else {
     el = 16 * h + 2 * qd;                            // residual gradient sums, norm backward; attention output's copy
-    if (!gpt2) el += 15 * (qd + kvd) + 8 * (qd + 2 * kvd) + 21 * f;  // rotary; q/k/v slices into the qkv gradient; MLP
+    if (fused_rope) el += 2 * (qd + 2 * kvd);        // q/k/v gradients read, qkv's written
+    else if (!gpt2) el += 15 * (qd + kvd) + 8 * (qd + 2 * kvd);  // rotary; q/k/v slices into the qkv gradient
+    if (fused_mlp) el += 5 * f;                      // gate, up and d(act) read, d(gate | up) written
+    else if (!gpt2) el += 21 * f;                    // the SwiGLU's backward passes, the gate/up slices' gradients
     else el += 6 * qd + 3 * f;                       // q/k/v split; GELU backward
     if (gqa) el += 2 * (qd + kvd);                   // the repeated k and v summed back
     if (m.qk_norm) el += 5 * (qd + kvd);
@@ -178,7 +190,7 @@ double CostModel::layer_bwd_ms(int layer, int mbs, int seq) const {
 
 double CostModel::layer_selective_ms(int layer, int mbs, int seq) const {
   if (!m.layer_can_select(layer)) return 0.0;
-  return (double)mbs * seq * 5.0 * (double)m.ffn * act_bytes / (hw.gpu_mem_gbps * 1e9) * 1e3 + hw.launch_overhead_ms;
+  return (double)mbs * seq * (hw.engine_kernels ? 3.0 : 5.0) * (double)m.ffn * act_bytes / (hw.gpu_mem_gbps * 1e9) * 1e3 + hw.launch_overhead_ms;
 }
 
 double CostModel::layer_recompute_ms(int layer, int mbs, int seq, bool output_used) const {

@@ -302,7 +302,9 @@ int64_t ModelSpec::layer_stash_bytes(int layer, int mbs, int seq, bool recompute
       small += (nh + nkv) * 4;
     }
     const int64_t mask = windowed(*this, seq) ? (int64_t)seq * seq : 0;
-    const int64_t mlp = selective && layer_can_select(layer) ? 2 * f : 4 * f;
+    // SwiGluDown (layer_can_select) keeps gate|up and the product, or with selective gate|up alone; the plain graph
+    // keeps silu(gate) too
+    const int64_t mlp = layer_can_select(layer) ? (selective ? 2 * f : 3 * f) : 4 * f;
     int64_t hs = 4 * h;
     if (layer_can_select(layer)) {  // tp 1: NormLinear recomputes the norms' outputs; MHA: v copied out of qkv
       hs = 2 * h;
@@ -413,6 +415,7 @@ HardwareSpec parse_hardware(const std::string& json_text, const std::string& ori
   r.read("adam_bytes_per_param", hw.adam_bytes_per_param, finite_min(1e-6));
   r.read("adam_saturating_threads", hw.adam_saturating_threads, 0);
   r.read("launch_overhead_ms", hw.launch_overhead_ms, finite_min(0));
+  r.read("engine_kernels", hw.engine_kernels);
   r.read("reserve_gib", hw.reserve_gib, finite_min(0));
   r.read("reserve_fraction", hw.reserve_fraction, finite_min(0));
   bool groups_given = false;

@@ -35,7 +35,8 @@ struct ModelSpec : ir::ModelArch {
   // Bytes saved by forward for backward of one micro-batch at `act_bytes` per element (2 for bf16).
   // recompute=true: nothing beyond the layer's input (counted separately as the stage input).
   // selective=true: selective recompute inside the layer (Stage::selective) where layer_can_select: the SwiGLU's
-  // silu(gate) and product are recomputed in backward instead of kept (2*ffn elements per token less).
+  // product silu(gate) * up is recomputed in backward instead of kept (ffn elements per token less; silu(gate) is never
+  // kept there: SwiGluDown recomputes it either way).
   int64_t layer_stash_bytes(int layer, int mbs, int seq, bool recompute, int act_bytes, bool selective = false) const;
   // Whether selective recompute inside the layer applies: a LLaMA-style (gated MLP) decoder layer without tensor
   // parallelism (the engine's SwiGluDown node runs on the unsharded MLP only).
@@ -118,6 +119,10 @@ struct HardwareSpec {
   double host_mem_gbps = 80;     // host memcpy bandwidth (read+write)
   double adam_bytes_per_param = 28;
   double launch_overhead_ms = 0.02;
+  // Whether the engine runs its own CUDA kernels in the decoder layer (engine/model/kernels.hpp: SwiGLU, and RoPE with
+  // the q/k/v split), as a build with a CUDA compiler does; false: ATen's elementwise ops (the cost model's
+  // memory-bound passes count those). JSON "engine_kernels", default true.
+  bool engine_kernels = true;
   // GPU memory the plan must leave free inside the budget: the allocator's rounding and fragmentation, cuBLAS and
   // NCCL workspaces. Planned memory <= budget * (1 - reserve_fraction) - reserve_gib.
   double reserve_gib = 0.0, reserve_fraction = 0.0;
@@ -198,7 +203,7 @@ struct CostModel {
   double layer_fwd_ms(int layer, int mbs, int seq) const;
   double layer_bwd_ms(int layer, int mbs, int seq) const;  // without recompute
   // What selective recompute inside the layer adds to its backward (ModelSpec::layer_can_select; else 0): SwiGluDown
-  // recomputes silu(gate) * up, forward's elementwise pass over 5*ffn elements per token.
+  // recomputes silu(gate) * up, the forward's kernel over 3*ffn elements per token.
   double layer_selective_ms(int layer, int mbs, int seq) const;
   // The layer's forward run again inside backward (recompute). output_used = false: the last layer of a recomputed
   // range, whose output only carries the incoming gradient (its value is never read); a LLaMA-style decoder layer at

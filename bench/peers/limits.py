@@ -101,6 +101,39 @@ def layer_inputs(model, ids):
     return layers[0], got["args"], got["kwargs"]
 
 
+def one_layer(cfg, a, torch, dev, mdt):
+    """The job's model with one decoder layer (its config `one`), that layer, and its timed calls: fwd() without
+    autograd, fwdbwd() forward and the gradients of its input and weights; fed what the model feeds its first layer
+    (a.mbs x a.seq random tokens, a.seed, a.attn). Also used by bench/layer_profile.py."""
+    from transformers import AutoModelForCausalLM
+    one = cfg.__class__.from_dict(cfg.to_dict())
+    if hasattr(one, "num_hidden_layers"):
+        one.num_hidden_layers = 1
+        if getattr(one, "layer_types", None) is not None:
+            one.layer_types = list(one.layer_types)[:1]
+    else:
+        one.n_layer = 1
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_config(one, attn_implementation=a.attn, dtype=mdt).to(dev)
+    ids = torch.randint(0, cfg.vocab_size, (a.mbs, a.seq), device=dev)
+    layer, args, kwargs = layer_inputs(model, ids)
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    args = args[1:]
+    hidden = hidden.detach().requires_grad_(True)
+
+    def out_of(o):
+        return o[0] if isinstance(o, tuple) else o
+
+    def fwd():
+        with torch.no_grad():
+            out_of(layer(hidden, *args, **kwargs))
+
+    def fwdbwd():
+        o = out_of(layer(hidden, *args, **kwargs))
+        torch.autograd.grad(o, [hidden] + list(layer.parameters()), torch.ones_like(o))
+    return one, layer, fwd, fwdbwd
+
+
 def main(argv=None):
     a = parse(argv)
     try:
@@ -113,7 +146,6 @@ def main(argv=None):
                           "adam_params": a.adam_params, "memcpy_mib": a.memcpy_mib}))
         return 0
     import torch
-    from transformers import AutoModelForCausalLM
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         common.die(PROG, "--device cuda but no CUDA device here (use --device cpu)")
@@ -168,32 +200,8 @@ def main(argv=None):
     del x, y
 
     # one decoder layer of the job's model: the family's own HF layer, fed what the model feeds it
-    one = cfg.__class__.from_dict(cfg.to_dict())
-    if hasattr(one, "num_hidden_layers"):
-        one.num_hidden_layers = 1
-        if getattr(one, "layer_types", None) is not None:
-            one.layer_types = list(one.layer_types)[:1]
-    else:
-        one.n_layer = 1
-    torch.manual_seed(a.seed)
-    model = AutoModelForCausalLM.from_config(one, attn_implementation=a.attn, dtype=mdt).to(dev)
-    ids = torch.randint(0, cfg.vocab_size, (a.mbs, a.seq), device=dev)
-    layer, args, kwargs = layer_inputs(model, ids)
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    args = args[1:]
-    hidden = hidden.detach().requires_grad_(True)
+    one, layer, fwd, fwdbwd = one_layer(cfg, a, torch, dev, mdt)
     P = sum(p.numel() for p in layer.parameters())
-
-    def out_of(o):
-        return o[0] if isinstance(o, tuple) else o
-
-    def fwd():
-        with torch.no_grad():
-            out_of(layer(hidden, *args, **kwargs))
-
-    def fwdbwd():
-        o = out_of(layer(hidden, *args, **kwargs))
-        torch.autograd.grad(o, [hidden] + list(layer.parameters()), torch.ones_like(o))
     tf, tfb = T(fwd, R), T(fwdbwd, R)
     tokens = a.mbs * a.seq
     nh = one.num_attention_heads  # GPT2Config maps it to n_head
@@ -203,7 +211,7 @@ def main(argv=None):
     show("layer_fwd_ms", tf * 1e3, f"layer fwd       {tf * 1e3:8.2f} ms  ({a.mbs}x{a.seq})")
     show("layer_fwdbwd_ms", tfb * 1e3, f"layer fwd+bwd   {tfb * 1e3:8.2f} ms  ({a.mbs}x{a.seq})")
     show("layer_tflops", flops / tfb / 1e12, f"layer fwd+bwd   {flops / tfb / 1e12:8.1f} TFLOP/s")
-    del model, layer, hidden, args, kwargs
+    del layer, fwd, fwdbwd
     if cuda:
         torch.cuda.empty_cache()
 

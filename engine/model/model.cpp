@@ -1,7 +1,10 @@
 #include "engine/model/model.hpp"
+#include "engine/model/kernels.hpp"
 #include "engine/model/tp_detail.hpp"
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -28,6 +31,31 @@ bool plain_layer_graph() {
   return e && std::strcmp(e, "plain") == 0;
 }
 
+// MMOC_KERNELS=aten: ATen's ops even where mmoc's own CUDA kernels (kernels.hpp: RopeQKV, SwiGluDown) could run (tests
+// and A/B measurements compare the two). Read at each use.
+bool aten_kernels() {
+  const char* e = std::getenv("MMOC_KERNELS");
+  return e && std::strcmp(e, "aten") == 0;
+}
+// The kernels' dtype code for t (mmoc's kernels run float, half and bfloat16)
+kernels::DType kernel_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kernels::DType::F32;
+    case at::kHalf: return kernels::DType::F16;
+    case at::kBFloat16: return kernels::DType::BF16;
+    default: throw std::invalid_argument("mmoc kernels: float, half or bfloat16 expected");
+  }
+}
+bool kernel_dtype_ok(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+// mmoc's kernels take this tensor (CUDA, a dtype they run, kernels built, not switched off)
+bool use_kernels(const at::Tensor& t) { return t.is_cuda() && kernel_dtype_ok(t) && kernels::available() && !aten_kernels(); }
+void check_kernel(const char* what, int rc) {
+  if (rc != 0) throw std::runtime_error(std::string(what) + ": CUDA kernel failed: " + kernels::error_string(rc));
+}
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
 
 // A piece of the flat tensor handed to the model as one view: one parameter, or several parameters that sit back to
 // back (q/k/v, gate/up) so that they are used as one matrix without a copy.
@@ -37,27 +65,42 @@ struct Segment {
 };
 
 // SwiGLU and the down projection as one autograd node: out = linear(silu(g) * u, W) for gu = [g | u] (the fused
-// gate/up projection's output), its backward assembling the gradient of gu with one cat. The graph of the same ops
+// gate/up projection's output), its backward assembling the gradient of gu with one cat (on a GPU: written by one
+// kernel). The graph of the same ops
 // under autograd (two narrows of gu, silu, mul, linear) keeps the same tensors, but each narrow's backward
 // zero-fills a gu-sized gradient and the two are then summed: ~10 x ffn elements per token of memory traffic the
 // cat does not have (the engine's layer was 3-4% slower in backward than HF's, which projects gate and up
 // separately: bench/results/2026-12-02-h200-s7).
-// recompute = false keeps gu, silu(g) and the product (4F per token and element size, as autograd would); recompute =
-// true keeps gu only (2F) and recomputes silu(g) * u, an elementwise pass, in backward: selective recompute inside the
-// layer (issue 14; the plan's Stage::selective, stage_forward_layers' `selective`). W is a view of the flat weights
-// (no copy). Every gradient is computed by the ops autograd would run (mm in the same arrangement, silu_backward), so
-// they are bit-identical to the plain graph's (test_model.cpp).
+// recompute = false keeps gu and the product (3F per token and element size; autograd would keep silu(g) too, 4F) and
+// recomputes silu(g) in backward; recompute = true keeps gu only (2F) and recomputes silu(g) * u as well: selective
+// recompute inside the layer (issue 14; the plan's Stage::selective, stage_forward_layers' `selective`). W is a view
+// of the flat weights (no copy). On a GPU the elementwise work is mmoc's kernels (kernels.hpp: silu(g) * u in one
+// pass; backward reads gu and d(act) once and writes d(gu), no cat). Every gradient is what the ops autograd would run
+// give (mm in the same arrangement, silu_backward), bit for bit (test_model.cpp).
 // output_unused: the caller never reads the output's value, only sends a gradient through it (the last layer of a
 // range the engine recomputes inside backward: engine/exec/handlers.cpp): the down projection's GEMM is skipped and
 // the output is zeros of its shape; the backward is unchanged (it does not read the output).
 struct SwiGluDown : torch::autograd::Function<SwiGluDown> {
+  // silu(gate) * up: mmoc's kernel (one pass over gu; kernels.hpp) or ATen's two strided passes
+  static at::Tensor swiglu(const at::Tensor& gu, int64_t F) {
+    if (!use_kernels(gu)) return at::silu(gu.narrow(-1, 0, F)) * gu.narrow(-1, F, F);
+    const at::Tensor x = gu.contiguous();
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = F;
+    at::Tensor act = at::empty(shape, x.options());
+    const c10::cuda::CUDAGuard guard(x.device());
+    check_kernel("SwiGluDown", kernels::swiglu_forward(kernel_dtype(x), x.numel() / (2 * F), F, x.data_ptr(), act.data_ptr(),
+                                                       stream_of(x)));
+    return act;
+  }
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gu, const at::Tensor& w, bool recompute,
                             bool output_unused) {
     const int64_t F = gu.size(-1) / 2;
-    const at::Tensor sg = at::silu(gu.narrow(-1, 0, F));
-    const at::Tensor act = sg * gu.narrow(-1, F, F);
+    const at::Tensor act = swiglu(gu, F);
+    // kept: act for the down projection's weight gradient; silu(gate) is recomputed in backward (an elementwise
+    // pass, in the backward kernel itself on a GPU)
     if (recompute) ctx->save_for_backward({gu, w});
-    else ctx->save_for_backward({gu, w, sg, act});
+    else ctx->save_for_backward({gu, w, act});
     if (output_unused) {
       std::vector<int64_t> shape = gu.sizes().vec();
       shape.back() = w.size(0);
@@ -71,16 +114,22 @@ struct SwiGluDown : torch::autograd::Function<SwiGluDown> {
     const at::Tensor& dout = grads[0];
     const int64_t F = gu.size(-1) / 2, H = dout.size(-1);
     const at::Tensor g = gu.narrow(-1, 0, F), u = gu.narrow(-1, F, F);
-    const bool kept = saved.size() == 4;
-    const at::Tensor sg = kept ? saved[2] : at::silu(g);
-    const at::Tensor act = kept ? saved[3] : sg * u;
+    const at::Tensor act = saved.size() == 3 ? saved[2] : swiglu(gu, F);
     const at::Tensor d2 = dout.reshape({-1, H});
     // linear's backward as matmul's mm: d(act) = dout . W, dW = dout^T . act
     const at::Tensor dact = d2.mm(w).view(g.sizes());
     const at::Tensor dw = d2.t().mm(act.reshape({-1, F}));
-    // the product's and silu's backward
+    // the product's and silu's backward: one kernel writing d(gu), or ATen's passes and a cat
+    if (use_kernels(gu)) {
+      const at::Tensor x = gu.contiguous();
+      at::Tensor dgu = at::empty_like(x);
+      const c10::cuda::CUDAGuard guard(x.device());
+      check_kernel("SwiGluDown", kernels::swiglu_backward(kernel_dtype(x), x.numel() / (2 * F), F, x.data_ptr(),
+                                                          dact.data_ptr(), dgu.data_ptr(), stream_of(x)));
+      return {dgu, dw, at::Tensor(), at::Tensor()};
+    }
     const at::Tensor dg = at::silu_backward(dact * u, g);
-    const at::Tensor du = dact * sg;
+    const at::Tensor du = dact * at::silu(g);
     return {at::cat({dg, du}, -1), dw, at::Tensor(), at::Tensor()};
   }
 };
@@ -159,6 +208,49 @@ struct NormLinearBias : torch::autograd::Function<NormLinearBias> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto g = norm_linear_backward(ctx, grads[0], true);
     return {g[0], g[1], g[2], g[3], at::Tensor(), at::Tensor()};
+  }
+};
+
+// The fused q/k/v projection's output [B, T, nh*hd + 2*nkv*hd] -> q and k rotated (HF's x*cos + rotate_half(x)*sin)
+// and v, each [B, T, heads, hd] and contiguous, in one CUDA kernel; backward writes qkv's gradient in one more
+// (kernels.hpp). ATen's version is about ten elementwise passes over q and k (muls, a negation and a cat on
+// strided views), and in backward three zero-filled qkv-sized gradients summed: ~14% of a LLaMA-2-7B layer's
+// forward+backward on an H200 (bench/layer_profile.py). Bit-identical to those ops in fp32, fp16 and bf16 (test_model).
+// Keeps only cos and sin; q, k and v are what attention keeps anyway, and qkv is not kept.
+struct RopeQKV : torch::autograd::Function<RopeQKV> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                               int64_t nh, int64_t nkv, int64_t hd) {
+    const at::Tensor x = qkv.contiguous(), c = cos.contiguous(), sn = sin.contiguous();
+    if (x.dim() != 3 || x.size(2) != (nh + 2 * nkv) * hd || c.dim() != 2 || c.size(0) != x.size(1) || c.size(1) != hd ||
+        sn.sizes() != c.sizes() || c.scalar_type() != x.scalar_type() || sn.scalar_type() != x.scalar_type() ||
+        !x.is_cuda() || c.device() != x.device() || sn.device() != x.device())
+      throw std::invalid_argument("RopeQKV: qkv [B, T, (nh + 2 nkv) hd] and cos/sin [T, hd] of its dtype and device expected");
+    const int64_t B = x.size(0), T = x.size(1);
+    const c10::cuda::CUDAGuard guard(x.device());
+    at::Tensor q = at::empty({B, T, nh, hd}, x.options()), k = at::empty({B, T, nkv, hd}, x.options()),
+               v = at::empty({B, T, nkv, hd}, x.options());
+    const kernels::RopeShape s{B * T, T, (int)nh, (int)nkv, (int)hd};
+    check_kernel("RopeQKV", kernels::rope_forward(kernel_dtype(x), s, x.data_ptr(), c.data_ptr(), sn.data_ptr(), q.data_ptr(), k.data_ptr(),
+                               v.data_ptr(), stream_of(x)));
+    ctx->save_for_backward({c, sn});
+    ctx->saved_data["shape"] = std::vector<int64_t>{B, T, nh, nkv, hd};
+    return {q, k, v};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<int64_t> d = ctx->saved_data["shape"].toIntVector();
+    const int64_t B = d[0], T = d[1], nh = d[2], nkv = d[3], hd = d[4];
+    const at::Tensor& c = saved[0];
+    const c10::cuda::CUDAGuard guard(c.device());
+    auto grad = [&](size_t i, int64_t heads) {
+      return g[i].defined() ? g[i].contiguous() : at::zeros({B, T, heads, hd}, c.options());
+    };
+    const at::Tensor gq = grad(0, nh), gk = grad(1, nkv), gv = grad(2, nkv);
+    at::Tensor gqkv = at::empty({B, T, (nh + 2 * nkv) * hd}, c.options());
+    const kernels::RopeShape s{B * T, T, (int)nh, (int)nkv, (int)hd};
+    check_kernel("RopeQKV", kernels::rope_backward(kernel_dtype(c), s, gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), c.data_ptr(),
+                                saved[1].data_ptr(), gqkv.data_ptr(), stream_of(c)));
+    return {gqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -401,6 +493,8 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
   auto view = [&](const Slots& s, Role r) { return s[r] >= 0 ? views[s[r]] : at::Tensor(); };
   // LLaMA-style layers at tp 1 keep less (NormLinear, SwiGluDown, v copied out of qkv: ModelSpec::layer_stash_bytes)
   const bool trim = !comm && !gpt2 && !plain_layer_graph();
+  // RoPE and the q/k/v split in one CUDA kernel each way (RopeQKV); Qwen3's q/k norms sit between the two: ATen's ops
+  const bool fused_rope = trim && !a.qk_norm && flat.is_cuda() && hd % 2 == 0 && use_kernels(flat);
   // linear(norm(x)): one NormLinear node when trimming, else the plain ops (GPT-2's LayerNorm with its bias nb)
   auto norm_linear = [&](const at::Tensor& x, const at::Tensor& nw, const at::Tensor& nb, const at::Tensor& w,
                          const at::Tensor& b) {
@@ -441,28 +535,36 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
                                                : at::Tensor();
       auto residual = h;
       auto qkv = norm_linear(h, view(s, Role::AttnNorm), view(s, Role::AttnNormBias), w_qkv, b_qkv);
-      auto q = qkv.narrow(-1, 0, qd).reshape({B, T, nh, hd});
-      auto kk = qkv.narrow(-1, qd, kvd).reshape({B, T, nkv, hd});
-      // v a view of qkv keeps all of qkv alive in attention's stash; with MHA (no repeat_kv copy) and no q/k norms
-      // (which keep qkv anyway) a copy of v lets the q and k parts go
-      auto v = (trim && nkv == nh && !a.qk_norm ? qkv.narrow(-1, qd + kvd, kvd).contiguous() : qkv.narrow(-1, qd + kvd, kvd))
-                   .reshape({B, T, nkv, hd})
-                   .transpose(1, 2);
-      if (a.qk_norm) {  // Qwen3: RMSNorm over each head's vector, before the rotation
-        // TP: the weight's partial gradients summed inside the backward (tp.hpp; not a plan instruction)
-        auto w_tp = [&](const at::Tensor& w) { return comm ? detail::copy_to_tp(w, *comm, /*planned=*/false) : w; };
-        q = norm(q, w_tp(view(s, Role::QNorm)), {});
-        kk = norm(kk, w_tp(view(s, Role::KNorm)), {});
+      if (!gpt2 && !cos.defined()) {
+        cos = rope.cos.narrow(0, 0, T).to(h.device(), dt).contiguous();  // [T, hd]; broadcasts over [B, heads, T, hd]
+        sin = rope.sin.narrow(0, 0, T).to(h.device(), dt).contiguous();
       }
-      q = q.transpose(1, 2);
-      kk = kk.transpose(1, 2);
-      if (!gpt2) {
-        if (!cos.defined()) {
-          cos = rope.cos.narrow(0, 0, T).to(h.device(), dt);  // [T, hd]; broadcasts over [B, heads, T, hd]
-          sin = rope.sin.narrow(0, 0, T).to(h.device(), dt);
+      at::Tensor q, kk, v;
+      if (fused_rope) {  // one kernel: q and k rotated, v copied out (qkv itself is not kept)
+        auto r = RopeQKV::apply(qkv, cos, sin, nh, nkv, hd);
+        q = r[0].transpose(1, 2);
+        kk = r[1].transpose(1, 2);
+        v = r[2].transpose(1, 2);
+      } else {
+        q = qkv.narrow(-1, 0, qd).reshape({B, T, nh, hd});
+        kk = qkv.narrow(-1, qd, kvd).reshape({B, T, nkv, hd});
+        // v a view of qkv keeps all of qkv alive in attention's stash; with MHA (no repeat_kv copy) and no q/k norms
+        // (which keep qkv anyway) a copy of v lets the q and k parts go
+        v = (trim && nkv == nh && !a.qk_norm ? qkv.narrow(-1, qd + kvd, kvd).contiguous() : qkv.narrow(-1, qd + kvd, kvd))
+                .reshape({B, T, nkv, hd})
+                .transpose(1, 2);
+        if (a.qk_norm) {  // Qwen3: RMSNorm over each head's vector, before the rotation
+          // TP: the weight's partial gradients summed inside the backward (tp.hpp; not a plan instruction)
+          auto w_tp = [&](const at::Tensor& w) { return comm ? detail::copy_to_tp(w, *comm, /*planned=*/false) : w; };
+          q = norm(q, w_tp(view(s, Role::QNorm)), {});
+          kk = norm(kk, w_tp(view(s, Role::KNorm)), {});
         }
-        q = q * cos + rotate_half(q) * sin;
-        kk = kk * cos + rotate_half(kk) * sin;
+        q = q.transpose(1, 2);
+        kk = kk.transpose(1, 2);
+        if (!gpt2) {
+          q = q * cos + rotate_half(q) * sin;
+          kk = kk * cos + rotate_half(kk) * sin;
+        }
       }
       kk = repeat_kv(kk, nh / nkv);
       v = repeat_kv(v, nh / nkv);

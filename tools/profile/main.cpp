@@ -33,11 +33,13 @@
 #include <cuda_runtime_api.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -47,8 +49,10 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sched.h>
 #include <sstream>
 #include <string>
@@ -105,6 +109,7 @@ struct Ctx {
   bool cuda = false;
   bool quick = false;
   int warmup = 2, repeats = 5;
+  int kernels = 0;  // --kernels N: the decoder layer's top N CUDA kernels (CUDA only)
   c10::Device dev = c10::Device(c10::kCPU);
   at::ScalarType dtype = at::kFloat;
 };
@@ -333,6 +338,49 @@ void random_weights(const eng::StageLayout& lay, const at::Tensor& flat) {
   }
 }
 
+// --kernels: fn run `repeats` times under the Kineto profiler (CUDA activity only); prints the kernels by time per
+// call, grouped into GEMM, attention and the rest (elementwise, norms, copies): what a fused op would remove.
+void kernel_table(const std::string& what, const std::function<void()>& fn, int repeats, int top) {
+  namespace pi = torch::profiler::impl;
+  namespace ap = torch::autograd::profiler;
+  for (int i = 0; i < 2; ++i) fn();
+  c10::cuda::device_synchronize();
+  const pi::ProfilerConfig cfg(pi::ProfilerState::KINETO);
+  const std::set<pi::ActivityType> acts{pi::ActivityType::CUDA};
+  ap::prepareProfiler(cfg, acts);
+  ap::enableProfiler(cfg, acts);
+  for (int i = 0; i < repeats; ++i) fn();
+  c10::cuda::device_synchronize();
+  const auto res = ap::disableProfiler();
+  std::map<std::string, std::pair<double, int>> per;  // name -> (ms per call, launches)
+  for (const auto& e : res->events()) {
+    if (e.deviceType() != c10::DeviceType::CUDA) continue;
+    auto& x = per[e.name()];
+    x.first += (double)e.durationNs() / 1e6 / repeats;
+    x.second += 1;
+  }
+  auto kind = [](std::string n) {
+    for (auto& ch : n) ch = (char)std::tolower((unsigned char)ch);
+    for (const char* g : {"gemm", "cutlass", "nvjet", "xmma", "cublas"})
+      if (n.find(g) != std::string::npos) return "gemm";
+    for (const char* g : {"flash", "fmha", "sdpa", "attention"})
+      if (n.find(g) != std::string::npos) return "attention";
+    return "other";
+  };
+  std::map<std::string, double> tot;
+  double all = 0;
+  for (const auto& [n, x] : per) { tot[kind(n)] += x.first; all += x.first; }
+  std::vector<std::pair<std::string, std::pair<double, int>>> rows(per.begin(), per.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+  std::printf("  kernels of the decoder %s: %.3f ms per call:", what.c_str(), all);
+  for (const char* k : {"gemm", "attention", "other"}) std::printf(" %s %.3f ms (%.0f%%)", k, tot[k], all > 0 ? 100 * tot[k] / all : 0.0);
+  std::printf("\n");
+  for (int i = 0; i < (int)rows.size() && i < top; ++i)
+    std::printf("    %7.3f ms x%-3d %-9s %.110s\n", rows[i].second.first, rows[i].second.second / repeats,
+                kind(rows[i].first), rows[i].first.c_str());
+  std::fflush(stdout);
+}
+
 LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int mbs, int seq, bool recompute) {
   const mmoc::ir::ModelArch arch = m.arch();
   const int layer = kind == 0 ? 0 : kind == 1 ? 1 : m.layers + 1;
@@ -392,6 +440,10 @@ LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int m
   if (recompute) {
     r.fwd_nograd = time_median(c, [&] { at::NoGradGuard ng; (void)fwd(); }, 1, c.repeats);
     r.bwd_rc = time_median(c, [&] { bwd(fwd()); }, 1, c.repeats);
+  }
+  if (c.kernels > 0 && c.cuda && kind == 1) {
+    kernel_table("forward (no grad)", [&] { at::NoGradGuard ng; (void)fwd(); }, c.repeats, c.kernels);
+    kernel_table("forward+backward", [&] { bwd(fwd()); }, c.repeats, c.kernels);
   }
   return r;
 }
@@ -565,6 +617,9 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cuda (bf16 layers, CUDA events) or cpu (fp32, reduced, for tests)")
       ->check(CLI::IsMember({"cuda", "cpu"}));
   app.add_flag("--quick", quick, "smaller buffers and fewer repeats");
+  int kernels = 0;
+  app.add_option("--kernels", kernels, "print the decoder layer's N most expensive CUDA kernels (torch profiler), forward and forward+backward")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--name", name, "hardware name to write (default: base name + \"-calibrated\")");
   app.add_option("--configs", configs, "configs folder (default: $MMOC_CONFIGS, the installed or the source configs/)");
   app.add_option("--tflops-from", tflops_from, "gpu_tflops from: layer (decoder fwd+bwd / efficiency), matmul, keep")
@@ -649,6 +704,7 @@ int main(int argc, char** argv) {
 
     Ctx c;
     c.quick = quick;
+    c.kernels = kernels;
     c.cuda = device == "cuda";
     c.warmup = warmup >= 0 ? warmup : (quick ? 1 : 3);
     c.repeats = repeats > 0 ? repeats : (quick ? 3 : 10);
