@@ -36,6 +36,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         common.check_job_args(a)
+        if a.repeats < 1 or a.top < 1:
+            raise common.UsageError("--repeats and --top must be >= 1")
         cfg, name = common.resolve_model(a)
     except common.UsageError as e:
         common.die(PROG, str(e))

@@ -2,7 +2,9 @@
 """bench/layer_overhead.py (what the engine adds to a layer, issue 14) on a made-up trace and plan: the one-layer
 stages' forwards split by whether the stage recomputes, each compared with the right figure of an mmoc-profile log
 (no-autograd forward, forward, backward with recompute, backward) and of a limits.py log; stages of two layers, the
-embedding and the head left out; a log with no layer figures and a plan without one-layer stages say so.
+embedding and the head left out; a log with no layer figures and a plan without one-layer stages say so. Also
+bench/layer_profile.py (its companion diagnostic): a bad argument exits 2; without a GPU it says it needs one and exits
+non-zero; with one it prints its kernel tables for a tiny model.
 Usage: layer_overhead_test.py ROOT"""
 import json
 import os
@@ -78,6 +80,22 @@ with tempfile.TemporaryDirectory() as d:
                                                {"id": 1, "layers": [3, 6], "recompute": True}]}
     out = run(d, trace, two, profile)
     check("LAYER: no stage of exactly one decoder layer in the plan" in out, "a plan without one-layer stages")
+
+prof = os.path.join(root, "bench", "layer_profile.py")
+r = subprocess.run([sys.executable, prof, "--model", "tiny-gqa", "--mbs", "0"], capture_output=True, text=True)
+check(r.returncode == 2, "layer_profile.py --mbs 0 exits %d, not 2" % r.returncode)
+r = subprocess.run([sys.executable, prof, "--model", "tiny-gqa", "--mbs", "2", "--seq", "32", "--repeats", "1"],
+                   capture_output=True, text=True)
+print(r.stdout[-2000:] + r.stderr[-2000:])
+try:
+    import torch
+    cuda = torch.cuda.is_available()
+except ImportError:
+    cuda = False
+if cuda:
+    check(r.returncode == 0 and "forward+backward" in r.stdout and "gemm" in r.stdout, "layer_profile.py on the GPU")
+else:
+    check(r.returncode != 0 and "needs a CUDA device" in r.stderr, "layer_profile.py without a GPU")
 
 for f in fails:
     print("FAIL:", f)
