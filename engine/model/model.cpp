@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <cstring>
+#include <optional>
 #include <string>
 
 namespace mmoc::engine {
@@ -37,20 +38,23 @@ bool aten_kernels() {
   const char* e = std::getenv("MMOC_KERNELS");
   return e && std::strcmp(e, "aten") == 0;
 }
-// The kernels' dtype code for t (mmoc's kernels run float, half and bfloat16)
-kernels::DType kernel_dtype(const at::Tensor& t) {
+// The kernels' dtype code for t; none for a dtype they do not run (they run float, half and bfloat16)
+std::optional<kernels::DType> kernel_dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return kernels::DType::F32;
     case at::kHalf: return kernels::DType::F16;
     case at::kBFloat16: return kernels::DType::BF16;
-    default: throw std::invalid_argument("mmoc kernels: float, half or bfloat16 expected");
+    default: return std::nullopt;
   }
 }
-bool kernel_dtype_ok(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+kernels::DType kernel_dtype(const at::Tensor& t) {
+  if (auto d = kernel_dtype_of(t)) return *d;
+  throw std::invalid_argument("mmoc kernels: float, half or bfloat16 expected");
 }
 // mmoc's kernels take this tensor (CUDA, a dtype they run, kernels built, not switched off)
-bool use_kernels(const at::Tensor& t) { return t.is_cuda() && kernel_dtype_ok(t) && kernels::available() && !aten_kernels(); }
+bool use_kernels(const at::Tensor& t) {
+  return t.is_cuda() && kernel_dtype_of(t).has_value() && kernels::available() && !aten_kernels();
+}
 void check_kernel(const char* what, int rc) {
   if (rc != 0) throw std::runtime_error(std::string(what) + ": CUDA kernel failed: " + kernels::error_string(rc));
 }
@@ -494,7 +498,7 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
   // LLaMA-style layers at tp 1 keep less (NormLinear, SwiGluDown, v copied out of qkv: ModelSpec::layer_stash_bytes)
   const bool trim = !comm && !gpt2 && !plain_layer_graph();
   // RoPE and the q/k/v split in one CUDA kernel each way (RopeQKV); Qwen3's q/k norms sit between the two: ATen's ops
-  const bool fused_rope = trim && !a.qk_norm && flat.is_cuda() && hd % 2 == 0 && use_kernels(flat);
+  const bool fused_rope = trim && !a.qk_norm && hd % 2 == 0 && use_kernels(flat);
   // linear(norm(x)): one NormLinear node when trimming, else the plain ops (GPT-2's LayerNorm with its bias nb)
   auto norm_linear = [&](const at::Tensor& x, const at::Tensor& nw, const at::Tensor& nb, const at::Tensor& w,
                          const at::Tensor& b) {
@@ -595,7 +599,7 @@ at::Tensor detail::forward_stage(const ir::ModelArch& a, const StageLayout& layo
       } else {
         at::Tensor w_gu = s.gate_up ? view(s, Role::Gate) : at::cat({view(s, Role::Gate), view(s, Role::Up)}, 0);
         auto gu = norm_linear(h, view(s, Role::MlpNorm), {}, w_gu, {});
-        if (trim) {  // SwiGLU and down in one node; selective: 2F per token kept, not 4F
+        if (trim) {  // SwiGLU and down in one node; kept: 3F per token, selective: 2F
           x = SwiGluDown::apply(gu, view(s, Role::Down), selective, output_unused && l + 1 == layer_to);
           if (s[Role::DownBias] >= 0) x = x + view(s, Role::DownBias);
         } else {
