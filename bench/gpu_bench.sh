@@ -42,6 +42,20 @@ m=(t[n//2] if n%2 else (t[n//2-1]+t[n//2])/2) if n else 0; print(r[0]['tokens_pe
 peak_gib() { python3 -c "
 import json; r=[json.loads(l) for l in open('$1')]; print(' '.join('%.1f'%(b/2**30) for b in r[-1]['peak_bytes']))"; }
 
+# smi_start: sample every GPU's SM clock, power, utilisation, temperature and clock-limit reasons every 100 ms into $OUT/smi.csv;
+# smi_mark start|end NAME brackets a part of the call; smi_stop ends the sampling and prints bench/clock_summary.py's
+# CLOCK line per part (a GPU at its power limit clocks down under sustained load: docs/profile.md)
+smi_start() {
+  local q=timestamp,index,clocks.sm,power.draw,utilization.gpu,temperature.gpu
+  : > "$OUT/windows.txt"
+  if nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv,noheader >/dev/null 2>&1; then q=$q,clocks_event_reasons.active
+  else q=$q,clocks_throttle_reasons.active; fi
+  nvidia-smi --query-gpu=$q --format=csv,noheader,nounits -lms 100 > "$OUT/smi.csv" 2>/dev/null &
+  smi_pid=$!
+}
+smi_mark() { echo "$(date +%s.%N) $1 $2" >> "$OUT/windows.txt"; }
+smi_stop() { kill "$smi_pid" 2>/dev/null; wait "$smi_pid" 2>/dev/null; python3 bench/clock_summary.py "$OUT/smi.csv" "$OUT/windows.txt"; }
+
 # mmoc_job NAME "COMPILE ARGS" DATA STEPS: compile (prediction printed), run with a measured trace, print the run's tail
 # (RUN_ARGS: more mmoc-run options, e.g. "--prefetch-pool comp")
 mmoc_job() {
@@ -596,21 +610,29 @@ limit)
   # HW=<hardware file> compiles for another file (e.g. a larger reserve_gib: the plan leaves the caching allocator
   # headroom under the engine's cap, which stays budget - memory outside the allocator); LIMITS_LOG=<file> reuses a
   # limits.py log of the same call instead of measuring again; LIMIT_ARGS adds mmoc-compile options (e.g.
-  # "--gpu-optim-stream comp": the resident stages' AdamW in line on the compute stream, as before its own stream)
+  # "--gpu-optim-stream comp": the resident stages' AdamW in line on the compute stream, as before its own stream);
+  # PROFILE_ARGS adds mmoc-profile options (e.g. "--warm-s 10")
   if [ -n "${LIMITS_LOG:-}" ]; then cp "$LIMITS_LOG" "$OUT/limits.log"; else
     log "limits.py at the job's shape"
     timeout 200 python3 bench/peers/limits.py --model llama2-7b --mbs 8 --seq 1024 --transfer-mib 512 --adam-params 2e7 \
       --memcpy-mib 256 > "$OUT/limits.log" 2>&1; echo "limits.py exit $?"
   fi; grep -E "layer|RESULT" "$OUT/limits.log"
-  # the engine's own layer alone (the reference of "what the engine adds to a layer" below)
+  # the engine's own layer alone (the reference of "what the engine adds to a layer" below), timed at the GPU's
+  # sustained clock (mmoc-profile's warm-up); the SM clock is sampled through the profile and every run
+  smi_start
   log "mmoc-profile at the job's shape"
+  smi_mark start mmoc-profile
   timeout 200 "$build/tools/profile/mmoc-profile" --base h200x1 --model llama2-7b --mbs 8 --seq 1024 --device cuda --quick \
-    --repeats 20 --recompute -o "$OUT/profile-layer.json" > "$OUT/profile-layer.log" 2>&1; echo "mmoc-profile exit $?"
-  grep -E "decoder (fwd|bwd)" "$OUT/profile-layer.log"
+    --repeats 20 --recompute ${PROFILE_ARGS:-} -o "$OUT/profile-layer.json" > "$OUT/profile-layer.log" 2>&1; echo "mmoc-profile exit $?"
+  smi_mark end mmoc-profile
+  grep -E "decoder (fwd|bwd)|SM clock" "$OUT/profile-layer.log"
   gen_data "$OUT/tok.jsonl" 160 1024
   for b in ${BUDGETS:-20 48 80 130}; do
+    smi_mark start mmoc-run-7b-$b
     TAIL=${TAIL:-4} mmoc_job 7b-$b "--model llama2-7b --hardware ${HW:-h200x1} --gpus 1 --v ${V:-auto} --schedule ${SCHED:-auto} --budget $b --micro-batch-size 8 --microbatches 4 --seq-len 1024 ${LIMIT_ARGS:-}" "$OUT/tok.jsonl" ${STEPS:-3}
+    smi_mark end mmoc-run-7b-$b
   done
+  smi_stop
   python3 bench/limit_summary.py "$OUT" 32 4 ${BUDGETS:-20 48 80 130}
   # what the engine adds to a layer: the one-layer stages' forward/backward in the measured trace vs the engine's layer
   # alone (mmoc-profile), and vs HF's (limits.py)

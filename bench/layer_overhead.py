@@ -13,7 +13,8 @@ does: a stage that recomputes runs its forward without autograd (compared with m
 backward its forward again with autograd plus the backward (compared with "bwd recompute"); a stage that keeps its
 stash runs its forward with autograd ("decoder fwd") and only the backward ("decoder bwd"; with limits.py, fwd+bwd
 minus fwd). A kept stage that is selective also recomputes its SwiGLU in backward, which the reference does not.
-Medians; prints one LAYER line each and exits 0.
+Medians; prints one LAYER line each, then the whole layer (forward + backward medians) per kind of stage, and every
+one-layer pass of the step summed against the reference figure for each; exits 0.
 """
 import json
 import re
@@ -76,7 +77,23 @@ def main(argv):
             x, r = statistics.median(got[key]), ref[rk]
             print("LAYER %s in the step %.2f ms (median of %d) vs %s's %s alone %.2f ms: %+.1f%%"
                   % (what, x, len(got[key]), name, rwhat, r, 100 * (x / r - 1)))
-    if not any(got.values()):
+    # a layer's cost in the step is its forward and its backward together (a stage that runs its forward faster and
+    # its backward slower costs what the sum says), per kind of stage, and summed over every pass in the step
+    for kind, what in (("rc", "a recomputing stage"), ("keep", "a stage keeping its stash")):
+        f, b = got["fwd_" + kind], got["bwd_" + kind]
+        if f and b:
+            x = statistics.median(f) + statistics.median(b)
+            r = ref["fwd_nograd" if kind == "rc" else "fwd"] + ref["bwd_" + kind if kind == "rc" else "bwd"]
+            print("LAYER whole layer (forward + backward) of %s in the step %.2f ms vs %s's alone %.2f ms: %+.1f%%"
+                  % (what, x, name, r, 100 * (x / r - 1)))
+    refkey = {"fwd_rc": "fwd_nograd", "fwd_keep": "fwd", "bwd_rc": "bwd_rc", "bwd_keep": "bwd"}
+    n = sum(len(v) for v in got.values())
+    if n:
+        x = sum(sum(v) for v in got.values())
+        r = sum(len(v) * ref[refkey[k]] for k, v in got.items())
+        print("LAYER all %d one-layer passes of the step together %.1f ms vs %s's alone %.1f ms: %+.1f%%"
+              % (n, x, name, r, 100 * (x / r - 1)))
+    else:
         print("LAYER: no stage of exactly one decoder layer in the plan")
     return 0
 

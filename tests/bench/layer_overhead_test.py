@@ -70,6 +70,14 @@ with tempfile.TemporaryDirectory() as d:
     check("backward (stash kept) in the step 10.00 ms (median of 1) vs mmoc-profile's backward alone 10.00 ms: +0.0%"
           in out, "kept backward vs bwd")
     check("99.00" not in out, "two-layer stages, the embedding or the head counted")
+    # whole layers: kept 5.2 + 10.0 vs 5.0 + 10.0 (+1.3%), recomputing 4.5 + 16.0 vs 4.0 + 16.0 (+2.5%); all passes:
+    # 5.0 + 5.2 + 9.0 + 4.4 + 4.6 + 10.0 + 16.0 = 54.2 vs 3 x 5.0 + 2 x 4.0 + 10.0 + 16.0 = 49.0 (+10.6%)
+    check("whole layer (forward + backward) of a recomputing stage in the step 20.50 ms vs mmoc-profile's alone "
+          "20.00 ms: +2.5%" in out, "whole recomputing layer")
+    check("whole layer (forward + backward) of a stage keeping its stash in the step 15.20 ms vs mmoc-profile's alone "
+          "15.00 ms: +1.3%" in out, "whole kept layer")
+    check("all 7 one-layer passes of the step together 54.2 ms vs mmoc-profile's alone 49.0 ms: +10.6%" in out,
+          "all passes summed")
     lim = "RESULT peer=limits model=x layer_fwd_ms=5.5 layer_fwdbwd_ms=15.5 layer_tflops=1\n"
     out = run(d, trace, plan, lim)
     check("vs limits.py's forward without autograd alone 5.50 ms: -18.2%" in out, "limits.py forward")

@@ -7,8 +7,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -126,6 +128,30 @@ TEST_CASE("mmoc-compile accepts the profiled hardware") {
   CHECK(c.rc == 0);
 }
 #endif
+
+// --recompute: every round also times the forward without autograd and the backward with recompute (the engine's
+// recompute path: output_unused), after --warm-s seconds of untimed rounds; the header says how long the warm-up was.
+TEST_CASE("--recompute times the four decoder figures after the sustained warm-up") {
+  const std::string out = tmp_dir() + "/rc.json";
+  const auto t0 = std::chrono::steady_clock::now();
+  Run r = run(kProfile + " --device cpu --quick --base " + kBase + " --model tiny-8l --mbs 2 --seq 32 --configs " + kConfigs +
+              " --recompute --warm-s 1 --adam-params 100000 --transfer-mib 1 -o " + out);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  INFO(r.out);
+  REQUIRE(r.rc == 0);
+  CHECK(r.out.find("layers after 1.0 s of sustained warm-up") != std::string::npos);
+  CHECK(secs >= 3.0);  // three layer kinds, each warmed up for 1 s (without: ~1 s in all on the dev machine)
+  for (const char* what : {"decoder fwd 2x32", "decoder bwd 2x32", "decoder fwd no-grad 2x32", "decoder bwd recompute 2x32"}) {
+    const size_t at = r.out.find(std::string("  ") + what + " ");
+    REQUIRE_MESSAGE(at != std::string::npos, what);
+    double ms = std::strtod(r.out.c_str() + r.out.find_first_not_of(' ', at + 2 + std::strlen(what)), nullptr);
+    CHECK_MESSAGE(ms > 0, what);
+  }
+  CHECK(r.out.find("SM clock") == std::string::npos);  // NVML is only read for a CUDA device
+  r = run(kProfile + " --device cpu --quick --base " + kBase + " --model tiny-8l --warm-s -1 --configs " + kConfigs + " -o " + out + ".bad");
+  CHECK(r.rc == 2);
+  CHECK(r.out.find("--warm-s") != std::string::npos);
+}
 
 TEST_CASE("bad arguments exit 2 with a message and write nothing") {
   const std::string out = tmp_dir() + "/bad.json";

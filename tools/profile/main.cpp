@@ -67,6 +67,7 @@
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/thread_pool.hpp"
 #include "engine/tier/measure.hpp"
+#include "tools/profile/gpu_clock.hpp"
 #include "ir/plan.hpp"
 
 namespace {
@@ -109,6 +110,7 @@ struct Ctx {
   bool cuda = false;
   bool quick = false;
   int warmup = 2, repeats = 5;
+  double warm_s = 0;  // layers: untimed sustained run first, seconds (CUDA: the GPU's clock settles; measure_layer)
   int kernels = 0;  // --kernels N: the decoder layer's top N CUDA kernels (CUDA only)
   c10::Device dev = c10::Device(c10::kCPU);
   at::ScalarType dtype = at::kFloat;
@@ -325,6 +327,8 @@ double measure_host_memcpy(const Ctx& c, opt::ThreadPool& pool, int64_t n) {
 struct LayerTimes {
   double fwd = 0, bwd = 0;           // bwd: without recompute (what calibrated_ms holds)
   double fwd_nograd = -1, bwd_rc = -1;  // --recompute: forward under no_grad, and backward with recompute
+  double sm_mhz = 0, power_w = 0, max_mhz = 0, power_limit_w = 0;  // NVML, median over the timed rounds (0: none)
+  unsigned long long clock_reasons = 0;  // NVML clock event reasons seen in the timed rounds (or-ed)
   double flops_fwd = 0, flops_bwd = 0;
 };
 
@@ -381,7 +385,41 @@ void kernel_table(const std::string& what, const std::function<void()>& fn, int 
   std::fflush(stdout);
 }
 
-LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int mbs, int seq, bool recompute) {
+// Marks on the current stream (CUDA events) or the host clock (CPU): the times between consecutive marks of one round,
+// read after the round without synchronising inside it.
+class Marks {
+ public:
+  Marks(bool cuda, int n) : cuda_(cuda) {
+    if (cuda_) for (int i = 0; i < n; ++i) ev_.emplace_back(cudaEventDefault);
+    host_.resize(n);
+  }
+  void mark(int i) {
+    if (cuda_) ev_[i].record(c10::cuda::getCurrentCUDAStream());
+    else host_[i] = std::chrono::steady_clock::now();
+  }
+  void wait(int i) { if (cuda_) ev_[i].synchronize(); }
+  double ms(int a, int b) {
+    if (cuda_) return ev_[a].elapsed_time(ev_[b]);
+    return std::chrono::duration<double, std::milli>(host_[b] - host_[a]).count();
+  }
+
+ private:
+  bool cuda_;
+  std::vector<at::cuda::CUDAEvent> ev_;
+  std::vector<std::chrono::steady_clock::time_point> host_;
+};
+
+// One layer as the engine runs it (engine/exec/handlers.cpp): stage_forward_layers with a FlatGradTarget that adds the
+// weight gradient into one flat tensor in place (as a step's micro-batches after the first do), and the recompute in
+// backward skipping the output value it never reads (output_unused; not for the head, whose output is the loss).
+// Timed at the GPU's steady state: a GPU at its power limit clocks down within about a second of sustained load (one
+// H200 at 700 W: 1980 MHz in a short burst, 1400-1500 MHz through a training step; docs/profile.md), so the layer runs
+// untimed for c.warm_s seconds (and at least c.warmup rounds) first, then c.repeats rounds back to back, each timing
+// forward and backward (and with --recompute the forward without autograd and the backward with recompute) between
+// marks on the stream, with no host synchronisation inside a round. `clock` (may be null) samples the SM clock after
+// each timed round.
+LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int mbs, int seq, bool recompute,
+                         const mmoc::profile::GpuClock* clock) {
   const mmoc::ir::ModelArch arch = m.arch();
   const int layer = kind == 0 ? 0 : kind == 1 ? 1 : m.layers + 1;
   eng::StageLayout lay = eng::stage_layout(arch, layer, layer + 1);
@@ -407,43 +445,65 @@ LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int m
   if (kind > 0) inputs.push_back(hidden);
   if (tied.defined()) inputs.push_back(tied);
 
-  auto fwd = [&]() -> at::Tensor {
-    at::Tensor out = eng::stage_forward(arch, lay, w, in, rope, tied);
+  auto target = c10::make_intrusive<eng::FlatGradTarget>();  // the weight gradient, accumulated in place
+  auto fwd = [&](bool with_target, bool output_unused) -> at::Tensor {
+    at::Tensor out = eng::stage_forward_layers(arch, lay, w, in, rope, layer, layer + 1, tied, false,
+                                               with_target ? target : c10::intrusive_ptr<eng::FlatGradTarget>(), false,
+                                               output_unused);
     return kind == 2 ? eng::lm_loss_sum(out, labels) : out;
   };
   at::Tensor gout;
   auto bwd = [&](const at::Tensor& y) {
     if (!gout.defined())
       gout = kind == 2 ? at::full({}, inv_count, y.options()) : at::randn(y.sizes(), y.options()).mul_(1e-3);
-    auto g = torch::autograd::grad({y}, inputs, {gout}, /*retain_graph=*/false);
+    auto g = torch::autograd::grad({y}, inputs, {gout}, /*retain_graph=*/false, /*create_graph=*/false,
+                                   /*allow_unused=*/true);
     (void)g;
   };
+  const bool rc_unused = kind != 2;
+  auto fwd_nograd = [&] { at::NoGradGuard ng; return fwd(false, false); };
 
   LayerTimes r;
   r.flops_fwd = m.layer_fwd_flops(layer, mbs, seq);
   r.flops_bwd = m.layer_bwd_flops(layer, mbs, seq);
-  Stopwatch s1(c.cuda), s2(c.cuda);
-  for (int i = 0; i < c.warmup; ++i) bwd(fwd());
-  if (c.cuda) c10::cuda::device_synchronize();
-  std::vector<double> tf, tb;
-  for (int i = 0; i < c.repeats; ++i) {
-    s1.start();
-    at::Tensor y = fwd();
-    tf.push_back(s1.stop_ms());
-    s2.start();
+  Marks mk(c.cuda, 5);
+  std::vector<double> tf, tb, tn, trc;
+  std::vector<double> mhz, watts;
+  unsigned long long reasons = 0;
+  auto round = [&](bool timed) {
+    mk.mark(0);
+    at::Tensor y = fwd(true, false);
+    mk.mark(1);
     bwd(y);
     y = at::Tensor();
-    tb.push_back(s2.stop_ms());
-  }
+    mk.mark(2);
+    if (recompute) {
+      (void)fwd_nograd();
+      mk.mark(3);
+      bwd(fwd(true, rc_unused));
+      mk.mark(4);
+    }
+    mk.wait(recompute ? 4 : 2);
+    if (!timed) return;
+    tf.push_back(mk.ms(0, 1));
+    tb.push_back(mk.ms(1, 2));
+    if (recompute) { tn.push_back(mk.ms(2, 3)); trc.push_back(mk.ms(3, 4)); }
+    if (clock) {
+      const auto cs = clock->sample();
+      if (cs.ok) { mhz.push_back(cs.sm_mhz); watts.push_back(cs.power_w); reasons |= cs.reasons; r.max_mhz = cs.max_sm_mhz; r.power_limit_w = cs.power_limit_w; }
+    }
+  };
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < c.warmup || std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < c.warm_s; ++i)
+    round(false);
+  for (int i = 0; i < c.repeats; ++i) round(true);
   r.fwd = median(tf);
   r.bwd = median(tb);
-  if (recompute) {
-    r.fwd_nograd = time_median(c, [&] { at::NoGradGuard ng; (void)fwd(); }, 1, c.repeats);
-    r.bwd_rc = time_median(c, [&] { bwd(fwd()); }, 1, c.repeats);
-  }
+  if (recompute) { r.fwd_nograd = median(tn); r.bwd_rc = median(trc); }
+  if (!mhz.empty()) { r.sm_mhz = median(mhz); r.power_w = median(watts); r.clock_reasons = reasons; }
   if (c.kernels > 0 && c.cuda && kind == 1) {
-    kernel_table("forward (no grad)", [&] { at::NoGradGuard ng; (void)fwd(); }, c.repeats, c.kernels);
-    kernel_table("forward+backward", [&] { bwd(fwd()); }, c.repeats, c.kernels);
+    kernel_table("forward (no grad)", [&] { (void)fwd_nograd(); }, c.repeats, c.kernels);
+    kernel_table("forward+backward", [&] { bwd(fwd(true, false)); }, c.repeats, c.kernels);
   }
   return r;
 }
@@ -607,6 +667,7 @@ int main(int argc, char** argv) {
   std::vector<int> mbs_list{8}, seq_list{1024};
   bool recompute = false, quick = false;
   int repeats = 0, warmup = -1, threads = 0;
+  double warm_s = -1;
   int64_t adam_params = 0, xfer_mib = 0;
   app.add_option("--base", base, "hardware file (or configs/hardware name) to start from; unmeasured fields are kept")->required();
   app.add_option("--model", model_name, "model name (configs/models) or path to a model JSON (required unless --storage-only)");
@@ -626,6 +687,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"layer", "matmul", "keep"}));
   app.add_option("--repeats", repeats, "timed repeats per measurement (median; default 10, --quick 3)")->check(CLI::PositiveNumber);
   app.add_option("--warmup", warmup, "untimed runs first (default 3, --quick 1)")->check(CLI::NonNegativeNumber);
+  app.add_option("--warm-s", warm_s, "layers: run each one untimed this many seconds before timing it, so a GPU at its power "
+                 "limit has settled to its sustained clock (default 3 on CUDA, --quick 2; 0 on the CPU)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--threads", threads, "CPU threads for AdamW and memcpy (default: all cores of this process)")->check(CLI::NonNegativeNumber);
   app.add_option("--adam-params", adam_params, "parameters in the AdamW measurement (default 200M, --quick 48M: beyond the caches either way)")->check(CLI::PositiveNumber);
   app.add_option("--transfer-mib", xfer_mib, "buffer size of the copy measurements in MiB (default 1024 CUDA / 256 CPU; --quick 64 / 16); the host memcpy always uses 1024 MiB (--quick 512)")
@@ -708,6 +772,7 @@ int main(int argc, char** argv) {
     c.cuda = device == "cuda";
     c.warmup = warmup >= 0 ? warmup : (quick ? 1 : 3);
     c.repeats = repeats > 0 ? repeats : (quick ? 3 : 10);
+    c.warm_s = warm_s >= 0 ? warm_s : device == "cuda" ? (quick ? 2.0 : 3.0) : 0.0;
     if (c.cuda) {
       if (!at::hasCUDA() || c10::cuda::device_count() < 1)
         throw InputError("--device cuda: no CUDA device here (use --device cpu for the reduced CPU mode)");
@@ -733,10 +798,17 @@ int main(int argc, char** argv) {
       if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) dev_mem_gib = (double)tot / mmoc::GiB;
     }
     std::cout << "mmoc-profile: " << dev_desc << ", model " << m.name << ", base " << base_path << " ("
-              << (c.cuda ? "bf16" : "fp32") << ", " << c.warmup << " warm-up + " << c.repeats << " timed, median)\n";
+              << (c.cuda ? "bf16" : "fp32") << ", " << c.warmup << " warm-up + " << c.repeats << " timed, median; layers after "
+              << fmt(c.warm_s, 1) << " s of sustained warm-up)\n";
     std::cout.flush();
 
     opt::ThreadPool pool(nthreads);
+    std::string bus_id;  // the measured GPU's PCI bus id, for NVML (the clock it runs the layers at)
+    if (c.cuda) {
+      char buf[32] = {0};
+      if (cudaDeviceGetPCIBusId(buf, sizeof buf, 0) == cudaSuccess) bus_id = buf;
+    }
+    const mmoc::profile::GpuClock gpu_clock(bus_id);
     std::vector<Row> rows;
 
     // (1) transfers
@@ -780,7 +852,7 @@ int main(int argc, char** argv) {
     for (const auto& sh : shapes) {
       for (int kind = 0; kind < 3; ++kind) {
         std::cout << "  measuring " << kinds[kind] << " at " << sh.mbs << "x" << sh.seq << "...\n" << std::flush;
-        LayerTimes lt = measure_layer(c, m, kind, sh.mbs, sh.seq, recompute);
+        LayerTimes lt = measure_layer(c, m, kind, sh.mbs, sh.seq, recompute, &gpu_clock);
         if (c.cuda) c10::cuda::CUDACachingAllocator::emptyCache();
         const double f = round_sig(lt.fwd), b = round_sig(lt.bwd);
         calib[mmoc::calibration_key(m.name, kind, true, sh.mbs, sh.seq)] = f;
@@ -793,6 +865,12 @@ int main(int argc, char** argv) {
           rows.push_back({std::string(kinds[kind]) + " fwd no-grad" + shape, fmt(lt.fwd_nograd, 4), "ms", "(reported only)"});
           rows.push_back({std::string(kinds[kind]) + " bwd recompute" + shape, fmt(lt.bwd_rc, 4), "ms",
                           "compiler assumes fwd+bwd = " + fmt(f + b, 4)});
+        }
+        if (kind == 1 && lt.sm_mhz > 0) {
+          std::string why = mmoc::profile::GpuClock::reasons_text(lt.clock_reasons);
+          rows.push_back({"SM clock (decoder)" + shape, fmt(lt.sm_mhz, 0), "MHz",
+                          "median of the timed rounds, max " + fmt(lt.max_mhz, 0) + " MHz; " + fmt(lt.power_w, 0) + " W of " +
+                              fmt(lt.power_limit_w, 0) + " W" + (why.empty() ? std::string() : "; limited by " + why)});
         }
         if (kind == 1) {
           const double tokens = (double)sh.mbs * sh.seq;
