@@ -413,7 +413,8 @@ class Marks {
 // weight gradient into one flat tensor in place (as a step's micro-batches after the first do), and the recompute in
 // backward skipping the output value it never reads (output_unused; not for the head, whose output is the loss).
 // Timed at the GPU's steady state: a GPU at its power limit clocks down within about a second of sustained load (one
-// H200 at 700 W: 1980 MHz in a short burst, 1400-1500 MHz through a training step; docs/profile.md), so the layer runs
+// H200 at 700 W: 1980 MHz idle, 1400-1560 MHz through a training step; the 7B layer's no-grad forward 5.0 ms cold,
+// 6.1 ms after 1.7 s of back-to-back forwards; docs/profile.md), so the layer runs
 // untimed for c.warm_s seconds (and at least c.warmup rounds) first, then c.repeats rounds back to back, each timing
 // forward and backward (and with --recompute the forward without autograd and the backward with recompute) between
 // marks on the stream, with no host synchronisation inside a round. `clock` (may be null) samples the SM clock after
