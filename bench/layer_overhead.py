@@ -79,14 +79,14 @@ def main(argv):
                   % (what, x, len(got[key]), name, rwhat, r, 100 * (x / r - 1)))
     # a layer's cost in the step is its forward and its backward together (a stage that runs its forward faster and
     # its backward slower costs what the sum says), per kind of stage, and summed over every pass in the step
+    refkey = {key: rk for key, _, rk, _ in lines}  # each pass's reference figure
     for kind, what in (("rc", "a recomputing stage"), ("keep", "a stage keeping its stash")):
         f, b = got["fwd_" + kind], got["bwd_" + kind]
         if f and b:
             x = statistics.median(f) + statistics.median(b)
-            r = ref["fwd_nograd" if kind == "rc" else "fwd"] + ref["bwd_" + kind if kind == "rc" else "bwd"]
+            r = ref[refkey["fwd_" + kind]] + ref[refkey["bwd_" + kind]]
             print("LAYER whole layer (forward + backward) of %s in the step %.2f ms vs %s's alone %.2f ms: %+.1f%%"
                   % (what, x, name, r, 100 * (x / r - 1)))
-    refkey = {"fwd_rc": "fwd_nograd", "fwd_keep": "fwd", "bwd_rc": "bwd_rc", "bwd_keep": "bwd"}
     n = sum(len(v) for v in got.values())
     if n:
         x = sum(sum(v) for v in got.values())

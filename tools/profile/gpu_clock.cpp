@@ -44,6 +44,7 @@ GpuClock::GpuClock(const std::string& pci_bus_id) {
   if (!fns_->init || !fns_->by_pci || !fns_->clock || fns_->init() != 0) return;
   nvmlDevice d = nullptr;
   if (fns_->by_pci(pci_bus_id.c_str(), &d) == 0) dev_ = d;
+  else if (fns_->shutdown) fns_->shutdown();  // initialised, but the device is not NVML's: the destructor skips it
 }
 
 GpuClock::~GpuClock() {

@@ -22,8 +22,7 @@ class GpuClock {
   ~GpuClock();
   GpuClock(const GpuClock&) = delete;
   GpuClock& operator=(const GpuClock&) = delete;
-  bool available() const { return dev_ != nullptr; }
-  ClockSample sample() const;
+  ClockSample sample() const;  // ok = false when the probe is off
   // "power cap", "thermal", ... : what NVML says limits the clock (empty: nothing, or only idle)
   static std::string reasons_text(unsigned long long reasons);
 
