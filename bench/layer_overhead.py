@@ -15,6 +15,12 @@ stash runs its forward with autograd ("decoder fwd") and only the backward ("dec
 minus fwd). A kept stage that is selective also recomputes its SwiGLU in backward, which the reference does not.
 Medians; prints one LAYER line each, then the whole layer (forward + backward medians) per kind of stage, and every
 one-layer pass of the step summed against the reference figure for each; exits 0.
+
+A GPU at its power limit runs a layer slower at a lower SM clock, and the clock in a step is not the clock of the layer
+alone (docs/profile.md). When the trace has mmoc-run's "clock" counter (NVML, every 2 ms) and the mmoc-profile log its
+"SM clock (decoder)" row, the same comparisons follow at equal clock: each pass's time times its clock (the
+time-weighted mean of the counter over the pass) over the reference's clock, i.e. in SM cycles. That scales all of a
+pass's time with the clock, also its memory-bound part, which does not: it corrects a little too much.
 """
 import json
 import re
@@ -37,6 +43,43 @@ def reference(text):
     return None
 
 
+def ref_clock(text):
+    """mmoc-profile's SM clock of the layer's timed rounds (MHz), or None."""
+    m = re.search(r"SM clock \(decoder\) \d+x\d+\s+([0-9.]+)\s+MHz", text)
+    return float(m.group(1)) if m else None
+
+
+def clock_tracks(ev):
+    """{pid: [(ts, MHz), ...] sorted} from the trace's "clock" counters."""
+    out = {}
+    for e in ev:
+        if e.get("ph") == "C" and e.get("name") == "clock" and "sm_mhz" in e.get("args", {}):
+            out.setdefault(e.get("pid", 0), []).append((float(e["ts"]), float(e["args"]["sm_mhz"])))
+    for v in out.values():
+        v.sort()
+    return out
+
+
+def mean_clock(track, t0, t1):
+    """The time-weighted mean of a piecewise-constant clock (each reading holds until the next) over [t0, t1]."""
+    cur, acc, t = None, 0.0, t0
+    for ts, mhz in track:
+        if ts <= t0:
+            cur = mhz
+            continue
+        if ts >= t1:
+            break
+        if cur is not None:
+            acc += cur * (ts - t)
+        else:
+            t0 = ts  # no reading before the pass: from the first one in it
+        cur, t = mhz, ts
+    if cur is None:
+        return None
+    acc += cur * (t1 - t)
+    return acc / (t1 - t0) if t1 > t0 else cur
+
+
 def main(argv):
     if len(argv) != 3:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
@@ -46,7 +89,8 @@ def main(argv):
     ev = ev["traceEvents"] if isinstance(ev, dict) else ev
     p = json.load(open(plan))
     nlayers = p["model"]["layers"]
-    got = reference(open(ref_log).read())
+    ref_text = open(ref_log).read()
+    got = reference(ref_text)
     if not got:
         print("LAYER: no layer timing in %s" % ref_log)
         return 0
@@ -58,6 +102,8 @@ def main(argv):
         if e - b == 1 and 1 <= b <= nlayers:
             one[s["id"]] = s
     got = {k: [] for k in ("fwd_rc", "fwd_keep", "bwd_rc", "bwd_keep")}
+    clk = {k: [] for k in got}  # each pass's mean SM clock, where the trace has the counter
+    tracks = clock_tracks(ev)
     for e in ev:
         if e.get("ph") != "X":
             continue
@@ -67,7 +113,10 @@ def main(argv):
             continue
         # JSON recompute: false | true | k (the first k layers recompute): a one-layer stage recomputes or not
         kind = "rc" if st.get("recompute") else "keep"
-        got[("fwd_" if a["op"] == "forward" else "bwd_") + kind].append(e["dur"] / 1000.0)
+        key = ("fwd_" if a["op"] == "forward" else "bwd_") + kind
+        got[key].append(e["dur"] / 1000.0)
+        track = tracks.get(e.get("pid", 0))
+        clk[key].append(mean_clock(track, float(e["ts"]), float(e["ts"]) + float(e["dur"])) if track else None)
     lines = (("fwd_rc", "forward of a recomputing stage (no autograd)", "fwd_nograd", "forward without autograd"),
              ("fwd_keep", "forward of a stage keeping its stash", "fwd", "forward"),
              ("bwd_rc", "backward with recompute", "bwd_rc", "forward+backward"),
@@ -95,6 +144,26 @@ def main(argv):
               % (n, x, name, r, 100 * (x / r - 1)))
     else:
         print("LAYER: no stage of exactly one decoder layer in the plan")
+    fref = ref_clock(ref_text) if name == "mmoc-profile" else None
+    have = [c for v in clk.values() for c in v if c is not None]
+    if n and fref and len(have) == n:
+        print("LAYER clock: the one-layer passes ran at %.0f MHz (median of their means; %.0f..%.0f) vs %s's %.0f MHz alone"
+              % (statistics.median(have), min(have), max(have), name, fref))
+        # at equal clock: a pass's time scaled to the reference's clock (its SM cycles at that clock)
+        eq = {k: [d * c / fref for d, c in zip(got[k], clk[k])] for k in got}
+        for kind, what in (("rc", "a recomputing stage"), ("keep", "a stage keeping its stash")):
+            f, b = eq["fwd_" + kind], eq["bwd_" + kind]
+            if f and b:
+                x = statistics.median(f) + statistics.median(b)
+                r = ref[refkey["fwd_" + kind]] + ref[refkey["bwd_" + kind]]
+                print("LAYER at equal clock: whole layer of %s in the step %.2f ms at %.0f MHz vs alone %.2f ms: %+.1f%%"
+                      % (what, x, fref, r, 100 * (x / r - 1)))
+        x = sum(sum(v) for v in eq.values())
+        r = sum(len(v) * ref[refkey[k]] for k, v in got.items())
+        print("LAYER at equal clock: all %d one-layer passes %.1f ms at %.0f MHz vs alone %.1f ms: %+.1f%%"
+              % (n, x, fref, r, 100 * (x / r - 1)))
+    elif n and fref and tracks:
+        print("LAYER clock: %d of %d passes have no clock reading (trace clock counter too sparse)" % (n - len(have), n))
     return 0
 
 

@@ -2,7 +2,8 @@
 """bench/layer_overhead.py (what the engine adds to a layer, issue 14) on a made-up trace and plan: the one-layer
 stages' forwards split by whether the stage recomputes, each compared with the right figure of an mmoc-profile log
 (no-autograd forward, forward, backward with recompute, backward) and of a limits.py log; stages of two layers, the
-embedding and the head left out; a log with no layer figures and a plan without one-layer stages say so. Also
+embedding and the head left out; a log with no layer figures and a plan without one-layer stages say so; with the
+trace's clock counter and the profile's SM clock, the same at equal clock (and the clock over a pass). Also
 bench/layer_profile.py (its companion diagnostic): a bad argument exits 2; without a GPU it says it needs one and exits
 non-zero; with one it prints its kernel tables for a tiny model.
 Usage: layer_overhead_test.py ROOT"""
@@ -88,6 +89,34 @@ with tempfile.TemporaryDirectory() as d:
                                                {"id": 1, "layers": [3, 6], "recompute": True}]}
     out = run(d, trace, two, profile)
     check("LAYER: no stage of exactly one decoder layer in the plan" in out, "a plan without one-layer stages")
+    check("equal clock" not in run(d, trace, plan, profile), "no clock counter, no SM clock row: no equal-clock lines")
+    # the clock: mmoc-run's "clock" counter (1500 MHz through the step) against the profile's SM clock row (1600 MHz):
+    # every pass scaled by 1500 / 1600 = 0.9375
+    clocked = {"traceEvents": trace["traceEvents"] + [
+        {"ph": "C", "name": "clock", "pid": 0, "ts": 0, "args": {"sm_mhz": 1500}}]}
+    sm = "  SM clock (decoder) 8x1024             1600  MHz      median of the timed rounds, max 1980 MHz\n"
+    out = run(d, clocked, plan, profile + sm)
+    check("LAYER clock: the one-layer passes ran at 1500 MHz (median of their means; 1500..1500) vs mmoc-profile's "
+          "1600 MHz alone" in out, "the clock line")
+    # (4.5 + 16.0) x 0.9375 = 19.22 vs 20.0 (-3.9%); (5.2 + 10.0) x 0.9375 = 14.25 vs 15.0 (-5.0%); 54.2 x 0.9375 =
+    # 50.8 vs 49.0 (+3.7%)
+    check("LAYER at equal clock: whole layer of a recomputing stage in the step 19.22 ms at 1600 MHz vs alone 20.00 ms: "
+          "-3.9%" in out, "equal clock, recomputing layer")
+    check("LAYER at equal clock: whole layer of a stage keeping its stash in the step 14.25 ms at 1600 MHz vs alone "
+          "15.00 ms: -5.0%" in out, "equal clock, kept layer")
+    check("LAYER at equal clock: all 7 one-layer passes 50.8 ms at 1600 MHz vs alone 49.0 ms: +3.7%" in out,
+          "equal clock, all passes")
+    check("equal clock" not in run(d, clocked, plan, profile), "a profile log without its clock row: no equal-clock lines")
+    check("equal clock" not in run(d, clocked, plan, lim), "limits.py (no clock): no equal-clock lines")
+
+# the clock over a pass: each reading holds until the next, weighted by time
+sys.path.insert(0, os.path.join(root, "bench"))
+import layer_overhead as lo  # noqa: E402
+tr = [(0.0, 1500.0), (6000.0, 1300.0)]
+check(abs(lo.mean_clock(tr, 1000.0, 11000.0) - 1400.0) < 1e-9, "a clock change halfway through a pass")
+check(lo.mean_clock(tr, 7000.0, 8000.0) == 1300.0, "a pass between two readings")
+check(lo.mean_clock([(2000.0, 1500.0)], 0.0, 4000.0) == 1500.0, "no reading before the pass: from the first in it")
+check(lo.mean_clock([(5000.0, 1500.0)], 0.0, 4000.0) is None, "no reading before or in the pass")
 
 prof = os.path.join(root, "bench", "layer_profile.py")
 r = subprocess.run([sys.executable, prof, "--model", "tiny-gqa", "--mbs", "0"], capture_output=True, text=True)

@@ -67,7 +67,7 @@
 #include "engine/optim/adamw.hpp"
 #include "engine/optim/thread_pool.hpp"
 #include "engine/tier/measure.hpp"
-#include "tools/profile/gpu_clock.hpp"
+#include "common/gpu_clock.hpp"
 #include "ir/plan.hpp"
 
 namespace {
@@ -417,10 +417,11 @@ class Marks {
 // 6.1 ms after 1.7 s of back-to-back forwards; docs/profile.md), so the layer runs
 // untimed for c.warm_s seconds (and at least c.warmup rounds) first, then c.repeats rounds back to back, each timing
 // forward and backward (and with --recompute the forward without autograd and the backward with recompute) between
-// marks on the stream, with no host synchronisation inside a round. `clock` (may be null) samples the SM clock after
-// each timed round.
+// marks on the stream, with no host synchronisation inside a round. `clock` (may be null) reads power and clock-limit
+// reasons after each timed round; `sampler` (may be null) gives the SM clock over the timed rounds, time-weighted (as
+// bench/layer_overhead.py weighs mmoc-run's clock counter over a pass in a step).
 LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int mbs, int seq, bool recompute,
-                         const mmoc::profile::GpuClock* clock) {
+                         const mmoc::GpuClock* clock, const mmoc::ClockSampler* sampler) {
   const mmoc::ir::ModelArch arch = m.arch();
   const int layer = kind == 0 ? 0 : kind == 1 ? 1 : m.layers + 1;
   eng::StageLayout lay = eng::stage_layout(arch, layer, layer + 1);
@@ -497,11 +498,17 @@ LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int m
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < c.warmup || std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < c.warm_s; ++i)
     round(false);
+  const double timed_from = mmoc::steady_us();
   for (int i = 0; i < c.repeats; ++i) round(true);
+  const double timed_to = mmoc::steady_us();
   r.fwd = median(tf);
   r.bwd = median(tb);
   if (recompute) { r.fwd_nograd = median(tn); r.bwd_rc = median(trc); }
   if (!mhz.empty()) { r.sm_mhz = median(mhz); r.power_w = median(watts); r.clock_reasons = reasons; }
+  if (sampler && sampler->on()) {
+    const double f = mmoc::mean_mhz(sampler->points(timed_from, timed_to), timed_from, timed_to);
+    if (f > 0) r.sm_mhz = f;
+  }
   if (c.kernels > 0 && c.cuda && kind == 1) {
     kernel_table("forward (no grad)", [&] { (void)fwd_nograd(); }, c.repeats, c.kernels);
     kernel_table("forward+backward", [&] { bwd(fwd(true, false)); }, c.repeats, c.kernels);
@@ -809,7 +816,8 @@ int main(int argc, char** argv) {
       char buf[32] = {0};
       if (cudaDeviceGetPCIBusId(buf, sizeof buf, 0) == cudaSuccess) bus_id = buf;
     }
-    const mmoc::profile::GpuClock gpu_clock(bus_id);
+    const mmoc::GpuClock gpu_clock(bus_id);
+    const mmoc::ClockSampler clock_sampler(bus_id, 2000.0);  // the SM clock every 2 ms (a thread; none without NVML)
     std::vector<Row> rows;
 
     // (1) transfers
@@ -853,7 +861,7 @@ int main(int argc, char** argv) {
     for (const auto& sh : shapes) {
       for (int kind = 0; kind < 3; ++kind) {
         std::cout << "  measuring " << kinds[kind] << " at " << sh.mbs << "x" << sh.seq << "...\n" << std::flush;
-        LayerTimes lt = measure_layer(c, m, kind, sh.mbs, sh.seq, recompute, &gpu_clock);
+        LayerTimes lt = measure_layer(c, m, kind, sh.mbs, sh.seq, recompute, &gpu_clock, &clock_sampler);
         if (c.cuda) c10::cuda::CUDACachingAllocator::emptyCache();
         const double f = round_sig(lt.fwd), b = round_sig(lt.bwd);
         calib[mmoc::calibration_key(m.name, kind, true, sh.mbs, sh.seq)] = f;
@@ -868,9 +876,9 @@ int main(int argc, char** argv) {
                           "compiler assumes fwd+bwd = " + fmt(f + b, 4)});
         }
         if (kind == 1 && lt.sm_mhz > 0) {
-          std::string why = mmoc::profile::GpuClock::reasons_text(lt.clock_reasons);
+          std::string why = mmoc::GpuClock::reasons_text(lt.clock_reasons);
           rows.push_back({"SM clock (decoder)" + shape, fmt(lt.sm_mhz, 0), "MHz",
-                          "median of the timed rounds, max " + fmt(lt.max_mhz, 0) + " MHz; " + fmt(lt.power_w, 0) + " W of " +
+                          "mean over the timed rounds (read every 2 ms), max " + fmt(lt.max_mhz, 0) + " MHz; " + fmt(lt.power_w, 0) + " W of " +
                               fmt(lt.power_limit_w, 0) + " W" + (why.empty() ? std::string() : "; limited by " + why)});
         }
         if (kind == 1) {

@@ -24,6 +24,7 @@
 
 #include "common/format.hpp"
 #include "common/fs.hpp"
+#include "common/gpu_clock.hpp"
 #include "cost/spec.hpp"
 #include "engine/comm/job.hpp"
 #include "engine/comm/transport.hpp"
@@ -261,7 +262,7 @@ std::string resolve_device(const std::string& d, const ir::Plan& p, bool worker,
 }
 
 void write_trace(const std::string& path, const ir::Plan& plan, const std::vector<std::vector<TraceEvent>>& per_rank,
-                 double step_s, double tokens_per_s, const std::vector<double>& peaks, const std::vector<double>& allocs) {
+                 const std::vector<std::vector<ClockPoint>>& clocks, double step_s, double tokens_per_s, const std::vector<double>& peaks, const std::vector<double>& allocs) {
   json ev = json::array();
   double t0 = 1e300;
   for (const auto& r : per_rank) for (const auto& e : r) t0 = std::min(t0, e.start_us);
@@ -283,6 +284,14 @@ void write_trace(const std::string& path, const ir::Plan& plan, const std::vecto
                     {"args", {{"op", ir::to_string(in.op)}, {"stage", in.stage}, {"mb", in.mb}, {"bytes", e.bytes}, {"instr", e.instr}, {"deps", deps},
                               {"buf", in.buf ? in.buf->str() : std::string()}}}});
     }
+    // the GPU's SM clock (NVML, every 2 ms; a counter track per GPU); a reading just before the step's first
+    // instruction is placed at its start
+    if (g < (int)clocks.size())
+      for (size_t k = 0; k < clocks[g].size(); ++k) {
+        const ClockPoint& p = clocks[g][k];
+        if (p.t_us < t0 && k + 1 < clocks[g].size() && clocks[g][k + 1].t_us <= t0) continue;
+        ev.push_back({{"ph", "C"}, {"name", "clock"}, {"pid", g}, {"ts", std::max(0.0, p.t_us - t0)}, {"args", {{"sm_mhz", p.sm_mhz}}}});
+      }
   }
   json out = {{"traceEvents", ev},
               {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
@@ -541,6 +550,14 @@ int worker_body(const Args& a, const std::string& device_hint) {
     return what + ": stopping, no checkpoint of it written (--on-nonfinite skip skips such steps)";
   };
 
+  // --trace on a GPU: the SM clock every 2 ms through the steps (NVML; none without it), in the trace as a counter, so
+  // a layer in the step can be set against the layer alone at the clock each ran at (bench/layer_overhead.py)
+  std::unique_ptr<ClockSampler> clock;
+  if (!a.trace.empty() && device == "cuda") {
+    char bus[32] = {0};
+    if (cudaDeviceGetPCIBusId(bus, sizeof bus, wo.cuda_device >= 0 ? wo.cuda_device : 0) == cudaSuccess)
+      clock = std::make_unique<ClockSampler>(bus, 2000.0);
+  }
   double total_s = 0;
   StepResult last;
   std::vector<double> last_peaks(ir::world_size(plan), 0.0), last_allocs(ir::world_size(plan), 0.0);
@@ -657,25 +674,37 @@ int worker_body(const Args& a, const std::string& device_hint) {
   }
   if (!a.trace.empty()) {
     const std::string part = a.trace + ".rank" + std::to_string(w.rank) + ".json";
+    // keep the last step only: that is the steady state; the last step's body (a plan of the alternating update order
+    // has two)
+    const ir::Plan body = ir::step_body(plan, (int)((std::max<int64_t>(a.steps, 1) - 1) % 2));
     {
-      json j = json::array();
-      for (const auto& e : worker.trace()) j.push_back({e.instr, e.lane, e.start_us, e.dur_us, e.bytes});
-      mmoc::write_file_atomic(part, j.dump());
+      const auto& all = worker.trace();
+      const size_t n = body.programs[ir::rank_coord(plan, w.rank).pipe].instrs.size();
+      json ev = json::array(), ck = json::array();
+      double t_lo = 1e300, t_hi = -1e300;
+      for (size_t k = all.size() >= n ? all.size() - n : 0; k < all.size(); ++k) {
+        const auto& e = all[k];
+        ev.push_back({e.instr, e.lane, e.start_us, e.dur_us, e.bytes});
+        t_lo = std::min(t_lo, e.start_us);
+        t_hi = std::max(t_hi, e.start_us + e.dur_us);
+      }
+      if (clock)  // the readings through the last step, and the one before it (the clock its first instruction ran at)
+        for (const auto& p : clock->points(t_lo, t_hi)) ck.push_back({p.t_us, p.sm_mhz});
+      clock.reset();
+      mmoc::write_file_atomic(part, json{{"events", ev}, {"clock", ck}}.dump());
     }
     if (tr) tr->barrier();
     if (w.rank == 0) {
-      // keep the last step only: that is the steady state
       std::vector<std::vector<TraceEvent>> all(ir::world_size(plan));
-      // the last step's body (a plan of the alternating update order has two)
-      const ir::Plan body = ir::step_body(plan, (int)((std::max<int64_t>(a.steps, 1) - 1) % 2));
+      std::vector<std::vector<ClockPoint>> clocks(ir::world_size(plan));
       for (int g = 0; g < ir::world_size(plan); ++g) {
         std::ifstream f(a.trace + ".rank" + std::to_string(g) + ".json");
-        json j = json::parse(f);
-        const size_t n = body.programs[ir::rank_coord(plan, g).pipe].instrs.size();
-        for (size_t k = j.size() >= n ? j.size() - n : 0; k < j.size(); ++k)
-          all[g].push_back({j[k][0].get<int>(), j[k][1].get<int>(), j[k][2].get<double>(), j[k][3].get<double>(), j[k][4].get<int64_t>()});
+        const json j = json::parse(f);
+        for (const auto& e : j.at("events"))
+          all[g].push_back({e[0].get<int>(), e[1].get<int>(), e[2].get<double>(), e[3].get<double>(), e[4].get<int64_t>()});
+        for (const auto& p : j.at("clock")) clocks[g].push_back({p[0].get<double>(), p[1].get<unsigned>()});
       }
-      write_trace(a.trace, body, all, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks, last_allocs);
+      write_trace(a.trace, body, all, clocks, last.seconds, tokens_per_step / std::max(last.seconds, 1e-9), last_peaks, last_allocs);
       for (int g = 0; g < ir::world_size(plan); ++g) io::remove_tree(a.trace + ".rank" + std::to_string(g) + ".json");
     }
     if (tr) tr->barrier();

@@ -1,10 +1,11 @@
-#include "tools/profile/gpu_clock.hpp"
+#include "common/gpu_clock.hpp"
 
 #include <dlfcn.h>
 
+#include <chrono>
 #include <type_traits>
 
-namespace mmoc::profile {
+namespace mmoc {
 
 namespace {
 using nvmlReturn = int;  // NVML_SUCCESS = 0
@@ -80,4 +81,67 @@ std::string GpuClock::reasons_text(unsigned long long r) {
   return out;
 }
 
-}  // namespace mmoc::profile
+unsigned GpuClock::sm_mhz() const {
+  unsigned mhz = 0;
+  if (!dev_ || fns_->clock(dev_, kClockSm, &mhz) != 0) return 0;
+  return mhz;
+}
+
+double steady_us() {
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+ClockSampler::ClockSampler(const std::string& pci_bus_id, double period_us, size_t max_points)
+    : clock_(pci_bus_id), period_us_(period_us), max_points_(max_points) {
+  if (clock_.on()) th_ = std::thread([this] { loop(); });
+}
+
+ClockSampler::~ClockSampler() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (th_.joinable()) th_.join();
+}
+
+void ClockSampler::loop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (!stop_) {
+    lk.unlock();
+    const ClockPoint p{steady_us(), clock_.sm_mhz()};
+    lk.lock();
+    if (p.sm_mhz > 0) {
+      pts_.push_back(p);
+      if (pts_.size() > max_points_) pts_.pop_front();
+    }
+    cv_.wait_for(lk, std::chrono::duration<double, std::micro>(period_us_), [this] { return stop_; });
+  }
+}
+
+std::vector<ClockPoint> ClockSampler::points(double from_us, double to_us) const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<ClockPoint> out;
+  for (const auto& p : pts_) {
+    if (p.t_us < from_us) out.assign(1, p);  // the last one before
+    else if (p.t_us <= to_us) out.push_back(p);
+  }
+  return out;
+}
+
+double mean_mhz(const std::vector<ClockPoint>& pts, double t0, double t1) {
+  double acc = 0, t = t0, cur = -1;
+  for (const auto& p : pts) {
+    if (p.t_us <= t0) { cur = p.sm_mhz; continue; }
+    if (p.t_us >= t1) break;
+    if (cur >= 0) acc += cur * (p.t_us - t);
+    else t0 = p.t_us;  // nothing before t0: from the first reading
+    cur = p.sm_mhz;
+    t = p.t_us;
+  }
+  if (cur < 0) return 0;
+  acc += cur * (t1 - t);
+  return t1 > t0 ? acc / (t1 - t0) : cur;
+}
+
+}  // namespace mmoc
