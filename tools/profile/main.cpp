@@ -417,7 +417,8 @@ class Marks {
 // 6.1 ms after 1.7 s of back-to-back forwards; docs/profile.md), so the layer runs
 // untimed for c.warm_s seconds (and at least c.warmup rounds) first, then c.repeats rounds back to back, each timing
 // forward and backward (and with --recompute the forward without autograd and the backward with recompute) between
-// marks on the stream, with no host synchronisation inside a round. `clock` (may be null) reads power and clock-limit
+// marks on the stream; the host waits for a round only while the next one is queued, so the GPU never idles between
+// rounds (as in a step, where an idle gap also gives the power limit headroom and the clock rises). `clock` (may be null) reads power and clock-limit
 // reasons after each timed round; `sampler` (may be null) gives the SM clock over the timed rounds, time-weighted (as
 // bench/layer_overhead.py weighs mmoc-run's clock counter over a pass in a step).
 LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int mbs, int seq, bool recompute,
@@ -468,38 +469,53 @@ LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int m
   LayerTimes r;
   r.flops_fwd = m.layer_fwd_flops(layer, mbs, seq);
   r.flops_bwd = m.layer_bwd_flops(layer, mbs, seq);
-  Marks mk(c.cuda, 5);
+  // Rounds run back to back as a step's layers do: round i is issued while round i-1 runs, and read (its marks waited
+  // on) only then, so the GPU never waits for the host between rounds. Each round has its own marks (two slots).
+  constexpr int kMarks = 5;
+  Marks mk(c.cuda, 2 * kMarks);
   std::vector<double> tf, tb, tn, trc;
   std::vector<double> mhz, watts;
   unsigned long long reasons = 0;
-  auto round = [&](bool timed) {
-    mk.mark(0);
+  auto issue = [&](int i) {
+    const int o = (i % 2) * kMarks;
+    mk.mark(o + 0);
     at::Tensor y = fwd(true, false);
-    mk.mark(1);
+    mk.mark(o + 1);
     bwd(y);
     y = at::Tensor();
-    mk.mark(2);
+    mk.mark(o + 2);
     if (recompute) {
       (void)fwd_nograd();
-      mk.mark(3);
+      mk.mark(o + 3);
       bwd(fwd(true, rc_unused));
-      mk.mark(4);
+      mk.mark(o + 4);
     }
-    mk.wait(recompute ? 4 : 2);
+  };
+  auto finish = [&](int i, bool timed) {  // wait for round i; record it if timed
+    const int o = (i % 2) * kMarks;
+    mk.wait(o + (recompute ? 4 : 2));
     if (!timed) return;
-    tf.push_back(mk.ms(0, 1));
-    tb.push_back(mk.ms(1, 2));
-    if (recompute) { tn.push_back(mk.ms(2, 3)); trc.push_back(mk.ms(3, 4)); }
+    tf.push_back(mk.ms(o + 0, o + 1));
+    tb.push_back(mk.ms(o + 1, o + 2));
+    if (recompute) { tn.push_back(mk.ms(o + 2, o + 3)); trc.push_back(mk.ms(o + 3, o + 4)); }
     if (clock) {
       const auto cs = clock->sample();
       if (cs.ok) { mhz.push_back(cs.sm_mhz); watts.push_back(cs.power_w); reasons |= cs.reasons; r.max_mhz = cs.max_sm_mhz; r.power_limit_w = cs.power_limit_w; }
     }
   };
   const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < c.warmup || std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() < c.warm_s; ++i)
-    round(false);
-  const double timed_from = mmoc::steady_us();
-  for (int i = 0; i < c.repeats; ++i) round(true);
+  int i = 0, first_timed = -1;
+  double timed_from = 0;
+  for (;; ++i) {
+    issue(i);
+    if (i > 0) finish(i - 1, first_timed >= 0 && i - 1 >= first_timed);
+    if (i == first_timed) timed_from = mmoc::steady_us();  // its predecessor is done: the first timed round runs now
+    if (first_timed >= 0 && i + 1 - first_timed >= c.repeats) break;  // the last timed round is issued
+    if (first_timed < 0 && i + 1 >= c.warmup &&
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() >= c.warm_s)
+      first_timed = i + 1;
+  }
+  finish(i, true);
   const double timed_to = mmoc::steady_us();
   r.fwd = median(tf);
   r.bwd = median(tb);
