@@ -20,7 +20,10 @@ A GPU at its power limit runs a layer slower at a lower SM clock, and the clock 
 alone (docs/profile.md). When the trace has mmoc-run's "clock" counter (NVML, every 2 ms) and the mmoc-profile log its
 "SM clock (decoder)" row, the same comparisons follow at equal clock: each pass's time times its clock (the
 time-weighted mean of the counter over the pass) over the reference's clock, i.e. in SM cycles. That scales all of a
-pass's time with the clock, also its memory-bound part, which does not: it corrects a little too much.
+pass's time with the clock, also its memory-bound part, which does not; and NVML's reading every 2 ms is coarse: on one
+H200 these lines scattered by about +-3% between calls (bench/results/2026-12-03-h200-s11). They show which side ran
+at the higher clock; the comparison in milliseconds, with mmoc-profile timing the layer back to back as a step runs it,
+is the measure.
 """
 import json
 import re
