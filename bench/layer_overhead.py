@@ -132,17 +132,23 @@ def main(argv):
     # a layer's cost in the step is its forward and its backward together (a stage that runs its forward faster and
     # its backward slower costs what the sum says), per kind of stage, and summed over every pass in the step
     refkey = {key: rk for key, _, rk, _ in lines}  # each pass's reference figure
-    for kind, what in (("rc", "a recomputing stage"), ("keep", "a stage keeping its stash")):
-        f, b = got["fwd_" + kind], got["bwd_" + kind]
-        if f and b:
-            x = statistics.median(f) + statistics.median(b)
-            r = ref[refkey["fwd_" + kind]] + ref[refkey["bwd_" + kind]]
-            print("LAYER whole layer (forward + backward) of %s in the step %.2f ms vs %s's alone %.2f ms: %+.1f%%"
-                  % (what, x, name, r, 100 * (x / r - 1)))
+
+    def sums(times):
+        """[(what, in the step, alone)] per kind of stage with both passes, and (in the step, alone) over all passes."""
+        whole = []
+        for kind, what in (("rc", "a recomputing stage"), ("keep", "a stage keeping its stash")):
+            f, b = times["fwd_" + kind], times["bwd_" + kind]
+            if f and b:
+                whole.append((what, statistics.median(f) + statistics.median(b),
+                              ref[refkey["fwd_" + kind]] + ref[refkey["bwd_" + kind]]))
+        return whole, (sum(sum(v) for v in times.values()), sum(len(v) * ref[refkey[k]] for k, v in times.items()))
+
+    whole, (x, r) = sums(got)
+    for what, wx, wr in whole:
+        print("LAYER whole layer (forward + backward) of %s in the step %.2f ms vs %s's alone %.2f ms: %+.1f%%"
+              % (what, wx, name, wr, 100 * (wx / wr - 1)))
     n = sum(len(v) for v in got.values())
     if n:
-        x = sum(sum(v) for v in got.values())
-        r = sum(len(v) * ref[refkey[k]] for k, v in got.items())
         print("LAYER all %d one-layer passes of the step together %.1f ms vs %s's alone %.1f ms: %+.1f%%"
               % (n, x, name, r, 100 * (x / r - 1)))
     else:
@@ -153,16 +159,10 @@ def main(argv):
         print("LAYER clock: the one-layer passes ran at %.0f MHz (median of their means; %.0f..%.0f) vs %s's %.0f MHz alone"
               % (statistics.median(have), min(have), max(have), name, fref))
         # at equal clock: a pass's time scaled to the reference's clock (its SM cycles at that clock)
-        eq = {k: [d * c / fref for d, c in zip(got[k], clk[k])] for k in got}
-        for kind, what in (("rc", "a recomputing stage"), ("keep", "a stage keeping its stash")):
-            f, b = eq["fwd_" + kind], eq["bwd_" + kind]
-            if f and b:
-                x = statistics.median(f) + statistics.median(b)
-                r = ref[refkey["fwd_" + kind]] + ref[refkey["bwd_" + kind]]
-                print("LAYER at equal clock: whole layer of %s in the step %.2f ms at %.0f MHz vs alone %.2f ms: %+.1f%%"
-                      % (what, x, fref, r, 100 * (x / r - 1)))
-        x = sum(sum(v) for v in eq.values())
-        r = sum(len(v) * ref[refkey[k]] for k, v in got.items())
+        whole, (x, r) = sums({k: [d * c / fref for d, c in zip(got[k], clk[k])] for k in got})
+        for what, wx, wr in whole:
+            print("LAYER at equal clock: whole layer of %s in the step %.2f ms at %.0f MHz vs alone %.2f ms: %+.1f%%"
+                  % (what, wx, fref, wr, 100 * (wx / wr - 1)))
         print("LAYER at equal clock: all %d one-layer passes %.1f ms at %.0f MHz vs alone %.1f ms: %+.1f%%"
               % (n, x, fref, r, 100 * (x / r - 1)))
     elif n and fref and tracks:
