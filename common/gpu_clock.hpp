@@ -42,7 +42,7 @@ class GpuClock {
 };
 
 struct ClockPoint {
-  double t_us = 0;  // steady clock, microseconds since its epoch (engine::now_us's clock)
+  double t_us = 0;  // steady_us() (engine::now_us, the trace's clock)
   unsigned sm_mhz = 0;
 };
 
@@ -55,6 +55,7 @@ class ClockSampler {
   ClockSampler(const ClockSampler&) = delete;
   ClockSampler& operator=(const ClockSampler&) = delete;
   bool on() const { return clock_.on(); }
+  const GpuClock& clock() const { return clock_; }  // for power and clock-limit reasons beside the sampled clock
   // the readings in [from_us, to_us] and the last one before from_us (the clock at from_us)
   std::vector<ClockPoint> points(double from_us, double to_us) const;
 
@@ -74,7 +75,7 @@ class ClockSampler {
 // first reading when none precedes t0_us; 0 when none is at or before t1_us.
 double mean_mhz(const std::vector<ClockPoint>& pts, double t0_us, double t1_us);
 
-// Steady clock in microseconds since its epoch (the same as engine::now_us).
+// Steady clock in microseconds since its epoch (engine::now_us is this).
 double steady_us();
 
 }  // namespace mmoc

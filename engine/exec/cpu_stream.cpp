@@ -1,14 +1,13 @@
 #include "engine/exec/cpu_stream.hpp"
 
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 
+#include "common/gpu_clock.hpp"
+
 namespace mmoc::engine {
 
-double now_us() {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_us() { return mmoc::steady_us(); }  // the clock ClockSampler stamps its readings with (the trace's clock)
 
 CpuStream::CpuStream() : th_([this] { loop(); }) {}
 

@@ -327,7 +327,9 @@ double measure_host_memcpy(const Ctx& c, opt::ThreadPool& pool, int64_t n) {
 struct LayerTimes {
   double fwd = 0, bwd = 0;           // bwd: without recompute (what calibrated_ms holds)
   double fwd_nograd = -1, bwd_rc = -1;  // --recompute: forward under no_grad, and backward with recompute
-  double sm_mhz = 0, power_w = 0, max_mhz = 0, power_limit_w = 0;  // NVML, median over the timed rounds (0: none)
+  // NVML over the timed rounds (0: none): the SM clock's time-weighted mean, power's median, the maximum clock, the
+  // power limit
+  double sm_mhz = 0, power_w = 0, max_mhz = 0, power_limit_w = 0;
   unsigned long long clock_reasons = 0;  // NVML clock event reasons seen in the timed rounds (or-ed)
   double flops_fwd = 0, flops_bwd = 0;
 };
@@ -418,11 +420,11 @@ class Marks {
 // untimed for c.warm_s seconds (and at least c.warmup rounds) first, then c.repeats rounds back to back, each timing
 // forward and backward (and with --recompute the forward without autograd and the backward with recompute) between
 // marks on the stream; the host waits for a round only while the next one is queued, so the GPU never idles between
-// rounds (as in a step, where an idle gap also gives the power limit headroom and the clock rises). `clock` (may be null) reads power and clock-limit
-// reasons after each timed round; `sampler` (may be null) gives the SM clock over the timed rounds, time-weighted (as
-// bench/layer_overhead.py weighs mmoc-run's clock counter over a pass in a step).
+// rounds (as in a step, where an idle gap also gives the power limit headroom and the clock rises). `sampler` (may be
+// null) gives the SM clock over the timed rounds, time-weighted (as bench/layer_overhead.py weighs mmoc-run's clock
+// counter over a pass in a step); its probe reads power and clock-limit reasons after each timed round.
 LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int mbs, int seq, bool recompute,
-                         const mmoc::GpuClock* clock, const mmoc::ClockSampler* sampler) {
+                         const mmoc::ClockSampler* sampler) {
   const mmoc::ir::ModelArch arch = m.arch();
   const int layer = kind == 0 ? 0 : kind == 1 ? 1 : m.layers + 1;
   eng::StageLayout lay = eng::stage_layout(arch, layer, layer + 1);
@@ -474,7 +476,7 @@ LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int m
   constexpr int kMarks = 5;
   Marks mk(c.cuda, 2 * kMarks);
   std::vector<double> tf, tb, tn, trc;
-  std::vector<double> mhz, watts;
+  std::vector<double> watts;
   unsigned long long reasons = 0;
   auto issue = [&](int i) {
     const int o = (i % 2) * kMarks;
@@ -498,9 +500,9 @@ LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int m
     tf.push_back(mk.ms(o + 0, o + 1));
     tb.push_back(mk.ms(o + 1, o + 2));
     if (recompute) { tn.push_back(mk.ms(o + 2, o + 3)); trc.push_back(mk.ms(o + 3, o + 4)); }
-    if (clock) {
-      const auto cs = clock->sample();
-      if (cs.ok) { mhz.push_back(cs.sm_mhz); watts.push_back(cs.power_w); reasons |= cs.reasons; r.max_mhz = cs.max_sm_mhz; r.power_limit_w = cs.power_limit_w; }
+    if (sampler) {
+      const auto cs = sampler->clock().sample();
+      if (cs.ok) { watts.push_back(cs.power_w); reasons |= cs.reasons; r.max_mhz = cs.max_sm_mhz; r.power_limit_w = cs.power_limit_w; }
     }
   };
   const auto t0 = std::chrono::steady_clock::now();
@@ -520,10 +522,10 @@ LayerTimes measure_layer(const Ctx& c, const mmoc::ModelSpec& m, int kind, int m
   r.fwd = median(tf);
   r.bwd = median(tb);
   if (recompute) { r.fwd_nograd = median(tn); r.bwd_rc = median(trc); }
-  if (!mhz.empty()) { r.sm_mhz = median(mhz); r.power_w = median(watts); r.clock_reasons = reasons; }
-  if (sampler && sampler->on()) {
-    const double f = mmoc::mean_mhz(sampler->points(timed_from, timed_to), timed_from, timed_to);
-    if (f > 0) r.sm_mhz = f;
+  if (!watts.empty()) {
+    r.sm_mhz = mmoc::mean_mhz(sampler->points(timed_from, timed_to), timed_from, timed_to);
+    r.power_w = median(watts);
+    r.clock_reasons = reasons;
   }
   if (c.kernels > 0 && c.cuda && kind == 1) {
     kernel_table("forward (no grad)", [&] { (void)fwd_nograd(); }, c.repeats, c.kernels);
@@ -832,7 +834,6 @@ int main(int argc, char** argv) {
       char buf[32] = {0};
       if (cudaDeviceGetPCIBusId(buf, sizeof buf, 0) == cudaSuccess) bus_id = buf;
     }
-    const mmoc::GpuClock gpu_clock(bus_id);
     const mmoc::ClockSampler clock_sampler(bus_id, 2000.0);  // the SM clock every 2 ms (a thread; none without NVML)
     std::vector<Row> rows;
 
@@ -877,7 +878,7 @@ int main(int argc, char** argv) {
     for (const auto& sh : shapes) {
       for (int kind = 0; kind < 3; ++kind) {
         std::cout << "  measuring " << kinds[kind] << " at " << sh.mbs << "x" << sh.seq << "...\n" << std::flush;
-        LayerTimes lt = measure_layer(c, m, kind, sh.mbs, sh.seq, recompute, &gpu_clock, &clock_sampler);
+        LayerTimes lt = measure_layer(c, m, kind, sh.mbs, sh.seq, recompute, &clock_sampler);
         if (c.cuda) c10::cuda::CUDACachingAllocator::emptyCache();
         const double f = round_sig(lt.fwd), b = round_sig(lt.bwd);
         calib[mmoc::calibration_key(m.name, kind, true, sh.mbs, sh.seq)] = f;

@@ -284,14 +284,11 @@ void write_trace(const std::string& path, const ir::Plan& plan, const std::vecto
                     {"args", {{"op", ir::to_string(in.op)}, {"stage", in.stage}, {"mb", in.mb}, {"bytes", e.bytes}, {"instr", e.instr}, {"deps", deps},
                               {"buf", in.buf ? in.buf->str() : std::string()}}}});
     }
-    // the GPU's SM clock (NVML, every 2 ms; a counter track per GPU); a reading just before the step's first
+    // the GPU's SM clock (NVML, every 2 ms; a counter track per GPU); the reading just before the step's first
     // instruction is placed at its start
     if (g < (int)clocks.size())
-      for (size_t k = 0; k < clocks[g].size(); ++k) {
-        const ClockPoint& p = clocks[g][k];
-        if (p.t_us < t0 && k + 1 < clocks[g].size() && clocks[g][k + 1].t_us <= t0) continue;
+      for (const ClockPoint& p : clocks[g])
         ev.push_back({{"ph", "C"}, {"name", "clock"}, {"pid", g}, {"ts", std::max(0.0, p.t_us - t0)}, {"args", {{"sm_mhz", p.sm_mhz}}}});
-      }
   }
   json out = {{"traceEvents", ev},
               {"metadata", {{"source", "measured"}, {"budget_bytes", plan.budget_bytes}, {"step_s", step_s}, {"tokens_per_s", tokens_per_s},
